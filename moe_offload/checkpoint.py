@@ -1,0 +1,125 @@
+"""Hugging Face checkpoint folders: config.json, safetensors shards (lazy, never pickle), strict keys.
+
+Backbone tensors keep their checkpoint names (our modules are named like transformers'); routed experts
+are mapped by the table below to (layer, expert, part) with part in gate / up / down.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import MoeError
+
+SWIGLU = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+# model_type: (name of one routed expert's tensor, our part -> checkpoint part)
+EXPERT_NAMES = {
+    "mixtral": ("model.layers.{layer}.block_sparse_moe.experts.{expert}.{part}.weight",
+                {"gate": "w1", "up": "w3", "down": "w2"}),
+    "qwen2_moe": ("model.layers.{layer}.mlp.experts.{expert}.{part}.weight", SWIGLU),
+    "qwen3_moe": ("model.layers.{layer}.mlp.experts.{expert}.{part}.weight", SWIGLU),
+    "olmoe": ("model.layers.{layer}.mlp.experts.{expert}.{part}.weight", SWIGLU),
+}
+PARTS = ("gate", "up", "down")
+
+
+def expert_key(model_type: str, layer: int, expert: int, part: str) -> str:
+    template, parts = EXPERT_NAMES[model_type]
+    return template.format(layer=layer, expert=expert, part=parts[part])
+
+
+def parse_expert_key(model_type: str, name: str) -> tuple[int, int, str] | None:
+    """Checkpoint name -> (layer, expert, part), or None for a backbone tensor."""
+    template, parts = EXPERT_NAMES[model_type]
+    pattern = re.escape(template).replace(r"\{layer\}", r"(\d+)").replace(r"\{expert\}", r"(\d+)")
+    pattern = pattern.replace(r"\{part\}", "(" + "|".join(map(re.escape, parts.values())) + ")")
+    m = re.fullmatch(pattern, name)
+    if not m:
+        return None
+    ours = {v: k for k, v in parts.items()}
+    return int(m.group(1)), int(m.group(2)), ours[m.group(3)]
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise MoeError(f"{folder}: no config.json (not a Hugging Face model folder or expert store)")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoeError(f"{path}: not valid JSON ({e})") from None
+
+
+class SafetensorsFolder:
+    """Lazy access to all tensors of a folder, one shard handle each, opened on first use."""
+
+    def __init__(self, folder: str | Path, index_name: str = "model.safetensors.index.json",
+                 single_name: str = "model.safetensors"):
+        self.folder = Path(folder)
+        index = self.folder / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+                raise MoeError(f"{index}: bad index file ({e})") from None
+            shards = sorted(set(weight_map.values()))
+        elif (self.folder / single_name).is_file():
+            shards, weight_map = [single_name], None
+        else:
+            raise MoeError(f"{self.folder}: no {single_name} or {index_name}")
+        self._handles = {}
+        self.key_to_shard: dict[str, str] = {}
+        for shard in shards:
+            keys = self._open(shard).keys()
+            for k in keys:
+                self.key_to_shard[k] = shard
+        if weight_map is not None:
+            missing = [k for k, s in weight_map.items() if self.key_to_shard.get(k) != s]
+            if missing:
+                raise MoeError(f"{index}: {len(missing)} tensors listed but not in their shard, e.g. {missing[0]}")
+
+    def _open(self, shard: str):
+        if shard not in self._handles:
+            path = self.folder / shard
+            if not path.is_file():
+                raise MoeError(f"{path}: shard is missing")
+            try:
+                self._handles[shard] = safe_open(str(path), framework="pt")
+            except Exception as e:  # safetensors raises its own error type for bad headers / short files
+                raise MoeError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+        return self._handles[shard]
+
+    def keys(self) -> list[str]:
+        return list(self.key_to_shard)
+
+    def get(self, name: str) -> torch.Tensor:
+        shard = self.key_to_shard[name]
+        try:
+            return self._open(shard).get_tensor(name)
+        except Exception as e:
+            raise MoeError(f"{self.folder / shard}: cannot read tensor {name} ({e})") from None
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        return self._open(self.key_to_shard[name]).get_slice(name).get_dtype()
+
+
+def check_keys(have: set[str], want: set[str], where: str, ignore: set[str] = frozenset()) -> None:
+    """Strict loading: a missing or unexpected tensor is an error naming it."""
+    missing, unexpected = sorted(want - have), sorted(have - want - ignore)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing tensor(s), e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]}")
+        raise MoeError(f"{where}: " + "; ".join(parts))
+
+
+def checkpoint_dtype(config: dict) -> torch.dtype:
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.float32

@@ -1,0 +1,23 @@
+"""One module per Hugging Face `model_type`; each exposes `ModelArgs` and `Model`."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from ..errors import MoeError
+
+SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+
+def get_module(model_type: str | None) -> ModuleType:
+    if model_type not in SUPPORTED:
+        raise MoeError(f"Model type {model_type!r} not supported. Supported: {', '.join(SUPPORTED)}")
+    return importlib.import_module(f"{__name__}.{model_type}")
+
+
+def build(config: dict):
+    """config.json dict -> (args, model skeleton). Build under `torch.device('meta')` to skip allocation."""
+    mod = get_module(config.get("model_type"))
+    args = mod.ModelArgs.from_dict(config)
+    return args, mod.Model(args)

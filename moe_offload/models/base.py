@@ -1,0 +1,261 @@
+"""Shared pieces of every architecture: config base, norms, RoPE, static KV cache, attention, MoE block.
+
+Shape legend: B batch, T new tokens, S cache length, D hidden, H query heads, K kv heads, Hd head dim,
+E routed experts, A active experts per token, I expert intermediate size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import MoeError
+
+# config.json spells some keys differently across transformers versions and hub checkpoints.
+KEY_ALIASES = {
+    "num_local_experts": "num_experts",
+    "num_experts": "num_local_experts",
+    "torch_dtype": "dtype",
+    "dtype": "torch_dtype",
+}
+
+
+@dataclass
+class BaseModelArgs:
+    """Fields are config.json keys verbatim; unknown keys are dropped, derived values in __post_init__."""
+
+    @classmethod
+    def from_dict(cls, params: dict) -> "BaseModelArgs":
+        names = {f.name for f in fields(cls)}
+        kept = {k: v for k, v in params.items() if k in names}
+        for k, alias in KEY_ALIASES.items():
+            if k in names and k not in kept and alias in params:
+                kept[k] = params[alias]
+        return cls(**kept)
+
+    def rope_theta_value(self) -> float:
+        rp = getattr(self, "rope_parameters", None) or {}
+        rope_type = rp.get("rope_type", rp.get("type", "default"))
+        if rope_type != "default":
+            raise MoeError(f"rope_type {rope_type!r} is not supported for {getattr(self, 'model_type', '?')}")
+        return float(rp.get("rope_theta", getattr(self, "rope_theta", None) or 10000.0))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # statistics in fp32, result cast back before the weight (as transformers does)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_table(head_dim: int, max_pos: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_pos, Hd] in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [B, H, T, Hd]; cos/sin [T, Hd] already in x's dtype
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache(nn.Module):
+    """Static cache written by position: k, v [B, K, S, Hd]."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = pos + k.shape[2]
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def attention_mask(pos: int, t: int, window: int | None, device) -> torch.Tensor | None:
+    """Bool [T, pos+T]: True where query pos+i may attend key j. None when plain causal decode suffices."""
+    if t == 1 and (window is None or pos < window):
+        return None
+    q = torch.arange(pos, pos + t, device=device)[:, None]
+    k = torch.arange(pos + t, device=device)[None, :]
+    mask = k <= q
+    if window is not None:
+        mask &= k > q - window
+    return mask
+
+
+class Attention(nn.Module):
+    """GQA attention with optional q/k norm: qk_norm=None | 'head' (per head, Qwen3) | 'full' (OLMoE)."""
+
+    def __init__(self, args, qkv_bias=False, o_bias=False, qk_norm=None, clip_qkv=None, window=None):
+        super().__init__()
+        D, H, K = args.hidden_size, args.num_attention_heads, args.num_key_value_heads
+        Hd = getattr(args, "head_dim", None) or D // H
+        self.n_heads, self.n_kv, self.head_dim, self.window, self.clip_qkv = H, K, Hd, window, clip_qkv
+        self.q_proj = nn.Linear(D, H * Hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(D, K * Hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(D, K * Hd, bias=qkv_bias)
+        self.o_proj = nn.Linear(H * Hd, D, bias=o_bias)
+        self.qk_norm = qk_norm
+        if qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(Hd, args.rms_norm_eps), RMSNorm(Hd, args.rms_norm_eps)
+        elif qk_norm == "full":
+            self.q_norm, self.k_norm = RMSNorm(H * Hd, args.rms_norm_eps), RMSNorm(K * Hd, args.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache: KVCache, pos: int, mask) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H|K, T, Hd]
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = cache.update(pos, k, v)  # [B, K, pos+T, Hd]
+        if mask is None and T > 1:
+            mask = attention_mask(pos, T, None, x.device)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """Dense SwiGLU: dense layers and shared experts."""
+
+    def __init__(self, dim: int, hidden: int, act: str = "silu"):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.act = ACTIVATIONS[act]
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+ACTIVATIONS: dict[str, Callable] = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class MoE(nn.Module):
+    """Router + routed experts (+ optional shared expert). Tiers live behind `self.experts`.
+
+    `route(logits_fp32) -> (top_k_index [N, A], top_k_weights [N, A])` is a pure function from routing.py.
+    `self.experts(hidden [N, D], top_k_index, top_k_weights) -> [N, D]` is any backend (experts.py, store/).
+    """
+
+    def __init__(self, dim: int, n_experts: int, route: Callable, shared: nn.Module | None = None,
+                 shared_gate: bool = False, cast_weights: bool = True):
+        super().__init__()
+        self.cast_weights = cast_weights  # Qwen/OLMoE cast routing weights to the hidden dtype; Mixtral keeps fp32
+        self.gate = nn.Linear(dim, n_experts, bias=False)
+        self.route = route
+        self.experts = None  # attached by the loader
+        self.shared_expert = shared
+        self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if shared_gate else None
+
+    def router_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h.float(), self.gate.weight.float())  # [N, E] fp32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        h = x.reshape(-1, shape[-1])  # [N, D]
+        idx, w = self.route(self.router_logits(h))
+        y = self.experts(h, idx, w.to(h.dtype) if self.cast_weights else w)
+        if self.shared_expert is not None:
+            s = self.shared_expert(h)
+            if self.shared_expert_gate is not None:
+                s = torch.sigmoid(self.shared_expert_gate(h)) * s
+            y = y + s
+        return y.reshape(shape)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args, attn: Attention, mlp: nn.Module, mlp_name: str = "mlp"):
+        super().__init__()
+        self.self_attn = attn
+        self.mlp_name = mlp_name
+        setattr(self, mlp_name, mlp)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    @property
+    def ffn(self) -> nn.Module:
+        return getattr(self, self.mlp_name)
+
+    def forward(self, x, cos, sin, cache, pos, masks):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pos, masks.get(self.self_attn.window))
+        return h + self.ffn(self.post_attention_layernorm(h))
+
+
+class Inner(nn.Module):
+    def __init__(self, args, layers: list[DecoderLayer]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """`model.*` and `lm_head` named as in Hugging Face checkpoints, so the backbone maps by identity."""
+
+    def __init__(self, args, layers: list[DecoderLayer]):
+        super().__init__()
+        self.args = args
+        self.model = Inner(args, layers)
+        self.tie = bool(getattr(args, "tie_word_embeddings", False))
+        if not self.tie:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.init_rope(None)
+
+    def init_rope(self, device) -> None:
+        """RoPE tables in fp32; called again after loading weights onto a model built on `meta`."""
+        cos, sin = rope_table(self.model.layers[0].self_attn.head_dim, self.args.max_position_embeddings,
+                              self.args.rope_theta_value())
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+
+    @property
+    def max_len(self) -> int:
+        return self.args.max_position_embeddings
+
+    def moe_blocks(self) -> list[tuple[int, MoE]]:
+        return [(i, l.ffn) for i, l in enumerate(self.model.layers) if isinstance(l.ffn, MoE)]
+
+    def make_cache(self, batch: int, max_len: int, dtype, device) -> list[KVCache]:
+        return [KVCache(batch, l.self_attn.n_kv, max_len, l.self_attn.head_dim, dtype, device)
+                for l in self.model.layers]
+
+    def forward(self, tokens: torch.Tensor, pos: int, cache: list[KVCache]) -> torch.Tensor:
+        """tokens [B, T] at positions pos..pos+T-1 -> logits [B, T, V] in fp32."""
+        B, T = tokens.shape
+        x = self.model.embed_tokens(tokens)
+        cos = self.rope_cos[pos:pos + T].to(x.dtype)
+        sin = self.rope_sin[pos:pos + T].to(x.dtype)
+        windows = {l.self_attn.window for l in self.model.layers}
+        masks = {w: attention_mask(pos, T, w, x.device) for w in windows}
+        for layer, c in zip(self.model.layers, cache):
+            x = layer(x, cos, sin, c, pos, masks)
+        x = self.model.norm(x)
+        w = self.model.embed_tokens.weight if self.tie else self.lm_head.weight
+        return F.linear(x, w).float()
+

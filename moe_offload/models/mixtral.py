@@ -1,0 +1,47 @@
+"""Mixtral: softmax -> top-k -> renormalise; experts w1 (gate), w3 (up), w2 (down)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+from ..experts import ExpertShape
+from .base import Attention, BaseModelArgs, CausalLM, DecoderLayer, MoE
+from .routing import softmax_topk
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    model_type: str = "mixtral"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 131072
+    rms_norm_eps: float = 1e-5
+    rope_theta: float | None = None
+    rope_parameters: dict | None = None
+    sliding_window: int | None = None
+    num_local_experts: int = 8
+    num_experts_per_tok: int = 2
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+
+
+class Model(CausalLM):
+    def __init__(self, args: ModelArgs):
+        route = partial(softmax_topk, top_k=args.num_experts_per_tok, norm_topk_prob=True)
+        layers = [
+            DecoderLayer(args, Attention(args, window=args.sliding_window),
+                         MoE(args.hidden_size, args.num_local_experts, route, cast_weights=False),
+                         mlp_name="block_sparse_moe")
+            for _ in range(args.num_hidden_layers)
+        ]
+        super().__init__(args, layers)
+        self.n_experts, self.top_k = args.num_local_experts, args.num_experts_per_tok
+        self.expert_shape = ExpertShape(args.hidden_size, args.intermediate_size, args.hidden_act)

@@ -1,0 +1,86 @@
+"""Small helpers shared by the CLI, the engine and the store: sizes, dtypes, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'512MiB', '2GiB', '1.5GB', '123' -> bytes."""
+    if text is None or isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise UsageError(f"bad size {text!r}: use bytes or a number with KiB/MiB/GiB/KB/MB/GB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def mib(n: int | float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise UsageError(f"unknown dtype {name!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UsageError(f"unknown device {name!r}: choose cpu or cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("device cuda requested but torch sees no CUDA device")
+    return torch.device(name)
+
+
+@contextmanager
+def atomic_dir(final: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary folder beside `final`; rename it to `final` only if the block completes."""
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise UsageError(f"{final} already exists; remove it or pick another --out")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
