@@ -55,7 +55,9 @@ def build_model(config: dict, source, device: torch.device, dtype: torch.dtype, 
         for layer, _ in model.moe_blocks():
             want |= {expert_key(args.model_type, layer, e, p) for e in range(model.n_experts) for p in PARTS}
     check_keys(set(source.keys()), want, str(getattr(source, "folder", "checkpoint")), ignore)
-    state = {k: source.get(k).to(device=device, dtype=dtype) for k in model.state_dict()}
+    # copy=True: safetensors hands out views into the mmap at file-layout-dependent alignment, and CPU kernels
+    # round differently on unaligned data (a sharded copy of the same weights gave other logits)
+    state = {k: source.get(k).to(device=device, dtype=dtype, copy=True) for k in model.state_dict()}
     model.load_state_dict(state, assign=True, strict=True)
     model.init_rope(device)
     return args, model.eval()
@@ -67,7 +69,8 @@ def attach_local_experts(model, source, model_type: str, device, dtype) -> int:
     for layer, moe in model.moe_blocks():
         units = []
         for e in range(model.n_experts):
-            g, u, d = (source.get(expert_key(model_type, layer, e, p)).to(device=device, dtype=dtype) for p in PARTS)
+            g, u, d = (source.get(expert_key(model_type, layer, e, p)).to(device=device, dtype=dtype, copy=True)
+                       for p in PARTS)  # owned, aligned copies (see build_model)
             units.append(DenseExpert(torch.cat([g, u]), d, model.expert_shape.act))
             nbytes += (g.numel() + u.numel() + d.numel()) * dtype.itemsize
         moe.experts = LocalExperts(units)
