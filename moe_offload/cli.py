@@ -171,7 +171,7 @@ def _load_plugins() -> None:
     """Subcommands living in other modules register themselves on import."""
     import importlib
 
-    for mod in ("moe_offload.store.cli", "moe_offload.prefetch.cli", "moe_offload.quant.cli", "moe_offload.server",
+    for mod in ("moe_offload.store.cli", "moe_offload.profile", "moe_offload.quant.cli", "moe_offload.server",
                 "moe_offload.bench", "moe_offload.eval", "moe_offload.plan", "moe_offload.sim"):
         try:
             importlib.import_module(mod)
