@@ -107,6 +107,17 @@ class SafetensorsFolder:
     def dtype_of(self, name: str) -> torch.dtype:
         return self._open(self.key_to_shard[name]).get_slice(name).get_dtype()
 
+    def shape_of(self, name: str) -> list[int]:
+        return list(self._open(self.key_to_shard[name]).get_slice(name).get_shape())
+
+    def get_index(self, name: str, index: int) -> torch.Tensor:
+        """`get(name)[index]`, reading only that slab (one expert of a stacked [E, ...] tensor)."""
+        shard = self.key_to_shard[name]
+        try:
+            return self._open(shard).get_slice(name)[index]
+        except Exception as e:
+            raise MoeError(f"{self.folder / shard}: cannot read tensor {name}[{index}] ({e})") from None
+
 
 def check_keys(have: set[str], want: set[str], where: str, ignore: set[str] = frozenset()) -> None:
     """Strict loading: a missing or unexpected tensor is an error naming it."""
@@ -123,3 +134,70 @@ def check_keys(have: set[str], want: set[str], where: str, ignore: set[str] = fr
 def checkpoint_dtype(config: dict) -> torch.dtype:
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
     return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.float32
+
+
+# ---- stacked experts: checkpoints holding all experts of a layer in one tensor [E, ...] ----------------------
+# One expert is still the unit: `expert_tensors` cuts expert e out of the stacked tensors by these rules.
+# model_type: alternative layouts (the first whose tensors the checkpoint has is used), each
+#   our part -> (stacked checkpoint names with {layer}, rule(one expert's slab of each name) -> our tensor).
+# Our parts: gate / up [I, D] and down [D, I] as nn.Linear weights; gate_bias / up_bias [I], down_bias [D].
+
+
+def _first_half(t):  # [2I, ...] -> rows 0..I-1
+    return t[: t.shape[0] // 2]
+
+
+def _second_half(t):  # [2I, ...] -> rows I..2I-1
+    return t[t.shape[0] // 2:]
+
+
+def _whole(t):
+    return t
+
+
+STACKED_EXPERT_NAMES: dict[str, list[dict[str, tuple[tuple[str, ...], object]]]] = {
+    # GraniteMoE: input_linear [E, 2I, D] = gate rows then up rows; output_linear [E, D, I]
+    "granitemoe": [{
+        "gate": (("model.layers.{layer}.block_sparse_moe.input_linear.weight",), _first_half),
+        "up": (("model.layers.{layer}.block_sparse_moe.input_linear.weight",), _second_half),
+        "down": (("model.layers.{layer}.block_sparse_moe.output_linear.weight",), _whole),
+    }],
+}
+
+
+def _stacked_layout(model_type: str, layer: int, keys) -> dict:
+    """The first layout whose tensors are all in `keys` (or the first one, so a strict check names what is missing)."""
+    layouts = STACKED_EXPERT_NAMES[model_type]
+    if keys is not None:
+        for layout in layouts:
+            if all(n.format(layer=layer) in keys for names, _ in layout.values() for n in names):
+                return layout
+    return layouts[0]
+
+
+def expert_checkpoint_keys(model_type: str, layer: int, n_experts: int, keys=None) -> set[str]:
+    """Checkpoint names holding the routed experts of one layer (per-expert or stacked). `keys`: the
+    checkpoint's names, to pick among alternative stacked layouts."""
+    if model_type in EXPERT_NAMES:
+        return {expert_key(model_type, layer, e, p) for e in range(n_experts) for p in PARTS}
+    layout = _stacked_layout(model_type, layer, keys)
+    return {n.format(layer=layer) for names, _ in layout.values() for n in names}
+
+
+def expert_tensors(source, model_type: str, layer: int, expert: int) -> dict[str, torch.Tensor]:
+    """One routed expert as our parts {gate, up, down[, gate_bias, up_bias, down_bias]}, from any source with
+    keys()/get() (a stacked tensor is read one expert's slab at a time where the source has get_index)."""
+    if model_type in EXPERT_NAMES:
+        return {p: source.get(expert_key(model_type, layer, expert, p)) for p in PARTS}
+    keys = getattr(source, "key_to_shard", None)
+    layout = _stacked_layout(model_type, layer, keys if keys is not None else set(source.keys()))
+    slabs: dict[str, torch.Tensor] = {}
+
+    def slab(name: str) -> torch.Tensor:
+        if name not in slabs:
+            get_index = getattr(source, "get_index", None)
+            slabs[name] = get_index(name, expert) if get_index else source.get(name)[expert]
+        return slabs[name]
+
+    return {part: rule(*(slab(n.format(layer=layer)) for n in names)).contiguous()
+            for part, (names, rule) in layout.items()}

@@ -1,0 +1,276 @@
+"""The expert store on disk: one folder, written once by `convert`, read by the tiers.
+
+    manifest.json         format name + version, the model's config.json, and one entry per routed expert
+                          (layer, expert, offset, nbytes, codec spec, crc32)
+    experts.bin           each expert one contiguous blob at a 4096-aligned offset, zero-padded to 4096
+    backbone.safetensors  every dense tensor (embeddings, attention, norms, routers, shared experts, dense
+                          MLPs, lm_head) under its checkpoint name
+    tokenizer files, generation_config.json   copied from the Hugging Face folder
+
+`convert` streams one tensor at a time into a temporary folder beside the target and renames it only when
+complete, so an interrupted convert leaves nothing under the target name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import PARTS, SafetensorsFolder, check_keys, checkpoint_dtype, expert_key, read_config
+from ..errors import MoeError
+from ..experts import DenseCodec, ExpertShape, make_codec
+from ..models import build, get_module
+from ..utils import DTYPE_NAMES, atomic_dir
+
+FORMAT_NAME = "moe-offload-store"
+FORMAT_VERSION = 1
+ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffers aligned to the logical block size (<= 4096)
+MANIFEST, EXPERTS, BACKBONE = "manifest.json", "experts.bin", "backbone.safetensors"
+COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+          "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+          "generation_config.json")
+
+Key = tuple[int, int]  # (layer, expert)
+
+
+def round_up(n: int, align: int = ALIGN) -> int:
+    return -(-n // align) * align
+
+
+def crc32_hex(buf) -> str:
+    return f"{zlib.crc32(buf) & 0xFFFFFFFF:08x}"  # zlib.crc32 releases the GIL: ~6 GB/s here
+
+
+@dataclass(frozen=True)
+class ExpertEntry:
+    layer: int
+    expert: int
+    offset: int  # bytes into experts.bin, a multiple of ALIGN
+    nbytes: int  # the codec's blob; the read covers `span` (padded)
+    codec: dict
+    checksum: str  # crc32 of the nbytes, hex
+
+    @property
+    def key(self) -> Key:
+        return self.layer, self.expert
+
+    @property
+    def span(self) -> int:
+        return round_up(self.nbytes)
+
+
+@dataclass
+class Store:
+    """An opened, validated store folder."""
+
+    path: Path
+    manifest: dict
+    entries: dict[Key, ExpertEntry]
+
+    @property
+    def config(self) -> dict:
+        return self.manifest["config"]
+
+    @property
+    def model_type(self) -> str:
+        return self.manifest["model_type"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.manifest["dtype"])
+
+    @property
+    def expert_shape(self) -> ExpertShape:
+        return ExpertShape(**self.manifest["expert_shape"])
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return self.manifest["moe_layers"]
+
+    @property
+    def n_experts(self) -> int:
+        return self.manifest["n_experts"]
+
+    @property
+    def top_k(self) -> int:
+        return self.manifest["top_k"]
+
+    @property
+    def experts_path(self) -> Path:
+        return self.path / EXPERTS
+
+    @property
+    def expert_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    def backbone(self) -> SafetensorsFolder:
+        return SafetensorsFolder(self.path, single_name=BACKBONE)
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def write_safetensors(path: Path, names: list[str], source: SafetensorsFolder, dtype: torch.dtype | None) -> int:
+    """Stream tensors into one safetensors file, one at a time (the header is known from shapes alone).
+    Floating tensors are cast to `dtype` when given. Returns the bytes of tensor data."""
+    header, offset, plan = {"__metadata__": {"format": "pt"}}, 0, []
+    for name in names:
+        src = _ST_NAMES[source.dtype_of(name)]
+        dt = dtype if dtype is not None and src.is_floating_point else src
+        shape = source.shape_of(name)
+        n = dt.itemsize * int(torch.Size(shape).numel())
+        header[name] = {"dtype": _ST_DTYPES[dt], "shape": shape, "data_offsets": [offset, offset + n]}
+        plan.append((name, dt))
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-(8 + len(head)) % 8)  # data starts 8-aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for name, dt in plan:
+            t = source.get(name).to(dt).contiguous()
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        f.flush()
+        os.fsync(f.fileno())
+    return offset
+
+
+def _drop_from_page_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def write_experts(path: Path, source: SafetensorsFolder, model_type: str, moe_layers: list[int], n_experts: int,
+                  codec) -> list[ExpertEntry]:
+    """One expert at a time: read its three matrices, encode, write at the next aligned offset."""
+    entries, offset = [], 0
+    with open(path, "wb") as f:
+        for layer in moe_layers:
+            for e in range(n_experts):
+                gate, up, down = (source.get(expert_key(model_type, layer, e, p)) for p in PARTS)
+                blob = codec.encode(gate, up, down).numpy().data  # uint8 [nbytes]
+                n = len(blob)
+                f.write(blob)
+                f.write(b"\0" * (round_up(n) - n))
+                entries.append(ExpertEntry(layer, e, offset, n, dict(codec.spec), crc32_hex(blob)))
+                offset += round_up(n)
+        f.flush()
+        os.fsync(f.fileno())
+    _drop_from_page_cache(path)  # the store must not sit in the page cache after writing it
+    return entries
+
+
+def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
+            overwrite: bool = False) -> Store:
+    """Hugging Face folder -> store folder. `dtype` (default: the checkpoint's) for experts and backbone."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if (hf_dir / MANIFEST).is_file():
+        raise MoeError(f"{hf_dir} is already an expert store")
+    config = read_config(hf_dir)
+    get_module(config.get("model_type"))  # unsupported type -> clear error before anything is written
+    with torch.device("meta"):
+        args, model = build(config)
+    source = SafetensorsFolder(hf_dir)
+    moe_layers = [layer for layer, _ in model.moe_blocks()]
+    n_experts, model_type = model.n_experts, args.model_type
+    backbone = list(model.state_dict())
+    experts = {expert_key(model_type, la, e, p) for la in moe_layers for e in range(n_experts) for p in PARTS}
+    ignore = {"lm_head.weight"} if model.tie else set()
+    check_keys(set(source.keys()), set(backbone) | experts, str(hf_dir), ignore)
+    store_dtype = dtype or checkpoint_dtype(config)
+    codec = DenseCodec(store_dtype)
+    shape = model.expert_shape
+
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        entries = write_experts(tmp / EXPERTS, source, model_type, moe_layers, n_experts, codec)
+        write_safetensors(tmp / BACKBONE, backbone, source, store_dtype)
+        for name in COPIED:
+            if (hf_dir / name).is_file():
+                shutil.copyfile(hf_dir / name, tmp / name)
+        manifest = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "model_type": model_type,
+            "dtype": DTYPE_NAMES[store_dtype],  # the default compute dtype
+            "config": config,
+            "expert_shape": {"hidden": shape.hidden, "intermediate": shape.intermediate, "act": shape.act},
+            "moe_layers": moe_layers,
+            "n_experts": n_experts,
+            "top_k": model.top_k,
+            "alignment": ALIGN,
+            "experts": [asdict(e) for e in entries],
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return open_store(out_dir)
+
+
+# ---- reading -----------------------------------------------------------------------------------------
+
+def open_store(path: str | os.PathLike) -> Store:
+    """Parse and check a store folder: format and version, entries, experts.bin size, backbone present."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise MoeError(f"{path}: no {MANIFEST} (not an expert store)")
+    try:
+        m = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoeError(f"{mpath}: not valid JSON ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
+        got = m.get("format") if isinstance(m, dict) else None
+        raise MoeError(f"{mpath}: not a {FORMAT_NAME} manifest (format {got!r})")
+    if m.get("version") != FORMAT_VERSION:
+        raise MoeError(f"{path}: store format version {m.get('version')!r} is not supported; this moe-offload "
+                       f"reads version {FORMAT_VERSION}: convert the model again")
+    try:
+        get_module(m["model_type"])
+        entries = {}
+        for d in m["experts"]:
+            e = ExpertEntry(int(d["layer"]), int(d["expert"]), int(d["offset"]), int(d["nbytes"]), dict(d["codec"]),
+                            str(d["checksum"]))
+            if e.key in entries:
+                raise MoeError(f"{mpath}: layer {e.layer} expert {e.expert} listed twice")
+            entries[e.key] = e
+        want = {(la, x) for la in m["moe_layers"] for x in range(int(m["n_experts"]))}
+        ExpertShape(**m["expert_shape"])
+        int(m["top_k"])
+        if not isinstance(getattr(torch, m["dtype"]), torch.dtype) or not isinstance(m["config"], dict):
+            raise ValueError("dtype or config")
+        align = int(m["alignment"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise MoeError(f"{mpath}: malformed manifest ({type(e).__name__}: {e})") from None
+    if align != ALIGN:
+        raise MoeError(f"{mpath}: alignment {align} is not supported (expected {ALIGN})")
+    if set(entries) != want:
+        bad = sorted(set(entries) ^ want)[0]
+        raise MoeError(f"{mpath}: the expert entries do not match moe_layers x n_experts (e.g. layer {bad[0]} "
+                       f"expert {bad[1]})")
+    for spec in {json.dumps(e.codec, sort_keys=True) for e in entries.values()}:
+        make_codec(json.loads(spec))  # unknown codec -> clear error now, not mid-generation
+    expected = max((e.offset + e.span for e in entries.values()), default=0)
+    if any(e.offset % ALIGN for e in entries.values()):
+        raise MoeError(f"{mpath}: an expert offset is not {ALIGN}-aligned")
+    epath = path / EXPERTS
+    if not epath.is_file():
+        raise MoeError(f"{path}: {EXPERTS} is missing")
+    size = epath.stat().st_size
+    if size != expected:
+        what = "truncated" if size < expected else "longer than its manifest"
+        raise MoeError(f"{epath}: {size} bytes, the manifest expects {expected}: the store is {what}; convert again")
+    if not (path / BACKBONE).is_file():
+        raise MoeError(f"{path}: {BACKBONE} is missing")
+    return Store(path, m, entries)
