@@ -23,7 +23,10 @@ from .utils import DTYPE_NAMES, DTYPES
 class ExpertShape:
     hidden: int  # D
     intermediate: int  # I
-    act: str = "silu"
+    act: str = "silu"  # ACTIVATIONS name, or a GLUS name (a gated unit of (gate, up), e.g. gpt-oss's clamped SwiGLU)
+    bias: bool = False  # gate/up/down biases (gpt-oss): the unit is a BiasedExpert
+    swiglu_alpha: float = 1.702  # clamped SwiGLU only: (up + 1) * gate * sigmoid(alpha * gate)
+    swiglu_limit: float = 7.0  # clamped SwiGLU only: gate <= limit, -limit <= up <= limit
 
 
 class DenseExpert:
@@ -37,6 +40,43 @@ class DenseExpert:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [n, D] -> [n, D]
         g, u = F.linear(x, self.gate_up).chunk(2, dim=-1)
         return F.linear(self.act(g) * u, self.down)
+
+
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss: gate clamped above, up clamped both ways, (up + 1) * gate * sigmoid(alpha * gate)."""
+    gate = gate.clamp(min=None, max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+GLUS: dict[str, Callable] = {"swiglu_clamp": clamped_swiglu}
+
+
+class BiasedExpert:
+    """Expert with biases and any gated unit: gate_up [2I, D] (gate rows, then up rows), gate_up_bias [2I],
+    down [D, I], down_bias [D]. Checkpoints that interleave gate/up (gpt-oss) are split at load time."""
+
+    __slots__ = ("gate_up", "gate_up_bias", "down", "down_bias", "glu")
+
+    def __init__(self, gate_up, gate_up_bias, down, down_bias, shape: ExpertShape):
+        self.gate_up, self.gate_up_bias, self.down, self.down_bias = gate_up, gate_up_bias, down, down_bias
+        if shape.act in GLUS:
+            fn, alpha, limit = GLUS[shape.act], shape.swiglu_alpha, shape.swiglu_limit
+            self.glu = lambda g, u: fn(g, u, alpha, limit)
+        else:
+            act = ACTIVATIONS[shape.act]
+            self.glu = lambda g, u: act(g) * u
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [n, D] -> [n, D]
+        g, u = F.linear(x, self.gate_up, self.gate_up_bias).chunk(2, dim=-1)
+        return F.linear(self.glu(g, u), self.down, self.down_bias)
+
+
+def expert_unit(shape: ExpertShape, gate, up, down, gate_bias=None, up_bias=None, down_bias=None) -> Callable:
+    """One callable expert from our parts (gate/up [I, D], down [D, I], biases [I] / [D])."""
+    if not shape.bias:
+        return DenseExpert(torch.cat([gate, up]), down, shape.act)
+    return BiasedExpert(torch.cat([gate, up]), torch.cat([gate_bias, up_bias]), down, down_bias, shape)
 
 
 class Codec(Protocol):
@@ -59,10 +99,12 @@ class DenseCodec:
         self.spec = {"name": "dense", "dtype": DTYPE_NAMES[self.dtype]}
 
     def nbytes(self, shape: ExpertShape) -> int:
-        return 3 * shape.hidden * shape.intermediate * self.dtype.itemsize
+        biases = 2 * shape.intermediate + shape.hidden if shape.bias else 0
+        return (3 * shape.hidden * shape.intermediate + biases) * self.dtype.itemsize
 
-    def encode(self, gate, up, down) -> torch.Tensor:
-        flat = torch.cat([gate.reshape(-1), up.reshape(-1), down.reshape(-1)]).to(self.dtype)
+    def encode(self, gate, up, down, gate_bias=None, up_bias=None, down_bias=None) -> torch.Tensor:
+        parts = [gate, up, down] + [b for b in (gate_bias, up_bias, down_bias) if b is not None]  # biases last
+        flat = torch.cat([p.reshape(-1) for p in parts]).to(self.dtype)
         return flat.contiguous().view(torch.uint8)
 
     def decode(self, blob: torch.Tensor, shape: ExpertShape, dtype: torch.dtype) -> DenseExpert:
@@ -70,6 +112,10 @@ class DenseCodec:
         w = blob.view(self.dtype)
         if dtype != self.dtype:
             w = w.to(dtype)  # a converted copy; the stored blob keeps its dtype
+        if shape.bias:  # [gate | up | down | gate_bias | up_bias | down_bias]
+            b = w[3 * I * D:]
+            return BiasedExpert(w[: 2 * I * D].view(2 * I, D), b[: 2 * I], w[2 * I * D: 3 * I * D].view(D, I),
+                                b[2 * I:], shape)
         return DenseExpert(w[: 2 * I * D].view(2 * I, D), w[2 * I * D:].view(D, I), shape.act)
 
 

@@ -6,6 +6,7 @@ E routed experts, A active experts per token, I expert intermediate size, V voca
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Callable
 
@@ -66,6 +67,63 @@ def rope_table(head_dim: int, max_pos: int, theta: float) -> tuple[torch.Tensor,
     return emb.cos(), emb.sin()
 
 
+def rope_config(args) -> dict:
+    """`rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta` (hub config.json) as one dict with
+    `rope_type` and `rope_theta`; yarn's `original_max_position_embeddings` defaults to the context length."""
+    rp = dict(getattr(args, "rope_parameters", None) or getattr(args, "rope_scaling", None) or {})
+    rp["rope_type"] = rp.get("rope_type", rp.get("type", "default"))
+    if rp.get("rope_theta") is None:
+        rp["rope_theta"] = getattr(args, "rope_theta", None) or 10000.0
+    if rp["rope_type"] == "yarn":
+        rp.setdefault("original_max_position_embeddings", args.max_position_embeddings)
+    return rp
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_inv_freq(args, dim: int) -> tuple[torch.Tensor, float]:
+    """inv_freq [dim/2] fp32 and the factor cos/sin are scaled by, for rope_type default or yarn
+    (transformers' `_compute_yarn_parameters` arithmetic, operation for operation)."""
+    rp = rope_config(args)
+    base, rope_type = float(rp["rope_theta"]), rp["rope_type"]
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    if rope_type == "default":
+        return 1.0 / pos_freqs, 1.0
+    if rope_type != "yarn":
+        raise MoeError(f"rope_type {rope_type!r} is not supported for {getattr(args, 'model_type', '?')}")
+    orig = rp["original_max_position_embeddings"]
+    factor = rp.get("factor") or args.max_position_embeddings / orig
+    attention_factor, mscale, mscale_all_dim = rp.get("attention_factor"), rp.get("mscale"), rp.get("mscale_all_dim")
+    if attention_factor is None:
+        attention_factor = (float(yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim))
+                            if mscale and mscale_all_dim else yarn_get_mscale(factor))
+    beta_fast, beta_slow = rp.get("beta_fast") or 32, rp.get("beta_slow") or 1
+
+    def correction_dim(rotations):  # the dimension whose wavelength makes `rotations` turns over `orig`
+        return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rp.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: avoid a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, attention_factor
+
+
+def rope_tables(args, dim: int, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_pos, dim] in fp32 for `rope_config(args)`, scaled like transformers' rotary embedding."""
+    inv_freq, scale = rope_inv_freq(args, dim)
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos() * scale, emb.sin() * scale
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x [B, H, T, Hd]; cos/sin [T, Hd] already in x's dtype
     x1, x2 = x.chunk(2, dim=-1)
@@ -103,11 +161,12 @@ def attention_mask(pos: int, t: int, window: int | None, device) -> torch.Tensor
 class Attention(nn.Module):
     """GQA attention with optional q/k norm: qk_norm=None | 'head' (per head, Qwen3) | 'full' (OLMoE)."""
 
-    def __init__(self, args, qkv_bias=False, o_bias=False, qk_norm=None, clip_qkv=None, window=None):
+    def __init__(self, args, qkv_bias=False, o_bias=False, qk_norm=None, clip_qkv=None, window=None, scale=None):
         super().__init__()
         D, H, K = args.hidden_size, args.num_attention_heads, args.num_key_value_heads
         Hd = getattr(args, "head_dim", None) or D // H
         self.n_heads, self.n_kv, self.head_dim, self.window, self.clip_qkv = H, K, Hd, window, clip_qkv
+        self.scale = scale  # softmax scale; None = 1/sqrt(Hd)
         self.q_proj = nn.Linear(D, H * Hd, bias=qkv_bias)
         self.k_proj = nn.Linear(D, K * Hd, bias=qkv_bias)
         self.v_proj = nn.Linear(D, K * Hd, bias=qkv_bias)
@@ -135,7 +194,8 @@ class Attention(nn.Module):
         k, v = cache.update(pos, k, v)  # [B, K, pos+T, Hd]
         if mask is None and T > 1:
             mask = attention_mask(pos, T, None, x.device)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads,
+                                           scale=self.scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -10,10 +10,10 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..checkpoint import (EXPERT_NAMES, PARTS, SafetensorsFolder, check_keys, checkpoint_dtype, expert_key,
-                          read_config)
+from ..checkpoint import (EXPERT_NAMES, SafetensorsFolder, check_keys, checkpoint_dtype, expert_checkpoint_keys,
+                          expert_tensors, read_config)
 from ..errors import MoeError, UsageError
-from ..experts import DenseExpert, LocalExperts
+from ..experts import LocalExperts, expert_unit
 from ..models import build, get_module
 from ..utils import parse_dtype, parse_size, peak_rss_bytes, pick_device
 from .sampling import sample
@@ -51,13 +51,19 @@ def build_model(config: dict, source, device: torch.device, dtype: torch.dtype, 
         args, model = build(config)
     want = set(model.state_dict())
     ignore = {"lm_head.weight"} if model.tie else set()
+    have = set(source.keys())
+    skip = getattr(model, "skip_checkpoint_key", None)  # tensors a family never uses (DeepSeek-V3's MTP layer)
+    if skip is not None:
+        ignore |= {k for k in have if skip(k)}
     if expert_keys:
         for layer, _ in model.moe_blocks():
-            want |= {expert_key(args.model_type, layer, e, p) for e in range(model.n_experts) for p in PARTS}
-    check_keys(set(source.keys()), want, str(getattr(source, "folder", "checkpoint")), ignore)
+            want |= expert_checkpoint_keys(args.model_type, layer, model.n_experts, have)
+    check_keys(have, want, str(getattr(source, "folder", "checkpoint")), ignore)
+    fp32 = tuple(getattr(model, "fp32_keys", ()))  # name suffixes kept in fp32 whatever the dtype
     # copy=True: safetensors hands out views into the mmap at file-layout-dependent alignment, and CPU kernels
     # round differently on unaligned data (a sharded copy of the same weights gave other logits)
-    state = {k: source.get(k).to(device=device, dtype=dtype, copy=True) for k in model.state_dict()}
+    state = {k: source.get(k).to(device=device, dtype=torch.float32 if fp32 and k.endswith(fp32) else dtype,
+                                 copy=True) for k in model.state_dict()}
     model.load_state_dict(state, assign=True, strict=True)
     model.init_rope(device)
     return args, model.eval()
@@ -69,10 +75,10 @@ def attach_local_experts(model, source, model_type: str, device, dtype) -> int:
     for layer, moe in model.moe_blocks():
         units = []
         for e in range(model.n_experts):
-            g, u, d = (source.get(expert_key(model_type, layer, e, p)).to(device=device, dtype=dtype, copy=True)
-                       for p in PARTS)  # owned, aligned copies (see build_model)
-            units.append(DenseExpert(torch.cat([g, u]), d, model.expert_shape.act))
-            nbytes += (g.numel() + u.numel() + d.numel()) * dtype.itemsize
+            parts = {p: t.to(device=device, dtype=dtype, copy=True)  # owned, aligned copies (see build_model)
+                     for p, t in expert_tensors(source, model_type, layer, e).items()}
+            units.append(expert_unit(model.expert_shape, **parts))
+            nbytes += sum(t.numel() for t in parts.values()) * dtype.itemsize
         moe.experts = LocalExperts(units)
     return nbytes
 
