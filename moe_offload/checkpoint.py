@@ -24,6 +24,8 @@ EXPERT_NAMES = {
     "qwen2_moe": ("model.layers.{layer}.mlp.experts.{expert}.{part}.weight", SWIGLU),
     "qwen3_moe": ("model.layers.{layer}.mlp.experts.{expert}.{part}.weight", SWIGLU),
     "olmoe": ("model.layers.{layer}.mlp.experts.{expert}.{part}.weight", SWIGLU),
+    "phimoe": ("model.layers.{layer}.block_sparse_moe.experts.{expert}.{part}.weight",
+               {"gate": "w1", "up": "w3", "down": "w2"}),
 }
 PARTS = ("gate", "up", "down")
 

@@ -26,6 +26,15 @@ SPECS: dict[str, tuple[str, dict]] = {
         embedding_multiplier=2.0, attention_multiplier=0.3, residual_multiplier=0.8, logits_scaling=0.8,
         tie_word_embeddings=True, attention_bias=True,
         rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
+    "phimoe_gqa_bias": ("PhimoeConfig", dict(
+        num_hidden_layers=2, num_key_value_heads=2, intermediate_size=40, num_local_experts=6, num_experts_per_tok=2,
+        attention_bias=True, lm_head_bias=True, router_jitter_noise=0.3, rms_norm_eps=1e-5)),
+    "phimoe_mha_swa_longrope": ("PhimoeConfig", dict(
+        num_hidden_layers=3, num_key_value_heads=4, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=6, router_jitter_noise=0.01,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 1000.0, "original_max_position_embeddings": 64,
+                         "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 3.0, 5.0, 8.0], "long_factor": [4.0] * 8,
+                         "short_mscale": 1.2, "long_mscale": 1.4})),
 }
 
 
@@ -97,8 +106,8 @@ def hf_expert(hf, layer: int, e: int) -> dict[str, torch.Tensor]:
     return {"gate": gate_up[:I], "up": gate_up[I:], "down": mlp.experts.down_proj[e]}
 
 
-@pytest.mark.parametrize("spec", ["granitemoe_gqa"])
-def test_expert_tensors_cut_stacked_checkpoint_exactly(pair, spec):
+@pytest.mark.parametrize("spec", ["granitemoe_gqa", "phimoe_gqa_bias"])
+def test_expert_tensors_equal_transformers_experts(pair, spec):
     folder, engine, hf = pair(spec)
     source = SafetensorsFolder(folder)
     mt = engine.args.model_type

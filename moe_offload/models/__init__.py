@@ -7,7 +7,7 @@ from types import ModuleType
 
 from ..errors import MoeError
 
-SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
+SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe")
 
 
 def get_module(model_type: str | None) -> ModuleType:
