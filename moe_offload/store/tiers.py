@@ -1,0 +1,121 @@
+"""Where expert bytes come from: the disk tier (experts.bin) and, on CUDA machines, a pinned host-RAM tier.
+
+The disk tier reads one expert's byte range with one `os.preadv` into a page-aligned buffer we own, with
+O_DIRECT where the filesystem takes it (probed once) and otherwise a buffered read followed by
+POSIX_FADV_DONTNEED on the range: the OS page cache never silently holds the model, so `--memory` is the
+truth. Every read from disk is checked against the manifest's crc32.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+
+import torch
+
+from ..errors import MoeError
+from .format import ALIGN, ExpertEntry, Key, crc32_hex
+from .policies import make_policy
+
+
+def aligned_buffer(nbytes: int, pinned: bool = False) -> torch.Tensor:
+    """uint8 [nbytes] starting on a page boundary. CPU: anonymous mmap (freed by munmap when the tensor
+    dies, so RSS really drops on eviction). pinned: page-locked memory for async host->device copies."""
+    if not pinned:
+        return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=torch.uint8)[:nbytes]
+    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=True)
+    skip = -raw.data_ptr() % ALIGN
+    return raw[skip:skip + nbytes]
+
+
+def _writable(t: torch.Tensor) -> memoryview:
+    return memoryview(t.numpy()).cast("B")
+
+
+class DiskTier:
+    """Positional reads of experts.bin; safe to call from several threads at once (pread has no offset)."""
+
+    def __init__(self, path: str | os.PathLike, pinned: bool = False):
+        self.path, self.pinned = str(path), pinned
+        self.fd, self.direct = self._open()
+
+    def _open(self) -> tuple[int, bool]:
+        if hasattr(os, "O_DIRECT") and os.path.getsize(self.path) >= ALIGN:
+            try:
+                fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+            except OSError:  # tmpfs and some others refuse O_DIRECT at open
+                fd = None
+            if fd is not None:
+                try:
+                    if os.preadv(fd, [_writable(aligned_buffer(ALIGN))], 0) == ALIGN:
+                        return fd, True
+                except OSError:  # ... or at the first read (EINVAL)
+                    pass
+                os.close(fd)
+        return os.open(self.path, os.O_RDONLY), False
+
+    def read(self, e: ExpertEntry) -> torch.Tensor:
+        """One expert's blob, verified: uint8 [span], page-aligned (the first e.nbytes are the blob)."""
+        buf = aligned_buffer(e.span, self.pinned)
+        view, done = _writable(buf), 0
+        while done < e.span:  # preadv may return short; loop until the padded range is in
+            n = os.preadv(self.fd, [view[done:]], e.offset + done)
+            if n <= 0:
+                raise MoeError(f"{self.path}: layer {e.layer} expert {e.expert}: read stopped at byte "
+                               f"{e.offset + done} of {e.offset + e.span} (file truncated?)")
+            done += n
+        if not self.direct:
+            os.posix_fadvise(self.fd, e.offset, e.span, os.POSIX_FADV_DONTNEED)
+        got = crc32_hex(view[:e.nbytes])
+        if got != e.checksum:
+            raise MoeError(f"{self.path}: checksum mismatch in layer {e.layer} expert {e.expert} (bytes "
+                           f"{e.offset}..{e.offset + e.nbytes}: crc32 {got}, manifest {e.checksum}): the store "
+                           f"is corrupt, convert the model again")
+        return buf
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class HostTier:
+    """Pinned host RAM between disk and a CUDA device: verified blobs as read from disk, under a byte budget
+    and its own replacement policy. Thread-safe (loader workers insert, the compute thread looks up)."""
+
+    def __init__(self, capacity_bytes: int, policy: str, n_layers: int, n_experts: int):
+        self.capacity = capacity_bytes
+        self.policy = make_policy(policy, n_layers, n_experts, capacity_bytes)
+        self.blobs: dict[Key, torch.Tensor] = {}
+        self.used = self.peak = self.hits = self.evictions = 0
+        self.lock = threading.Lock()
+
+    def get(self, key: Key, step: int) -> torch.Tensor | None:
+        with self.lock:
+            blob = self.blobs.get(key)
+            if blob is not None:
+                self.hits += 1
+                self.policy.on_access(key, step)
+            return blob
+
+    def offer(self, key: Key, blob: torch.Tensor, step: int) -> None:
+        """Keep `blob` if the policy admits it and victims make room; else it stays a transient staging buffer.
+        (An evicted blob that a worker is still copying lives on until that copy ends.)"""
+        n = blob.numel()
+        with self.lock:
+            if key in self.blobs or n > self.capacity or not self.policy.should_admit(key, n):
+                return
+            while self.used + n > self.capacity:
+                v = self.policy.victim(key, n, set())
+                if v is None:
+                    return
+                self.used -= self.blobs.pop(v).numel()
+                self.policy.on_evict(v)
+                self.evictions += 1
+            self.blobs[key] = blob
+            self.used += n
+            self.peak = max(self.peak, self.used)
+            self.policy.on_insert(key, n, step)
+            self.policy.on_access(key, step)
+
