@@ -18,12 +18,13 @@ import os
 import shutil
 import struct
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import PARTS, SafetensorsFolder, check_keys, checkpoint_dtype, expert_key, read_config
+from ..checkpoint import (SafetensorsFolder, check_keys, checkpoint_dtype, expert_checkpoint_keys, expert_tensors,
+                          read_config)
 from ..errors import MoeError
 from ..experts import DenseCodec, ExpertShape, make_codec
 from ..models import build, get_module
@@ -122,13 +123,14 @@ _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
-def write_safetensors(path: Path, names: list[str], source: SafetensorsFolder, dtype: torch.dtype | None) -> int:
+def write_safetensors(path: Path, names: list[str], source: SafetensorsFolder, dtype: torch.dtype | None,
+                      keep: tuple[str, ...] = ()) -> int:
     """Stream tensors into one safetensors file, one at a time (the header is known from shapes alone).
-    Floating tensors are cast to `dtype` when given. Returns the bytes of tensor data."""
+    Floating tensors are cast to `dtype` when given, except names ending in `keep`. Returns the data bytes."""
     header, offset, plan = {"__metadata__": {"format": "pt"}}, 0, []
     for name in names:
         src = _ST_NAMES[source.dtype_of(name)]
-        dt = dtype if dtype is not None and src.is_floating_point else src
+        dt = dtype if dtype is not None and src.is_floating_point and not (keep and name.endswith(keep)) else src
         shape = source.shape_of(name)
         n = dt.itemsize * int(torch.Size(shape).numel())
         header[name] = {"dtype": _ST_DTYPES[dt], "shape": shape, "data_offsets": [offset, offset + n]}
@@ -161,8 +163,7 @@ def write_experts(path: Path, source: SafetensorsFolder, model_type: str, moe_la
     with open(path, "wb") as f:
         for layer in moe_layers:
             for e in range(n_experts):
-                gate, up, down = (source.get(expert_key(model_type, layer, e, p)) for p in PARTS)
-                blob = codec.encode(gate, up, down).numpy().data  # uint8 [nbytes]
+                blob = codec.encode(**expert_tensors(source, model_type, layer, e)).numpy().data  # uint8 [nbytes]
                 n = len(blob)
                 f.write(blob)
                 f.write(b"\0" * (round_up(n) - n))
@@ -188,16 +189,20 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.
     moe_layers = [layer for layer, _ in model.moe_blocks()]
     n_experts, model_type = model.n_experts, args.model_type
     backbone = list(model.state_dict())
-    experts = {expert_key(model_type, la, e, p) for la in moe_layers for e in range(n_experts) for p in PARTS}
+    have = set(source.keys())
+    experts = set().union(*(expert_checkpoint_keys(model_type, la, n_experts, have) for la in moe_layers))
     ignore = {"lm_head.weight"} if model.tie else set()
-    check_keys(set(source.keys()), set(backbone) | experts, str(hf_dir), ignore)
+    skip = getattr(model, "skip_checkpoint_key", None)  # tensors a family never uses (as build_model)
+    if skip is not None:
+        ignore |= {k for k in have if skip(k)}
+    check_keys(have, set(backbone) | experts, str(hf_dir), ignore)
     store_dtype = dtype or checkpoint_dtype(config)
     codec = DenseCodec(store_dtype)
     shape = model.expert_shape
 
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         entries = write_experts(tmp / EXPERTS, source, model_type, moe_layers, n_experts, codec)
-        write_safetensors(tmp / BACKBONE, backbone, source, store_dtype)
+        write_safetensors(tmp / BACKBONE, backbone, source, store_dtype, tuple(getattr(model, "fp32_keys", ())))
         for name in COPIED:
             if (hf_dir / name).is_file():
                 shutil.copyfile(hf_dir / name, tmp / name)
@@ -207,7 +212,7 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.
             "model_type": model_type,
             "dtype": DTYPE_NAMES[store_dtype],  # the default compute dtype
             "config": config,
-            "expert_shape": {"hidden": shape.hidden, "intermediate": shape.intermediate, "act": shape.act},
+            "expert_shape": {f.name: getattr(shape, f.name) for f in fields(shape)},
             "moe_layers": moe_layers,
             "n_experts": n_experts,
             "top_k": model.top_k,

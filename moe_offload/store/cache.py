@@ -1,0 +1,408 @@
+"""The device tier: routed experts cached under one byte budget shared by all layers, and the per-layer
+backends that run `moe_dispatch` over it.
+
+Budget (bytes, never counts): every expert resident on the compute device and every load in flight holds
+a reservation, so `cache_used + stage_used <= capacity` at all times; the peak of backbone + those bytes
+is reported as `resident_weight_bytes`. A load reserves its decode footprint: the blob read from disk,
+plus the converted copy while both live when the codec converts (store dtype != compute dtype); once
+decoded, the reservation shrinks to what the unit really holds.
+
+One layer's fetch: hits are yielded at once while its misses load in the background (demand priority),
+each miss as soon as it lands, so reading overlaps compute. The experts the layer needs are pinned (the
+policy's `exclude`) until computed; when the budget cannot take another miss, the fetch waits for one to
+land, computes it, unpins it and goes on, so any budget >= one layer's active experts works, prefill too.
+
+Prefetch hook (the prefetcher drives it): `prefetch(keys)` loads into a staging area of `staging_bytes`
+kept out of the cache's share of the budget; staged experts evict nothing until a layer uses them, then
+they join the cache. `cancel_prefetch()` drops queued or staged ones.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from ..errors import MoeError
+from ..experts import make_codec, moe_dispatch
+from .format import ExpertEntry, Key, Store
+from .loader import DEMAND, PREFETCH, CopyStream, Handle, Loader
+from .policies import make_policy
+from .tiers import DiskTier, HostTier
+
+
+def unit_tensors(unit) -> list[torch.Tensor]:
+    """The tensors an expert unit holds (its attributes, one level of lists/tuples; a module's state)."""
+    if isinstance(unit, torch.nn.Module):
+        return [*unit.parameters(), *unit.buffers()]
+    values = [getattr(unit, n, None) for n in getattr(type(unit), "__slots__", ())]
+    values += list(getattr(unit, "__dict__", {}).values())
+    out = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, (list, tuple)):
+            out += [t for t in v if isinstance(t, torch.Tensor)]
+    return out
+
+
+def storage_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors` (views of one buffer count once)."""
+    seen = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
+    return sum(seen.values())
+
+
+@dataclass(frozen=True)
+class Footprint:
+    resident: int  # bytes the decoded unit holds on the device
+    load: int  # bytes needed while loading: the read buffer and, if decode converts, the copy too
+
+
+def footprints(store: Store, device: torch.device, dtype: torch.dtype) -> dict[Key, Footprint]:
+    """Per expert, from one trial decode per distinct (codec, size) on the meta device (no memory)."""
+    shape, memo, out = store.expert_shape, {}, {}
+    for key, e in store.entries.items():
+        spec = (json.dumps(e.codec, sort_keys=True), e.nbytes)
+        if spec not in memo:
+            alloc = e.span if device.type == "cpu" else e.nbytes  # CPU: the page-aligned read buffer itself
+            codec = make_codec(e.codec)
+            try:
+                buf = torch.empty(alloc, dtype=torch.uint8, device="meta")
+                unit = codec.decode(buf[:e.nbytes], shape, dtype)
+            except Exception:  # a codec whose decode needs real data: decode zeros once
+                buf = torch.zeros(alloc, dtype=torch.uint8, device=device)
+                unit = codec.decode(buf[:e.nbytes], shape, dtype)
+            tensors = unit_tensors(unit)
+            resident = storage_bytes(tensors)
+            views = any(t.untyped_storage()._cdata == buf.untyped_storage()._cdata for t in tensors)
+            memo[spec] = Footprint(resident, resident if views else resident + alloc)
+        out[key] = memo[spec]
+    return out
+
+
+@dataclass
+class Loaded:
+    unit: Callable
+    nbytes: int  # resident bytes of the unit
+    tensors: list[torch.Tensor]
+
+
+@dataclass
+class Pending:
+    handle: Handle
+    reserved: int
+    pool: str  # "cache" (demand, or a prefetch a layer claimed) or "stage" (speculative prefetch)
+    claimed: bool = False  # a fetch waits on it
+    drop_when_done: bool = False  # cancelled or abandoned while running: release its bytes once it ends
+
+
+class ExpertCache:
+    """Experts of all MoE layers on `device` under `capacity` bytes (see the module docstring)."""
+
+    def __init__(self, store: Store, device: torch.device, dtype: torch.dtype, capacity: int,
+                 policy: str = "lru", base_bytes: int = 0, host_bytes: int | None = None, workers: int = 2,
+                 staging_bytes: int = 0):
+        self.store, self.device, self.dtype = store, device, dtype
+        self.entries: dict[Key, ExpertEntry] = store.entries
+        self.shape = store.expert_shape
+        self.capacity, self.staging_bytes, self.base_bytes = capacity, staging_bytes, base_bytes
+        self.policy_name = policy
+        n_layers = max(store.moe_layers) + 1  # keys carry model layer indices
+        self.policy = make_policy(policy, n_layers, store.n_experts, capacity - staging_bytes)
+        self.foot = footprints(store, device, dtype)
+        codecs = {}
+        self.codec = {k: codecs.setdefault(json.dumps(e.codec, sort_keys=True), make_codec(e.codec))
+                      for k, e in self.entries.items()}
+        cuda = device.type == "cuda"
+        self.disk = DiskTier(store.experts_path, pinned=cuda)
+        self.host = HostTier(host_bytes, policy, n_layers, store.n_experts) if cuda and host_bytes else None
+        self.copier = CopyStream(device) if cuda else None
+        self.loader = Loader(workers)
+        self.resident: dict[Key, Callable] = {}
+        self.sizes: dict[Key, int] = {}
+        self.pending: dict[Key, Pending] = {}
+        self.cache_used = 0  # resident experts + demand loads in flight
+        self.stage_used = 0  # prefetches in flight or staged
+        self.step, self.prev_layer = 0, None
+        self.lock = threading.Lock()  # workers add to the byte counters
+        self._zero()
+
+    def _zero(self) -> None:
+        self.hits = self.misses = self.evictions = 0
+        self.bytes_read_disk = self.bytes_to_device = 0
+        self.stall = 0.0
+        self.prefetch_issued = self.prefetch_used = self.prefetch_cancelled = 0
+        self.peak = self.base_bytes + self.cache_used + self.stage_used
+        if self.host is not None:
+            self.host.hits, self.host.peak = 0, self.host.used
+
+    # ---- accounting ------------------------------------------------------------------------------------
+    def _note_peak(self) -> None:
+        self.peak = max(self.peak, self.base_bytes + self.cache_used + self.stage_used)
+
+    def _evict(self, key: Key) -> None:
+        if key not in self.resident:
+            raise AssertionError(f"policy {self.policy_name} chose {key}, which is not resident")
+        del self.resident[key]
+        self.cache_used -= self.sizes.pop(key)
+        self.policy.on_evict(key)
+        self.evictions += 1
+
+    def _release(self, key: Key) -> None:
+        p = self.pending.pop(key)
+        if p.pool == "stage":
+            self.stage_used -= p.reserved
+        else:
+            self.cache_used -= p.reserved
+
+    def _make_room(self, incoming: Key, need: int, pinned: set[Key]) -> bool:
+        """Evict until `need` more bytes fit in the cache's share; when every cached expert is pinned, borrow
+        free staging space, dropping speculative prefetches if needed. False: wait for a load to land."""
+        limit = self.capacity - self.staging_bytes
+        while self.cache_used + need > limit:
+            v = self.policy.victim(incoming, need, pinned)
+            if v is not None:
+                self._evict(v)
+            elif self.cache_used + self.stage_used + need <= self.capacity:
+                return True
+            elif not self._drop_one_prefetch(pinned):
+                return False
+        return True
+
+    def _drop_one_prefetch(self, keep: set[Key]) -> bool:
+        for k, p in self.pending.items():
+            if p.pool == "stage" and not p.claimed and k not in keep and (p.handle.cancel() or p.handle.done()):
+                self._release(k)
+                self.prefetch_cancelled += 1
+                return True
+        return False
+
+    def _reap(self) -> None:
+        for k in [k for k, p in self.pending.items() if p.drop_when_done and p.handle.done()]:
+            self._release(k)
+
+    # ---- loading (worker threads) ------------------------------------------------------------------------
+    def _load(self, key: Key, step: int) -> Loaded:
+        e = self.entries[key]
+        blob = self.host.get(key, step) if self.host is not None else None
+        disk = 0
+        if blob is None:
+            blob = self.disk.read(e)  # verified, page-aligned; pinned on CUDA
+            disk = e.span
+            if self.host is not None:
+                self.host.offer(key, blob, step)
+        decode = partial(self.codec[key].decode, shape=self.shape, dtype=self.dtype)
+        if self.copier is not None:
+            unit = self.copier.upload(blob[:e.nbytes], decode)
+            moved = e.nbytes
+        else:
+            unit = decode(blob[:e.nbytes])  # CPU: the read buffer is already the compute tier
+            moved = e.span
+        with self.lock:
+            self.bytes_read_disk += disk
+            self.bytes_to_device += moved
+        tensors = unit_tensors(unit)
+        return Loaded(unit, storage_bytes(tensors), tensors)
+
+    def _submit(self, key: Key, priority: float) -> Handle:
+        return self.loader.submit(partial(self._load, key, self.step), priority)
+
+    # ---- the layer's fetch -------------------------------------------------------------------------------
+    def _tick(self, layer: int) -> int:
+        if self.prev_layer is None or layer <= self.prev_layer:  # a new forward pass: one step per token
+            self.step += 1
+        self.prev_layer = layer
+        return self.step
+
+    def fetch(self, layer: int, needed: list[int]) -> Iterator[tuple[int, Callable]]:
+        """(expert, unit) for every needed expert of `layer`: hits first, then misses as they land."""
+        step = self._tick(layer)
+        self._reap()
+        pinned = {(layer, e) for e in needed}
+        ready: list[Key] = []
+        todo: deque[Key] = deque()
+        ours: set[Key] = set()  # loads this fetch waits on
+        landed: queue.SimpleQueue[Key] = queue.SimpleQueue()
+        for e in needed:
+            k = (layer, e)
+            if k in self.resident:
+                self.hits += 1
+                self.policy.on_access(k, step)
+                ready.append(k)
+            elif k in self.pending:  # prefetched (staged or on its way), or left by an aborted fetch
+                p = self.pending[k]
+                if p.pool == "stage":
+                    self.stage_used -= p.reserved
+                    self.cache_used += p.reserved
+                    p.pool = "cache"
+                    self.prefetch_used += 1
+                p.claimed, p.drop_when_done = True, False
+                p.handle.set_priority(DEMAND)
+                ok = p.handle.done() and not p.handle.cancelled() and p.handle.error is None
+                self.hits += ok
+                self.misses += not ok
+                ours.add(k)
+                p.handle.add_done_callback(lambda h, k=k: landed.put(k))
+            else:
+                self.misses += 1
+                todo.append(k)
+        transient = 0
+        try:
+            self._issue(todo, pinned, ours, landed)
+            for k in ready:
+                yield k[1], self.resident[k]
+                pinned.discard(k)
+                self._issue(todo, pinned, ours, landed)
+            while ours or todo:
+                if not ours:
+                    self._wait_for_room(layer, todo[0])
+                    self._issue(todo, pinned, ours, landed)
+                    continue
+                t0 = time.perf_counter()
+                k = landed.get()
+                self.stall += time.perf_counter() - t0
+                ours.discard(k)
+                unit, transient = self._land(k, pinned, step)
+                yield k[1], unit
+                pinned.discard(k)
+                self.cache_used -= transient
+                transient = 0
+                self._issue(todo, pinned, ours, landed)
+        finally:  # normal end, an error, or the consumer gave up: nothing stays reserved for nobody
+            self.cache_used -= transient
+            for k in ours:
+                p = self.pending[k]
+                if p.handle.cancel() or p.handle.done():
+                    self._release(k)
+                else:
+                    p.claimed, p.drop_when_done = False, True
+
+    def _issue(self, todo: deque, pinned: set[Key], ours: set[Key], landed: queue.SimpleQueue) -> None:
+        """Start demand loads in order while the budget takes them."""
+        while todo:
+            k = todo[0]
+            need = self.foot[k].load
+            if not self._make_room(k, need, pinned):
+                return
+            todo.popleft()
+            self.cache_used += need
+            self._note_peak()
+            self.pending[k] = Pending(self._submit(k, DEMAND), need, "cache", claimed=True)
+            ours.add(k)
+            self.pending[k].handle.add_done_callback(lambda h, k=k: landed.put(k))
+
+    def _wait_for_room(self, layer: int, k: Key) -> None:
+        """Nothing of this fetch is in flight and the next miss does not fit: a speculative prefetch still
+        running holds the bytes; wait for it (it can then be dropped). Else the budget is too small."""
+        running = [p for p in self.pending.values() if p.pool == "stage" and not p.claimed and p.handle.running()]
+        if not running:
+            raise MoeError(f"expert budget {self.capacity} bytes cannot hold layer {layer}'s expert {k[1]} "
+                           f"({self.foot[k].load} bytes) beside what is pinned: raise --memory")
+        t0 = time.perf_counter()
+        with running[0].handle.cond:
+            running[0].handle.cond.wait_for(running[0].handle.done)
+        self.stall += time.perf_counter() - t0
+
+    def _land(self, k: Key, pinned: set[Key], step: int) -> tuple[Callable, int]:
+        """A finished load joins the cache (or, refused by the policy, is used once): (unit, transient bytes)."""
+        p = self.pending[k]
+        try:
+            got: Loaded = p.handle.result()
+        except BaseException:
+            self._release(k)
+            raise
+        del self.pending[k]
+        self.cache_used += got.nbytes - p.reserved  # shrink the reservation to what is resident
+        if self.copier is not None:
+            self.copier.hand_over(got.tensors)
+        if not self.policy.should_admit(k, got.nbytes):
+            return got.unit, got.nbytes
+        self._make_room(k, 0, pinned | {k})  # only if a codec's footprint was larger than foreseen
+        self.resident[k], self.sizes[k] = got.unit, got.nbytes
+        self.policy.on_insert(k, got.nbytes, step)
+        self.policy.on_access(k, step)
+        return got.unit, 0
+
+    # ---- prefetch hook ---------------------------------------------------------------------------------
+    def prefetch(self, keys: list[Key], priority: float = 1.0) -> int:
+        """Queue low-priority loads of `keys` into the staging area (no eviction). Returns how many were
+        issued; keys already resident or pending, or that do not fit the free staging bytes, are skipped."""
+        self._reap()
+        issued = 0
+        for k in keys:
+            k = (int(k[0]), int(k[1]))
+            if k in self.resident or k in self.pending or k not in self.entries:
+                continue
+            need = self.foot[k].load
+            if (self.stage_used + need > self.staging_bytes
+                    or self.cache_used + self.stage_used + need > self.capacity):
+                continue
+            self.stage_used += need
+            self._note_peak()
+            self.pending[k] = Pending(self._submit(k, PREFETCH + priority), need, "stage")
+            self.prefetch_issued += 1
+            issued += 1
+        return issued
+
+    def cancel_prefetch(self, keys: list[Key] | None = None) -> int:
+        """Drop speculative prefetches (all, or those of `keys`) that no layer has claimed: queued ones never
+        run, staged ones free their bytes, running ones free them when they end. Returns how many."""
+        wanted = None if keys is None else {(int(a), int(b)) for a, b in keys}
+        n = 0
+        for k, p in list(self.pending.items()):
+            if p.pool != "stage" or p.claimed or p.drop_when_done or (wanted is not None and k not in wanted):
+                continue
+            if p.handle.cancel() or p.handle.done():
+                self._release(k)
+            else:
+                p.drop_when_done = True
+            n += 1
+        self.prefetch_cancelled += n
+        return n
+
+    # ---- stats -----------------------------------------------------------------------------------------
+    def stats(self, reset: bool = False) -> dict:
+        n = self.hits + self.misses
+        s = {
+            "expert_hits": self.hits,
+            "expert_misses": self.misses,
+            "hit_rate": self.hits / n if n else 0.0,
+            "bytes_read_disk": self.bytes_read_disk,
+            "bytes_to_device": self.bytes_to_device,
+            "stall_seconds": self.stall,
+            "resident_weight_bytes": self.peak,
+            "cache_policy": self.policy_name,
+            "cache_capacity_bytes": self.capacity,
+            "evictions": self.evictions,
+            "disk_direct_io": self.disk.direct,
+        }
+        if self.host is not None:
+            s.update(host_hits=self.host.hits, host_capacity_bytes=self.host.capacity,
+                     host_resident_bytes=self.host.peak)
+        if self.prefetch_issued or self.staging_bytes:
+            s.update(prefetch_issued=self.prefetch_issued, prefetch_used=self.prefetch_used,
+                     prefetch_cancelled=self.prefetch_cancelled)
+        if reset:
+            self._zero()
+        return s
+
+    def close(self) -> None:
+        self.loader.close()
+        self.disk.close()
+
+
+class OffloadedExperts:
+    """The experts backend of one MoE layer: `moe_dispatch` over the shared cache."""
+
+    def __init__(self, cache: ExpertCache, layer: int):
+        self.cache, self.layer = cache, layer
+
+    def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        return moe_dispatch(hidden, top_k_index, top_k_weights, partial(self.cache.fetch, self.layer))
