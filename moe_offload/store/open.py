@@ -1,0 +1,115 @@
+"""Open a model with its routed experts offloaded: the backbone resident, experts cached from the store.
+
+`--memory` is the bytes of weights on the compute device: backbone + expert cache + RESERVE below. On a
+CPU-only machine that is RAM and there is no separate host tier; on CUDA, `--host-memory` adds a pinned
+RAM tier between disk and device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import checkpoint_dtype, read_config
+from ..errors import MoeError, UsageError
+from ..runtime.engine import Engine, _eos_ids, build_model, is_store
+from ..runtime.tokenizer import Tokenizer
+from ..utils import DTYPE_NAMES, parse_size
+from .cache import ExpertCache, OffloadedExperts, footprints
+from .format import BACKBONE, Store, convert, open_store
+
+# Bytes of --memory kept out of the expert cache. CPU: 0, the accounting is exact (each cached expert is
+# its own page-rounded mmap, counted whole). CUDA: slack for the caching allocator's rounding and
+# fragmentation, which our byte counts do not see.
+RESERVE = {"cpu": 0, "cuda": 64 << 20}
+DEFAULT_POLICY = "lru"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MOE_OFFLOAD_CACHE") or Path.home() / ".cache" / "moe-offload" / "stores")
+
+
+def store_for(hf_dir: Path, dtype: torch.dtype | None) -> Store:
+    """The store converted from an HF folder, made once under cache_root(); keyed by the folder's config,
+    file names, sizes and mtimes, and the dtype."""
+    config = read_config(hf_dir)
+    dt = dtype or checkpoint_dtype(config)
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in hf_dir.iterdir() if p.is_file())
+    digest = hashlib.sha256(json.dumps([config, files, DTYPE_NAMES[dt]], sort_keys=True).encode()).hexdigest()[:12]
+    out = cache_root() / f"{hf_dir.resolve().name}-{digest}"
+    if out.is_dir():
+        try:
+            return open_store(out)
+        except MoeError as e:
+            print(f"moe-offload: cached store {out} is unusable ({e}); converting again", file=sys.stderr)
+    print(f"moe-offload: converting {hf_dir} into an expert store at {out} (once)", file=sys.stderr)
+    return convert(hf_dir, out, dt, overwrite=True)
+
+
+def _drop_page_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.{1 if n >= 2**20 else 3}f} MiB"
+
+
+def min_memory(backbone: int, reserve: int, loads: dict[int, list[int]], top_k: int) -> tuple[int, str]:
+    """Smallest --memory that runs: backbone + reserve + the largest top_k experts of any one layer.
+    Returns (bytes, the arithmetic as text)."""
+    layer, active = max(((la, sorted(sizes)[-top_k:]) for la, sizes in loads.items()), key=lambda t: sum(t[1]))
+    need = backbone + reserve + sum(active)
+    experts = (f"{len(active)} active experts × {mib(active[0])}" if len(set(active)) == 1
+               else f"{len(active)} largest active experts of layer {layer} ({mib(sum(active))})")
+    extra = f" + reserve {mib(reserve)}" if reserve else ""
+    return need, f"backbone {mib(backbone)}{extra} + {experts} = {mib(need)} needed at least"
+
+
+def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, memory: int | None,
+                   host_memory: str | int | None = None, cache_policy: str | None = None, **rest) -> Engine:
+    unknown = {k: v for k, v in rest.items() if v is not None}
+    if unknown:
+        raise UsageError("unsupported offload option(s): " + ", ".join(f"{k}={v!r}" for k, v in unknown.items()))
+    path = Path(path)
+    host_bytes = parse_size(host_memory)
+    if host_bytes is not None and device.type != "cuda":
+        raise UsageError("--host-memory is for CUDA devices; on CPU the expert cache is in RAM: use --memory")
+    if memory is not None and memory <= 0:
+        raise UsageError(f"--memory must be positive, got {memory}")
+    store = open_store(path) if is_store(path) else store_for(path, dtype)
+    dt = dtype or store.dtype
+    args, model = build_model(store.config, store.backbone(), device, dt, expert_keys=False)
+    _drop_page_cache(store.path / BACKBONE)  # the backbone now lives in our tensors only
+    backbone = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    foot = footprints(store, device, dt)
+    reserve = RESERVE.get(device.type, 0)
+    if memory is None:  # everything fits
+        capacity = sum(f.load for f in foot.values())
+    else:
+        loads = {la: [foot[(la, e)].load for e in range(store.n_experts)] for la in store.moe_layers}
+        need, arithmetic = min_memory(backbone, reserve, loads, store.top_k)
+        if memory < need:
+            raise MoeError(f"--memory {mib(memory)} is too small: {arithmetic}")
+        capacity = memory - backbone - reserve
+    policy = cache_policy or DEFAULT_POLICY
+    cache = ExpertCache(store, device, dt, capacity, policy, base_bytes=backbone, host_bytes=host_bytes)
+    for layer, moe in model.moe_blocks():
+        moe.experts = OffloadedExperts(cache, layer)
+    tokenizer = Tokenizer(store.path) if (store.path / "tokenizer.json").is_file() else None
+    info = {"format": "store", "store": str(store.path), "model_type": store.model_type,
+            "expert_bytes": store.expert_bytes, "backbone_bytes": backbone, "memory": memory,
+            "cache_capacity_bytes": capacity, "cache_policy": policy, "host_memory": host_bytes,
+            "disk_direct_io": cache.disk.direct}
+    engine = Engine(model, args, tokenizer, device, dt, store.path,
+                    _eos_ids(store.path, store.config, tokenizer), expert_stats=cache.stats, info=info)
+    engine.expert_cache = cache  # the prefetcher's handle: cache.prefetch(keys) / cache.cancel_prefetch()
+    return engine
