@@ -7,7 +7,7 @@ from types import ModuleType
 
 from ..errors import MoeError
 
-SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe")
+SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "deepseek_v2")
 
 
 def get_module(model_type: str | None) -> ModuleType:

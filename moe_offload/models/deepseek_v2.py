@@ -1,0 +1,206 @@
+"""DeepSeek-V2: multi-head latent attention (MLA) with a compressed KV cache, dense first layers, shared experts,
+softmax greedy / group-limited-greedy routing × routed_scaling_factor. deepseek_v3.py reuses the pieces.
+
+Shape legend (over base.py's): R kv_lora_rank, Dn qk_nope_head_dim, Dr qk_rope_head_dim, Dv v_head_dim.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import MoeError
+from ..experts import ExpertShape
+from .base import (MLP, BaseModelArgs, CausalLM, DecoderLayer, MoE, RMSNorm, apply_rope, attention_mask, rope_config,
+                   rope_tables, yarn_get_mscale)
+from .routing import softmax_group_topk
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    model_type: str = "deepseek_v2"
+    vocab_size: int = 102400
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    moe_intermediate_size: int = 1407
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 32
+    n_shared_experts: int | None = None
+    n_routed_experts: int | None = None
+    routed_scaling_factor: float = 1.0
+    kv_lora_rank: int = 512
+    q_lora_rank: int | None = 1536
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    qk_nope_head_dim: int = 128
+    topk_method: str = "greedy"
+    n_group: int | None = None
+    topk_group: int | None = None
+    num_experts_per_tok: int | None = None
+    moe_layer_freq: int = 1
+    first_k_dense_replace: int = 0
+    norm_topk_prob: bool = False
+    scoring_func: str = "softmax"
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float | None = None
+    rope_parameters: dict | None = None
+    rope_scaling: dict | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+
+    def __post_init__(self):
+        if self.mlp_bias:
+            raise MoeError(f"{self.model_type}: mlp_bias=true is not supported")
+
+    def is_moe(self, i: int) -> bool:
+        return (self.n_routed_experts is not None and i >= self.first_k_dense_replace
+                and i % self.moe_layer_freq == 0)
+
+
+class MLACache(nn.Module):
+    """Compressed KV cache written by position: the normalised latent kv [B, S, R] and the rotated, head-shared
+    k_rope [B, 1, S, Dr] — (R + Dr) values per token and layer instead of H·(Dn + Dr + Dv)."""
+
+    def __init__(self, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, dtype, device):
+        super().__init__()
+        self.register_buffer("kv", torch.zeros(batch, max_len, kv_lora_rank, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("k_rope", torch.zeros(batch, 1, max_len, rope_dim, dtype=dtype, device=device),
+                             persistent=False)
+
+    def update(self, pos: int, kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = pos + kv.shape[1]
+        self.kv[:, pos:end] = kv
+        self.k_rope[:, :, pos:end] = k_rope
+        return self.kv[:, :end], self.k_rope[:, :, :end]
+
+
+def deinterleave(x: torch.Tensor) -> torch.Tensor:
+    """[..., (x0 x1)(x2 x3)...] -> [..., x0 x2 ... | x1 x3 ...]: DeepSeek's rotary pairs in rotate-half layout.
+    q and k get the same permutation, so their dot products (the attention) are unchanged."""
+    return torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
+
+
+def softmax_scale(args, qk_head_dim: int) -> float:
+    """1/sqrt(Dn + Dr), × yarn's mscale(factor, mscale_all_dim)² when rope is scaled (transformers'
+    `yarn_apply_mscale`)."""
+    scale = qk_head_dim ** -0.5
+    rp = rope_config(args)
+    if rp["rope_type"] != "default" and rp.get("mscale_all_dim"):
+        m = yarn_get_mscale(rp["factor"], rp["mscale_all_dim"])
+        scale = scale * m * m
+    return scale
+
+
+class MLAttention(nn.Module):
+    """Queries from q_proj, or low-rank q_a_proj -> q_a_layernorm -> q_b_proj; keys/values from one latent
+    (kv_a_proj_with_mqa -> kv_a_layernorm -> kv_b_proj) plus a head-shared rotary key part."""
+
+    def __init__(self, args, interleaved: bool = True):
+        super().__init__()
+        D, H = args.hidden_size, args.num_attention_heads
+        self.n_heads, self.window, self.interleaved = H, None, interleaved
+        self.dn, self.dr, self.dv, self.rank = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim, \
+            args.kv_lora_rank
+        self.head_dim = self.dr  # the rotary tables' width
+        qk = self.dn + self.dr
+        if args.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, args.q_lora_rank, bias=args.attention_bias)
+            self.q_a_layernorm = RMSNorm(args.q_lora_rank, 1e-6)  # transformers and DeepSeek: default eps here
+            self.q_b_proj = nn.Linear(args.q_lora_rank, H * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.rank + self.dr, bias=args.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.rank, 1e-6)
+        self.kv_b_proj = nn.Linear(self.rank, H * (self.dn + self.dv), bias=False)
+        self.o_proj = nn.Linear(H * self.dv, D, bias=args.attention_bias)
+        self.scale = softmax_scale(args, qk)
+
+    def forward(self, x, cos, sin, cache: MLACache, pos: int, mask) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, dn, dr, dv = self.n_heads, self.dn, self.dr, self.dv
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_rope = q.view(B, T, H, dn + dr).transpose(1, 2).split([dn, dr], dim=-1)  # [B, H, T, Dn|Dr]
+        kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.rank, dr], dim=-1)
+        kv = self.kv_a_layernorm(kv)  # [B, T, R]
+        k_rope = k_rope.view(B, 1, T, dr)
+        if self.interleaved:
+            q_rope, k_rope = deinterleave(q_rope), deinterleave(k_rope)
+        q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope, cos, sin)
+        kv, k_rope = cache.update(pos, kv, k_rope)  # [B, S, R], [B, 1, S, Dr]
+        S = kv.shape[1]
+        k_nope, v = self.kv_b_proj(kv).view(B, S, H, dn + dv).transpose(1, 2).split([dn, dv], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(B, H, S, dr)], dim=-1)  # [B, H, S, Dn+Dr]
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        if mask is None and T > 1:
+            mask = attention_mask(pos, T, None, x.device)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # [B, H, T, Dv]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * dv))
+
+
+class DeepseekMoE(MoE):
+    """Routed experts + `shared_experts` (n_shared_experts × moe_intermediate_size, no gate). Routing weights stay
+    fp32 into the experts (transformers multiplies them in fp32). With `correction_bias` (V3) the router holds
+    `e_score_correction_bias`, passed to the route function."""
+
+    def __init__(self, args, route, correction_bias: bool = False):
+        super().__init__(args.hidden_size, args.n_routed_experts, route, cast_weights=False)
+        self.shared_experts = (MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts,
+                                   args.hidden_act) if args.n_shared_experts else None)
+        if correction_bias:
+            self.gate.register_buffer("e_score_correction_bias", torch.zeros(args.n_routed_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        h = x.reshape(-1, shape[-1])  # [N, D]
+        logits = self.router_logits(h)
+        bias = getattr(self.gate, "e_score_correction_bias", None)
+        idx, w = self.route(logits) if bias is None else self.route(logits, bias)
+        y = self.experts(h, idx, w)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(h)
+        return y.reshape(shape)
+
+
+class Model(CausalLM):
+    def __init__(self, args: ModelArgs, interleaved: bool = True, make_moe=None):
+        if make_moe is None:
+            if args.scoring_func != "softmax":
+                raise MoeError(f"deepseek_v2: scoring_func {args.scoring_func!r} is not supported")
+            route = partial(softmax_group_topk, top_k=args.num_experts_per_tok, method=args.topk_method,
+                            n_group=args.n_group, topk_group=args.topk_group, norm_topk_prob=args.norm_topk_prob,
+                            scaling=args.routed_scaling_factor)
+            make_moe = partial(DeepseekMoE, args, route)
+        layers = [
+            DecoderLayer(args, MLAttention(args, interleaved),
+                         make_moe() if args.is_moe(i) else MLP(args.hidden_size, args.intermediate_size,
+                                                               args.hidden_act))
+            for i in range(args.num_hidden_layers)
+        ]
+        super().__init__(args, layers)
+        self.n_experts, self.top_k = args.n_routed_experts, args.num_experts_per_tok
+        self.expert_shape = ExpertShape(args.hidden_size, args.moe_intermediate_size, args.hidden_act)
+
+    def init_rope(self, device) -> None:
+        cos, sin = rope_tables(self.args, self.args.qk_rope_head_dim, self.args.max_position_embeddings)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+
+    def make_cache(self, batch: int, max_len: int, dtype, device) -> list[MLACache]:
+        return [MLACache(batch, max_len, self.args.kv_lora_rank, self.args.qk_rope_head_dim, dtype, device)
+                for _ in self.model.layers]
+
+    def skip_checkpoint_key(self, name: str) -> bool:
+        """Layers past num_hidden_layers (DeepSeek-V3's multi-token-prediction module) are not used."""
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        return m is not None and int(m.group(1)) >= self.args.num_hidden_layers
