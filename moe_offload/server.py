@@ -29,6 +29,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .cli import add_model_args, command, load_engine
 from .errors import MoeError, UsageError
@@ -213,7 +214,7 @@ class Metrics:
         self.in_flight = 0  # generation requests accepted and not yet answered (queued or running)
         self.prompt_tokens = self.generation_tokens = self.cancelled = 0
         self.last: dict = {}  # stats of the last finished generation
-        self.expert: defaultdict = defaultdict(float)
+        self.expert: defaultdict = defaultdict(int)
 
     def request(self, endpoint: str, status: int) -> None:
         with self.lock:
@@ -411,12 +412,12 @@ class Server:
             if chat:
                 yield chunk(None, None)
             async for r in job.events():
+                if r.text:  # the last response may carry held-back text too
+                    yield chunk(r.text, None)
                 if r.finish_reason is not None:
                     yield chunk("", FINISH[r.finish_reason])
                     if include_usage:
                         yield _sse({**head, "choices": [], "usage": _usage(r)})
-                elif r.text:
-                    yield chunk(r.text, None)
             yield "data: [DONE]\n\n"
         except Exception as e:  # headers are gone: report in-band, as OpenAI does
             yield _sse(APIError(500, f"generation failed: {type(e).__name__}: {e}").body())
@@ -573,7 +574,9 @@ def cmd_serve(a) -> int:
     if not 0 <= a.port <= 65535:
         raise UsageError(f"--port must be 0..65535, got {a.port}")
     engine = load_engine(a)
-    app = create_app(engine, a.model_name, a.api_key)
+    # the id is the folder the user named, not the converted store's cache folder
+    name = a.model_name or (Path(a.model).resolve().name if a.model else None)
+    app = create_app(engine, name, a.api_key)
     if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
         print(f"warning: serving on {a.host} without --api-key: anyone who can reach it can use the model",
               file=sys.stderr)

@@ -45,7 +45,8 @@ def server(folder, tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = tmp_path_factory.mktemp("log") / "server.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     env.pop("MOE_OFFLOAD_API_KEY", None)
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-c", "import sys; from moe_offload.cli import main; sys.exit(main())", "serve", "--model", str(folder),
@@ -320,3 +321,23 @@ def test_no_key_means_open_in_process(engine):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
         assert r.json()["choices"][0]["text"] == engine.generate("hi", max_new_tokens=3, temperature=0.0,
                                                                  ignore_eos=True).text
+
+
+def test_expert_store_stats_reach_metrics(folder, tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from moe_offload.server import create_app
+
+    monkeypatch.setenv("MOE_OFFLOAD_CACHE", str(tmp_path))
+    offloaded = load(folder, memory="1MiB")  # experts served from the store through the cache
+    with TestClient(create_app(offloaded, model_name="tiny-chat")) as c:
+        r = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200
+        m = {}
+        for line in c.get("/metrics").text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                m[name] = float(value)
+    hits, misses = m["moe_offload_expert_hits_total"], m["moe_offload_expert_misses_total"]
+    assert misses > 0 and m["moe_offload_bytes_read_disk_total"] > 0  # a cold cache reads from disk
+    assert m["moe_offload_expert_hit_rate"] == pytest.approx(hits / (hits + misses))
