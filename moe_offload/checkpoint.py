@@ -27,6 +27,7 @@ EXPERT_NAMES = {
     "phimoe": ("model.layers.{layer}.block_sparse_moe.experts.{expert}.{part}.weight",
                {"gate": "w1", "up": "w3", "down": "w2"}),
     "deepseek_v2": ("model.layers.{layer}.mlp.experts.{expert}.{part}.weight", SWIGLU),
+    "deepseek_v3": ("model.layers.{layer}.mlp.experts.{expert}.{part}.weight", SWIGLU),
 }
 PARTS = ("gate", "up", "down")
 

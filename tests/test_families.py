@@ -48,6 +48,20 @@ SPECS: dict[str, tuple[str, dict]] = {
         rope_parameters={"rope_type": "yarn", "rope_theta": 1000.0, "factor": 4.0,
                          "original_max_position_embeddings": 32, "mscale": 1.0, "mscale_all_dim": 0.8,
                          "beta_fast": 32, "beta_slow": 1})),
+    "deepseek_v3_group_lora_yarn": ("DeepseekV3Config", dict(
+        num_hidden_layers=3, num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16,
+        n_routed_experts=6, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+        routed_scaling_factor=2.5, n_group=3, topk_group=2, norm_topk_prob=True, q_lora_rank=24, kv_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 1000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 32, "mscale": 1.0, "mscale_all_dim": 1.0,
+                         "beta_fast": 32, "beta_slow": 1})),
+    "deepseek_v3_qproj_halves_tied": ("DeepseekV3Config", dict(
+        num_hidden_layers=2, num_key_value_heads=4, intermediate_size=40, moe_intermediate_size=20,
+        n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=2, first_k_dense_replace=0,
+        routed_scaling_factor=1.0, n_group=1, topk_group=1, norm_topk_prob=False, q_lora_rank=None,
+        kv_lora_rank=12, qk_rope_head_dim=8, qk_nope_head_dim=12, v_head_dim=8, rope_interleave=False,
+        tie_word_embeddings=True)),
 }
 
 
@@ -59,6 +73,11 @@ def make_checkpoint(folder, spec: str, seed: int = 0):
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     tiny.randomize_(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # a buffer: steers routing choices
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
     model.eval().save_pretrained(str(folder))
     return folder
 
@@ -176,3 +195,62 @@ def test_deepseek_v2_routing_equals_transformers(method, n_group, topk_group):
     idx_n, w_n = softmax_group_topk(logits, K, method, n_group, topk_group, True, 2.5)
     torch.testing.assert_close(w_n.sum(-1), torch.ones(500))
     assert torch.equal(_by_expert(idx_n, w_n)[0], idx)
+
+
+@pytest.mark.parametrize("n_group,topk_group,norm", [(4, 2, True), (1, 1, False), (8, 3, True)])
+def test_deepseek_v3_routing_equals_transformers(n_group, topk_group, norm):
+    from moe_offload.models.routing import sigmoid_group_topk
+
+    E, K = 16, 4
+    router = _hf_router("DeepseekV3TopkRouter", "deepseek_v3", E, num_experts_per_tok=K, n_group=n_group,
+                        topk_group=topk_group, norm_topk_prob=norm, routed_scaling_factor=2.5)
+    g = torch.Generator().manual_seed(0)
+    bias = 0.3 * torch.randn(E, generator=g)
+    with torch.no_grad():
+        router.e_score_correction_bias.copy_(bias)
+    logits = torch.randn(500, E, generator=g) * 2
+    with torch.no_grad():
+        _, w_ref, idx_ref = router(logits)
+    idx, w = _by_expert(*sigmoid_group_topk(logits, bias, K, n_group, topk_group, norm, 2.5))
+    idx_ref, w_ref = _by_expert(idx_ref, w_ref)
+    assert torch.equal(idx, idx_ref)
+    torch.testing.assert_close(w, w_ref, atol=0, rtol=0)
+    unbiased = _by_expert(*sigmoid_group_topk(logits, torch.zeros(E), K, n_group, topk_group, norm, 2.5))[0]
+    assert not torch.equal(unbiased, idx)  # the correction bias changes choices: the test exercises it
+
+
+def _rewrite(src, dst, tensors: dict, config_update: dict | None = None):
+    """A copy of checkpoint folder `src` at `dst` holding `tensors` (one file) and an updated config.json."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if not f.name.startswith("model.safetensors"):
+            shutil.copy(f, dst / f.name)
+    save_file(tensors, str(dst / "model.safetensors"))
+    if config_update:
+        config = json.loads((dst / "config.json").read_text())
+        config.update(config_update)
+        (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_deepseek_v3_skips_multi_token_prediction_layer(pair, tmp_path):
+    from safetensors.torch import load_file
+
+    folder, engine, _ = pair("deepseek_v3_group_lora_yarn")
+    tensors = load_file(str(folder / "model.safetensors"))
+    n = engine.args.num_hidden_layers
+    last = f"model.layers.{n - 1}."
+    mtp = {k.replace(last, f"model.layers.{n}."): v.clone() for k, v in tensors.items() if k.startswith(last)}
+    mtp[f"model.layers.{n}.eh_proj.weight"] = torch.zeros(8, 8)  # MTP-only tensors: also skipped
+    mtp[f"model.layers.{n}.shared_head.head.weight"] = torch.zeros(8, 8)
+    with_mtp = _rewrite(folder, tmp_path / "mtp", {**tensors, **mtp}, {"num_nextn_predict_layers": 1})
+    torch.testing.assert_close(load(with_mtp, dtype="float32").logits(PROMPT), engine.logits(PROMPT), atol=0, rtol=0)
+    # anything else unknown is still an error
+    bad = _rewrite(folder, tmp_path / "bad", {**tensors, "model.layers.0.mlp.extra.weight": torch.zeros(2)})
+    with pytest.raises(Exception, match="unexpected tensor"):
+        load(bad, dtype="float32")

@@ -7,7 +7,8 @@ from types import ModuleType
 
 from ..errors import MoeError
 
-SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "deepseek_v2")
+SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "deepseek_v2",
+             "deepseek_v3")
 
 
 def get_module(model_type: str | None) -> ModuleType:
