@@ -341,3 +341,17 @@ def test_expert_store_stats_reach_metrics(folder, tmp_path, monkeypatch):
     hits, misses = m["moe_offload_expert_hits_total"], m["moe_offload_expert_misses_total"]
     assert misses > 0 and m["moe_offload_bytes_read_disk_total"] > 0  # a cold cache reads from disk
     assert m["moe_offload_expert_hit_rate"] == pytest.approx(hits / (hits + misses))
+
+
+def test_non_streaming_client_that_leaves_is_cancelled(server, client):
+    before = metrics(server)
+    body = {"prompt": PROMPTS[2], "max_tokens": CONTEXT - 16, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):  # the client gives up and closes the connection
+        httpx.post(server + "/v1/completions", json=body, headers=AUTH, timeout=0.3)
+    r = client.completions.create(model="tiny-chat", prompt=PROMPTS[1], max_tokens=5, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 5
+    after = metrics(server)
+    assert after["moe_offload_requests_cancelled_total"] - before["moe_offload_requests_cancelled_total"] == 1
+    abandoned = after["moe_offload_generation_tokens_total"] - before["moe_offload_generation_tokens_total"] - 5
+    assert abandoned < CONTEXT - 16
