@@ -171,7 +171,8 @@ class Engine:
         t_prefill = time.perf_counter() - t0
 
         out: list[int] = []
-        emitted = ""
+        decoded, text, sent = "", "", ""  # all decoded; without an incomplete UTF-8 tail; the part yielded
+        cut = None  # where a stop string starts in `text`
         finish = "length"
         t1 = time.perf_counter()
         for step in range(max_new):
@@ -180,18 +181,18 @@ class Engine:
                 finish = "stop"
                 break
             out.append(tok)
-            text = self.tokenizer.decode(out) if self.tokenizer else ""
-            piece = ""
-            if not text.endswith("\ufffd"):  # hold back an incomplete UTF-8 sequence
-                piece, emitted = text[len(emitted):], text
-            hit = next((s for s in stops if s in emitted), None)
-            if hit is not None:
-                cut = emitted.index(hit)
-                piece = piece[: max(0, len(piece) - (len(emitted) - cut))]
-                emitted = emitted[:cut]
-                finish = "stop"
-                yield GenerationResponse(piece, tok, n_prompt, len(out))
+            decoded = self.tokenizer.decode(out) if self.tokenizer else ""
+            if not decoded.endswith("\ufffd"):  # hold back an incomplete UTF-8 sequence
+                text = decoded
+            cut = min((text.index(s) for s in stops if s in text), default=None)
+            if cut is not None:
+                text, finish = text[:cut], "stop"
+                yield GenerationResponse(text[len(sent):], tok, n_prompt, len(out))
+                sent = text
                 break
+            # hold back a tail that may be the start of a stop string: a yielded piece cannot be taken back
+            safe = len(text) - _stop_prefix_len(text, stops)
+            piece, sent = text[len(sent):safe], text[:max(safe, len(sent))]
             yield GenerationResponse(piece, tok, n_prompt, len(out))
             if should_stop is not None and should_stop():
                 finish = "cancelled"
@@ -214,7 +215,8 @@ class Engine:
             stats["peak_device_bytes"] = torch.cuda.max_memory_allocated(self.device)
         if self.expert_stats is not None:
             stats.update(self.expert_stats())
-        yield GenerationResponse("", None, n_prompt, len(out), finish_reason=finish, stats=stats)
+        rest = "" if cut is not None else decoded[len(sent):]  # held-back text goes out with the last response
+        yield GenerationResponse(rest, None, n_prompt, len(out), finish_reason=finish, stats=stats)
 
     def generate(self, prompt: str | None = None, **kw) -> GenerationResult:
         text, ids, last = [], [], None
@@ -224,6 +226,12 @@ class Engine:
                 ids.append(r.token)
             last = r
         return GenerationResult("".join(text), ids, last.prompt_tokens, last.finish_reason, last.stats)
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of some stop string."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+               default=0)
 
 
 def _eos_ids(folder: Path, config: dict, tokenizer: Tokenizer | None) -> set[int]:
