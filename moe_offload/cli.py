@@ -212,4 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as `python -m moe_offload.cli`: plugins register on the imported module, so call that one's main
+    from moe_offload.cli import main as _main
+
+    sys.exit(_main())
