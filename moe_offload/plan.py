@@ -1,0 +1,498 @@
+"""The planner: from config.json alone (no weights), the bytes of the backbone and of the routed experts at
+each precision, the KV cache, what fits where (device / host RAM / disk), the configuration to run with, and
+the decode speed the simulator's time model predicts for it. Impossible requests are refused with the
+arithmetic that makes them impossible.
+
+Rule: quantize first, offload only what still does not fit. The experts take the highest precision at which
+all of them fit in device + host memory; only when none does are experts streamed from disk, then at the
+lowest precision allowed (fewest bytes per read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from .cli import command
+from .costmodel import BITS, cpu_compute_bits, miss_cost, quant_bytes
+from .errors import MoeError, UsageError
+from .sim import (GB, GPU_RESERVE, THIS_MACHINE, HardwareProfile, SimResult, Trace, get_profile, host_reserve_for,
+                  load_trace, parse_gbs, profile_names, simulate, synthetic_trace)
+from .store.policies import POLICIES
+from .utils import parse_size
+
+BACKBONE_BITS = (16, 8, 4)  # attention, dense MLPs and shared experts; embeddings, norms, routers stay 16-bit
+KV_BYTES = 2  # KV cache in bf16/fp16
+DEEPSEEK = ("deepseek_v2", "deepseek_v3")
+
+
+# ---- sizes from config.json --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """Parameter counts of one model. `backbone_linear` is what a backbone quantizer touches (attention,
+    dense MLPs, shared experts); `backbone_fixed` stays 16-bit (embeddings, lm_head, norms, routers, biases)."""
+
+    model_type: str
+    n_layers: int  # decoder layers (MTP / next-token-prediction layers are not counted: decode does not run them)
+    moe_layers: tuple[int, ...]
+    n_experts: int  # routed experts per MoE layer
+    top_k: int
+    expert_params: int  # weights of one routed expert
+    backbone_linear: int
+    backbone_fixed: int
+    kv_bytes_per_token: int  # all layers, 16-bit
+    kv_kind: str  # "gqa" (2 x kv_heads x head_dim per layer) or "mla" (kv_lora_rank + rope dim per layer)
+
+    @property
+    def n_routed(self) -> int:
+        return len(self.moe_layers) * self.n_experts
+
+    @property
+    def routed_params(self) -> int:
+        return self.n_routed * self.expert_params
+
+    @property
+    def backbone_params(self) -> int:
+        return self.backbone_linear + self.backbone_fixed
+
+    @property
+    def total_params(self) -> int:
+        return self.backbone_params + self.routed_params
+
+    @property
+    def active_params(self) -> int:
+        """Weights one decode token touches: the whole backbone (embedding row aside, counted whole as is
+        customary) and top_k experts in every MoE layer."""
+        return self.backbone_params + len(self.moe_layers) * self.top_k * self.expert_params
+
+    def expert_bytes(self, bits: int, group_size: int = 64) -> int:
+        return quant_bytes(self.expert_params, bits, group_size)
+
+    def backbone_bytes(self, bits: int, group_size: int = 64) -> int:
+        return quant_bytes(self.backbone_linear, bits, group_size) + 2 * self.backbone_fixed
+
+
+def _get(cfg: dict, *names, default=None):
+    for n in names:
+        if cfg.get(n) is not None:
+            return cfg[n]
+    return default
+
+
+def deepseek_sizes(cfg: dict) -> ModelSizes:
+    """DeepSeek-V2/V3 from config keys: MLA attention (low-rank q and compressed kv), `first_k_dense_replace`
+    dense layers, shared experts, `moe_layer_freq`; V3's `noaux_tc` router adds a per-expert score bias."""
+    D, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    H, R, Dr = cfg["num_attention_heads"], cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]
+    Dn, Dv, Q = cfg["qk_nope_head_dim"], cfg["v_head_dim"], cfg.get("q_lora_rank")
+    E, I = cfg.get("n_routed_experts") or 0, cfg["moe_intermediate_size"]
+    bias = bool(cfg.get("attention_bias", False))
+    if Q:  # q_a_proj, q_a_layernorm, q_b_proj
+        q_lin, q_fix = D * Q + Q * H * (Dn + Dr), Q + (Q if bias else 0)
+    else:  # q_proj
+        q_lin, q_fix = D * H * (Dn + Dr), 0
+    attn_lin = q_lin + D * (R + Dr) + R * H * (Dn + Dv) + H * Dv * D  # + kv_a_proj_with_mqa, kv_b_proj, o_proj
+    attn_fix = q_fix + R + ((R + Dr) + D if bias else 0)  # kv_a_layernorm (+ biases of kv_a_proj, o_proj)
+    moe_layers = tuple(i for i in range(L) if E and i >= cfg.get("first_k_dense_replace", 0)
+                       and i % cfg.get("moe_layer_freq", 1) == 0)
+    n_dense, n_moe = L - len(moe_layers), len(moe_layers)
+    shared = cfg.get("n_shared_experts") or 0
+    router = E * D + (E if cfg.get("topk_method") == "noaux_tc" else 0)  # gate (+ e_score_correction_bias)
+    lin = L * attn_lin + n_dense * 3 * D * cfg["intermediate_size"] + n_moe * 3 * D * I * shared
+    fix = L * (attn_fix + 2 * D) + n_moe * router + D + V * D * (1 if cfg.get("tie_word_embeddings") else 2)
+    return ModelSizes(model_type=cfg["model_type"], n_layers=L, moe_layers=moe_layers, n_experts=E,
+                      top_k=cfg["num_experts_per_tok"], expert_params=3 * D * I, backbone_linear=lin,
+                      backbone_fixed=fix, kv_bytes_per_token=L * (R + Dr) * KV_BYTES, kv_kind="mla")
+
+
+def _meta_sizes(cfg: dict) -> ModelSizes:
+    """Build the model on the meta device (shapes, no memory) and count what it holds; routed experts are
+    not modules of the skeleton, their count comes from expert_shape x n_experts x MoE layers."""
+    import torch
+
+    from . import models
+
+    shape_cfg = {k: v for k, v in cfg.items() if k not in ("rope_scaling", "rope_parameters")}  # shapes only
+    with torch.device("meta"):
+        _, model = models.build(shape_cfg)
+    blocks = model.moe_blocks()
+    routers = set()
+    for _, moe in blocks:
+        routers |= {id(p) for p in moe.gate.parameters()}
+        if getattr(moe, "shared_expert_gate", None) is not None:
+            routers |= {id(p) for p in moe.shared_expert_gate.parameters()}
+    lin = fix = 0
+    seen = set()
+    for name, p in model.state_dict(keep_vars=True).items():  # parameters and persistent buffers (router biases)
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.ndim < 2 or id(p) in routers or "embed_tokens" in name or name.startswith("lm_head"):
+            fix += p.numel()
+        else:
+            lin += p.numel()
+    s = model.expert_shape
+    expert = 3 * s.hidden * s.intermediate + (2 * s.intermediate + s.hidden if getattr(s, "bias", False) else 0)
+    if cfg.get("kv_lora_rank"):
+        kv, kind = len(model.model.layers) * (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * KV_BYTES, "mla"
+    else:
+        kv, kind = sum(2 * l.self_attn.n_kv * l.self_attn.head_dim * KV_BYTES for l in model.model.layers), "gqa"
+    return ModelSizes(model_type=cfg["model_type"], n_layers=len(model.model.layers),
+                      moe_layers=tuple(i for i, _ in blocks), n_experts=model.n_experts, top_k=model.top_k,
+                      expert_params=expert, backbone_linear=lin, backbone_fixed=fix, kv_bytes_per_token=kv,
+                      kv_kind=kind)
+
+
+def model_sizes(cfg: dict) -> ModelSizes:
+    """Counts for any supported model_type (built on meta), and for DeepSeek-V2/V3 from config keys."""
+    from .models import SUPPORTED
+
+    mt = cfg.get("model_type")
+    if mt in SUPPORTED:
+        return _meta_sizes(cfg)
+    if mt in DEEPSEEK:
+        return deepseek_sizes(cfg)
+    raise MoeError(f"Model type {mt!r} not supported by the planner. Supported: {', '.join([*SUPPORTED, *DEEPSEEK])}")
+
+
+def read_model_config(path: str | Path) -> tuple[dict, str]:
+    """config.json of an HF folder, a config.json file itself, or the config inside a store's manifest.json."""
+    path = Path(path)
+    candidates = [path] if path.is_file() else [path / "config.json", path / "manifest.json"]
+    for c in candidates:
+        if c.is_file():
+            try:
+                d = json.loads(c.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise MoeError(f"{c}: not valid JSON ({e})") from None
+            if c.name == "manifest.json" and isinstance(d.get("config"), dict):
+                d = d["config"]
+            name = (path.parent if path.is_file() else path).name or str(path)
+            return d, name
+    raise UsageError(f"--model {path}: no config.json (give a Hugging Face model folder, its config.json, or a store)")
+
+
+# ---- the plan ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """Where the routed experts go at one precision, whole experts per tier."""
+
+    bits: int
+    expert_bytes: int  # one expert as stored (disk, host, link)
+    resident_bytes: int  # one expert as the device holds it (2/3-bit expanded to 4-bit on a CPU)
+    all_bytes: int  # every routed expert, stored
+    on_device: int  # experts
+    in_host: int
+    on_disk: int
+
+    @property
+    def where(self) -> str:
+        if self.on_disk:
+            return "disk"
+        return "device" if not self.in_host else "device+host"
+
+
+@dataclass
+class Plan:
+    model: str
+    sizes: ModelSizes
+    hardware: HardwareProfile
+    context: int
+    group_size: int
+    kv_bytes: int
+    backbone_bits: int | None = None
+    backbone_bytes: int | None = None
+    rows: list[Row] = field(default_factory=list)
+    expert_bits: int | None = None
+    memory: int | None = None  # --memory: backbone + expert cache on the device
+    host_memory: int | None = None  # --host-memory
+    prefetch: bool | None = None
+    cpu_misses: bool | None = None
+    cpu_miss_cost: dict | None = None
+    policy: str = "lru"
+    prediction: SimResult | None = None
+    trace_source: str | None = None
+    feasible: bool = True
+    reason: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def row(self) -> Row | None:
+        return next((r for r in self.rows if r.bits == self.expert_bits), None)
+
+    def recommendation(self) -> dict:
+        """What `generate --auto` needs."""
+        return dict(memory=self.memory, host_memory=self.host_memory, expert_bits=self.expert_bits,
+                    group_size=self.group_size, backbone_bits=self.backbone_bits, prefetch=self.prefetch,
+                    cpu_misses=self.cpu_misses, cache_policy=self.policy)
+
+    def to_dict(self) -> dict:
+        s, hw = self.sizes, self.hardware
+        d = {
+            "model": self.model, "model_type": s.model_type, "feasible": self.feasible, "reason": self.reason,
+            "params": {"total": s.total_params, "active": s.active_params, "routed": s.routed_params,
+                       "backbone": s.backbone_params, "backbone_linear": s.backbone_linear,
+                       "backbone_fixed": s.backbone_fixed, "per_expert": s.expert_params},
+            "layers": s.n_layers, "moe_layers": len(s.moe_layers), "n_experts": s.n_experts, "top_k": s.top_k,
+            "backbone_bytes": {str(b): s.backbone_bytes(b, self.group_size) for b in BACKBONE_BITS},
+            "experts_bytes": {str(r.bits): r.all_bytes for r in self.rows},
+            "kv": {"kind": s.kv_kind, "bytes_per_token": s.kv_bytes_per_token,
+                   "bytes_per_1k_tokens": 1000 * s.kv_bytes_per_token, "context": self.context,
+                   "bytes": self.kv_bytes},
+            "hardware": asdict(hw) | {"device_usable": hw.device_usable, "host_usable": hw.host_usable},
+            "rows": [asdict(r) | {"where": r.where} for r in self.rows],
+            "recommended": self.recommendation() if self.feasible else None,
+            "cpu_miss_cost": self.cpu_miss_cost,
+            "prediction": self.prediction.to_dict() if self.prediction else None,
+            "trace": self.trace_source, "notes": self.notes,
+        }
+        return d
+
+
+class PlanRefused(MoeError):
+    def __init__(self, plan: Plan):
+        super().__init__(plan.reason)
+        self.plan = plan
+
+
+def _gb(n: float) -> str:
+    return f"{n / GB:.1f} GB"
+
+
+def make_plan(sizes: ModelSizes, hw: HardwareProfile, *, model: str = "model", context: int = 4096,
+              expert_bits: int | None = None, min_bits: int = 2, group_size: int = 64, policy: str = "lru",
+              trace: Trace | None = None, trace_tokens: int = 256, warmup: int = 64, zipf_s: float = 0.8,
+              seed: int = 0, predict: bool = True) -> Plan:
+    """Plan `sizes` on `hw`; raises PlanRefused (a MoeError carrying the plan) when it cannot run."""
+    if context < 0:
+        raise UsageError(f"--context must be >= 0 tokens, got {context}")
+    if expert_bits is not None and expert_bits not in BITS:
+        raise UsageError(f"--expert-bits must be one of {', '.join(map(str, BITS))}, got {expert_bits}")
+    if min_bits not in BITS:
+        raise UsageError(f"--min-bits must be one of {', '.join(map(str, BITS))}, got {min_bits}")
+    if policy != "opt" and policy not in POLICIES:
+        raise UsageError(f"unknown cache policy {policy!r}; choose one of: {', '.join([*POLICIES, 'opt'])}")
+    if not sizes.n_routed:
+        raise MoeError(f"{model}: no routed experts in this config (n_experts {sizes.n_experts}); nothing to plan")
+    cpu = hw.device == "cpu"
+    kv = sizes.kv_bytes_per_token * context
+    plan = Plan(model=model, sizes=sizes, hardware=hw, context=context, group_size=group_size, kv_bytes=kv,
+                policy=policy)
+    candidates = [expert_bits] if expert_bits is not None else [b for b in BITS if b >= min_bits]
+    res_bits = (lambda b: cpu_compute_bits(b)) if cpu else (lambda b: b)  # noqa: E731
+    dev, host = hw.device_usable, (0 if cpu else hw.host_usable)
+    dev_txt = f"{_gb(dev)} usable ({_gb(hw.device_bytes)} {'RAM' if cpu else 'device'} - {_gb(hw.device_reserve)} reserve)"
+    host_txt = "" if cpu else f" and the host {_gb(host)} ({_gb(hw.host_bytes)} - {_gb(hw.host_reserve)} reserve)"
+
+    # the backbone, the KV cache and one layer's top-k experts (pinned while the layer runs) live on the device
+    working = sizes.top_k * sizes.expert_bytes(res_bits(min(candidates)), group_size)
+    for bb in BACKBONE_BITS:
+        if sizes.backbone_bytes(bb, group_size) + kv + working <= dev:
+            break
+    else:
+        bb4 = sizes.backbone_bytes(4, group_size)
+        plan.feasible = False
+        plan.reason = (f"{model} cannot run here: the device must hold the backbone ({_gb(bb4)} even at 4-bit) + KV "
+                       f"cache ({_gb(kv)} for {context} tokens) + one layer's {sizes.top_k} experts ({_gb(working)}) "
+                       f"= {_gb(bb4 + kv + working)}, but has {dev_txt}")
+        raise PlanRefused(plan)
+    plan.backbone_bits, plan.backbone_bytes = bb, sizes.backbone_bytes(bb, group_size)
+    dev_free = dev - plan.backbone_bytes - kv
+
+    N = sizes.n_routed
+    for b in BITS:
+        stored, resident = sizes.expert_bytes(b, group_size), sizes.expert_bytes(res_bits(b), group_size)
+        n_dev = min(N, dev_free // resident)
+        n_host = min(N - n_dev, host // stored)
+        plan.rows.append(Row(b, stored, resident, N * stored, n_dev, n_host, N - n_dev - n_host))
+    by_bits = {r.bits: r for r in plan.rows}
+    fitting = [b for b in candidates if by_bits[b].where != "disk"]
+    if fitting:
+        plan.expert_bits = fitting[0]
+    elif hw.has_disk:
+        plan.expert_bits = min(candidates)
+        plan.notes.append(f"no allowed precision fits in device + host: experts stream from disk at "
+                          f"{plan.expert_bits}-bit (the fewest bytes per read)")
+    else:
+        b = min(candidates)
+        r = by_bits[b]
+        need = r.all_bytes + plan.backbone_bytes + kv
+        plan.feasible = False
+        plan.reason = (f"{model} does not fit: at {b}-bit the experts need {_gb(r.all_bytes)}, plus backbone "
+                       f"{_gb(plan.backbone_bytes)} ({bb}-bit) and KV {_gb(kv)} ({context} tokens) = {_gb(need)}; "
+                       f"the device has {dev_txt}{host_txt} = {_gb(dev + host)}; no disk tier: give --disk-bw GB/s "
+                       f"(or --hardware) to stream the other {r.on_disk} of {N} experts ({_gb(r.on_disk * r.expert_bytes)}) "
+                       f"from disk")
+        raise PlanRefused(plan)
+
+    r = plan.row
+    plan.memory = plan.backbone_bytes + r.on_device * r.resident_bytes
+    plan.host_memory = None if cpu or not r.in_host else r.in_host * r.expert_bytes
+    plan.prefetch = r.on_device < N
+    plan.cpu_misses = False
+    if not cpu and r.in_host and hw.link_bw > 0 and hw.cpu_bw > 0:
+        c = miss_cost(sizes.expert_params, r.expert_bytes, 1, link_bw=hw.link_bw, cpu_bw=hw.cpu_bw,
+                      cpu_flops=hw.cpu_flops, device_bw=hw.device_bw, device_flops=hw.device_flops,
+                      latency_s=hw.link_latency_s,
+                      cpu_bytes=sizes.expert_bytes(cpu_compute_bits(r.bits), group_size))
+        plan.cpu_misses = c.where == "cpu"
+        plan.cpu_miss_cost = {"where": c.where, "cpu_s": c.cpu_s, "device_s": c.device_s, "tokens": 1}
+
+    if predict and hw.has_bandwidths and (r.on_disk == 0 or hw.has_disk):
+        if trace is None:
+            trace = synthetic_trace(trace_tokens + warmup, list(sizes.moe_layers), sizes.n_experts, sizes.top_k,
+                                    expert_bytes=r.expert_bytes, zipf_s=zipf_s, seed=seed, n_layers=sizes.n_layers,
+                                    expert_params=sizes.expert_params)
+            plan.trace_source = f"synthetic Zipf s={zipf_s} routing (seed {seed}), {trace_tokens} tokens after {warmup} warm-up"
+        else:
+            if trace.n_experts != sizes.n_experts or len(trace.layers) != len(sizes.moe_layers):
+                raise MoeError(f"trace has {len(trace.layers)} MoE layers x {trace.n_experts} experts, the model "
+                               f"{len(sizes.moe_layers)} x {sizes.n_experts}")
+            trace = replace(trace, expert_params=sizes.expert_params)
+            warmup = min(warmup, trace.tokens // 4)
+            plan.trace_source = f"recorded trace, {trace.tokens - warmup} tokens after {warmup} warm-up"
+        plan.prediction = simulate(trace, hw, memory=plan.memory, host_memory=0 if cpu else (plan.host_memory or 0),
+                                   policy=policy, expert_bits=r.bits, group_size=group_size, context=context,
+                                   warmup=warmup, cpu_misses=plan.cpu_misses, backbone_bytes=plan.backbone_bytes,
+                                   kv_bytes_per_token=sizes.kv_bytes_per_token)
+    elif predict:
+        plan.notes.append("no tok/s prediction: the hardware's bandwidths are unknown (give --hardware PROFILE, or "
+                          "--device-bw and --link-bw)")
+    return plan
+
+
+def format_plan(p: Plan) -> str:
+    s, hw = p.sizes, p.hardware
+    B = 1e9
+    out = [
+        f"model: {p.model} ({s.model_type}), {s.n_layers} layers of which {len(s.moe_layers)} MoE, "
+        f"{s.n_experts} routed experts per layer, top-{s.top_k}",
+        f"params: total {s.total_params:,} ({s.total_params / B:.2f} B), active per token {s.active_params:,} "
+        f"({s.active_params / B:.2f} B); routed experts {s.routed_params / B:.2f} B ({s.expert_params:,} each), "
+        f"backbone {s.backbone_params / B:.2f} B",
+        "backbone: " + ", ".join(f"{b}-bit {_gb(s.backbone_bytes(b, p.group_size))}" for b in BACKBONE_BITS)
+        + f" (embeddings, norms, routers stay 16-bit: {_gb(2 * s.backbone_fixed)})",
+        f"KV cache ({s.kv_kind}, 16-bit): {s.kv_bytes_per_token:,} B/token = {1000 * s.kv_bytes_per_token / 1e6:.1f} MB "
+        f"per 1k tokens; {_gb(p.kv_bytes)} at --context {p.context}",
+        f"hardware: {hw.name}: {hw.description}",
+        f"  {'RAM' if hw.device == 'cpu' else 'device'} {_gb(hw.device_bytes)} (usable {_gb(hw.device_usable)})"
+        + ("" if hw.device == "cpu" else f", host {_gb(hw.host_bytes)} (usable {_gb(hw.host_usable)})")
+        + (f", disk {hw.disk_bw / GB:.1f} GB/s" if hw.has_disk else ", no disk tier"),
+    ]
+    if p.rows:
+        out.append(f"experts (group size {p.group_size}; backbone at {p.backbone_bits}-bit, {_gb(p.backbone_bytes)}):")
+        out.append(f"  {'bits':>4}  {'per expert':>10}  {'all experts':>11}  {'device':>17}  {'host':>17}  "
+                   f"{'disk':>17}  fits")
+        for r in p.rows:
+            cells = [f"{n:>5} {_gb(n * (r.resident_bytes if i == 0 else r.expert_bytes)):>10}"
+                     for i, n in enumerate((r.on_device, r.in_host, r.on_disk))]
+            mark = "  <- chosen" if r.bits == p.expert_bits and p.feasible else ""
+            out.append(f"  {r.bits:>4}  {r.expert_bytes / 1e6:>7.1f} MB  {_gb(r.all_bytes):>11}  "
+                       f"{'  '.join(f'{c:>17}' for c in cells)}  {r.where}{mark}")
+    if p.feasible:
+        r = p.row
+        flags = f"--memory {p.memory / GB:.2f}GB" + (f" --host-memory {p.host_memory / GB:.2f}GB" if p.host_memory else "")
+        out.append(f"recommended: experts {r.bits}-bit, backbone {p.backbone_bits}-bit; {flags}; "
+                   f"prefetch {'on' if p.prefetch else 'off'}; CPU compute of misses {'on' if p.cpu_misses else 'off'}"
+                   f"; cache: {'hottest experts pinned' if p.cpu_misses else 'policy ' + p.policy}")
+        if p.cpu_miss_cost:
+            c = p.cpu_miss_cost
+            out.append(f"  one missed expert, 1 token: CPU {c['cpu_s'] * 1e3:.2f} ms vs copy + device "
+                       f"{c['device_s'] * 1e3:.2f} ms -> {c['where']}")
+        if p.prediction:
+            q = p.prediction
+            out.append(f"predicted decode ({p.trace_source}): device hit rate {q.hit_rate:.3f}, "
+                       f"{q.tok_s_serial:.2f} tok/s serial .. {q.tok_s_overlap:.2f} tok/s with transfers hidden "
+                       f"(bound by {q.bound})")
+    out += [f"note: {n}" for n in p.notes]
+    return "\n".join(out)
+
+
+def _custom_profile(vram: int | None, ram: int) -> HardwareProfile:
+    if vram is not None:
+        return HardwareProfile(name="custom", description="GPU machine from --vram/--ram (no bandwidths known)",
+                               device="cuda", device_bytes=vram, host_bytes=ram, link_bw=0.0, host_bw=0.0,
+                               disk_bw=0.0, device_bw=0.0, cpu_bw=0.0, cpu_flops=0.0, device_flops=0.0,
+                               device_reserve=GPU_RESERVE, host_reserve=host_reserve_for(ram))
+    return HardwareProfile(name="custom", description="CPU-only machine from --ram (no bandwidths known)",
+                           device="cpu", device_bytes=ram, host_bytes=0, link_bw=0.0, host_bw=0.0, disk_bw=0.0,
+                           device_bw=0.0, cpu_bw=0.0, cpu_flops=0.0, device_flops=0.0, link_latency_s=0.0,
+                           device_reserve=host_reserve_for(ram))
+
+
+def resolve_hardware(hardware: str | HardwareProfile | None = None, *, vram=None, ram=None, disk_bw=None,
+                     device_bw=None, link_bw=None, cpu_bw=None) -> HardwareProfile:
+    """A profile (default: this machine, measured) with the given sizes (bytes) and bandwidths (bytes/s)
+    overriding its own. Without a profile, --vram/--ram describe the machine and only given bandwidths are known."""
+    if hardware is None and (vram is not None or ram is not None):
+        if ram is None:
+            raise UsageError("--vram needs --ram (the host RAM) unless --hardware names a profile")
+        hw = _custom_profile(vram, ram)
+    else:
+        hw = get_profile(hardware or THIS_MACHINE)
+        if vram is not None:
+            if hw.device == "cpu":
+                raise UsageError(f"--vram given but hardware {hw.name!r} is CPU-only")
+            hw = replace(hw, device_bytes=vram)
+        if ram is not None:
+            hw = (replace(hw, device_bytes=ram, device_reserve=host_reserve_for(ram)) if hw.device == "cpu"
+                  else replace(hw, host_bytes=ram, host_reserve=host_reserve_for(ram)))
+    if device_bw is not None:
+        hw = replace(hw, device_bw=device_bw, cpu_bw=device_bw if hw.device == "cpu" else hw.cpu_bw)
+    over = {k: v for k, v in dict(disk_bw=disk_bw, link_bw=link_bw, cpu_bw=cpu_bw).items() if v is not None}
+    return replace(hw, **over) if over else hw
+
+
+def plan_for(model_path: str | Path, hardware: str | HardwareProfile = THIS_MACHINE, **kw) -> dict:
+    """The `generate --auto` hook: dict(memory, host_memory, expert_bits, group_size, backbone_bits, prefetch,
+    cpu_misses, cache_policy) for `model_path` on `hardware`; raises MoeError (with the arithmetic) if it
+    cannot run. Keywords go to make_plan (context, min_bits, policy, ...); the tok/s prediction is skipped."""
+    cfg, name = read_model_config(model_path)
+    plan = make_plan(model_sizes(cfg), resolve_hardware(hardware), model=name, predict=False, **kw)
+    return plan.recommendation()
+
+
+# ---- command line ------------------------------------------------------------------------------------------
+
+
+def _add_plan(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF model folder, its config.json, or an expert store (weights unread)")
+    p.add_argument("--hardware", default=None, help=f"profile: {', '.join(profile_names())} (default: this-machine "
+                                                    "unless --vram/--ram describe the machine)")
+    p.add_argument("--vram", default=None, help="device memory, e.g. 12GB")
+    p.add_argument("--ram", default=None, help="host RAM, e.g. 64GB (the weights' memory on a CPU-only machine)")
+    p.add_argument("--disk-bw", default=None, help="disk read GB/s; enables streaming experts from disk")
+    p.add_argument("--device-bw", default=None, help="device memory bandwidth GB/s (GEMV weight streaming)")
+    p.add_argument("--link-bw", default=None, help="host->device copy GB/s")
+    p.add_argument("--cpu-bw", default=None, help="CPU GEMV GB/s")
+    p.add_argument("--context", type=int, default=4096, help="tokens of KV cache to hold (default 4096)")
+    p.add_argument("--expert-bits", type=int, default=None, choices=BITS, help="force the experts' precision")
+    p.add_argument("--min-bits", type=int, default=2, choices=BITS, help="lowest expert precision to consider")
+    p.add_argument("--group-size", type=int, default=64, help="quantization group size")
+    p.add_argument("--cache-policy", default="lru", help=f"{', '.join(POLICIES)} or opt")
+    p.add_argument("--trace", default=None, help="recorded routing trace for the hit rate (default: synthetic Zipf)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+
+
+@command("plan", "plan precision, memory budgets and prefetch for a model on given hardware (config.json only)",
+         _add_plan)
+def cmd_plan(a) -> int:
+    cfg, name = read_model_config(a.model)
+    hw = resolve_hardware(a.hardware, vram=parse_size(a.vram), ram=parse_size(a.ram),
+                          disk_bw=parse_gbs(a.disk_bw, "--disk-bw"), device_bw=parse_gbs(a.device_bw, "--device-bw"),
+                          link_bw=parse_gbs(a.link_bw, "--link-bw"), cpu_bw=parse_gbs(a.cpu_bw, "--cpu-bw"))
+    trace = load_trace(a.trace) if a.trace else None
+    try:
+        plan = make_plan(model_sizes(cfg), hw, model=name, context=a.context, expert_bits=a.expert_bits,
+                         min_bits=a.min_bits, group_size=a.group_size, policy=a.cache_policy, trace=trace)
+    except PlanRefused as e:
+        print(json.dumps(e.plan.to_dict()) if a.json else format_plan(e.plan))
+        raise
+    print(json.dumps(plan.to_dict()) if a.json else format_plan(plan))
+    return 0
