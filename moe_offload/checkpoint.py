@@ -159,12 +159,72 @@ def _whole(t):
     return t
 
 
+def _transposed(t):  # [in, out] (x @ W layout) -> [out, in]
+    return t.T
+
+
+def _even_cols_t(t):  # [D, 2I] with gate/up interleaved columns -> gate [I, D]
+    return t[:, 0::2].T
+
+
+def _odd_cols_t(t):  # [D, 2I] with gate/up interleaved columns -> up [I, D]
+    return t[:, 1::2].T
+
+
+def _even(t):  # [2I] interleaved gate/up bias -> gate's
+    return t[0::2]
+
+
+def _odd(t):
+    return t[1::2]
+
+
+# MXFP4 (OCP microscaling): 32 e2m1 values per block, two per byte (low nibble first), one e8m0 scale per block
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """blocks [..., G, 16] uint8, scales [..., G] uint8 (exponent + 127) -> [..., G·32] fp32 (exact)."""
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    vals = torch.stack([lut[(blocks & 0x0F).int()], lut[(blocks >> 4).int()]], dim=-1)  # [..., G, 16, 2]
+    vals = torch.ldexp(vals.reshape(*blocks.shape[:-1], 32), scales.int().unsqueeze(-1) - 127)
+    return vals.reshape(*blocks.shape[:-2], -1)
+
+
+def _mxfp4_even_rows(blocks, scales):  # [2I, D/32, 16] with gate/up interleaved rows -> gate [I, D]
+    return dequantize_mxfp4(blocks, scales)[0::2]
+
+
+def _mxfp4_odd_rows(blocks, scales):
+    return dequantize_mxfp4(blocks, scales)[1::2]
+
+
 STACKED_EXPERT_NAMES: dict[str, list[dict[str, tuple[tuple[str, ...], object]]]] = {
     # GraniteMoE: input_linear [E, 2I, D] = gate rows then up rows; output_linear [E, D, I]
     "granitemoe": [{
         "gate": (("model.layers.{layer}.block_sparse_moe.input_linear.weight",), _first_half),
         "up": (("model.layers.{layer}.block_sparse_moe.input_linear.weight",), _second_half),
         "down": (("model.layers.{layer}.block_sparse_moe.output_linear.weight",), _whole),
+    }],
+    # gpt-oss as transformers saves it: gate_up_proj [E, D, 2I] (gate/up interleaved columns), down_proj [E, I, D];
+    # or the released MXFP4 form: *_blocks [E, out, in/32, 16] + *_scales [E, out, in/32] (gate/up rows interleaved)
+    "gpt_oss": [{
+        "gate": (("model.layers.{layer}.mlp.experts.gate_up_proj",), _even_cols_t),
+        "up": (("model.layers.{layer}.mlp.experts.gate_up_proj",), _odd_cols_t),
+        "down": (("model.layers.{layer}.mlp.experts.down_proj",), _transposed),
+        "gate_bias": (("model.layers.{layer}.mlp.experts.gate_up_proj_bias",), _even),
+        "up_bias": (("model.layers.{layer}.mlp.experts.gate_up_proj_bias",), _odd),
+        "down_bias": (("model.layers.{layer}.mlp.experts.down_proj_bias",), _whole),
+    }, {
+        "gate": (("model.layers.{layer}.mlp.experts.gate_up_proj_blocks",
+                  "model.layers.{layer}.mlp.experts.gate_up_proj_scales"), _mxfp4_even_rows),
+        "up": (("model.layers.{layer}.mlp.experts.gate_up_proj_blocks",
+                "model.layers.{layer}.mlp.experts.gate_up_proj_scales"), _mxfp4_odd_rows),
+        "down": (("model.layers.{layer}.mlp.experts.down_proj_blocks",
+                  "model.layers.{layer}.mlp.experts.down_proj_scales"), dequantize_mxfp4),
+        "gate_bias": (("model.layers.{layer}.mlp.experts.gate_up_proj_bias",), _even),
+        "up_bias": (("model.layers.{layer}.mlp.experts.gate_up_proj_bias",), _odd),
+        "down_bias": (("model.layers.{layer}.mlp.experts.down_proj_bias",), _whole),
     }],
 }
 

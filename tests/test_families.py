@@ -62,6 +62,15 @@ SPECS: dict[str, tuple[str, dict]] = {
         routed_scaling_factor=1.0, n_group=1, topk_group=1, norm_topk_prob=False, q_lora_rank=None,
         kv_lora_rank=12, qk_rope_head_dim=8, qk_nope_head_dim=12, v_head_dim=8, rope_interleave=False,
         tie_word_embeddings=True)),
+    "gpt_oss_swa_yarn_clamped": ("GptOssConfig", dict(
+        num_hidden_layers=3, num_key_value_heads=2, head_dim=16, intermediate_size=24, num_local_experts=6,
+        num_experts_per_tok=2, sliding_window=6, swiglu_limit=1.0, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 15000.0, "factor": 4.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 32})),
+    "gpt_oss_mha_layer_types": ("GptOssConfig", dict(
+        num_hidden_layers=2, num_key_value_heads=4, head_dim=12, intermediate_size=32, num_local_experts=4,
+        num_experts_per_tok=3, sliding_window=4, layer_types=["full_attention", "sliding_attention"],
+        swiglu_alpha=1.2, swiglu_limit=0.8, rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
 }
 
 
@@ -133,12 +142,17 @@ def hf_expert(hf, layer: int, e: int) -> dict[str, torch.Tensor]:
     """One expert as transformers holds it in memory (fused gate_up [E, 2I, D], down [E, D, I])."""
     mlp = hf.model.layers[layer].mlp if hasattr(hf.model.layers[layer], "mlp") else \
         hf.model.layers[layer].block_sparse_moe
+    if hasattr(mlp.experts, "gate_up_proj_bias"):  # gpt-oss: [E, D, 2I] interleaved columns, [E, I, D], biases
+        gate_up, bias = mlp.experts.gate_up_proj[e], mlp.experts.gate_up_proj_bias[e]
+        return {"gate": gate_up[:, 0::2].T, "up": gate_up[:, 1::2].T, "down": mlp.experts.down_proj[e].T,
+                "gate_bias": bias[0::2], "up_bias": bias[1::2], "down_bias": mlp.experts.down_proj_bias[e]}
     gate_up = mlp.experts.gate_up_proj[e]
     I = gate_up.shape[0] // 2
     return {"gate": gate_up[:I], "up": gate_up[I:], "down": mlp.experts.down_proj[e]}
 
 
-@pytest.mark.parametrize("spec", ["granitemoe_gqa", "phimoe_gqa_bias"])
+@pytest.mark.parametrize("spec", ["granitemoe_gqa", "phimoe_gqa_bias", "deepseek_v3_group_lora_yarn",
+                                  "gpt_oss_swa_yarn_clamped"])
 def test_expert_tensors_equal_transformers_experts(pair, spec):
     folder, engine, hf = pair(spec)
     source = SafetensorsFolder(folder)

@@ -8,7 +8,7 @@ from types import ModuleType
 from ..errors import MoeError
 
 SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "deepseek_v2",
-             "deepseek_v3")
+             "deepseek_v3", "gpt_oss")
 
 
 def get_module(model_type: str | None) -> ModuleType:

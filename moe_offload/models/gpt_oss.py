@@ -1,0 +1,143 @@
+"""gpt-oss: attention with biases and a learned per-head sink logit, alternating sliding-window / full layers
+(`layer_types`), yarn rope, router with bias (top-k -> softmax), experts with biases and the clamped SwiGLU
+((up + 1) · gate · σ(1.702 · gate), gate <= 7, |up| <= 7). Checkpoints stack the experts: bf16 `gate_up_proj
+[E, D, 2I]` with gate/up interleaved columns, or MXFP4 blocks/scales; checkpoint.STACKED_EXPERT_NAMES splits
+both into per-expert gate/up/down + biases. Norms multiply in fp32 with fp32 weights (`fp32_keys`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..experts import ExpertShape
+from .base import Attention, BaseModelArgs, CausalLM, DecoderLayer, MoE, apply_rope, attention_mask, rope_tables
+from .routing import topk_softmax
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    model_type: str = "gpt_oss"
+    vocab_size: int = 201088
+    hidden_size: int = 2880
+    intermediate_size: int = 2880
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 64
+    num_key_value_heads: int = 8
+    head_dim: int = 64
+    max_position_embeddings: int = 131072
+    rms_norm_eps: float = 1e-5
+    rope_theta: float | None = 150000.0
+    rope_parameters: dict | None = None
+    rope_scaling: dict | None = None
+    sliding_window: int | None = 128
+    layer_types: list | None = None
+    attention_bias: bool = True
+    num_local_experts: int = 32
+    num_experts_per_tok: int = 4
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+
+    def __post_init__(self):
+        if self.layer_types is None:
+            self.layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                                for i in range(self.num_hidden_layers)]
+        if self.rope_parameters is None and self.rope_scaling is None:  # transformers' GptOssConfig default
+            self.rope_parameters = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                    "truncate": False, "original_max_position_embeddings": 4096}
+
+
+class GptOssRMSNorm(nn.Module):
+    """RMSNorm whose weight multiplies the fp32 statistics before the cast back (transformers' GptOssRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * xf).to(x.dtype)
+
+
+def sink_attention(q, k, v, sinks, mask, scale: float) -> torch.Tensor:
+    """softmax over [q·k * scale | sink_h] per head, sink column dropped: q [B, H, T, Hd], k/v [B, K, S, Hd],
+    sinks [H], mask bool [T, S] or None (all keys) -> [B, H, T, Hd]."""
+    B, H, T, _ = q.shape
+    k = k.repeat_interleave(H // k.shape[1], dim=1)
+    v = v.repeat_interleave(H // v.shape[1], dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale  # [B, H, T, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    logits = torch.cat([scores, sinks.to(scores.dtype).view(1, H, 1, 1).expand(B, H, T, 1)], dim=-1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(logits, dim=-1)[..., :-1]
+    return torch.matmul(probs.to(v.dtype), v)
+
+
+class SinkAttention(Attention):
+    def __init__(self, args: ModelArgs, window: int | None):
+        super().__init__(args, qkv_bias=args.attention_bias, o_bias=args.attention_bias, window=window)
+        self.sinks = nn.Parameter(torch.zeros(args.num_attention_heads))
+
+    def forward(self, x, cos, sin, cache, pos: int, mask) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Hd]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, K, T, Hd]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = cache.update(pos, k, v)  # [B, K, pos+T, Hd]
+        if mask is None and T > 1:
+            mask = attention_mask(pos, T, None, x.device)
+        y = sink_attention(q, k, v, self.sinks, mask, self.head_dim ** -0.5)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class Router(nn.Linear):
+    """`mlp.router.weight` [E, D] and `mlp.router.bias` [E]."""
+
+
+class GptOssMoE(MoE):
+    def __init__(self, args: ModelArgs, route):
+        super().__init__(args.hidden_size, args.num_local_experts, route)  # weights cast to the hidden dtype
+        del self.gate
+        self.router = Router(args.hidden_size, args.num_local_experts, bias=True)
+
+    def router_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h.float(), self.router.weight.float(), self.router.bias.float())  # [N, E] fp32
+
+
+class GptOssDecoderLayer(DecoderLayer):
+    def __init__(self, args: ModelArgs, attn: Attention, mlp: nn.Module):
+        super().__init__(args, attn, mlp)
+        self.input_layernorm = GptOssRMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = GptOssRMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class Model(CausalLM):
+    fp32_keys = ("norm.weight",)  # transformers keeps gpt-oss norms in fp32 (`_keep_in_fp32_modules`)
+
+    def __init__(self, args: ModelArgs):
+        route = partial(topk_softmax, top_k=args.num_experts_per_tok)
+        layers = []
+        for i in range(args.num_hidden_layers):
+            window = args.sliding_window if args.layer_types[i] == "sliding_attention" else None
+            layers.append(GptOssDecoderLayer(args, SinkAttention(args, window), GptOssMoE(args, route)))
+        super().__init__(args, layers)
+        self.model.norm = GptOssRMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.n_experts, self.top_k = args.num_local_experts, args.num_experts_per_tok
+        self.expert_shape = ExpertShape(args.hidden_size, args.intermediate_size, "swiglu_clamp", bias=True,
+                                        swiglu_alpha=args.swiglu_alpha, swiglu_limit=args.swiglu_limit)
+
+    def init_rope(self, device) -> None:
+        cos, sin = rope_tables(self.args, self.args.head_dim, self.args.max_position_embeddings)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
