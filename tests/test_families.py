@@ -268,3 +268,44 @@ def test_deepseek_v3_skips_multi_token_prediction_layer(pair, tmp_path):
     bad = _rewrite(folder, tmp_path / "bad", {**tensors, "model.layers.0.mlp.extra.weight": torch.zeros(2)})
     with pytest.raises(Exception, match="unexpected tensor"):
         load(bad, dtype="float32")
+
+
+def to_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest MXFP4 of w [..., R, C]: blocks [..., R, C/32, 16] uint8 (low nibble = even element),
+    scales [..., R, C/32] uint8 (e8m0: exponent + 127), the layout of the released gpt-oss checkpoints."""
+    from moe_offload.checkpoint import FP4_VALUES
+
+    g = w.reshape(*w.shape[:-1], -1, 32)
+    exp = torch.ceil(torch.log2(g.abs().amax(-1).clamp(min=1e-30) / 6.0)).clamp(-127, 127)
+    code = (g / (2.0 ** exp).unsqueeze(-1)).unsqueeze(-1).sub(torch.tensor(FP4_VALUES)).abs().argmin(-1)
+    code = code.to(torch.uint8)
+    return code[..., 0::2] | (code[..., 1::2] << 4), (exp + 127).to(torch.uint8)
+
+
+def test_gpt_oss_mxfp4_checkpoint_matches_transformers(pair, tmp_path):
+    """Expert blocks/scales as released (transformers dequantises them on CPU): same experts, same tokens."""
+    from safetensors.torch import load_file
+
+    folder, engine, _ = pair("gpt_oss_mha_layer_types")  # D = 64, I = 32: whole 32-value blocks
+    tensors, mx = load_file(str(folder / "model.safetensors")), {}
+    for k, v in tensors.items():
+        if k.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [E, in, out] -> blocks over `in`
+            mx[k + "_blocks"], mx[k + "_scales"] = to_mxfp4(v.transpose(1, 2).contiguous())
+        else:
+            mx[k] = v
+    quant = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    mx_folder = _rewrite(folder, tmp_path / "mxfp4", mx, {"quantization_config": quant})
+    ours, hf = load(mx_folder, dtype="float32"), tiny.load_hf(mx_folder)
+    source = SafetensorsFolder(mx_folder)
+    for layer, _ in ours.model.moe_blocks():
+        for e in range(ours.model.n_experts):
+            got, want = expert_tensors(source, "gpt_oss", layer, e), hf_expert(hf, layer, e)
+            assert all(torch.equal(got[p], want[p]) for p in want), (layer, e)
+    assert not torch.equal(expert_tensors(source, "gpt_oss", 0, 0)["gate"],
+                           expert_tensors(SafetensorsFolder(folder), "gpt_oss", 0, 0)["gate"])  # really rounded
+    ref = tiny.hf_greedy(hf, PROMPT, N_NEW)
+    assert ours.generate(prompt_ids=PROMPT, max_new_tokens=N_NEW, ignore_eos=True).token_ids == ref
+    with torch.no_grad():
+        want = hf(torch.tensor([PROMPT + ref])).logits[0]
+    assert (ours.logits(PROMPT + ref) - want).abs().max().item() <= 1e-4
