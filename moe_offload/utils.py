@@ -81,6 +81,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def peak_rss_bytes() -> int:
+    """Peak RSS of this process. Linux: VmHWM, because ru_maxrss survives exec and so reports the parent's
+    RSS at fork time for a child of a big process (a test runner, a server)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

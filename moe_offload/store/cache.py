@@ -178,7 +178,8 @@ class ExpertCache:
 
     def _drop_one_prefetch(self, keep: set[Key]) -> bool:
         for k, p in self.pending.items():
-            if p.pool == "stage" and not p.claimed and k not in keep and (p.handle.cancel() or p.handle.done()):
+            speculative = p.pool == "stage" and not p.claimed and k not in keep
+            if speculative and (p.handle.cancel() or p.handle.done()):
                 self._release(k)
                 self.prefetch_cancelled += 1
                 return True
@@ -301,7 +302,8 @@ class ExpertCache:
     def _wait_for_room(self, layer: int, k: Key) -> None:
         """Nothing of this fetch is in flight and the next miss does not fit: a speculative prefetch still
         running holds the bytes; wait for it (it can then be dropped). Else the budget is too small."""
-        running = [p for p in self.pending.values() if p.pool == "stage" and not p.claimed and p.handle.running()]
+        running = [p for p in self.pending.values()
+                   if p.pool == "stage" and not p.claimed and p.handle.running()]
         if not running:
             raise MoeError(f"expert budget {self.capacity} bytes cannot hold layer {layer}'s expert {k[1]} "
                            f"({self.foot[k].load} bytes) beside what is pinned: raise --memory")
@@ -311,7 +313,7 @@ class ExpertCache:
         self.stall += time.perf_counter() - t0
 
     def _land(self, k: Key, pinned: set[Key], step: int) -> tuple[Callable, int]:
-        """A finished load joins the cache (or, refused by the policy, is used once): (unit, transient bytes)."""
+        """A finished load joins the cache (or, refused by the policy, is used once). -> (unit, transient)"""
         p = self.pending[k]
         try:
             got: Loaded = p.handle.result()
@@ -331,6 +333,15 @@ class ExpertCache:
         return got.unit, 0
 
     # ---- prefetch hook ---------------------------------------------------------------------------------
+    def set_staging(self, nbytes: int) -> None:
+        """Keep `nbytes` of the budget for staged prefetches (call before the first generation)."""
+        if not 0 <= nbytes <= self.capacity - max(self.foot[k].load for k in self.entries):
+            raise MoeError(f"staging {nbytes} bytes leaves the expert cache less than one expert")
+        self.staging_bytes = nbytes
+        if not self.resident and not self.pending:  # the policy's per-layer shares follow its capacity
+            self.policy = make_policy(self.policy_name, self.policy.n_layers, self.store.n_experts,
+                                      self.capacity - nbytes)
+
     def prefetch(self, keys: list[Key], priority: float = 1.0) -> int:
         """Queue low-priority loads of `keys` into the staging area (no eviction). Returns how many were
         issued; keys already resident or pending, or that do not fit the free staging bytes, are skipped."""
@@ -404,5 +415,6 @@ class OffloadedExperts:
     def __init__(self, cache: ExpertCache, layer: int):
         self.cache, self.layer = cache, layer
 
-    def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        # hidden [N, D], top_k_index / top_k_weights [N, A] -> [N, D]
         return moe_dispatch(hidden, top_k_index, top_k_weights, partial(self.cache.fetch, self.layer))

@@ -23,8 +23,14 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (SafetensorsFolder, check_keys, checkpoint_dtype, expert_checkpoint_keys, expert_tensors,
-                          read_config)
+from ..checkpoint import (
+    SafetensorsFolder,
+    check_keys,
+    checkpoint_dtype,
+    expert_checkpoint_keys,
+    expert_tensors,
+    read_config,
+)
 from ..errors import MoeError
 from ..experts import DenseCodec, ExpertShape, make_codec
 from ..models import build, get_module
@@ -130,7 +136,8 @@ def write_safetensors(path: Path, names: list[str], source: SafetensorsFolder, d
     header, offset, plan = {"__metadata__": {"format": "pt"}}, 0, []
     for name in names:
         src = _ST_NAMES[source.dtype_of(name)]
-        dt = dtype if dtype is not None and src.is_floating_point and not (keep and name.endswith(keep)) else src
+        cast = dtype is not None and src.is_floating_point and not (keep and name.endswith(keep))
+        dt = dtype if cast else src
         shape = source.shape_of(name)
         n = dt.itemsize * int(torch.Size(shape).numel())
         header[name] = {"dtype": _ST_DTYPES[dt], "shape": shape, "data_offsets": [offset, offset + n]}
@@ -156,14 +163,15 @@ def _drop_from_page_cache(path: Path) -> None:
         os.close(fd)
 
 
-def write_experts(path: Path, source: SafetensorsFolder, model_type: str, moe_layers: list[int], n_experts: int,
-                  codec) -> list[ExpertEntry]:
+def write_experts(path: Path, source: SafetensorsFolder, model_type: str, moe_layers: list[int],
+                  n_experts: int, codec) -> list[ExpertEntry]:
     """One expert at a time: read its three matrices, encode, write at the next aligned offset."""
     entries, offset = [], 0
     with open(path, "wb") as f:
         for layer in moe_layers:
             for e in range(n_experts):
-                blob = codec.encode(**expert_tensors(source, model_type, layer, e)).numpy().data  # uint8 [nbytes]
+                parts = expert_tensors(source, model_type, layer, e)
+                blob = codec.encode(**parts).numpy().data  # uint8 [nbytes]
                 n = len(blob)
                 f.write(blob)
                 f.write(b"\0" * (round_up(n) - n))
@@ -202,7 +210,8 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.
 
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         entries = write_experts(tmp / EXPERTS, source, model_type, moe_layers, n_experts, codec)
-        write_safetensors(tmp / BACKBONE, backbone, source, store_dtype, tuple(getattr(model, "fp32_keys", ())))
+        keep = tuple(getattr(model, "fp32_keys", ()))  # kept in fp32 whatever the dtype (as build_model)
+        write_safetensors(tmp / BACKBONE, backbone, source, store_dtype, keep)
         for name in COPIED:
             if (hf_dir / name).is_file():
                 shutil.copyfile(hf_dir / name, tmp / name)
@@ -220,6 +229,9 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.
             "experts": [asdict(e) for e in entries],
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; a store is an ordinary folder
     return open_store(out_dir)
 
 
@@ -239,14 +251,14 @@ def open_store(path: str | os.PathLike) -> Store:
         got = m.get("format") if isinstance(m, dict) else None
         raise MoeError(f"{mpath}: not a {FORMAT_NAME} manifest (format {got!r})")
     if m.get("version") != FORMAT_VERSION:
-        raise MoeError(f"{path}: store format version {m.get('version')!r} is not supported; this moe-offload "
-                       f"reads version {FORMAT_VERSION}: convert the model again")
+        raise MoeError(f"{path}: store format version {m.get('version')!r} is not supported; this "
+                       f"moe-offload reads version {FORMAT_VERSION}: convert the model again")
     try:
         get_module(m["model_type"])
         entries = {}
         for d in m["experts"]:
-            e = ExpertEntry(int(d["layer"]), int(d["expert"]), int(d["offset"]), int(d["nbytes"]), dict(d["codec"]),
-                            str(d["checksum"]))
+            e = ExpertEntry(int(d["layer"]), int(d["expert"]), int(d["offset"]), int(d["nbytes"]),
+                            dict(d["codec"]), str(d["checksum"]))
             if e.key in entries:
                 raise MoeError(f"{mpath}: layer {e.layer} expert {e.expert} listed twice")
             entries[e.key] = e
@@ -262,8 +274,8 @@ def open_store(path: str | os.PathLike) -> Store:
         raise MoeError(f"{mpath}: alignment {align} is not supported (expected {ALIGN})")
     if set(entries) != want:
         bad = sorted(set(entries) ^ want)[0]
-        raise MoeError(f"{mpath}: the expert entries do not match moe_layers x n_experts (e.g. layer {bad[0]} "
-                       f"expert {bad[1]})")
+        raise MoeError(f"{mpath}: the expert entries do not match moe_layers x n_experts (e.g. layer "
+                       f"{bad[0]} expert {bad[1]})")
     for spec in {json.dumps(e.codec, sort_keys=True) for e in entries.values()}:
         make_codec(json.loads(spec))  # unknown codec -> clear error now, not mid-generation
     expected = max((e.offset + e.span for e in entries.values()), default=0)
@@ -275,7 +287,8 @@ def open_store(path: str | os.PathLike) -> Store:
     size = epath.stat().st_size
     if size != expected:
         what = "truncated" if size < expected else "longer than its manifest"
-        raise MoeError(f"{epath}: {size} bytes, the manifest expects {expected}: the store is {what}; convert again")
+        raise MoeError(f"{epath}: {size} bytes, the manifest expects {expected}: the store is {what}; "
+                       f"convert again")
     if not (path / BACKBONE).is_file():
         raise MoeError(f"{path}: {BACKBONE} is missing")
     return Store(path, m, entries)

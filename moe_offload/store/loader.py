@@ -22,7 +22,7 @@ _QUEUED, _RUNNING, _DONE, _CANCELLED = range(4)
 
 
 class Handle:
-    """A Future-like view of one load: cancel() before it starts, result() to wait, callbacks on completion."""
+    """A Future-like view of one load: cancel() before it starts, result() to wait, callbacks when done."""
 
     __slots__ = ("fn", "priority", "state", "value", "error", "cond", "callbacks", "loader")
 
@@ -87,7 +87,7 @@ class Loader:
         for t in self.threads:
             t.start()
 
-    def _push(self, h: Handle) -> None:  # under self.cond; a stale entry (old priority) is skipped when popped
+    def _push(self, h: Handle) -> None:  # under self.cond; stale entries (old priority) are skipped later
         heapq.heappush(self.heap, (h.priority, next(self.seq), h))
         self.cond.notify()
 

@@ -40,7 +40,8 @@ def store_for(hf_dir: Path, dtype: torch.dtype | None) -> Store:
     config = read_config(hf_dir)
     dt = dtype or checkpoint_dtype(config)
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in hf_dir.iterdir() if p.is_file())
-    digest = hashlib.sha256(json.dumps([config, files, DTYPE_NAMES[dt]], sort_keys=True).encode()).hexdigest()[:12]
+    key = json.dumps([config, files, DTYPE_NAMES[dt]], sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     out = cache_root() / f"{hf_dir.resolve().name}-{digest}"
     if out.is_dir():
         try:
@@ -66,7 +67,8 @@ def mib(n: int) -> str:
 def min_memory(backbone: int, reserve: int, loads: dict[int, list[int]], top_k: int) -> tuple[int, str]:
     """Smallest --memory that runs: backbone + reserve + the largest top_k experts of any one layer.
     Returns (bytes, the arithmetic as text)."""
-    layer, active = max(((la, sorted(sizes)[-top_k:]) for la, sizes in loads.items()), key=lambda t: sum(t[1]))
+    biggest = ((la, sorted(sizes)[-top_k:]) for la, sizes in loads.items())
+    layer, active = max(biggest, key=lambda t: sum(t[1]))
     need = backbone + reserve + sum(active)
     experts = (f"{len(active)} active experts × {mib(active[0])}" if len(set(active)) == 1
                else f"{len(active)} largest active experts of layer {layer} ({mib(sum(active))})")
@@ -78,7 +80,8 @@ def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, 
                    host_memory: str | int | None = None, cache_policy: str | None = None, **rest) -> Engine:
     unknown = {k: v for k, v in rest.items() if v is not None}
     if unknown:
-        raise UsageError("unsupported offload option(s): " + ", ".join(f"{k}={v!r}" for k, v in unknown.items()))
+        named = ", ".join(f"{k}={v!r}" for k, v in unknown.items())
+        raise UsageError(f"unsupported offload option(s): {named}")
     path = Path(path)
     host_bytes = parse_size(host_memory)
     if host_bytes is not None and device.type != "cuda":

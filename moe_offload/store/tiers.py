@@ -70,8 +70,8 @@ class DiskTier:
         got = crc32_hex(view[:e.nbytes])
         if got != e.checksum:
             raise MoeError(f"{self.path}: checksum mismatch in layer {e.layer} expert {e.expert} (bytes "
-                           f"{e.offset}..{e.offset + e.nbytes}: crc32 {got}, manifest {e.checksum}): the store "
-                           f"is corrupt, convert the model again")
+                           f"{e.offset}..{e.offset + e.nbytes}: crc32 {got}, manifest {e.checksum}): the "
+                           f"store is corrupt, convert the model again")
         return buf
 
     def close(self) -> None:
@@ -100,7 +100,7 @@ class HostTier:
             return blob
 
     def offer(self, key: Key, blob: torch.Tensor, step: int) -> None:
-        """Keep `blob` if the policy admits it and victims make room; else it stays a transient staging buffer.
+        """Keep `blob` if the policy admits it and victims make room; else it is only a staging buffer.
         (An evicted blob that a worker is still copying lives on until that copy ends.)"""
         n = blob.numel()
         with self.lock:

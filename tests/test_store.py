@@ -1,0 +1,390 @@
+"""The expert store and offloaded execution: exact tokens under any budget and policy, budgets that hold,
+every fetch accounted, corrupt stores refused clearly, nothing left in the page cache."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_offload.cli import main as cli_main
+from moe_offload.errors import MoeError, UsageError
+from moe_offload.runtime.engine import load
+from moe_offload.store import format as fmt
+from moe_offload.store.format import convert, open_store
+from moe_offload.store.loader import DEMAND, PREFETCH, Loader
+from moe_offload.store.open import mib
+from moe_offload.store.policies import POLICIES
+from moe_offload.store.tiers import DiskTier
+from tests import tiny
+from tests.conftest import CHILD_ENV
+
+PROMPT = [1, 5, 9, 20, 33, 7, 8, 9, 40, 11, 3, 60]  # 12 tokens: prefill needs most experts of each layer
+NEW = 10
+
+
+def cli(*args: str):
+    """The CLI entry point in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli_main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+def greedy(engine, prompt=PROMPT, n=NEW):
+    r = engine.generate(prompt_ids=prompt, max_new_tokens=n, ignore_eos=True)
+    return r.token_ids, r.stats
+
+
+class RoutingCounter:
+    """Counts, independently of the cache, the distinct experts each MoE layer needs per forward call
+    (one fetch each), by wrapping the routing functions."""
+
+    def __init__(self, engine):
+        self.uses = 0
+        self.used: set[tuple[int, int]] = set()
+        for layer, moe in engine.model.moe_blocks():
+            moe.route = self._wrap(layer, moe.route)
+
+    def _wrap(self, layer, route):
+        def counted(logits):
+            idx, w = route(logits)
+            experts = torch.unique(idx).tolist()
+            self.uses += len(experts)
+            self.used |= {(layer, e) for e in experts}
+            return idx, w
+        return counted
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """spec -> (HF folder, store folder), converted once."""
+    out = {}
+    for spec in ("mixtral_gqa", "qwen2_moe_shared_dense"):
+        root = tmp_path_factory.mktemp(f"store-{spec}")
+        hf = tiny.make_checkpoint(root / "hf", spec)
+        out[spec] = hf, convert(hf, root / "store").path
+    return out
+
+
+def budget(engine_info: dict, store: Path, frac: float) -> int:
+    """--memory for `frac` of all experts' bytes, never below the working minimum."""
+    s = open_store(store)
+    spans = sorted(e.span for e in s.entries.values())
+    return engine_info["backbone_bytes"] + max(int(frac * sum(spans)), s.top_k * spans[-1])
+
+
+# ---- exactness and accounting ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", ["mixtral_gqa", "qwen2_moe_shared_dense"])
+def test_offloaded_tokens_equal_resident_for_every_budget_and_policy(stores, spec):
+    hf, store = stores[spec]
+    want, _ = greedy(load(hf, dtype="float32"))  # all experts resident, from the HF folder
+    full = load(store)
+    assert greedy(full)[0] == want
+    for frac in (1.0, 0.5, 0.25, 0.0):  # 0.0: the minimum, one layer's active experts
+        for policy in POLICIES:
+            memory = budget(full.info, store, frac)
+            engine = load(store, memory=memory, cache_policy=policy)
+            counter = RoutingCounter(engine)
+            for _ in range(2):  # the second run starts from a warm cache
+                before = counter.uses
+                tokens, stats = greedy(engine)
+                assert tokens == want, (frac, policy)
+                assert stats["expert_hits"] + stats["expert_misses"] == counter.uses - before
+                assert stats["resident_weight_bytes"] <= memory
+                assert stats["cache_policy"] == policy and stats["cache_capacity_bytes"] > 0
+            if frac == 0.0:
+                assert stats["evictions"] > 0 and stats["expert_misses"] > 0
+
+
+def test_cold_run_reads_each_used_expert_once_and_warm_run_reads_nothing(stores):
+    _, store = stores["mixtral_gqa"]
+    engine = load(store)  # memory=None: everything fits
+    counter = RoutingCounter(engine)
+    tokens, cold = greedy(engine)
+    entries = open_store(store).entries
+    assert cold["bytes_read_disk"] == sum(entries[k].span for k in counter.used)
+    assert cold["bytes_to_device"] == cold["bytes_read_disk"]  # CPU: the read lands in the compute tier
+    assert cold["expert_misses"] == len(counter.used) and cold["evictions"] == 0
+    again, warm = greedy(engine)
+    assert again == tokens
+    assert warm["bytes_read_disk"] == 0 and warm["expert_misses"] == 0 and warm["hit_rate"] == 1.0
+
+
+def test_store_dtype_differs_from_compute_dtype(tmp_path):
+    """A bf16 store computed in fp32: decode makes converted copies, and those are the bytes accounted."""
+    hf = tiny.make_checkpoint(tmp_path / "hf", "mixtral_gqa")
+    store = convert(hf, tmp_path / "bf16", torch.bfloat16)
+    assert store.manifest["dtype"] == "bfloat16"
+    e = next(iter(store.entries.values()))
+    sh = store.expert_shape
+    assert e.nbytes == 3 * sh.hidden * sh.intermediate * 2
+    full = load(store.path, dtype="float32")
+    want, _ = greedy(full)
+    memory = budget(full.info, store.path, 0.0) + 3 * sh.hidden * sh.intermediate * 4 * store.top_k
+    engine = load(store.path, dtype="float32", memory=memory)
+    tokens, stats = greedy(engine)
+    assert tokens == want
+    assert stats["resident_weight_bytes"] <= memory
+    assert set(engine.expert_cache.sizes.values()) == {3 * sh.hidden * sh.intermediate * 4}
+
+
+def test_hf_folder_with_memory_is_converted_once_into_the_cache(stores, tmp_path, monkeypatch, capsys):
+    hf, store = stores["mixtral_gqa"]
+    monkeypatch.setenv("MOE_OFFLOAD_CACHE", str(tmp_path / "cache"))
+    want, _ = greedy(load(store))
+    memory = budget(load(store).info, store, 0.5)
+    assert greedy(load(hf, memory=memory))[0] == want
+    err = capsys.readouterr().err
+    assert err.count("converting") == 1 and str(tmp_path / "cache") in err
+    assert greedy(load(hf, memory=memory))[0] == want
+    assert "converting" not in capsys.readouterr().err
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_unknown_offload_option_is_refused(stores):
+    with pytest.raises(UsageError, match="prefetch"):
+        load(stores["mixtral_gqa"][1], prefetch="lookahead")
+
+
+# ---- budgets ----------------------------------------------------------------------------------------------
+
+def test_memory_too_small_gives_the_arithmetic(stores):
+    _, store = stores["mixtral_gqa"]
+    info = load(store).info
+    s = open_store(store)
+    span = max(e.span for e in s.entries.values())
+    need = info["backbone_bytes"] + s.top_k * span
+    code, out, err = cli("generate", "--model", str(store), "--memory", str(need - 1), "--prompt-ids", "1,2")
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: --memory ")
+    assert f"backbone {mib(info['backbone_bytes'])} + {s.top_k} active experts × {mib(span)}" in err
+    assert f"= {mib(need)} needed at least" in err
+    assert greedy(load(store, memory=need))[0] == greedy(load(store))[0]  # the minimum itself works
+
+
+RSS_MODEL = ("mixtral", dict(num_hidden_layers=4, num_key_value_heads=2, intermediate_size=512,
+                             num_local_experts=8, num_experts_per_tok=2))
+# Peak RSS above the baseline that is not weights: KV cache, activations, loader threads, allocator slack.
+# Measured here: 8-11 MiB at 15, 30 and 60 MiB budgets (torch 2.13 CPU). Keeping all experts would add 48 MiB.
+RSS_OVERHEAD = 20 << 20
+BASELINE = """
+import json, sys, torch
+import moe_offload.cli, moe_offload.runtime.engine, moe_offload.store.open
+from moe_offload.models import build
+with torch.device("meta"):  # the same model skeleton as generate builds, but no weights
+    build(json.load(open(sys.argv[1]))["config"])
+from moe_offload.utils import peak_rss_bytes  # VmHWM: ru_maxrss would report our parent's RSS
+print(peak_rss_bytes())
+"""
+
+
+def test_generate_subprocess_stays_within_budget_on_a_store_several_times_larger(tmp_path):
+    """No cgroup v2 to cap memory here (/sys/fs/cgroup is cgroup v1, read-only), so: peak RSS of
+    `moe-offload generate` minus the peak RSS of a process that imports the same code and builds the same
+    skeleton on `meta` (no weights) must stay within --memory + RSS_OVERHEAD."""
+    hf = tiny.make_checkpoint(tmp_path / "hf", RSS_MODEL, hidden_size=256)  # 48 MiB of experts
+    store = convert(hf, tmp_path / "store")
+    expert_bytes = sum(e.span for e in store.entries.values())
+    backbone = (store.path / fmt.BACKBONE).stat().st_size
+    memory = backbone + expert_bytes // 4
+    assert expert_bytes >= 3 * memory
+    argv = ["generate", "--model", str(store.path), "--memory", str(memory), "--prompt-ids",
+            ",".join(map(str, PROMPT)), "--max-new-tokens", "16", "--ignore-eos", "--json"]
+    run = subprocess.run([sys.executable, "-m", "moe_offload.cli", *argv], capture_output=True, text=True,
+                         env=CHILD_ENV, timeout=120)
+    assert run.returncode == 0, run.stderr
+    stats = json.loads(run.stdout)["stats"]
+    base = subprocess.run([sys.executable, "-c", BASELINE, str(store.path / fmt.MANIFEST)],
+                          capture_output=True, text=True, env=CHILD_ENV, timeout=120)
+    assert base.returncode == 0, base.stderr
+    growth = stats["peak_rss_bytes"] - int(base.stdout)
+    assert stats["resident_weight_bytes"] <= memory
+    assert stats["expert_misses"] > 0 and stats["evictions"] > 0
+    assert stats["bytes_read_disk"] > expert_bytes // 4  # it really streamed
+    assert growth <= memory + RSS_OVERHEAD, (growth / 2**20, memory / 2**20)
+
+
+# ---- refusing damaged stores ----------------------------------------------------------------------------
+
+def copy_store(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_flipped_byte_names_layer_and_expert(stores, tmp_path):
+    _, store = stores["mixtral_gqa"]
+    bad = copy_store(store, tmp_path / "bad")
+    probe = load(store)
+    used = RoutingCounter(probe)
+    greedy(probe, n=1)
+    layer, expert = sorted(used.used)[-1]  # an expert the prompt needs
+    e = open_store(bad).entries[(layer, expert)]
+    with open(bad / fmt.EXPERTS, "r+b") as f:
+        f.seek(e.offset + e.nbytes // 2)
+        b = f.read(1)
+        f.seek(e.offset + e.nbytes // 2)
+        f.write(bytes([b[0] ^ 0x10]))
+    with pytest.raises(MoeError, match=rf"layer {layer} expert {expert}\b.*corrupt"):
+        greedy(load(bad), n=1)
+    with pytest.raises(MoeError, match=rf"checksum mismatch in layer {layer} expert {expert}\b"):
+        DiskTier(bad / fmt.EXPERTS).read(e)
+    code, out, err = cli("generate", "--model", str(bad), "--memory", "100MiB", "--prompt-ids", "1,5,9,20")
+    assert code == 1 and err.count("\n") == 1 and f"layer {layer} expert {expert}" in err
+
+
+def test_truncated_experts_bin_is_refused(stores, tmp_path):
+    bad = copy_store(stores["mixtral_gqa"][1], tmp_path / "bad")
+    size = (bad / fmt.EXPERTS).stat().st_size
+    os.truncate(bad / fmt.EXPERTS, size - 4096)
+    with pytest.raises(MoeError, match=rf"{size - 4096} bytes, the manifest expects {size}.*truncated"):
+        open_store(bad)
+    code, _, err = cli("generate", "--model", str(bad), "--prompt-ids", "1,2")
+    assert code == 1 and err.count("\n") == 1 and "truncated" in err
+
+
+def test_other_format_version_is_refused(stores, tmp_path):
+    bad = copy_store(stores["mixtral_gqa"][1], tmp_path / "bad")
+    m = json.loads((bad / fmt.MANIFEST).read_text())
+    m["version"] = fmt.FORMAT_VERSION + 1
+    (bad / fmt.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(MoeError, match=rf"version {fmt.FORMAT_VERSION + 1} is not supported.*reads version "
+                                       rf"{fmt.FORMAT_VERSION}"):
+        open_store(bad)
+    m["format"] = "something-else"
+    (bad / fmt.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(MoeError, match="not a moe-offload-store manifest"):
+        open_store(bad)
+
+
+def test_interrupted_convert_leaves_no_store(stores, tmp_path, monkeypatch):
+    hf, _ = stores["qwen2_moe_shared_dense"]
+    calls = {"n": 0}
+    encode = fmt.DenseCodec.encode
+
+    def failing(self, *a, **kw):  # fail on the 5th expert, after 4 were written
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError("disk full (simulated)")
+        return encode(self, *a, **kw)
+
+    monkeypatch.setattr(fmt.DenseCodec, "encode", failing)
+    with pytest.raises(OSError, match="simulated"):
+        convert(hf, tmp_path / "out")
+    assert calls["n"] == 5
+    assert list(tmp_path.iterdir()) == []  # neither `out` nor a temporary folder
+
+
+def test_convert_cli_prints_one_line_and_writes_a_valid_store(stores, tmp_path):
+    hf, _ = stores["mixtral_gqa"]
+    code, out, err = cli("convert", "--model", str(hf), "--out", str(tmp_path / "s"), "--dtype", "bfloat16")
+    assert code == 0 and out.count("\n") == 1 and "converted 8 experts" in out, (out, err)
+    s = open_store(tmp_path / "s")
+    assert s.manifest["dtype"] == "bfloat16" and all(e.offset % 4096 == 0 for e in s.entries.values())
+    assert oct((tmp_path / "s").stat().st_mode & 0o777) != oct(0o700)
+    code, _, err = cli("convert", "--model", str(hf), "--out", str(tmp_path / "s"))
+    assert code == 2 and "already exists" in err
+
+
+# ---- page cache -------------------------------------------------------------------------------------------
+
+def resident_pages(path: Path) -> int:
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "PAGES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+def drop(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="fincore (util-linux) is not installed")
+@pytest.mark.parametrize("direct", [True, False])
+def test_reads_leave_nothing_in_the_page_cache(stores, tmp_path, direct):
+    store = copy_store(stores["mixtral_gqa"][1], tmp_path / "s")
+    path = store / fmt.EXPERTS
+    drop(path)
+    with open(path, "rb") as f:  # a buffered read does fill the page cache: the check can see it
+        f.read()
+    assert resident_pages(path) > 0
+    drop(path)
+    assert resident_pages(path) == 0
+    tier = DiskTier(path)
+    if not direct:  # the fallback path: buffered pread + POSIX_FADV_DONTNEED
+        os.close(tier.fd)
+        tier.fd, tier.direct = os.open(path, os.O_RDONLY), False
+    entries = open_store(store).entries.values()
+    total = sum(int(tier.read(e)[:e.nbytes].sum()) for e in entries)
+    assert total > 0
+    assert resident_pages(path) == 0
+    engine = load(store, memory=budget(load(store).info, store, 0.25))
+    _, stats = greedy(engine)
+    assert stats["bytes_read_disk"] > 0
+    assert resident_pages(path) == 0
+    assert resident_pages(store / fmt.BACKBONE) == 0
+
+
+# ---- loader and prefetch hook ------------------------------------------------------------------------------
+
+def test_loader_runs_demand_before_prefetch_and_cancels_queued_work():
+    loader = Loader(workers=1)
+    gate, order = threading.Event(), []
+    blocker = loader.submit(gate.wait, DEMAND)  # occupies the only worker
+    pre = [loader.submit(lambda i=i: order.append(f"p{i}") or i, PREFETCH + i) for i in range(3)]
+    dem = loader.submit(lambda: order.append("d") or "d", DEMAND)
+    assert pre[1].cancel() and pre[1].cancelled()
+    pre[2].set_priority(DEMAND - 1)  # promoted ahead of the demand load
+    gate.set()
+    assert dem.result(5) == "d" and pre[0].result(5) == 0 and blocker.result(5)
+    assert order == ["p2", "d", "p0"]
+    with pytest.raises(RuntimeError, match="cancelled"):
+        pre[1].result(1)
+    assert not dem.cancel()  # finished work cannot be cancelled
+    failing = loader.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        failing.result(5)
+    seen = []
+    failing.add_done_callback(seen.append)  # already done: runs now
+    assert seen == [failing]
+    loader.close()
+
+
+def test_prefetch_stages_without_evicting_and_is_used_or_cancelled(stores):
+    _, store = stores["mixtral_gqa"]
+    want, _ = greedy(load(store))
+    s = open_store(store)
+    span = max(e.span for e in s.entries.values())
+    full = load(store)
+    memory = full.info["backbone_bytes"] + 4 * span
+    engine = load(store, memory=memory)
+    cache = engine.expert_cache
+    cache.set_staging(2 * span)
+    greedy(engine)  # warm: the cache holds 2 experts' worth
+    resident = set(cache.resident)
+    absent = [k for k in s.entries if k not in cache.resident]
+    assert cache.prefetch(absent) == 2  # only what the staging bytes take
+    assert set(cache.resident) == resident  # nothing evicted for a prefetch
+    staged = [k for k, p in cache.pending.items() if p.pool == "stage"]
+    for p in cache.pending.values():
+        p.handle.result(5)
+    assert cache.cancel_prefetch(staged[1:]) == 1 and cache.stage_used == cache.foot[staged[0]].load
+    # the staged expert is used when its layer asks for it
+    units = dict(cache.fetch(staged[0][0], [staged[0][1]]))
+    assert staged[0][1] in units and cache.prefetch_used == 1 and staged[0] in cache.resident
+    assert cache.stage_used == 0 and cache.cache_used <= cache.capacity
+    tokens, stats = greedy(engine)
+    assert tokens == want and stats["resident_weight_bytes"] <= memory
+    assert cache.cancel_prefetch() == 0 and not cache.pending
