@@ -18,8 +18,8 @@ from pathlib import Path
 from .cli import command
 from .costmodel import BITS, cpu_compute_bits, miss_cost, quant_bytes
 from .errors import MoeError, UsageError
-from .sim import (GB, GPU_RESERVE, THIS_MACHINE, HardwareProfile, SimResult, Trace, get_profile, host_reserve_for,
-                  load_trace, parse_gbs, profile_names, simulate, synthetic_trace)
+from .sim import (GB, GPU_RESERVE, PROFILES, THIS_MACHINE, HardwareProfile, SimResult, Trace, format_profiles,
+                  get_profile, host_reserve_for, load_trace, parse_gbs, profile_names, simulate, synthetic_trace)
 from .store.policies import POLICIES
 from .utils import parse_size
 
@@ -462,7 +462,7 @@ def plan_for(model_path: str | Path, hardware: str | HardwareProfile = THIS_MACH
 
 
 def _add_plan(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF model folder, its config.json, or an expert store (weights unread)")
+    p.add_argument("--model", default=None, help="HF model folder, its config.json, or an expert store (weights unread)")
     p.add_argument("--hardware", default=None, help=f"profile: {', '.join(profile_names())} (default: this-machine "
                                                     "unless --vram/--ram describe the machine)")
     p.add_argument("--vram", default=None, help="device memory, e.g. 12GB")
@@ -483,6 +483,11 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
 @command("plan", "plan precision, memory budgets and prefetch for a model on given hardware (config.json only)",
          _add_plan)
 def cmd_plan(a) -> int:
+    if a.hardware == "list":
+        print(format_profiles(list(PROFILES.values())))
+        return 0
+    if a.model is None:
+        raise UsageError("plan: give --model FOLDER (or --hardware list)")
     cfg, name = read_model_config(a.model)
     hw = resolve_hardware(a.hardware, vram=parse_size(a.vram), ram=parse_size(a.ram),
                           disk_bw=parse_gbs(a.disk_bw, "--disk-bw"), device_bw=parse_gbs(a.device_bw, "--device-bw"),
