@@ -265,3 +265,54 @@ def expert_tensors(source, model_type: str, layer: int, expert: int) -> dict[str
 
     return {part: rule(*(slab(n.format(layer=layer)) for n in names)).contiguous()
             for part, (names, rule) in layout.items()}
+
+
+# ---- FP8 block-scaled checkpoints (DeepSeek-V3/R1): `X.weight` float8_e4m3fn + `X.weight_scale_inv` [ceil(O/bo),
+# ceil(I/bi)] fp32, one scale per bo×bi block; dequantised at load time: weight = fp8 · scale_inv (per block).
+
+
+def fp8_block_size(config: dict) -> tuple[int, int] | None:
+    """(bo, bi) for an FP8 block-quantized checkpoint (`quantization_config.quant_method == "fp8"`), else None."""
+    q = config.get("quantization_config") or {}
+    if q.get("quant_method") != "fp8":
+        return None
+    return tuple(q.get("weight_block_size") or (128, 128))
+
+
+def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """weight [O, I] (float8) × scale_inv [ceil(O/bo), ceil(I/bi)] broadcast over its blocks -> [O, I] fp32."""
+    O, I = weight.shape
+    scale = scale_inv.float()
+    if scale.numel() > 1:
+        scale = scale.repeat_interleave(block[0], dim=0)[:O].repeat_interleave(block[1], dim=1)[:, :I]
+    return weight.float() * scale
+
+
+class Fp8Dequantized:
+    """A source (keys()/get()) over another whose float8 weights carry `<name>_scale_inv` block scales: the
+    scale tensors are hidden and those weights come out dequantised (fp32)."""
+
+    def __init__(self, source, block: tuple[int, int]):
+        self.source, self.block = source, tuple(block)
+        self.folder = getattr(source, "folder", "checkpoint")
+        keys = source.keys()
+        self.scales = {k[: -len("_scale_inv")]: k for k in keys if k.endswith(".weight_scale_inv")}
+        self._keys = [k for k in keys if not k.endswith(".weight_scale_inv")]
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self.source.get(name)
+        if name in self.scales:
+            return dequantize_fp8_blocks(t, self.source.get(self.scales[name]), self.block)
+        return t
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        return torch.float32 if name in self.scales else self.source.dtype_of(name)
+
+
+def dequantizing(source, config: dict):
+    """`source` itself, or a view that dequantises it when config.json declares a format loaded that way."""
+    block = fp8_block_size(config)
+    return Fp8Dequantized(source, block) if block else source

@@ -309,3 +309,68 @@ def test_gpt_oss_mxfp4_checkpoint_matches_transformers(pair, tmp_path):
     with torch.no_grad():
         want = hf(torch.tensor([PROMPT + ref])).logits[0]
     assert (ours.logits(PROMPT + ref) - want).abs().max().item() <= 1e-4
+
+
+def to_fp8_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's FP8 format for w [O, I]: float8_e4m3fn weight and scale_inv [ceil(O/bo), ceil(I/bi)] fp32
+    (block max / 448; edge blocks may be partial)."""
+    (O, I), (bo, bi) = w.shape, block
+    so, si = -(-O // bo), -(-I // bi)
+    padded = torch.zeros(so * bo, si * bi)
+    padded[:O, :I] = w
+    scale = padded.view(so, bo, si, bi).abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+    q = padded / scale.repeat_interleave(bo, 0).repeat_interleave(bi, 1)
+    return q[:O, :I].to(torch.float8_e4m3fn), scale
+
+
+def test_fp8_block_dequantisation_matches_a_per_block_loop():
+    from moe_offload.checkpoint import dequantize_fp8_blocks
+
+    w = torch.randn(300, 200, generator=torch.Generator().manual_seed(0))
+    q, scale = to_fp8_blocks(w, (128, 128))
+    assert scale.shape == (3, 2)  # partial edge blocks
+    want = torch.empty(300, 200)
+    for i in range(3):
+        for j in range(2):
+            rows, cols = slice(128 * i, 128 * (i + 1)), slice(128 * j, 128 * (j + 1))
+            want[rows, cols] = q[rows, cols].float() * scale[i, j]
+    assert torch.equal(dequantize_fp8_blocks(q, scale, (128, 128)), want)
+    assert (want - w).abs().max() < 0.07 * w.abs().max()  # e4m3: a few % of the block max
+
+
+@pytest.mark.parametrize("block", [(128, 128), (8, 8)])
+def test_deepseek_v3_fp8_checkpoint_matches_transformers(pair, tmp_path, block):
+    """Every decoder linear (experts included, router excluded) stored as FP8 + block scales, as DeepSeek ships
+    V3/R1; transformers dequantises on CPU (it needs the scale grid to divide the weight: 8×8 blocks here)."""
+    from safetensors.torch import load_file
+
+    folder, engine, _ = pair("deepseek_v3_group_lora_yarn")
+    tensors, fp8 = load_file(str(folder / "model.safetensors")), {}
+    for k, v in tensors.items():
+        if k.startswith("model.layers.") and v.ndim == 2 and not k.endswith("mlp.gate.weight"):
+            fp8[k], fp8[k + "_scale_inv"] = to_fp8_blocks(v, block)
+        else:
+            fp8[k] = v
+    quant = {"quant_method": "fp8", "weight_block_size": list(block), "activation_scheme": "dynamic", "fmt": "e4m3"}
+    q_folder = _rewrite(folder, tmp_path / "fp8", fp8, {"quantization_config": quant})
+    ours, hf = load(q_folder, dtype="float32"), tiny.load_hf(q_folder)
+    ref = tiny.hf_greedy(hf, PROMPT, N_NEW)
+    assert ours.generate(prompt_ids=PROMPT, max_new_tokens=N_NEW, ignore_eos=True).token_ids == ref
+    with torch.no_grad():
+        want = hf(torch.tensor([PROMPT + ref])).logits[0]
+    got = ours.logits(PROMPT + ref)
+    assert (got - want).abs().max().item() <= 1e-4
+    assert (got - engine.logits(PROMPT + ref)).abs().max().item() > 1e-3  # the weights really were rounded
+
+
+@pytest.mark.parametrize("spec,names", [("deepseek_v3_group_lora_yarn", ["mlp.gate.e_score_correction_bias"]),
+                                        ("gpt_oss_mha_layer_types", ["input_layernorm.weight", "model.norm.weight"])])
+def test_bfloat16_keeps_fp32_keys_and_runs_close(pair, spec, names):
+    folder, engine, _ = pair(spec)
+    half = load(folder, dtype="bfloat16")
+    state = half.model.state_dict()
+    kept = [k for k in state if any(k.endswith(n) for n in names)]
+    assert kept and all(state[k].dtype == torch.float32 for k in kept)
+    assert half.model.model.embed_tokens.weight.dtype == torch.bfloat16
+    ref = engine.logits(PROMPT)
+    assert (half.logits(PROMPT) - ref).abs().max().item() < 0.1 * ref.abs().max().item()

@@ -10,8 +10,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..checkpoint import (EXPERT_NAMES, SafetensorsFolder, check_keys, checkpoint_dtype, expert_checkpoint_keys,
-                          expert_tensors, read_config)
+from ..checkpoint import (EXPERT_NAMES, SafetensorsFolder, check_keys, checkpoint_dtype, dequantizing,
+                          expert_checkpoint_keys, expert_tensors, read_config)
 from ..errors import MoeError, UsageError
 from ..experts import LocalExperts, expert_unit
 from ..models import build, get_module
@@ -273,7 +273,7 @@ def load(path: str | Path | None = None, device: str | None = None, dtype: str |
     config = read_config(path)
     get_module(config.get("model_type"))
     dt = parse_dtype(dtype) or checkpoint_dtype(config)
-    source = SafetensorsFolder(path)
+    source = dequantizing(SafetensorsFolder(path), config)  # FP8 block-scaled weights -> fp32 at load
     args, model = build_model(config, source, dev, dt)
     nbytes = attach_local_experts(model, source, args.model_type, dev, dt)
     tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
