@@ -138,6 +138,28 @@ def test_cached_decode_equals_full_forward(pair, spec):
         torch.testing.assert_close(torch.cat([head, torch.stack(tail)]), full, atol=1e-5, rtol=1e-5)
 
 
+def offloaded_below_expert_bytes(folder, tmp_path, frac: float = 0.25):
+    """The folder converted into an expert store, opened with --memory = backbone + `frac` of the experts'
+    bytes (never below one layer's active experts). Returns (engine, memory, all experts' bytes)."""
+    from moe_offload.store.format import convert, open_store
+
+    store = convert(folder, tmp_path / "store")
+    spans = sorted(e.span for e in open_store(store.path).entries.values())
+    backbone = load(store.path).info["backbone_bytes"]
+    memory = backbone + max(int(frac * sum(spans)), store.top_k * spans[-1])
+    return load(store.path, memory=memory), memory - backbone, sum(spans)
+
+
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_offloaded_through_the_store_with_a_small_budget_gives_the_same_tokens(pair, spec, tmp_path):
+    folder, _, hf = pair(spec)
+    engine, cache_bytes, expert_bytes = offloaded_below_expert_bytes(folder, tmp_path)
+    assert cache_bytes < expert_bytes
+    r = engine.generate(prompt_ids=PROMPT, max_new_tokens=N_NEW, ignore_eos=True)
+    assert r.token_ids == tiny.hf_greedy(hf, PROMPT, N_NEW)
+    assert r.stats["expert_misses"] > 0 and r.stats["evictions"] > 0
+
+
 def hf_expert(hf, layer: int, e: int) -> dict[str, torch.Tensor]:
     """One expert as transformers holds it in memory (fused gate_up [E, 2I, D], down [E, D, I])."""
     mlp = hf.model.layers[layer].mlp if hasattr(hf.model.layers[layer], "mlp") else \
@@ -309,6 +331,9 @@ def test_gpt_oss_mxfp4_checkpoint_matches_transformers(pair, tmp_path):
     with torch.no_grad():
         want = hf(torch.tensor([PROMPT + ref])).logits[0]
     assert (ours.logits(PROMPT + ref) - want).abs().max().item() <= 1e-4
+    offloaded, cache_bytes, expert_bytes = offloaded_below_expert_bytes(mx_folder, tmp_path)
+    assert cache_bytes < expert_bytes
+    assert offloaded.generate(prompt_ids=PROMPT, max_new_tokens=N_NEW, ignore_eos=True).token_ids == ref
 
 
 def to_fp8_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -151,21 +151,21 @@ class MLAttention(nn.Module):
 class DeepseekMoE(MoE):
     """Routed experts + `shared_experts` (n_shared_experts × moe_intermediate_size, no gate). Routing weights stay
     fp32 into the experts (transformers multiplies them in fp32). With `correction_bias` (V3) the router holds
-    `e_score_correction_bias`, passed to the route function."""
+    `e_score_correction_bias` and `route(logits)` passes it to route(logits, bias)."""
 
     def __init__(self, args, route, correction_bias: bool = False):
         super().__init__(args.hidden_size, args.n_routed_experts, route, cast_weights=False)
         self.shared_experts = (MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts,
                                    args.hidden_act) if args.n_shared_experts else None)
         if correction_bias:
-            self.gate.register_buffer("e_score_correction_bias", torch.zeros(args.n_routed_experts))
+            gate = self.gate
+            gate.register_buffer("e_score_correction_bias", torch.zeros(args.n_routed_experts))
+            self.route = lambda logits: route(logits, gate.e_score_correction_bias)  # the buffer as loaded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         h = x.reshape(-1, shape[-1])  # [N, D]
-        logits = self.router_logits(h)
-        bias = getattr(self.gate, "e_score_correction_bias", None)
-        idx, w = self.route(logits) if bias is None else self.route(logits, bias)
+        idx, w = self.route(self.router_logits(h))
         y = self.experts(h, idx, w)
         if self.shared_experts is not None:
             y = y + self.shared_experts(h)
