@@ -20,9 +20,9 @@ import ctypes.util
 import os
 import re
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -161,7 +161,7 @@ def place_experts(routing_stats, sizes: int | Mapping[Key, int], capacity: Mappi
     dist = {n.id: n.distance for n in nodes or []}
     row = dist.get(local, ())
     order = sorted(capacity, key=lambda n: (n != local, row[n] if n < len(row) else 0, n))
-    size = (lambda k: sizes) if isinstance(sizes, int) else sizes.__getitem__  # noqa: E731
+    size = (lambda k: sizes) if isinstance(sizes, int) else sizes.__getitem__
     freq = _freq_items(routing_stats)
     p = Placement(local=local, enforced=enforced, reason=why, bytes_on={n: 0 for n in order})
     for key in sorted(freq, key=lambda k: (-freq[k], k)):  # hottest first, each onto the nearest node with room

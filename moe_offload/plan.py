@@ -285,7 +285,7 @@ def make_plan(sizes: ModelSizes, hw: HardwareProfile, *, model: str = "model", c
     plan = Plan(model=model, sizes=sizes, hardware=hw, context=context, group_size=group_size, kv_bytes=kv,
                 policy=policy)
     candidates = [expert_bits] if expert_bits is not None else [b for b in BITS if b >= min_bits]
-    res_bits = (lambda b: cpu_compute_bits(b)) if cpu else (lambda b: b)  # noqa: E731
+    res_bits = (lambda b: cpu_compute_bits(b)) if cpu else (lambda b: b)
     dev, host = hw.device_usable, (0 if cpu else hw.host_usable)
     dev_txt = f"{_gb(dev)} usable ({_gb(hw.device_bytes)} {'RAM' if cpu else 'device'} - {_gb(hw.device_reserve)} reserve)"
     host_txt = "" if cpu else f" and the host {_gb(host)} ({_gb(hw.host_bytes)} - {_gb(hw.host_reserve)} reserve)"

@@ -19,9 +19,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -206,6 +206,41 @@ def measure_disk_read(directory: str | None = None, nbytes: int = 128 << 20, chu
         os.unlink(path)
 
 
+_GEMV_K = 8192
+
+
+def _ram_read_bw(nbytes: int) -> float:
+    import torch
+
+    x = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
+    return x.numel() * 4 / _best(lambda: x.sum(), 3)
+
+
+def _cpu_gemv(nbytes: int) -> tuple[float, float]:
+    """(bytes/s of a bf16 1 x K GEMV, FLOP/s of a bf16 64 x K GEMM) over `nbytes` of weights."""
+    import torch
+    import torch.nn.functional as F
+
+    w = torch.empty(nbytes // 2 // _GEMV_K, _GEMV_K, dtype=torch.bfloat16).fill_(0.01)
+    v = torch.full((1, _GEMV_K), 0.5, dtype=torch.bfloat16)
+    m = torch.full((64, _GEMV_K), 0.5, dtype=torch.bfloat16)
+    return w.numel() * 2 / _best(lambda: F.linear(v, w), 5), 2 * 64 * w.numel() / _best(lambda: F.linear(m, w), 2)
+
+
+def _cuda_figures(nbytes: int) -> tuple[float, float, float]:
+    """(device copy bytes/s counting read + write, pinned host->device bytes/s, bf16 GEMM FLOP/s)."""
+    import torch
+
+    dev, sync = torch.device("cuda"), torch.cuda.synchronize
+    a = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    h = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    g = torch.empty(4096, 4096, dtype=torch.bfloat16, device=dev).fill_(0.01)
+    copy = 2 * nbytes / _best(lambda: b.copy_(a), 5, sync)  # a copy reads and writes every byte
+    h2d = nbytes / _best(lambda: a.copy_(h, non_blocking=True), 5, sync)
+    return copy, h2d, 2 * 4096**3 / _best(lambda: g @ g, 5, sync)
+
+
 def measure_this_machine(disk_dir: str | None = None, ram_bytes: int = 256 << 20, disk_bytes: int = 128 << 20,
                          gemv_bytes: int = 64 << 20) -> HardwareProfile:
     """Measure this machine in a few seconds: RAM read (a torch sum over `ram_bytes`), a bf16 CPU GEMV over
@@ -213,37 +248,19 @@ def measure_this_machine(disk_dir: str | None = None, ram_bytes: int = 256 << 20
     memory bandwidth (device copy), pinned host->device copy and device bf16 GEMM FLOP/s."""
     import psutil
     import torch
-    import torch.nn.functional as F
 
     t_start = time.perf_counter()
     ram = psutil.virtual_memory().total
-    x = torch.empty(ram_bytes // 4, dtype=torch.float32).fill_(1.0)
-    host_bw = x.numel() * 4 / _best(lambda: x.sum(), 3)
-    del x
-    k = 8192
-    w = torch.empty(gemv_bytes // 2 // k, k, dtype=torch.bfloat16).fill_(0.01)
-    v = torch.full((1, k), 0.5, dtype=torch.bfloat16)
-    cpu_bw = w.numel() * 2 / _best(lambda: F.linear(v, w), 5)
-    m = torch.full((64, k), 0.5, dtype=torch.bfloat16)
-    cpu_flops = 2 * 64 * w.numel() / _best(lambda: F.linear(m, w), 2)
-    del w, v, m
+    host_bw, (cpu_bw, cpu_flops) = _ram_read_bw(ram_bytes), _cpu_gemv(gemv_bytes)
+    k = _GEMV_K
     disk_bw, method = measure_disk_read(disk_dir, disk_bytes)
     src = (f"measured {time.strftime('%Y-%m-%d %H:%M')}: RAM read = torch sum over {ram_bytes >> 20} MiB; CPU GEMV = "
            f"bf16 F.linear 1x{k} over {gemv_bytes >> 20} MiB; CPU FLOP/s = bf16 64x{k} GEMM; disk = cold read of "
            f"{disk_bytes >> 20} MiB temp file ({method})")
     common = dict(name=THIS_MACHINE, host_bw=host_bw, disk_bw=disk_bw, cpu_bw=cpu_bw, cpu_flops=cpu_flops)
     if torch.cuda.is_available():
-        dev = torch.device("cuda")
-        props = torch.cuda.get_device_properties(dev)
-        sync = torch.cuda.synchronize
-        a = torch.empty(ram_bytes, dtype=torch.uint8, device=dev)
-        b = torch.empty_like(a)
-        device_bw = 2 * a.numel() / _best(lambda: b.copy_(a), 5, sync)  # a copy reads and writes
-        h = torch.empty(ram_bytes, dtype=torch.uint8, pin_memory=True)
-        link_bw = h.numel() / _best(lambda: a.copy_(h, non_blocking=True), 5, sync)
-        g = torch.empty(4096, 4096, dtype=torch.bfloat16, device=dev).fill_(0.01)
-        device_flops = 2 * 4096**3 / _best(lambda: g @ g, 5, sync)
-        del a, b, h, g
+        props = torch.cuda.get_device_properties(torch.device("cuda"))
+        device_bw, link_bw, device_flops = _cuda_figures(ram_bytes)
         prof = HardwareProfile(
             description=f"this machine: {props.name} {props.total_memory / GiB:.1f} GiB, {ram / GiB:.1f} GiB RAM",
             device="cuda", device_bytes=props.total_memory, host_bytes=ram, link_bw=link_bw, device_bw=device_bw,
@@ -298,7 +315,7 @@ class Trace:
         self.experts = np.asarray(self.experts, dtype=np.int64)
         if self.experts.ndim != 3:
             raise MoeError(f"trace: experts must be [tokens, moe layers, top_k], got shape {self.experts.shape}")
-        T, L, K = self.experts.shape
+        T, L, _ = self.experts.shape
         self.layers = list(range(L)) if self.layers is None else [int(x) for x in self.layers]
         if len(self.layers) != L or len(set(self.layers)) != L:
             raise MoeError(f"trace: {L} MoE layers in experts but layers = {self.layers}")
@@ -558,7 +575,7 @@ def simulate(trace: Trace, hw: HardwareProfile, *, memory: int | None = None, ho
         # a CPU computes 2/3-bit experts expanded to 4-bit: that is what sits in its memory and what it reads
         computed = quant_bytes(trace.expert_params, cpu_compute_bits(expert_bits), group_size)
         resident = computed if cpu_device else stored
-        resident_fn = lambda k: resident  # noqa: E731
+        resident_fn = lambda k: resident
         all_bytes = resident * len(trace.layers) * trace.n_experts
     else:
         resident_fn = trace.size_fn()
@@ -656,7 +673,7 @@ def format_result(r: SimResult) -> str:
 # ---- command line ------------------------------------------------------------------------------------------
 
 
-def _gbs(text: str | None, flag: str) -> float | None:
+def parse_gbs(text: str | None, flag: str) -> float | None:
     if text is None:
         return None
     try:
@@ -699,7 +716,7 @@ def cmd_simulate(a) -> int:
     hw = get_profile(a.hardware)
     trace = load_trace(a.trace)
     if a.disk_bw is not None:
-        hw = replace(hw, disk_bw=_gbs(a.disk_bw, "--disk-bw"))
+        hw = replace(hw, disk_bw=parse_gbs(a.disk_bw, "--disk-bw"))
     warmup = min(64, trace.tokens // 4) if a.warmup is None else a.warmup
     r = simulate(trace, hw, memory=parse_size(a.memory), host_memory=parse_size(a.host_memory),
                  policy=a.cache_policy, expert_bits=a.expert_bits, group_size=a.group_size, context=a.context,

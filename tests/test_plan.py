@@ -112,7 +112,7 @@ def test_mixtral_on_12gb_vram_and_64gb_ram_is_planned_at_8_bit():
     e16, e8 = 2 * 176_160_768, 176_160_768 + 4 * 176_160_768 // 64
     assert 256 * e16 > dev_free + host  # 90.2 GB of 16-bit experts do not fit in 64.8 GB
     assert p.expert_bits == 8 and p.backbone_bits == 16 and p.feasible
-    n_dev = dev_free // e8  # 38 experts on the device, the other 218 in host RAM
+    assert dev_free // e8 == 38  # whole experts on the device, the other 218 in host RAM
     assert (p.row.on_device, p.row.in_host, p.row.on_disk) == (38, 218, 0)
     assert p.memory == 2 * 1_605_636_096 + 38 * e8 == 10_323_763_200
     assert p.host_memory == 218 * e8 == 40_803_237_888
@@ -187,3 +187,16 @@ def test_plan_for_hook_and_config_sources(tmp_path):
     assert read_model_config(store)[0]["model_type"] == "qwen3_moe"
     with pytest.raises(MoeError, match="not supported by the planner"):
         model_sizes({"model_type": "llama"})
+
+
+def test_recorded_trace_drives_the_prediction():
+    from moe_offload.sim import synthetic_trace
+
+    hw = resolve_hardware("rtx3060-12gb", ram=64 * 10**9)
+    s = model_sizes(MIXTRAL_8X7B)
+    tr = synthetic_trace(12, list(range(32)), 8, 2, expert_bytes=1, seed=3)  # bytes re-priced from the model
+    p = make_plan(s, hw, trace=tr)
+    assert p.trace_source.startswith("recorded trace, 9 tokens after 3 warm-up")
+    assert p.prediction.tokens == 9 and p.prediction.accesses == 9 * 32 * 2
+    with pytest.raises(MoeError, match="trace has 2 MoE layers"):
+        make_plan(s, hw, trace=synthetic_trace(4, [0, 1], 8, 2, expert_bytes=1))
