@@ -399,3 +399,21 @@ def test_bfloat16_keeps_fp32_keys_and_runs_close(pair, spec, names):
     assert half.model.model.embed_tokens.weight.dtype == torch.bfloat16
     ref = engine.logits(PROMPT)
     assert (half.logits(PROMPT) - ref).abs().max().item() < 0.1 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"model_type": "granitemoe", "rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_type 'linear'"),
+    ({"model_type": "phimoe", "num_experts_per_tok": 3}, "sparsemixer routes 2 experts"),
+    ({"model_type": "deepseek_v2", "mlp_bias": True}, "mlp_bias"),
+    ({"model_type": "deepseek_v2", "n_routed_experts": 4, "num_experts_per_tok": 2, "scoring_func": "sigmoid"},
+     "scoring_func 'sigmoid'"),
+    ({"model_type": "deepseek_v3", "topk_method": "greedy"}, "topk_method 'greedy'"),
+])
+def test_unsupported_family_settings_are_refused(config, message):
+    from moe_offload.errors import MoeError
+    from moe_offload.models import build
+
+    small = {"num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2, "num_key_value_heads": 2,
+             "intermediate_size": 8, "max_position_embeddings": 8, "vocab_size": 8}
+    with torch.device("meta"), pytest.raises(MoeError, match=message):
+        build({**small, **config})

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..experts import ExpertShape
-from .base import Attention, BaseModelArgs, CausalLM, DecoderLayer, MoE, attention_mask
+from .base import Attention, BaseModelArgs, CausalLM, DecoderLayer, MoE, attention_mask, rope_tables
 from .routing import topk_softmax
 
 
@@ -30,6 +30,7 @@ class ModelArgs(BaseModelArgs):
     rms_norm_eps: float = 1e-6
     rope_theta: float | None = None
     rope_parameters: dict | None = None
+    rope_scaling: dict | None = None
     attention_bias: bool = False
     embedding_multiplier: float = 1.0
     logits_scaling: float = 1.0
@@ -86,6 +87,12 @@ class Model(CausalLM):
         super().__init__(args, layers)
         self.n_experts, self.top_k = args.num_local_experts, args.num_experts_per_tok
         self.expert_shape = ExpertShape(args.hidden_size, args.intermediate_size, args.hidden_act)
+
+    def init_rope(self, device) -> None:
+        """default or yarn from rope_parameters / rope_scaling; any other rope type is an error."""
+        cos, sin = rope_tables(self.args, self.model.layers[0].self_attn.head_dim, self.args.max_position_embeddings)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
     def forward(self, tokens: torch.Tensor, pos: int, cache) -> torch.Tensor:
         """tokens [B, T] at positions pos..pos+T-1 -> logits [B, T, V] in fp32."""

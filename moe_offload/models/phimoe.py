@@ -83,7 +83,8 @@ class Model(CausalLM):
         rp = self._longrope()
         if rp is None:
             return self.args.max_position_embeddings
-        return rp.get("original_max_position_embeddings") or self.args.original_max_position_embeddings
+        return (rp.get("original_max_position_embeddings") or self.args.original_max_position_embeddings
+                or self.args.max_position_embeddings)
 
     def init_rope(self, device) -> None:
         head_dim = self.model.layers[0].self_attn.head_dim
