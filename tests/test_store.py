@@ -18,13 +18,14 @@ import torch
 
 from moe_offload.cli import main as cli_main
 from moe_offload.errors import MoeError, UsageError
+from moe_offload.experts import DenseCodec
 from moe_offload.runtime.engine import load
 from moe_offload.store import format as fmt
 from moe_offload.store.format import convert, open_store
 from moe_offload.store.loader import DEMAND, PREFETCH, Loader
 from moe_offload.store.open import mib
 from moe_offload.store.policies import POLICIES
-from moe_offload.store.tiers import DiskTier
+from moe_offload.store.tiers import DiskTier, HostTier
 from tests import tiny
 from tests.conftest import CHILD_ENV
 
@@ -137,6 +138,30 @@ def test_store_dtype_differs_from_compute_dtype(tmp_path):
     assert tokens == want
     assert stats["resident_weight_bytes"] <= memory
     assert set(engine.expert_cache.sizes.values()) == {3 * sh.hidden * sh.intermediate * 4}
+
+
+def test_experts_of_different_sizes_share_one_byte_budget(tmp_path):
+    """Mixed precision: odd experts stored in bf16 (decoded into fp32 copies), even ones in fp32 (used in
+    place). The budget counts each expert's real bytes, and tokens match the all-resident run."""
+    hf = tiny.make_checkpoint(tmp_path / "hf", "qwen2_moe_shared_dense")
+    half, full = DenseCodec(torch.bfloat16), DenseCodec(torch.float32)
+    store = convert(hf, tmp_path / "mixed", codec=lambda layer, e: half if e % 2 else full)
+    assert {e.codec["dtype"] for e in store.entries.values()} == {"bfloat16", "float32"}
+    resident = load(store.path)
+    want, _ = greedy(resident)
+    sh = store.expert_shape
+    fp32_bytes = 3 * sh.hidden * sh.intermediate * 4
+    for (_, e), n in resident.expert_cache.sizes.items():  # bf16: the fp32 copy; fp32: the page-rounded read
+        assert n == (fp32_bytes if e % 2 else fmt.round_up(fp32_bytes))
+    loads = sorted(f.load for f in resident.expert_cache.foot.values())
+    assert loads[0] < loads[-1]
+    base = resident.info["backbone_bytes"]
+    for memory in (base + sum(loads) // 2, base + 2 * loads[-1]):
+        for policy in ("lru", "lfu"):
+            tokens, stats = greedy(load(store.path, memory=memory, cache_policy=policy))
+            assert tokens == want and stats["resident_weight_bytes"] <= memory
+    with pytest.raises(MoeError, match="too small"):
+        load(store.path, memory=base + 2 * loads[-1] - 1)
 
 
 def test_hf_folder_with_memory_is_converted_once_into_the_cache(stores, tmp_path, monkeypatch, capsys):
@@ -360,6 +385,20 @@ def test_loader_runs_demand_before_prefetch_and_cancels_queued_work():
     failing.add_done_callback(seen.append)  # already done: runs now
     assert seen == [failing]
     loader.close()
+
+
+def test_host_tier_keeps_blobs_under_its_byte_budget():
+    """The pinned host tier of CUDA machines, with plain CPU tensors: bytes, not counts; policy victims."""
+    host = HostTier(10_000, "lru-global", n_layers=2, n_experts=4)
+    blob = lambda n: torch.zeros(n, dtype=torch.uint8)  # noqa: E731
+    host.offer((0, 0), blob(4_000), step=1)
+    host.offer((0, 1), blob(4_000), step=1)
+    assert host.get((0, 0), step=2) is not None  # (0, 1) is now the least recently used
+    host.offer((1, 0), blob(6_000), step=2)
+    assert set(host.blobs) == {(0, 0), (1, 0)} and host.used == 10_000 and host.evictions == 1
+    host.offer((1, 1), blob(20_000), step=3)  # larger than the tier: stays a staging buffer
+    assert (1, 1) not in host.blobs and host.peak == 10_000 and host.hits == 1
+    assert host.get((0, 1), step=3) is None
 
 
 def test_prefetch_stages_without_evicting_and_is_used_or_cancelled(stores):

@@ -23,6 +23,7 @@ import json
 import queue
 import threading
 import time
+import types
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,19 +38,33 @@ from .loader import DEMAND, PREFETCH, CopyStream, Handle, Loader
 from .policies import make_policy
 from .tiers import DiskTier, HostTier
 
+_LEAVES = (str, bytes, int, float, type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
+           types.MethodType, partial)
 
-def unit_tensors(unit) -> list[torch.Tensor]:
-    """The tensors an expert unit holds (its attributes, one level of lists/tuples; a module's state)."""
-    if isinstance(unit, torch.nn.Module):
-        return [*unit.parameters(), *unit.buffers()]
-    values = [getattr(unit, n, None) for n in getattr(type(unit), "__slots__", ())]
-    values += list(getattr(unit, "__dict__", {}).values())
-    out = []
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            out.append(v)
-        elif isinstance(v, (list, tuple)):
-            out += [t for t in v if isinstance(t, torch.Tensor)]
+
+def _children(obj) -> list:
+    if isinstance(obj, (list, tuple, set)):
+        return list(obj)
+    if isinstance(obj, dict):
+        return list(obj.values())
+    slots = [getattr(c, "__slots__", ()) for c in type(obj).__mro__]
+    names = [n for s in slots for n in ([s] if isinstance(s, str) else s)]
+    return [getattr(obj, n, None) for n in names] + list(getattr(obj, "__dict__", {}).values())
+
+
+def unit_tensors(unit, depth: int = 4) -> list[torch.Tensor]:
+    """The tensors an expert unit holds: through its attributes (slots, __dict__), nested objects, lists
+    and dicts, `depth` levels down; a module's parameters and buffers."""
+    out, seen, todo = [], set(), [(unit, depth)]
+    while todo:
+        obj, d = todo.pop()
+        if isinstance(obj, torch.Tensor):
+            out.append(obj)
+        elif isinstance(obj, torch.nn.Module):
+            out += [*obj.parameters(), *obj.buffers()]
+        elif d >= 0 and obj is not None and not isinstance(obj, _LEAVES) and id(obj) not in seen:
+            seen.add(id(obj))
+            todo += [(c, d - 1) for c in _children(obj)]
     return out
 
 
@@ -57,6 +72,12 @@ def storage_bytes(tensors: list[torch.Tensor]) -> int:
     """Bytes of the distinct storages behind `tensors` (views of one buffer count once)."""
     seen = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
     return sum(seen.values())
+
+
+def resident_bytes(unit, tensors: list[torch.Tensor]) -> int:
+    """What a unit keeps alive: its storages, or the codec's own count (`unit.nbytes`) if that is larger."""
+    claimed = getattr(unit, "nbytes", 0)
+    return max(storage_bytes(tensors), claimed if isinstance(claimed, int) else 0)
 
 
 @dataclass(frozen=True)
@@ -80,7 +101,7 @@ def footprints(store: Store, device: torch.device, dtype: torch.dtype) -> dict[K
                 buf = torch.zeros(alloc, dtype=torch.uint8, device=device)
                 unit = codec.decode(buf[:e.nbytes], shape, dtype)
             tensors = unit_tensors(unit)
-            resident = storage_bytes(tensors)
+            resident = resident_bytes(unit, tensors)
             views = any(t.untyped_storage()._cdata == buf.untyped_storage()._cdata for t in tensors)
             memo[spec] = Footprint(resident, resident if views else resident + alloc)
         out[key] = memo[spec]
@@ -210,7 +231,7 @@ class ExpertCache:
             self.bytes_read_disk += disk
             self.bytes_to_device += moved
         tensors = unit_tensors(unit)
-        return Loaded(unit, storage_bytes(tensors), tensors)
+        return Loaded(unit, resident_bytes(unit, tensors), tensors)
 
     def _submit(self, key: Key, priority: float) -> Handle:
         return self.loader.submit(partial(self._load, key, self.step), priority)

@@ -20,6 +20,7 @@ import struct
 import zlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -32,7 +33,7 @@ from ..checkpoint import (
     read_config,
 )
 from ..errors import MoeError
-from ..experts import DenseCodec, ExpertShape, make_codec
+from ..experts import Codec, DenseCodec, ExpertShape, make_codec
 from ..models import build, get_module
 from ..utils import DTYPE_NAMES, atomic_dir
 
@@ -164,18 +165,20 @@ def _drop_from_page_cache(path: Path) -> None:
 
 
 def write_experts(path: Path, source: SafetensorsFolder, model_type: str, moe_layers: list[int],
-                  n_experts: int, codec) -> list[ExpertEntry]:
-    """One expert at a time: read its three matrices, encode, write at the next aligned offset."""
+                  n_experts: int, codec: Callable[[int, int], Codec]) -> list[ExpertEntry]:
+    """One expert at a time: read its matrices, encode with codec(layer, expert), write at the next aligned
+    offset."""
     entries, offset = [], 0
     with open(path, "wb") as f:
         for layer in moe_layers:
             for e in range(n_experts):
                 parts = expert_tensors(source, model_type, layer, e)
-                blob = codec.encode(**parts).numpy().data  # uint8 [nbytes]
+                c = codec(layer, e)
+                blob = c.encode(**parts).numpy().data  # uint8 [nbytes]
                 n = len(blob)
                 f.write(blob)
                 f.write(b"\0" * (round_up(n) - n))
-                entries.append(ExpertEntry(layer, e, offset, n, dict(codec.spec), crc32_hex(blob)))
+                entries.append(ExpertEntry(layer, e, offset, n, dict(c.spec), crc32_hex(blob)))
                 offset += round_up(n)
         f.flush()
         os.fsync(f.fileno())
@@ -184,8 +187,10 @@ def write_experts(path: Path, source: SafetensorsFolder, model_type: str, moe_la
 
 
 def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
-            overwrite: bool = False) -> Store:
-    """Hugging Face folder -> store folder. `dtype` (default: the checkpoint's) for experts and backbone."""
+            overwrite: bool = False, codec: Codec | Callable[[int, int], Codec] | None = None) -> Store:
+    """Hugging Face folder -> store folder. `dtype` (default: the checkpoint's) for the backbone, the
+    compute default and the dense experts; `codec`: one Codec for all experts, or codec(layer, expert) for
+    mixed precision (each entry records its own spec)."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if (hf_dir / MANIFEST).is_file():
         raise MoeError(f"{hf_dir} is already an expert store")
@@ -205,11 +210,13 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.
         ignore |= {k for k in have if skip(k)}
     check_keys(have, set(backbone) | experts, str(hf_dir), ignore)
     store_dtype = dtype or checkpoint_dtype(config)
-    codec = DenseCodec(store_dtype)
+    if codec is None:
+        codec = DenseCodec(store_dtype)
+    pick = codec if not hasattr(codec, "encode") else (lambda layer, expert: codec)
     shape = model.expert_shape
 
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        entries = write_experts(tmp / EXPERTS, source, model_type, moe_layers, n_experts, codec)
+        entries = write_experts(tmp / EXPERTS, source, model_type, moe_layers, n_experts, pick)
         keep = tuple(getattr(model, "fp32_keys", ()))  # kept in fp32 whatever the dtype (as build_model)
         write_safetensors(tmp / BACKBONE, backbone, source, store_dtype, keep)
         for name in COPIED:

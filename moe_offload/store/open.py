@@ -82,7 +82,7 @@ def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, 
     if unknown:
         named = ", ".join(f"{k}={v!r}" for k, v in unknown.items())
         raise UsageError(f"unsupported offload option(s): {named}")
-    path = Path(path)
+    path, memory = Path(path), parse_size(memory)
     host_bytes = parse_size(host_memory)
     if host_bytes is not None and device.type != "cuda":
         raise UsageError("--host-memory is for CUDA devices; on CPU the expert cache is in RAM: use --memory")
