@@ -230,7 +230,7 @@ STACKED_EXPERT_NAMES: dict[str, list[dict[str, tuple[tuple[str, ...], object]]]]
 
 
 def _stacked_layout(model_type: str, layer: int, keys) -> dict:
-    """The first layout whose tensors are all in `keys` (or the first one, so a strict check names what is missing)."""
+    """The first layout whose tensors are all in `keys` (else the first, so a strict check names what is missing)."""
     layouts = STACKED_EXPERT_NAMES[model_type]
     if keys is not None:
         for layout in layouts:

@@ -23,7 +23,7 @@ from .utils import DTYPE_NAMES, DTYPES
 class ExpertShape:
     hidden: int  # D
     intermediate: int  # I
-    act: str = "silu"  # ACTIVATIONS name, or a GLUS name (a gated unit of (gate, up), e.g. gpt-oss's clamped SwiGLU)
+    act: str = "silu"  # ACTIVATIONS name, or a GLUS name (a gated unit of (gate, up): gpt-oss's clamped SwiGLU)
     bias: bool = False  # gate/up/down biases (gpt-oss): the unit is a BiasedExpert
     swiglu_alpha: float = 1.702  # clamped SwiGLU only: (up + 1) * gate * sigmoid(alpha * gate)
     swiglu_limit: float = 7.0  # clamped SwiGLU only: gate <= limit, -limit <= up <= limit

@@ -95,7 +95,8 @@ def rope_inv_freq(args, dim: int) -> tuple[torch.Tensor, float]:
         raise MoeError(f"rope_type {rope_type!r} is not supported for {getattr(args, 'model_type', '?')}")
     orig = rp["original_max_position_embeddings"]
     factor = rp.get("factor") or args.max_position_embeddings / orig
-    attention_factor, mscale, mscale_all_dim = rp.get("attention_factor"), rp.get("mscale"), rp.get("mscale_all_dim")
+    attention_factor = rp.get("attention_factor")
+    mscale, mscale_all_dim = rp.get("mscale"), rp.get("mscale_all_dim")
     if attention_factor is None:
         attention_factor = (float(yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim))
                             if mscale and mscale_all_dim else yarn_get_mscale(factor))

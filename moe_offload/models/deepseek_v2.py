@@ -16,8 +16,8 @@ from torch import nn
 
 from ..errors import MoeError
 from ..experts import ExpertShape
-from .base import (MLP, BaseModelArgs, CausalLM, DecoderLayer, MoE, RMSNorm, apply_rope, attention_mask, rope_config,
-                   rope_tables, yarn_get_mscale)
+from .base import (MLP, BaseModelArgs, CausalLM, DecoderLayer, MoE, RMSNorm, apply_rope, attention_mask,
+                   rope_config, rope_tables, yarn_get_mscale)
 from .routing import softmax_group_topk
 
 

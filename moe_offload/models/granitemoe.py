@@ -71,7 +71,8 @@ class GraniteDecoderLayer(DecoderLayer):
 
     def forward(self, x, cos, sin, cache, pos, masks):
         m = self.residual_multiplier
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pos, masks.get(self.self_attn.window)) * m
+        a = self.self_attn(self.input_layernorm(x), cos, sin, cache, pos, masks.get(self.self_attn.window))
+        h = x + a * m
         return h + self.ffn(self.post_attention_layernorm(h)) * m
 
 
@@ -90,7 +91,8 @@ class Model(CausalLM):
 
     def init_rope(self, device) -> None:
         """default or yarn from rope_parameters / rope_scaling; any other rope type is an error."""
-        cos, sin = rope_tables(self.args, self.model.layers[0].self_attn.head_dim, self.args.max_position_embeddings)
+        head_dim = self.model.layers[0].self_attn.head_dim
+        cos, sin = rope_tables(self.args, head_dim, self.args.max_position_embeddings)
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
 

@@ -13,7 +13,8 @@ from torch import nn
 
 from ..errors import MoeError
 from ..experts import ExpertShape
-from .base import Attention, BaseModelArgs, CausalLM, DecoderLayer, MoE, attention_mask, rope_config, rope_tables
+from .base import (Attention, BaseModelArgs, CausalLM, DecoderLayer, MoE, attention_mask, rope_config,
+                   rope_tables)
 from .routing import sparsemixer
 
 
@@ -46,7 +47,8 @@ class ModelArgs(BaseModelArgs):
     def __post_init__(self):
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         if self.num_experts_per_tok != 2:
-            raise MoeError(f"phimoe: sparsemixer routes 2 experts, config has num_experts_per_tok={self.num_experts_per_tok}")
+            raise MoeError("phimoe: sparsemixer routes 2 experts, config has "
+                           f"num_experts_per_tok={self.num_experts_per_tok}")
         if self.tie_word_embeddings and self.lm_head_bias:
             raise MoeError("phimoe: tied embeddings with an lm_head bias are not supported")
 
@@ -93,7 +95,8 @@ class Model(CausalLM):
             cos, sin = rope_tables(self.args, head_dim, self.args.max_position_embeddings)
         else:  # short factors and short_mscale for every position below the original context
             inv = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-            inv_freq = 1.0 / (torch.tensor(rp["short_factor"], dtype=torch.float32) * float(rp["rope_theta"]) ** inv)
+            short = torch.tensor(rp["short_factor"], dtype=torch.float32)
+            inv_freq = 1.0 / (short * float(rp["rope_theta"]) ** inv)
             freqs = torch.outer(torch.arange(self.max_len, dtype=torch.float32), inv_freq)
             emb = torch.cat([freqs, freqs], dim=-1)
             cos, sin = emb.cos() * rp["short_mscale"], emb.sin() * rp["short_mscale"]
