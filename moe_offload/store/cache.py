@@ -24,6 +24,7 @@ import queue
 import threading
 import time
 import types
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -154,6 +155,7 @@ class ExpertCache:
         self.step, self.prev_layer = 0, None
         self.lock = threading.Lock()  # workers add to the byte counters
         self._zero()
+        self._finalizer = weakref.finalize(self, _shut, self.loader, self.disk)  # threads and fd go with us
 
     def _zero(self) -> None:
         self.hits = self.misses = self.evictions = 0
@@ -426,8 +428,12 @@ class ExpertCache:
         return s
 
     def close(self) -> None:
-        self.loader.close()
-        self.disk.close()
+        self._finalizer()
+
+
+def _shut(loader: Loader, disk: DiskTier) -> None:
+    loader.close()
+    disk.close()
 
 
 class OffloadedExperts:
