@@ -124,6 +124,8 @@ CODECS: dict[str, Callable[..., Codec]] = {"dense": lambda spec: DenseCodec(spec
 
 def make_codec(spec: dict) -> Codec:
     if spec.get("name") not in CODECS:
+        from . import quant  # noqa: F401  (registers the quantized codecs)
+    if spec.get("name") not in CODECS:
         raise MoeError(f"unknown expert codec {spec.get('name')!r}; known: {', '.join(CODECS)}")
     return CODECS[spec["name"]](spec)
 

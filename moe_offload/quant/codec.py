@@ -1,0 +1,221 @@
+"""The quantized expert codec: one expert's three matrices -> ONE contiguous blob -> a callable unit.
+
+    spec = {"name": "hqq", "bits": 4, "group_size": 64, "meta_bits": 8, "rank": 0, "quantizer": "hqq"}
+
+Blob layout (every section starts on a 64-byte boundary; the blob is padded to 64 bytes):
+
+    gate_up [2I, D]   codes (pack.py; int4pack nibble order for b <= 4) | meta (hqq.py: bf16 [G, N, 2], or
+                      8-bit s and z codes + fp32 (min, step) per 128)
+    down    [D, I]    the same
+    rank r > 0: the activation-aware rank-r correction of each matrix's quantization residual (lowrank.py),
+                      W ≈ Ŵ + U V, with V [r, K] and U [N, r] stored as 8-bit, one group per row:
+                      gate_up.V | gate_up.U | down.V | down.U
+
+The group size is per matrix: the largest divisor of its input dim K not above `group_size` (0: whole row).
+`decode` picks the kernel per matrix and device (kernels.py); the unit's `nbytes` is what it holds resident
+(for 2/3-bit on CPU that is the expanded nibbles, i.e. what a 4-bit unit holds).
+
+Shape legend: D hidden, I expert intermediate, N output rows, K inputs, G groups per row, r rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..errors import MoeError
+from ..experts import CODECS, ExpertShape
+from ..models.base import ACTIVATIONS
+from . import lowrank
+from .hqq import META_BLOCK, decode_meta, group_size_for, quantize
+from .kernels import DENSE_ROWS, PackedMatrix, make_linear
+from .pack import packed_nbytes
+
+ALIGN = 64
+DEFAULT_GROUP = {2: 32, 3: 64, 4: 64, 8: 0}  # 0: one group per row (what the int8 kernel takes)
+DEFAULT_META = {2: 8, 3: 8, 4: 8, 8: 16}
+FACTOR = {"bits": 8, "group_size": 0, "meta_bits": 16}  # how low-rank factors are stored
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def matrix_sections(N: int, K: int, bits: int, g: int, meta_bits: int) -> list[tuple[str, int, torch.dtype, tuple]]:
+    """(key, nbytes, dtype, shape) of one matrix's sections, in blob order."""
+    G = K // g
+    secs = [("codes", packed_nbytes(N * K, bits), torch.uint8, (packed_nbytes(N * K, bits),))]
+    if meta_bits == 16:
+        secs.append(("sm", G * N * 4, torch.bfloat16, (G, N, 2)))
+    else:
+        B = -(-G * N // META_BLOCK)
+        secs += [("s8", G * N, torch.uint8, (G * N,)), ("z8", G * N, torch.uint8, (G * N,)),
+                 ("s8_minstep", B * 8, torch.float32, (B, 2)), ("z8_minstep", B * 8, torch.float32, (B, 2))]
+    return secs
+
+
+class QuantExpert:
+    """y = down(act(gate x) · up x) over quantized linears (each x [n, K] -> [n, N] in x's dtype)."""
+
+    __slots__ = ("gate_up", "down", "act")
+
+    def __init__(self, gate_up: Callable, down: Callable, act: str = "silu"):
+        self.gate_up, self.down, self.act = gate_up, down, ACTIVATIONS[act]
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate_up.nbytes + self.down.nbytes
+
+    @property
+    def kinds(self) -> tuple[str, str]:
+        return self.gate_up.kind, self.down.kind
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [n, D] -> [n, D]
+        g, u = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(self.act(g) * u)
+
+
+class LowRankLinear:
+    """base(x) + U(V(x)): a quantized matrix plus its rank-r residual correction."""
+
+    __slots__ = ("base", "V", "U")
+
+    def __init__(self, base, V, U):
+        self.base, self.V, self.U = base, V, U
+
+    @property
+    def kind(self) -> str:
+        return f"{self.base.kind}+lowrank"
+
+    @property
+    def nbytes(self) -> int:
+        return self.base.nbytes + self.V.nbytes + self.U.nbytes
+
+    def __call__(self, x):
+        return self.base(x) + self.U(self.V(x))
+
+
+class HQQCodec:
+    """Quantized experts: HQQ (or RTN) codes at 2/3/4/8 bits, optional low-rank residual correction."""
+
+    def __init__(self, spec: dict, kernel: str = "auto", dense_rows: int = DENSE_ROWS):
+        bits = int(spec.get("bits", 4))
+        if bits not in DEFAULT_GROUP:
+            raise MoeError(f"hqq codec: bits must be 2, 3, 4 or 8, got {bits}")
+        gs = int(spec.get("group_size", DEFAULT_GROUP[bits]) or 0)
+        meta = int(spec.get("meta_bits", DEFAULT_META[bits]))
+        rank = int(spec.get("rank", 0) or 0)
+        quantizer = spec.get("quantizer", "hqq")
+        if gs < 0 or meta not in (8, 16) or rank < 0 or quantizer not in ("hqq", "rtn"):
+            raise MoeError(f"hqq codec: bad spec {spec}")
+        self.spec = {"name": "hqq", "bits": bits, "group_size": gs, "meta_bits": meta, "rank": rank,
+                     "quantizer": quantizer}
+        self.kernel, self.dense_rows = kernel, dense_rows
+
+    # ---- layout ------------------------------------------------------------------------------------
+    def matrices(self, shape: ExpertShape) -> list[tuple[str, int, int, int, int, int]]:
+        """(name, N, K, bits, group, meta_bits) in blob order."""
+        D, I = shape.hidden, shape.intermediate
+        b, gs, mb, r = (self.spec[k] for k in ("bits", "group_size", "meta_bits", "rank"))
+        mats = [("gate_up", 2 * I, D, b, group_size_for(D, gs), mb), ("down", D, I, b, group_size_for(I, gs), mb)]
+        if r:
+            for name, N, K in (("gate_up", 2 * I, D), ("down", D, I)):
+                mats += [(f"{name}.V", r, K, 8, K, 16), (f"{name}.U", N, r, 8, r, 16)]
+        return mats
+
+    def layout(self, shape: ExpertShape) -> tuple[list[list[tuple[str, int, int, torch.dtype, tuple]]], int]:
+        """Per matrix: [(key, offset, nbytes, dtype, shape)]; and the blob's total size."""
+        off, out = 0, []
+        for _, N, K, b, g, mb in self.matrices(shape):
+            secs = []
+            for key, n, dt, shp in matrix_sections(N, K, b, g, mb):
+                secs.append((key, off, n, dt, shp))
+                off = _align(off + n)
+            out.append(secs)
+        return out, off
+
+    def nbytes(self, shape: ExpertShape) -> int:
+        return self.layout(shape)[1]
+
+    # ---- encode ------------------------------------------------------------------------------------
+    def encode(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+               x: torch.Tensor | None = None, act: str = "silu") -> torch.Tensor:
+        """gate, up [I, D], down [D, I] -> uint8 [nbytes]. x [n, D]: calibration inputs of this expert (only
+        the low-rank correction uses them: it is fitted to the output error on x, and on act(gate x)·up x)."""
+        b, gs, mb, r, method = (self.spec[k] for k in ("bits", "group_size", "meta_bits", "rank", "quantizer"))
+        Ws = [torch.cat([gate, up]).float(), down.float()]
+        qs = [quantize(W, b, gs, mb, method) for W in Ws]
+        if r:
+            Ls = [None, None]
+            if x is not None:
+                xf = x.float()
+                h = ACTIVATIONS[act](xf @ gate.float().t()) * (xf @ up.float().t())
+                Ls = [lowrank.whitener(xf), lowrank.whitener(h)]
+            for W, q, L in zip(Ws, list(qs), Ls):
+                U, V = lowrank.factor(W - q.dequantize(), r, L)
+                qs += [quantize(V, method=method, **FACTOR), quantize(U, method=method, **FACTOR)]
+        layout, total = self.layout(ExpertShape(gate.shape[1], gate.shape[0]))
+        blob = torch.zeros(total, dtype=torch.uint8)
+        for q, secs in zip(qs, layout):
+            tensors = {"codes": PackedMatrix.from_quantized(q).packed, **q.meta}
+            for key, off, n, _, _ in secs:
+                t = tensors[key].contiguous().view(-1).view(torch.uint8)
+                assert t.numel() == n, (key, t.numel(), n)
+                blob[off:off + n] = t
+        return blob
+
+    # ---- decode ------------------------------------------------------------------------------------
+    def packed(self, blob: torch.Tensor, shape: ExpertShape) -> list[PackedMatrix]:
+        """Views of the blob's matrices (on the blob's device); meta8 is expanded to bf16 here."""
+        layout, total = self.layout(shape)
+        if blob.numel() < total:
+            raise ValueError(f"hqq blob has {blob.numel()} bytes, the spec needs {total}")
+        pms = []
+        for (_, N, K, b, g, _), secs in zip(self.matrices(shape), layout):
+            t = {key: blob[off:off + n].view(dt).view(shp) for key, off, n, dt, shp in secs}
+            pms.append(PackedMatrix(t.pop("codes"), decode_meta(t, N, K // g, b), b, N, K))
+        return pms
+
+    def decode(self, blob: torch.Tensor, shape: ExpertShape, dtype: torch.dtype = torch.bfloat16) -> QuantExpert:
+        """A callable unit; it computes in the dtype of its input (the engine's compute dtype)."""
+        if blob.device.type == "meta":  # the kernel, hence the resident size, depends on the real device
+            raise NotImplementedError("hqq decode needs a real device")
+        lins = [make_linear(pm, self.kernel, self.dense_rows) for pm in self.packed(blob, shape)]
+        gate_up, down = lins[:2]
+        if self.spec["rank"]:
+            gate_up, down = LowRankLinear(gate_up, lins[2], lins[3]), LowRankLinear(down, lins[4], lins[5])
+        return QuantExpert(gate_up, down, shape.act)
+
+    def dequantize(self, blob: torch.Tensor, shape: ExpertShape) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weights the unit computes with, fp32: gate_up [2I, D], down [D, I] (low-rank included)."""
+        W = [pm.dequantize() for pm in self.packed(blob, shape)]
+        if self.spec["rank"]:
+            W[0] = W[0] + W[3] @ W[2]
+            W[1] = W[1] + W[5] @ W[4]
+        return W[0], W[1]
+
+
+def expert_error(gate, up, down, codec: HQQCodec, blob: torch.Tensor | None = None,
+                 x: torch.Tensor | None = None) -> float:
+    """Relative error of one encoded expert: Frobenius over its three matrices together, or, with
+    calibration inputs x [n, D], of its output on x."""
+    shape = ExpertShape(gate.shape[1], gate.shape[0])
+    blob = codec.encode(gate, up, down, x) if blob is None else blob
+    gu_hat, dn_hat = codec.dequantize(blob, shape)
+    gu, dn = torch.cat([gate, up]).float(), down.float()
+    if x is None:
+        num = (gu - gu_hat).pow(2).sum() + (dn - dn_hat).pow(2).sum()
+        return float((num / (gu.pow(2).sum() + dn.pow(2).sum()).clamp_min(1e-30)).sqrt())
+    xf = x.float()
+    act = ACTIVATIONS[shape.act]
+
+    def run(a, b):
+        g, u = (xf @ a.t()).chunk(2, dim=-1)
+        return (act(g) * u) @ b.t()
+
+    y = run(gu, dn)
+    return float((y - run(gu_hat, dn_hat)).norm() / y.norm().clamp_min(1e-30))
+
+
+CODECS["hqq"] = HQQCodec

@@ -1,0 +1,213 @@
+"""Half-quadratic quantization (HQQ, Badri & Shaji 2023) and round-to-nearest: pure tensors in, tensors out.
+
+A weight W [N, K] is cut into groups of g consecutive inputs (axis=1) and approximated as
+
+    W ≈ s · (Q − z)        Q ∈ {0 … 2^b − 1} per weight; scale s and zero z per group.
+
+Round-to-nearest (RTN) takes s, z from each group's min/max. HQQ keeps that s and fits z (optionally s too)
+to the sparsity-promoting loss ||W − s(Q − z)||_p^p, p < 1, by half-quadratic splitting: an extra variable
+We ≈ W − s(Q − z) is shrunk with the lp proximal operator, then z has a closed form (a group mean):
+
+    Q  = clamp(round(W / s + z))
+    We = shrink_p(W − s(Q − z), β)            shrink_p(x) = sign(x)·relu(|x| − |x|^(p−1) / β)
+    z  = mean_g(Q − (W − We) / s)             (and, with opt_scale, s = <W − We, Q − z> / <Q − z, Q − z>)
+    β ← κβ
+
+No calibration data is used. We keep, per group, the z (and s) with the lowest squared error seen.
+
+Meta-data (s, z per group) is stored in one of two ways — the choice decides bits/weight:
+  meta_bits=16  s and m = s·(c − z) as bf16 pairs [G, N, 2], exactly the int4pack kernel's
+                `scales_and_zeros` (c is the code centre: 8 for b <= 4, 128 for b = 8); b + 32/g bits/weight
+  meta_bits=8   s and z each as 8-bit codes, RTN in blocks of 128 consecutive values of the [G, N] array
+                with an fp32 (min, step) per block (the paper's "meta-data quantization");
+                b + 2·(8 + 64/128)/g = b + 17/g bits/weight
+Either way the weight the runtime sees is w = (q − c)·s + m with bf16 s and m, and the codes are re-rounded
+against exactly those values (`requantize`), so codes and stored meta are always consistent.
+
+Shape legend: N output rows, K inputs, g group size, G = K/g groups per row, B meta blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+META_BLOCK = 128  # meta values per (min, step) pair when meta_bits=8
+
+
+def centre(bits: int) -> int:
+    """The code c at which the stored offset m sits: 8 lets every b <= 4 use the int4 kernel as is."""
+    return 128 if bits == 8 else 8
+
+
+def group_size_for(K: int, group_size: int | None) -> int:
+    """Effective group: 0/None or >= K means one group per row; otherwise the largest divisor of K <= it."""
+    if not group_size or group_size >= K:
+        return K
+    g = int(group_size)
+    while K % g:
+        g -= 1
+    return g
+
+
+def _minmax(Wg: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Wg [R, G, g] -> s, z [R, G, 1]; a constant group c gets s = |c|/maxq (exact reconstruction)
+    mn, mx = Wg.amin(-1, keepdim=True), Wg.amax(-1, keepdim=True)
+    rng = mx - mn
+    flat = torch.maximum(mn.abs(), mx.abs()).clamp_min(1e-12)
+    s = torch.where(rng > 1e-7 * flat, rng, flat) / maxq
+    return s, -mn / s
+
+
+def _shrink(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
+    a = x.abs()
+    return torch.sign(x) * torch.relu(a - a.clamp_min(1e-8).pow(p - 1) / beta)
+
+
+def _fit_rows(Wg, maxq, optimize, iters, lp_norm, beta, kappa, opt_scale):
+    s, z = _minmax(Wg, maxq)
+    if not optimize:
+        return s, z
+    best_s, best_z = s.clone(), z.clone()
+    best_err = torch.full_like(s, float("inf"))
+    for _ in range(iters):
+        Q = torch.round(Wg / s + z).clamp_(0, maxq)
+        R = Wg - s * (Q - z)  # residual
+        err = R.pow(2).sum(-1, keepdim=True)
+        better = err < best_err
+        if not better.any():
+            break
+        best_err = torch.where(better, err, best_err)
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+        T = Wg - _shrink(R, beta, lp_norm)  # the part of W the codes should reproduce
+        if opt_scale:
+            d = Q - z
+            s = ((T * d).sum(-1, keepdim=True) / d.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)).clamp_min(1e-12)
+        z = (Q - T / s).mean(-1, keepdim=True)
+        beta *= kappa
+    return best_s, best_z
+
+
+def fit(W: torch.Tensor, bits: int, group_size: int | None, method: str = "hqq", *, iters: int = 20,
+        lp_norm: float = 0.7, beta: float = 10.0, kappa: float = 1.01, opt_scale: bool = True,
+        rows_per_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [N, K] -> scale s, zero z [N, G] fp32 (method 'hqq' or 'rtn'); codes follow from `requantize`."""
+    if method not in ("hqq", "rtn"):
+        raise ValueError(f"unknown quantizer {method!r}: hqq or rtn")
+    N, K = W.shape
+    g = group_size_for(K, group_size)
+    maxq = 2**bits - 1
+    step = rows_per_chunk or max(1, (1 << 22) // K)  # ~4M weights per chunk bounds the temporaries
+    s_out, z_out = [], []
+    for r in range(0, N, step):
+        Wg = W[r:r + step].float().reshape(-1, K // g, g)
+        s, z = _fit_rows(Wg, maxq, method == "hqq", iters, lp_norm, beta, kappa, opt_scale)
+        s_out.append(s[..., 0])
+        z_out.append(z[..., 0])
+    return torch.cat(s_out), torch.cat(z_out)
+
+
+# ---- meta-data ---------------------------------------------------------------------------------------
+
+def _q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # x [n] fp32 -> codes uint8 [n], (min, step) fp32 [B, 2]; blocks of META_BLOCK, the last one padded
+    n = x.numel()
+    pad = -n % META_BLOCK
+    xb = torch.cat([x, x[-1:].expand(pad)]).view(-1, META_BLOCK)
+    mn, mx = xb.amin(1, keepdim=True), xb.amax(1, keepdim=True)
+    step = torch.where(mx > mn, (mx - mn) / 255, torch.ones_like(mn))
+    codes = torch.round((xb - mn) / step).clamp_(0, 255).to(torch.uint8).view(-1)[:n]
+    return codes, torch.cat([mn, step], 1)
+
+
+def _dq8(codes: torch.Tensor, minstep: torch.Tensor) -> torch.Tensor:
+    n = codes.numel()
+    pad = -n % META_BLOCK
+    c = torch.cat([codes, codes.new_zeros(pad)]).view(-1, META_BLOCK).float()
+    return (minstep[:, :1] + c * minstep[:, 1:]).view(-1)[:n]
+
+
+def meta_nbytes(N: int, G: int, meta_bits: int) -> int:
+    if meta_bits == 16:
+        return G * N * 2 * 2
+    if meta_bits == 8:
+        return 2 * (G * N + -(-G * N // META_BLOCK) * 8)
+    raise ValueError(f"meta_bits must be 8 or 16, got {meta_bits}")
+
+
+def encode_meta(s: torch.Tensor, z: torch.Tensor, bits: int, meta_bits: int) -> dict[str, torch.Tensor]:
+    """s, z [N, G] fp32 -> the stored meta tensors (in [G, N] order)."""
+    if meta_bits == 16:
+        m = s * (centre(bits) - z)
+        return {"sm": torch.stack([s.t(), m.t()], -1).to(torch.bfloat16).contiguous()}  # [G, N, 2]
+    if meta_bits == 8:
+        sc, sb = _q8(s.t().reshape(-1))
+        zc, zb = _q8(z.t().reshape(-1))
+        return {"s8": sc, "z8": zc, "s8_minstep": sb, "z8_minstep": zb}
+    raise ValueError(f"meta_bits must be 8 or 16, got {meta_bits}")
+
+
+def decode_meta(meta: dict[str, torch.Tensor], N: int, G: int, bits: int) -> torch.Tensor:
+    """Stored meta -> scales_and_zeros bf16 [G, N, 2]: (s, m) with w = (q − c)·s + m."""
+    if "sm" in meta:
+        return meta["sm"].view(G, N, 2)
+    s = _dq8(meta["s8"], meta["s8_minstep"].float())
+    z = _dq8(meta["z8"], meta["z8_minstep"].float())
+    return torch.stack([s, s * (centre(bits) - z)], -1).view(G, N, 2).to(torch.bfloat16)
+
+
+# ---- codes --------------------------------------------------------------------------------------------
+
+def _expand(t: torch.Tensor, g: int) -> torch.Tensor:  # [G, N] -> [N, K]
+    return t.t().float().repeat_interleave(g, dim=1)
+
+
+def requantize(W: torch.Tensor, sz: torch.Tensor, bits: int) -> torch.Tensor:
+    """Nearest codes for W [N, K] under stored scales_and_zeros [G, N, 2] -> uint8 [N, K]."""
+    K = W.shape[1]
+    g = K // sz.shape[0]
+    s, m = _expand(sz[..., 0], g), _expand(sz[..., 1], g)
+    return torch.round((W.float() - m) / s + centre(bits)).clamp_(0, 2**bits - 1).to(torch.uint8)
+
+
+def dequantize(codes: torch.Tensor, sz: torch.Tensor, bits: int, dtype=torch.float32) -> torch.Tensor:
+    """codes uint8 [N, K], scales_and_zeros [G, N, 2] -> W [N, K] = (q − c)·s + m, computed in fp32."""
+    N, K = codes.shape
+    G = sz.shape[0]
+    s, m = sz[..., 0].t().float()[..., None], sz[..., 1].t().float()[..., None]  # [N, G, 1]
+    w = torch.addcmul(m - centre(bits) * s, codes.view(N, G, K // G), s)  # one fused pass over the codes
+    return w.reshape(N, K).to(dtype)
+
+
+@dataclass
+class Quantized:
+    """One quantized matrix: codes [N, K] (uint8, row-major), the stored meta, and its bf16 view."""
+
+    codes: torch.Tensor
+    meta: dict[str, torch.Tensor]
+    sz: torch.Tensor  # [G, N, 2] bf16 (s, m)
+    bits: int
+    group_size: int
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return dequantize(self.codes, self.sz, self.bits, dtype)
+
+
+def quantize(W: torch.Tensor, bits: int, group_size: int | None, meta_bits: int = 8, method: str = "hqq",
+             **opts) -> Quantized:
+    """W [N, K] -> Quantized: fit s, z (HQQ or RTN), store the meta, re-round codes against the stored meta."""
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"unsupported bit width {bits}; choose 2, 3, 4 or 8")
+    N, K = W.shape
+    g = group_size_for(K, group_size)
+    s, z = fit(W, bits, g, method, **opts)
+    meta = encode_meta(s, z, bits, meta_bits)
+    sz = decode_meta(meta, N, K // g, bits)
+    return Quantized(requantize(W, sz, bits), meta, sz, bits, g)
+
+
+def rel_error(W: torch.Tensor, W_hat: torch.Tensor) -> float:
+    """||W − Ŵ||_F / ||W||_F."""
+    W = W.float()
+    return float((W - W_hat.float()).norm() / W.norm().clamp_min(1e-30))
