@@ -197,11 +197,11 @@ class HQQCodec:
 
 
 def expert_error(gate, up, down, codec: HQQCodec, blob: torch.Tensor | None = None,
-                 x: torch.Tensor | None = None) -> float:
+                 x: torch.Tensor | None = None, act: str = "silu") -> float:
     """Relative error of one encoded expert: Frobenius over its three matrices together, or, with
     calibration inputs x [n, D], of its output on x."""
-    shape = ExpertShape(gate.shape[1], gate.shape[0])
-    blob = codec.encode(gate, up, down, x) if blob is None else blob
+    shape = ExpertShape(gate.shape[1], gate.shape[0], act)
+    blob = codec.encode(gate, up, down, x, act) if blob is None else blob
     gu_hat, dn_hat = codec.dequantize(blob, shape)
     gu, dn = torch.cat([gate, up]).float(), down.float()
     if x is None:

@@ -1,0 +1,173 @@
+"""Mixed precision under a byte budget: choose a codec per expert to minimise Σ freq·err s.t. Σ bytes <= budget.
+
+Each expert has options (codec spec, bytes, err): err is its relative error (error_curve: Frobenius over its
+three matrices, or output error on calibration inputs). freq is how often the router picks it
+(routing_stats.json, normalised per layer; uniform when absent). The allocator is the classic greedy on
+each expert's lower convex hull of (bytes, err) — the Lagrangian solution of this multiple-choice knapsack:
+start every expert at its cheapest option, then repeatedly take the upgrade step with the largest
+freq·Δerr / Δbytes; a step that does not fit is dropped (that expert stays where it is) and the rest go on.
+Properties (tested): never above the budget; identical convex curves with uniform statistics give a uniform
+assignment at any budget equal to a uniform assignment's bytes; a hotter expert never gets a cheaper option
+than a colder one with the same curve.
+
+routing_stats.json, either of
+    {"layers": {"<layer>": {"counts": [c_0, ..., c_{E-1}]}, ...}, ...}     (the profiler's file)
+    {"<layer>": [c_0, ..., c_{E-1}], ...}
+counts are activations per expert; a layer without stats counts as uniform.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import MoeError
+
+Key = tuple[int, int]  # (layer, expert)
+
+
+@dataclass(frozen=True)
+class Option:
+    spec: dict  # codec spec, as stored in the manifest
+    nbytes: int
+    err: float
+
+    @property
+    def label(self) -> str:
+        s = self.spec
+        if s.get("name") != "hqq":
+            return s.get("dtype", s.get("name", "?"))
+        return f"{s['bits']}b" + (f"+r{s['rank']}" if s.get("rank") else "")
+
+
+def load_stats(src: str | os.PathLike | dict | None) -> dict[int, list[float]]:
+    """routing_stats.json (path or parsed) -> {layer: counts}."""
+    if src is None:
+        return {}
+    if not isinstance(src, dict):
+        try:
+            with open(src) as f:
+                src = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise MoeError(f"routing stats {src}: {e}") from None
+    layers = src.get("layers", src)
+    out = {}
+    try:
+        for k, v in layers.items():
+            counts = v["counts"] if isinstance(v, dict) else v
+            out[int(k)] = [float(c) for c in counts]
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise MoeError("routing stats: expected {'layers': {layer: {'counts': [...]}}} or {layer: [...]}") from None
+    return out
+
+
+def frequencies(stats: dict[int, list[float]], keys: list[Key]) -> dict[Key, float]:
+    """Per-layer normalised activation frequency; uniform for layers without stats (or all-zero counts)."""
+    per_layer: dict[int, list[int]] = {}
+    for layer, e in keys:
+        per_layer.setdefault(layer, []).append(e)
+    out = {}
+    for layer, experts in per_layer.items():
+        counts = stats.get(layer)
+        if counts is not None and max(experts) >= len(counts):
+            raise MoeError(f"routing stats: layer {layer} has {len(counts)} experts, the model more")
+        total = sum(counts[e] for e in experts) if counts else 0.0
+        for e in experts:
+            out[layer, e] = counts[e] / total if total > 0 else 1.0 / len(experts)
+    return out
+
+
+def hull(options: list[Option]) -> list[Option]:
+    """Lower convex hull of (bytes, err), cheapest first; dominated options dropped."""
+    pts = []
+    for o in sorted(options, key=lambda o: (o.nbytes, o.err)):
+        if pts and o.err >= pts[-1].err:
+            continue  # costs more, not better
+        while len(pts) >= 2:
+            a, b = pts[-2], pts[-1]  # drop b if it lies on or above the chord a -> o
+            if (b.err - a.err) * (o.nbytes - a.nbytes) >= (o.err - a.err) * (b.nbytes - a.nbytes):
+                pts.pop()
+            else:
+                break
+        pts.append(o)
+    return pts
+
+
+def allocate(options: dict[Key, list[Option]], freq: dict[Key, float], budget: int) -> dict[Key, Option]:
+    """The plan: one option per expert, Σ nbytes <= budget (see the module docstring)."""
+    hulls = {k: hull(v) for k, v in options.items()}
+    choice = {k: 0 for k in hulls}
+    used = sum(h[0].nbytes for h in hulls.values())
+    if used > budget:
+        raise MoeError(f"budget {budget} bytes is below the smallest plan ({used} bytes)")
+
+    def push(heap, k):
+        h, i = hulls[k], choice[k]
+        if i + 1 < len(h):
+            gain = freq.get(k, 0.0) * (h[i].err - h[i + 1].err) / (h[i + 1].nbytes - h[i].nbytes)
+            heapq.heappush(heap, (-gain, i, k))  # ties: lower level first, then key order
+
+    heap: list = []
+    for k in sorted(hulls):
+        push(heap, k)
+    while heap:
+        _, i, k = heapq.heappop(heap)
+        step = hulls[k][i + 1].nbytes - hulls[k][i].nbytes
+        if used + step > budget:
+            continue  # does not fit: this expert stays here
+        used += step
+        choice[k] = i + 1
+        push(heap, k)
+    return {k: hulls[k][i] for k, i in choice.items()}
+
+
+def uniform(options: dict[Key, list[Option]], label: str) -> dict[Key, Option]:
+    return {k: next(o for o in v if o.label == label) for k, v in options.items()}
+
+
+def objective(plan: dict[Key, Option], freq: dict[Key, float]) -> float:
+    return sum(freq.get(k, 0.0) * o.err for k, o in plan.items())
+
+
+def format_plan(plan: dict[Key, Option], freq: dict[Key, float], budget: int | None = None,
+                detail: bool = True) -> str:
+    """The plan as a table: one row per expert (or per layer with detail=False), then totals."""
+    rows = []
+    if detail:
+        rows.append(f"{'layer':>5} {'expert':>6} {'freq':>7} {'codec':>8} {'bytes':>10} {'err':>7}")
+        for (layer, e), o in sorted(plan.items()):
+            rows.append(f"{layer:>5} {e:>6} {freq.get((layer, e), 0):>7.4f} {o.label:>8} {o.nbytes:>10} {o.err:>7.4f}")
+    else:
+        rows.append(f"{'layer':>5} {'experts':>7} {'codecs':<30} {'bytes':>12} {'Σfreq·err':>9}")
+        for layer in sorted({k[0] for k in plan}):
+            ks = [k for k in plan if k[0] == layer]
+            mix: dict[str, int] = {}
+            for k in ks:
+                mix[plan[k].label] = mix.get(plan[k].label, 0) + 1
+            desc = " ".join(f"{n}×{lab}" for lab, n in sorted(mix.items()))
+            rows.append(f"{layer:>5} {len(ks):>7} {desc:<30} {sum(plan[k].nbytes for k in ks):>12} "
+                        f"{sum(freq.get(k, 0) * plan[k].err for k in ks):>9.4f}")
+    total = sum(o.nbytes for o in plan.values())
+    tail = f"total {total} bytes" + (f" of budget {budget}" if budget is not None else "")
+    rows.append(f"{tail}; Σ freq·err = {objective(plan, freq):.5f}")
+    return "\n".join(rows)
+
+
+def error_curve(gate, up, down, specs: list[dict], x=None, make: Callable | None = None,
+                shape=None) -> list[Option]:
+    """Encode one expert with every spec; measure its error (Frobenius, or output error on x [n, D])."""
+    from ..experts import ExpertShape, make_codec
+    from .codec import expert_error
+
+    make = make or make_codec
+    shape = shape or ExpertShape(gate.shape[1], gate.shape[0])
+    out = []
+    for spec in specs:
+        c = make(spec)
+        blob = c.encode(gate, up, down, x=x, act=shape.act) if spec.get("name") == "hqq" else c.encode(gate, up, down)
+        err = expert_error(gate, up, down, c, blob, x, shape.act) if hasattr(c, "dequantize") else 0.0
+        out.append(Option(dict(c.spec), int(blob.numel()), err))
+    return out

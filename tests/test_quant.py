@@ -1,0 +1,323 @@
+"""Quantization library: packing, HQQ/RTN error bounds, kernels vs the dequantised reference, the hqq codec,
+mixed-precision plans, low-rank residuals. Small matrices only: the whole file runs in seconds."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from moe_offload.errors import MoeError
+from moe_offload.experts import DenseExpert, ExpertShape, make_codec
+from moe_offload.quant import hqq, lowrank, mixed
+from moe_offload.quant.codec import HQQCodec, expert_error
+from moe_offload.quant.kernels import (DENSE_ROWS, PackedMatrix, int4pack_native, int4pack_order, int4pack_unorder,
+                                       make_linear)
+from moe_offload.quant.pack import nibbles, pack, packed_nbytes, unpack
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+# ---- packing ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_round_trip_is_bit_exact(bits):
+    for n in (1, 5, 8, 13, 64, 1000, 4104):
+        codes = torch.randint(0, 2**bits, (n,), generator=gen(n), dtype=torch.uint8)
+        p = pack(codes, bits)
+        assert p.dtype == torch.uint8 and p.numel() == packed_nbytes(n, bits) == math.ceil(n / 8) * bits
+        assert torch.equal(unpack(p, bits, n), codes)
+        shifted = torch.zeros(p.numel() + 3, dtype=torch.uint8)  # an unaligned slice of a bigger buffer
+        shifted[3:] = p
+        assert torch.equal(unpack(shifted[3:], bits, n), codes)
+        if bits < 8:  # 2/3-bit planes expand to exactly the 4-bit packing of the same codes
+            assert torch.equal(nibbles(p, bits, n), pack(codes, 4))
+    with pytest.raises(ValueError):
+        pack(torch.zeros(8, dtype=torch.uint8), 5)
+
+
+def test_int4pack_order_round_trip_and_torch_layout():
+    for N, K in [(16, 64), (64, 32), (80, 64), (112, 96), (192, 128)]:
+        c = torch.randint(0, 16, (N, K), generator=gen(N), dtype=torch.uint8)
+        stream = int4pack_order(c)
+        assert torch.equal(int4pack_unorder(stream, N, K), c)
+        if int4pack_native():
+            ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(c.to(torch.int32), 1)
+            assert torch.equal(pack(stream, 4).view(N, K // 2), ref)
+
+
+# ---- quantizer ----------------------------------------------------------------------------------------
+
+def _expected_max(g: int) -> float:
+    """E[max of g standard normals] by numerical integration (for the RTN error model below)."""
+    xs = torch.linspace(-8, 8, 20001, dtype=torch.float64)
+    cdf = 0.5 * (1 + torch.erf(xs / math.sqrt(2)))
+    pdf = torch.exp(-xs**2 / 2) / math.sqrt(2 * math.pi)
+    return float(torch.trapezoid(xs * g * cdf ** (g - 1) * pdf, xs))
+
+
+@pytest.mark.parametrize("bits,group", [(2, 32), (3, 64), (4, 64), (8, 0)])
+def test_quantizer_error_bounds_on_gaussian(bits, group):
+    """RTN error ≈ step/√12 with step = E[group range]/(2^b − 1); HQQ must beat RTN; both under the model +5 %."""
+    W = torch.randn(256, 512, generator=gen(1))
+    g = hqq.group_size_for(512, group)
+    model = 2 * _expected_max(g) / (2**bits - 1) / math.sqrt(12)
+    errs = {m: hqq.rel_error(W, hqq.quantize(W, bits, group, method=m).dequantize()) for m in ("rtn", "hqq")}
+    assert errs["rtn"] < 1.05 * model
+    assert errs["hqq"] <= errs["rtn"]
+    if bits < 8:
+        assert errs["hqq"] < 0.97 * errs["rtn"]  # the fitted scale/zero is a real gain at low bits
+
+
+def test_error_monotone_in_bits_and_meta8_costs_nothing_measurable():
+    W = torch.randn(128, 256, generator=gen(2)) * 0.02
+    errs = [hqq.rel_error(W, hqq.quantize(W, b, None if b == 8 else 64).dequantize()) for b in (2, 3, 4, 8)]
+    assert errs == sorted(errs, reverse=True) and errs[-1] < 0.01
+    e8 = hqq.rel_error(W, hqq.quantize(W, 4, 64, meta_bits=8).dequantize())
+    e16 = hqq.rel_error(W, hqq.quantize(W, 4, 64, meta_bits=16).dequantize())
+    assert abs(e8 - e16) < 0.01 * e16
+
+
+def test_quantize_codes_are_nearest_for_the_stored_meta():
+    W = torch.randn(32, 128, generator=gen(3))
+    q = hqq.quantize(W, 3, 64)
+    assert q.codes.dtype == torch.uint8 and int(q.codes.max()) <= 7
+    assert torch.equal(hqq.requantize(W, q.sz, 3), q.codes)
+    # constant and all-zero groups reconstruct exactly
+    C = torch.zeros(16, 128)
+    C[:, :64] = 0.5
+    assert torch.allclose(hqq.quantize(C, 2, 64).dequantize(), C)
+
+
+def test_group_size_for():
+    assert hqq.group_size_for(4096, 64) == 64
+    assert hqq.group_size_for(48, 64) == 48 and hqq.group_size_for(96, 64) == 48
+    assert hqq.group_size_for(100, 0) == 100
+
+
+def test_our_hqq_matches_the_hqq_package():
+    """Same algorithm (zero only, no scale refit): within 3 % of the reference quantizer's error."""
+    quantize_mod = pytest.importorskip("hqq.core.quantize")
+    W = torch.randn(256, 1024, generator=gen(4))
+    for bits, g in [(4, 64), (3, 64), (2, 16)]:
+        Wq, meta = quantize_mod.Quantizer.quantize(W, nbits=bits, group_size=g, axis=1, device="cpu",
+                                                   bitpack=False, optimize=True)
+        theirs = hqq.rel_error(W, quantize_mod.Quantizer.dequantize(Wq, meta))
+        s, z = hqq.fit(W, bits, g, "hqq", opt_scale=False)
+        Wg = W.view(256, -1, g)
+        Q = torch.round(Wg / s[..., None] + z[..., None]).clamp(0, 2**bits - 1)
+        ours = hqq.rel_error(W, (s[..., None] * (Q - z[..., None])).view_as(W))
+        assert abs(ours - theirs) < 0.03 * theirs, (bits, g, ours, theirs)
+
+
+# ---- kernels ------------------------------------------------------------------------------------------
+
+CASES = [  # bits, group, N, K, the kernel auto picks on CPU
+    (4, 64, 96, 128, "int4pack"), (3, 64, 80, 64, "int4pack"), (2, 32, 48, 64, "int4pack"),
+    (4, 128, 32, 256, "int4pack"), (8, 0, 40, 64, "int8pack"),
+    (4, 16, 64, 64, "dense"), (3, 64, 24, 128, "dense"), (8, 0, 16, 24, "dense"), (8, 64, 32, 128, "dense"),
+]
+
+
+@pytest.mark.parametrize("bits,group,N,K,kind", CASES)
+def test_kernels_match_the_dequantised_reference(bits, group, N, K, kind):
+    W = torch.randn(N, K, generator=gen(N + K))
+    q = hqq.quantize(W, bits, group)
+    pm = PackedMatrix.from_quantized(q)
+    assert torch.equal(pm.codes(), q.codes)
+    ref = q.dequantize()
+    assert torch.equal(pm.dequantize(), ref)
+    lin = make_linear(pm)
+    if kind != "int4pack" or int4pack_native():
+        assert lin.kind == kind
+    for M in (1, 5, DENSE_ROWS + 1):  # decode rows use the kernel, prefill rows dequantise + dense GEMM
+        x = torch.randn(M, K, generator=gen(M))
+        for dt in (torch.bfloat16, torch.float32):
+            y = lin(x.to(dt))
+            assert y.dtype == dt and y.shape == (M, N)
+            assert rel(y, x.to(dt).float() @ ref.t()) < 1e-2
+        assert rel(make_linear(pm, "dense")(x), x @ ref.t()) < 1e-6
+
+
+# ---- the codec ----------------------------------------------------------------------------------------
+
+SPECS = [dict(bits=4), dict(bits=3), dict(bits=2), dict(bits=8), dict(bits=4, meta_bits=16),
+         dict(bits=2, group_size=16), dict(bits=3, rank=8), dict(bits=4, quantizer="rtn")]
+
+
+def expert(D, I, seed=0):
+    g = gen(seed)
+    return [torch.randn(*s, generator=g) * 0.05 for s in ((I, D), (I, D), (D, I))]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
+@pytest.mark.parametrize("D,I", [(128, 96), (64, 48)])
+def test_codec_round_trip_through_bytes(spec, D, I):
+    codec = make_codec({"name": "hqq", **spec})
+    assert isinstance(codec, HQQCodec)
+    assert make_codec(json.loads(json.dumps(codec.spec))).spec == codec.spec  # the manifest round trip
+    shape = ExpertShape(D, I)
+    gate, up, down = expert(D, I)
+    blob = codec.encode(gate, up, down)
+    assert blob.dtype == torch.uint8 and blob.numel() == codec.nbytes(shape)
+    assert torch.equal(blob, codec.encode(gate, up, down))  # deterministic
+    stored = torch.frombuffer(bytearray(blob.numpy().tobytes()), dtype=torch.uint8)  # as read from disk
+    gu, dn = codec.dequantize(stored, shape)
+    ref = DenseExpert(gu, dn)
+    x = torch.randn(5, D, generator=gen(7))
+    for dt in (torch.bfloat16, torch.float32):
+        unit = codec.decode(stored, shape, dt)
+        assert rel(unit(x.to(dt)), ref(x.to(dt).float())) < 2e-2
+        assert unit.nbytes >= blob.numel() // 2
+    dense_unit = HQQCodec(codec.spec, kernel="dense").decode(stored, shape, torch.float32)
+    assert rel(dense_unit(x), ref(x)) < 1e-5
+    err = expert_error(gate, up, down, codec, blob)
+    assert 0 < err < {2: 0.45, 3: 0.25, 4: 0.12, 8: 0.01}[codec.spec["bits"]]
+
+
+def test_codec_nbytes_is_exact_and_bits_per_weight():
+    shape = ExpertShape(4096, 14336)
+    n = 3 * 4096 * 14336
+    bpw = {b: 8 * HQQCodec({"bits": b}).nbytes(shape) / n for b in (2, 3, 4, 8)}
+    # codes + meta: b + 17/g with 8-bit meta (2: g32, 3/4: g64); 8-bit: one bf16 (s, m) per row
+    for b, g in ((2, 32), (3, 64), (4, 64)):
+        assert abs(bpw[b] - (b + 17 / g)) < 1e-3
+    assert abs(bpw[8] - 8) < 0.01
+    assert abs(8 * HQQCodec({"bits": 4, "meta_bits": 16}).nbytes(shape) / n - 4.5) < 1e-3
+
+
+def test_codec_bad_spec_and_short_blob():
+    with pytest.raises(MoeError):
+        make_codec({"name": "hqq", "bits": 5})
+    with pytest.raises(MoeError):
+        make_codec({"name": "hqq", "bits": 4, "meta_bits": 4})
+    codec = HQQCodec({"bits": 4})
+    with pytest.raises(ValueError):
+        codec.decode(torch.zeros(10, dtype=torch.uint8), ExpertShape(64, 32), torch.float32)
+
+
+def test_lowrank_correction_reduces_error_and_uses_calibration():
+    D, I = 64, 64
+    gate, up, down = expert(D, I, seed=3)
+    mix = torch.randn(D, D, generator=gen(5))  # correlated activations: whitening matters
+    x = torch.randn(256, D, generator=gen(6)) @ mix
+    base = expert_error(gate, up, down, HQQCodec({"bits": 2}), x=x)
+    plain = expert_error(gate, up, down, HQQCodec({"bits": 2, "rank": 16}), x=x,
+                         blob=HQQCodec({"bits": 2, "rank": 16}).encode(gate, up, down))
+    aware = expert_error(gate, up, down, HQQCodec({"bits": 2, "rank": 16}), x=x)
+    assert aware < plain < base
+
+
+# ---- low rank -----------------------------------------------------------------------------------------
+
+def test_lowrank_error_falls_with_rank_and_whitening_wins_on_its_norm():
+    W = torch.randn(64, 96, generator=gen(8))
+    x = torch.randn(300, 96, generator=gen(9)) @ torch.randn(96, 96, generator=gen(10))
+    L = lowrank.whitener(x)
+    for Lw in (None, L):
+        errs = []
+        for r in (0, 4, 16, 32, 64):
+            U, V = lowrank.factor(W, r, Lw) if r else (torch.zeros(64, 0), torch.zeros(0, 96))
+            errs.append(lowrank.error(W, U @ V, Lw))
+        assert all(a > b for a, b in zip(errs, errs[1:])) and errs[-1] < 1e-4
+    Up, Vp = lowrank.factor(W, 16)
+    Uw, Vw = lowrank.factor(W, 16, L)
+    assert lowrank.error(W, Uw @ Vw, L) < lowrank.error(W, Up @ Vp, L)
+    for target in (0.5, 0.2):
+        r = lowrank.rank_for_error(W, W, target, L)
+        U, V = lowrank.factor(W, r, L)
+        assert lowrank.error(W, U @ V, L) <= target + 1e-6
+        U, V = lowrank.factor(W, r - 1, L)
+        assert lowrank.error(W, U @ V, L) > target
+    assert lowrank.breakeven_rank(4096, 14336) == 4096 * 14336 // (4096 + 14336)
+
+
+# ---- mixed precision ----------------------------------------------------------------------------------
+
+BITS_BYTES = {2: 300, 3: 400, 4: 500, 8: 900}
+
+
+def convex_curve(scale=1.0):
+    return [mixed.Option({"name": "hqq", "bits": b}, n, scale * 2.0 ** -b) for b, n in BITS_BYTES.items()]
+
+
+def test_mixed_never_exceeds_budget():
+    rng = random.Random(0)
+    for trial in range(30):
+        keys = [(la, e) for la in range(3) for e in range(rng.randint(2, 6))]
+        opts = {k: [mixed.Option({"bits": b}, rng.randint(50, 1000), rng.random()) for b in range(4)] for k in keys}
+        freq = {k: rng.random() for k in keys}
+        low = sum(min(o.nbytes for o in v) for v in opts.values())
+        for budget in (low, low + rng.randint(0, 3000), 10**9):
+            plan = mixed.allocate(opts, freq, budget)
+            assert set(plan) == set(keys) and sum(o.nbytes for o in plan.values()) <= budget
+        with pytest.raises(MoeError):
+            mixed.allocate(opts, freq, low - 1)
+
+
+def test_mixed_uniform_stats_and_identical_curves_give_uniform_plan():
+    keys = [(la, e) for la in (0, 1) for e in range(8)]
+    opts = {k: convex_curve() for k in keys}
+    freq = mixed.frequencies({}, keys)
+    assert all(abs(f - 1 / 8) < 1e-12 for f in freq.values())
+    for b, n in BITS_BYTES.items():
+        plan = mixed.allocate(opts, freq, n * len(keys))
+        assert {o.spec["bits"] for o in plan.values()} == {b}
+
+
+def test_mixed_hot_expert_never_gets_fewer_bytes_than_a_colder_twin():
+    rng = random.Random(1)
+    for trial in range(40):
+        curve = {la: [mixed.Option({"bits": b}, n + rng.randint(0, 50), rng.random() * 2.0 ** -b)
+                      for b, n in BITS_BYTES.items()] for la in range(2)}
+        keys = [(la, e) for la in range(2) for e in range(6)]
+        freq = {k: rng.random() for k in keys}
+        budget = rng.randint(sum(min(o.nbytes for o in curve[k[0]]) for k in keys),
+                             sum(max(o.nbytes for o in curve[k[0]]) for k in keys))
+        plan = mixed.allocate({k: curve[k[0]] for k in keys}, freq, budget)
+        for a, b in itertools.permutations(keys, 2):
+            if a[0] == b[0] and freq[a] > freq[b]:
+                assert plan[a].nbytes >= plan[b].nbytes
+
+
+def test_mixed_beats_uniform_at_equal_bytes_when_routing_is_skewed():
+    keys = [(0, e) for e in range(8)]
+    counts = [100, 50, 20, 10, 5, 2, 1, 1]
+    freq = mixed.frequencies(mixed.load_stats({"layers": {"0": {"counts": counts}}}), keys)
+    opts = {k: convex_curve() for k in keys}
+    uni = mixed.uniform(opts, "3b")
+    plan = mixed.allocate(opts, freq, sum(o.nbytes for o in uni.values()))
+    assert mixed.objective(plan, freq) < mixed.objective(uni, freq)
+    assert plan[0, 0].spec["bits"] > plan[0, 7].spec["bits"]
+    table = mixed.format_plan(plan, freq, budget=8 * 400)
+    assert "Σ freq·err" in table and len(table.splitlines()) == 8 + 2
+    assert len(mixed.format_plan(plan, freq, detail=False).splitlines()) == 3
+
+
+def test_routing_stats_formats(tmp_path):
+    a = mixed.load_stats({"layers": {"1": {"counts": [3, 1]}, "3": {"counts": [0, 0]}}})
+    b = tmp_path / "s.json"
+    b.write_text(json.dumps({"1": [3, 1], "3": [0, 0]}))
+    assert a == mixed.load_stats(b) == {1: [3.0, 1.0], 3: [0.0, 0.0]}
+    f = mixed.frequencies(a, [(1, 0), (1, 1), (3, 0), (3, 1), (5, 0)])
+    assert f == {(1, 0): 0.75, (1, 1): 0.25, (3, 0): 0.5, (3, 1): 0.5, (5, 0): 1.0}
+    with pytest.raises(MoeError):
+        mixed.load_stats({"layers": {"0": {"count": [1]}}})
+
+
+def test_error_curve_of_a_real_expert_is_monotone():
+    gate, up, down = expert(64, 32, seed=11)
+    curve = mixed.error_curve(gate, up, down, [{"name": "hqq", "bits": b} for b in (2, 3, 4, 8)])
+    assert [o.nbytes for o in curve] == sorted(o.nbytes for o in curve)
+    assert [o.err for o in curve] == sorted((o.err for o in curve), reverse=True)
+    assert [o.label for o in curve] == ["2b", "3b", "4b", "8b"]
