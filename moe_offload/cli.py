@@ -35,7 +35,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--memory", default=None, help="bytes of weights allowed on the compute device, e.g. 512MiB")
     p.add_argument("--host-memory", default=None, help="pinned host RAM tier between disk and device (GPU)")
-    p.add_argument("--cache-policy", default=None, help="expert cache policy (lru, lru-global, lfu, ...)")
+    p.add_argument("--cache-policy", default=None, help="expert cache policy: lru, lru-global, lfu, lrfu")
+    p.add_argument("--prefetch", default=None, choices=["none", "lookahead", "shadow", "auto"],
+                   help="speculative expert prefetch (expert store only)")
+    p.add_argument("--prefetch-depth", type=int, default=None, help="MoE layers ahead to prefetch (default 1)")
+    p.add_argument("--prefetch-experts", type=int, default=None, help="experts per predicted layer (default top-k)")
 
 
 def offload_kwargs(a: argparse.Namespace) -> dict:
@@ -90,7 +94,8 @@ def format_stats(s: dict) -> str:
                      f"resident weights {s['resident_weight_bytes'] / 2**20:.1f} MiB")
     if "prefetch_issued" in s:
         lines.append(f"prefetch: {s['prefetch_issued']} issued, {s['prefetch_used']} used, "
-                     f"{s['prefetch_cancelled']} cancelled, recall {s.get('prefetch_recall', 0):.3f}, "
+                     f"{s['prefetch_cancelled']} cancelled, {s.get('prefetch_wasted', 0)} wasted, "
+                     f"recall {s.get('prefetch_recall', 0):.3f}, "
                      f"precision {s.get('prefetch_precision', 0):.3f}")
     return "\n".join(lines)
 
@@ -172,7 +177,8 @@ def _load_plugins() -> None:
     import importlib
 
     for mod in ("moe_offload.store.cli", "moe_offload.profile", "moe_offload.quant.cli", "moe_offload.server",
-                "moe_offload.bench", "moe_offload.eval", "moe_offload.plan", "moe_offload.sim"):
+                "moe_offload.bench", "moe_offload.eval", "moe_offload.plan", "moe_offload.sim",
+                "moe_offload.gguf_export"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

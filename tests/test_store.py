@@ -178,8 +178,8 @@ def test_hf_folder_with_memory_is_converted_once_into_the_cache(stores, tmp_path
 
 
 def test_unknown_offload_option_is_refused(stores):
-    with pytest.raises(UsageError, match="prefetch"):
-        load(stores["mixtral_gqa"][1], prefetch="lookahead")
+    with pytest.raises(UsageError, match="warp_drive"):
+        load(stores["mixtral_gqa"][1], warp_drive="on")
 
 
 # ---- budgets ----------------------------------------------------------------------------------------------

@@ -147,6 +147,7 @@ class ExpertCache:
         self.host = HostTier(host_bytes, policy, n_layers, store.n_experts) if cuda and host_bytes else None
         self.copier = CopyStream(device) if cuda else None
         self.loader = Loader(workers)
+        self.prefetcher = None  # prefetch.runtime.Prefetcher, set by open_offloaded for --prefetch
         self.resident: dict[Key, Callable] = {}
         self.sizes: dict[Key, int] = {}
         self.pending: dict[Key, Pending] = {}
@@ -161,7 +162,8 @@ class ExpertCache:
         self.hits = self.misses = self.evictions = 0
         self.bytes_read_disk = self.bytes_to_device = 0
         self.stall = 0.0
-        self.prefetch_issued = self.prefetch_used = self.prefetch_cancelled = 0
+        # issued = used + cancelled (never read) + wasted (read, then dropped unused) once a pass settles
+        self.prefetch_issued = self.prefetch_used = self.prefetch_cancelled = self.prefetch_wasted = 0
         self.peak = self.base_bytes + self.cache_used + self.stage_used
         if self.host is not None:
             self.host.hits, self.host.peak = 0, self.host.used
@@ -202,11 +204,23 @@ class ExpertCache:
     def _drop_one_prefetch(self, keep: set[Key]) -> bool:
         for k, p in self.pending.items():
             speculative = p.pool == "stage" and not p.claimed and k not in keep
-            if speculative and (p.handle.cancel() or p.handle.done()):
-                self._release(k)
-                self.prefetch_cancelled += 1
+            if speculative and (p.handle.done() or p.handle.cancel()):
+                self._drop_prefetch(k, p)
                 return True
         return False
+
+    def _drop_prefetch(self, k: Key, p: Pending) -> None:
+        """Give up an unclaimed speculative load: a queued one never runs (cancelled); a finished or running
+        one was read for nothing (wasted) and frees its bytes now or when it ends."""
+        if p.handle.cancel():  # still queued (or already cancelled): never read
+            self.prefetch_cancelled += 1
+            self._release(k)
+            return
+        self.prefetch_wasted += 1
+        if p.handle.done():
+            self._release(k)
+        else:
+            p.drop_when_done = True
 
     def _reap(self) -> None:
         for k in [k for k, p in self.pending.items() if p.drop_when_done and p.handle.done()]:
@@ -393,12 +407,8 @@ class ExpertCache:
         for k, p in list(self.pending.items()):
             if p.pool != "stage" or p.claimed or p.drop_when_done or (wanted is not None and k not in wanted):
                 continue
-            if p.handle.cancel() or p.handle.done():
-                self._release(k)
-            else:
-                p.drop_when_done = True
+            self._drop_prefetch(k, p)
             n += 1
-        self.prefetch_cancelled += n
         return n
 
     # ---- stats -----------------------------------------------------------------------------------------
@@ -422,7 +432,11 @@ class ExpertCache:
                      host_resident_bytes=self.host.peak)
         if self.prefetch_issued or self.staging_bytes:
             s.update(prefetch_issued=self.prefetch_issued, prefetch_used=self.prefetch_used,
-                     prefetch_cancelled=self.prefetch_cancelled)
+                     prefetch_cancelled=self.prefetch_cancelled, prefetch_wasted=self.prefetch_wasted)
+        if self.prefetcher is not None:
+            s.update(self.prefetcher.stats())
+            if reset:
+                self.prefetcher.reset()
         if reset:
             self._zero()
         return s
@@ -444,4 +458,6 @@ class OffloadedExperts:
 
     def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         # hidden [N, D], top_k_index / top_k_weights [N, A] -> [N, D]
+        if self.cache.prefetcher is not None:  # settle this layer's guesses, queue the next layers' loads
+            self.cache.prefetcher.on_route(self.layer, hidden, top_k_index)
         return moe_dispatch(hidden, top_k_index, top_k_weights, partial(self.cache.fetch, self.layer))

@@ -17,6 +17,7 @@ import torch
 
 from ..checkpoint import checkpoint_dtype, read_config
 from ..errors import MoeError, UsageError
+from ..prefetch.runtime import make_prefetcher
 from ..runtime.engine import Engine, _eos_ids, build_model, is_store
 from ..runtime.tokenizer import Tokenizer
 from ..utils import DTYPE_NAMES, parse_size
@@ -77,7 +78,9 @@ def min_memory(backbone: int, reserve: int, loads: dict[int, list[int]], top_k: 
 
 
 def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, memory: int | None,
-                   host_memory: str | int | None = None, cache_policy: str | None = None, **rest) -> Engine:
+                   host_memory: str | int | None = None, cache_policy: str | None = None,
+                   prefetch: str | None = None, prefetch_depth: int | None = None,
+                   prefetch_experts: int | None = None, **rest) -> Engine:
     unknown = {k: v for k, v in rest.items() if v is not None}
     if unknown:
         named = ", ".join(f"{k}={v!r}" for k, v in unknown.items())
@@ -107,11 +110,18 @@ def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, 
     cache = ExpertCache(store, device, dt, capacity, policy, base_bytes=backbone, host_bytes=host_bytes)
     for layer, moe in model.moe_blocks():
         moe.experts = OffloadedExperts(cache, layer)
+    if prefetch not in (None, "none"):
+        cache.prefetcher = make_prefetcher(cache, model, store.path, prefetch,
+                                           1 if prefetch_depth is None else prefetch_depth, prefetch_experts)
+        # staging holds one predicted set per layer ahead, and always leaves the cache one layer's active experts
+        biggest = max(f.load for f in foot.values())
+        want = cache.prefetcher.depth * cache.prefetcher.m * biggest
+        cache.set_staging(max(0, min(want, capacity - store.top_k * biggest)))
     tokenizer = Tokenizer(store.path) if (store.path / "tokenizer.json").is_file() else None
     info = {"format": "store", "store": str(store.path), "model_type": store.model_type,
             "expert_bytes": store.expert_bytes, "backbone_bytes": backbone, "memory": memory,
             "cache_capacity_bytes": capacity, "cache_policy": policy, "host_memory": host_bytes,
-            "disk_direct_io": cache.disk.direct}
+            "disk_direct_io": cache.disk.direct, "prefetch": prefetch or "none", "staging_bytes": cache.staging_bytes}
     engine = Engine(model, args, tokenizer, device, dt, store.path,
                     _eos_ids(store.path, store.config, tokenizer), expert_stats=cache.stats, info=info)
     engine.expert_cache = cache  # the prefetcher's handle: cache.prefetch(keys) / cache.cancel_prefetch()
