@@ -108,7 +108,8 @@ class SafetensorsFolder:
         except Exception as e:
             raise MoeError(f"{self.folder / shard}: cannot read tensor {name} ({e})") from None
 
-    def dtype_of(self, name: str) -> torch.dtype:
+    def dtype_of(self, name: str) -> str:
+        """The safetensors dtype name ("F32", "BF16", "F8_E4M3", ...) without reading the tensor."""
         return self._open(self.key_to_shard[name]).get_slice(name).get_dtype()
 
     def shape_of(self, name: str) -> list[int]:
@@ -308,8 +309,11 @@ class Fp8Dequantized:
             return dequantize_fp8_blocks(t, self.source.get(self.scales[name]), self.block)
         return t
 
-    def dtype_of(self, name: str) -> torch.dtype:
-        return torch.float32 if name in self.scales else self.source.dtype_of(name)
+    def dtype_of(self, name: str) -> str:
+        return "F32" if name in self.scales else self.source.dtype_of(name)
+
+    def shape_of(self, name: str) -> list[int]:
+        return self.source.shape_of(name)  # dequantising keeps the shape
 
 
 def dequantizing(source, config: dict):

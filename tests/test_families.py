@@ -386,6 +386,12 @@ def test_deepseek_v3_fp8_checkpoint_matches_transformers(pair, tmp_path, block):
     got = ours.logits(PROMPT + ref)
     assert (got - want).abs().max().item() <= 1e-4
     assert (got - engine.logits(PROMPT + ref)).abs().max().item() > 1e-3  # the weights really were rounded
+    # the store converter dequantises the same way: identical tokens under an expert budget
+    from moe_offload.store.format import convert
+
+    store = convert(q_folder, tmp_path / "fp8-store", dtype=torch.float32).path
+    small = load(store, dtype="float32", memory=ours.info["backbone_bytes"] + ours.info["expert_bytes"] // 3)
+    assert small.generate(prompt_ids=PROMPT, max_new_tokens=N_NEW, ignore_eos=True).token_ids == ref
 
 
 @pytest.mark.parametrize("spec,names", [("deepseek_v3_group_lora_yarn", ["mlp.gate.e_score_correction_bias"]),

@@ -26,6 +26,7 @@ import torch
 
 from ..checkpoint import (
     SafetensorsFolder,
+    dequantizing,
     check_keys,
     checkpoint_dtype,
     expert_checkpoint_keys,
@@ -198,7 +199,7 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.
     get_module(config.get("model_type"))  # unsupported type -> clear error before anything is written
     with torch.device("meta"):
         args, model = build(config)
-    source = SafetensorsFolder(hf_dir)
+    source = dequantizing(SafetensorsFolder(hf_dir), config)  # FP8 block-scaled weights -> fp32, as load()
     moe_layers = [layer for layer, _ in model.moe_blocks()]
     n_experts, model_type = model.n_experts, args.model_type
     backbone = list(model.state_dict())
