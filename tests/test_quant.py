@@ -15,7 +15,7 @@ from moe_offload.errors import MoeError
 from moe_offload.experts import DenseExpert, ExpertShape, make_codec
 from moe_offload.quant import hqq, lowrank, mixed
 from moe_offload.quant.codec import HQQCodec, expert_error
-from moe_offload.quant.kernels import (DENSE_ROWS, PackedMatrix, int4pack_native, int4pack_order, int4pack_unorder,
+from moe_offload.quant.kernels import (PackedMatrix, int4pack_native, int4pack_order, int4pack_unorder,
                                        make_linear)
 from moe_offload.quant.pack import nibbles, pack, packed_nbytes, unpack
 
@@ -137,10 +137,11 @@ def test_kernels_match_the_dequantised_reference(bits, group, N, K, kind):
     assert torch.equal(pm.codes(), q.codes)
     ref = q.dequantize()
     assert torch.equal(pm.dequantize(), ref)
-    lin = make_linear(pm)
+    assert torch.equal(pm.dequantize(rows=N), ref) and torch.equal(pm.dequantize(rows=16), ref)
+    lin = make_linear(pm, dense_rows=8)
     if kind != "int4pack" or int4pack_native():
         assert lin.kind == kind
-    for M in (1, 5, DENSE_ROWS + 1):  # decode rows use the kernel, prefill rows dequantise + dense GEMM
+    for M in (1, 5, 9):  # decode rows use the kernel, prefill rows (> dense_rows) dequantise + dense GEMM
         x = torch.randn(M, K, generator=gen(M))
         for dt in (torch.bfloat16, torch.float32):
             y = lin(x.to(dt))

@@ -29,7 +29,7 @@ from ..experts import CODECS, ExpertShape
 from ..models.base import ACTIVATIONS
 from . import lowrank
 from .hqq import META_BLOCK, decode_meta, group_size_for, quantize
-from .kernels import DENSE_ROWS, PackedMatrix, make_linear
+from .kernels import PackedMatrix, make_linear
 from .pack import packed_nbytes
 
 ALIGN = 64
@@ -99,7 +99,7 @@ class LowRankLinear:
 class HQQCodec:
     """Quantized experts: HQQ (or RTN) codes at 2/3/4/8 bits, optional low-rank residual correction."""
 
-    def __init__(self, spec: dict, kernel: str = "auto", dense_rows: int = DENSE_ROWS):
+    def __init__(self, spec: dict, kernel: str = "auto", dense_rows: int | None = None):
         bits = int(spec.get("bits", 4))
         if bits not in DEFAULT_GROUP:
             raise MoeError(f"hqq codec: bits must be 2, 3, 4 or 8, got {bits}")

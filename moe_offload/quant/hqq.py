@@ -171,13 +171,18 @@ def requantize(W: torch.Tensor, sz: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.round((W.float() - m) / s + centre(bits)).clamp_(0, 2**bits - 1).to(torch.uint8)
 
 
+def affine_(f: torch.Tensor, s: torch.Tensor, m0: torch.Tensor) -> torch.Tensor:
+    """In place f·s + m0 on fp32 codes f [R, G, g] (m0 = m − c·s, [R, G, 1]): the one dequantisation formula."""
+    return f.mul_(s).add_(m0)
+
+
 def dequantize(codes: torch.Tensor, sz: torch.Tensor, bits: int, dtype=torch.float32) -> torch.Tensor:
     """codes uint8 [N, K], scales_and_zeros [G, N, 2] -> W [N, K] = (q − c)·s + m, computed in fp32."""
     N, K = codes.shape
     G = sz.shape[0]
     s, m = sz[..., 0].t().float()[..., None], sz[..., 1].t().float()[..., None]  # [N, G, 1]
-    w = torch.addcmul(m - centre(bits) * s, codes.view(N, G, K // G), s)  # one fused pass over the codes
-    return w.reshape(N, K).to(dtype)
+    w = affine_(codes.reshape(N, G, K // G).float(), s, m - centre(bits) * s)
+    return w.view(N, K).to(dtype)
 
 
 @dataclass
