@@ -1,0 +1,1085 @@
+"""`moe-offload bench`: our engine side by side with the tools users would pick instead, and the physical limits.
+
+Every configuration (system x memory budget) runs in a fresh subprocess, under a cgroup-v1 memory limit of
+budget + a fixed overhead where the memory controller is writable (the limit counts page cache, so mmap cannot
+hide the model in it), after the page cache of the files it will read was dropped (fsync, then
+POSIX_FADV_DONTNEED, checked with `fincore`). Timings: one warm-up generation excluded, then `--repeat`
+generations, each on its own fixed prompt (the same prompts for every system), greedy, EOS never stops them;
+prefill and decode apart; decode tok/s = decoded tokens / decode seconds, reported as median [min, max].
+Bytes read from disk per decoded token come from the kernel's /proc/self/io read_bytes for every system (and
+from our own expert counters for us).
+
+Systems: `us` (the expert store under --memory), `hf` (transformers with every weight in RAM, each CPU experts
+implementation asked for), `accelerate` (transformers + accelerate device_map="auto", max_memory = the budget,
+the rest offloaded to a folder on disk), `llamacpp` (llama-cpp-python on GGUF files written by
+`moe-offload export-gguf`: F16 by us, Q4_0 / Q4_K_M by llama.cpp's quantizer).
+
+Limits: the best decode tok/s the measured RAM read bandwidth and cold disk read bandwidth allow for the
+bytes one token must touch: the backbone (less the embedding table, of which one row is read) + top_k
+experts per MoE layer + the KV cache; out of core, the missed share of the experts (at our measured hit rate)
+also comes from disk. `tok_s` assumes disk and RAM traffic overlap perfectly (the upper bound);
+`tok_s_serial` adds them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .cli import command
+from .errors import MoeError, UsageError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CACHE = REPO_ROOT / ".cache" / "bench"
+MiB, GB = 1 << 20, 1e9
+OVERHEAD = 512 * MiB  # cgroup limit = budget + this: Python, torch, activations, KV cache, allocator slack
+PEERS = ("hf", "accelerate", "llamacpp")
+HF_IMPLS = ("grouped_mm", "eager")  # transformers' fast CPU experts paths (batched_mm is ~10x slower on CPU)
+LLAMACPP_TYPES = ("f16", "q4_0", "q4_k")
+
+# Mixtral-shaped random models built with transformers on the fly (saved once under the cache folder).
+SYNTHETIC = {
+    "mixtral-1024x8": dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=8, num_attention_heads=32,
+                           num_key_value_heads=8, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2,
+                           max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, initializer_range=0.05,
+                           dtype="bfloat16"),
+}
+
+
+# ---- arithmetic (pure; tests hold it) -------------------------------------------------------------------
+
+
+def summarize(values) -> dict:
+    """median / min / max / n of a list of numbers (None-free); empty -> Nones."""
+    xs = [float(v) for v in values]
+    if not xs:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def budget_bytes(pct: float, backbone: int, experts: int) -> int:
+    """--memory for a budget given as a percentage of the expert bytes: backbone + pct % of the experts."""
+    return backbone + int(experts * pct / 100)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Bytes of one model at the benchmark's dtype."""
+
+    backbone: int  # the engine's resident backbone (every dense tensor, as --memory counts it)
+    embed: int  # the embedding table (decode reads one row of it)
+    hidden: int  # D
+    itemsize: int
+    expert: int  # one routed expert as the cache holds it (page-rounded span)
+    moe_layers: int
+    n_experts: int
+    top_k: int
+    kv_per_token: int  # KV cache bytes per token over all layers
+
+    @property
+    def experts(self) -> int:
+        return self.expert * self.moe_layers * self.n_experts
+
+    @property
+    def active_experts(self) -> int:
+        """Expert bytes one decoded token computes with: top_k per MoE layer."""
+        return self.expert * self.moe_layers * self.top_k
+
+    def touched_per_token(self, context: float) -> float:
+        """Weight + KV bytes one decode step must read at `context` tokens of KV cache."""
+        return self.backbone - self.embed + self.hidden * self.itemsize + self.active_experts + self.kv_per_token * context
+
+
+def decode_limit(touched: float, miss_bytes: float, ram_bw: float, disk_bw: float) -> dict:
+    """Best decode tok/s for `touched` bytes from RAM per token and `miss_bytes` of them first read from disk."""
+    t_ram = touched / ram_bw
+    t_disk = miss_bytes / disk_bw if miss_bytes else 0.0
+    return {"t_ram_s": t_ram, "t_disk_s": t_disk, "tok_s": 1.0 / max(t_ram, t_disk),
+            "tok_s_serial": 1.0 / (t_ram + t_disk), "bound": "disk" if t_disk > t_ram else "RAM"}
+
+
+def miss_bytes_per_token(sizes: Sizes, hit_rate: float) -> float:
+    return (1.0 - hit_rate) * sizes.active_experts
+
+
+def leading_agreement(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two greedy generations share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def summarize_runs(runs: list[dict], tokens: int) -> dict:
+    """Per-configuration summary of the measured generations (warm-up already removed)."""
+    out = {k: summarize([r[k] for r in runs if r.get(k) is not None])
+           for k in ("prefill_tok_s", "decode_tok_s")}
+    disk = [r["decode_disk_read_bytes"] for r in runs if r.get("decode_disk_read_bytes") is not None]
+    out["disk_bytes_per_token"] = sum(disk) / (tokens * len(disk)) if disk else None
+    if runs and "hits" in runs[0]:
+        hits, misses = sum(r["hits"] for r in runs), sum(r["misses"] for r in runs)
+        out["hit_rate"] = hits / (hits + misses) if hits + misses else None
+        out["expert_bytes_per_token"] = sum(r["bytes_read_disk"] for r in runs) / (tokens * len(runs))
+        out["stall_s_per_token"] = sum(r["stall_seconds"] for r in runs) / (tokens * len(runs))
+    return out
+
+
+GOALS = [  # (budget kind, peer, what, target)
+    ("out of core", "llamacpp-f16", "decode tok/s ÷ llama.cpp (same precision)", 3.0),
+    ("out of core", "accelerate", "decode tok/s ÷ accelerate", 20.0),
+    ("out of core", "limit", "decode tok/s ÷ disk-bandwidth limit", 0.5),
+    ("fits", "llamacpp-f16", "decode tok/s ÷ llama.cpp (same precision)", 0.8),
+    ("fits", "limit", "decode tok/s ÷ RAM-bandwidth limit", 0.7),
+]
+
+
+def goal_rows(rows: list[dict], limits: dict) -> list[dict]:
+    """Measured ratios against the goals, per budget: budgets < 100 % are out of core, 100 % fits."""
+    out = []
+    ours = {}
+    for r in rows:
+        if r["system"] == "us" and r.get("ok") and r["label"] not in ours:
+            ours[r["label"]] = r
+    for label, us in ours.items():
+        pct = us["budget_pct"]
+        kind = "fits" if pct is not None and pct >= 100 else "out of core"
+        mine = us["summary"]["decode_tok_s"]["median"]
+        for gk, peer, what, target in GOALS:
+            if gk != kind:
+                continue
+            if peer == "limit":
+                other = (limits.get("per_budget", {}).get(label) or {}).get("tok_s")
+            else:
+                other = next((r["summary"]["decode_tok_s"]["median"] for r in rows
+                              if r["label"] == label and r["config"] == peer and r.get("ok")), None)
+            v = ratio(mine, other)
+            out.append({"budget": label, "goal": what, "target": target, "measured": v,
+                        "met": None if v is None else v >= target})
+    return out
+
+
+# ---- this machine --------------------------------------------------------------------------------------
+
+
+def measure_ram_read(threads: int, nbytes: int = 512 * MiB, repeat: int = 9) -> dict:
+    """RAM read bytes/s of torch sums over an fp32 buffer far larger than the caches: best and median of
+    `repeat` (on a shared machine the best is the capability, the median what a run saw)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return {"best": nbytes / min(times), "median": nbytes / statistics.median(times)}
+
+
+def measure_gemv(threads: int, dtype: str, rows: int, cols: int, total: int = 384 * MiB, repeat: int = 5) -> dict:
+    """Weight bytes/s of decode GEMVs (x [1, cols] times W [rows, cols]) at `dtype` over distinct matrices
+    totalling `total` bytes (beyond the caches, as a decode step streams them): what torch's kernel reaches
+    here, the practical ceiling below the RAM bandwidth."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    dt = getattr(torch, dtype)
+    one = rows * cols * dt.itemsize
+    ws = [torch.full((rows, cols), 0.01, dtype=dt) for _ in range(max(2, total // one))]
+    x = torch.full((1, cols), 0.5, dtype=dt)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for w in ws:
+            F.linear(x, w)
+        times.append(time.perf_counter() - t0)
+    n = one * len(ws)
+    return {"best": n / min(times), "median": n / statistics.median(times)}
+
+
+def measure_disk(directory: Path, nbytes: int, chunk: int) -> tuple[float, str]:
+    """Cold read bytes/s of a fresh file on `directory`'s filesystem (sim.measure_disk_read: fsync,
+    POSIX_FADV_DONTNEED, O_DIRECT where taken)."""
+    from .sim import measure_disk_read
+
+    return measure_disk_read(str(directory), nbytes=nbytes, chunk=chunk)
+
+
+# ---- page cache and cgroups --------------------------------------------------------------------------
+
+
+def _files(paths) -> list[Path]:
+    out = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            out += sorted(q for q in p.rglob("*") if q.is_file())
+        elif p.is_file():
+            out.append(p)
+    return out
+
+
+def resident_bytes(paths) -> int | None:
+    """Bytes of `paths` in the page cache (fincore); None when fincore is missing."""
+    files = _files(paths)
+    if not files:
+        return 0
+    if shutil.which("fincore") is None:
+        return None
+    r = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *map(str, files)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        return None
+    return sum(int(x) for x in r.stdout.split())
+
+
+def drop_page_cache(paths) -> int | None:
+    """fsync + POSIX_FADV_DONTNEED every file under `paths`; returns the bytes still resident (fincore)."""
+    for f in _files(paths):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return resident_bytes(paths)
+
+
+class Cgroup:
+    """A cgroup-v1 memory child with a hard limit (page cache counts). `create` returns (None, why) where the
+    controller is missing or read-only."""
+
+    ROOT = Path("/sys/fs/cgroup/memory")
+
+    def __init__(self, path: Path, limit: int):
+        self.path, self.limit = path, limit
+
+    @classmethod
+    def create(cls, name: str, limit: int) -> tuple[Cgroup | None, str | None]:
+        if not (cls.ROOT / "cgroup.procs").is_file():
+            return None, f"no cgroup-v1 memory controller at {cls.ROOT}"
+        path = cls.ROOT / name
+        try:
+            path.mkdir(exist_ok=True)
+            (path / "memory.limit_in_bytes").write_text(str(limit))
+        except OSError as e:
+            return None, f"cannot create a memory cgroup ({e})"
+        return cls(path, limit), None
+
+    def join(self) -> None:  # runs in the child between fork and exec
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def stats(self) -> dict:
+        def read(name):
+            try:
+                return (self.path / name).read_text()
+            except OSError:
+                return ""
+
+        oom = dict(line.split() for line in read("memory.oom_control").splitlines() if len(line.split()) == 2)
+        return {"limit_bytes": self.limit, "max_usage_bytes": int(read("memory.max_usage_in_bytes") or 0),
+                "failcnt": int(read("memory.failcnt") or 0), "oom_kill": int(oom.get("oom_kill", 0))}
+
+    def remove(self) -> None:
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+# ---- the measured child processes ----------------------------------------------------------------------
+
+
+def _read_bytes() -> int | None:
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _delta(a, b):
+    return None if a is None or b is None else b - a
+
+
+class _Routes:
+    """Wraps a layer's experts backend; records the experts of every single-token (decode) call."""
+
+    def __init__(self, inner, layer: int, sink: list):
+        self.inner, self.layer, self.sink = inner, layer, sink
+
+    def __call__(self, hidden, top_k_index, top_k_weights):
+        if hidden.shape[0] == 1:
+            self.sink.append((self.layer, top_k_index[0].tolist()))
+        return self.inner(hidden, top_k_index, top_k_weights)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def child_us(spec: dict) -> dict:
+    import torch
+
+    from .runtime.engine import load
+
+    torch.set_num_threads(spec["threads"])
+    offload = {"cache_policy": spec.get("policy")}
+    if spec.get("prefetch"):
+        offload["prefetch"] = spec["prefetch"]
+    t0 = time.perf_counter()
+    engine = load(spec["model"], device="cpu", dtype=spec["dtype"], memory=spec["memory"], **offload)
+    load_s = time.perf_counter() - t0
+    sink: list = []
+    for layer, moe in engine.model.moe_blocks():
+        moe.experts = _Routes(moe.experts, layer, sink)
+    cache = getattr(engine, "expert_cache", None)
+    n = spec["new_tokens"]
+    runs = []
+    for ids in spec["prompts"]:
+        io0 = _read_bytes()
+        it = engine.stream_generate(prompt_ids=ids, max_new_tokens=n + 1, ignore_eos=True, temperature=0.0)
+        first = next(it)  # yielded after prefill: the first token comes from the prompt's logits
+        pre = cache.stats() if cache is not None else None
+        io1, mark = _read_bytes(), len(sink)
+        tokens, last = [first.token], None
+        for r in it:
+            if r.token is not None:
+                tokens.append(r.token)
+            last = r
+        io2 = _read_bytes()
+        s = last.stats
+        run = {"prefill_tok_s": s["prefill_tokens_per_s"], "decode_tok_s": s["decode_tokens_per_s"],
+               "prefill_s": s["prefill_seconds"], "decode_s": s["decode_seconds"], "tokens": tokens,
+               "prefill_disk_read_bytes": _delta(io0, io1), "decode_disk_read_bytes": _delta(io1, io2),
+               "routes": sink[mark:]}
+        if pre is not None:  # decode only: the counters at the end minus those after prefill
+            for k in ("expert_hits", "expert_misses", "bytes_read_disk", "bytes_to_device", "stall_seconds"):
+                run[k.replace("expert_", "")] = s[k] - pre[k]
+            run["prefill_misses"] = pre["expert_misses"]
+            run["resident_weight_bytes"] = s["resident_weight_bytes"]
+        runs.append(run)
+    info = {k: v for k, v in engine.info.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    return {"load_s": load_s, "runs": runs, "info": info}
+
+
+def _hf_runs(model, spec: dict) -> list[dict]:
+    import torch
+
+    n = spec["new_tokens"]
+    runs = []
+    with torch.inference_mode():
+        for ids in spec["prompts"]:
+            io0, t0 = _read_bytes(), time.perf_counter()
+            out = model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+            tok = int(out.logits[0, -1].argmax())
+            t1, io1 = time.perf_counter(), _read_bytes()
+            pkv, tokens = out.past_key_values, [tok]
+            for _ in range(n):
+                out = model(input_ids=torch.tensor([[tok]]), past_key_values=pkv, use_cache=True)
+                pkv, tok = out.past_key_values, int(out.logits[0, -1].argmax())
+                tokens.append(tok)
+            t2, io2 = time.perf_counter(), _read_bytes()
+            runs.append({"prefill_tok_s": len(ids) / (t1 - t0), "decode_tok_s": n / (t2 - t1),
+                         "prefill_s": t1 - t0, "decode_s": t2 - t1, "tokens": tokens,
+                         "prefill_disk_read_bytes": _delta(io0, io1), "decode_disk_read_bytes": _delta(io1, io2)})
+    return runs
+
+
+def child_hf(spec: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(spec["threads"])
+    kw = {}
+    if spec.get("impl"):
+        kw["experts_implementation"] = spec["impl"]
+    if spec["system"] == "accelerate":
+        import accelerate  # noqa: F401  (a clear "not installed" reason)
+
+        kw.update(device_map="auto", max_memory={"cpu": int(spec["memory"])}, offload_folder=spec["offload_folder"])
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=getattr(torch, spec["dtype"]), **kw).eval()
+    load_s = time.perf_counter() - t0
+    info = {}
+    dm = getattr(model, "hf_device_map", None)
+    if dm:
+        info["device_map_counts"] = {str(d): sum(1 for v in dm.values() if v == d) for d in set(dm.values())}
+        info["offloaded_modules"] = sorted(k for k, v in dm.items() if v == "disk")[:50]
+    info["experts_implementation"] = getattr(model.config, "_experts_implementation", None)
+    return {"load_s": load_s, "runs": _hf_runs(model, spec), "info": info}
+
+
+def child_llamacpp(spec: dict) -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+
+    n = spec["new_tokens"]
+    ctx = max(len(p) for p in spec["prompts"]) + n + 8
+    t0 = time.perf_counter()
+    llm = Llama(model_path=spec["model"], n_ctx=ctx, n_batch=512, n_threads=spec["threads"],
+                n_threads_batch=spec["threads"], n_gpu_layers=0, use_mmap=True, use_mlock=False, verbose=False)
+    load_s = time.perf_counter() - t0
+    runs = []
+    for ids in spec["prompts"]:
+        llm.reset()  # forget the previous prompt: no prefix reuse between prompts
+        io0, t0 = _read_bytes(), time.perf_counter()
+        llm.eval(ids)
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t1, io1 = time.perf_counter(), _read_bytes()
+        tokens = [tok]
+        for _ in range(n):
+            llm.eval([tok])
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tokens.append(tok)
+        t2, io2 = time.perf_counter(), _read_bytes()
+        runs.append({"prefill_tok_s": len(ids) / (t1 - t0), "decode_tok_s": n / (t2 - t1), "prefill_s": t1 - t0,
+                     "decode_s": t2 - t1, "tokens": tokens, "prefill_disk_read_bytes": _delta(io0, io1),
+                     "decode_disk_read_bytes": _delta(io1, io2)})
+    import llama_cpp
+
+    return {"load_s": load_s, "runs": runs, "info": {"llama_cpp_python": getattr(llama_cpp, "__version__", "?")}}
+
+
+CHILDREN = {"us": child_us, "hf": child_hf, "accelerate": child_hf, "llamacpp": child_llamacpp}
+
+
+def child_main(spec_path: str, out_path: str) -> int:
+    """Run one configuration; the result (or the error) goes to `out_path` as JSON."""
+    from .utils import atomic_write_text, peak_rss_bytes
+
+    spec = json.loads(Path(spec_path).read_text())
+    try:
+        res = CHILDREN[spec["system"]](spec)
+        res["ok"] = True
+    except ImportError as e:
+        res = {"ok": False, "error": f"not installed: {e}"}
+    except BaseException as e:  # noqa: BLE001  (every failure becomes a row with its reason)
+        res = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:500]}"}
+    res["peak_rss_bytes"] = peak_rss_bytes()
+    atomic_write_text(out_path, json.dumps(res))
+    return 0
+
+
+# ---- the parent: prepare, run, report ------------------------------------------------------------------
+
+
+def build_synthetic(name: str, folder: Path) -> Path:
+    """A random Mixtral-shaped model written by transformers (once; reused when config.json exists)."""
+    if (folder / "config.json").is_file():
+        return folder
+    if name not in SYNTHETIC:
+        raise UsageError(f"--synthetic {name!r}: choose one of {', '.join(SYNTHETIC)}")
+    import torch
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    kw = dict(SYNTHETIC[name])
+    dtype = getattr(torch, kw.pop("dtype"))
+    print(f"bench: building the synthetic model {name} into {folder}", file=sys.stderr)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(MixtralConfig(**kw), dtype=dtype)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    del model
+    os.replace(tmp, folder)
+    return folder
+
+
+def model_sizes(store_path: Path, dtype: str) -> Sizes:
+    """Sizes from the store's manifest and the model built on the meta device (as the engine counts them)."""
+    import torch
+
+    from .models import build
+    from .store.format import open_store
+
+    store = open_store(store_path)
+    dt = getattr(torch, dtype)
+    with torch.device("meta"):
+        _, model = build(store.config)
+    fp32 = tuple(getattr(model, "fp32_keys", ()))
+    state = model.state_dict()
+    nbytes = {k: t.numel() * (4 if fp32 and k.endswith(fp32) else dt.itemsize) for k, t in state.items()}
+    embed = sum(v for k, v in nbytes.items() if k.endswith("embed_tokens.weight"))
+    spans = [e.span for e in store.entries.values()]
+    c = store.config
+    heads = c.get("num_attention_heads") or 1
+    kv_heads = c.get("num_key_value_heads") or heads
+    head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    kv = 2 * kv_heads * head_dim * dt.itemsize * c.get("num_hidden_layers", 0)
+    return Sizes(backbone=sum(nbytes.values()), embed=embed, hidden=c["hidden_size"], itemsize=dt.itemsize,
+                 expert=round(sum(spans) / len(spans)), moe_layers=len(store.moe_layers), n_experts=store.n_experts,
+                 top_k=store.top_k, kv_per_token=kv)
+
+
+def prompts_for(vocab: int, n_tokens: int, count: int) -> list[list[int]]:
+    """`count` fixed prompts (seeds 0..count-1) of random ids in [3, vocab): the same for every system."""
+    import numpy as np
+
+    lo = 3 if vocab > 3 else 0
+    return [np.random.default_rng(seed).integers(lo, vocab, n_tokens).tolist() for seed in range(count)]
+
+
+@dataclass
+class Config:
+    system: str  # us / hf / accelerate / llamacpp
+    config: str  # row name: us-lru, hf-grouped_mm, accelerate, llamacpp-f16, ...
+    spec: dict
+    files: list  # what its page cache must not hold before it starts
+
+
+def _tail(path: Path, n: int = 3) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return " | ".join(lines[-n:])[-400:]
+
+
+def run_config(cfg: Config, memory: int | None, out: Path, tag: str, overhead: int, timeout: float,
+               use_cgroup: bool) -> dict:
+    """One fresh subprocess under the memory limit, page cache dropped first. Returns its raw result."""
+    work = out / "runs"
+    work.mkdir(parents=True, exist_ok=True)
+    spec_path, res_path, log_path = work / f"{tag}.spec.json", work / f"{tag}.result.json", work / f"{tag}.log"
+    res_path.unlink(missing_ok=True)
+    spec_path.write_text(json.dumps(cfg.spec))
+    before = drop_page_cache(cfg.files)
+    cg, why = (None, "cgroup disabled (--no-cgroup)") if not use_cgroup else (None, None)
+    if use_cgroup and memory is not None:
+        cg, why = Cgroup.create(f"moe-bench-{os.getpid()}-{tag}", memory + overhead)
+    elif use_cgroup:
+        why = "no memory budget: no cgroup limit"
+    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.spec["threads"]), "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "moe_offload.bench", "--child", str(spec_path), str(res_path)]
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        try:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout,
+                                  preexec_fn=cg.join if cg is not None else None, cwd=str(REPO_ROOT))
+            rc, timed_out = proc.returncode, False
+        except subprocess.TimeoutExpired:
+            rc, timed_out = None, True
+    wall = time.perf_counter() - t0
+    cstats = cg.stats() if cg is not None else None
+    if cg is not None:
+        cg.remove()
+    res = json.loads(res_path.read_text()) if res_path.is_file() else None
+    if res is None:
+        if timed_out:
+            err = f"timed out after {timeout:.0f} s"
+        elif cstats and (rc == -9 or cstats["oom_kill"]) :
+            err = (f"OOM-killed under the cgroup limit of {cstats['limit_bytes'] / MiB:.0f} MiB "
+                   f"(budget + {overhead / MiB:.0f} MiB overhead)")
+        else:
+            err = f"exit code {rc}: {_tail(log_path)}"
+        res = {"ok": False, "error": err}
+    res.update(wall_s=wall, cgroup=cstats, cgroup_note=why, page_cache_before_bytes=before, log=str(log_path))
+    return res
+
+
+def _gguf_for(prep: dict, type_: str, threads: int) -> tuple[Path | None, str | None]:
+    """The model's GGUF of `type_` (exported once into the cache); (None, reason) when it cannot be made."""
+    from .gguf_export import export_gguf
+
+    path = prep["dir"] / f"model-{type_}.gguf"
+    if path.is_file():
+        return path, None
+    try:
+        export_gguf(prep["hf"], path, type_, threads=threads)
+    except (MoeError, ImportError, OSError) as e:
+        return None, f"export-gguf --type {type_} failed: {e}"
+    return path, None
+
+
+def prepare(a) -> dict:
+    """The HF folder, our store at the benchmark dtype, and the sizes."""
+    from .store.format import convert, open_store
+
+    if a.synthetic:
+        d = Path(a.cache_dir) / a.synthetic
+        hf = build_synthetic(a.synthetic, d / "hf")
+        name = a.synthetic
+    else:
+        hf = Path(a.model)
+        if not hf.is_dir():
+            raise UsageError(f"--model {hf}: no such folder")
+        if (hf / "manifest.json").is_file():
+            raise UsageError(f"--model {hf} is an expert store: the peers need the Hugging Face folder it came from")
+        import hashlib
+
+        key = hashlib.sha256(str(hf.resolve()).encode()).hexdigest()[:8]
+        name = hf.resolve().name
+        d = Path(a.cache_dir) / f"{name}-{key}"
+    d.mkdir(parents=True, exist_ok=True)
+    store = d / f"store-{a.dtype}"
+    stamp = max(p.stat().st_mtime for p in hf.iterdir() if p.is_file())
+    if store.is_dir():
+        try:
+            s = open_store(store)
+            if s.manifest["dtype"] != a.dtype or (store / "manifest.json").stat().st_mtime < stamp:
+                raise MoeError("stale")
+        except MoeError:
+            shutil.rmtree(store)
+    if not store.is_dir():
+        import torch
+
+        print(f"bench: converting {hf} into an expert store at {store} ({a.dtype})", file=sys.stderr)
+        convert(hf, store, getattr(torch, a.dtype), overwrite=True)
+    config = json.loads((hf / "config.json").read_text())
+    return {"name": name, "dir": d, "hf": hf, "store": store, "sizes": model_sizes(store, a.dtype),
+            "config": config, "hf_files": [p for p in hf.iterdir() if p.suffix == ".safetensors"]}
+
+
+def configs_for(a, prep: dict, pct: float | None, memory: int, prompts, tag: str) -> list[Config]:
+    base = {"dtype": a.dtype, "threads": a.threads, "prompts": prompts, "new_tokens": a.new_tokens, "memory": memory}
+    out = []
+    for policy in a.cache_policy:
+        spec = {**base, "system": "us", "model": str(prep["store"]), "policy": policy, "prefetch": a.prefetch}
+        out.append(Config("us", f"us-{policy}", spec, [prep["store"]]))
+    if "hf" in a.peers:
+        for impl in a.hf_impls:
+            spec = {**base, "system": "hf", "model": str(prep["hf"]), "impl": impl}
+            out.append(Config("hf", f"hf-{impl}", spec, prep["hf_files"]))
+    if "accelerate" in a.peers:
+        folder = prep["dir"] / f"offload-{tag}"
+        spec = {**base, "system": "accelerate", "model": str(prep["hf"]), "impl": a.hf_impls[0],
+                "offload_folder": str(folder)}
+        out.append(Config("accelerate", "accelerate", spec, prep["hf_files"]))
+    if "llamacpp" in a.peers:
+        for t in a.llamacpp_types:
+            g = prep["gguf"].get(t)
+            spec = {**base, "system": "llamacpp", "model": str(g) if g else None, "gguf_type": t}
+            out.append(Config("llamacpp", f"llamacpp-{t}", spec, [g] if g else []))
+    return out
+
+
+def record_trace(prep: dict, runs: list[dict], out: Path, warmup_runs: int = 1) -> tuple[Path | None, int]:
+    """The decode routing of our first run (warm-up generation first) as a simulator trace (trace.npz).
+    Returns (path, warm-up tokens)."""
+    import numpy as np
+
+    from .sim import Trace, save_trace
+    from .store.format import open_store
+
+    store = open_store(prep["store"])
+    layers = list(store.moe_layers)
+    rows, warm = [], 0
+    for i, r in enumerate(runs):
+        routes = r.get("routes") or []
+        if len(routes) % len(layers):
+            return None, 0
+        toks = [routes[j:j + len(layers)] for j in range(0, len(routes), len(layers))]
+        for t in toks:
+            if [la for la, _ in t] != layers:
+                return None, 0
+            rows.append([ids for _, ids in t])
+        if i < warmup_runs:
+            warm += len(toks)
+    if not rows:
+        return None, 0
+    s: Sizes = prep["sizes"]
+    trace = Trace(experts=np.array(rows), n_experts=store.n_experts, expert_bytes=s.expert, layers=layers,
+                  n_layers=prep["config"].get("num_hidden_layers"), backbone_bytes=s.backbone,
+                  kv_bytes_per_token=s.kv_per_token,
+                  meta={"source": "moe-offload bench", "model": prep["name"], "warmup_tokens": warm})
+    return save_trace(out / "trace.npz", trace), warm
+
+
+def replay_grid(trace_path: Path, sizes: Sizes, pcts: list[float], warm: int) -> dict:
+    """Hit rate per policy (and Belady-OPT) per budget, counted after the warm-up tokens."""
+    from .sim import load_trace
+    from .store.policies import POLICIES, belady_opt, replay
+
+    tr = load_trace(trace_path)
+    out: dict = {}
+    size = tr.size_fn()
+
+    def run(policy, entries, cap):
+        if policy == "opt":
+            return belady_opt(entries, size, cap, tr.n_layers, tr.n_experts)
+        return replay(entries, size, cap, policy, tr.n_layers, tr.n_experts)
+
+    for policy in [*POLICIES, "opt"]:
+        out[policy] = {}
+        for pct in pcts:
+            cap = int(sizes.experts * pct / 100)
+            if cap < sizes.top_k * sizes.expert:
+                continue
+            full, pre = run(policy, tr.entries(), cap), run(policy, tr.entries(0, warm), cap) if warm else None
+            hits = full.hits - (pre.hits if pre else 0)
+            misses = full.misses - (pre.misses if pre else 0)
+            out[policy][str(pct)] = hits / (hits + misses) if hits + misses else None
+    return out
+
+
+def simulate_cli(trace_path: Path, memory: int, policy: str, warm: int, timeout: float = 300) -> dict:
+    """`moe-offload simulate --hardware this-machine` on the recorded trace (predicted decode tok/s)."""
+    cmd = [sys.executable, "-m", "moe_offload.cli", "simulate", "--trace", str(trace_path), "--hardware",
+           "this-machine", "--memory", str(memory), "--cache-policy", policy, "--warmup", str(warm), "--json"]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(REPO_ROOT),
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": "timed out", "command": " ".join(cmd[2:])}
+    if r.returncode != 0:
+        return {"ok": False, "error": (r.stderr or r.stdout).strip()[-300:], "command": " ".join(cmd[2:])}
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    return {"ok": True, "command": "moe-offload " + " ".join(cmd[4:]), "tok_s_serial": d.get("tok_s_serial"),
+            "tok_s_overlap": d.get("tok_s_overlap"), "hit_rate": d.get("hit_rate"), "bound": d.get("bound")}
+
+
+# ---- report ------------------------------------------------------------------------------------------
+
+
+def _f(v, fmt="{:.2f}", none="-"):
+    return none if v is None else fmt.format(v)
+
+
+def markdown(res: dict) -> str:
+    s = res["sizes"]
+    lim = res["limits"]
+    lines = [f"### {res['model']} ({res['dtype']}, {res['threads']} threads, prompt {res['prompt_tokens']} tokens, "
+             f"{res['new_tokens']} decode tokens, {res['repeat']} repeats after 1 warm-up)", "",
+             f"Command: `{res['command']}`", "",
+             f"Backbone {s['backbone'] / MiB:.1f} MiB, experts {s['experts'] / MiB:.1f} MiB "
+             f"({s['moe_layers']} layers x {s['n_experts']} x {s['expert'] / MiB:.2f} MiB, top-{s['top_k']}); "
+             f"one decode token touches {lim['touched_bytes_per_token'] / MiB:.1f} MiB. "
+             f"RAM read {lim['ram_read_bw'] / GB:.1f} GB/s (best; median {lim['ram_read_bw_median'] / GB:.1f}), "
+             f"{res['dtype']} GEMV {lim['gemv_bw'] / GB:.1f} GB/s of weights (best; median "
+             f"{lim['gemv_bw_median'] / GB:.1f}), cold disk read {lim['disk_read_bw'] / GB:.2f} GB/s "
+             f"({lim['disk_method']}).", "",
+             "| budget | system | prefill tok/s | decode tok/s median [min, max] | us ÷ this | hit rate | "
+             "disk MB/token | stall ms/token | peak RSS MiB | cgroup peak MiB | same tokens | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        budget = r["label"]
+        if not r.get("ok"):
+            lines.append(f"| {budget} | {r['config']} | - | - | - | - | - | - | - | - | - | {r.get('error', '')} |")
+            continue
+        sm = r["summary"]
+        d = sm["decode_tok_s"]
+        cg = r.get("cgroup") or {}
+        disk = sm.get("disk_bytes_per_token")
+        note = r.get("note") or ""
+        lines.append(
+            f"| {budget} | {r['config']} | {_f(sm['prefill_tok_s']['median'], '{:.1f}')} | "
+            f"{_f(d['median'])} [{_f(d['min'])}, {_f(d['max'])}] | {_f(r.get('us_over_this'), '{:.2f}×')} | "
+            f"{_f(sm.get('hit_rate'), '{:.3f}')} | {_f(disk and disk / 1e6, '{:.1f}')} | "
+            f"{_f(sm.get('stall_s_per_token') and sm['stall_s_per_token'] * 1e3, '{:.1f}')} | "
+            f"{_f(r.get('peak_rss_bytes') and r['peak_rss_bytes'] / MiB, '{:.0f}')} | "
+            f"{_f(cg.get('max_usage_bytes') and cg['max_usage_bytes'] / MiB, '{:.0f}')} | "
+            f"{_f(r.get('same_tokens'), '{:d}')}/{res['new_tokens'] + 1} | {note} |")
+    lines += ["", "Limits (decode tok/s the measured bandwidths allow; misses from disk at our measured hit rate):", "",
+              "| budget | memory MiB | hit rate used | miss MB/token | RAM ms/token | disk ms/token | limit tok/s "
+              "(overlapped) | limit tok/s (serial) | GEMV-kernel limit tok/s | us tok/s | us ÷ limit |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, L in lim["per_budget"].items():
+        lines.append(f"| {label} | {L['memory'] / MiB:.0f} | {_f(L['hit_rate'], '{:.3f}')} | "
+                     f"{L['miss_bytes_per_token'] / 1e6:.1f} | {L['t_ram_s'] * 1e3:.1f} | {L['t_disk_s'] * 1e3:.1f} | "
+                     f"{L['tok_s']:.2f} | {L['tok_s_serial']:.2f} | {_f(L.get('kernel_tok_s'))} | {_f(L.get('us_tok_s'))} | "
+                     f"{_f(ratio(L.get('us_tok_s'), L['tok_s']), '{:.2f}')} |")
+    if res.get("goals"):
+        lines += ["", "Goals:", "", "| budget | goal | target | measured | met |", "|---|---|---|---|---|"]
+        for g in res["goals"]:
+            met = "n/a" if g["met"] is None else ("yes" if g["met"] else "**no**")
+            lines.append(f"| {g['budget']} | {g['goal']} | ≥ {g['target']} | {_f(g['measured'])} | {met} |")
+    if res.get("simulator"):
+        lines += ["", "Simulator (`moe-offload simulate --hardware this-machine` on the recorded trace) vs measured:",
+                  "", "| budget | policy | measured tok/s | predicted serial | predicted overlapped | "
+                  "measured ÷ serial | predicted hit rate | measured hit rate |", "|---|---|---|---|---|---|---|---|"]
+        for label, v in res["simulator"].items():
+            if not v.get("ok"):
+                lines.append(f"| {label} | - | - | - | - | - | - | {v.get('error', '')} |")
+                continue
+            lines.append(f"| {label} | {v['policy']} | {_f(v['measured_tok_s'])} | {_f(v['tok_s_serial'])} | "
+                         f"{_f(v['tok_s_overlap'])} | {_f(ratio(v['measured_tok_s'], v['tok_s_serial']))} | "
+                         f"{_f(v['hit_rate'], '{:.3f}')} | {_f(v['measured_hit_rate'], '{:.3f}')} |")
+    if res.get("replay"):
+        pcts = sorted({p for d in res["replay"].values() for p in d}, key=float, reverse=True)
+        lines += ["", "Hit rate of each policy replayed on the recorded decode trace (after the warm-up tokens):", "",
+                  "| policy | " + " | ".join(f"{float(p):g} %" for p in pcts) + " |", "|---" * (len(pcts) + 1) + "|"]
+        for pol, d in res["replay"].items():
+            lines.append(f"| {pol} | " + " | ".join(_f(d.get(p), '{:.3f}') for p in pcts) + " |")
+    lines += ["", f"Load average at the start {res['load_avg_start']}, at the end {res['load_avg_end']}."]
+    return "\n".join(lines) + "\n"
+
+
+def plots(res: dict, out: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by = {}
+    for r in res["rows"]:
+        if r.get("ok") and r.get("budget_pct") is not None:
+            by.setdefault(r["config"], []).append((r["budget_pct"], r["summary"]["decode_tok_s"]["median"]))
+    for name, pts in by.items():
+        pts.sort()
+        ax.plot([p for p, _ in pts], [v for _, v in pts], marker="o", label=name)
+    lim = sorted((L["pct"], L["tok_s"]) for L in res["limits"]["per_budget"].values() if L.get("pct") is not None)
+    if lim:
+        ax.plot([p for p, _ in lim], [v for _, v in lim], "k--", label="bandwidth limit")
+    ax.set_yscale("log")
+    ax.set_xlabel("memory budget, % of expert bytes (+ backbone)")
+    ax.set_ylabel("decode tok/s (median)")
+    ax.set_title(f"{res['model']}: decode speed vs memory budget")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "tok_s_vs_budget.png", dpi=110)
+    plt.close(fig)
+    made.append("tok_s_vs_budget.png")
+    if res.get("replay"):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for pol, d in res["replay"].items():
+            pts = sorted((float(p), v) for p, v in d.items() if v is not None)
+            ax.plot([p for p, _ in pts], [v for _, v in pts], marker=".", linestyle="--" if pol == "opt" else "-",
+                    label="Belady-OPT (offline bound)" if pol == "opt" else f"{pol} (replay)")
+        meas = [(r["budget_pct"], r["summary"].get("hit_rate")) for r in res["rows"]
+                if r.get("ok") and r["system"] == "us" and r.get("budget_pct") is not None]
+        if meas:
+            ax.scatter([p for p, _ in meas], [v for _, v in meas], color="k", zorder=5, label="measured (us)")
+        ax.set_xlabel("expert cache, % of expert bytes")
+        ax.set_ylabel("decode hit rate")
+        ax.set_title(f"{res['model']}: hit rate vs budget per policy")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "hit_rate_vs_budget.png", dpi=110)
+        plt.close(fig)
+        made.append("hit_rate_vs_budget.png")
+    return made
+
+
+# ---- orchestration -------------------------------------------------------------------------------------
+
+
+def _csv(text: str, allowed=None, flag: str = "") -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if allowed is not None:
+        bad = [x for x in items if x not in allowed]
+        if bad:
+            raise UsageError(f"{flag}: unknown {bad[0]!r}; choose from {', '.join(allowed)}")
+    return items
+
+
+def run_bench(a) -> dict:
+    from .utils import atomic_write_text, parse_size
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    load_start = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    prep = prepare(a)
+    sizes: Sizes = prep["sizes"]
+    if a.memory:
+        budgets = [(f"{parse_size(m) / MiB:.0f} MiB", None, parse_size(m)) for m in a.memory]
+        budgets = [(lbl, 100.0 * (m - sizes.backbone) / sizes.experts, m) for lbl, _, m in budgets]
+    else:
+        budgets = [(f"{p:g} %", p, budget_bytes(p, sizes.backbone, sizes.experts)) for p in a.budgets]
+    vocab = prep["config"]["vocab_size"]
+    prompts = prompts_for(vocab, a.prompt_tokens, a.repeat + 1)
+
+    # limits: this machine's bandwidths
+    print("bench: measuring RAM and cold disk read bandwidth", file=sys.stderr)
+    ram = measure_ram_read(a.threads, nbytes=(64 if a.quick else 512) * MiB)
+    ram_bw = ram["best"]
+    inter = prep["config"].get("intermediate_size") or 1024
+    gemv = measure_gemv(a.threads, a.dtype, 2 * inter, prep["config"]["hidden_size"])
+    disk_bw, disk_method = measure_disk(prep["dir"], (32 if a.quick else 512) * MiB, 8 * MiB)
+    context = a.prompt_tokens + a.new_tokens / 2
+
+    prep["gguf"], gguf_err = {}, {}
+    if "llamacpp" in a.peers:
+        for t in a.llamacpp_types:
+            prep["gguf"][t], gguf_err[t] = _gguf_for(prep, t, a.threads)
+
+    rows = []
+    for label, pct, memory in budgets:
+        tag_b = f"b{(pct if pct is not None else memory / MiB):g}".replace(".", "_")
+        for cfg in configs_for(a, prep, pct, memory, prompts, tag_b):
+            tag = f"{tag_b}-{cfg.config}"
+            row = {"label": label, "budget_pct": pct, "memory": memory, "system": cfg.system, "config": cfg.config}
+            if cfg.system == "llamacpp" and cfg.spec["model"] is None:
+                row.update(ok=False, error=gguf_err.get(cfg.spec["gguf_type"]) or "no GGUF file")
+                rows.append(row)
+                continue
+            if cfg.system == "accelerate":
+                shutil.rmtree(cfg.spec["offload_folder"], ignore_errors=True)
+            print(f"bench: {label} {cfg.config} ...", file=sys.stderr, flush=True)
+            res = run_config(cfg, memory, out, tag, a.overhead, a.timeout, not a.no_cgroup)
+            if cfg.system == "hf" and pct is not None and pct >= 100 and "OOM-killed" in str(res.get("error")):
+                # everything fits by definition at 100 %: transformers' load needs more than budget + overhead,
+                # so measure its speed without a limit and say so (its peak RSS shows what it needed)
+                first = res["error"]
+                res = run_config(cfg, None, out, tag + "-nolimit", a.overhead, a.timeout, False)
+                res["note"] = f"{first} while loading; measured again without a memory limit"
+            if cfg.system == "accelerate":
+                shutil.rmtree(cfg.spec["offload_folder"], ignore_errors=True)
+            row.update({k: v for k, v in res.items() if k != "runs"})
+            if res.get("ok"):
+                runs = res["runs"]
+                row["warmup"] = {k: v for k, v in runs[0].items() if k not in ("routes", "tokens")}
+                row["summary"] = summarize_runs(runs[1:], a.new_tokens)
+                row["tokens"] = [r["tokens"] for r in runs[1:]]
+                row["runs"] = [{k: v for k, v in r.items() if k != "routes"} for r in runs[1:]]
+                if cfg.system == "us" and "trace_runs" not in prep:
+                    prep["trace_runs"] = runs
+            print(f"bench:   -> {'ok' if res.get('ok') else res.get('error')}"
+                  + (f", decode {row['summary']['decode_tok_s']['median']:.2f} tok/s" if res.get("ok") else ""),
+                  file=sys.stderr, flush=True)
+            rows.append(row)
+
+    # ratios and token agreement against our first policy at the same budget
+    for r in rows:
+        us = next((u for u in rows if u["label"] == r["label"] and u["system"] == "us" and u.get("ok")), None)
+        if us is None or not r.get("ok"):
+            continue
+        r["us_over_this"] = ratio(us["summary"]["decode_tok_s"]["median"], r["summary"]["decode_tok_s"]["median"])
+        r["same_tokens"] = leading_agreement(r["tokens"][0], us["tokens"][0])
+
+    limits = {"ram_read_bw": ram_bw, "ram_read_bw_median": ram["median"], "gemv_bw": gemv["best"],
+              "gemv_bw_median": gemv["median"], "disk_read_bw": disk_bw, "disk_method": disk_method, "threads": a.threads,
+              "context_tokens": context, "touched_bytes_per_token": sizes.touched_per_token(context),
+              "per_budget": {}}
+    for label, pct, memory in budgets:
+        us = next((u for u in rows if u["label"] == label and u["system"] == "us" and u.get("ok")), None)
+        hit = us["summary"].get("hit_rate") if us else None
+        full = pct is not None and pct >= 100
+        h = 1.0 if full else (hit if hit is not None else 0.0)
+        L = decode_limit(sizes.touched_per_token(context), miss_bytes_per_token(sizes, h), ram_bw, disk_bw)
+        K = decode_limit(sizes.touched_per_token(context), miss_bytes_per_token(sizes, h), gemv["best"], disk_bw)
+        L.update(pct=pct, memory=memory, hit_rate=h, miss_bytes_per_token=miss_bytes_per_token(sizes, h),
+                 kernel_tok_s=K["tok_s"],
+                 us_tok_s=us["summary"]["decode_tok_s"]["median"] if us else None)
+        limits["per_budget"][label] = L
+
+    res = {"model": prep["name"], "hf": str(prep["hf"]), "store": str(prep["store"]), "dtype": a.dtype,
+           "threads": a.threads, "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "repeat": a.repeat,
+           "overhead_bytes": a.overhead, "command": a.command_line, "sizes": {**asdict(sizes), "experts": sizes.experts,
+                                                                             "active_experts": sizes.active_experts},
+           "budgets": [{"label": lbl, "pct": p, "memory": m} for lbl, p, m in budgets], "limits": limits,
+           "rows": rows, "prompts": prompts, "load_avg_start": load_start}
+    res["goals"] = goal_rows(rows, limits)
+
+    # the recorded trace: policy replay, and the simulator's prediction beside the measurement
+    if prep.get("trace_runs"):
+        trace_path, warm = record_trace(prep, prep["trace_runs"], out)
+        if trace_path is not None:
+            res["trace"] = {"path": str(trace_path), "warmup_tokens": warm}
+            grid = sorted({100.0, 87.5, 75.0, 62.5, 50.0, 37.5, 25.0, 12.5} | {p for _, p, _ in budgets if p},
+                          reverse=True)
+            res["replay"] = replay_grid(trace_path, sizes, grid, warm)
+            if not a.no_simulate:
+                res["simulator"] = {}
+                for label, pct, memory in budgets:
+                    us = next((u for u in rows if u["label"] == label and u["system"] == "us" and u.get("ok")), None)
+                    if us is None:
+                        continue
+                    policy = us["config"].removeprefix("us-")
+                    v = simulate_cli(trace_path, memory, policy, warm)
+                    v.update(policy=policy, measured_tok_s=us["summary"]["decode_tok_s"]["median"],
+                             measured_hit_rate=us["summary"].get("hit_rate"))
+                    res["simulator"][label] = v
+    res["load_avg_end"] = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    atomic_write_text(out / "results.json", json.dumps(res, indent=1, default=str))
+    md = markdown(res)
+    res["plots"] = plots(res, out)
+    if res["plots"]:
+        md += "\n" + "\n".join(f"![{p}]({p})" for p in res["plots"]) + "\n"
+    atomic_write_text(out / "results.md", md)
+    atomic_write_text(out / "results.json", json.dumps(res, indent=1, default=str))
+    return res
+
+
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="Hugging Face MoE folder (default: the bundled model)")
+    src.add_argument("--synthetic", default=None, choices=list(SYNTHETIC), help="a random model built on the fly")
+    p.add_argument("--memory", action="append", default=None, help="absolute budget (repeatable), e.g. 900MiB")
+    p.add_argument("--budgets", default="100,50,25", help="budgets as %% of expert bytes (+ backbone)")
+    p.add_argument("--peers", default=",".join(PEERS), help=f"comma list of {', '.join(PEERS)} (or 'none')")
+    p.add_argument("--hf-impls", default=",".join(HF_IMPLS), help="transformers experts implementations")
+    p.add_argument("--llamacpp-types", default=",".join(LLAMACPP_TYPES), help="GGUF types for llama.cpp")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64, help="decoded tokens after the first (prefill) token")
+    p.add_argument("--repeat", type=int, default=3, help="measured generations after one warm-up")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="weights and compute dtype for us and the transformers peers (llama.cpp: its GGUF types)")
+    p.add_argument("--cache-policy", default="lru", help="our expert cache policy (comma list: one row each)")
+    p.add_argument("--prefetch", default=None, help="our prefetcher (passed to the engine)")
+    p.add_argument("--overhead", default=f"{OVERHEAD // MiB}MiB", help="cgroup limit = budget + this")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
+    p.add_argument("--no-cgroup", action="store_true", help="run without memory limits")
+    p.add_argument("--no-simulate", action="store_true", help="skip the simulator comparison")
+    p.add_argument("--cache-dir", default=str(CACHE), help="where synthetic models, stores and GGUF files live")
+    p.add_argument("--quick", action="store_true", help="smoke test: 8+8 tokens, 1 repeat, budgets 100,50")
+    p.add_argument("--out", default="bench-results", help="folder for results.json, results.md, plots, trace")
+
+
+@command("bench", "benchmark against transformers, accelerate and llama.cpp, and the bandwidth limits", _add_bench)
+def cmd_bench(a) -> int:
+    from .utils import parse_size
+
+    if a.model is None and a.synthetic is None:
+        from .runtime.engine import DEFAULT_MODEL
+
+        a.model = str(DEFAULT_MODEL)
+    a.command_line = "moe-offload bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
+    a.peers = [] if a.peers.strip() in ("", "none") else _csv(a.peers, PEERS, "--peers")
+    a.hf_impls = _csv(a.hf_impls, None, "--hf-impls")
+    a.llamacpp_types = _csv(a.llamacpp_types, None, "--llamacpp-types")
+    a.cache_policy = _csv(a.cache_policy, None, "--cache-policy")
+    a.overhead = parse_size(a.overhead)
+    try:
+        a.budgets = [float(x) for x in _csv(a.budgets)]
+    except ValueError:
+        raise UsageError(f"--budgets takes percentages like 100,50,25, got {a.budgets!r}") from None
+    if any(not 0 < b <= 100 for b in a.budgets):
+        raise UsageError("--budgets must be in (0, 100]")
+    if a.quick:
+        a.prompt_tokens, a.new_tokens, a.repeat = min(a.prompt_tokens, 8), min(a.new_tokens, 8), 1
+        if a.budgets == [100.0, 50.0, 25.0]:
+            a.budgets = [100.0, 50.0]
+        a.timeout = min(a.timeout, 600)
+    if a.repeat < 1 or a.new_tokens < 1 or a.prompt_tokens < 1 or a.threads < 1:
+        raise UsageError("--repeat, --new-tokens, --prompt-tokens and --threads must be >= 1")
+    res = run_bench(a)
+    print(markdown(res))
+    print(f"wrote {Path(a.out) / 'results.json'}, results.md" + "".join(f", {p}" for p in res.get("plots", [])))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        sys.exit(child_main(sys.argv[2], sys.argv[3]))
+    from .cli import main
+
+    sys.exit(main(["bench", *sys.argv[1:]]))

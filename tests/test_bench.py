@@ -1,0 +1,250 @@
+"""bench: its arithmetic on fixed inputs, the GGUF export read back by the `gguf` package (and run by llama.cpp
+when llama-cpp-python is installed), and a `bench --quick` smoke run in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from moe_offload import bench
+from moe_offload.bench import Sizes, decode_limit, goal_rows, summarize, summarize_runs
+from moe_offload.errors import UsageError
+from tests import tiny
+
+SIZES = Sizes(backbone=1000, embed=300, hidden=10, itemsize=2, expert=100, moe_layers=4, n_experts=8, top_k=2,
+              kv_per_token=5)
+
+
+# ---- arithmetic ---------------------------------------------------------------------------------------
+
+def test_summarize_median_min_max():
+    assert summarize([3, 1, 2]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert summarize([4, 1, 2, 10])["median"] == 3.0  # even count: mean of the middle two
+    assert summarize([]) == {"median": None, "min": None, "max": None, "n": 0}
+
+
+def test_ratio_and_budget():
+    assert bench.ratio(6.0, 2.0) == 3.0
+    assert bench.ratio(None, 2.0) is None and bench.ratio(1.0, 0.0) is None
+    assert bench.budget_bytes(50, backbone=100, experts=1000) == 600
+    assert bench.budget_bytes(25, backbone=100, experts=1000) == 350
+    assert bench.budget_bytes(100, backbone=100, experts=1000) == 1100
+
+
+def test_sizes_bytes_a_token_touches():
+    assert SIZES.experts == 100 * 4 * 8
+    assert SIZES.active_experts == 100 * 4 * 2
+    # backbone less the embedding table plus one row of it, top-2 experts of 4 layers, KV of 10 tokens
+    assert SIZES.touched_per_token(10) == 1000 - 300 + 10 * 2 + 800 + 5 * 10
+    assert bench.miss_bytes_per_token(SIZES, 0.75) == pytest.approx(200.0)
+    assert bench.miss_bytes_per_token(SIZES, 1.0) == 0.0
+
+
+def test_decode_limit_from_bandwidths():
+    lim = decode_limit(touched=1570, miss_bytes=400, ram_bw=1570, disk_bw=200)
+    assert lim["t_ram_s"] == pytest.approx(1.0) and lim["t_disk_s"] == pytest.approx(2.0)
+    assert lim["tok_s"] == pytest.approx(0.5)  # overlapped: the slower of the two
+    assert lim["tok_s_serial"] == pytest.approx(1 / 3)
+    assert lim["bound"] == "disk"
+    fits = decode_limit(touched=3e9, miss_bytes=0, ram_bw=30e9, disk_bw=2e9)
+    assert fits["tok_s"] == pytest.approx(10.0) and fits["tok_s_serial"] == pytest.approx(10.0)
+    assert fits["bound"] == "RAM"
+
+
+def test_summarize_runs_bytes_per_token_and_hit_rate():
+    runs = [dict(prefill_tok_s=100, decode_tok_s=4, decode_disk_read_bytes=800, hits=30, misses=10,
+                 bytes_read_disk=1000, stall_seconds=0.5),
+            dict(prefill_tok_s=300, decode_tok_s=6, decode_disk_read_bytes=1200, hits=10, misses=30,
+                 bytes_read_disk=3000, stall_seconds=1.5),
+            dict(prefill_tok_s=200, decode_tok_s=5, decode_disk_read_bytes=1000, hits=20, misses=20,
+                 bytes_read_disk=2000, stall_seconds=1.0)]
+    s = summarize_runs(runs, tokens=10)
+    assert s["decode_tok_s"] == {"median": 5.0, "min": 4.0, "max": 6.0, "n": 3}
+    assert s["prefill_tok_s"]["median"] == 200.0
+    assert s["disk_bytes_per_token"] == pytest.approx(3000 / 30)
+    assert s["hit_rate"] == pytest.approx(60 / 120)  # pooled over runs, not a mean of rates
+    assert s["expert_bytes_per_token"] == pytest.approx(6000 / 30)
+    assert s["stall_s_per_token"] == pytest.approx(3.0 / 30)
+    peer = summarize_runs([dict(prefill_tok_s=1, decode_tok_s=2, decode_disk_read_bytes=None)], tokens=4)
+    assert peer["disk_bytes_per_token"] is None and "hit_rate" not in peer
+
+
+def test_leading_agreement():
+    assert bench.leading_agreement([1, 2, 3, 4], [1, 2, 9, 4]) == 2
+    assert bench.leading_agreement([1, 2], [1, 2, 3]) == 2
+    assert bench.leading_agreement([5], [6]) == 0
+
+
+def _row(label, pct, config, tok_s, ok=True):
+    return {"label": label, "budget_pct": pct, "system": config.split("-")[0], "config": config, "ok": ok,
+            "summary": {"decode_tok_s": {"median": tok_s}}}
+
+
+def test_goal_rows_ratios_against_targets():
+    rows = [_row("100 %", 100, "us-lru", 8.0), _row("100 %", 100, "llamacpp-f16", 10.0),
+            _row("50 %", 50, "us-lru", 3.0), _row("50 %", 50, "llamacpp-f16", 0.5),
+            _row("50 %", 50, "accelerate", 0.1), _row("50 %", 50, "hf-eager", 0.0, ok=False)]
+    limits = {"per_budget": {"100 %": {"tok_s": 10.0}, "50 %": {"tok_s": 12.0}}}
+    g = {(r["budget"], r["goal"]): r for r in goal_rows(rows, limits)}
+    fits_llama = g[("100 %", "decode tok/s ÷ llama.cpp (same precision)")]
+    assert fits_llama["measured"] == pytest.approx(0.8) and fits_llama["met"] is True
+    assert g[("100 %", "decode tok/s ÷ RAM-bandwidth limit")]["measured"] == pytest.approx(0.8)
+    assert g[("50 %", "decode tok/s ÷ llama.cpp (same precision)")]["measured"] == pytest.approx(6.0)
+    acc = g[("50 %", "decode tok/s ÷ accelerate")]
+    assert acc["measured"] == pytest.approx(30.0) and acc["met"] is True
+    disk = g[("50 %", "decode tok/s ÷ disk-bandwidth limit")]
+    assert disk["measured"] == pytest.approx(0.25) and disk["met"] is False
+    assert len(g) == 5
+
+
+def test_prompts_are_fixed_and_in_vocab():
+    a, b = bench.prompts_for(400, 8, 3), bench.prompts_for(400, 8, 3)
+    assert a == b and len(a) == 3 and all(len(p) == 8 for p in a)
+    assert len({tuple(p) for p in a}) == 3  # one prompt per repeat
+    assert all(3 <= i < 400 for p in a for i in p)
+
+
+def test_drop_page_cache_leaves_nothing_resident(tmp_path):
+    f = tmp_path / "blob.bin"
+    f.write_bytes(b"x" * (1 << 20))
+    f.read_bytes()
+    left = bench.drop_page_cache([tmp_path])
+    if left is None:
+        pytest.skip("fincore (util-linux) is not installed: cannot check the page cache")
+    assert left == 0
+
+
+# ---- GGUF export --------------------------------------------------------------------------------------
+
+def test_permute_rotary_interleaves_pairs():
+    from moe_offload.gguf_export import permute_rotary
+
+    w = np.arange(8 * 3).reshape(8, 3)  # 2 heads of head dim 4: rows (0,2),(1,3) pair -> adjacent
+    got = permute_rotary(w, 2)
+    assert got[:, 0].tolist() == [0, 6, 3, 9, 12, 18, 15, 21]
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    pytest.importorskip("gguf", reason="the gguf package is not installed (pip install 'moe-offload[bench]')")
+    from moe_offload.gguf_export import export_gguf
+
+    d = tmp_path_factory.mktemp("gguf")
+    hf = tiny.make_checkpoint(d / "hf", "mixtral_gqa", tokenizer=True)
+    export_gguf(hf, d / "tiny-f16.gguf", "f16")
+    return hf, d / "tiny-f16.gguf"
+
+
+def test_export_gguf_reads_back(tiny_gguf):
+    import gguf
+
+    from moe_offload.checkpoint import SafetensorsFolder
+    from moe_offload.gguf_export import permute_rotary
+
+    hf, path = tiny_gguf
+    cfg = tiny.read_json(hf / "config.json")
+    r = gguf.GGUFReader(str(path))
+    t = {x.name: x for x in r.tensors}
+    D, V, E, I = cfg["hidden_size"], cfg["vocab_size"], cfg["num_local_experts"], cfg["intermediate_size"]
+    L, H, Hkv = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    Hd = D // H
+    assert len(t) == 3 + 10 * L
+    F16, F32 = gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32
+    expect = {"token_embd.weight": ([D, V], F16), "output.weight": ([D, V], F16), "output_norm.weight": ([D], F32),
+              "blk.1.attn_q.weight": ([D, H * Hd], F16), "blk.1.attn_k.weight": ([D, Hkv * Hd], F16),
+              "blk.1.attn_norm.weight": ([D], F32), "blk.1.ffn_gate_inp.weight": ([D, E], F32),
+              "blk.1.ffn_gate_exps.weight": ([D, I, E], F16), "blk.1.ffn_up_exps.weight": ([D, I, E], F16),
+              "blk.1.ffn_down_exps.weight": ([I, D, E], F16)}
+    for name, (shape, qtype) in expect.items():  # GGUF lists dims fastest first
+        assert [int(x) for x in t[name].shape] == shape, name
+        assert t[name].tensor_type == qtype, name
+
+    def field(key):
+        f = r.fields[key]
+        return f.contents() if hasattr(f, "contents") else f.parts[f.data[0]].tolist()
+
+    assert field("general.architecture") == "llama"
+    assert field("llama.expert_count") == E and field("llama.expert_used_count") == cfg["num_experts_per_tok"]
+    assert field("llama.attention.head_count_kv") == Hkv and field("llama.rope.dimension_count") == Hd
+    assert field("tokenizer.ggml.model") == "gpt2"
+    tokens = field("tokenizer.ggml.tokens")
+    assert len(tokens) == V and tokens[1] == "<s>" and field("tokenizer.ggml.bos_token_id") == 1
+    assert len(field("tokenizer.ggml.merges")) > 0
+
+    src = SafetensorsFolder(hf)
+    q = src.get("model.layers.1.self_attn.q_proj.weight").numpy()
+    np.testing.assert_array_equal(t["blk.1.attn_q.weight"].data, permute_rotary(q, H).astype(np.float16))
+    up = np.stack([src.get(f"model.layers.1.block_sparse_moe.experts.{e}.w3.weight").numpy() for e in range(E)])
+    np.testing.assert_array_equal(t["blk.1.ffn_up_exps.weight"].data, up.astype(np.float16))
+    down = src.get("model.layers.0.block_sparse_moe.experts.2.w2.weight").numpy()
+    np.testing.assert_array_equal(t["blk.0.ffn_down_exps.weight"].data[2], down.astype(np.float16))
+    router = src.get("model.layers.0.block_sparse_moe.gate.weight").numpy()
+    np.testing.assert_array_equal(t["blk.0.ffn_gate_inp.weight"].data, router)  # routers stay fp32
+
+
+def test_export_gguf_synthetic_vocab_and_refusals(tmp_path):
+    pytest.importorskip("gguf", reason="the gguf package is not installed")
+    from moe_offload.gguf_export import export_gguf, tokenizer_vocab
+
+    v = tokenizer_vocab(tmp_path, 1000, 1, 2)  # no tokenizer.json: byte-level vocabulary padded to the model's
+    assert v["synthetic"] and len(v["tokens"]) == 1000 and len(set(v["tokens"])) == 1000
+    assert v["merges"] and all(" " in m for m in v["merges"])
+    qwen = tiny.make_checkpoint(tmp_path / "q", "qwen3_moe_gqa_dense")
+    with pytest.raises(UsageError, match="Mixtral"):
+        export_gguf(qwen, tmp_path / "q.gguf")
+    with pytest.raises(UsageError, match="--type"):
+        export_gguf(qwen, tmp_path / "q.gguf", "q3_x")
+
+
+def test_llama_cpp_first_token_logits_agree_with_transformers(tiny_gguf):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (builds llama.cpp from "
+                                                         "source: pip install llama-cpp-python)")
+    hf, path = tiny_gguf
+    prompt = [1, 17, 250, 33, 96, 301, 5, 42]
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=32, n_threads=1, n_threads_batch=1, verbose=False)
+    llm.eval(prompt)
+    theirs = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+    ref = tiny.load_hf(hf)
+    with torch.no_grad():
+        ours = ref(torch.tensor([prompt])).logits[0, -1].float().numpy()
+    top_ref, top_llama = set(np.argsort(-ours)[:5].tolist()), set(np.argsort(-theirs)[:5].tolist())
+    assert int(np.argmax(theirs)) == int(np.argmax(ours))
+    assert len(top_ref & top_llama) >= 4, (top_ref, top_llama)
+
+
+# ---- the command ---------------------------------------------------------------------------------------
+
+def test_bench_quick_smoke(tiny_checkpoint, tmp_path, child_env):
+    hf = tiny_checkpoint("mixtral_gqa")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "moe_offload.cli", "bench", "--model", str(hf), "--quick", "--peers", "hf",
+           "--hf-impls", "eager", "--threads", "1", "--no-simulate", "--cache-dir", str(tmp_path / "cache"),
+           "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=child_env, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    for key in ("model", "dtype", "sizes", "budgets", "limits", "rows", "goals", "replay", "trace", "prompts"):
+        assert key in res, key
+    assert [b["pct"] for b in res["budgets"]] == [100.0, 50.0]
+    assert {(r["label"], r["config"]) for r in res["rows"]} == {
+        ("100 %", "us-lru"), ("100 %", "hf-eager"), ("50 %", "us-lru"), ("50 %", "hf-eager")}
+    for row in res["rows"]:
+        assert row["ok"], row.get("error")
+        assert row["summary"]["decode_tok_s"]["n"] == 1 and row["summary"]["decode_tok_s"]["median"] > 0
+        assert len(row["tokens"][0]) == res["new_tokens"] + 1
+    us50 = next(r for r in res["rows"] if r["label"] == "50 %" and r["system"] == "us")
+    assert 0.0 <= us50["summary"]["hit_rate"] <= 1.0
+    hf100 = next(r for r in res["rows"] if r["label"] == "100 %" and r["system"] == "hf")
+    assert hf100["same_tokens"] == res["new_tokens"] + 1  # the same model, greedy: the same tokens
+    s = res["sizes"]
+    assert res["budgets"][1]["memory"] == s["backbone"] + s["experts"] // 2
+    assert set(res["replay"]) >= {"lru", "opt"}
+    # everything fits: no policy evicts, only first uses miss, so every policy equals the optimum
+    assert {d["100.0"] for d in res["replay"].values()} == {res["replay"]["opt"]["100.0"]}
+    assert (out / "trace.npz").is_file() and (out / "results.md").is_file()
+    assert "| 50 % | us-lru |" in (out / "results.md").read_text()
