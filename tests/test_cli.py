@@ -245,3 +245,27 @@ def test_chat_template_renders_like_transformers(tok_model, hf):
                         "--ignore-eos")
     assert out["prompt_tokens"] == len(want)
     assert out["token_ids"] == tiny.hf_greedy(model, want, 8)
+
+
+def test_chat_template_from_tokenizer_config_json(tok_model, hf, tmp_path):
+    """Older folders keep the template inside tokenizer_config.json instead of chat_template.jinja."""
+    folder = copy_folder(tok_model, tmp_path / "old")
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = (folder / "chat_template.jinja").read_text()
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (folder / "chat_template.jinja").unlink()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    assert load(folder).encode(messages=messages) == \
+        hf[1].apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+
+
+def test_chat_command_keeps_the_conversation(tok_model, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello router\n\nAnd the cache?\n/exit\nnever read\n"))
+    r = main("chat", "--model", str(tok_model), "--max-new-tokens", "6", "--ignore-eos", "--system", "Be brief.")
+    assert r.returncode == 0, r.stderr
+    engine = load(tok_model)
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello router"}]
+    first = engine.generate(messages=history, max_new_tokens=6, ignore_eos=True).text
+    history += [{"role": "assistant", "content": first}, {"role": "user", "content": "And the cache?"}]
+    second = engine.generate(messages=history, max_new_tokens=6, ignore_eos=True).text
+    assert r.stdout == f"{first}\n{second}\n"

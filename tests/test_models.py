@@ -100,3 +100,12 @@ def test_half_precision_runs_close_to_float32(pair, tiny_checkpoint, dtype):
     got = engine.logits(PROMPT)
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     assert (got - ref).abs().max().item() < 0.1 * ref.abs().max().item()  # half rounding, not a wrong model
+
+
+def test_generation_stops_at_the_end_of_the_context(pair):
+    engine, hf = pair("olmoe_gqa_clip")
+    assert engine.context_length == 128
+    prompt = (PROMPT * 13)[:120]
+    r = engine.generate(prompt_ids=prompt, max_new_tokens=50, ignore_eos=True)
+    assert r.finish_reason == "length" and len(r.token_ids) == 128 - len(prompt)
+    assert r.token_ids == tiny.hf_greedy(hf, prompt, 128 - len(prompt))
