@@ -15,8 +15,13 @@ from moe_offload.errors import MoeError
 from moe_offload.experts import DenseExpert, ExpertShape, make_codec
 from moe_offload.quant import hqq, lowrank, mixed
 from moe_offload.quant.codec import HQQCodec, expert_error
-from moe_offload.quant.kernels import (PackedMatrix, int4pack_native, int4pack_order, int4pack_unorder,
-                                       make_linear)
+from moe_offload.quant.kernels import (
+    PackedMatrix,
+    int4pack_native,
+    int4pack_order,
+    int4pack_unorder,
+    make_linear,
+)
 from moe_offload.quant.pack import nibbles, pack, packed_nbytes, unpack
 
 
@@ -68,7 +73,7 @@ def _expected_max(g: int) -> float:
 
 @pytest.mark.parametrize("bits,group", [(2, 32), (3, 64), (4, 64), (8, 0)])
 def test_quantizer_error_bounds_on_gaussian(bits, group):
-    """RTN error ≈ step/√12 with step = E[group range]/(2^b − 1); HQQ must beat RTN; both under the model +5 %."""
+    """RTN error ≈ step/√12, step = E[group range]/(2^b − 1); HQQ must beat RTN; both under the model +5 %."""
     W = torch.randn(256, 512, generator=gen(1))
     g = hqq.group_size_for(512, group)
     model = 2 * _expected_max(g) / (2**bits - 1) / math.sqrt(12)
@@ -256,7 +261,8 @@ def test_mixed_never_exceeds_budget():
     rng = random.Random(0)
     for trial in range(30):
         keys = [(la, e) for la in range(3) for e in range(rng.randint(2, 6))]
-        opts = {k: [mixed.Option({"bits": b}, rng.randint(50, 1000), rng.random()) for b in range(4)] for k in keys}
+        opts = {k: [mixed.Option({"bits": b}, rng.randint(50, 1000), rng.random()) for b in range(4)]
+                for k in keys}
         freq = {k: rng.random() for k in keys}
         low = sum(min(o.nbytes for o in v) for v in opts.values())
         for budget in (low, low + rng.randint(0, 3000), 10**9):
@@ -322,3 +328,102 @@ def test_error_curve_of_a_real_expert_is_monotone():
     assert [o.nbytes for o in curve] == sorted(o.nbytes for o in curve)
     assert [o.err for o in curve] == sorted((o.err for o in curve), reverse=True)
     assert [o.label for o in curve] == ["2b", "3b", "4b", "8b"]
+
+
+# ---- the quantize / eval commands and the store ------------------------------------------------------
+
+def _quantize(hf, out, *flags):
+    from moe_offload.cli import main
+
+    assert main(["quantize", "--model", str(hf), "--out", str(out), *flags]) == 0
+    from moe_offload.store.format import open_store
+
+    return open_store(out)
+
+
+def _min_memory(store, dtype):
+    from moe_offload.runtime.engine import load
+    from moe_offload.store.cache import footprints
+
+    backbone = load(store.path, dtype=dtype).info["backbone_bytes"]
+    loads = sorted(f.load for f in footprints(store, torch.device("cpu"), getattr(torch, dtype)).values())
+    return backbone + store.top_k * loads[-1]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_quantized_store_offloaded_gives_the_same_tokens_as_resident(tiny_checkpoint, tmp_path, dtype):
+    from moe_offload.quant.backbone import QuantLinear
+    from moe_offload.runtime.engine import load
+
+    hf = tiny_checkpoint("mixtral_gqa")
+    store = _quantize(hf, tmp_path / "q", "--expert-bits", "3", "--attn-bits", "4")
+    spec = {"name": "hqq", "bits": 3, "group_size": 64, "meta_bits": 8, "rank": 0, "quantizer": "hqq"}
+    assert all(e.codec == spec for e in store.entries.values())
+    keys = set(store.backbone().keys())
+    assert "model.layers.0.self_attn.q_proj.qweight" in keys
+    assert "model.layers.0.self_attn.q_proj.weight" not in keys
+    for dense in ("model.embed_tokens.weight", "model.layers.0.block_sparse_moe.gate.weight",
+                  "model.norm.weight", "model.layers.1.input_layernorm.weight", "lm_head.weight"):
+        assert dense in keys
+    assert store.manifest["quantization"]["attn_bits"] == 4
+    prompt = [3, 17, 42, 9, 77, 5]
+    resident = load(store.path, dtype=dtype)
+    assert isinstance(resident.model.model.layers[0].self_attn.q_proj, QuantLinear)
+    ref = resident.generate(prompt_ids=prompt, max_new_tokens=12, ignore_eos=True).token_ids
+    memory = _min_memory(store, dtype)
+    offloaded = load(store.path, dtype=dtype, memory=memory)
+    r = offloaded.generate(prompt_ids=prompt, max_new_tokens=12, ignore_eos=True)
+    assert r.token_ids == ref
+    assert r.stats["expert_misses"] > 0 and r.stats["resident_weight_bytes"] <= memory
+
+
+def test_quantize_mixed_plan_respects_budget_and_routing(tiny_checkpoint, tmp_path, capsys):
+    hf = tiny_checkpoint("mixtral_gqa")
+    stats = tmp_path / "routing_stats.json"
+    counts = {"0": {"counts": [500, 5, 3, 1]}, "1": {"counts": [2, 400, 9, 4]}}
+    stats.write_text(json.dumps({"layers": counts}))
+    shape = ExpertShape(64, 48)
+    budget = 8 * HQQCodec({"bits": 3}).nbytes(shape)  # 2 layers × 4 experts at 3 bits on average
+    store = _quantize(hf, tmp_path / "m", "--expert-bits", "mixed", "--budget", str(budget),
+                      "--stats", str(stats))
+    out = capsys.readouterr().out
+    assert "Σ freq·err" in out and f"of budget {budget}" in out
+    bits = {k: e.codec["bits"] for k, e in store.entries.items()}
+    assert sum(e.nbytes for e in store.entries.values()) <= budget
+    assert len(set(bits.values())) > 1
+    assert bits[0, 0] == max(bits[0, e] for e in range(4)) and bits[1, 1] == max(bits[1, e] for e in range(4))
+    assert json.loads((store.path / "routing_stats.json").read_text()) == json.loads(stats.read_text())
+
+
+def test_quantize_8bit_is_close_to_dense_and_eval_compares(tiny_checkpoint, tmp_path, capsys):
+    from moe_offload.cli import main
+    from moe_offload.runtime.engine import load
+
+    hf = tiny_checkpoint("mixtral_gqa", tokenizer=True)
+    store = _quantize(hf, tmp_path / "q8", "--expert-bits", "8", "--attn-bits", "8")
+    q4 = _quantize(hf, tmp_path / "q4", "--expert-bits", "4", "--attn-bits", "4")
+    ids = list(range(5, 60))
+    ref = load(hf, dtype="float32").logits(ids)
+    err8 = rel(load(store.path, dtype="float32").logits(ids), ref)
+    err4 = rel(load(q4.path, dtype="float32").logits(ids), ref)
+    assert err8 < 0.1 and err8 < err4 / 2  # this random tiny model amplifies weight noise (8-bit: ~0.5 %)
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    capsys.readouterr()
+    assert main(["eval", "--compare", str(hf), str(store.path), "--text", str(text), "--dtype", "float32",
+                 "--gen-tokens", "4", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["model"] for r in rows] == [str(hf), str(store.path)]
+    assert abs(rows[1]["perplexity"] / rows[0]["perplexity"] - 1) < 0.05
+    assert rows[1]["expert_bytes"] < rows[0]["expert_bytes"]
+    assert rows[1]["backbone_bytes"] < rows[0]["backbone_bytes"]
+
+
+def test_quantize_usage_errors(tiny_checkpoint, tmp_path):
+    from moe_offload.cli import main
+
+    hf = str(tiny_checkpoint("mixtral_gqa"))
+    assert main(["quantize", "--model", hf, "--out", str(tmp_path / "x"), "--expert-bits", "mixed"]) == 2
+    assert main(["quantize", "--model", hf, "--out", str(tmp_path / "x"), "--budget", "1MiB"]) == 2
+    assert main(["quantize", "--model", hf, "--out", str(tmp_path / "x"), "--lowrank", "auto"]) == 2
+    assert not (tmp_path / "x").exists()

@@ -43,8 +43,8 @@ def main(argv=None) -> None:
     Wb = W.to(torch.bfloat16)
     print(f"{N}x{K}, {a.threads} thread(s), torch {torch.__version__}, ms (min of {a.reps})")
     xs = {m: torch.randn(m, K, dtype=torch.bfloat16) for m in rows}
-    print("dense bf16 F.linear   " + "  ".join(f"M={m}: {best_ms(lambda m=m: F.linear(xs[m], Wb), a.reps):.2f}"
-                                           for m in rows))
+    dense = "  ".join(f"M={m}: {best_ms(lambda m=m: F.linear(xs[m], Wb), a.reps):.2f}" for m in rows)
+    print(f"dense bf16 F.linear   {dense}")
     for bits in (int(b) for b in a.bits.split(",")):
         q = quantize(W, bits, 0 if bits == 8 else (32 if bits == 2 else 64), method="rtn")
         pm = PackedMatrix.from_quantized(q)

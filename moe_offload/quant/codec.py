@@ -42,7 +42,7 @@ def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def matrix_sections(N: int, K: int, bits: int, g: int, meta_bits: int) -> list[tuple[str, int, torch.dtype, tuple]]:
+def matrix_sections(N: int, K: int, bits: int, g: int, meta_bits: int) -> list[tuple]:
     """(key, nbytes, dtype, shape) of one matrix's sections, in blob order."""
     G = K // g
     secs = [("codes", packed_nbytes(N * K, bits), torch.uint8, (packed_nbytes(N * K, bits),))]
@@ -118,7 +118,8 @@ class HQQCodec:
         """(name, N, K, bits, group, meta_bits) in blob order."""
         D, I = shape.hidden, shape.intermediate
         b, gs, mb, r = (self.spec[k] for k in ("bits", "group_size", "meta_bits", "rank"))
-        mats = [("gate_up", 2 * I, D, b, group_size_for(D, gs), mb), ("down", D, I, b, group_size_for(I, gs), mb)]
+        mats = [("gate_up", 2 * I, D, b, group_size_for(D, gs), mb),
+                ("down", D, I, b, group_size_for(I, gs), mb)]
         if r:
             for name, N, K in (("gate_up", 2 * I, D), ("down", D, I)):
                 mats += [(f"{name}.V", r, K, 8, K, 16), (f"{name}.U", N, r, 8, r, 16)]
@@ -142,8 +143,9 @@ class HQQCodec:
     def encode(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                x: torch.Tensor | None = None, act: str = "silu") -> torch.Tensor:
         """gate, up [I, D], down [D, I] -> uint8 [nbytes]. x [n, D]: calibration inputs of this expert (only
-        the low-rank correction uses them: it is fitted to the output error on x, and on act(gate x)·up x)."""
-        b, gs, mb, r, method = (self.spec[k] for k in ("bits", "group_size", "meta_bits", "rank", "quantizer"))
+        the low-rank correction uses them: fitted to the output error on x, and on act(gate x)·up x)."""
+        b, gs, mb, r = (self.spec[k] for k in ("bits", "group_size", "meta_bits", "rank"))
+        method = self.spec["quantizer"]
         Ws = [torch.cat([gate, up]).float(), down.float()]
         qs = [quantize(W, b, gs, mb, method) for W in Ws]
         if r:
@@ -177,7 +179,7 @@ class HQQCodec:
             pms.append(PackedMatrix(t.pop("codes"), decode_meta(t, N, K // g, b), b, N, K))
         return pms
 
-    def decode(self, blob: torch.Tensor, shape: ExpertShape, dtype: torch.dtype = torch.bfloat16) -> QuantExpert:
+    def decode(self, blob: torch.Tensor, shape: ExpertShape, dtype=torch.bfloat16) -> QuantExpert:
         """A callable unit; it computes in the dtype of its input (the engine's compute dtype)."""
         if blob.device.type == "meta":  # the kernel, hence the resident size, depends on the real device
             raise NotImplementedError("hqq decode needs a real device")

@@ -10,7 +10,7 @@ We ≈ W − s(Q − z) is shrunk with the lp proximal operator, then z has a cl
 
     Q  = clamp(round(W / s + z))
     We = shrink_p(W − s(Q − z), β)            shrink_p(x) = sign(x)·relu(|x| − |x|^(p−1) / β)
-    z  = mean_g(Q − (W − We) / s)             (and, with opt_scale, s = <W − We, Q − z> / <Q − z, Q − z>)
+    z  = mean_g(Q − (W − We) / s)         (opt_scale, our default: also s = <W − We, Q − z> / <Q − z, Q − z>)
     β ← κβ
 
 No calibration data is used. We keep, per group, the z (and s) with the lowest squared error seen.
@@ -83,7 +83,8 @@ def _fit_rows(Wg, maxq, optimize, iters, lp_norm, beta, kappa, opt_scale):
         T = Wg - _shrink(R, beta, lp_norm)  # the part of W the codes should reproduce
         if opt_scale:
             d = Q - z
-            s = ((T * d).sum(-1, keepdim=True) / d.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)).clamp_min(1e-12)
+            s = (T * d).sum(-1, keepdim=True) / d.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
+            s = s.clamp_min(1e-12)
         z = (Q - T / s).mean(-1, keepdim=True)
         beta *= kappa
     return best_s, best_z
@@ -172,7 +173,7 @@ def requantize(W: torch.Tensor, sz: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def affine_(f: torch.Tensor, s: torch.Tensor, m0: torch.Tensor) -> torch.Tensor:
-    """In place f·s + m0 on fp32 codes f [R, G, g] (m0 = m − c·s, [R, G, 1]): the one dequantisation formula."""
+    """In place f·s + m0 on fp32 codes f [R, G, g] (m0 = m − c·s, [R, G, 1]): the dequantisation formula."""
     return f.mul_(s).add_(m0)
 
 
@@ -201,7 +202,7 @@ class Quantized:
 
 def quantize(W: torch.Tensor, bits: int, group_size: int | None, meta_bits: int = 8, method: str = "hqq",
              **opts) -> Quantized:
-    """W [N, K] -> Quantized: fit s, z (HQQ or RTN), store the meta, re-round codes against the stored meta."""
+    """W [N, K] -> Quantized: fit s, z (HQQ or RTN), store the meta, re-round the codes against it."""
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"unsupported bit width {bits}; choose 2, 3, 4 or 8")
     N, K = W.shape

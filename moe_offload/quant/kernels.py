@@ -140,7 +140,7 @@ class PackedMatrix:
         def rows_of(r: int, n: int) -> torch.Tensor:
             if r % 64 == 0 and n % 64 == 0 and r + n <= full:
                 b = blocks[r // 64:(r + n) // 64]
-                out = torch.empty(b.shape[0], 2, 2, 16, K, dtype=torch.uint8, device=nib.device)  # [nb, lh, ...]
+                out = torch.empty(b.shape[0], 2, 2, 16, K, dtype=torch.uint8, device=nib.device)  # [nb, lh..]
                 torch.bitwise_and(b, 15, out=out[:, 0])
                 torch.bitwise_right_shift(b, 4, out=out[:, 1])
                 return out.view(n, K)
@@ -191,8 +191,8 @@ class Int4Linear(DequantLinear):
     def __call__(self, x):
         if x.shape[0] > self.dense_rows:
             return super().__call__(x)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.w, self.pm.group_size, self.sz)
-        return y.to(x.dtype)
+        mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        return mm(x.to(torch.bfloat16), self.w, self.pm.group_size, self.sz).to(x.dtype)
 
 
 class Int8Linear(DequantLinear):

@@ -1,4 +1,4 @@
-"""Activation-aware truncated SVD: E [N, K] ≈ U [N, r] · V [r, K], optimal for the output error ||X (E − UV)^T||.
+"""Activation-aware truncated SVD: E [N, K] ≈ U [N, r] · V [r, K], best for the output error ||X (E − UV)^T||.
 
 With C = X^T X / n = L L^T (Cholesky, damped), ||X A^T||_F = ||A L||_F, so the best rank-r A in that norm is
 the truncated SVD of E L mapped back: E L = P Σ Q^T  ->  U = P_r Σ_r^½,  V = Σ_r^½ Q_r^T L^-1 (balanced
@@ -20,7 +20,7 @@ DAMP = 0.01  # fraction of mean(diag C) added to the diagonal: calibration rarel
 
 
 def whitener(x: torch.Tensor | None = None, cov: torch.Tensor | None = None, damp: float = DAMP):
-    """x [n, K] (or cov [K, K]) -> lower-triangular L [K, K] with L L^T = C + damp·mean(diag C)·I; None -> None."""
+    """x [n, K] (or cov [K, K]) -> lower-triangular L [K, K], L L^T = C + damp·mean(diag C)·I; else None."""
     if cov is None:
         if x is None:
             return None

@@ -1,4 +1,4 @@
-"""Mixed precision under a byte budget: choose a codec per expert to minimise Σ freq·err s.t. Σ bytes <= budget.
+"""Mixed precision under a byte budget: a codec per expert minimising Σ freq·err subject to Σ bytes <= budget.
 
 Each expert has options (codec spec, bytes, err): err is its relative error (error_curve: Frobenius over its
 three matrices, or output error on calibration inputs). freq is how often the router picks it
@@ -60,7 +60,8 @@ def load_stats(src: str | os.PathLike | dict | None) -> dict[int, list[float]]:
             counts = v["counts"] if isinstance(v, dict) else v
             out[int(k)] = [float(c) for c in counts]
     except (AttributeError, KeyError, TypeError, ValueError):
-        raise MoeError("routing stats: expected {'layers': {layer: {'counts': [...]}}} or {layer: [...]}") from None
+        raise MoeError("routing stats: expected {'layers': {layer: {'counts': [...]}}} or {layer: [...]}") \
+            from None
     return out
 
 
@@ -139,7 +140,8 @@ def format_plan(plan: dict[Key, Option], freq: dict[Key, float], budget: int | N
     if detail:
         rows.append(f"{'layer':>5} {'expert':>6} {'freq':>7} {'codec':>8} {'bytes':>10} {'err':>7}")
         for (layer, e), o in sorted(plan.items()):
-            rows.append(f"{layer:>5} {e:>6} {freq.get((layer, e), 0):>7.4f} {o.label:>8} {o.nbytes:>10} {o.err:>7.4f}")
+            f = freq.get((layer, e), 0)
+            rows.append(f"{layer:>5} {e:>6} {f:>7.4f} {o.label:>8} {o.nbytes:>10} {o.err:>7.4f}")
     else:
         rows.append(f"{'layer':>5} {'experts':>7} {'codecs':<30} {'bytes':>12} {'Σfreq·err':>9}")
         for layer in sorted({k[0] for k in plan}):
@@ -167,7 +169,8 @@ def error_curve(gate, up, down, specs: list[dict], x=None, make: Callable | None
     out = []
     for spec in specs:
         c = make(spec)
-        blob = c.encode(gate, up, down, x=x, act=shape.act) if spec.get("name") == "hqq" else c.encode(gate, up, down)
+        hqq = spec.get("name") == "hqq"
+        blob = c.encode(gate, up, down, x=x, act=shape.act) if hqq else c.encode(gate, up, down)
         err = expert_error(gate, up, down, c, blob, x, shape.act) if hasattr(c, "dequantize") else 0.0
         out.append(Option(dict(c.spec), int(blob.numel()), err))
     return out

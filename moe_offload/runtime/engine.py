@@ -49,9 +49,13 @@ def build_model(config: dict, source, device: torch.device, dtype: torch.dtype, 
     get_module(config.get("model_type"))  # unsupported type -> clear error before anything else
     with torch.device("meta"):
         args, model = build(config)
+    have = set(source.keys())
+    if any(k.endswith(".qweight") for k in have):  # quantized attention (moe-offload quantize --attn-bits)
+        from ..quant.backbone import use_quantized_linears
+
+        use_quantized_linears(model, source)
     want = set(model.state_dict())
     ignore = {"lm_head.weight"} if model.tie else set()
-    have = set(source.keys())
     skip = getattr(model, "skip_checkpoint_key", None)  # tensors a family never uses (DeepSeek-V3's MTP layer)
     if skip is not None:
         ignore |= {k for k in have if skip(k)}
@@ -62,8 +66,12 @@ def build_model(config: dict, source, device: torch.device, dtype: torch.dtype, 
     fp32 = tuple(getattr(model, "fp32_keys", ()))  # name suffixes kept in fp32 whatever the dtype
     # copy=True: safetensors hands out views into the mmap at file-layout-dependent alignment, and CPU kernels
     # round differently on unaligned data (a sharded copy of the same weights gave other logits)
-    state = {k: source.get(k).to(device=device, dtype=torch.float32 if fp32 and k.endswith(fp32) else dtype,
-                                 copy=True) for k in model.state_dict()}
+    keep = tuple(getattr(model, "stored_dtype_keys", ()))  # quantized codes and meta stay as stored
+    state = {}
+    for k in model.state_dict():
+        t = source.get(k)
+        dt = t.dtype if keep and k.endswith(keep) else torch.float32 if fp32 and k.endswith(fp32) else dtype
+        state[k] = t.to(device=device, dtype=dt, copy=True)
     model.load_state_dict(state, assign=True, strict=True)
     model.init_rope(device)
     return args, model.eval()

@@ -188,10 +188,12 @@ def write_experts(path: Path, source: SafetensorsFolder, model_type: str, moe_la
 
 
 def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
-            overwrite: bool = False, codec: Codec | Callable[[int, int], Codec] | None = None) -> Store:
+            overwrite: bool = False, codec: Codec | Callable[[int, int], Codec] | None = None,
+            backbone_view: Callable | None = None, extra: dict | None = None) -> Store:
     """Hugging Face folder -> store folder. `dtype` (default: the checkpoint's) for the backbone, the
     compute default and the dense experts; `codec`: one Codec for all experts, or codec(layer, expert) for
-    mixed precision (each entry records its own spec)."""
+    mixed precision (each entry records its own spec). `backbone_view(source, names, keep) -> (source, names,
+    keep)` rewrites backbone tensors (quantized attention, quant/backbone.py); `extra` joins the manifest."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if (hf_dir / MANIFEST).is_file():
         raise MoeError(f"{hf_dir} is already an expert store")
@@ -219,7 +221,10 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         entries = write_experts(tmp / EXPERTS, source, model_type, moe_layers, n_experts, pick)
         keep = tuple(getattr(model, "fp32_keys", ()))  # kept in fp32 whatever the dtype (as build_model)
-        write_safetensors(tmp / BACKBONE, backbone, source, store_dtype, keep)
+        bsource, bnames = source, backbone
+        if backbone_view is not None:
+            bsource, bnames, keep = backbone_view(source, backbone, keep)
+        write_safetensors(tmp / BACKBONE, bnames, bsource, store_dtype, keep)
         for name in COPIED:
             if (hf_dir / name).is_file():
                 shutil.copyfile(hf_dir / name, tmp / name)
@@ -235,6 +240,7 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.
             "top_k": model.top_k,
             "alignment": ALIGN,
             "experts": [asdict(e) for e in entries],
+            **(extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         umask = os.umask(0)
