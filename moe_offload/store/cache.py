@@ -114,6 +114,7 @@ class Loaded:
     unit: Callable
     nbytes: int  # resident bytes of the unit
     tensors: list[torch.Tensor]
+    bypass: bool = False  # computed elsewhere (--cpu-misses): used once, never cached
 
 
 @dataclass
@@ -148,6 +149,8 @@ class ExpertCache:
         self.copier = CopyStream(device) if cuda else None
         self.loader = Loader(workers)
         self.prefetcher = None  # prefetch.runtime.Prefetcher, set by open_offloaded for --prefetch
+        self.extras = None  # misses.MissRouter, set by open_offloaded: --cpu-misses, --miss-fallback, NUMA stats
+        self._cpu: set[Key] = set()  # this fetch's misses the CPU computes (--cpu-misses)
         self.resident: dict[Key, Callable] = {}
         self.sizes: dict[Key, int] = {}
         self.pending: dict[Key, Pending] = {}
@@ -265,6 +268,7 @@ class ExpertCache:
         self._reap()
         pinned = {(layer, e) for e in needed}
         ready: list[Key] = []
+        low: list[Key] = []  # misses served by their resident 2-bit stand-in (--miss-fallback lowbit)
         todo: deque[Key] = deque()
         ours: set[Key] = set()  # loads this fetch waits on
         landed: queue.SimpleQueue[Key] = queue.SimpleQueue()
@@ -290,6 +294,12 @@ class ExpertCache:
                 p.handle.add_done_callback(lambda h, k=k: landed.put(k))
             else:
                 self.misses += 1
+                how = self.extras.how(k) if self.extras is not None else None
+                if how == "lowbit":
+                    low.append(k)
+                    continue
+                if how == "cpu":
+                    self._cpu.add(k)
                 todo.append(k)
         transient = 0
         try:
@@ -298,6 +308,8 @@ class ExpertCache:
                 yield k[1], self.resident[k]
                 pinned.discard(k)
                 self._issue(todo, pinned, ours, landed)
+            for k in low:
+                yield k[1], self.extras.stand_in(k)
             while ours or todo:
                 if not ours:
                     self._wait_for_room(layer, todo[0])
@@ -314,6 +326,7 @@ class ExpertCache:
                 transient = 0
                 self._issue(todo, pinned, ours, landed)
         finally:  # normal end, an error, or the consumer gave up: nothing stays reserved for nobody
+            self._cpu.clear()
             self.cache_used -= transient
             for k in ours:
                 p = self.pending[k]
@@ -326,13 +339,17 @@ class ExpertCache:
         """Start demand loads in order while the budget takes them."""
         while todo:
             k = todo[0]
-            need = self.foot[k].load
+            need, job = self.foot[k].load, None
+            if k in self._cpu:  # computed on the CPU from host memory, never cached
+                need, job = self.extras.cpu_job(k, self.step)
             if not self._make_room(k, need, pinned):
                 return
             todo.popleft()
+            self._cpu.discard(k)
             self.cache_used += need
             self._note_peak()
-            self.pending[k] = Pending(self._submit(k, DEMAND), need, "cache", claimed=True)
+            handle = self._submit(k, DEMAND) if job is None else self.loader.submit(job, DEMAND)
+            self.pending[k] = Pending(handle, need, "cache", claimed=True)
             ours.add(k)
             self.pending[k].handle.add_done_callback(lambda h, k=k: landed.put(k))
 
@@ -361,7 +378,7 @@ class ExpertCache:
         self.cache_used += got.nbytes - p.reserved  # shrink the reservation to what is resident
         if self.copier is not None:
             self.copier.hand_over(got.tensors)
-        if not self.policy.should_admit(k, got.nbytes):
+        if got.bypass or not self.policy.should_admit(k, got.nbytes):
             return got.unit, got.nbytes
         self._make_room(k, 0, pinned | {k})  # only if a codec's footprint was larger than foreseen
         self.resident[k], self.sizes[k] = got.unit, got.nbytes
@@ -437,6 +454,10 @@ class ExpertCache:
             s.update(self.prefetcher.stats())
             if reset:
                 self.prefetcher.reset()
+        if self.extras is not None:
+            s.update(self.extras.stats())
+            if reset:
+                self.extras.reset()
         if reset:
             self._zero()
         return s
@@ -460,4 +481,6 @@ class OffloadedExperts:
         # hidden [N, D], top_k_index / top_k_weights [N, A] -> [N, D]
         if self.cache.prefetcher is not None:  # settle this layer's guesses, queue the next layers' loads
             self.cache.prefetcher.on_route(self.layer, hidden, top_k_index)
+        if self.cache.extras is not None:  # decide this layer's misses: CPU compute or 2-bit stand-in
+            self.cache.extras.on_route(self.layer, hidden, top_k_index, top_k_weights)
         return moe_dispatch(hidden, top_k_index, top_k_weights, partial(self.cache.fetch, self.layer))

@@ -21,6 +21,7 @@ from ..prefetch.runtime import make_prefetcher
 from ..runtime.engine import Engine, _eos_ids, build_model, is_store
 from ..runtime.tokenizer import Tokenizer
 from ..utils import DTYPE_NAMES, parse_size
+from . import misses
 from .cache import ExpertCache, OffloadedExperts, footprints
 from .format import BACKBONE, Store, convert, open_store
 
@@ -80,7 +81,9 @@ def min_memory(backbone: int, reserve: int, loads: dict[int, list[int]], top_k: 
 def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, memory: int | None,
                    host_memory: str | int | None = None, cache_policy: str | None = None,
                    prefetch: str | None = None, prefetch_depth: int | None = None,
-                   prefetch_experts: int | None = None, **rest) -> Engine:
+                   prefetch_experts: int | None = None, cpu_misses: str | None = None,
+                   miss_fallback: str | None = None, fallback_threshold: float | None = None,
+                   hardware: str | None = None, **rest) -> Engine:
     unknown = {k: v for k, v in rest.items() if v is not None}
     if unknown:
         named = ", ".join(f"{k}={v!r}" for k, v in unknown.items())
@@ -91,23 +94,42 @@ def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, 
         raise UsageError("--host-memory is for CUDA devices; on CPU the expert cache is in RAM: use --memory")
     if memory is not None and memory <= 0:
         raise UsageError(f"--memory must be positive, got {memory}")
+    cpu_misses, miss_fallback, threshold = misses.check_options(cpu_misses, miss_fallback, fallback_threshold)
     store = open_store(path) if is_store(path) else store_for(path, dtype)
     dt = dtype or store.dtype
     args, model = build_model(store.config, store.backbone(), device, dt, expert_keys=False)
     _drop_page_cache(store.path / BACKBONE)  # the backbone now lives in our tensors only
     backbone = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    stand = None
+    if miss_fallback == "lowbit":  # 2-bit copies of every expert, resident all run: counted like the backbone
+        from .lowbit import stand_ins
+
+        stand = stand_ins(store, device, dt)
+    fixed = backbone + (stand.nbytes if stand else 0)
     foot = footprints(store, device, dt)
     reserve = RESERVE.get(device.type, 0)
     if memory is None:  # everything fits
         capacity = sum(f.load for f in foot.values())
     else:
         loads = {la: [foot[(la, e)].load for e in range(store.n_experts)] for la in store.moe_layers}
-        need, arithmetic = min_memory(backbone, reserve, loads, store.top_k)
+        need, arithmetic = min_memory(fixed, reserve, loads, store.top_k)
+        if stand:
+            arithmetic += f" (the backbone figure includes {mib(stand.nbytes)} of 2-bit stand-ins)"
         if memory < need:
             raise MoeError(f"--memory {mib(memory)} is too small: {arithmetic}")
-        capacity = memory - backbone - reserve
+        capacity = memory - fixed - reserve
     policy = cache_policy or DEFAULT_POLICY
-    cache = ExpertCache(store, device, dt, capacity, policy, base_bytes=backbone, host_bytes=host_bytes)
+    cache = ExpertCache(store, device, dt, capacity, policy, base_bytes=fixed, host_bytes=host_bytes)
+    numa_info, placement = misses.plan_numa(store, host_bytes if cache.host is not None else None, device)
+    if placement is not None:  # the host tier is still empty: swap in the one that places blobs per node
+        cache.host = misses.NumaHostTier(host_bytes, policy, max(store.moe_layers) + 1, store.n_experts,
+                                         placement)
+    costs = figures = None
+    if cpu_misses == "on" or (cpu_misses == "auto" and device.type == "cuda"):
+        costs = misses.expert_costs(store, dt)
+        figures = (dict.fromkeys(costs, misses.profile_figures(hardware)) if hardware is not None
+                   else misses.measure_figures(store, device, dt, costs))
+    cache.extras = misses.MissRouter(cache, cpu_misses, figures, costs, stand, threshold, numa_info)
     for layer, moe in model.moe_blocks():
         moe.experts = OffloadedExperts(cache, layer)
     if prefetch not in (None, "none"):
@@ -122,6 +144,10 @@ def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, 
             "expert_bytes": store.expert_bytes, "backbone_bytes": backbone, "memory": memory,
             "cache_capacity_bytes": capacity, "cache_policy": policy, "host_memory": host_bytes,
             "disk_direct_io": cache.disk.direct, "prefetch": prefetch or "none", "staging_bytes": cache.staging_bytes}
+    info.update(cpu_misses=cpu_misses, miss_fallback=miss_fallback, **misses.describe(cache.extras),
+                **numa_info)
+    if stand:
+        info.update(fallback_threshold=threshold, lowbit_bytes=stand.nbytes, lowbit_source=stand.source)
     engine = Engine(model, args, tokenizer, device, dt, store.path,
                     _eos_ids(store.path, store.config, tokenizer), expert_stats=cache.stats, info=info)
     engine.expert_cache = cache  # the prefetcher's handle: cache.prefetch(keys) / cache.cancel_prefetch()
