@@ -40,19 +40,37 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="speculative expert prefetch (expert store only)")
     p.add_argument("--prefetch-depth", type=int, default=None, help="MoE layers ahead to prefetch (default 1)")
     p.add_argument("--prefetch-experts", type=int, default=None, help="experts per predicted layer (default top-k)")
+    p.add_argument("--cpu-misses", default=None, choices=["auto", "on", "off"],
+                   help="compute missed experts on the CPU where the cost model says so (GPU; default off)")
+    p.add_argument("--miss-fallback", default=None, choices=["none", "lowbit"],
+                   help="lowbit: a resident 2-bit copy stands in for a missed low-weight expert "
+                        "(changes tokens)")
+    p.add_argument("--fallback-threshold", type=float, default=None,
+                   help="lowbit: used when every routing weight of the expert is below this (default 0.2)")
+    p.add_argument("--auto", action="store_true",
+                   help="let the planner pick --memory/--host-memory/--prefetch/--cpu-misses/--cache-policy")
+    p.add_argument("--hardware", default=None, help="--auto / --cpu-misses figures: a hardware profile "
+                                                    "(default: measure this machine)")
 
 
 def offload_kwargs(a: argparse.Namespace) -> dict:
     kw = {"host_memory": a.host_memory, "cache_policy": a.cache_policy}
-    for name in ("prefetch", "prefetch_depth", "prefetch_experts"):
+    for name in ("prefetch", "prefetch_depth", "prefetch_experts", "cpu_misses", "miss_fallback",
+                 "fallback_threshold"):
         if getattr(a, name, None) is not None:
             kw[name] = getattr(a, name)
+    if getattr(a, "hardware", None) not in (None, "this-machine") and kw.get("cpu_misses", "off") != "off":
+        kw["hardware"] = a.hardware  # the cost model's figures from the profile instead of measuring
     return kw
 
 
 def load_engine(a: argparse.Namespace):
     from .runtime.engine import load
 
+    if getattr(a, "auto", False):  # the planner fills what the user left unset; one stderr line
+        from .autoconf import apply_auto
+
+        apply_auto(a)
     return load(a.model, device=a.device, dtype=a.dtype, memory=a.memory, **offload_kwargs(a))
 
 
@@ -177,8 +195,8 @@ def _load_plugins() -> None:
     import importlib
 
     for mod in ("moe_offload.store.cli", "moe_offload.profile", "moe_offload.quant.cli", "moe_offload.server",
-                "moe_offload.bench", "moe_offload.eval", "moe_offload.plan", "moe_offload.sim",
-                "moe_offload.gguf_export"):
+                "moe_offload.store.lowbit", "moe_offload.bench", "moe_offload.eval", "moe_offload.plan",
+                "moe_offload.sim", "moe_offload.gguf_export"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

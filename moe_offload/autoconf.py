@@ -1,0 +1,124 @@
+"""`--auto` (generate, chat, serve, profile): the planner picks the offload configuration.
+
+plan.plan_for(model, hardware) — hardware measured on this machine, or `--hardware PROFILE` — gives
+--memory, --host-memory, prefetch on/off, CPU compute of misses on/off and the cache policy; every option the
+user set explicitly wins. One stderr line says what was chosen. An impossible plan is the planner's one-line
+refusal (exit 1).
+
+The plan counts bytes at the precision it would like (`expert_bits`); the store runs at the precision it was
+written in. So the plan is carried over as counts: the experts it puts on the device (and in host RAM) become
+that many of the store's own experts, at their real footprint, on top of the store's real backbone. When the
+plan wants another precision than the store holds, a second line gives the `moe-offload quantize` command,
+and the budgets are planned again at the store's precision (nothing is quantized silently).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import MoeError
+from .utils import pick_device
+
+
+def store_bits(store) -> int:
+    """The precision the planner should see: hqq bits, or 16 for dense experts (fp32 too)."""
+    bits = {int(e.codec.get("bits", 16)) if e.codec.get("name") == "hqq" else 16
+            for e in store.entries.values()}
+    return max(bits)  # mixed precision: plan for the widest
+
+
+def backbone_bytes(store, dtype) -> int:
+    """Bytes open_offloaded will count for the backbone: floating tensors in the compute dtype (fp32 for the
+    family's fp32 keys), others as stored, a tied lm_head counted again (it is in the state dict twice)."""
+    import torch
+
+    from .models import build
+    from .store.format import _ST_NAMES
+
+    with torch.device("meta"):
+        _, model = build(store.config)
+    fp32 = tuple(getattr(model, "fp32_keys", ()))
+    src = store.backbone()
+    total = 0
+    for name in src.keys():  # noqa: SIM118  (a SafetensorsFolder, not a dict)
+        dt = _ST_NAMES[src.dtype_of(name)]
+        n = int(torch.Size(src.shape_of(name)).numel())
+        if dt.is_floating_point:
+            dt = torch.float32 if fp32 and name.endswith(fp32) else dtype
+        total += n * dt.itemsize
+        if model.tie and name.endswith("embed_tokens.weight"):
+            total += n * dt.itemsize
+    return total
+
+
+def _flag(name: str, value, mine: bool) -> str:
+    return f"--{name} {value}" + (" (yours)" if mine else "")
+
+
+def apply_auto(a: argparse.Namespace, log=lambda m: print(m, file=sys.stderr)) -> dict:
+    """Fill the unset offload options of `a` from the plan; returns what was chosen."""
+    from .costmodel import cpu_compute_bits
+    from .plan import PlanRefused, model_sizes, plan_for, read_model_config
+    from .runtime.engine import DEFAULT_MODEL, is_store
+    from .sim import THIS_MACHINE, get_profile
+    from .store.cache import footprints
+    from .store.format import open_store
+    from .store.open import RESERVE, mib, min_memory, store_for
+    from .utils import parse_dtype
+
+    path = Path(a.model) if a.model else DEFAULT_MODEL
+    if not path.is_dir():
+        raise MoeError(f"model path {path} is not a folder")
+    hw = get_profile(getattr(a, "hardware", None) or THIS_MACHINE)
+    rec = plan_for(path, hw)  # PlanRefused: the planner's refusal, one line
+    store = open_store(path) if is_store(path) else store_for(path, parse_dtype(a.dtype))
+    have = store_bits(store)
+    if rec["expert_bits"] != have:
+        want = rec["expert_bits"]
+        log(f"moe-offload: the plan runs the experts at {want}-bit, this store holds {have}-bit: quantize "
+            f"first (moe-offload quantize --model {path} --bits {want} --out {path}-{want}bit) and run that; "
+            f"going on with the store as it is")
+        try:
+            rec = plan_for(path, hw, expert_bits=have)
+        except PlanRefused as e:
+            raise MoeError(f"{e} (at the store's {have}-bit; quantized to {want}-bit it would fit)") from None
+    device = pick_device(a.device)
+    dt = parse_dtype(a.dtype) or store.dtype
+    sizes = model_sizes(read_model_config(path)[0])
+    g, bits = rec["group_size"], rec["expert_bits"]
+    resident = sizes.expert_bytes(cpu_compute_bits(bits) if hw.device == "cpu" else bits, g)
+    n_all = sizes.n_routed
+    n_dev = min(n_all, max(0, (rec["memory"] - sizes.backbone_bytes(rec["backbone_bits"], g)) // resident))
+    n_host = (rec["host_memory"] or 0) // sizes.expert_bytes(bits, g)
+
+    # the plan's counts in the store's own bytes
+    foot = footprints(store, device, dt)
+    loads = sorted((f.load for f in foot.values()), reverse=True)
+    backbone, reserve = backbone_bytes(store, dt), RESERVE.get(device.type, 0)
+    per_layer = {la: [foot[(la, e)].load for e in range(store.n_experts)] for la in store.moe_layers}
+    floor, _ = min_memory(backbone, reserve, per_layer, store.top_k)
+    memory = max(backbone + reserve + sum(loads[:n_dev]), floor)
+    spans = max(e.span for e in store.entries.values())
+    host = n_host * spans if device.type == "cuda" and n_host else None
+    chosen = {"memory": memory, "host_memory": host, "prefetch": "auto" if rec["prefetch"] else "none",
+              "cpu_misses": "auto" if rec["cpu_misses"] and device.type == "cuda" else "off",
+              "cache_policy": rec["cache_policy"]}
+    mine = {k: getattr(a, k, None) is not None for k in chosen}
+    for k, v in chosen.items():
+        if not mine[k]:
+            setattr(a, k, v)
+    where = f"{n_dev} of {n_all} experts" if n_dev < n_all else f"all {n_all} experts"
+    mem = a.memory if isinstance(a.memory, str) else mib(int(a.memory))
+    parts = [_flag("memory", mem, mine["memory"]) + ("" if mine["memory"] else f" ({where})"),
+             _flag("host-memory", mib(a.host_memory) if isinstance(a.host_memory, int)
+                   else a.host_memory or "none", mine["host_memory"]),
+             _flag("prefetch", a.prefetch, mine["prefetch"]),
+             _flag("cpu-misses", a.cpu_misses, mine["cpu_misses"]),
+             _flag("cache-policy", a.cache_policy, mine["cache_policy"])]
+    dropped = " (the plan's host tier and CPU misses need CUDA: running on cpu)" if (
+        device.type != "cuda" and (rec["host_memory"] or rec["cpu_misses"])) else ""
+    log(f"moe-offload: --auto on {hw.name}: {', '.join(parts)}; plan: experts {bits}-bit, backbone "
+        f"{rec['backbone_bits']}-bit{dropped}")
+    return chosen
