@@ -115,6 +115,10 @@ def format_stats(s: dict) -> str:
                      f"{s['prefetch_cancelled']} cancelled, {s.get('prefetch_wasted', 0)} wasted, "
                      f"recall {s.get('prefetch_recall', 0):.3f}, "
                      f"precision {s.get('prefetch_precision', 0):.3f}")
+    if s.get("cpu_computed_experts") or s.get("lowbit_fallbacks"):
+        lines.append(f"misses: {s.get('cpu_computed_experts', 0)} computed on the CPU "
+                     f"({s.get('cpu_compute_seconds', 0.0):.3f} s), "
+                     f"{s.get('lowbit_fallbacks', 0)} by 2-bit stand-ins")
     return "\n".join(lines)
 
 
