@@ -263,7 +263,7 @@ def test_auto_carries_a_partial_plan_over_in_the_stores_bytes(store, reference, 
                          "--max-new-tokens", str(NEW), "--ignore-eos", "--json")
     assert code == 0, err
     hint, line = err.strip().splitlines()
-    assert "moe-offload quantize" in hint and "--bits 8" in hint
+    assert "moe-offload quantize" in hint and "--expert-bits 8" in hint
     assert "5 of 8 experts" in line and "--prefetch auto" in line and "--cache-policy lfu (yours)" in line
     got = json.loads(out)
     assert got["token_ids"] == reference  # offloading stays exact
