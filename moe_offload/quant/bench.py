@@ -1,8 +1,14 @@
-"""Kernel timings on this machine: `python -m moe_offload.quant.bench [--n 14336 --k 4096 --threads 1]`.
+"""Kernel timings and quantizer errors on this machine.
 
-Per bit width, for one N×K matrix: the kernel at M rows vs dequantise-to-bf16 + F.linear (what prefill and
-CUDA do), the one-off cost of making the unit when an expert arrives (2/3-bit expansion, meta8 decode), and
-the bytes stored vs held. Minimum of --reps runs after a warm-up; nothing is asserted.
+    python -m moe_offload.quant.bench [--n 14336 --k 4096 --threads 1]     kernels
+    python -m moe_offload.quant.bench --errors                              RTN / HQQ errors, bits/weight
+
+Kernels, per bit width, for one N×K matrix: the kernel at M rows vs dequantise-to-bf16 + F.linear (what
+prefill and CUDA do), the one-off cost of making the unit when an expert arrives (2/3-bit expansion, meta8
+decode), and the bytes stored vs held. Minimum of --reps runs after a warm-up; nothing is asserted.
+Errors: relative Frobenius error of RTN, HQQ (zero only, as the paper) and HQQ with the scale refit (our
+default) on 1024×4096 Gaussian and Student-t(3) matrices, with the bits/weight of each codec; the time to
+quantize one 14336×4096 matrix.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .hqq import quantize
+from .hqq import quantize, rel_error
 from .kernels import PackedMatrix, make_linear
 
 
@@ -27,6 +33,30 @@ def best_ms(fn, reps: int) -> float:
     return 1e3 * min(out)
 
 
+def errors() -> None:
+    from .codec import HQQCodec
+    from ..experts import ExpertShape
+
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # torch.distributions draws from the global generator
+    mats = {"gaussian": torch.randn(1024, 4096, generator=g),
+            "student-t3": torch.distributions.StudentT(3.0).sample((1024, 4096))}
+    shape = ExpertShape(4096, 14336)
+    print(f"{'bits':>4} {'group':>5} {'bits/w':>7} {'matrix':>10} {'rtn':>7} {'hqq':>7} {'hqq+s':>7}")
+    for bits, group in ((2, 16), (2, 32), (3, 64), (4, 64), (4, 128), (8, 0)):
+        bpw = 8 * HQQCodec({"bits": bits, "group_size": group}).nbytes(shape) / (3 * 4096 * 14336)
+        for name, W in mats.items():
+            e = [rel_error(W, quantize(W, bits, group, method=m, opt_scale=s).dequantize())
+                 for m, s in (("rtn", False), ("hqq", False), ("hqq", True))]
+            print(f"{bits:>4} {group:>5} {bpw:>7.3f} {name:>10} " + " ".join(f"{x:>7.4f}" for x in e))
+    W = torch.randn(14336, 4096, generator=g) * 0.02
+    for method in ("rtn", "hqq"):
+        t = time.perf_counter()
+        quantize(W, 4, 64, method=method)
+        print(f"quantize 14336x4096 4-bit g64 {method}: {time.perf_counter() - t:.1f} s "
+              f"({torch.get_num_threads()} thread(s))")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--n", type=int, default=14336)
@@ -35,8 +65,11 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--rows", default="1,4,16,32,64,256")
     p.add_argument("--bits", default="4,3,2,8")
+    p.add_argument("--errors", action="store_true", help="print quantizer errors instead of timings")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.errors:
+        return errors()
     N, K = a.n, a.k
     rows = [int(r) for r in a.rows.split(",")]
     W = torch.randn(N, K, generator=torch.Generator().manual_seed(0)) * 0.02

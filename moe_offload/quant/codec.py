@@ -12,8 +12,11 @@ Blob layout (every section starts on a 64-byte boundary; the blob is padded to 6
                       gate_up.V | gate_up.U | down.V | down.U
 
 The group size is per matrix: the largest divisor of its input dim K not above `group_size` (0: whole row).
-`decode` picks the kernel per matrix and device (kernels.py); the unit's `nbytes` is what it holds resident
-(for 2/3-bit on CPU that is the expanded nibbles, i.e. what a 4-bit unit holds).
+Defaults: 2-bit g32, 3/4-bit g64 with 8-bit meta, 8-bit one group per row with bf16 meta: 2.53 / 3.27 /
+4.27 / 8.01 bits per weight (hqq.py). `decode` picks the kernel per matrix and device (kernels.py); the
+unit's `nbytes` is what it holds resident. On CPU a 2/3-bit unit holds its codes expanded to nibbles plus
+bf16 meta, i.e. as much as a 4-bit unit (more for 2-bit g32: 35.0 vs 31.5 MiB per 14336×4096 matrix,
+quant/bench.py): 2/3 bits save disk and transfer, not cache RAM.
 
 Shape legend: D hidden, I expert intermediate, N output rows, K inputs, G groups per row, r rank.
 """
