@@ -79,8 +79,8 @@ def apply_auto(a: argparse.Namespace, log=lambda m: print(m, file=sys.stderr)) -
         want = rec["expert_bits"]
         src = "HF_FOLDER" if is_store(path) else path  # quantize reads the Hugging Face folder
         log(f"moe-offload: the plan runs the experts at {want}-bit, this store holds {have}-bit: quantize "
-            f"first (moe-offload quantize --model {src} --expert-bits {want} --out {path.name}-{want}bit) and run "
-            f"that; going on with the store as it is")
+            f"first (moe-offload quantize --model {src} --expert-bits {want} --out {path.name}-{want}bit) "
+            f"and run that; going on with the store as it is")
         try:
             rec = plan_for(path, hw, expert_bits=have)
         except PlanRefused as e:
