@@ -2,6 +2,7 @@
 
     python -m moe_offload.quant.bench [--n 14336 --k 4096 --threads 1]     kernels
     python -m moe_offload.quant.bench --errors                              RTN / HQQ errors, bits/weight
+    python -m moe_offload.quant.bench --lowrank [--store S --layer L]       bits vs bits + rank, equal bytes
 
 Kernels, per bit width, for one N×K matrix: the kernel at M rows vs dequantise-to-bf16 + F.linear (what
 prefill and CUDA do), the one-off cost of making the unit when an expert arrives (2/3-bit expansion, meta8
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +59,33 @@ def errors() -> None:
               f"({torch.get_num_threads()} thread(s))")
 
 
+def lowrank_table(store: str | None = None, layer: int = 0, expert: int = 0) -> None:
+    """Error and bytes of b bits vs b bits + rank r for one expert (a random one, or one of an HF folder);
+    `hull` marks the options the mixed plan could ever pick (mixed.hull)."""
+    from . import mixed
+
+    g = torch.Generator().manual_seed(0)
+    if store is None:
+        D, I = 512, 384
+        gate, up, down = (torch.randn(*s, generator=g) * 0.02 for s in ((I, D), (I, D), (D, I)))
+        name = f"random expert D={D} I={I}"
+    else:
+        from ..checkpoint import SafetensorsFolder, expert_tensors, read_config
+
+        cfg = read_config(Path(store))
+        p = expert_tensors(SafetensorsFolder(store), cfg["model_type"], layer, expert)
+        gate, up, down = p["gate"].float(), p["up"].float(), p["down"].float()
+        I, D = gate.shape
+        name = f"{store} layer {layer} expert {expert}"
+    specs = [{"name": "hqq", "bits": b} for b in (2, 3, 4, 8)]
+    specs += [{"name": "hqq", "bits": b, "rank": r} for b in (2, 3) for r in (8, 16, 32) if r < min(D, I) // 2]
+    opts = mixed.error_curve(gate, up, down, specs)
+    hull = {o.label for o in mixed.hull(opts)}
+    print(f"{name}: relative Frobenius error")
+    for o in sorted(opts, key=lambda o: o.nbytes):
+        print(f"  {o.label:8s} {o.nbytes:9d} B  err {o.err:.4f}  {'hull' if o.label in hull else ''}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--n", type=int, default=14336)
@@ -66,10 +95,15 @@ def main(argv=None) -> None:
     p.add_argument("--rows", default="1,4,16,32,64,256")
     p.add_argument("--bits", default="4,3,2,8")
     p.add_argument("--errors", action="store_true", help="print quantizer errors instead of timings")
+    p.add_argument("--lowrank", action="store_true", help="print bits vs bits + rank at equal bytes")
+    p.add_argument("--store", default=None, help="with --lowrank: a Hugging Face folder to take the expert from")
+    p.add_argument("--layer", type=int, default=0)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.errors:
         return errors()
+    if a.lowrank:
+        return lowrank_table(a.store, a.layer)
     N, K = a.n, a.k
     rows = [int(r) for r in a.rows.split(",")]
     W = torch.randn(N, K, generator=torch.Generator().manual_seed(0)) * 0.02
