@@ -36,8 +36,8 @@ def best_ms(fn, reps: int) -> float:
 
 
 def errors() -> None:
-    from .codec import HQQCodec
     from ..experts import ExpertShape
+    from .codec import HQQCodec
 
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)  # torch.distributions draws from the global generator
@@ -78,7 +78,8 @@ def lowrank_table(store: str | None = None, layer: int = 0, expert: int = 0) -> 
         I, D = gate.shape
         name = f"{store} layer {layer} expert {expert}"
     specs = [{"name": "hqq", "bits": b} for b in (2, 3, 4, 8)]
-    specs += [{"name": "hqq", "bits": b, "rank": r} for b in (2, 3) for r in (8, 16, 32) if r < min(D, I) // 2]
+    ranks = [r for r in (8, 16, 32) if r < min(D, I) // 2]
+    specs += [{"name": "hqq", "bits": b, "rank": r} for b in (2, 3) for r in ranks]
     opts = mixed.error_curve(gate, up, down, specs)
     hull = {o.label for o in mixed.hull(opts)}
     print(f"{name}: relative Frobenius error")
@@ -96,7 +97,7 @@ def main(argv=None) -> None:
     p.add_argument("--bits", default="4,3,2,8")
     p.add_argument("--errors", action="store_true", help="print quantizer errors instead of timings")
     p.add_argument("--lowrank", action="store_true", help="print bits vs bits + rank at equal bytes")
-    p.add_argument("--store", default=None, help="with --lowrank: a Hugging Face folder to take the expert from")
+    p.add_argument("--store", default=None, help="with --lowrank: a Hugging Face folder to take it from")
     p.add_argument("--layer", type=int, default=0)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
