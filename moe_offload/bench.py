@@ -430,6 +430,14 @@ def child_hf(spec: dict) -> dict:
     return {"load_s": load_s, "runs": _hf_runs(model, spec), "info": info}
 
 
+def llama_last_logits(llm):
+    """Logits of the last evaluated token as a numpy view (llama-cpp-python >= 0.3 no longer copies them into
+    `scores` unless logits_all)."""
+    import numpy as np
+
+    return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
+
+
 def child_llamacpp(spec: dict) -> dict:
     import numpy as np
     from llama_cpp import Llama
@@ -445,12 +453,12 @@ def child_llamacpp(spec: dict) -> dict:
         llm.reset()  # forget the previous prompt: no prefix reuse between prompts
         io0, t0 = _read_bytes(), time.perf_counter()
         llm.eval(ids)
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(llama_last_logits(llm)))
         t1, io1 = time.perf_counter(), _read_bytes()
         tokens = [tok]
         for _ in range(n):
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = int(np.argmax(llama_last_logits(llm)))
             tokens.append(tok)
         t2, io2 = time.perf_counter(), _read_bytes()
         runs.append({"prefill_tok_s": len(ids) / (t1 - t0), "decode_tok_s": n / (t2 - t1), "prefill_s": t1 - t0,
@@ -822,6 +830,16 @@ def markdown(res: dict) -> str:
                   "| policy | " + " | ".join(f"{float(p):g} %" for p in pcts) + " |", "|---" * (len(pcts) + 1) + "|"]
         for pol, d in res["replay"].items():
             lines.append(f"| {pol} | " + " | ".join(_f(d.get(p), '{:.3f}') for p in pcts) + " |")
+    cached = [r.get("page_cache_before_bytes") for r in res["rows"] if "page_cache_before_bytes" in r]
+    known = [c for c in cached if c is not None]
+    if cached:
+        lines += ["", f"Page cache held by each configuration's model files when it started (fincore, after fsync + "
+                      f"POSIX_FADV_DONTNEED): " + (f"at most {max(known)} bytes over {len(known)} runs"
+                                                     if known else "not checked (no fincore)") + "."]
+    limited = sorted({(r.get("cgroup") or {}).get("limit_bytes", 0) // MiB for r in res["rows"] if r.get("cgroup")})
+    notes = {r.get("cgroup_note") for r in res["rows"] if r.get("cgroup_note")}
+    lines += [f"Memory limits (cgroup v1, page cache counted): {', '.join(f'{x} MiB' for x in limited) or 'none'}"
+              + (f"; {'; '.join(sorted(notes))}" if notes else "") + "."]
     lines += ["", f"Load average at the start {res['load_avg_start']}, at the end {res['load_avg_end']}."]
     return "\n".join(lines) + "\n"
 
