@@ -155,6 +155,22 @@ def test_kernels_match_the_dequantised_reference(bits, group, N, K, kind):
         assert rel(make_linear(pm, "dense")(x), x @ ref.t()) < 1e-6
 
 
+def test_int4_kernel_on_a_cpu_with_another_layout_converts_and_agrees(monkeypatch):
+    """Non-AVX-512 builds pack int4 differently: the unit then lets torch convert the codes, same numbers."""
+    from moe_offload.quant import kernels
+
+    if not int4pack_native():
+        pytest.skip("this CPU already runs the converting path")
+    W = torch.randn(80, 128, generator=gen(12))
+    pm = PackedMatrix.from_quantized(hqq.quantize(W, 3, 64))
+    native = make_linear(pm)
+    monkeypatch.setattr(kernels, "int4pack_native", lambda: False)
+    converted = make_linear(pm)
+    assert converted.kind == "int4pack" and converted.nbytes > native.nbytes  # holds codes + converted copy
+    x = torch.randn(3, 128, generator=gen(13), dtype=torch.bfloat16)
+    assert torch.equal(converted(x), native(x))
+
+
 # ---- the codec ----------------------------------------------------------------------------------------
 
 SPECS = [dict(bits=4), dict(bits=3), dict(bits=2), dict(bits=8), dict(bits=4, meta_bits=16),
@@ -427,3 +443,24 @@ def test_quantize_usage_errors(tiny_checkpoint, tmp_path):
     assert main(["quantize", "--model", hf, "--out", str(tmp_path / "x"), "--budget", "1MiB"]) == 2
     assert main(["quantize", "--model", hf, "--out", str(tmp_path / "x"), "--lowrank", "auto"]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_quantize_mixed_with_calibration_uses_its_routing_counts(tiny_checkpoint, tmp_path, capsys):
+    from moe_offload.profile import record
+    from moe_offload.runtime.engine import load
+
+    hf = tiny_checkpoint("mixtral_gqa", tokenizer=True)
+    text = tmp_path / "calib.txt"
+    text.write_text("a stitch in time saves nine; " * 30)
+    budget = 8 * HQQCodec({"bits": 4}).nbytes(ExpertShape(64, 48))
+    store = _quantize(hf, tmp_path / "c", "--expert-bits", "mixed", "--budget", str(budget),
+                      "--calib", str(text), "--calib-tokens", "200", "--lowrank", "auto")
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines if line.split()[:1] in (["0"], ["1"])]
+    engine = load(hf, dtype="float32")
+    ids = engine.tokenizer.encode(text.read_text())[:200]
+    counts = record(engine, ids, window=min(256, engine.context_length)).counts()
+    for layer, e, f, *_ in rows:
+        assert abs(float(f) - counts[int(layer)][int(e)] / sum(counts[int(layer)])) < 1e-4
+    assert len(rows) == 8 and sum(e.nbytes for e in store.entries.values()) <= budget
+    assert store.manifest["quantization"]["calibration_tokens"] == 200

@@ -185,7 +185,7 @@ class Int4Linear(DequantLinear):
             nib = nibbles(pm.packed, pm.bits, pm.N * pm.K)
             pm = PackedMatrix(nib, self.sz, 4, pm.N, pm.K)  # same centre, same values: codes < 8 are nibbles
             self.w = nib.view(pm.N, pm.K // 2)
-        else:  # another CPU layout: let torch convert (slower, once); keep the compact codes for prefill
+        else:  # another CPU layout (AVX2: blocks of 32 rows): torch converts, once; compact codes kept
             self.w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(pm.codes().to(torch.int32), 1)
         super().__init__(pm)
 
@@ -220,14 +220,18 @@ class Int8Linear(DequantLinear):
         return (y + xb.float().sum(-1, keepdim=True) * self.m).to(x.dtype)
 
 
+def _has(op: str) -> bool:
+    return hasattr(torch.ops.aten, op)
+
+
 def kernel_for(pm: PackedMatrix, device: torch.device) -> str:
     """The fastest path this matrix can take on `device`: int4pack, int8pack or dense."""
     if device.type != "cpu":
         return "dense"
     if pm.bits <= 4 and pm.group_size in INT4_GROUPS and pm.N % 16 == 0:
-        return "int4pack"
-    if pm.bits == 8 and pm.group_size == pm.K and pm.K % 16 == 0:  # other K crash the kernel (torch 2.13)
-        return "int8pack"
+        return "int4pack" if _has("_weight_int4pack_mm_for_cpu") else "dense"
+    if pm.bits == 8 and pm.group_size == pm.K and pm.K % 16 == 0 and _has("_weight_int8pack_mm"):
+        return "int8pack"  # (other K crash the kernel in torch 2.13)
     return "dense"
 
 
