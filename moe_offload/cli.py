@@ -200,7 +200,7 @@ def _load_plugins() -> None:
 
     for mod in ("moe_offload.store.cli", "moe_offload.profile", "moe_offload.quant.cli", "moe_offload.server",
                 "moe_offload.store.lowbit", "moe_offload.bench", "moe_offload.eval", "moe_offload.plan",
-                "moe_offload.sim", "moe_offload.gguf_export"):
+                "moe_offload.sim", "moe_offload.gguf_export", "moe_offload.prefetch.report"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:
