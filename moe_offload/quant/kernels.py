@@ -10,10 +10,11 @@ CPU, batch-1 decode (M <= dense_rows):
 Prefill (M > dense_rows), other devices (CUDA) and shapes the kernels refuse: dequantise into the compute
 dtype, then one dense GEMM.
 
-`python -m moe_offload.quant.bench --threads 1 --reps 3 --rows 1,4,16,64,256,1024` (14336×4096, 1 thread on
-a shared, loaded 2-core EPYC; ms): dense bf16 F.linear M=1 15.4; int4pack M=1 1.7 (4/3/2-bit alike), M=16
-~22, M=256 350-520; int8pack M=1 4.6; dequantise to bf16 100-210, + F.linear M=256 240-390. Making the unit
-on arrival: 4-bit and 8-bit 0 ms (views), 3-bit 19 ms, 2-bit 2.5 ms (nibble expansion).
+`python -m moe_offload.quant.bench --threads 1 --reps 3 --rows 1,4,16,64,256,1024` (14336×4096, 1 thread of
+a shared 2-core EPYC, ms): dense bf16 F.linear M=1 6.8, M=256 91; int4pack M=1 1.6-2.1 (4/3/2-bit alike),
+M=16 14-15, M=64 57-64, M=256 230-243; int8pack M=1 4.0, M=64 94, M=256 358; dequantise to bf16 90-153, so
+dequantise + F.linear M=1 91-154, M=64 115-182, M=256 176-236. Making the unit on arrival: 4-bit and 8-bit
+0 ms (views of the blob), 3-bit 9.7 ms, 2-bit 2.1 ms (nibble expansion).
 
 Shape legend: M rows of activations, N output rows, K inputs, g group size, G = K/g.
 """
@@ -30,9 +31,9 @@ from .hqq import Quantized, affine_, centre
 from .pack import nibbles, pack, unpack
 
 INT4_GROUPS = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
-# Above this many rows, dequantise once + dense GEMM beats the kernel (14336x4096, 1 thread: int4 kernel
-# ~1.4 ms/row past M=8, int8 ~2.2 ms/row; dequantise ~100-200 ms, bf16 GEMM ~0.6 ms/row; quant/bench.py).
-DENSE_ROWS = {"int4pack": 256, "int8pack": 128}
+# Above this many rows, dequantise once + dense GEMM beats the kernel (the crossovers of the run above:
+# int4 between M=64 and 256, int8 between 64 and 256 but nearer 64).
+DENSE_ROWS = {"int4pack": 192, "int8pack": 96}
 
 
 # ---- the int4pack nibble order -------------------------------------------------------------------------
