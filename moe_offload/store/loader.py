@@ -133,6 +133,11 @@ class Loader:
                     h.state = _CANCELLED
             self.heap.clear()
             self.cond.notify_all()
+        # let a load in progress finish: a daemon thread still inside torch when the interpreter exits
+        # aborts the process ("terminate called without an active exception")
+        for t in self.threads:
+            if t is not threading.current_thread():
+                t.join(timeout=10)
 
 
 class CopyStream:
