@@ -29,7 +29,7 @@ from .cli import command
 from .costmodel import BITS, cpu_compute_bits, quant_bytes
 from .errors import MoeError, UsageError
 from .store.policies import POLICIES, belady_opt, replay
-from .utils import parse_size
+from .utils import best_time, parse_size
 
 GiB = 1 << 30
 GB = 1e9
@@ -150,17 +150,6 @@ def get_profile(name: str | HardwareProfile, **measure_kw) -> HardwareProfile:
     return PROFILES[name]
 
 
-def _best(fn: Callable[[], None], repeat: int, sync: Callable[[], None] = lambda: None) -> float:
-    best = math.inf
-    for _ in range(repeat):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def measure_disk_read(directory: str | None = None, nbytes: int = 128 << 20, chunk: int = 8 << 20) -> tuple[float, str]:
     """Cold read bandwidth of a fresh temp file: written, fsync'd, dropped from the page cache with
     POSIX_FADV_DONTNEED, then read with O_DIRECT (or buffered after the drop where O_DIRECT is refused) in
@@ -213,7 +202,7 @@ def _ram_read_bw(nbytes: int) -> float:
     import torch
 
     x = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
-    return x.numel() * 4 / _best(lambda: x.sum(), 3)
+    return x.numel() * 4 / best_time(lambda: x.sum(), 3)
 
 
 def _cpu_gemv(nbytes: int) -> tuple[float, float]:
@@ -224,7 +213,7 @@ def _cpu_gemv(nbytes: int) -> tuple[float, float]:
     w = torch.empty(nbytes // 2 // _GEMV_K, _GEMV_K, dtype=torch.bfloat16).fill_(0.01)
     v = torch.full((1, _GEMV_K), 0.5, dtype=torch.bfloat16)
     m = torch.full((64, _GEMV_K), 0.5, dtype=torch.bfloat16)
-    return w.numel() * 2 / _best(lambda: F.linear(v, w), 5), 2 * 64 * w.numel() / _best(lambda: F.linear(m, w), 2)
+    return w.numel() * 2 / best_time(lambda: F.linear(v, w), 5), 2 * 64 * w.numel() / best_time(lambda: F.linear(m, w), 2)
 
 
 def _cuda_figures(nbytes: int) -> tuple[float, float, float]:
@@ -236,9 +225,9 @@ def _cuda_figures(nbytes: int) -> tuple[float, float, float]:
     b = torch.empty_like(a)
     h = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     g = torch.empty(4096, 4096, dtype=torch.bfloat16, device=dev).fill_(0.01)
-    copy = 2 * nbytes / _best(lambda: b.copy_(a), 5, sync)  # a copy reads and writes every byte
-    h2d = nbytes / _best(lambda: a.copy_(h, non_blocking=True), 5, sync)
-    return copy, h2d, 2 * 4096**3 / _best(lambda: g @ g, 5, sync)
+    copy = 2 * nbytes / best_time(lambda: b.copy_(a), 5, sync)  # a copy reads and writes every byte
+    h2d = nbytes / best_time(lambda: a.copy_(h, non_blocking=True), 5, sync)
+    return copy, h2d, 2 * 4096**3 / best_time(lambda: g @ g, 5, sync)
 
 
 def measure_this_machine(disk_dir: str | None = None, ram_bytes: int = 256 << 20, disk_bytes: int = 128 << 20,

@@ -36,7 +36,7 @@ from ..checkpoint import (
 from ..errors import MoeError
 from ..experts import Codec, DenseCodec, ExpertShape, make_codec
 from ..models import build, get_module
-from ..utils import DTYPE_NAMES, atomic_dir
+from ..utils import DTYPE_NAMES, atomic_dir, drop_page_cache
 
 FORMAT_NAME = "moe-offload-store"
 FORMAT_VERSION = 1
@@ -157,14 +157,6 @@ def write_safetensors(path: Path, names: list[str], source: SafetensorsFolder, d
     return offset
 
 
-def _drop_from_page_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def write_experts(path: Path, source: SafetensorsFolder, model_type: str, moe_layers: list[int],
                   n_experts: int, codec: Callable[[int, int], Codec]) -> list[ExpertEntry]:
     """One expert at a time: read its matrices, encode with codec(layer, expert), write at the next aligned
@@ -183,7 +175,7 @@ def write_experts(path: Path, source: SafetensorsFolder, model_type: str, moe_la
                 offset += round_up(n)
         f.flush()
         os.fsync(f.fileno())
-    _drop_from_page_cache(path)  # the store must not sit in the page cache after writing it
+    drop_page_cache(path)  # the store must not sit in the page cache after writing it
     return entries
 
 

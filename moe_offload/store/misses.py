@@ -48,6 +48,7 @@ from .. import numa
 from ..costmodel import crossover_tokens, miss_cost
 from ..errors import MoeError, UsageError
 from ..experts import make_codec
+from ..utils import best_time
 from .format import Key, Store
 from .tiers import DiskTier, HostTier
 
@@ -113,17 +114,6 @@ def expert_costs(store: Store, dtype: torch.dtype) -> dict[str, ExpertCost]:
     return out
 
 
-def _best(fn: Callable[[], object], repeat: int, sync: Callable[[], None] = lambda: None) -> float:
-    best = math.inf
-    for _ in range(repeat):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def profile_figures(hardware) -> Figures:
     from ..sim import get_profile
 
@@ -158,12 +148,12 @@ def measure_figures(store: Store, device: torch.device, dtype: torch.dtype,
                 blob = disk.read(e)[:e.nbytes]  # pinned host memory
                 cpu_unit = codec.decode(blob, store.expert_shape, dtype)
                 dev_blob = torch.empty(e.nbytes, dtype=torch.uint8, device=device)
-                t_link = _best(partial(dev_blob.copy_, blob, non_blocking=True), 3, sync)
+                t_link = best_time(partial(dev_blob.copy_, blob, non_blocking=True), 3, sync)
                 dev_unit = codec.decode(dev_blob, store.expert_shape, dtype)
                 x1d, xmd = x1.to(device), xm.to(device)
-                t_cpu1, t_cpum = _best(partial(cpu_unit, x1), 3), _best(partial(cpu_unit, xm), 2)
-                t_dev1 = _best(partial(dev_unit, x1d), 3, sync)
-                t_devm = _best(partial(dev_unit, xmd), 3, sync)
+                t_cpu1, t_cpum = best_time(partial(cpu_unit, x1), 3), best_time(partial(cpu_unit, xm), 2)
+                t_dev1 = best_time(partial(dev_unit, x1d), 3, sync)
+                t_devm = best_time(partial(dev_unit, xmd), 3, sync)
                 out[k] = Figures(link_bw=e.nbytes / t_link, cpu_bw=c.cpu_bytes / t_cpu1,
                                  cpu_flops=2 * c.params * M / t_cpum, device_bw=e.nbytes / t_dev1,
                                  device_flops=2 * c.params * M / t_devm,

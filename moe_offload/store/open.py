@@ -20,7 +20,7 @@ from ..errors import MoeError, UsageError
 from ..prefetch.runtime import make_prefetcher
 from ..runtime.engine import Engine, _eos_ids, build_model, is_store
 from ..runtime.tokenizer import Tokenizer
-from ..utils import DTYPE_NAMES, parse_size
+from ..utils import DTYPE_NAMES, drop_page_cache, parse_size
 from . import misses
 from .cache import ExpertCache, OffloadedExperts, footprints
 from .format import BACKBONE, Store, convert, open_store
@@ -52,14 +52,6 @@ def store_for(hf_dir: Path, dtype: torch.dtype | None) -> Store:
             print(f"moe-offload: cached store {out} is unusable ({e}); converting again", file=sys.stderr)
     print(f"moe-offload: converting {hf_dir} into an expert store at {out} (once)", file=sys.stderr)
     return convert(hf_dir, out, dt, overwrite=True)
-
-
-def _drop_page_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def mib(n: int) -> str:
@@ -98,7 +90,7 @@ def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, 
     store = open_store(path) if is_store(path) else store_for(path, dtype)
     dt = dtype or store.dtype
     args, model = build_model(store.config, store.backbone(), device, dt, expert_keys=False)
-    _drop_page_cache(store.path / BACKBONE)  # the backbone now lives in our tensors only
+    drop_page_cache(store.path / BACKBONE)  # the backbone now lives in our tensors only
     backbone = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     stand = None
     if miss_fallback == "lowbit":  # 2-bit copies of every expert, resident all run: counted like the backbone
