@@ -57,11 +57,11 @@ def test_decode_limit_from_bandwidths():
 
 
 def test_summarize_runs_bytes_per_token_and_hit_rate():
-    runs = [dict(prefill_tok_s=100, decode_tok_s=4, decode_disk_read_bytes=800, hits=30, misses=10,
+    runs = [dict(prefill_tok_s=100, decode_tok_s=4, decode_s=2.5, decode_disk_read_bytes=800, hits=30, misses=10,
                  bytes_read_disk=1000, stall_seconds=0.5),
-            dict(prefill_tok_s=300, decode_tok_s=6, decode_disk_read_bytes=1200, hits=10, misses=30,
+            dict(prefill_tok_s=300, decode_tok_s=6, decode_s=1.5, decode_disk_read_bytes=1200, hits=10, misses=30,
                  bytes_read_disk=3000, stall_seconds=1.5),
-            dict(prefill_tok_s=200, decode_tok_s=5, decode_disk_read_bytes=1000, hits=20, misses=20,
+            dict(prefill_tok_s=200, decode_tok_s=5, decode_s=2.0, decode_disk_read_bytes=1000, hits=20, misses=20,
                  bytes_read_disk=2000, stall_seconds=1.0)]
     s = summarize_runs(runs, tokens=10)
     assert s["decode_tok_s"] == {"median": 5.0, "min": 4.0, "max": 6.0, "n": 3}
@@ -70,8 +70,9 @@ def test_summarize_runs_bytes_per_token_and_hit_rate():
     assert s["hit_rate"] == pytest.approx(60 / 120)  # pooled over runs, not a mean of rates
     assert s["expert_bytes_per_token"] == pytest.approx(6000 / 30)
     assert s["stall_s_per_token"] == pytest.approx(3.0 / 30)
-    peer = summarize_runs([dict(prefill_tok_s=1, decode_tok_s=2, decode_disk_read_bytes=None)], tokens=4)
-    assert peer["disk_bytes_per_token"] is None and "hit_rate" not in peer
+    assert s["disk_read_bw"] == pytest.approx(3000 / 6.0)  # bytes over decode seconds, pooled
+    peer = summarize_runs([dict(prefill_tok_s=1, decode_tok_s=2, decode_s=2.0, decode_disk_read_bytes=None)], tokens=4)
+    assert peer["disk_bytes_per_token"] is None and peer["disk_read_bw"] is None and "hit_rate" not in peer
 
 
 def test_leading_agreement():
