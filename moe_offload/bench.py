@@ -133,6 +133,8 @@ def summarize_runs(runs: list[dict], tokens: int) -> dict:
     out["disk_bytes_per_token"] = sum(disk) / (tokens * len(disk)) if disk else None
     secs = sum(r["decode_s"] for r in runs if r.get("decode_disk_read_bytes") is not None and r.get("decode_s"))
     out["disk_read_bw"] = sum(disk) / secs if disk and secs else None  # bytes/s achieved while decoding
+    cpu = [(r["decode_cpu_s"], r["decode_s"]) for r in runs if r.get("decode_cpu_s") is not None and r.get("decode_s")]
+    out["cpu_cores"] = sum(c for c, _ in cpu) / sum(d for _, d in cpu) if cpu else None  # CPU seconds per second
     if runs and "hits" in runs[0]:
         hits, misses = sum(r["hits"] for r in runs), sum(r["misses"] for r in runs)
         out["hit_rate"] = hits / (hits + misses) if hits + misses else None
@@ -414,18 +416,18 @@ def child_us(spec: dict) -> dict:
         it = engine.stream_generate(prompt_ids=ids, max_new_tokens=n + 1, ignore_eos=True, temperature=0.0)
         first = next(it)  # yielded after prefill: the first token comes from the prompt's logits
         pre = cache.stats() if cache is not None else None
-        io1, mark = _read_bytes(), len(sink)
+        io1, mark, c1 = _read_bytes(), len(sink), time.process_time()
         tokens, last = [first.token], None
         for r in it:
             if r.token is not None:
                 tokens.append(r.token)
             last = r
-        io2 = _read_bytes()
+        io2, c2 = _read_bytes(), time.process_time()
         s = last.stats
         run = {"prefill_tok_s": s["prefill_tokens_per_s"], "decode_tok_s": s["decode_tokens_per_s"],
                "prefill_s": s["prefill_seconds"], "decode_s": s["decode_seconds"], "tokens": tokens,
                "prefill_disk_read_bytes": _delta(io0, io1), "decode_disk_read_bytes": _delta(io1, io2),
-               "routes": sink[mark:]}
+               "decode_cpu_s": c2 - c1, "routes": sink[mark:]}
         if pre is not None:  # decode only: the counters at the end minus those after prefill
             for k in ("expert_hits", "expert_misses", "bytes_read_disk", "bytes_to_device", "stall_seconds"):
                 run[k.replace("expert_", "")] = s[k] - pre[k]
@@ -446,15 +448,15 @@ def _hf_runs(model, spec: dict) -> list[dict]:
             io0, t0 = _read_bytes(), time.perf_counter()
             out = model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
             tok = int(out.logits[0, -1].argmax())
-            t1, io1 = time.perf_counter(), _read_bytes()
+            t1, io1, c1 = time.perf_counter(), _read_bytes(), time.process_time()
             pkv, tokens = out.past_key_values, [tok]
             for _ in range(n):
                 out = model(input_ids=torch.tensor([[tok]]), past_key_values=pkv, use_cache=True)
                 pkv, tok = out.past_key_values, int(out.logits[0, -1].argmax())
                 tokens.append(tok)
-            t2, io2 = time.perf_counter(), _read_bytes()
+            t2, io2, c2 = time.perf_counter(), _read_bytes(), time.process_time()
             runs.append({"prefill_tok_s": len(ids) / (t1 - t0), "decode_tok_s": n / (t2 - t1),
-                         "prefill_s": t1 - t0, "decode_s": t2 - t1, "tokens": tokens,
+                         "prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_cpu_s": c2 - c1, "tokens": tokens,
                          "prefill_disk_read_bytes": _delta(io0, io1), "decode_disk_read_bytes": _delta(io1, io2)})
     return runs
 
@@ -507,15 +509,15 @@ def child_llamacpp(spec: dict) -> dict:
         io0, t0 = _read_bytes(), time.perf_counter()
         llm.eval(ids)
         tok = int(np.argmax(llama_last_logits(llm)))
-        t1, io1 = time.perf_counter(), _read_bytes()
+        t1, io1, c1 = time.perf_counter(), _read_bytes(), time.process_time()
         tokens = [tok]
         for _ in range(n):
             llm.eval([tok])
             tok = int(np.argmax(llama_last_logits(llm)))
             tokens.append(tok)
-        t2, io2 = time.perf_counter(), _read_bytes()
+        t2, io2, c2 = time.perf_counter(), _read_bytes(), time.process_time()
         runs.append({"prefill_tok_s": len(ids) / (t1 - t0), "decode_tok_s": n / (t2 - t1), "prefill_s": t1 - t0,
-                     "decode_s": t2 - t1, "tokens": tokens, "prefill_disk_read_bytes": _delta(io0, io1),
+                     "decode_s": t2 - t1, "decode_cpu_s": c2 - c1, "tokens": tokens, "prefill_disk_read_bytes": _delta(io0, io1),
                      "decode_disk_read_bytes": _delta(io1, io2)})
     import llama_cpp
 
@@ -635,17 +637,19 @@ def run_config(cfg: Config, memory: int | None, out: Path, tag: str, overhead: i
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "moe_offload.bench", "--child", str(spec_path), str(res_path)]
     t0 = time.perf_counter()
-    with open(log_path, "w") as log:
-        try:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout,
-                                  preexec_fn=cg.join if cg is not None else None, cwd=str(REPO_ROOT))
-            rc, timed_out = proc.returncode, False
-        except subprocess.TimeoutExpired:
-            rc, timed_out = None, True
-    wall = time.perf_counter() - t0
-    cstats = cg.stats() if cg is not None else None
-    if cg is not None:
-        cg.remove()
+    try:
+        with open(log_path, "w") as log:
+            try:  # subprocess.run kills the child on any exception, SIGTERM of this process included
+                proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout,
+                                      preexec_fn=cg.join if cg is not None else None, cwd=str(REPO_ROOT))
+                rc, timed_out = proc.returncode, False
+            except subprocess.TimeoutExpired:
+                rc, timed_out = None, True
+        wall = time.perf_counter() - t0
+        cstats = cg.stats() if cg is not None else None
+    finally:
+        if cg is not None:
+            cg.remove()
     res = json.loads(res_path.read_text()) if res_path.is_file() else None
     if res is None:
         if timed_out:
@@ -736,9 +740,9 @@ def configs_for(a, prep: dict, pct: float | None, memory: int, prompts, tag: str
     return out
 
 
-def record_trace(prep: dict, runs: list[dict], out: Path, warmup_runs: int = 1) -> tuple[Path | None, int]:
-    """The decode routing of our first run (warm-up generation first) as a simulator trace (trace.npz).
-    Returns (path, warm-up tokens)."""
+def record_trace(prep: dict, runs: list[dict], path: Path, warmup_runs: int = 1) -> tuple[Path | None, int]:
+    """The decode routing of `runs` (generations in order, the first `warmup_runs` of them warm-up) as a
+    simulator trace. Returns (path, warm-up tokens)."""
     import numpy as np
 
     from .sim import Trace, save_trace
@@ -765,7 +769,7 @@ def record_trace(prep: dict, runs: list[dict], out: Path, warmup_runs: int = 1) 
                   n_layers=prep["config"].get("num_hidden_layers"), backbone_bytes=s.backbone,
                   kv_bytes_per_token=s.kv_per_token,
                   meta={"source": "moe-offload bench", "model": prep["name"], "warmup_tokens": warm})
-    return save_trace(out / "trace.npz", trace), warm
+    return save_trace(path, trace), warm
 
 
 def replay_grid(trace_path: Path, sizes: Sizes, pcts: list[float], warm: int) -> dict:
@@ -821,8 +825,11 @@ def _f(v, fmt="{:.2f}", none="-"):
 def markdown(res: dict) -> str:
     s = res["sizes"]
     lim = res["limits"]
+    rounds = res.get("rounds", 1)
     lines = [f"### {res['model']} ({res['dtype']}, {res['threads']} threads, prompt {res['prompt_tokens']} tokens, "
-             f"{res['new_tokens']} decode tokens, {res['repeat']} repeats after 1 warm-up)", "",
+             f"{res['new_tokens']} decode tokens; {res['repeat']} measured prompts per configuration in {rounds} "
+             f"fresh process{'es' if rounds > 1 else ''} run round-robin over the systems, each after a warm-up "
+             f"generation)", "",
              f"Command: `{res['command']}`", "",
              f"Backbone {s['backbone'] / MiB:.1f} MiB, experts {s['experts'] / MiB:.1f} MiB "
              f"({s['moe_layers']} layers x {s['n_experts']} x {s['expert'] / MiB:.2f} MiB, top-{s['top_k']}); "
@@ -832,7 +839,7 @@ def markdown(res: dict) -> str:
              f"{lim['gemv_bw_median'] / GB:.1f}), cold disk read {lim['disk_read_bw'] / GB:.2f} GB/s (best of: "
              + ", ".join(f"{k} {v / GB:.2f}" for k, v in lim.get("disk_read_bw_by_method", {}).items()) + ").", "",
              "| budget | system | prefill tok/s | decode tok/s median [min, max] | us ÷ this | hit rate | "
-             "disk MB/token | disk GB/s | stall ms/token | peak RSS MiB | cgroup peak MiB | same tokens | note |",
+             "disk MB/token | disk GB/s | stall ms/token | CPU cores | peak RSS / cgroup MiB | same tokens | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         budget = r["label"]
@@ -850,7 +857,8 @@ def markdown(res: dict) -> str:
             f"{_f(sm.get('hit_rate'), '{:.3f}')} | {_f(disk and disk / 1e6, '{:.1f}')} | "
             f"{_f(sm.get('disk_read_bw') and sm['disk_read_bw'] / GB, '{:.2f}')} | "
             f"{_f(sm.get('stall_s_per_token') and sm['stall_s_per_token'] * 1e3, '{:.1f}')} | "
-            f"{_f(r.get('peak_rss_bytes') and r['peak_rss_bytes'] / MiB, '{:.0f}')} | "
+            f"{_f(sm.get('cpu_cores'))} | "
+            f"{_f(r.get('peak_rss_bytes') and r['peak_rss_bytes'] / MiB, '{:.0f}')} / "
             f"{_f(cg.get('max_usage_bytes') and cg['max_usage_bytes'] / MiB, '{:.0f}')} | "
             f"{_f(r.get('same_tokens'), '{:d}')}/{res['new_tokens'] + 1} | {note} |")
     lines += ["", "Limits (decode tok/s the measured bandwidths allow; misses from disk at our measured hit rate):", "",
@@ -868,7 +876,8 @@ def markdown(res: dict) -> str:
             met = "n/a" if g["met"] is None else ("yes" if g["met"] else "**no**")
             lines.append(f"| {g['budget']} | {g['goal']} | ≥ {g['target']} | {_f(g['measured'])} | {met} |")
     if res.get("simulator"):
-        lines += ["", "Simulator (`moe-offload simulate --hardware this-machine` on the recorded trace) vs measured:",
+        lines += ["", "Simulator (`moe-offload simulate --hardware this-machine` on the trace each round recorded, "
+                      "warm-up tokens excluded; median over rounds) vs measured:",
                   "", "| budget | policy | measured tok/s | predicted serial | predicted overlapped | "
                   "measured ÷ serial | predicted hit rate | measured hit rate |", "|---|---|---|---|---|---|---|---|"]
         for label, v in res["simulator"].items():
@@ -962,6 +971,24 @@ def _csv(text: str, allowed=None, flag: str = "") -> list[str]:
     return items
 
 
+def _run_with_fallback(cfg: Config, pct, memory, out: Path, tag: str, a) -> dict:
+    """run_config, with accelerate's offload folder fresh, and transformers re-run without a limit at 100 %."""
+    if cfg.system == "accelerate":
+        shutil.rmtree(cfg.spec["offload_folder"], ignore_errors=True)
+    try:
+        res = run_config(cfg, memory, out, tag, a.overhead, a.timeout, not a.no_cgroup)
+        if cfg.system == "hf" and pct is not None and pct >= 100 and "OOM-killed" in str(res.get("error")):
+            # everything fits by definition at 100 %: transformers' load needs more than budget + overhead,
+            # so measure its speed without a limit and say so (its peak RSS shows what it needed)
+            first = res["error"]
+            res = run_config(cfg, None, out, tag + "-nolimit", a.overhead, a.timeout, False)
+            res["note"] = f"{first} while loading; measured again without a memory limit"
+    finally:
+        if cfg.system == "accelerate":
+            shutil.rmtree(cfg.spec["offload_folder"], ignore_errors=True)
+    return res
+
+
 def run_bench(a) -> dict:
     from .utils import atomic_write_text, parse_size
 
@@ -995,39 +1022,63 @@ def run_bench(a) -> dict:
             prep["gguf"][t], gguf_err[t] = _gguf_for(prep, t, a.threads)
 
     rows = []
+    per = a.repeat // a.rounds  # measured prompts per round; each round is a fresh process per system
     for label, pct, memory in budgets:
         tag_b = f"b{(pct if pct is not None else memory / MiB):g}".replace(".", "_")
-        for cfg in configs_for(a, prep, pct, memory, prompts, tag_b):
-            tag = f"{tag_b}-{cfg.config}"
-            row = {"label": label, "budget_pct": pct, "memory": memory, "system": cfg.system, "config": cfg.config}
+        cfgs = configs_for(a, prep, pct, memory, prompts, tag_b)
+        state = {}
+        for cfg in cfgs:
+            row = {"label": label, "budget_pct": pct, "memory": memory, "system": cfg.system, "config": cfg.config,
+                   "rounds": [], "_runs": [], "_all": []}
             if cfg.system == "llamacpp" and cfg.spec["model"] is None:
-                row.update(ok=False, error=gguf_err.get(cfg.spec["gguf_type"]) or "no GGUF file")
-                rows.append(row)
-                continue
-            if cfg.system == "accelerate":
-                shutil.rmtree(cfg.spec["offload_folder"], ignore_errors=True)
-            print(f"bench: {label} {cfg.config} ...", file=sys.stderr, flush=True)
-            res = run_config(cfg, memory, out, tag, a.overhead, a.timeout, not a.no_cgroup)
-            if cfg.system == "hf" and pct is not None and pct >= 100 and "OOM-killed" in str(res.get("error")):
-                # everything fits by definition at 100 %: transformers' load needs more than budget + overhead,
-                # so measure its speed without a limit and say so (its peak RSS shows what it needed)
-                first = res["error"]
-                res = run_config(cfg, None, out, tag + "-nolimit", a.overhead, a.timeout, False)
-                res["note"] = f"{first} while loading; measured again without a memory limit"
-            if cfg.system == "accelerate":
-                shutil.rmtree(cfg.spec["offload_folder"], ignore_errors=True)
-            row.update({k: v for k, v in res.items() if k != "runs"})
-            if res.get("ok"):
-                runs = res["runs"]
-                row["warmup"] = {k: v for k, v in runs[0].items() if k not in ("routes", "tokens")}
-                row["summary"] = summarize_runs(runs[1:], a.new_tokens)
-                row["tokens"] = [r["tokens"] for r in runs[1:]]
-                row["runs"] = [{k: v for k, v in r.items() if k != "routes"} for r in runs[1:]]
-                if cfg.system == "us" and "trace_runs" not in prep:
-                    prep["trace_runs"] = runs
-            print(f"bench:   -> {'ok' if res.get('ok') else res.get('error')}"
-                  + (f", decode {row['summary']['decode_tok_s']['median']:.2f} tok/s" if res.get("ok") else ""),
-                  file=sys.stderr, flush=True)
+                row["error"] = gguf_err.get(cfg.spec["gguf_type"]) or "no GGUF file"
+            state[cfg.config] = row
+        # round-robin: every system measures one round of prompts before any measures the next, so slow drifts
+        # in the load of this shared machine spread over all systems alike
+        for k in range(a.rounds):
+            round_prompts = [prompts[0], *prompts[1 + k * per:1 + (k + 1) * per]]
+            for cfg in cfgs:
+                row = state[cfg.config]
+                if row.get("error"):
+                    continue
+                spec = {**cfg.spec, "prompts": round_prompts}
+                one = Config(cfg.system, cfg.config, spec, cfg.files)
+                tag = f"{tag_b}-{cfg.config}" + (f"-r{k}" if a.rounds > 1 else "")
+                print(f"bench: {label} {cfg.config}" + (f" round {k + 1}/{a.rounds}" if a.rounds > 1 else "")
+                      + " ...", file=sys.stderr, flush=True)
+                res = _run_with_fallback(one, pct, memory, out, tag, a)
+                row["rounds"].append({k2: v for k2, v in res.items() if k2 != "runs"})
+                if not res.get("ok"):
+                    row["error"] = res.get("error") if k == 0 else f"round {k + 1}: {res.get('error')}"
+                    print(f"bench:   -> {row['error']}", file=sys.stderr, flush=True)
+                    continue
+                row["_runs"] += res["runs"][1:]
+                row["_all"].append(res["runs"])
+                print(f"bench:   -> ok, decode " + ", ".join(f"{r['decode_tok_s']:.2f}" for r in res["runs"][1:])
+                      + " tok/s", file=sys.stderr, flush=True)
+        for cfg in cfgs:
+            row = state[cfg.config]
+            runs, allr, rnds = row.pop("_runs"), row.pop("_all"), row["rounds"]
+            row["ok"] = not row.get("error") and bool(runs)
+            if rnds:
+                last = rnds[0]
+                row.update(note=last.get("note"), info=last.get("info"), cgroup_note=last.get("cgroup_note"),
+                           load_s=last.get("load_s"),
+                           peak_rss_bytes=max((r.get("peak_rss_bytes") or 0) for r in rnds),
+                           page_cache_before_bytes=max((r.get("page_cache_before_bytes") or 0) for r in rnds)
+                           if all(r.get("page_cache_before_bytes") is not None for r in rnds) else None)
+                cgs = [r["cgroup"] for r in rnds if r.get("cgroup")]
+                if cgs:
+                    row["cgroup"] = {"limit_bytes": cgs[0]["limit_bytes"],
+                                     "max_usage_bytes": max(c["max_usage_bytes"] for c in cgs),
+                                     "failcnt": sum(c["failcnt"] for c in cgs), "oom_kill": sum(c["oom_kill"] for c in cgs)}
+            if row["ok"]:
+                row["warmup"] = {k: v for k, v in allr[0][0].items() if k not in ("routes", "tokens")}
+                row["summary"] = summarize_runs(runs, a.new_tokens)
+                row["tokens"] = [r["tokens"] for r in runs]
+                row["runs"] = [{k: v for k, v in r.items() if k != "routes"} for r in runs]
+                if cfg.system == "us" and "trace_rounds" not in prep:
+                    prep["trace_rounds"] = allr  # per round: [warm-up, measured...] with their routes
             rows.append(row)
 
     # ratios and token agreement against our first policy at the same budget
@@ -1057,6 +1108,7 @@ def run_bench(a) -> dict:
 
     res = {"model": prep["name"], "hf": str(prep["hf"]), "store": str(prep["store"]), "dtype": a.dtype,
            "threads": a.threads, "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "repeat": a.repeat,
+           "rounds": a.rounds,
            "overhead_bytes": a.overhead, "command": a.command_line, "sizes": {**asdict(sizes), "experts": sizes.experts,
                                                                              "active_experts": sizes.active_experts},
            "budgets": [{"label": lbl, "pct": p, "memory": m} for lbl, p, m in budgets], "limits": limits,
@@ -1064,24 +1116,34 @@ def run_bench(a) -> dict:
     res["goals"] = goal_rows(rows, limits)
 
     # the recorded trace: policy replay, and the simulator's prediction beside the measurement
-    if prep.get("trace_runs"):
-        trace_path, warm = record_trace(prep, prep["trace_runs"], out)
+    if prep.get("trace_rounds"):
+        rounds = prep["trace_rounds"]
+        seq = [rounds[0][0]] + [r for rnd in rounds for r in rnd[1:]]  # warm-up, then every measured prompt
+        trace_path, warm = record_trace(prep, seq, out / "trace.npz")
         if trace_path is not None:
             res["trace"] = {"path": str(trace_path), "warmup_tokens": warm}
             grid = sorted({100.0, 87.5, 75.0, 62.5, 50.0, 37.5, 25.0, 12.5} | {p for _, p, _ in budgets if p},
                           reverse=True)
             res["replay"] = replay_grid(trace_path, sizes, grid, warm)
-            if not a.no_simulate:
-                res["simulator"] = {}
-                for label, pct, memory in budgets:
-                    us = next((u for u in rows if u["label"] == label and u["system"] == "us" and u.get("ok")), None)
-                    if us is None:
-                        continue
-                    policy = us["config"].removeprefix("us-")
-                    v = simulate_cli(trace_path, memory, policy, warm)
-                    v.update(policy=policy, measured_tok_s=us["summary"]["decode_tok_s"]["median"],
-                             measured_hit_rate=us["summary"].get("hit_rate"))
-                    res["simulator"][label] = v
+        # one trace per round (a fresh process: warm-up, then that round's prompts), as the measurement ran
+        round_traces = [record_trace(prep, rnd, out / f"trace-round{k + 1}.npz") for k, rnd in enumerate(rounds)]
+        if not a.no_simulate and all(t is not None for t, _ in round_traces):
+            res["simulator"] = {}
+            for label, pct, memory in budgets:
+                us = next((u for u in rows if u["label"] == label and u["system"] == "us" and u.get("ok")), None)
+                if us is None:
+                    continue
+                policy = us["config"].removeprefix("us-")
+                preds = [simulate_cli(t, memory, policy, w) for t, w in round_traces]
+                ok = [p for p in preds if p.get("ok")]
+                v = {"ok": bool(ok) and len(ok) == len(preds), "policy": policy, "rounds": preds,
+                     "command": preds[0].get("command"), "error": next((p["error"] for p in preds if not p.get("ok")), None),
+                     "measured_tok_s": us["summary"]["decode_tok_s"]["median"],
+                     "measured_hit_rate": us["summary"].get("hit_rate")}
+                if v["ok"]:
+                    for key in ("tok_s_serial", "tok_s_overlap", "hit_rate"):
+                        v[key] = statistics.median(p[key] for p in ok)
+                res["simulator"][label] = v
     res["load_avg_end"] = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     atomic_write_text(out / "results.json", json.dumps(res, indent=1, default=str))
     md = markdown(res)
@@ -1104,7 +1166,10 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llamacpp-types", default=",".join(LLAMACPP_TYPES), help="GGUF types for llama.cpp")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64, help="decoded tokens after the first (prefill) token")
-    p.add_argument("--repeat", type=int, default=3, help="measured generations after one warm-up")
+    p.add_argument("--repeat", type=int, default=3, help="measured generations (prompts) per configuration")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="fresh processes per configuration, run round-robin over the systems, each doing one "
+                        "warm-up and repeat/rounds measured prompts (default: --repeat, one prompt per round)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="weights and compute dtype for us and the transformers peers (llama.cpp: its GGUF types)")
@@ -1146,6 +1211,12 @@ def cmd_bench(a) -> int:
         a.timeout = min(a.timeout, 600)
     if a.repeat < 1 or a.new_tokens < 1 or a.prompt_tokens < 1 or a.threads < 1:
         raise UsageError("--repeat, --new-tokens, --prompt-tokens and --threads must be >= 1")
+    a.rounds = a.repeat if a.rounds is None else a.rounds
+    if a.rounds < 1 or a.repeat % a.rounds:
+        raise UsageError(f"--rounds must divide --repeat ({a.repeat}), got {a.rounds}")
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: children killed, cgroups removed
     res = run_bench(a)
     print(markdown(res))
     print(f"wrote {Path(a.out) / 'results.json'}, results.md" + "".join(f", {p}" for p in res.get("plots", [])))
