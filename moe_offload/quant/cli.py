@@ -5,13 +5,15 @@
                          [--stats routing_stats.json] [--calib TEXT] [--quantizer hqq|rtn]
 
 Uniform bits: every routed expert gets the same hqq codec. `mixed`: every expert is encoded at 2/3/4/8 bits
-(and, with --lowrank auto, at b bits + a per-layer rank), its error measured (output error on its
-calibration tokens when --calib is given, else relative Frobenius error), and mixed.allocate picks one
-option per expert under --budget (bytes of all routed experts), weighting errors by routing frequency
-(--stats, else counted on --calib, else uniform). The chosen experts are encoded again while the store is
-written (HQQ is deterministic, so the bytes are the ones measured). Routers, norms, embeddings, lm_head,
-shared experts and dense MLPs stay in the store dtype; attention projections are quantized when
---attn-bits < 16 (quant/backbone.py).
+× the group sizes of MENU (--group-size N: N only) (and, with --lowrank auto, at b bits + a per-layer rank),
+its error measured, and mixed.allocate picks one option per expert under --budget (bytes of all routed
+experts). --plan-error says which error: `rel` (without --calib) the relative Frobenius error weighted by
+routing frequency (--stats, else uniform); `out` (default with --calib) Σ_t w_t² ||y_t − ŷ_t||² over the
+calibration tokens routed to the expert with router weight w_t, which carries frequency and output scale;
+`nll` that, scaled per layer by the calibration NLL rise measured with the layer's experts alone at 2 bits.
+The chosen experts are encoded again while the store is written (HQQ is deterministic, so the bytes are the
+ones measured). Routers, norms, embeddings, lm_head, shared experts and dense MLPs stay in the store dtype;
+attention projections are quantized when --attn-bits < 16 (quant/backbone.py).
 """
 
 from __future__ import annotations
@@ -20,15 +22,21 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..checkpoint import expert_tensors
 from ..cli import command
 from ..errors import MoeError, UsageError
 from ..utils import mib, parse_dtype, parse_size
 
 BITS = (2, 3, 4, 8)
+# The mixed plan's menu: bits × group size (--group-size N: only N). Without coarser groups the 2-bit default
+# (g32) is the cheapest option, so a budget of uniform 2-bit has nothing to trade and mixed equals uniform;
+# 2-bit g64/g128 free 10-16 % of an expert's bytes for the hotter or more sensitive ones (docs/quality.md).
+MENU = {2: (32, 64, 128), 3: (64, 128), 4: (64, 128), 8: (0,)}
 
 
 def _add_quantize(p):
@@ -40,7 +48,8 @@ def _add_quantize(p):
     p.add_argument("--attn-bits", type=int, default=16, choices=[4, 8, 16],
                    help="16 keeps attention unquantized")
     p.add_argument("--group-size", type=int, default=None,
-                   help="group of 2/3/4-bit weights (default: 2-bit 32, 3/4-bit 64); 8-bit: one per row")
+                   help="group of 2/3/4-bit weights (default: 2-bit 32, 3/4-bit 64; mixed: the plan picks "
+                        "from MENU); 8-bit: one per row")
     p.add_argument("--lowrank", default="off", choices=["auto", "off"],
                    help="auto: offer b-bit + low-rank residual options to the mixed plan (used if better)")
     p.add_argument("--stats", default=None,
@@ -52,6 +61,11 @@ def _add_quantize(p):
                    help="dtype of the unquantized tensors (default: the checkpoint's)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--plan-detail", action="store_true", help="print one plan row per expert")
+    p.add_argument("--plan-error", default=None, choices=["rel", "out", "nll"],
+                   help="what the mixed plan minimises: rel Σ freq·relative error (default without "
+                        "--calib); out Σ of routing-weighted squared output errors on the calibration tokens "
+                        "(default with --calib); nll: out scaled per layer by its measured sensitivity "
+                        "(calibration NLL rise with that layer alone at 2 bits)")
 
 
 def expert_spec(bits: int, group_size: int | None, quantizer: str, rank: int = 0) -> dict:
@@ -64,8 +78,18 @@ def expert_spec(bits: int, group_size: int | None, quantizer: str, rank: int = 0
     return spec
 
 
-def calibrate(hf_dir: Path, text: Path, max_tokens: int, max_rows: int = 512):
-    """Run the unquantized model on the text; returns ({layer: counts}, {(layer, expert): x [n, D]})."""
+@dataclass
+class Calibration:
+    counts: dict  # {layer: activations per expert}
+    xs: dict  # {(layer, expert): x [n, D]}, its first max_rows calibration inputs
+    ws: dict  # {(layer, expert): w [n]}, the router's weight of the expert on those rows
+    scale: dict  # {(layer, expert): rows routed to it / n}: what a capped sum is multiplied by
+    engine: object  # the unquantized model (fp32), for layer_sensitivity
+    ids: list
+
+
+def calibrate(hf_dir: Path, text: Path, max_tokens: int, max_rows: int = 512) -> Calibration:
+    """Run the unquantized model on the text: routing counts, per-expert inputs and routing weights."""
     from ..profile import record
     from ..runtime.engine import load
 
@@ -74,13 +98,42 @@ def calibrate(hf_dir: Path, text: Path, max_tokens: int, max_rows: int = 512):
         raise UsageError(f"{hf_dir}: no tokenizer to encode --calib")
     ids = engine.tokenizer.encode(text.read_text(errors="replace"))[:max_tokens]
     rec = record(engine, ids, window=min(256, engine.context_length))
-    xs = {}
+    moes = dict(engine.model.moe_blocks())
+    xs, ws, scale = {}, {}, {}
     for layer, chosen in rec.chosen.items():
+        moe = moes[layer]
+        with torch.inference_mode():
+            _, w = moe.route(moe.router_logits(rec.hidden[layer]))  # [T, A], aligned with chosen
         for e in range(rec.n_experts):
-            rows = (chosen == e).any(-1).nonzero().flatten()[:max_rows]
+            hit = chosen == e  # [T, A]
+            rows = hit.any(-1).nonzero().flatten()
             if len(rows):
-                xs[layer, e] = rec.hidden[layer][rows]
-    return rec.counts(), xs
+                xs[layer, e] = rec.hidden[layer][rows[:max_rows]]
+                ws[layer, e] = (w * hit).sum(-1)[rows[:max_rows]]
+                scale[layer, e] = len(rows) / len(rows[:max_rows])
+    return Calibration(rec.counts(), xs, ws, scale, engine, ids)
+
+
+def layer_sensitivity(cal: Calibration, source, model_type: str, shape, spec: dict) -> dict[int, float]:
+    """Per MoE layer: the rise of the calibration NLL (nats/token) with that layer's experts all encoded with
+    `spec` and every other layer unquantized."""
+    import math
+
+    from ..experts import make_codec
+
+    engine, codec = cal.engine, make_codec(spec)
+    window = min(256, engine.context_length)
+    base = math.log(engine.perplexity(cal.ids, window)[0])
+    out = {}
+    for layer, moe in engine.model.moe_blocks():
+        units = moe.experts.units
+        saved = list(units)
+        for e in range(len(units)):
+            p = expert_tensors(source, model_type, layer, e)
+            units[e] = codec.decode(codec.encode(p["gate"], p["up"], p["down"]), shape)
+        out[layer] = math.log(engine.perplexity(cal.ids, window)[0]) - base
+        units[:] = saved
+    return out
 
 
 class _Encoder:
@@ -119,7 +172,7 @@ def pick_rank(gate, up, down, bits: int, target: float, x, act: str, group_size,
 @command("quantize", "write an expert store with quantized experts (uniform or mixed bits) and attention",
          _add_quantize)
 def cmd_quantize(a) -> int:
-    from ..checkpoint import SafetensorsFolder, dequantizing, expert_tensors, read_config
+    from ..checkpoint import SafetensorsFolder, dequantizing, read_config
     from ..experts import make_codec
     from ..models import build, get_module
     from ..store.format import convert
@@ -148,16 +201,25 @@ def cmd_quantize(a) -> int:
     keys = [(la, e) for la in layers for e in range(E)]
     source = dequantizing(SafetensorsFolder(hf), config)
 
-    counts, xs = {}, {}
+    if a.plan_error is None:  # docs/quality.md: at uniform 2-bit's bytes, out recovered 28 % of its
+        # perplexity rise on held-out text, rel -4 % (an earlier, more skewed checkpoint: 78 % and 45 %)
+        a.plan_error = "out" if a.calib else "rel"
+    if a.plan_error != "rel" and not a.calib:
+        raise UsageError(f"--plan-error {a.plan_error} measures output errors on calibration tokens: "
+                         "give --calib")
+    counts, xs, ws, cal = {}, {}, {}, None
     if a.calib:
-        counts, xs = calibrate(hf, Path(a.calib), a.calib_tokens)
+        cal = calibrate(hf, Path(a.calib), a.calib_tokens)
+        counts, xs = cal.counts, cal.xs
+        ws = cal.ws if a.plan_error != "rel" else {}
     if a.stats:
         counts = mixed.load_stats(a.stats)
     freq = mixed.frequencies(counts, keys)
 
     if a.expert_bits == "mixed":
         budget = parse_size(a.budget)
-        specs = [expert_spec(b, a.group_size, a.quantizer) for b in BITS]
+        specs = [expert_spec(b, g, a.quantizer) for b in BITS
+                 for g in ((a.group_size,) if a.group_size is not None else MENU[b])]
         options = {}
         for layer in layers:
             ranks = {}
@@ -165,7 +227,8 @@ def cmd_quantize(a) -> int:
                 e = max(range(E), key=lambda i: freq[layer, i])
                 parts = expert_tensors(source, args.model_type, layer, e)
                 g, u, d = parts["gate"], parts["up"], parts["down"]
-                curve = mixed.error_curve(g, u, d, specs[:3], xs.get((layer, e)), shape=shape)
+                base = [expert_spec(b, a.group_size, a.quantizer) for b in (2, 3, 4)]
+                curve = mixed.error_curve(g, u, d, base, xs.get((layer, e)), shape=shape)
                 for b, nxt in zip((2, 3), curve[1:]):
                     ranks[b] = pick_rank(g, u, d, b, nxt.err, xs.get((layer, e)), shape.act, a.group_size,
                                          a.quantizer)
@@ -174,12 +237,33 @@ def cmd_quantize(a) -> int:
                 parts = expert_tensors(source, args.model_type, layer, e)
                 if set(parts) - {"gate", "up", "down"}:
                     raise MoeError(f"{args.model_type}: experts with biases are not supported by hqq")
+                x = xs.get((layer, e))
+                if ws and x is None:  # never routed on the calibration text: no output error to weigh
+                    cs = [make_codec(sp) for sp in specs + extra]
+                    options[layer, e] = [mixed.Option(dict(c.spec), c.nbytes(shape), 0.0) for c in cs]
+                    continue
                 options[layer, e] = mixed.error_curve(parts["gate"], parts["up"], parts["down"],
-                                                      specs + extra, xs.get((layer, e)), shape=shape)
+                                                      specs + extra, x, shape=shape, w=ws.get((layer, e)))
             print(f"layer {layer}: error curves of {E} experts measured"
                   + (f", low-rank ranks {ranks}" if ranks else ""), file=sys.stderr)
-        plan = mixed.allocate(options, freq, budget)
-        print(mixed.format_plan(plan, freq, budget, detail=a.plan_detail or len(keys) <= 64))
+        weight = freq
+        if a.plan_error != "rel":  # the errors are sums over (capped) calibration rows: scale them up
+            weight = {k: cal.scale.get(k, 0.0) for k in keys}
+        if a.plan_error == "nll":  # ΔNLL per unit of squared output error, per layer, at 2 bits
+            spec2 = expert_spec(2, a.group_size, a.quantizer)
+            rise = layer_sensitivity(cal, source, args.model_type, shape, spec2)
+            label = mixed.Option(make_codec(spec2).spec, 0, 0.0).label
+            for layer in layers:
+                at2 = sum(weight[layer, e] * next(o.err for o in options[layer, e] if o.label == label)
+                          for e in range(E))
+                s_l = max(rise[layer], 1e-6) / max(at2, 1e-30)
+                for e in range(E):
+                    weight[layer, e] *= s_l
+            print("layer sensitivity (calibration NLL rise, nats/token, layer alone at "
+                  f"{label}): " + " ".join(f"{la}: {r:+.4f}" for la, r in rise.items()), file=sys.stderr)
+        plan = mixed.allocate(options, weight, budget)
+        print(mixed.format_plan(plan, freq, budget, detail=a.plan_detail or len(keys) <= 64,
+                                weight=None if weight is freq else weight))
         chosen = {k: o.spec for k, o in plan.items()}
     else:
         chosen = {k: expert_spec(int(a.expert_bits), a.group_size, a.quantizer) for k in keys}
@@ -197,7 +281,8 @@ def cmd_quantize(a) -> int:
         view = attention_view(model, a.attn_bits, attn_group)
     summary = {"expert_bits": a.expert_bits, "attn_bits": a.attn_bits, "group_size": a.group_size,
                "quantizer": a.quantizer, "lowrank": a.lowrank, "budget": parse_size(a.budget),
-               "calibration_tokens": a.calib_tokens if a.calib else 0}
+               "calibration_tokens": a.calib_tokens if a.calib else 0,
+               "plan_error": a.plan_error if a.expert_bits == "mixed" else None}
     store = convert(hf, out, parse_dtype(a.dtype), overwrite=a.overwrite, codec=pick, backbone_view=view,
                     extra={"quantization": summary})
     if a.stats:

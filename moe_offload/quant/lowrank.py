@@ -9,11 +9,14 @@ experts have flat spectra, so plain low rank of W collapses beyond ~10 % reducti
 few-bit quantizer is what a handful of directions in activation space can still fix. Whether that pays
 at equal bytes is measured, per expert, by the mixed-precision plan (mixed.py), never assumed.
 
-Measured so far, it does not: `python -m moe_offload.quant.bench --lowrank` (a random 512×384 expert) puts
+Measured so far: `python -m moe_offload.quant.bench --lowrank` (a random 512×384 expert) puts
 2/3-bit + rank 8/16/32 strictly above the 2-3-4-8-bit hull (e.g. 2b+r32: 261632 B, err 0.273 vs 3b: 240768
 B, err 0.170), also with activation-aware whitening on correlated inputs; on the random tiny test checkpoint
-the same. Trained experts are still to be measured (`--lowrank --store HF_DIR`); `quantize --lowrank auto`
-therefore only ever offers the options, and the plan keeps them off the hull unless they win.
+the same. On the trained bundled model (docs/quality.md), with calibration, 2b+r8/r16 and 3b+r16 do reach the
+hull of output error on held-out calibration rows and the plan takes them for 7-23 of 48 experts, but the
+held-out perplexity at equal bytes came out no better than without them (within the noise, or worse).
+`quantize --lowrank auto` therefore only ever offers the options; the plan takes them where they measure
+better.
 
 Shape legend: N output rows, K inputs, n calibration rows, r rank.
 """

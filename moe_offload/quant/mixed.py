@@ -1,10 +1,12 @@
 """Mixed precision under a byte budget: a codec per expert minimising Σ freq·err subject to Σ bytes <= budget.
 
 Each expert has options (codec spec, bytes, err): err is its relative error (error_curve: Frobenius over its
-three matrices, or output error on calibration inputs). freq is how often the router picks it
-(routing_stats.json, normalised per layer; uniform when absent). The allocator is the classic greedy on
-each expert's lower convex hull of (bytes, err) — the Lagrangian solution of this multiple-choice knapsack:
-start every expert at its cheapest option, then repeatedly take the upgrade step with the largest
+three matrices, or output error on calibration inputs), or the absolute routing-weighted squared output error
+on its calibration tokens. freq is how often the router picks it (routing_stats.json, normalised per layer;
+uniform when absent); allocate() takes any per-expert weight in its place (quantize --plan-error out/nll:
+the calibration row scale, times a measured per-layer sensitivity for nll). The allocator is the classic
+greedy on each expert's lower convex hull of (bytes, err) — the Lagrangian solution of this multiple-choice
+knapsack: start every expert at its cheapest option, then repeatedly take the upgrade step with the largest
 freq·Δerr / Δbytes; a step that does not fit is dropped (that expert stays where it is) and the rest go on.
 Properties (tested): never above the budget; identical convex curves with uniform statistics give a uniform
 assignment at any budget equal to a uniform assignment's bytes; a hotter expert never gets a cheaper option
@@ -40,7 +42,11 @@ class Option:
         s = self.spec
         if s.get("name") != "hqq":
             return s.get("dtype", s.get("name", "?"))
-        return f"{s['bits']}b" + (f"+r{s['rank']}" if s.get("rank") else "")
+        from .codec import DEFAULT_GROUP
+
+        g = s.get("group_size", DEFAULT_GROUP.get(s["bits"]))
+        return (f"{s['bits']}b" + (f"g{g}" if g != DEFAULT_GROUP.get(s["bits"]) else "")
+                + (f"+r{s['rank']}" if s.get("rank") else ""))
 
 
 def load_stats(src: str | os.PathLike | dict | None) -> dict[int, list[float]]:
@@ -134,14 +140,17 @@ def objective(plan: dict[Key, Option], freq: dict[Key, float]) -> float:
 
 
 def format_plan(plan: dict[Key, Option], freq: dict[Key, float], budget: int | None = None,
-                detail: bool = True) -> str:
-    """The plan as a table: one row per expert (or per layer with detail=False), then totals."""
+                detail: bool = True, weight: dict[Key, float] | None = None) -> str:
+    """The plan as a table: one row per expert (or per layer with detail=False), then totals. `weight`: what
+    allocate() weighed errors by when it was not the routing frequency (shown, and used for the objective)."""
     rows = []
     if detail:
-        rows.append(f"{'layer':>5} {'expert':>6} {'freq':>7} {'codec':>8} {'bytes':>10} {'err':>7}")
+        rows.append(f"{'layer':>5} {'expert':>6} {'freq':>7} {'codec':>8} {'bytes':>10} {'err':>9}"
+                    + (f" {'weight':>9}" if weight else ""))
         for (layer, e), o in sorted(plan.items()):
             f = freq.get((layer, e), 0)
-            rows.append(f"{layer:>5} {e:>6} {f:>7.4f} {o.label:>8} {o.nbytes:>10} {o.err:>7.4f}")
+            rows.append(f"{layer:>5} {e:>6} {f:>7.4f} {o.label:>8} {o.nbytes:>10} {o.err:>9.4g}"
+                        + (f" {weight.get((layer, e), 0):>9.4g}" if weight else ""))
     else:
         rows.append(f"{'layer':>5} {'experts':>7} {'codecs':<30} {'bytes':>12} {'Σfreq·err':>9}")
         for layer in sorted({k[0] for k in plan}):
@@ -151,26 +160,37 @@ def format_plan(plan: dict[Key, Option], freq: dict[Key, float], budget: int | N
                 mix[plan[k].label] = mix.get(plan[k].label, 0) + 1
             desc = " ".join(f"{n}×{lab}" for lab, n in sorted(mix.items()))
             rows.append(f"{layer:>5} {len(ks):>7} {desc:<30} {sum(plan[k].nbytes for k in ks):>12} "
-                        f"{sum(freq.get(k, 0) * plan[k].err for k in ks):>9.4f}")
+                        f"{sum((weight or freq).get(k, 0) * plan[k].err for k in ks):>9.4g}")
     total = sum(o.nbytes for o in plan.values())
     tail = f"total {total} bytes" + (f" of budget {budget}" if budget is not None else "")
-    rows.append(f"{tail}; Σ freq·err = {objective(plan, freq):.5f}")
+    rows.append(f"{tail}; Σ {'weight' if weight else 'freq'}·err = {objective(plan, weight or freq):.5g}")
     return "\n".join(rows)
 
 
 def error_curve(gate, up, down, specs: list[dict], x=None, make: Callable | None = None,
-                shape=None) -> list[Option]:
-    """Encode one expert with every spec; measure its error (Frobenius, or output error on x [n, D])."""
+                shape=None, w=None) -> list[Option]:
+    """Encode one expert with every spec; measure its error (Frobenius, or output error on x [n, D]; with
+    routing weights w [n], the absolute routing-weighted squared output error: codec.expert_error).
+    When a spec has a low-rank part, which is fitted to x, every option is measured on the odd rows of x and
+    the low rank fitted on the even ones: measured on its own fitting rows it looked better than it did on
+    held-out text (docs/quality.md). Absolute errors are then scaled back to all n rows."""
     from ..experts import ExpertShape, make_codec
     from .codec import expert_error
 
     make = make or make_codec
     shape = shape or ExpertShape(gate.shape[1], gate.shape[0])
+    x_fit = x_err = x
+    w_err, scale = w, 1.0
+    if x is not None and len(x) >= 2 and any(s.get("rank") for s in specs):
+        x_fit, x_err = x[0::2], x[1::2]
+        if w is not None:
+            w_err, scale = w[1::2], len(x) / len(x_err)
     out = []
     for spec in specs:
         c = make(spec)
         hqq = spec.get("name") == "hqq"
-        blob = c.encode(gate, up, down, x=x, act=shape.act) if hqq else c.encode(gate, up, down)
-        err = expert_error(gate, up, down, c, blob, x, shape.act) if hasattr(c, "dequantize") else 0.0
-        out.append(Option(dict(c.spec), int(blob.numel()), err))
+        blob = c.encode(gate, up, down, x=x_fit, act=shape.act) if hqq else c.encode(gate, up, down)
+        err = expert_error(gate, up, down, c, blob, x_err, shape.act, w_err) if hasattr(c, "dequantize") \
+            else 0.0
+        out.append(Option(dict(c.spec), int(blob.numel()), err * scale))
     return out
