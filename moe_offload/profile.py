@@ -58,6 +58,7 @@ class Recording:
 def record(engine, ids: list[int], window: int = 256) -> Recording:
     """Forward `ids` in windows of `window` tokens (like perplexity) and record every MoE layer's routing."""
     sink: dict = {}
+    window = min(window, engine.context_length)  # a model with a shorter context gets shorter windows
     blocks = engine.model.moe_blocks()
     saved = [(moe, moe.experts) for _, moe in blocks]
     try:

@@ -154,3 +154,10 @@ def test_profile_writes_routing_stats(store, tmp_path):
     json.dumps(stats)
     assert stats["layers"]["0"]["counts"] == counts[0]
     assert 0 < stats["layers"]["0"]["normalized_entropy"] <= 1
+
+
+def test_record_windows_fit_a_short_context(tmp_path):
+    short = make_checkpoint(tmp_path / "short", SPEC, max_position_embeddings=64)
+    engine = moe_offload.load(short, dtype="float32")
+    rec = record(engine, list(range(3, 203)))  # default window 256 > context 64
+    assert rec.tokens == 200
