@@ -159,5 +159,5 @@ def test_profile_writes_routing_stats(store, tmp_path):
 def test_record_windows_fit_a_short_context(tmp_path):
     short = make_checkpoint(tmp_path / "short", SPEC, max_position_embeddings=64)
     engine = moe_offload.load(short, dtype="float32")
-    rec = record(engine, list(range(3, 203)))  # default window 256 > context 64
+    rec = record(engine, [3 + i % 120 for i in range(200)])  # default window 256 > context 64
     assert rec.tokens == 200
