@@ -807,11 +807,11 @@ def simulate_cli(trace_path: Path, memory: int, policy: str, warm: int, timeout:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(REPO_ROOT),
                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
     except subprocess.TimeoutExpired:
-        return {"ok": False, "error": "timed out", "command": " ".join(cmd[2:])}
+        return {"ok": False, "error": "timed out", "command": "moe-offload " + " ".join(cmd[3:])}
     if r.returncode != 0:
-        return {"ok": False, "error": (r.stderr or r.stdout).strip()[-300:], "command": " ".join(cmd[2:])}
+        return {"ok": False, "error": (r.stderr or r.stdout).strip()[-300:], "command": "moe-offload " + " ".join(cmd[3:])}
     d = json.loads(r.stdout.strip().splitlines()[-1])
-    return {"ok": True, "command": "moe-offload " + " ".join(cmd[4:]), "tok_s_serial": d.get("tok_s_serial"),
+    return {"ok": True, "command": "moe-offload " + " ".join(cmd[3:]), "tok_s_serial": d.get("tok_s_serial"),
             "tok_s_overlap": d.get("tok_s_overlap"), "hit_rate": d.get("hit_rate"), "bound": d.get("bound")}
 
 
