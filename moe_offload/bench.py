@@ -722,7 +722,8 @@ def configs_for(a, prep: dict, pct: float | None, memory: int, prompts, tag: str
     out = []
     for policy in a.cache_policy:
         spec = {**base, "system": "us", "model": str(prep["store"]), "policy": policy, "prefetch": a.prefetch}
-        out.append(Config("us", f"us-{policy}", spec, [prep["store"]]))
+        name = f"us-{policy}" + (f"+prefetch-{a.prefetch}" if a.prefetch else "")
+        out.append(Config("us", name, spec, [prep["store"]]))
     if "hf" in a.peers:
         for impl in a.hf_impls:
             spec = {**base, "system": "hf", "model": str(prep["hf"]), "impl": impl}
@@ -1029,7 +1030,7 @@ def run_bench(a) -> dict:
         state = {}
         for cfg in cfgs:
             row = {"label": label, "budget_pct": pct, "memory": memory, "system": cfg.system, "config": cfg.config,
-                   "rounds": [], "_runs": [], "_all": []}
+                   "policy": cfg.spec.get("policy"), "rounds": [], "_runs": [], "_all": []}
             if cfg.system == "llamacpp" and cfg.spec["model"] is None:
                 row["error"] = gguf_err.get(cfg.spec["gguf_type"]) or "no GGUF file"
             state[cfg.config] = row
@@ -1133,7 +1134,7 @@ def run_bench(a) -> dict:
                 us = next((u for u in rows if u["label"] == label and u["system"] == "us" and u.get("ok")), None)
                 if us is None:
                     continue
-                policy = us["config"].removeprefix("us-")
+                policy = us["policy"]
                 preds = [simulate_cli(t, memory, policy, w) for t, w in round_traces]
                 ok = [p for p in preds if p.get("ok")]
                 v = {"ok": bool(ok) and len(ok) == len(preds), "policy": policy, "rounds": preds,
