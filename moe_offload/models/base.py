@@ -47,15 +47,19 @@ class BaseModelArgs:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """Statistics in fp32; the result is cast back before the weight (as transformers does), or after it
+    with `weight_in_fp32` (gpt-oss)."""
+
+    def __init__(self, dim: int, eps: float, weight_in_fp32: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.weight_in_fp32 = eps, weight_in_fp32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # statistics in fp32, result cast back before the weight (as transformers does)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight_in_fp32:
+            return (self.weight * xf).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 

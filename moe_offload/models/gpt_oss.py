@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..experts import ExpertShape
-from .base import Attention, BaseModelArgs, CausalLM, DecoderLayer, MoE, apply_rope, attention_mask, rope_tables
+from .base import (Attention, BaseModelArgs, CausalLM, DecoderLayer, MoE, RMSNorm, apply_rope, attention_mask,
+                   rope_tables)
 from .routing import topk_softmax
 
 
@@ -53,19 +54,6 @@ class ModelArgs(BaseModelArgs):
             self.rope_parameters = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                                     "truncate": False, "original_max_position_embeddings": 4096}
 
-
-class GptOssRMSNorm(nn.Module):
-    """RMSNorm whose weight multiplies the fp32 statistics before the cast back (transformers' GptOssRMSNorm)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * xf).to(x.dtype)
 
 
 def sink_attention(q, k, v, sinks, mask, scale: float) -> torch.Tensor:
@@ -118,8 +106,8 @@ class GptOssMoE(MoE):
 class GptOssDecoderLayer(DecoderLayer):
     def __init__(self, args: ModelArgs, attn: Attention, mlp: nn.Module):
         super().__init__(args, attn, mlp)
-        self.input_layernorm = GptOssRMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.post_attention_layernorm = GptOssRMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, weight_in_fp32=True)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, weight_in_fp32=True)
 
 
 class Model(CausalLM):
@@ -132,7 +120,7 @@ class Model(CausalLM):
             window = args.sliding_window if args.layer_types[i] == "sliding_attention" else None
             layers.append(GptOssDecoderLayer(args, SinkAttention(args, window), GptOssMoE(args, route)))
         super().__init__(args, layers)
-        self.model.norm = GptOssRMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.model.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, weight_in_fp32=True)
         self.n_experts, self.top_k = args.num_local_experts, args.num_experts_per_tok
         self.expert_shape = ExpertShape(args.hidden_size, args.intermediate_size, "swiglu_clamp", bias=True,
                                         swiglu_alpha=args.swiglu_alpha, swiglu_limit=args.swiglu_limit)
