@@ -125,17 +125,7 @@ def test_greedy_tokens_and_logits_match_transformers(pair, spec):
 @pytest.mark.parametrize("spec", list(SPECS))
 def test_cached_decode_equals_full_forward(pair, spec):
     _, engine, _ = pair(spec)
-    model = engine.model
-    ids = PROMPT + PROMPT[::-1]
-    full = engine.logits(ids)
-    with torch.inference_mode():
-        cache = model.make_cache(1, len(ids), engine.dtype, engine.device)
-        steps = [model(torch.tensor([[t]]), i, cache)[0, -1] for i, t in enumerate(ids)]
-        torch.testing.assert_close(torch.stack(steps), full, atol=1e-5, rtol=1e-5)
-        cache = model.make_cache(1, len(ids), engine.dtype, engine.device)
-        head = model(torch.tensor([ids[:7]]), 0, cache)[0]
-        tail = [model(torch.tensor([[t]]), 7 + i, cache)[0, -1] for i, t in enumerate(ids[7:])]
-        torch.testing.assert_close(torch.cat([head, torch.stack(tail)]), full, atol=1e-5, rtol=1e-5)
+    tiny.assert_cached_equals_uncached(engine, PROMPT + PROMPT[::-1])  # 20 tokens: past every sliding window
 
 
 def offloaded_below_expert_bytes(folder, tmp_path, frac: float = 0.25):

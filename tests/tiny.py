@@ -185,3 +185,18 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
 
 def read_json(path: str | os.PathLike) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def assert_cached_equals_uncached(engine, ids: list[int], split: int = 7) -> None:
+    """Token-by-token decode with the static KV cache, and a prefill chunk then single steps, both equal one
+    uncached forward of `ids`."""
+    model = engine.model
+    full = engine.logits(ids)
+    with torch.inference_mode():
+        cache = model.make_cache(1, len(ids), engine.dtype, engine.device)
+        steps = [model(torch.tensor([[t]]), i, cache)[0, -1] for i, t in enumerate(ids)]
+        torch.testing.assert_close(torch.stack(steps), full, atol=1e-5, rtol=1e-5)
+        cache = model.make_cache(1, len(ids), engine.dtype, engine.device)
+        head = model(torch.tensor([ids[:split]]), 0, cache)[0]
+        tail = [model(torch.tensor([[t]]), split + i, cache)[0, -1] for i, t in enumerate(ids[split:])]
+        torch.testing.assert_close(torch.cat([head, torch.stack(tail)]), full, atol=1e-5, rtol=1e-5)
