@@ -285,6 +285,8 @@ class ExpertCache:
                     self.cache_used += p.reserved
                     p.pool = "cache"
                     self.prefetch_used += 1
+                    if p.drop_when_done:  # counted wasted when dropped while still reading: used after all
+                        self.prefetch_wasted -= 1
                 p.claimed, p.drop_when_done = True, False
                 p.handle.set_priority(DEMAND)
                 ok = p.handle.done() and not p.handle.cancelled() and p.handle.error is None
