@@ -25,7 +25,7 @@ from moe_offload.store.format import convert, open_store
 from moe_offload.store.loader import DEMAND, PREFETCH, Loader
 from moe_offload.store.open import mib
 from moe_offload.store.policies import POLICIES
-from moe_offload.store.tiers import DiskTier, HostTier
+from moe_offload.store.tiers import BufferPool, DiskTier, HostTier
 from tests import tiny
 from tests.conftest import CHILD_ENV
 
@@ -385,6 +385,62 @@ def test_loader_runs_demand_before_prefetch_and_cancels_queued_work():
     failing.add_done_callback(seen.append)  # already done: runs now
     assert seen == [failing]
     loader.close()
+
+
+def test_buffer_pool_reuses_only_buffers_nothing_views_and_trims_to_the_room_left():
+    if not BufferPool.usable():
+        pytest.skip("this torch has no storage use count")
+    pool = BufferPool()
+    a = pool.take(8192)
+    a_ptr = a.data_ptr()
+    unit = a[:4096].view(torch.float32)  # what a decoded expert keeps: a view of its read buffer
+    del a
+    b = pool.take(8192)
+    assert b.data_ptr() != a_ptr  # still viewed: never handed out twice
+    assert pool.allocated == 2 and pool.reused == 0
+    del unit  # the expert was evicted
+    c = pool.take(8192)
+    assert c.data_ptr() == a_ptr and pool.reused == 1 and pool.allocated == 2
+    d = pool.take(8192)  # b and c are still held
+    assert d.data_ptr() not in (a_ptr, b.data_ptr()) and pool.allocated == 3
+    del b, c, d
+    pool.trim(10**9)
+    assert pool.free_bytes == 3 * 8192
+    small = pool.take(4096)  # no free buffer of that size: a new mapping
+    assert pool.allocated == 4 and small.data_ptr() % 4096 == 0
+    pool.trim(8192)
+    assert pool.free_bytes == 8192
+    del small
+    pool.trim(0)
+    assert pool.free_bytes == 0 and not pool.free
+
+
+def test_offloaded_runs_read_into_reused_buffers_and_stay_exact(stores):
+    hf, store = stores["mixtral_gqa"]
+    want, _ = greedy(load(store))
+    engine = load(store, memory=budget(load(store).info, store, 0.25))
+    tokens, stats = greedy(engine)
+    assert tokens == want and stats["evictions"] > 0
+    if BufferPool.usable():  # each miss after the first evictions reads into an evicted expert's buffer
+        assert stats["read_buffers_reused"] > 0
+        assert stats["read_buffers_allocated"] + stats["read_buffers_reused"] == stats["expert_misses"]
+
+
+def test_verify_first_checks_each_expert_once_and_always_checks_every_read(stores, tmp_path):
+    store = copy_store(stores["mixtral_gqa"][1], tmp_path / "s")
+    e = open_store(store).entries[(0, 1)]
+    first, always = DiskTier(store / fmt.EXPERTS), DiskTier(store / fmt.EXPERTS, verify="always")
+    first.read(e), always.read(e)
+    with open(store / fmt.EXPERTS, "r+b") as f:  # the file changes under a running process
+        f.seek(e.offset)
+        b = f.read(1)
+        f.seek(e.offset)
+        f.write(bytes([b[0] ^ 1]))
+    assert first.read(e)[0] == b[0] ^ 1  # verified once already: read as is
+    with pytest.raises(MoeError, match="checksum mismatch in layer 0 expert 1"):
+        always.read(e)
+    with pytest.raises(MoeError, match="checksum mismatch in layer 0 expert 1"):
+        DiskTier(store / fmt.EXPERTS).read(e)  # a new process checks it again
 
 
 def test_host_tier_keeps_blobs_under_its_byte_budget():

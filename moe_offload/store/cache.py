@@ -37,7 +37,7 @@ from ..experts import make_codec, moe_dispatch
 from .format import ExpertEntry, Key, Store
 from .loader import DEMAND, PREFETCH, CopyStream, Handle, Loader
 from .policies import make_policy
-from .tiers import DiskTier, HostTier
+from .tiers import BufferPool, DiskTier, HostTier
 
 _LEAVES = (str, bytes, int, float, type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
            types.MethodType, partial)
@@ -131,7 +131,7 @@ class ExpertCache:
 
     def __init__(self, store: Store, device: torch.device, dtype: torch.dtype, capacity: int,
                  policy: str = "lru", base_bytes: int = 0, host_bytes: int | None = None, workers: int = 2,
-                 staging_bytes: int = 0):
+                 staging_bytes: int = 0, verify: str = "first"):
         self.store, self.device, self.dtype = store, device, dtype
         self.entries: dict[Key, ExpertEntry] = store.entries
         self.shape = store.expert_shape
@@ -144,7 +144,8 @@ class ExpertCache:
         self.codec = {k: codecs.setdefault(json.dumps(e.codec, sort_keys=True), make_codec(e.codec))
                       for k, e in self.entries.items()}
         cuda = device.type == "cuda"
-        self.disk = DiskTier(store.experts_path, pinned=cuda)
+        self.disk = DiskTier(store.experts_path, pinned=cuda, verify=verify)
+        self.buffers = BufferPool() if not cuda and BufferPool.usable() else None  # CPU: reuse read buffers
         self.host = HostTier(host_bytes, policy, n_layers, store.n_experts) if cuda and host_bytes else None
         self.copier = CopyStream(device) if cuda else None
         self.loader = Loader(workers)
@@ -230,12 +231,12 @@ class ExpertCache:
             self._release(k)
 
     # ---- loading (worker threads) ------------------------------------------------------------------------
-    def _load(self, key: Key, step: int) -> Loaded:
+    def _load(self, key: Key, step: int, buf: torch.Tensor | None = None) -> Loaded:
         e = self.entries[key]
         blob = self.host.get(key, step) if self.host is not None else None
         disk = 0
         if blob is None:
-            blob = self.disk.read(e)  # verified, page-aligned; pinned on CUDA
+            blob = self.disk.read(e, buf)  # verified, page-aligned; pinned on CUDA
             disk = e.span
             if self.host is not None:
                 self.host.offer(key, blob, step)
@@ -253,7 +254,17 @@ class ExpertCache:
         return Loaded(unit, resident_bytes(unit, tensors), tensors)
 
     def _submit(self, key: Key, priority: float) -> Handle:
-        return self.loader.submit(partial(self._load, key, self.step), priority)
+        """Queue the load of `key`, whose bytes the caller has just reserved. CPU: its read buffer is taken
+        from the pool now, so the free buffers left fit in what the budget has not reserved."""
+        buf = None
+        if self.buffers is not None:
+            buf = self.buffers.take(self.entries[key].span)
+            self._trim()
+        return self.loader.submit(partial(self._load, key, self.step, buf), priority)
+
+    def _trim(self) -> None:
+        if self.buffers is not None:
+            self.buffers.trim(self.capacity - self.cache_used - self.stage_used)
 
     # ---- the layer's fetch -------------------------------------------------------------------------------
     def _tick(self, layer: int) -> int:
@@ -378,6 +389,7 @@ class ExpertCache:
             raise
         del self.pending[k]
         self.cache_used += got.nbytes - p.reserved  # shrink the reservation to what is resident
+        self._trim()  # a codec that converts left its read buffer free
         if self.copier is not None:
             self.copier.hand_over(got.tensors)
         if got.bypass or not self.policy.should_admit(k, got.nbytes):
@@ -446,6 +458,8 @@ class ExpertCache:
             "evictions": self.evictions,
             "disk_direct_io": self.disk.direct,
         }
+        if self.buffers is not None:
+            s.update(read_buffers_allocated=self.buffers.allocated, read_buffers_reused=self.buffers.reused)
         if self.host is not None:
             s.update(host_hits=self.host.hits, host_capacity_bytes=self.host.capacity,
                      host_resident_bytes=self.host.peak)

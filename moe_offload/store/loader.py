@@ -37,6 +37,7 @@ class Handle:
         with self.cond:
             if self.state == _QUEUED:
                 self.state = _CANCELLED
+                self.fn = None  # let go of what the load held (its read buffer) while the heap still lists it
             return self.state == _CANCELLED
 
     def cancelled(self) -> bool:
