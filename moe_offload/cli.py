@@ -47,6 +47,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(changes tokens)")
     p.add_argument("--fallback-threshold", type=float, default=None,
                    help="lowbit: used when every routing weight of the expert is below this (default 0.2)")
+    p.add_argument("--verify-reads", default=None, choices=["first", "always"],
+                   help="check expert reads against the store's crc32: each expert's first read (default) or "
+                        "every read (~6 ms of CPU per 22 MB)")
     p.add_argument("--auto", action="store_true",
                    help="let the planner pick --memory/--host-memory/--prefetch/--cpu-misses/--cache-policy")
     p.add_argument("--hardware", default=None, help="--auto / --cpu-misses figures: a hardware profile "
@@ -56,7 +59,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def offload_kwargs(a: argparse.Namespace) -> dict:
     kw = {"host_memory": a.host_memory, "cache_policy": a.cache_policy}
     for name in ("prefetch", "prefetch_depth", "prefetch_experts", "cpu_misses", "miss_fallback",
-                 "fallback_threshold"):
+                 "fallback_threshold", "verify_reads"):
         if getattr(a, name, None) is not None:
             kw[name] = getattr(a, name)
     if getattr(a, "hardware", None) not in (None, "this-machine") and kw.get("cpu_misses", "off") != "off":

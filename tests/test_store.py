@@ -483,3 +483,12 @@ def test_prefetch_stages_without_evicting_and_is_used_or_cancelled(stores):
     tokens, stats = greedy(engine)
     assert tokens == want and stats["resident_weight_bytes"] <= memory
     assert cache.cancel_prefetch() == 0 and not cache.pending
+
+
+def test_verify_reads_option_reaches_the_disk_tier(stores):
+    _, store = stores["mixtral_gqa"]
+    assert load(store, memory=10**9).expert_cache.disk.verify == "first"
+    assert load(store, memory=10**9, verify_reads="always").expert_cache.disk.verify == "always"
+    code, out, err = cli("generate", "--model", str(store), "--memory", "100MiB", "--verify-reads", "always",
+                         "--prompt-ids", "1,5,9,20", "--max-new-tokens", "2")
+    assert code == 0, err

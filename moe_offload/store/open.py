@@ -75,7 +75,7 @@ def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, 
                    prefetch: str | None = None, prefetch_depth: int | None = None,
                    prefetch_experts: int | None = None, cpu_misses: str | None = None,
                    miss_fallback: str | None = None, fallback_threshold: float | None = None,
-                   hardware: str | None = None, **rest) -> Engine:
+                   hardware: str | None = None, verify_reads: str | None = None, **rest) -> Engine:
     unknown = {k: v for k, v in rest.items() if v is not None}
     if unknown:
         named = ", ".join(f"{k}={v!r}" for k, v in unknown.items())
@@ -111,7 +111,8 @@ def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, 
             raise MoeError(f"--memory {mib(memory)} is too small: {arithmetic}")
         capacity = memory - fixed - reserve
     policy = cache_policy or DEFAULT_POLICY
-    cache = ExpertCache(store, device, dt, capacity, policy, base_bytes=fixed, host_bytes=host_bytes)
+    cache = ExpertCache(store, device, dt, capacity, policy, base_bytes=fixed, host_bytes=host_bytes,
+                        verify=verify_reads or "first")
     numa_info, placement = misses.plan_numa(store, host_bytes if cache.host is not None else None, device)
     if placement is not None:  # the host tier is still empty: swap in the one that places blobs per node
         cache.host = misses.NumaHostTier(host_bytes, policy, max(store.moe_layers) + 1, store.n_experts,
