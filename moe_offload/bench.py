@@ -800,10 +800,13 @@ def replay_grid(trace_path: Path, sizes: Sizes, pcts: list[float], warm: int) ->
     return out
 
 
-def simulate_cli(trace_path: Path, memory: int, policy: str, warm: int, timeout: float = 300) -> dict:
-    """`moe-offload simulate --hardware this-machine` on the recorded trace (predicted decode tok/s)."""
+def simulate_cli(trace_path: Path, memory: int, policy: str, warm: int, dtype: str = "bfloat16",
+                 threads: int | None = None, timeout: float = 300) -> dict:
+    """`moe-offload simulate --hardware this-machine` on the recorded trace (predicted decode tok/s), the
+    machine measured in the run's compute dtype and thread count."""
     cmd = [sys.executable, "-m", "moe_offload.cli", "simulate", "--trace", str(trace_path), "--hardware",
-           "this-machine", "--memory", str(memory), "--cache-policy", policy, "--warmup", str(warm), "--json"]
+           "this-machine", "--memory", str(memory), "--cache-policy", policy, "--warmup", str(warm),
+           "--dtype", dtype, *(["--threads", str(threads)] if threads else []), "--json"]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(REPO_ROOT),
                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -1135,7 +1138,7 @@ def run_bench(a) -> dict:
                 if us is None:
                     continue
                 policy = us["policy"]
-                preds = [simulate_cli(t, memory, policy, w) for t, w in round_traces]
+                preds = [simulate_cli(t, memory, policy, w, a.dtype, a.threads) for t, w in round_traces]
                 ok = [p for p in preds if p.get("ok")]
                 v = {"ok": bool(ok) and len(ok) == len(preds), "policy": policy, "rounds": preds,
                      "command": preds[0].get("command"), "error": next((p["error"] for p in preds if not p.get("ok")), None),

@@ -150,13 +150,32 @@ def get_profile(name: str | HardwareProfile, **measure_kw) -> HardwareProfile:
     return PROFILES[name]
 
 
-def measure_disk_read(directory: str | None = None, nbytes: int = 128 << 20, chunk: int = 8 << 20) -> tuple[float, str]:
+def measure_disk_read(directory: str | None = None, nbytes: int = 128 << 20, chunk: int = 8 << 20,
+                      streams: int = 1) -> tuple[float, str]:
     """Cold read bandwidth of a fresh temp file: written, fsync'd, dropped from the page cache with
     POSIX_FADV_DONTNEED, then read with O_DIRECT (or buffered after the drop where O_DIRECT is refused) in
-    `chunk`-byte preadv calls into a page-aligned buffer. Returns (bytes/s, method)."""
-    nbytes = max(chunk, nbytes // chunk * chunk)
+    `chunk`-byte preadv calls, `streams` at a time (threads, each into its own page-aligned buffer, reused: the
+    way the engine's loader reads experts). Returns (bytes/s, method)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunk = -(-chunk // 4096) * 4096
+    nbytes = max(chunk * streams, nbytes // chunk * chunk)
     block = os.urandom(chunk)
     fd_w, path = tempfile.mkstemp(prefix=".moe-offload-diskbw-", dir=directory)
+    bufs = [mmap.mmap(-1, chunk) for _ in range(streams)]  # page-aligned, as O_DIRECT needs
+    for b in bufs:
+        b.write(block)  # fault the pages in now, as a reused read buffer has them
+    offsets = range(0, nbytes, chunk)
+
+    def read_all(fd: int) -> float:
+        t0 = time.perf_counter()
+        if streams == 1:
+            done = sum(os.preadv(fd, [bufs[0]], off) for off in offsets)
+        else:
+            with ThreadPoolExecutor(streams) as ex:
+                done = sum(ex.map(lambda io: os.preadv(fd, [bufs[io[0] % streams]], io[1]), enumerate(offsets)))
+        return done / (time.perf_counter() - t0)
+
     try:
         for _ in range(nbytes // chunk):
             os.write(fd_w, block)
@@ -173,23 +192,20 @@ def measure_disk_read(directory: str | None = None, nbytes: int = 128 << 20, chu
                 fd = None
         if fd is None:
             fd = os.open(path, os.O_RDONLY)
-        buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
         try:
-            t0 = time.perf_counter()
             try:
-                done = sum(os.preadv(fd, [buf], off) for off in range(0, nbytes, chunk))
+                bw = read_all(fd)
             except OSError:  # O_DIRECT refused at the first read (EINVAL): fall back to buffered
                 os.close(fd)
                 fd, method = os.open(path, os.O_RDONLY), "buffered after POSIX_FADV_DONTNEED"
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                t0 = time.perf_counter()
-                done = sum(os.preadv(fd, [buf], off) for off in range(0, nbytes, chunk))
-            dt = time.perf_counter() - t0
+                bw = read_all(fd)
         finally:
             os.close(fd)
-            buf.close()
-        return done / dt, method
+        return bw, method + (f", {chunk / 2**20:.1f} MiB reads" + (f" x{streams} in flight" if streams > 1 else ""))
     finally:
+        for b in bufs:
+            b.close()
         if fd_w >= 0:
             os.close(fd_w)
         os.unlink(path)
@@ -205,15 +221,17 @@ def _ram_read_bw(nbytes: int) -> float:
     return x.numel() * 4 / best_time(lambda: x.sum(), 3)
 
 
-def _cpu_gemv(nbytes: int) -> tuple[float, float]:
-    """(bytes/s of a bf16 1 x K GEMV, FLOP/s of a bf16 64 x K GEMM) over `nbytes` of weights."""
+def _cpu_gemv(nbytes: int, dtype: str = "bfloat16") -> tuple[float, float]:
+    """(bytes/s of a 1 x K GEMV, FLOP/s of a 64 x K GEMM) over `nbytes` of `dtype` weights."""
     import torch
     import torch.nn.functional as F
 
-    w = torch.empty(nbytes // 2 // _GEMV_K, _GEMV_K, dtype=torch.bfloat16).fill_(0.01)
-    v = torch.full((1, _GEMV_K), 0.5, dtype=torch.bfloat16)
-    m = torch.full((64, _GEMV_K), 0.5, dtype=torch.bfloat16)
-    return w.numel() * 2 / best_time(lambda: F.linear(v, w), 5), 2 * 64 * w.numel() / best_time(lambda: F.linear(m, w), 2)
+    dt = getattr(torch, dtype)
+    w = torch.empty(nbytes // dt.itemsize // _GEMV_K, _GEMV_K, dtype=dt).fill_(0.01)
+    v = torch.full((1, _GEMV_K), 0.5, dtype=dt)
+    m = torch.full((64, _GEMV_K), 0.5, dtype=dt)
+    return (w.numel() * dt.itemsize / best_time(lambda: F.linear(v, w), 5),
+            2 * 64 * w.numel() / best_time(lambda: F.linear(m, w), 2))
 
 
 def _cuda_figures(nbytes: int) -> tuple[float, float, float]:
@@ -231,21 +249,24 @@ def _cuda_figures(nbytes: int) -> tuple[float, float, float]:
 
 
 def measure_this_machine(disk_dir: str | None = None, ram_bytes: int = 256 << 20, disk_bytes: int = 128 << 20,
-                         gemv_bytes: int = 64 << 20) -> HardwareProfile:
-    """Measure this machine in a few seconds: RAM read (a torch sum over `ram_bytes`), a bf16 CPU GEMV over
-    `gemv_bytes` of weights, CPU bf16 GEMM FLOP/s, cold disk read (measure_disk_read) and, with CUDA, device
-    memory bandwidth (device copy), pinned host->device copy and device bf16 GEMM FLOP/s."""
+                         gemv_bytes: int = 64 << 20, dtype: str = "bfloat16", read_bytes: int = 8 << 20,
+                         read_streams: int = 1) -> HardwareProfile:
+    """Measure this machine in a few seconds: RAM read (a torch sum over `ram_bytes`), a CPU GEMV over
+    `gemv_bytes` of `dtype` weights (the compute dtype: float16 and bf16 GEMVs differ ~2x on some CPUs), CPU
+    GEMM FLOP/s, cold disk read (measure_disk_read: `read_bytes` per read, `read_streams` in flight; give the
+    expert size and the loader's workers to measure what the engine can get) and, with CUDA, device memory
+    bandwidth (device copy), pinned host->device copy and device bf16 GEMM FLOP/s."""
     import psutil
     import torch
 
     t_start = time.perf_counter()
     ram = psutil.virtual_memory().total
-    host_bw, (cpu_bw, cpu_flops) = _ram_read_bw(ram_bytes), _cpu_gemv(gemv_bytes)
+    host_bw, (cpu_bw, cpu_flops) = _ram_read_bw(ram_bytes), _cpu_gemv(gemv_bytes, dtype)
     k = _GEMV_K
-    disk_bw, method = measure_disk_read(disk_dir, disk_bytes)
-    src = (f"measured {time.strftime('%Y-%m-%d %H:%M')}: RAM read = torch sum over {ram_bytes >> 20} MiB; CPU GEMV = "
-           f"bf16 F.linear 1x{k} over {gemv_bytes >> 20} MiB; CPU FLOP/s = bf16 64x{k} GEMM; disk = cold read of "
-           f"{disk_bytes >> 20} MiB temp file ({method})")
+    disk_bw, method = measure_disk_read(disk_dir, disk_bytes, read_bytes, read_streams)
+    src = (f"measured {time.strftime('%Y-%m-%d %H:%M')} with {torch.get_num_threads()} threads: RAM read = torch sum "
+           f"over {ram_bytes >> 20} MiB; CPU GEMV = {dtype} F.linear 1x{k} over {gemv_bytes >> 20} MiB; CPU FLOP/s = "
+           f"{dtype} 64x{k} GEMM; disk = cold read of a {disk_bytes >> 20} MiB temp file ({method})")
     common = dict(name=THIS_MACHINE, host_bw=host_bw, disk_bw=disk_bw, cpu_bw=cpu_bw, cpu_flops=cpu_flops)
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.device("cuda"))
@@ -688,6 +709,11 @@ def _add_simulate(p: argparse.ArgumentParser) -> None:
                                                               "at most 64)")
     p.add_argument("--cpu-misses", action="store_true", help="pin hot experts; compute misses on the CPU")
     p.add_argument("--disk-bw", default=None, help="override the profile's disk read bandwidth, GB/s")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="this-machine: the compute dtype its GEMV is measured in (default bfloat16)")
+    p.add_argument("--read-streams", type=int, default=2,
+                   help="this-machine: reads in flight when measuring the disk (the loader's workers, default 2)")
+    p.add_argument("--threads", type=int, default=None, help="this-machine: torch threads for the measurements")
     p.add_argument("--json", action="store_true", help="one JSON object")
 
 
@@ -702,8 +728,18 @@ def cmd_simulate(a) -> int:
         return 0
     if a.trace is None:
         raise UsageError("simulate: give --trace FILE (or --hardware list)")
-    hw = get_profile(a.hardware)
     trace = load_trace(a.trace)
+    if a.hardware == THIS_MACHINE:  # measured the way this trace's model would run here
+        import torch
+
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        sizes = np.asarray(trace.expert_bytes)
+        one = int(sizes.mean())
+        hw = measure_this_machine(dtype=a.dtype, read_bytes=one, read_streams=max(1, a.read_streams),
+                                  disk_bytes=max(128 << 20, 4 * a.read_streams * one))
+    else:
+        hw = get_profile(a.hardware)
     if a.disk_bw is not None:
         hw = replace(hw, disk_bw=parse_gbs(a.disk_bw, "--disk-bw"))
     warmup = min(64, trace.tokens // 4) if a.warmup is None else a.warmup
