@@ -152,27 +152,34 @@ GOALS = [  # (budget kind, peer, what, target)
 ]
 
 
+SAME_PRECISION = {16: "llamacpp-f16", 4: "llamacpp-q4_0"}  # our expert bits -> llama.cpp at those bits
+
+
 def goal_rows(rows: list[dict], limits: dict) -> list[dict]:
-    """Measured ratios against the goals, per budget: budgets < 100 % are out of core, 100 % fits."""
+    """Measured ratios against the goals, for each of our rows per budget: budgets < 100 % are out of core,
+    100 % fits. llama.cpp "same precision" is F16 for our unquantized store, Q4_0 for a 4-bit one; the
+    bandwidth limits are computed for the unquantized store's bytes, so quantized rows skip them."""
     out = []
-    ours = {}
-    for r in rows:
-        if r["system"] == "us" and r.get("ok") and r["label"] not in ours:
-            ours[r["label"]] = r
-    for label, us in ours.items():
-        pct = us["budget_pct"]
+    for us in rows:
+        if us["system"] != "us" or not us.get("ok"):
+            continue
+        label, pct, bits = us["label"], us["budget_pct"], us.get("expert_bits", 16)
         kind = "fits" if pct is not None and pct >= 100 else "out of core"
         mine = us["summary"]["decode_tok_s"]["median"]
         for gk, peer, what, target in GOALS:
             if gk != kind:
                 continue
             if peer == "limit":
+                if bits != 16:
+                    continue
                 other = (limits.get("per_budget", {}).get(label) or {}).get("tok_s")
             else:
+                if peer == "llamacpp-f16":
+                    peer = SAME_PRECISION.get(bits)
                 other = next((r["summary"]["decode_tok_s"]["median"] for r in rows
                               if r["label"] == label and r["config"] == peer and r.get("ok")), None)
             v = ratio(mine, other)
-            out.append({"budget": label, "goal": what, "target": target, "measured": v,
+            out.append({"budget": label, "us": us["config"], "goal": what, "target": target, "measured": v,
                         "met": None if v is None else v >= target})
     return out
 
@@ -712,18 +719,40 @@ def prepare(a) -> dict:
 
         print(f"bench: converting {hf} into an expert store at {store} ({a.dtype})", file=sys.stderr)
         convert(hf, store, getattr(torch, a.dtype), overwrite=True)
+    quantized = {}
+    for bits in getattr(a, "us_bits", [16]):
+        if bits == 16:
+            continue
+        q = d / f"store-{a.dtype}-q{bits}"
+        try:
+            if open_store(q).manifest.get("dtype") != a.dtype or (q / "manifest.json").stat().st_mtime < stamp:
+                raise MoeError("stale")
+        except MoeError:
+            cmd = [sys.executable, "-m", "moe_offload.cli", "quantize", "--model", str(hf), "--out", str(q),
+                   "--expert-bits", str(bits), "--attn-bits", "16", "--dtype", a.dtype, "--overwrite"]
+            print(f"bench: {' '.join(['moe-offload', *cmd[3:]])}", file=sys.stderr)
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise MoeError(f"bench: quantizing to {bits} bits failed: {(r.stderr or r.stdout).strip()[-300:]}")
+        quantized[bits] = q
     config = json.loads((hf / "config.json").read_text())
-    return {"name": name, "dir": d, "hf": hf, "store": store, "sizes": model_sizes(store, a.dtype),
+    return {"name": name, "dir": d, "hf": hf, "store": store, "quantized": quantized,
+            "sizes": model_sizes(store, a.dtype),
             "config": config, "hf_files": [p for p in hf.iterdir() if p.suffix == ".safetensors"]}
 
 
 def configs_for(a, prep: dict, pct: float | None, memory: int, prompts, tag: str) -> list[Config]:
     base = {"dtype": a.dtype, "threads": a.threads, "prompts": prompts, "new_tokens": a.new_tokens, "memory": memory}
     out = []
-    for policy in a.cache_policy:
-        spec = {**base, "system": "us", "model": str(prep["store"]), "policy": policy, "prefetch": a.prefetch}
-        name = f"us-{policy}" + (f"+prefetch-{a.prefetch}" if a.prefetch else "")
-        out.append(Config("us", name, spec, [prep["store"]]))
+    for bits in a.us_bits:
+        store = prep["store"] if bits == 16 else prep["quantized"][bits]
+        for policy in a.cache_policy:
+            for pf in a.prefetch:
+                pf = None if pf == "none" else pf
+                spec = {**base, "system": "us", "model": str(store), "policy": policy, "prefetch": pf,
+                        "expert_bits": bits}
+                name = f"us-{policy}" + (f"-q{bits}" if bits != 16 else "") + (f"+prefetch-{pf}" if pf else "")
+                out.append(Config("us", name, spec, [store]))
     if "hf" in a.peers:
         for impl in a.hf_impls:
             spec = {**base, "system": "hf", "model": str(prep["hf"]), "impl": impl}
@@ -875,10 +904,13 @@ def markdown(res: dict) -> str:
                      f"{L['tok_s']:.2f} | {L['tok_s_serial']:.2f} | {_f(L.get('kernel_tok_s'))} | {_f(L.get('us_tok_s'))} | "
                      f"{_f(ratio(L.get('us_tok_s'), L['tok_s']), '{:.2f}')} |")
     if res.get("goals"):
-        lines += ["", "Goals:", "", "| budget | goal | target | measured | met |", "|---|---|---|---|---|"]
+        lines += ["", "Goals (llama.cpp at our precision: F16 for our float16 store, Q4_0 for our 4-bit one; the "
+                      "limits are for the float16 bytes):", "",
+                  "| budget | us | goal | target | measured | met |", "|---|---|---|---|---|---|"]
         for g in res["goals"]:
             met = "n/a" if g["met"] is None else ("yes" if g["met"] else "**no**")
-            lines.append(f"| {g['budget']} | {g['goal']} | ≥ {g['target']} | {_f(g['measured'])} | {met} |")
+            lines.append(f"| {g['budget']} | {g.get('us', 'us')} | {g['goal']} | ≥ {g['target']} | "
+                         f"{_f(g['measured'])} | {met} |")
     if res.get("simulator"):
         lines += ["", "Simulator (`moe-offload simulate --hardware this-machine` on the trace each round recorded, "
                       "warm-up tokens excluded; median over rounds) vs measured:",
@@ -1033,6 +1065,7 @@ def run_bench(a) -> dict:
         state = {}
         for cfg in cfgs:
             row = {"label": label, "budget_pct": pct, "memory": memory, "system": cfg.system, "config": cfg.config,
+                   "expert_bits": cfg.spec.get("expert_bits", 16),
                    "policy": cfg.spec.get("policy"), "rounds": [], "_runs": [], "_all": []}
             if cfg.system == "llamacpp" and cfg.spec["model"] is None:
                 row["error"] = gguf_err.get(cfg.spec["gguf_type"]) or "no GGUF file"
@@ -1178,7 +1211,10 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="weights and compute dtype for us and the transformers peers (llama.cpp: its GGUF types)")
     p.add_argument("--cache-policy", default="lru", help="our expert cache policy (comma list: one row each)")
-    p.add_argument("--prefetch", default=None, help="our prefetcher (passed to the engine)")
+    p.add_argument("--prefetch", default="none", help="our prefetcher: comma list of none, lookahead, shadow, "
+                                                       "auto (one row each)")
+    p.add_argument("--us-bits", default="16", help="our experts' bits: comma list of 16 (the store as converted) "
+                                                   "and 4 (a 4-bit HQQ store made by `moe-offload quantize`)")
     p.add_argument("--overhead", default=f"{OVERHEAD // MiB}MiB", help="cgroup limit = budget + this")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
     p.add_argument("--no-cgroup", action="store_true", help="run without memory limits")
@@ -1201,6 +1237,8 @@ def cmd_bench(a) -> int:
     a.hf_impls = _csv(a.hf_impls, None, "--hf-impls")
     a.llamacpp_types = _csv(a.llamacpp_types, None, "--llamacpp-types")
     a.cache_policy = _csv(a.cache_policy, None, "--cache-policy")
+    a.prefetch = _csv(a.prefetch or "none", ("none", "lookahead", "shadow", "auto"), "--prefetch")
+    a.us_bits = [int(b) for b in _csv(a.us_bits, ("16", "4"), "--us-bits")]
     a.overhead = parse_size(a.overhead)
     try:
         a.budgets = [float(x) for x in _csv(a.budgets)]

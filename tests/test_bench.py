@@ -103,6 +103,19 @@ def test_goal_rows_ratios_against_targets():
     assert len(g) == 5
 
 
+def test_goal_rows_for_a_4_bit_store_compare_with_q4_0_and_skip_the_float16_limits():
+    q4 = dict(_row("50 %", 50, "us-lru-q4", 9.0), expert_bits=4)
+    rows = [_row("50 %", 50, "us-lru", 3.0), q4, _row("50 %", 50, "llamacpp-f16", 0.5),
+            _row("50 %", 50, "llamacpp-q4_0", 6.0), _row("50 %", 50, "accelerate", 0.1)]
+    limits = {"per_budget": {"50 %": {"tok_s": 12.0}}}
+    g = {(r["us"], r["goal"]): r for r in goal_rows(rows, limits)}
+    assert g[("us-lru", "decode tok/s ÷ llama.cpp (same precision)")]["measured"] == pytest.approx(6.0)
+    assert g[("us-lru-q4", "decode tok/s ÷ llama.cpp (same precision)")]["measured"] == pytest.approx(1.5)
+    assert g[("us-lru-q4", "decode tok/s ÷ accelerate")]["measured"] == pytest.approx(90.0)
+    assert ("us-lru-q4", "decode tok/s ÷ disk-bandwidth limit") not in g
+    assert len(g) == 5
+
+
 def test_prompts_are_fixed_and_in_vocab():
     a, b = bench.prompts_for(400, 8, 3), bench.prompts_for(400, 8, 3)
     assert a == b and len(a) == 3 and all(len(p) == 8 for p in a)
