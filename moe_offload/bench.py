@@ -798,7 +798,8 @@ def record_trace(prep: dict, runs: list[dict], path: Path, warmup_runs: int = 1)
     trace = Trace(experts=np.array(rows), n_experts=store.n_experts, expert_bytes=s.expert, layers=layers,
                   n_layers=prep["config"].get("num_hidden_layers"), backbone_bytes=s.backbone,
                   kv_bytes_per_token=s.kv_per_token,
-                  meta={"source": "moe-offload bench", "model": prep["name"], "warmup_tokens": warm})
+                  meta={"source": "moe-offload bench", "model": prep["name"], "warmup_tokens": warm,
+                        "config": prep["config"]})  # lets `simulate --hardware this-machine` time this architecture
     return save_trace(path, trace), warm
 
 

@@ -64,6 +64,7 @@ class HardwareProfile:
     device_flops: float  # device FLOP/s (only batches use it)
     link_latency_s: float = 10e-6  # fixed cost per expert copy over the link (launch, DMA setup)
     disk_latency_s: float = 100e-6  # fixed cost per expert read from disk (NVMe request latency)
+    token_overhead_s: float = 0.0  # fixed time per decode token beyond streaming weights (dispatch, small ops)
     device_reserve: int = 0  # device bytes not available for weights
     host_reserve: int = 0  # host bytes not available for experts
     sources: str = ""
@@ -246,6 +247,81 @@ def _cuda_figures(nbytes: int) -> tuple[float, float, float]:
     copy = 2 * nbytes / best_time(lambda: b.copy_(a), 5, sync)  # a copy reads and writes every byte
     h2d = nbytes / best_time(lambda: a.copy_(h, non_blocking=True), 5, sync)
     return copy, h2d, 2 * 4096**3 / best_time(lambda: g @ g, 5, sync)
+
+
+def _toy_config(config: dict) -> dict:
+    """The same architecture at toy widths: every layer, head, expert and routing rule kept; hidden 16 per
+    head (or 256 where the head size is set on its own), intermediate sizes 64, vocabulary 512."""
+    toy = dict(config)
+    for k, v in config.items():
+        if k.endswith("intermediate_size") and isinstance(v, int) and v > 0:
+            toy[k] = 64
+    heads = config.get("num_attention_heads") or 1
+    toy["hidden_size"] = 256 if config.get("head_dim") else 16 * heads
+    toy["vocab_size"] = 512
+    return toy
+
+
+def measure_token_overhead(config: dict, dtype: str = "bfloat16", tokens: int = 24, context: int = 32) -> float:
+    """Seconds per decode token of `config`'s architecture at toy widths (`_toy_config`), every expert
+    resident: the per-token cost that does not grow with the weights (Python, dispatch, norms, routing,
+    attention bookkeeping). Median over `tokens` steps after a `context`-token prefill."""
+    import statistics
+
+    import torch
+
+    from .experts import LocalExperts, expert_unit
+    from .models import build
+
+    dt = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(0)
+    with torch.device("cpu"):
+        _, model = build(_toy_config(config))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02 + ("norm" in name))
+    model = model.to(dt)
+    model.init_rope(torch.device("cpu"))
+    shape = model.expert_shape
+    D, I = shape.hidden, shape.intermediate
+    for _, moe in model.moe_blocks():
+        r = lambda *sz: (torch.randn(*sz, generator=gen) * 0.02).to(dt)  # noqa: E731
+        bias = dict(gate_bias=r(I), up_bias=r(I), down_bias=r(D)) if shape.bias else {}
+        moe.experts = LocalExperts([expert_unit(shape, r(I, D), r(I, D), r(D, I), **bias)
+                                    for _ in range(model.n_experts)])
+    model.eval()
+    cache = model.make_cache(1, context + tokens + 1, dt, torch.device("cpu"))
+    ids = torch.randint(3, 512, (1, context), generator=gen)
+    times = []
+    with torch.inference_mode():
+        logits = model(ids, 0, cache)
+        for step in range(tokens):
+            tok = logits[0, -1].argmax().view(1, 1)
+            t0 = time.perf_counter()
+            logits = model(tok, context + step, cache)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def expert_gemv_bw(hidden: int, intermediate: int, dtype: str = "bfloat16", total: int = 96 << 20) -> float:
+    """Weight bytes/s of expert calls at M = 1 as the engine makes them (gate_up [2I, D] then down [D, I]),
+    cycling through enough experts to read `total` bytes from RAM, not cache; best of 5 passes."""
+    import torch
+    import torch.nn.functional as F
+
+    dt = getattr(torch, dtype)
+    one = 3 * hidden * intermediate * dt.itemsize
+    n = max(2, -(-total // one))
+    units = [(torch.full((2 * intermediate, hidden), 0.01, dtype=dt), torch.full((hidden, intermediate), 0.01, dtype=dt))
+             for _ in range(n)]
+    x = torch.full((1, hidden), 0.5, dtype=dt)
+
+    def run():
+        for gu, dn in units:
+            h = F.linear(x, gu)
+            F.linear(h[:, :intermediate] * h[:, intermediate:], dn)
+
+    return n * one / best_time(run, 5)
 
 
 def measure_this_machine(disk_dir: str | None = None, ram_bytes: int = 256 << 20, disk_bytes: int = 128 << 20,
@@ -634,7 +710,7 @@ def simulate(trace: Trace, hw: HardwareProfile, *, memory: int | None = None, ho
     accesses = dev.hits + dev.misses
     entries = trace.entries(warmup)
     computed_bytes = sum(resident_fn(k) for entry in entries for k in dict.fromkeys(entry))
-    t_device = T * (backbone + kv_total) / hw.device_bw
+    t_device = T * ((backbone + kv_total) / hw.device_bw + hw.token_overhead_s)
     t_cpu = t_link = 0.0
     if cpu_misses:
         miss_read = dev.miss_bytes if expert_bits is None else dev.misses * computed
@@ -669,7 +745,7 @@ def format_result(r: SimResult) -> str:
         f"backbone {r.backbone_bytes / GB:.3f} GB",
         f"hit rate {r.hit_rate:.4f} ({r.hits} hits, {r.misses} misses of {r.accesses}); {r.disk_reads} reads from "
         f"disk ({r.disk_bytes / GB:.3f} GB), {r.link_bytes / GB:.3f} GB over the link",
-        f"time per token: device {1e3 * r.t_device / r.tokens:.2f} ms, CPU {1e3 * r.t_cpu / r.tokens:.2f} ms, "
+        f"time per token: device {1e3 * r.t_device / r.tokens:.2f} ms (overhead included), CPU {1e3 * r.t_cpu / r.tokens:.2f} ms, "
         f"link {1e3 * r.t_link / r.tokens:.2f} ms, disk {1e3 * r.t_disk / r.tokens:.2f} ms",
         f"predicted decode: {r.tok_s_serial:.2f} tok/s serial (no prefetch) .. {r.tok_s_overlap:.2f} tok/s with "
         f"transfers fully hidden (prefetch; bound by {r.bound})",
@@ -738,6 +814,23 @@ def cmd_simulate(a) -> int:
         one = int(sizes.mean())
         hw = measure_this_machine(dtype=a.dtype, read_bytes=one, read_streams=max(1, a.read_streams),
                                   disk_bytes=max(128 << 20, 4 * a.read_streams * one))
+        config = (trace.meta or {}).get("config")
+        if config:  # the trace names its model: time its expert shapes and its per-token fixed cost here
+            try:
+                from .models import build
+
+                with torch.device("meta"):
+                    _, skel = build(config)
+                shape = skel.expert_shape
+                bw = expert_gemv_bw(shape.hidden, shape.intermediate, a.dtype)
+                over = measure_token_overhead(config, a.dtype)
+            except Exception as e:  # an architecture the toy build cannot shrink: keep the generic profile
+                print(f"simulate: note: per-token overhead not measured ({type(e).__name__}: {e})", file=sys.stderr)
+            else:
+                hw = replace(hw, device_bw=bw, cpu_bw=bw, token_overhead_s=over,
+                             sources=hw.sources + f"; expert GEMV at D={shape.hidden} I={shape.intermediate} "
+                             f"{bw / GB:.1f} GB/s; per-token overhead {1e3 * over:.2f} ms (the architecture at "
+                             f"toy widths)")
     else:
         hw = get_profile(a.hardware)
     if a.disk_bw is not None:

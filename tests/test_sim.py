@@ -39,6 +39,25 @@ def test_lru_hits_and_time_by_hand(policy):
     assert r.bound == "link"
 
 
+def test_token_overhead_adds_to_device_time_per_token():
+    from dataclasses import replace
+
+    r = simulate(toy_trace(), replace(TOY, token_overhead_s=0.25), memory=250, policy="lru")
+    assert r.t_device == pytest.approx(1.0 + 4 * 0.25)  # 4 tokens x 0.25 s beside the 1 s of bytes
+
+
+def test_toy_architecture_keeps_layers_heads_and_experts_and_times_a_decode_step():
+    from moe_offload.sim import _toy_config, measure_token_overhead
+    from tests import tiny
+
+    cfg = tiny.hf_config("qwen2_moe_shared_dense").to_dict()
+    toy = _toy_config(cfg)
+    for k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "num_experts", "num_experts_per_tok"):
+        assert toy[k] == cfg[k]
+    assert toy["intermediate_size"] == toy["moe_intermediate_size"] == 64 and toy["vocab_size"] == 512
+    assert 0 < measure_token_overhead(cfg, "float32", tokens=3, context=4) < 5
+
+
 def test_lfu_and_opt_by_hand():
     # LFU: t1 (1,2) evicts (1,1) (count 1 < (0,0)'s 2); t2 (0,1) evicts (1,2) (count 1 < 2), then (1,1)
     # evicts (0,1) (count 1 < 2) -> t3 hits (0,0) and (1,1): 3 hits
