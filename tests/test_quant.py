@@ -125,6 +125,60 @@ def test_our_hqq_matches_the_hqq_package():
         assert abs(ours - theirs) < 0.03 * theirs, (bits, g, ours, theirs)
 
 
+def _group_err(W, What, h, g):
+    """Σ_j h_j (w_ij − ŵ_ij)² per (row, group) [N, G]."""
+    N, K = W.shape
+    return ((W - What).pow(2) * h).view(N, K // g, g).sum(-1)
+
+
+def test_weighted_hqq_with_uniform_importance_equals_unweighted():
+    W = torch.randn(64, 256, generator=gen(20))
+    for bits, g in ((2, 32), (2, 128), (3, 64), (4, 64)):
+        s0, z0 = hqq.fit(W, bits, g)
+        for c in (1.0, 3.0):  # any constant importance is the unweighted objective (without the range search)
+            s1, z1 = hqq.fit(W, bits, g, importance=torch.full((256,), c), search=0)
+            assert torch.allclose(s0, s1, rtol=1e-4, atol=1e-7)
+            assert torch.allclose(z0, z1, rtol=1e-4, atol=1e-4)
+        q0 = hqq.quantize(W, bits, g)
+        q1 = hqq.quantize(W, bits, g, importance=torch.ones(256), search=0)
+        assert (q0.codes != q1.codes).float().mean() < 1e-3
+        # the range search starts from a shrunk range where that is better: not worse on the plain error
+        q2 = hqq.quantize(W, bits, g, importance=torch.ones(256))
+        assert hqq.rel_error(W, q2.dequantize()) <= hqq.rel_error(W, q0.dequantize()) * 1.001
+    with pytest.raises(ValueError):
+        hqq.fit(W, 2, 32, importance=torch.ones(255))
+
+
+def test_weighted_hqq_lowers_the_weighted_error_it_targets():
+    """With skewed column importance, the weighted fit beats the plain one on Σ_j h_j err_j (what the
+    output sees when E[x_j²] = h_j), in total and in nearly every group; it pays on the plain error."""
+    N, K = 128, 256
+    W = torch.randn(N, K, generator=gen(21))
+    h = torch.exp(2 * torch.randn(K, generator=gen(22)))  # log-normal: a few columns dominate
+    for bits, g in ((2, 32), (2, 128), (3, 128), (4, 64)):
+        plain = hqq.quantize(W, bits, g).dequantize()
+        e_plain = _group_err(W, plain, h, g)
+        for search, gain in ((0, 0.9), (11, 0.75)):  # weighting alone; with the range search (the default)
+            aware = hqq.quantize(W, bits, g, importance=h, search=search).dequantize()
+            e_aware = _group_err(W, aware, h, g)
+            assert e_aware.sum() < gain * e_plain.sum(), (bits, g, search)
+            assert hqq.rel_error(W, aware) > hqq.rel_error(W, plain)
+        assert (e_aware <= e_plain * 1.02).float().mean() > 0.9  # in nearly every group
+    # RTN takes its scale from min/max: the importance does not apply
+    assert torch.equal(hqq.quantize(W, 2, 32, method="rtn", importance=h).codes,
+                       hqq.quantize(W, 2, 32, method="rtn").codes)
+
+
+def test_importance_weights():
+    x = torch.randn(500, 64, generator=gen(23)) * torch.linspace(0.1, 3, 64)
+    h = hqq.importance_weights(x)
+    assert h.shape == (64,) and abs(float(h.mean()) - 1) < 1e-5
+    assert h[-1] > 100 * h[0]
+    hf = hqq.importance_weights(x, floor=1.0)
+    assert abs(float(hf.mean()) - 1) < 1e-5 and hf[-1] / hf[0] < h[-1] / h[0]
+    assert float(hqq.importance_weights(torch.zeros(4, 8)).min()) > 0  # dead inputs: no division by 0
+
+
 # ---- kernels ------------------------------------------------------------------------------------------
 
 CASES = [  # bits, group, N, K, the kernel auto picks on CPU
@@ -238,6 +292,57 @@ def test_lowrank_correction_reduces_error_and_uses_calibration():
                          blob=HQQCodec({"bits": 2, "rank": 16}).encode(gate, up, down))
     aware = expert_error(gate, up, down, HQQCodec({"bits": 2, "rank": 16}), x=x)
     assert aware < plain < base
+
+
+def _skewed_inputs(n, D, seed):
+    scale = torch.exp(1.5 * torch.randn(D, generator=gen(seed)))  # a few hidden dims carry most energy
+    return torch.randn(n, D, generator=gen(seed + 1)) * scale, scale
+
+
+AWARE_SPECS = [dict(bits=2), dict(bits=2, group_size=128), dict(bits=3, group_size=128), dict(bits=2, rank=8)]
+
+
+@pytest.mark.parametrize("spec", AWARE_SPECS, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
+def test_act_aware_codec_same_format_lower_output_error_on_unseen_inputs(spec):
+    D, I = 128, 96
+    codec = HQQCodec(spec)
+    shape = ExpertShape(D, I)
+    gate, up, down = expert(D, I, seed=24)
+    x, scale = _skewed_inputs(600, D, 25)
+    x_fit, x_test = x[:300], x[300:]  # same distribution, other rows
+    plain = codec.encode(gate, up, down, x=x_fit)
+    aware = codec.encode(gate, up, down, x=x_fit, act_aware=True)
+    assert aware.numel() == plain.numel() == codec.nbytes(shape) and not torch.equal(aware, plain)
+    assert torch.equal(aware, codec.encode(gate, up, down, x=x_fit, act_aware=True))  # deterministic
+    # bit-exact through bytes: the stored codes are the nearest ones for the stored meta (as data-free), and
+    # the unit computes with exactly the dequantised weights
+    stored = torch.frombuffer(bytearray(aware.numpy().tobytes()), dtype=torch.uint8)
+    gu, dn = codec.dequantize(stored, shape)
+    unit = HQQCodec(codec.spec, kernel="dense").decode(stored, shape, torch.float32)
+    assert rel(unit(x_test[:5]), DenseExpert(gu, dn)(x_test[:5])) < 1e-5
+    for W, pm in zip((torch.cat([gate, up]), down), codec.packed(stored, shape)):
+        assert torch.equal(pm.codes(), hqq.requantize(W, pm.sz, pm.bits))
+    e_plain = expert_error(gate, up, down, codec, plain, x=x_test)
+    e_aware = expert_error(gate, up, down, codec, aware, x=x_test)
+    # the low-rank part is already fitted to x and takes most of the gain: there, only no loss is asked
+    assert e_aware < (1.05 if spec.get("rank") else 0.9) * e_plain, (e_aware, e_plain)
+    # data-free without x, whatever act_aware says
+    assert torch.equal(codec.encode(gate, up, down, act_aware=True), codec.encode(gate, up, down))
+
+
+def test_error_curve_act_aware_is_measured_on_rows_it_was_not_fitted_to():
+    D, I = 64, 48
+    gate, up, down = expert(D, I, seed=26)
+    x, _ = _skewed_inputs(200, D, 27)
+    specs = [{"name": "hqq", "bits": 2}, {"name": "hqq", "bits": 3}]
+    aware = mixed.error_curve(gate, up, down, specs, x, act_aware=True)
+    for spec, o in zip(specs, aware):
+        c = HQQCodec(spec)
+        blob = c.encode(gate, up, down, x=x[0::2], act_aware=True)
+        assert o.err == pytest.approx(expert_error(gate, up, down, c, blob, x[1::2]))
+    plain = mixed.error_curve(gate, up, down, specs, x)
+    assert all(a.err < p.err for a, p in zip(aware, plain))
+    assert [o.nbytes for o in aware] == [o.nbytes for o in plain]
 
 
 # ---- low rank -----------------------------------------------------------------------------------------
@@ -464,3 +569,70 @@ def test_quantize_mixed_with_calibration_uses_its_routing_counts(tiny_checkpoint
         assert abs(float(f) - counts[int(layer)][int(e)] / sum(counts[int(layer)])) < 1e-4
     assert len(rows) == 8 and sum(e.nbytes for e in store.entries.values()) <= budget
     assert store.manifest["quantization"]["calibration_tokens"] == 200
+
+
+@pytest.mark.parametrize("plan_error", ["out", "rel", "nll"])
+def test_quantize_mixed_plan_error_modes_respect_the_budget(tiny_checkpoint, tmp_path, capsys, plan_error):
+    """Each --plan-error mode at uniform 2-bit's bytes (the MENU has cheaper 2-bit groups, so there is
+    something to trade): within budget, the mode recorded, nll measures per-layer sensitivity."""
+    hf = tiny_checkpoint("mixtral_gqa", tokenizer=True)
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog; a stitch in time saves nine. " * 12)
+    budget = 8 * HQQCodec({"bits": 2}).nbytes(ExpertShape(64, 48))
+    store = _quantize(hf, tmp_path / plan_error, "--expert-bits", "mixed", "--budget", str(budget),
+                      "--calib", str(text), "--calib-tokens", "300", "--plan-error", plan_error)
+    captured = capsys.readouterr()
+    assert sum(e.nbytes for e in store.entries.values()) <= budget
+    q = store.manifest["quantization"]
+    assert q["plan_error"] == plan_error and q["act_aware"] is True
+    assert ("Σ weight·err" in captured.out) == (plan_error != "rel")
+    assert ("layer sensitivity" in captured.err) == (plan_error == "nll")
+    labels = {mixed.Option(e.codec, 0, 0).label for e in store.entries.values()}
+    assert labels <= {"2b", "2bg64", "2bg128", "3b", "3bg128", "4b", "4bg128", "8b"}
+
+
+def test_mixed_menu_plan_never_exceeds_budget_and_identical_experts_get_a_uniform_plan():
+    from moe_offload.quant.cli import MENU, expert_spec
+
+    D, I = 128, 96
+    gate, up, down = expert(D, I, seed=28)
+    specs = [expert_spec(b, g, "hqq") for b in (2, 3, 4, 8) for g in MENU[b]]
+    curve = mixed.error_curve(gate, up, down, specs)
+    assert len({o.nbytes for o in curve}) == len(specs) == 8
+    keys = [(la, e) for la in range(2) for e in range(4)]
+    opts = {k: curve for k in keys}
+    freq = mixed.frequencies({}, keys)
+    pts = mixed.hull(curve)
+    assert len(pts) >= 4 and pts[0].label == "2bg128"
+    for o in pts:  # at n × the bytes of a hull option, identical experts all get that option
+        plan = mixed.allocate(opts, freq, len(keys) * o.nbytes)
+        assert {p.label for p in plan.values()} == {o.label}
+    rng = random.Random(2)
+    noisy = {k: [mixed.Option(o.spec, o.nbytes, o.err * rng.uniform(0.5, 2)) for o in curve] for k in keys}
+    low = sum(min(o.nbytes for o in v) for v in noisy.values())
+    for budget in range(low, len(keys) * max(o.nbytes for o in curve) + 1, 9973):
+        plan = mixed.allocate(noisy, {k: rng.random() for k in keys}, budget)
+        assert sum(o.nbytes for o in plan.values()) <= budget
+
+
+def test_quantize_uniform_act_aware_same_format_other_scales(tiny_checkpoint, tmp_path):
+    from moe_offload.cli import main
+
+    hf = tiny_checkpoint("mixtral_gqa", tokenizer=True)
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 10)
+    cal = ("--calib", str(text), "--calib-tokens", "200")
+    aware = _quantize(hf, tmp_path / "a", "--expert-bits", "2", *cal)
+    plain = _quantize(hf, tmp_path / "p", "--expert-bits", "2", *cal, "--act-aware", "off")
+    free = _quantize(hf, tmp_path / "f", "--expert-bits", "2")
+    assert aware.manifest["quantization"]["act_aware"] is True
+    assert plain.manifest["quantization"]["act_aware"] is False is free.manifest["quantization"]["act_aware"]
+    assert {k: e.codec for k, e in aware.entries.items()} == {k: e.codec for k, e in free.entries.items()}
+    assert [e.nbytes for e in aware.entries.values()] == [e.nbytes for e in free.entries.values()]
+    blob = (aware.path / "experts.bin").read_bytes()
+    assert blob != (free.path / "experts.bin").read_bytes() == (plain.path / "experts.bin").read_bytes()
+    assert main(["quantize", "--model", str(hf), "--out", str(tmp_path / "x"), "--expert-bits", "2",
+                 "--act-aware", "on"]) == 2
+    assert main(["quantize", "--model", str(hf), "--out", str(tmp_path / "x"), "--expert-bits", "mixed",
+                 "--budget", "1MiB", "--plan-error", "out"]) == 2
+    assert not (tmp_path / "x").exists()

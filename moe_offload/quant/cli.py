@@ -2,7 +2,8 @@
 
     moe-offload quantize --model HF_DIR --out STORE [--expert-bits 2|3|4|8|mixed] [--budget SIZE]
                          [--attn-bits 4|8|16] [--group-size N] [--lowrank auto|off]
-                         [--stats routing_stats.json] [--calib TEXT] [--quantizer hqq|rtn]
+                         [--stats routing_stats.json] [--calib TEXT] [--act-aware auto|on|off]
+                         [--quantizer hqq|rtn]
 
 Uniform bits: every routed expert gets the same hqq codec. `mixed`: every expert is encoded at 2/3/4/8 bits
 × the group sizes of MENU (--group-size N: N only) (and, with --lowrank auto, at b bits + a per-layer rank),
@@ -11,6 +12,10 @@ experts). --plan-error says which error: `rel` (without --calib) the relative Fr
 routing frequency (--stats, else uniform); `out` (default with --calib) Σ_t w_t² ||y_t − ŷ_t||² over the
 calibration tokens routed to the expert with router weight w_t, which carries frequency and output scale;
 `nll` that, scaled per layer by the calibration NLL rise measured with the layer's experts alone at 2 bits.
+With --calib the HQQ fit is activation-aware by default (--act-aware auto): each expert's scales and zeros
+minimise its weight error weighted per input column by the second moment of the inputs it sees on the
+calibration text (hqq.importance_weights; uniform and mixed bits alike, same format and kernels). The mixed
+plan then fits on the even calibration rows of an expert and measures on the odd ones (mixed.error_curve).
 The chosen experts are encoded again while the store is written (HQQ is deterministic, so the bytes are the
 ones measured). Routers, norms, embeddings, lm_head, shared experts and dense MLPs stay in the store dtype;
 attention projections are quantized when --attn-bits < 16 (quant/backbone.py).
@@ -56,7 +61,16 @@ def _add_quantize(p):
                    help="routing_stats.json (moe-offload profile) for the mixed plan")
     p.add_argument("--calib", default=None, help="calibration text: routing counts and per-expert inputs")
     p.add_argument("--calib-tokens", type=int, default=2048)
+    p.add_argument("--calib-rows", type=int, default=512,
+                   help="per expert, at most this many of its calibration inputs (the first ones) are kept: "
+                        "what output errors are measured on and activation-aware weights estimated from")
     p.add_argument("--quantizer", default="hqq", choices=["hqq", "rtn"])
+    p.add_argument("--act-aware", default="auto", choices=["auto", "on", "off"],
+                   help="activation-aware HQQ: fit each group's scale and zero to the weight error weighted "
+                        "per input column by E[x_j^2] of the inputs the expert sees on --calib (gate/up: its "
+                        "routed hidden states; down: act(gate x)*up x). Same format and kernels, other "
+                        "scales/zeros. auto (default): on whenever --calib is given, for uniform and mixed "
+                        "bits; on needs --calib; off: the data-free fit"),
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the unquantized tensors (default: the checkpoint's)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -114,9 +128,10 @@ def calibrate(hf_dir: Path, text: Path, max_tokens: int, max_rows: int = 512) ->
     return Calibration(rec.counts(), xs, ws, scale, engine, ids)
 
 
-def layer_sensitivity(cal: Calibration, source, model_type: str, shape, spec: dict) -> dict[int, float]:
+def layer_sensitivity(cal: Calibration, source, model_type: str, shape, spec: dict,
+                      act_aware: bool = False) -> dict[int, float]:
     """Per MoE layer: the rise of the calibration NLL (nats/token) with that layer's experts all encoded with
-    `spec` and every other layer unquantized."""
+    `spec` (act_aware: weighted by their calibration inputs) and every other layer unquantized."""
     import math
 
     from ..experts import make_codec
@@ -130,7 +145,9 @@ def layer_sensitivity(cal: Calibration, source, model_type: str, shape, spec: di
         saved = list(units)
         for e in range(len(units)):
             p = expert_tensors(source, model_type, layer, e)
-            units[e] = codec.decode(codec.encode(p["gate"], p["up"], p["down"]), shape)
+            x = cal.xs.get((layer, e)) if act_aware else None
+            blob = codec.encode(p["gate"], p["up"], p["down"], x=x, act=shape.act, act_aware=act_aware)
+            units[e] = codec.decode(blob, shape)
         out[layer] = math.log(engine.perplexity(cal.ids, window)[0]) - base
         units[:] = saved
     return out
@@ -139,8 +156,8 @@ def layer_sensitivity(cal: Calibration, source, model_type: str, shape, spec: di
 class _Encoder:
     """What convert() calls per expert: the codec, with this expert's calibration rows and activation."""
 
-    def __init__(self, codec, x, act, log):
-        self.codec, self.x, self.act, self.log = codec, x, act, log
+    def __init__(self, codec, x, act, log, act_aware=False):
+        self.codec, self.x, self.act, self.log, self.act_aware = codec, x, act, log, act_aware
         self.spec = codec.spec
 
     def encode(self, gate, up, down, **extra):
@@ -148,12 +165,13 @@ class _Encoder:
             raise MoeError(f"hqq codec: experts with {', '.join(sorted(extra))} are not supported")
         from .codec import expert_error
 
-        blob = self.codec.encode(gate, up, down, x=self.x, act=self.act)
+        blob = self.codec.encode(gate, up, down, x=self.x, act=self.act, act_aware=self.act_aware)
         self.log.append(expert_error(gate, up, down, self.codec, blob, self.x, self.act))
         return blob
 
 
-def pick_rank(gate, up, down, bits: int, target: float, x, act: str, group_size, quantizer: str) -> int:
+def pick_rank(gate, up, down, bits: int, target: float, x, act: str, group_size, quantizer: str,
+              act_aware: bool = False) -> int:
     """Smallest rank (doubling from 4) whose b-bit + rank error reaches `target`; 0 if none below the cap."""
     from .codec import HQQCodec, expert_error
     from .lowrank import breakeven_rank
@@ -163,7 +181,7 @@ def pick_rank(gate, up, down, bits: int, target: float, x, act: str, group_size,
     r = 4
     while r <= cap:
         c = HQQCodec(expert_spec(bits, group_size, quantizer, r))
-        if expert_error(gate, up, down, c, x=x, act=act) <= target:
+        if expert_error(gate, up, down, c, x=x, act=act, act_aware=act_aware) <= target:
             return r
         r *= 2
     return 0
@@ -204,12 +222,15 @@ def cmd_quantize(a) -> int:
     if a.plan_error is None:  # docs/quality.md: at uniform 2-bit's bytes, out recovered 28 % of its
         # perplexity rise on held-out text, rel -4 % (an earlier, more skewed checkpoint: 78 % and 45 %)
         a.plan_error = "out" if a.calib else "rel"
+    if a.act_aware == "on" and not a.calib:
+        raise UsageError("--act-aware on weighs the fit by calibration inputs: give --calib")
+    act_aware = a.act_aware == "on" or (a.act_aware == "auto" and a.calib is not None)
     if a.plan_error != "rel" and not a.calib:
         raise UsageError(f"--plan-error {a.plan_error} measures output errors on calibration tokens: "
                          "give --calib")
     counts, xs, ws, cal = {}, {}, {}, None
     if a.calib:
-        cal = calibrate(hf, Path(a.calib), a.calib_tokens)
+        cal = calibrate(hf, Path(a.calib), a.calib_tokens, a.calib_rows)
         counts, xs = cal.counts, cal.xs
         ws = cal.ws if a.plan_error != "rel" else {}
     if a.stats:
@@ -228,10 +249,10 @@ def cmd_quantize(a) -> int:
                 parts = expert_tensors(source, args.model_type, layer, e)
                 g, u, d = parts["gate"], parts["up"], parts["down"]
                 base = [expert_spec(b, a.group_size, a.quantizer) for b in (2, 3, 4)]
-                curve = mixed.error_curve(g, u, d, base, xs.get((layer, e)), shape=shape)
+                curve = mixed.error_curve(g, u, d, base, xs.get((layer, e)), shape=shape, act_aware=act_aware)
                 for b, nxt in zip((2, 3), curve[1:]):
                     ranks[b] = pick_rank(g, u, d, b, nxt.err, xs.get((layer, e)), shape.act, a.group_size,
-                                         a.quantizer)
+                                         a.quantizer, act_aware)
             extra = [expert_spec(b, a.group_size, a.quantizer, r) for b, r in ranks.items() if r]
             for e in range(E):
                 parts = expert_tensors(source, args.model_type, layer, e)
@@ -243,7 +264,8 @@ def cmd_quantize(a) -> int:
                     options[layer, e] = [mixed.Option(dict(c.spec), c.nbytes(shape), 0.0) for c in cs]
                     continue
                 options[layer, e] = mixed.error_curve(parts["gate"], parts["up"], parts["down"],
-                                                      specs + extra, x, shape=shape, w=ws.get((layer, e)))
+                                                      specs + extra, x, shape=shape, w=ws.get((layer, e)),
+                                                      act_aware=act_aware)
             print(f"layer {layer}: error curves of {E} experts measured"
                   + (f", low-rank ranks {ranks}" if ranks else ""), file=sys.stderr)
         weight = freq
@@ -251,7 +273,7 @@ def cmd_quantize(a) -> int:
             weight = {k: cal.scale.get(k, 0.0) for k in keys}
         if a.plan_error == "nll":  # ΔNLL per unit of squared output error, per layer, at 2 bits
             spec2 = expert_spec(2, a.group_size, a.quantizer)
-            rise = layer_sensitivity(cal, source, args.model_type, shape, spec2)
+            rise = layer_sensitivity(cal, source, args.model_type, shape, spec2, act_aware)
             label = mixed.Option(make_codec(spec2).spec, 0, 0.0).label
             for layer in layers:
                 at2 = sum(weight[layer, e] * next(o.err for o in options[layer, e] if o.label == label)
@@ -273,14 +295,15 @@ def cmd_quantize(a) -> int:
 
     def pick(layer, e):
         codec = codecs[json.dumps(chosen[layer, e], sort_keys=True)]
-        return _Encoder(codec, xs.get((layer, e)), shape.act, errors)
+        return _Encoder(codec, xs.get((layer, e)), shape.act, errors, act_aware)
 
     view = None
     if a.attn_bits < 16:
         attn_group = DEFAULT_GROUP[a.attn_bits] if a.attn_bits == 8 or a.group_size is None else a.group_size
         view = attention_view(model, a.attn_bits, attn_group)
     summary = {"expert_bits": a.expert_bits, "attn_bits": a.attn_bits, "group_size": a.group_size,
-               "quantizer": a.quantizer, "lowrank": a.lowrank, "budget": parse_size(a.budget),
+               "quantizer": a.quantizer, "act_aware": act_aware, "lowrank": a.lowrank,
+               "budget": parse_size(a.budget),
                "calibration_tokens": a.calib_tokens if a.calib else 0,
                "plan_error": a.plan_error if a.expert_bits == "mixed" else None}
     store = convert(hf, out, parse_dtype(a.dtype), overwrite=a.overwrite, codec=pick, backbone_view=view,

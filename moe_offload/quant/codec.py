@@ -32,7 +32,7 @@ from ..errors import MoeError
 from ..experts import CODECS, ExpertShape
 from ..models.base import ACTIVATIONS
 from . import lowrank
-from .hqq import META_BLOCK, decode_meta, group_size_for, quantize
+from .hqq import META_BLOCK, decode_meta, group_size_for, importance_weights, quantize
 from .kernels import PackedMatrix, make_linear
 from .pack import packed_nbytes
 
@@ -163,19 +163,26 @@ class HQQCodec:
 
     # ---- encode ------------------------------------------------------------------------------------
     def encode(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
-               x: torch.Tensor | None = None, act: str = "silu") -> torch.Tensor:
-        """gate, up [I, D], down [D, I] -> uint8 [nbytes]. x [n, D]: calibration inputs of this expert (only
-        the low-rank correction uses them: fitted to the output error on x, and on act(gate x)·up x)."""
+               x: torch.Tensor | None = None, act: str = "silu", act_aware: bool = False) -> torch.Tensor:
+        """gate, up [I, D], down [D, I] -> uint8 [nbytes]. x [n, D]: calibration inputs of this expert. The
+        low-rank correction is fitted to the output error on x (and on act(gate x)·up x); with act_aware the
+        HQQ scales and zeros are fitted to the error weighted per input column by E[x_j²] (gate_up) and
+        E[h_j²], h = act(gate x)·up x (down) — same format, other s and z (hqq.importance_weights)."""
         b, gs, mb, r = (self.spec[k] for k in ("bits", "group_size", "meta_bits", "rank"))
         method = self.spec["quantizer"]
         Ws = [torch.cat([gate, up]).float(), down.float()]
-        qs = [quantize(W, b, gs, mb, method) for W in Ws]
+        xf = hm = None
+        if x is not None and (r or act_aware):
+            xf = x.float()
+            hm = ACTIVATIONS[act](xf @ gate.float().t()) * (xf @ up.float().t())
+        imps = [None, None]
+        if act_aware and xf is not None and len(xf) and method == "hqq":
+            imps = [importance_weights(xf), importance_weights(hm)]
+        qs = [quantize(W, b, gs, mb, method, importance=h) for W, h in zip(Ws, imps)]
         if r:
             Ls = [None, None]
-            if x is not None:
-                xf = x.float()
-                h = ACTIVATIONS[act](xf @ gate.float().t()) * (xf @ up.float().t())
-                Ls = [lowrank.whitener(xf), lowrank.whitener(h)]
+            if xf is not None:
+                Ls = [lowrank.whitener(xf), lowrank.whitener(hm)]
             for W, q, L in zip(Ws, list(qs), Ls):
                 U, V = lowrank.factor(W - q.dequantize(), r, L)
                 qs += [quantize(V, method=method, **FACTOR), quantize(U, method=method, **FACTOR)]
@@ -227,12 +234,13 @@ class HQQCodec:
 
 
 def expert_error(gate, up, down, codec: HQQCodec, blob: torch.Tensor | None = None,
-                 x: torch.Tensor | None = None, act: str = "silu", w: torch.Tensor | None = None) -> float:
+                 x: torch.Tensor | None = None, act: str = "silu", w: torch.Tensor | None = None,
+                 act_aware: bool = False) -> float:
     """Relative error of one encoded expert: Frobenius over its three matrices together, or, with
     calibration inputs x [n, D], of its output on x. With x and the router's weights w [n] of this expert on
     those tokens: the absolute Σ_t w_t² ||y_t − ŷ_t||², what it adds to its layer's squared output error."""
     shape = ExpertShape(gate.shape[1], gate.shape[0], act)
-    blob = codec.encode(gate, up, down, x, act) if blob is None else blob
+    blob = codec.encode(gate, up, down, x, act, act_aware) if blob is None else blob
     gu_hat, dn_hat = codec.dequantize(blob, shape)
     gu, dn = torch.cat([gate, up]).float(), down.float()
     if x is None:

@@ -13,7 +13,9 @@ We ≈ W − s(Q − z) is shrunk with the lp proximal operator, then z has a cl
     z  = mean_g(Q − (W − We) / s)         (opt_scale, our default: also s = <W − We, Q − z> / <Q − z, Q − z>)
     β ← κβ
 
-No calibration data is used. We keep, per group, the z (and s) with the lowest squared error seen.
+No calibration data is used unless `importance` is given: then every quadratic step (error, s refit, z mean)
+is weighted per input column by h_j = E[x_j²] of calibration inputs (activation-aware HQQ; `fit`).
+We keep, per group, the z (and s) with the lowest (weighted) squared error seen.
 Our default also refits s (opt_scale), a least-squares step the paper leaves out: it is what makes 2-bit
 usable. `python -m moe_offload.quant.bench --errors` (1024×4096, relative Frobenius error, Gaussian):
 
@@ -79,45 +81,97 @@ def _shrink(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
     return torch.sign(x) * torch.relu(a - a.clamp_min(1e-8).pow(p - 1) / beta)
 
 
-def _fit_rows(Wg, maxq, optimize, iters, lp_norm, beta, kappa, opt_scale):
+def _range_search(Wg, maxq, s, z, h, steps):
+    """Per group, the (s, z) of the min/max range shrunk by α ∈ {1, …, 0.5} (steps values) around its centre
+    with the lowest h-weighted squared error: at 2-3 bits clipping outliers of unimportant columns pays,
+    and HQQ's updates alone stay near their min/max start."""
+    mid = (Wg.amax(-1, keepdim=True) + Wg.amin(-1, keepdim=True)) / 2
+    rng = s * maxq
+    best = (s, z, torch.full_like(s, float("inf")))
+    for a in torch.linspace(1.0, 0.5, steps).tolist():
+        sa = (a * rng / maxq).clamp_min(1e-12)
+        za = -(mid - a * rng / 2) / sa
+        Q = torch.round(Wg / sa + za).clamp_(0, maxq)
+        err = ((Wg - sa * (Q - za)).pow(2) * h).sum(-1, keepdim=True)
+        better = err < best[2]
+        best = tuple(torch.where(better, new, old) for new, old in zip((sa, za, err), best))
+    return best[0], best[1]
+
+
+def _fit_rows(Wg, maxq, optimize, iters, lp_norm, beta, kappa, opt_scale, h=None, search=0):
+    # h: None, or the importance of each input column as [1, G, g] (> 0): every quadratic step below is then
+    # the h-weighted one (weighted error, weighted least-squares s, weighted mean z). The lp shrink is the
+    # proximal step of Σ h|We|^p + β/2 Σ h (We − R)², in which h cancels: it is unchanged.
     s, z = _minmax(Wg, maxq)
     if not optimize:
         return s, z
     best_s, best_z = s.clone(), z.clone()
     best_err = torch.full_like(s, float("inf"))
+    s_min = s / 4  # weighted: a group ruled by one column could let s collapse
+    # (its weight exact, the rest one constant, z huge): keep the range at least a quarter of min/max's
+    if h is not None and search:  # start from the best of a few ranges shrunk around the group's centre
+        s, z = _range_search(Wg, maxq, s, z, h, search)
     for _ in range(iters):
         Q = torch.round(Wg / s + z).clamp_(0, maxq)
         R = Wg - s * (Q - z)  # residual
-        err = R.pow(2).sum(-1, keepdim=True)
+        err = (R.pow(2) if h is None else R.pow(2) * h).sum(-1, keepdim=True)
         better = err < best_err
         if not better.any():
             break
         best_err = torch.where(better, err, best_err)
         best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
         T = Wg - _shrink(R, beta, lp_norm)  # the part of W the codes should reproduce
+        d = Q - z
         if opt_scale:
-            d = Q - z
-            s = (T * d).sum(-1, keepdim=True) / d.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
-            s = s.clamp_min(1e-12)
-        z = (Q - T / s).mean(-1, keepdim=True)
+            hd = d if h is None else d * h
+            s = (T * hd).sum(-1, keepdim=True) / (d * hd).sum(-1, keepdim=True).clamp_min(1e-12)
+            s = s.clamp_min(1e-12) if h is None else torch.maximum(s, s_min)
+        if h is None:
+            z = (Q - T / s).mean(-1, keepdim=True)
+        else:
+            z = ((Q - T / s) * h).sum(-1, keepdim=True) / h.sum(-1, keepdim=True)
         beta *= kappa
     return best_s, best_z
 
 
+def importance_weights(x: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
+    """Calibration inputs x [n, K] -> the per-column importance h_j = E[x_j²] [K], normalised to mean 1,
+    plus `floor` (then renormalised): floor > 0 keeps columns the calibration text never lit from being
+    ignored. The error the output of W x sees from a weight error on column j grows with E[x_j²]
+    (diagonal of the input second moment: the AWQ/GPTQ proxy, cross terms dropped)."""
+    h = x.float().pow(2).mean(0)
+    h = h / h.mean().clamp_min(1e-30)
+    if floor:
+        h = (h + floor) / (1 + floor)
+    return h.clamp_min(1e-6)
+
+
 def fit(W: torch.Tensor, bits: int, group_size: int | None, method: str = "hqq", *, iters: int = 20,
         lp_norm: float = 0.7, beta: float = 10.0, kappa: float = 1.01, opt_scale: bool = True,
-        rows_per_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [N, K] -> scale s, zero z [N, G] fp32 (method 'hqq' or 'rtn'); codes follow from `requantize`."""
+        rows_per_chunk: int | None = None, importance: torch.Tensor | None = None, search: int = 0
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [N, K] -> scale s, zero z [N, G] fp32 (method 'hqq' or 'rtn'); codes follow from `requantize`.
+    importance [K] (optional, > 0; hqq only): fit s, z to the column-weighted error Σ_j h_j (w_ij − ŵ_ij)²
+    instead of the plain one — activation-aware HQQ (h from `importance_weights`). Uniform h gives the
+    unweighted fit; the storage format and kernels are the same either way. search > 0 (with importance):
+    start each group from the best of `search` min/max ranges shrunk by 1 … 0.5 (`_range_search`); it lowers
+    the weighted error further but did worse on held-out text than plain weighting (docs/quality.md), so
+    the codec does not use it."""
     if method not in ("hqq", "rtn"):
         raise ValueError(f"unknown quantizer {method!r}: hqq or rtn")
     N, K = W.shape
     g = group_size_for(K, group_size)
     maxq = 2**bits - 1
+    h = None
+    if importance is not None:
+        if importance.shape != (K,):
+            raise ValueError(f"importance has shape {tuple(importance.shape)}, expected ({K},)")
+        h = importance.float().reshape(1, K // g, g)
     step = rows_per_chunk or max(1, (1 << 18) // K)  # ~256K weights per chunk: temporaries stay in cache (3x)
     s_out, z_out = [], []
     for r in range(0, N, step):
         Wg = W[r:r + step].float().reshape(-1, K // g, g)
-        s, z = _fit_rows(Wg, maxq, method == "hqq", iters, lp_norm, beta, kappa, opt_scale)
+        s, z = _fit_rows(Wg, maxq, method == "hqq", iters, lp_norm, beta, kappa, opt_scale, h, search)
         s_out.append(s[..., 0])
         z_out.append(z[..., 0])
     return torch.cat(s_out), torch.cat(z_out)
