@@ -636,3 +636,39 @@ def test_quantize_uniform_act_aware_same_format_other_scales(tiny_checkpoint, tm
     assert main(["quantize", "--model", str(hf), "--out", str(tmp_path / "x"), "--expert-bits", "mixed",
                  "--budget", "1MiB", "--plan-error", "out"]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_best_per_group_is_the_exact_knapsack_optimum():
+    rng = random.Random(3)
+    for trial in range(20):
+        opts = {g: [mixed.Option({"i": i}, rng.randint(10, 100), rng.random())
+                    for i in range(rng.randint(1, 4))] for g in range(rng.randint(1, 4))}
+        low = sum(min(o.nbytes for o in v) for v in opts.values())
+        for budget in (low, low + rng.randint(0, 150), 10**6):
+            best = mixed.best_per_group(opts, budget)
+            assert sum(o.nbytes for o in best.values()) <= budget
+            brute = min(sum(o.err for o in combo) for combo in itertools.product(*opts.values())
+                        if sum(o.nbytes for o in combo) <= budget)
+            assert sum(o.err for o in best.values()) == pytest.approx(brute)
+        with pytest.raises(MoeError):
+            mixed.best_per_group(opts, low - 1)
+
+
+def test_quantize_layer_plan_is_uniform_within_layers(tiny_checkpoint, tmp_path, capsys):
+    hf = tiny_checkpoint("mixtral_gqa", tokenizer=True)
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog; a stitch in time saves nine. " * 12)
+    shape = ExpertShape(64, 48)
+    budget = 4 * HQQCodec({"bits": 2}).nbytes(shape) + 4 * HQQCodec({"bits": 4}).nbytes(shape)
+    store = _quantize(hf, tmp_path / "l", "--expert-bits", "mixed", "--budget", str(budget),
+                      "--calib", str(text), "--calib-tokens", "300", "--plan-error", "layer")
+    err = capsys.readouterr().err
+    assert sum(e.nbytes for e in store.entries.values()) <= budget
+    assert "calibration NLL rise, each layer alone" in err
+    for layer in (0, 1):
+        assert len({json.dumps(e.codec) for k, e in store.entries.items() if k[0] == layer}) == 1
+    from moe_offload.cli import main
+
+    assert main(["quantize", "--model", str(hf), "--out", str(tmp_path / "x"), "--expert-bits", "mixed",
+                 "--budget", str(budget), "--calib", str(text), "--plan-error", "layer",
+                 "--lowrank", "auto"]) == 2

@@ -11,7 +11,9 @@ its error measured, and mixed.allocate picks one option per expert under --budge
 experts). --plan-error says which error: `rel` (without --calib) the relative Frobenius error weighted by
 routing frequency (--stats, else uniform); `out` (default with --calib) Σ_t w_t² ||y_t − ŷ_t||² over the
 calibration tokens routed to the expert with router weight w_t, which carries frequency and output scale;
-`nll` that, scaled per layer by the calibration NLL rise measured with the layer's experts alone at 2 bits.
+`nll` that, scaled per layer by the calibration NLL rise measured with the layer's experts alone at 2 bits;
+`layer` one codec per layer, chosen from the measured calibration NLL rise of each layer alone at each
+option (layer_plan).
 With --calib the HQQ fit is activation-aware by default (--act-aware auto): each expert's scales and zeros
 minimise its weight error weighted per input column by the second moment of the inputs it sees on the
 calibration text (hqq.importance_weights; uniform and mixed bits alike, same format and kernels). The mixed
@@ -75,11 +77,13 @@ def _add_quantize(p):
                    help="dtype of the unquantized tensors (default: the checkpoint's)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--plan-detail", action="store_true", help="print one plan row per expert")
-    p.add_argument("--plan-error", default=None, choices=["rel", "out", "nll"],
+    p.add_argument("--plan-error", default=None, choices=["rel", "out", "nll", "layer"],
                    help="what the mixed plan minimises: rel Σ freq·relative error (default without "
                         "--calib); out Σ of routing-weighted squared output errors on the calibration tokens "
                         "(default with --calib); nll: out scaled per layer by its measured sensitivity "
-                        "(calibration NLL rise with that layer alone at 2 bits)")
+                        "(calibration NLL rise with that layer alone at 2 bits); layer: one codec per "
+                        "layer, the byte-feasible set with the least sum of measured per-layer calibration "
+                        "NLL rises (each layer alone at each MENU option; exact search)")
 
 
 def expert_spec(bits: int, group_size: int | None, quantizer: str, rank: int = 0) -> dict:
@@ -153,6 +157,30 @@ def layer_sensitivity(cal: Calibration, source, model_type: str, shape, spec: di
     return out
 
 
+def layer_plan(cal: Calibration, source, model_type: str, shape, specs: list[dict], budget: int,
+               n_experts: int, act_aware: bool = False) -> dict:
+    """--plan-error layer: every layer's experts at one codec. Each layer alone at each spec gives a
+    measured calibration NLL rise (layer_sensitivity); mixed.best_per_group picks the spec per layer with
+    the least total rise within the budget (rises assumed additive across layers).
+    -> {(layer, expert): Option} with err = the layer's rise / its experts."""
+    from ..experts import make_codec
+    from . import mixed
+
+    E = n_experts
+    per_layer: dict[int, list] = {}
+    for spec in specs:
+        rise = layer_sensitivity(cal, source, model_type, shape, spec, act_aware)
+        c = make_codec(spec)
+        opt = mixed.Option(dict(c.spec), c.nbytes(shape), 0.0)
+        print(f"{opt.label:>8}: calibration NLL rise, each layer alone "
+              + " ".join(f"{la}: {r:+.4f}" for la, r in rise.items()), file=sys.stderr)
+        for la, r in rise.items():
+            per_layer.setdefault(la, []).append(mixed.Option(opt.spec, E * opt.nbytes, r))
+    best = mixed.best_per_group(per_layer, budget)
+    return {(la, e): mixed.Option(o.spec, o.nbytes // E, o.err / E)
+            for la, o in best.items() for e in range(E)}
+
+
 class _Encoder:
     """What convert() calls per expert: the codec, with this expert's calibration rows and activation."""
 
@@ -206,6 +234,8 @@ def cmd_quantize(a) -> int:
         raise UsageError("--expert-bits mixed needs --budget SIZE (bytes for all routed experts)")
     if a.budget is not None and a.expert_bits != "mixed":
         raise UsageError("--budget applies to --expert-bits mixed")
+    if a.lowrank == "auto" and a.plan_error == "layer":
+        raise UsageError("--lowrank auto is not offered to --plan-error layer")
     if a.lowrank == "auto" and a.expert_bits != "mixed":
         raise UsageError("--lowrank auto offers options to the mixed plan: use it with --expert-bits mixed")
     for path in (a.stats, a.calib):
@@ -237,10 +267,15 @@ def cmd_quantize(a) -> int:
         counts = mixed.load_stats(a.stats)
     freq = mixed.frequencies(counts, keys)
 
-    if a.expert_bits == "mixed":
+    specs = [expert_spec(b, g, a.quantizer) for b in BITS
+             for g in ((a.group_size,) if a.group_size is not None else MENU[b])]
+    if a.expert_bits == "mixed" and a.plan_error == "layer":
         budget = parse_size(a.budget)
-        specs = [expert_spec(b, g, a.quantizer) for b in BITS
-                 for g in ((a.group_size,) if a.group_size is not None else MENU[b])]
+        plan = layer_plan(cal, source, args.model_type, shape, specs, budget, E, act_aware)
+        print(mixed.format_plan(plan, freq, budget, detail=a.plan_detail, weight={k: 1.0 for k in keys}))
+        chosen = {k: o.spec for k, o in plan.items()}
+    elif a.expert_bits == "mixed":
+        budget = parse_size(a.budget)
         options = {}
         for layer in layers:
             ranks = {}

@@ -131,6 +131,24 @@ def allocate(options: dict[Key, list[Option]], freq: dict[Key, float], budget: i
     return {k: hulls[k][i] for k, i in choice.items()}
 
 
+def best_per_group(options: dict, budget: int) -> dict:
+    """Exact multiple-choice knapsack over few groups: one Option per key, Σ nbytes <= budget, least Σ err.
+    Merges the keys one by one keeping only the Pareto set of (bytes, err) partial plans."""
+    front = [(0, 0.0, ())]  # (bytes, err, chosen indices)
+    keys = sorted(options)
+    for k in keys:
+        merged = sorted((b + o.nbytes, e + o.err, ch + (i,)) for b, e, ch in front
+                        for i, o in enumerate(options[k]) if b + o.nbytes <= budget)
+        front = []
+        for t in merged:  # keep a plan only if it is better than every cheaper one
+            if not front or t[1] < front[-1][1]:
+                front.append(t)
+        if not front:
+            raise MoeError(f"budget {budget} bytes is below the smallest plan")
+    best = min(front, key=lambda t: (t[1], t[0]))
+    return {k: options[k][i] for k, i in zip(keys, best[2])}
+
+
 def uniform(options: dict[Key, list[Option]], label: str) -> dict[Key, Option]:
     return {k: next(o for o in v if o.label == label) for k, v in options.items()}
 
