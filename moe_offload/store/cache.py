@@ -388,6 +388,7 @@ class ExpertCache:
             self._release(k)
             raise
         del self.pending[k]
+        p.handle.value = None  # the cache owns the unit now: eviction alone decides when its buffer is free
         self.cache_used += got.nbytes - p.reserved  # shrink the reservation to what is resident
         self._trim()  # a codec that converts left its read buffer free
         if self.copier is not None:

@@ -125,6 +125,7 @@ class Loader:
                 self.cond.notify_all()
             for fn in callbacks:
                 fn(h)
+            h = callbacks = None  # an idle worker must not keep its last load (and its read buffer) alive
 
     def close(self) -> None:
         with self.cond:
