@@ -143,11 +143,11 @@ def summarize_runs(runs: list[dict], tokens: int) -> dict:
     return out
 
 
-GOALS = [  # (budget kind, peer, what, target)
-    ("out of core", "llamacpp-f16", "decode tok/s ÷ llama.cpp (same precision)", 3.0),
+GOALS = [  # (budget kind, peer, what, target); peer "llamacpp": the GGUF type at our row's bits (SAME_PRECISION)
+    ("out of core", "llamacpp", "decode tok/s ÷ llama.cpp (same precision)", 3.0),
     ("out of core", "accelerate", "decode tok/s ÷ accelerate", 20.0),
     ("out of core", "limit", "decode tok/s ÷ disk-bandwidth limit", 0.5),
-    ("fits", "llamacpp-f16", "decode tok/s ÷ llama.cpp (same precision)", 0.8),
+    ("fits", "llamacpp", "decode tok/s ÷ llama.cpp (same precision)", 0.8),
     ("fits", "limit", "decode tok/s ÷ RAM-bandwidth limit", 0.7),
 ]
 
@@ -174,7 +174,7 @@ def goal_rows(rows: list[dict], limits: dict) -> list[dict]:
                     continue
                 other = (limits.get("per_budget", {}).get(label) or {}).get("tok_s")
             else:
-                if peer == "llamacpp-f16":
+                if peer == "llamacpp":
                     peer = SAME_PRECISION.get(bits)
                 other = next((r["summary"]["decode_tok_s"]["median"] for r in rows
                               if r["label"] == label and r["config"] == peer and r.get("ok")), None)
@@ -685,9 +685,19 @@ def _gguf_for(prep: dict, type_: str, threads: int) -> tuple[Path | None, str | 
     return path, None
 
 
+def _store_is_fresh(path: Path, dtype: str, stamp: float) -> bool:
+    """A readable store at `dtype`, written after the checkpoint's newest file (mtime `stamp`)."""
+    from .store.format import open_store
+
+    try:
+        return open_store(path).manifest["dtype"] == dtype and (path / "manifest.json").stat().st_mtime >= stamp
+    except MoeError:
+        return False
+
+
 def prepare(a) -> dict:
     """The HF folder, our store at the benchmark dtype, and the sizes."""
-    from .store.format import convert, open_store
+    from .store.format import convert
 
     if a.synthetic:
         d = Path(a.cache_dir) / a.synthetic
@@ -707,13 +717,8 @@ def prepare(a) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     store = d / f"store-{a.dtype}"
     stamp = max(p.stat().st_mtime for p in hf.iterdir() if p.is_file())
-    if store.is_dir():
-        try:
-            s = open_store(store)
-            if s.manifest["dtype"] != a.dtype or (store / "manifest.json").stat().st_mtime < stamp:
-                raise MoeError("stale")
-        except MoeError:
-            shutil.rmtree(store)
+    if store.is_dir() and not _store_is_fresh(store, a.dtype, stamp):
+        shutil.rmtree(store)
     if not store.is_dir():
         import torch
 
@@ -724,10 +729,7 @@ def prepare(a) -> dict:
         if bits == 16:
             continue
         q = d / f"store-{a.dtype}-q{bits}"
-        try:
-            if open_store(q).manifest.get("dtype") != a.dtype or (q / "manifest.json").stat().st_mtime < stamp:
-                raise MoeError("stale")
-        except MoeError:
+        if not _store_is_fresh(q, a.dtype, stamp):
             cmd = [sys.executable, "-m", "moe_offload.cli", "quantize", "--model", str(hf), "--out", str(q),
                    "--expert-bits", str(bits), "--attn-bits", "16", "--dtype", a.dtype, "--overwrite"]
             print(f"bench: {' '.join(['moe-offload', *cmd[3:]])}", file=sys.stderr)

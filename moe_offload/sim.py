@@ -304,22 +304,22 @@ def measure_token_overhead(config: dict, dtype: str = "bfloat16", tokens: int = 
 
 
 def expert_gemv_bw(hidden: int, intermediate: int, dtype: str = "bfloat16", total: int = 96 << 20) -> float:
-    """Weight bytes/s of expert calls at M = 1 as the engine makes them (gate_up [2I, D] then down [D, I]),
-    cycling through enough experts to read `total` bytes from RAM, not cache; best of 5 passes."""
+    """Weight bytes/s of expert calls at M = 1, the engine's own unit (`DenseExpert`: gate_up [2I, D], then
+    down [D, I]), cycling through enough experts to read `total` bytes from RAM, not cache; best of 5 passes."""
     import torch
-    import torch.nn.functional as F
+
+    from .experts import DenseExpert
 
     dt = getattr(torch, dtype)
     one = 3 * hidden * intermediate * dt.itemsize
     n = max(2, -(-total // one))
-    units = [(torch.full((2 * intermediate, hidden), 0.01, dtype=dt), torch.full((hidden, intermediate), 0.01, dtype=dt))
-             for _ in range(n)]
+    units = [DenseExpert(torch.full((2 * intermediate, hidden), 0.01, dtype=dt),
+                         torch.full((hidden, intermediate), 0.01, dtype=dt)) for _ in range(n)]
     x = torch.full((1, hidden), 0.5, dtype=dt)
 
     def run():
-        for gu, dn in units:
-            h = F.linear(x, gu)
-            F.linear(h[:, :intermediate] * h[:, intermediate:], dn)
+        for unit in units:
+            unit(x)
 
     return n * one / best_time(run, 5)
 
@@ -805,6 +805,8 @@ def cmd_simulate(a) -> int:
     if a.trace is None:
         raise UsageError("simulate: give --trace FILE (or --hardware list)")
     trace = load_trace(a.trace)
+    if a.read_streams < 1 or (a.threads is not None and a.threads < 1):
+        raise UsageError("--read-streams and --threads must be >= 1")
     if a.hardware == THIS_MACHINE:  # measured the way this trace's model would run here
         import torch
 
@@ -812,7 +814,7 @@ def cmd_simulate(a) -> int:
             torch.set_num_threads(a.threads)
         sizes = np.asarray(trace.expert_bytes)
         one = int(sizes.mean())
-        hw = measure_this_machine(dtype=a.dtype, read_bytes=one, read_streams=max(1, a.read_streams),
+        hw = measure_this_machine(dtype=a.dtype, read_bytes=one, read_streams=a.read_streams,
                                   disk_bytes=max(128 << 20, 4 * a.read_streams * one))
         config = (trace.meta or {}).get("config")
         if config:  # the trace names its model: time its expert shapes and its per-token fixed cost here

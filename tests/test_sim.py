@@ -176,6 +176,10 @@ def test_cli_list_and_errors(capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown hardware profile 'nope'" in err
     assert main(["simulate", "--hardware", "t4-16gb", "--trace", str(tmp_path / "missing.json")]) == 2
+    capsys.readouterr()
+    assert main(["simulate", "--hardware", "this-machine", "--trace", str(path), "--read-streams", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--read-streams and --threads must be >= 1" in err
 
 
 def test_cli_json_matches_hand_count(capsys, tmp_path):

@@ -140,15 +140,14 @@ class DiskTier:
             done += n
         if not self.direct:
             os.posix_fadvise(self.fd, e.offset, e.span, os.POSIX_FADV_DONTNEED)
-        key = (e.layer, e.expert)
-        if self.verify == "first" and key in self.verified:
+        if self.verify == "first" and e.key in self.verified:
             return buf
         got = crc32_hex(view[:e.nbytes])
         if got != e.checksum:
             raise MoeError(f"{self.path}: checksum mismatch in layer {e.layer} expert {e.expert} (bytes "
                            f"{e.offset}..{e.offset + e.nbytes}: crc32 {got}, manifest {e.checksum}): the "
                            f"store is corrupt, convert the model again")
-        self.verified.add(key)
+        self.verified.add(e.key)
         return buf
 
     def close(self) -> None:
