@@ -138,7 +138,9 @@ def make_prefetcher(cache, model, store_path, mode: str, depth: int = 1, m: int 
     shadow_path = store_path / "shadow_router.safetensors"
     if mode == "shadow" or (mode == "auto" and shadow_path.is_file()):
         shadow = Shadow.load(shadow_path, m=m, depth=depth)
-        shadow.maps = {k: (W.to(torch.float32), b.to(torch.float32)) for k, (W, b) in shadow.maps.items()}
+        dev = next(iter(gates.values())).device  # the maps score hidden states where the model runs (CUDA)
+        shadow.maps = {k: (W.to(dev, torch.float32), b.to(dev, torch.float32))
+                       for k, (W, b) in shadow.maps.items()}
         shadow.moe_layers = sorted(gates)
         predictors["shadow"] = shadow
     return Prefetcher(cache, predictors, mode, depth=depth, m=m)

@@ -1,0 +1,185 @@
+"""The CUDA path against transformers on CUDA, in float32: every family's tiny checkpoints resident, and
+offloaded through the store with --memory on the device and a pinned host tier, under every prefetch mode and
+with CPU-computed misses; the CUDA branch of measure_this_machine; 2-bit stand-ins on the device.
+
+Skipped without CUDA (scripts/gpu_check.sh runs them on a GPU machine). The last tests run on the CPU: they
+hold device-placement fixes found by reading the CUDA path.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from moe_offload import load
+from moe_offload.store.format import convert
+from moe_offload.store.open import RESERVE
+from tests import tiny
+from tests.test_families import SPECS as MORE_SPECS
+from tests.test_families import make_checkpoint as make_more
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+PROMPT = [1, 5, 9, 20, 33, 7, 8, 9, 40, 11, 3, 60]  # 12 tokens, all < every spec's vocabulary
+NEW = 12
+ALL_SPECS = [*tiny.SPECS, *MORE_SPECS]
+# one spec per family for the offloaded matrix (the first of each model_type)
+FAMILY_SPECS = [*{tiny.SPECS[s][0]: s for s in reversed(tiny.SPECS)}.values(),
+                *{MORE_SPECS[s][0]: s for s in reversed(MORE_SPECS)}.values()]
+OFFLOAD_MODES = ["none", "lookahead", "shadow", "auto", "cpu-measured", "cpu-profile"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def strict_fp32():
+    """float32 means float32: no TF32 matmuls on either side of the comparison."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def build(folder, spec: str):
+    return tiny.make_checkpoint(folder, spec) if spec in tiny.SPECS else make_more(folder, spec)
+
+
+def hf_greedy_cuda(hf, prompt: list[int], n: int) -> list[int]:
+    inp = torch.tensor([prompt], device="cuda")
+    with torch.no_grad():
+        out = hf.generate(inp, attention_mask=torch.ones_like(inp), do_sample=False, max_new_tokens=n,
+                          min_new_tokens=n, eos_token_id=None, pad_token_id=0, temperature=None, top_p=None,
+                          top_k=None)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """spec -> (HF folder, expert store with a trained shadow router, transformers' greedy tokens on CUDA)."""
+    made = {}
+
+    def get(spec: str):
+        if spec not in made:
+            from moe_offload.prefetch.predictors import Shadow
+            from moe_offload.profile import record
+
+            root = tmp_path_factory.mktemp(f"cuda-{spec}")
+            folder = build(root / "hf", spec)
+            hf = tiny.load_hf(folder).to("cuda")
+            ref = hf_greedy_cuda(hf, PROMPT, NEW)
+            del hf
+            store = convert(folder, root / "store").path
+            cpu = load(store, dtype="float32")  # the shadow router learns this model's routing (on the CPU)
+            ids = torch.randint(3, 128, (256,), generator=torch.Generator().manual_seed(1)).tolist()
+            rec = record(cpu, ids, 64)
+            Shadow.train(rec.hidden, rec.chosen, cpu.model.n_experts, depth=2, m=cpu.model.top_k,
+                         steps=60).save(store / "shadow_router.safetensors")
+            made[spec] = folder, store, ref, cpu.info["backbone_bytes"], cpu.info["expert_bytes"]
+        return made[spec]
+
+    return get
+
+
+def greedy(engine) -> tuple[list[int], dict]:
+    r = engine.generate(prompt_ids=PROMPT, max_new_tokens=NEW, ignore_eos=True)
+    return r.token_ids, r.stats
+
+
+@cuda
+@pytest.mark.parametrize("spec", ALL_SPECS)
+def test_resident_on_cuda_equals_transformers_on_cuda(checkpoints, spec):
+    folder, _, ref, _, _ = checkpoints(spec)
+    engine = load(folder, device="cuda", dtype="float32")
+    assert engine.device.type == "cuda"
+    tokens, stats = greedy(engine)
+    assert tokens == ref
+    assert len(set(ref)) > 1  # not a degenerate model
+    assert stats["peak_device_bytes"] > 0
+
+
+def offload_kwargs(mode: str) -> dict:
+    if mode.startswith("cpu-"):  # measured figures; or a profile whose link makes 1-token misses CPU work
+        return {"cpu_misses": "on", **({"hardware": "t4-16gb"} if mode == "cpu-profile" else {})}
+    return {"prefetch": mode}
+
+
+@cuda
+@pytest.mark.parametrize("mode", OFFLOAD_MODES)
+@pytest.mark.parametrize("spec", FAMILY_SPECS)
+def test_offloaded_on_cuda_with_host_tier_equals_transformers(checkpoints, spec, mode):
+    _, store, ref, backbone, experts = checkpoints(spec)
+    # a quarter of the experts on the device (at least one layer's active ones), half of them in pinned RAM
+    memory = backbone + RESERVE["cuda"] + experts // 4
+    engine = None
+    while engine is None:
+        try:
+            engine = load(store, device="cuda", dtype="float32", memory=memory, host_memory=experts // 2,
+                          **offload_kwargs(mode))
+        except Exception as e:  # noqa: BLE001  (tiny experts: the floor is one layer's top-k, raise to it)
+            if "too small" not in str(e):
+                raise
+            memory *= 2
+    tokens, s = greedy(engine)
+    assert tokens == ref, (spec, mode)
+    assert s["expert_misses"] > 0 and s["bytes_to_device"] > 0
+    assert s["resident_weight_bytes"] <= memory
+    assert s["host_capacity_bytes"] == experts // 2
+    if mode in ("lookahead", "shadow", "auto"):
+        assert s["prefetch_issued"] == s["prefetch_used"] + s["prefetch_cancelled"] + s["prefetch_wasted"]
+    if mode in ("lookahead", "shadow"):
+        assert s["prefetch_issued"] > 0
+    if mode == "cpu-profile":
+        assert s["cpu_computed_experts"] > 0 and s["cpu_compute_seconds"] > 0
+    engine.expert_cache.close()
+
+
+@cuda
+def test_second_run_is_served_by_the_pinned_host_tier(checkpoints):
+    _, store, ref, backbone, experts = checkpoints("mixtral_gqa")
+    engine = load(store, device="cuda", dtype="float32", memory=backbone + RESERVE["cuda"] + experts // 2,
+                  host_memory=2 * experts)
+    first, _ = greedy(engine)
+    again, s = greedy(engine)
+    assert first == again == ref
+    assert s["bytes_read_disk"] == 0 and s["host_hits"] > 0  # every expert was kept in pinned RAM
+
+
+@cuda
+def test_lowbit_stand_ins_on_cuda_equal_the_cpu_run(checkpoints):
+    _, store, _, backbone, experts = checkpoints("mixtral_gqa")
+    kw = dict(dtype="float32", miss_fallback="lowbit", fallback_threshold=0.6)
+    cpu_tokens, cpu_stats = greedy(load(store, memory=backbone + experts // 4 + experts, **kw))
+    engine = load(store, device="cuda", memory=backbone + RESERVE["cuda"] + experts // 4 + experts, **kw)
+    tokens, s = greedy(engine)
+    assert s["lowbit_fallbacks"] > 0
+    assert tokens == cpu_tokens and s["lowbit_fallbacks"] == cpu_stats["lowbit_fallbacks"]
+
+
+@cuda
+def test_measure_this_machine_on_cuda():
+    from moe_offload.sim import measure_this_machine
+
+    hw = measure_this_machine(ram_bytes=64 << 20, disk_bytes=16 << 20, gemv_bytes=16 << 20, read_bytes=4 << 20)
+    assert hw.device == "cuda" and hw.device_bytes > 0 and hw.host_bytes > 0
+    assert hw.link_bw > 0 and hw.device_bw > 0 and hw.device_flops > 0 and hw.has_bandwidths
+
+
+# ---- on the CPU: fixes found by reading the CUDA path ---------------------------------------------------------
+
+
+def test_shadow_router_maps_live_on_the_models_device(tmp_path):
+    """The shadow router's maps are read from safetensors onto the CPU; on CUDA they scored CUDA hidden states
+    (a device mismatch at the first prefetch). They must move to where the routers are."""
+    from moe_offload.prefetch.predictors import Shadow
+    from moe_offload.prefetch.runtime import make_prefetcher
+
+    D, E = 8, 4
+    maps = {(0, 1): (torch.randn(E, D), torch.zeros(E))}
+    Shadow(maps, [0, 1], depth=1, m=2).save(tmp_path / "shadow_router.safetensors")
+    gate = types.SimpleNamespace(weight=torch.empty(E, D, device="meta"))  # a device other than the file's
+    model = types.SimpleNamespace(top_k=2, n_experts=E,
+                                  moe_blocks=lambda: [(0, types.SimpleNamespace(gate=gate)),
+                                                      (1, types.SimpleNamespace(gate=gate))])
+    p = make_prefetcher(None, model, tmp_path, "shadow")
+    W, b = p.predictors["shadow"].maps[(0, 1)]
+    assert W.device.type == b.device.type == "meta"
+    assert W.dtype == b.dtype == torch.float32
