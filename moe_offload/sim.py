@@ -262,10 +262,12 @@ def _toy_config(config: dict) -> dict:
     return toy
 
 
-def measure_token_overhead(config: dict, dtype: str = "bfloat16", tokens: int = 24, context: int = 32) -> float:
+def measure_token_overhead(config: dict, dtype: str = "bfloat16", tokens: int = 24, context: int = 32,
+                           device: str = "cpu") -> float:
     """Seconds per decode token of `config`'s architecture at toy widths (`_toy_config`), every expert
-    resident: the per-token cost that does not grow with the weights (Python, dispatch, norms, routing,
-    attention bookkeeping). Median over `tokens` steps after a `context`-token prefill."""
+    resident on `device`: the per-token cost that does not grow with the weights (Python, dispatch, kernel
+    launches, norms, routing, attention bookkeeping). Median over `tokens` steps after a `context`-token
+    prefill."""
     import statistics
 
     import torch
@@ -273,7 +275,8 @@ def measure_token_overhead(config: dict, dtype: str = "bfloat16", tokens: int = 
     from .experts import LocalExperts, expert_unit
     from .models import build
 
-    dt = getattr(torch, dtype)
+    dt, dev = getattr(torch, dtype), torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(0)
     with torch.device("cpu"):
         _, model = build(_toy_config(config))
@@ -287,41 +290,48 @@ def measure_token_overhead(config: dict, dtype: str = "bfloat16", tokens: int = 
     for _, moe in model.moe_blocks():
         r = lambda *sz: (torch.randn(*sz, generator=gen) * 0.02).to(dt)  # noqa: E731
         bias = dict(gate_bias=r(I), up_bias=r(I), down_bias=r(D)) if shape.bias else {}
-        moe.experts = LocalExperts([expert_unit(shape, r(I, D), r(I, D), r(D, I), **bias)
+        moe.experts = LocalExperts([expert_unit(shape, *(t.to(dev) for t in (r(I, D), r(I, D), r(D, I))),
+                                                **{k: t.to(dev) for k, t in bias.items()})
                                     for _ in range(model.n_experts)])
-    model.eval()
-    cache = model.make_cache(1, context + tokens + 1, dt, torch.device("cpu"))
-    ids = torch.randint(3, 512, (1, context), generator=gen)
+    model = model.to(dev).eval()
+    model.init_rope(dev)
+    cache = model.make_cache(1, context + tokens + 1, dt, dev)
+    ids = torch.randint(3, 512, (1, context), generator=gen).to(dev)
     times = []
     with torch.inference_mode():
         logits = model(ids, 0, cache)
         for step in range(tokens):
             tok = logits[0, -1].argmax().view(1, 1)
+            sync()
             t0 = time.perf_counter()
             logits = model(tok, context + step, cache)
+            sync()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def expert_gemv_bw(hidden: int, intermediate: int, dtype: str = "bfloat16", total: int = 96 << 20) -> float:
+def expert_gemv_bw(hidden: int, intermediate: int, dtype: str = "bfloat16", total: int = 96 << 20,
+                   device: str = "cpu") -> float:
     """Weight bytes/s of expert calls at M = 1, the engine's own unit (`DenseExpert`: gate_up [2I, D], then
-    down [D, I]), cycling through enough experts to read `total` bytes from RAM, not cache; best of 5 passes."""
+    down [D, I]), cycling through enough experts to read `total` bytes from memory, not cache (on CUDA at
+    least 1 GiB: past any L2); best of 5 passes."""
     import torch
 
     from .experts import DenseExpert
 
-    dt = getattr(torch, dtype)
+    dt, dev = getattr(torch, dtype), torch.device(device)
+    total = max(total, 1 << 30) if dev.type == "cuda" else total
     one = 3 * hidden * intermediate * dt.itemsize
     n = max(2, -(-total // one))
-    units = [DenseExpert(torch.full((2 * intermediate, hidden), 0.01, dtype=dt),
-                         torch.full((hidden, intermediate), 0.01, dtype=dt)) for _ in range(n)]
-    x = torch.full((1, hidden), 0.5, dtype=dt)
+    units = [DenseExpert(torch.full((2 * intermediate, hidden), 0.01, dtype=dt, device=dev),
+                         torch.full((hidden, intermediate), 0.01, dtype=dt, device=dev)) for _ in range(n)]
+    x = torch.full((1, hidden), 0.5, dtype=dt, device=dev)
 
     def run():
         for unit in units:
             unit(x)
 
-    return n * one / best_time(run, 5)
+    return n * one / best_time(run, 5, torch.cuda.synchronize if dev.type == "cuda" else (lambda: None))
 
 
 def measure_this_machine(disk_dir: str | None = None, ram_bytes: int = 256 << 20, disk_bytes: int = 128 << 20,
@@ -824,12 +834,14 @@ def cmd_simulate(a) -> int:
                 with torch.device("meta"):
                     _, skel = build(config)
                 shape = skel.expert_shape
-                bw = expert_gemv_bw(shape.hidden, shape.intermediate, a.dtype)
-                over = measure_token_overhead(config, a.dtype)
+                # on CUDA: the GPU's own GEMV and per-token launch cost, not the CPU's
+                bw = expert_gemv_bw(shape.hidden, shape.intermediate, a.dtype, device=hw.device)
+                over = measure_token_overhead(config, a.dtype, device=hw.device)
             except Exception as e:  # an architecture the toy build cannot shrink: keep the generic profile
                 print(f"simulate: note: per-token overhead not measured ({type(e).__name__}: {e})", file=sys.stderr)
             else:
-                hw = replace(hw, device_bw=bw, cpu_bw=bw, token_overhead_s=over,
+                cpu_bw = bw if hw.device == "cpu" else hw.cpu_bw  # on CUDA the CPU GEMV stays the CPU's
+                hw = replace(hw, device_bw=bw, cpu_bw=cpu_bw, token_overhead_s=over,
                              sources=hw.sources + f"; expert GEMV at D={shape.hidden} I={shape.intermediate} "
                              f"{bw / GB:.1f} GB/s; per-token overhead {1e3 * over:.2f} ms (the architecture at "
                              f"toy widths)")

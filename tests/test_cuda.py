@@ -183,3 +183,32 @@ def test_shadow_router_maps_live_on_the_models_device(tmp_path):
     W, b = p.predictors["shadow"].maps[(0, 1)]
     assert W.device.type == b.device.type == "meta"
     assert W.dtype == b.dtype == torch.float32
+
+
+def test_simulate_this_machine_times_the_gpu_on_a_cuda_machine(tmp_path, monkeypatch):
+    """`simulate --hardware this-machine` on a CUDA machine replaced the measured GPU bandwidth with a CPU GEMV
+    and the per-token overhead with the CPU's: both must be timed on the profile's device."""
+    import contextlib
+    import dataclasses
+    import io
+    import json
+
+    from moe_offload import sim
+    from moe_offload.cli import main
+
+    gpu = dataclasses.replace(sim.PROFILES["rtx3060-12gb"], name=sim.THIS_MACHINE)
+    calls = []
+    monkeypatch.setattr(sim, "measure_this_machine", lambda **kw: gpu)
+    monkeypatch.setattr(sim, "expert_gemv_bw", lambda *a, device="cpu", **kw: calls.append(("bw", device)) or 1e11)
+    monkeypatch.setattr(sim, "measure_token_overhead",
+                        lambda *a, device="cpu", **kw: calls.append(("over", device)) or 1e-3)
+    config = {**tiny.COMMON, "model_type": "mixtral", **tiny.SPECS["mixtral_gqa"][1]}
+    trace = sim.synthetic_trace(40, [0, 1], 4, 2, expert_bytes=1 << 20, n_layers=2, backbone_bytes=1 << 20)
+    trace.meta["config"] = config
+    path = sim.save_trace(tmp_path / "trace.json", trace)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["simulate", "--trace", str(path), "--hardware", "this-machine", "--memory", "4MiB",
+                     "--json"]) == 0
+    assert sorted(calls) == [("bw", "cuda"), ("over", "cuda")]
+    assert json.loads(out.getvalue())["tokens"] > 0
