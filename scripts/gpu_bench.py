@@ -38,12 +38,30 @@ if str(REPO) not in sys.path:
 
 GB, MiB = 1e9, 1 << 20
 # Mixtral-8x7B's published config.json (the planner reads only these keys)
-MIXTRAL_8X7B = dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                    num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, num_local_experts=8,
-                    num_experts_per_tok=2, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-5,
-                    tie_word_embeddings=False)
-TINY = dict(hidden_size=64, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-            num_local_experts=4, num_experts_per_tok=2)
+MIXTRAL_8X7B = dict(
+    model_type="mixtral",
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=32000,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=32768,
+    rope_theta=1e6,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=48,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+)
 GROUP = 64  # 4-bit group size
 
 
@@ -51,8 +69,14 @@ def model_config(layers: int, smoke: bool) -> dict:
     base = {k: v for k, v in MIXTRAL_8X7B.items() if k != "model_type"}
     if smoke:
         base.update(TINY)
-    return {**base, "num_hidden_layers": layers, "max_position_embeddings": 4096, "initializer_range": 0.02,
-            "bos_token_id": 1, "eos_token_id": 2}
+    return {
+        **base,
+        "num_hidden_layers": layers,
+        "max_position_embeddings": 4096,
+        "initializer_range": 0.02,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
 
 
 # ---- arithmetic (pure; tests/test_gpu_check.py holds it) ---------------------------------------------------
@@ -72,10 +96,18 @@ def scaled_consumer(plan: dict, moe_layers: int, n_experts: int) -> dict:
     n = moe_layers * n_experts
     dev = row["on_device"] * n // n_routed
     host = min(n - dev, -(-row["in_host"] * n // n_routed))
-    return {"bits": row["bits"], "device_share": row["on_device"] / n_routed,
-            "host_share": row["in_host"] / n_routed, "disk_share": row["on_disk"] / n_routed,
-            "experts": n, "on_device": dev, "in_host": host, "on_disk": n - dev - host,
-            "prefetch": bool(plan["recommended"]["prefetch"]), "cpu_misses": bool(plan["recommended"]["cpu_misses"])}
+    return {
+        "bits": row["bits"],
+        "device_share": row["on_device"] / n_routed,
+        "host_share": row["in_host"] / n_routed,
+        "disk_share": row["on_disk"] / n_routed,
+        "experts": n,
+        "on_device": dev,
+        "in_host": host,
+        "on_disk": n - dev - host,
+        "prefetch": bool(plan["recommended"]["prefetch"]),
+        "cpu_misses": bool(plan["recommended"]["cpu_misses"]),
+    }
 
 
 def n_all(sizes: dict) -> int:
@@ -90,16 +122,27 @@ def floor_bytes(sizes: dict) -> int:
 
 def decode_deltas(pre: dict, end: dict, tokens: int, seconds: float) -> dict:
     """Decode-only expert counters (end minus after-prefill) per decoded token and per second."""
-    d = {k: end.get(k, 0) - pre.get(k, 0) for k in ("expert_hits", "expert_misses", "bytes_to_device",
-                                                   "bytes_read_disk", "stall_seconds", "cpu_computed_experts")}
+    d = {
+        k: end.get(k, 0) - pre.get(k, 0)
+        for k in (
+            "expert_hits",
+            "expert_misses",
+            "bytes_to_device",
+            "bytes_read_disk",
+            "stall_seconds",
+            "cpu_computed_experts",
+        )
+    }
     n = d["expert_hits"] + d["expert_misses"]
-    return {"hit_rate": d["expert_hits"] / n if n else None,
-            "stall_ms_per_token": 1e3 * d["stall_seconds"] / tokens if tokens else None,
-            "stall_share": d["stall_seconds"] / seconds if seconds else None,
-            "link_bytes_per_token": d["bytes_to_device"] / tokens if tokens else None,
-            "link_gbs": d["bytes_to_device"] / seconds / GB if seconds else None,
-            "disk_bytes_per_token": d["bytes_read_disk"] / tokens if tokens else None,
-            "cpu_experts_per_token": d["cpu_computed_experts"] / tokens if tokens else None}
+    return {
+        "hit_rate": d["expert_hits"] / n if n else None,
+        "stall_ms_per_token": 1e3 * d["stall_seconds"] / tokens if tokens else None,
+        "stall_share": d["stall_seconds"] / seconds if seconds else None,
+        "link_bytes_per_token": d["bytes_to_device"] / tokens if tokens else None,
+        "link_gbs": d["bytes_to_device"] / seconds / GB if seconds else None,
+        "disk_bytes_per_token": d["bytes_read_disk"] / tokens if tokens else None,
+        "cpu_experts_per_token": d["cpu_computed_experts"] / tokens if tokens else None,
+    }
 
 
 # ---- building the models -----------------------------------------------------------------------------------
@@ -122,7 +165,7 @@ def log(msg: str) -> None:
 
 
 def prepare(work: Path, layers: int, smoke: bool, device: str) -> dict:
-    """HF folder (random weights built on `device`), the 16-bit store and the 4-bit store; reused if present."""
+    """HF folder (random weights built on `device`), the 16-bit and the 4-bit store; reused if present."""
     import torch
 
     from moe_offload.quant.cli import expert_spec
@@ -138,8 +181,9 @@ def prepare(work: Path, layers: int, smoke: bool, device: str) -> dict:
 
         torch.manual_seed(0)
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(MixtralConfig(**model_config(layers, smoke)),
-                                                     dtype=torch.bfloat16)
+            model = AutoModelForCausalLM.from_config(
+                MixtralConfig(**model_config(layers, smoke)), dtype=torch.bfloat16
+            )
         tmp = hf.with_name(hf.name + ".tmp")
         model.save_pretrained(str(tmp))
         del model
@@ -157,15 +201,19 @@ def prepare(work: Path, layers: int, smoke: bool, device: str) -> dict:
     for bits, path in ((16, s16), (4, s4)):
         st = open_store(path)
         out[f"store{bits}"] = str(path)
-        out[f"sizes{bits}"] = {"experts": sum(e.nbytes for e in st.entries.values()),
-                               "expert": max(e.nbytes for e in st.entries.values()),
-                               "spans": sum(e.span for e in st.entries.values()),
-                               "backbone": (path / "backbone.safetensors").stat().st_size,
-                               "moe_layers": len(st.moe_layers), "n_experts": st.n_experts, "top_k": st.top_k}
+        out[f"sizes{bits}"] = {
+            "experts": sum(e.nbytes for e in st.entries.values()),
+            "expert": max(e.nbytes for e in st.entries.values()),
+            "spans": sum(e.span for e in st.entries.values()),
+            "backbone": (path / "backbone.safetensors").stat().st_size,
+            "moe_layers": len(st.moe_layers),
+            "n_experts": st.n_experts,
+            "top_k": st.top_k,
+        }
     return out
 
 
-# ---- this machine --------------------------------------------------------------------------------------------
+# ---- this machine ------------------------------------------------------------------------------------------
 
 
 def machine_profile(work: Path, config: dict, expert_bytes: int, device: str, smoke: bool):
@@ -177,12 +225,24 @@ def machine_profile(work: Path, config: dict, expert_bytes: int, device: str, sm
     hw = measure_this_machine(disk_dir=str(work), read_bytes=expert_bytes, read_streams=2, **small)
     D, I = config["hidden_size"], config["intermediate_size"]
     bw = expert_gemv_bw(D, I, "bfloat16", total=8 * MiB if smoke else 96 * MiB, device=device)
-    over = measure_token_overhead({**config, "model_type": "mixtral"}, "bfloat16",
-                                  tokens=4 if smoke else 24, context=8 if smoke else 32, device=device)
+    over = measure_token_overhead(
+        {**config, "model_type": "mixtral"},
+        "bfloat16",
+        tokens=4 if smoke else 24,
+        context=8 if smoke else 32,
+        device=device,
+    )
     cpu_bw = bw if hw.device == "cpu" else hw.cpu_bw
-    measured = {"link_gbs": hw.link_bw / GB, "device_copy_gbs": hw.device_bw / GB, "expert_gemv_gbs": bw / GB,
-                "token_overhead_ms": 1e3 * over, "disk_gbs": hw.disk_bw / GB, "cpu_gemv_gbs": hw.cpu_bw / GB,
-                "description": hw.description, "sources": hw.sources}
+    measured = {
+        "link_gbs": hw.link_bw / GB,
+        "device_copy_gbs": hw.device_bw / GB,
+        "expert_gemv_gbs": bw / GB,
+        "token_overhead_ms": 1e3 * over,
+        "disk_gbs": hw.disk_bw / GB,
+        "cpu_gemv_gbs": hw.cpu_bw / GB,
+        "description": hw.description,
+        "sources": hw.sources,
+    }
     return replace(hw, device_bw=bw, cpu_bw=cpu_bw, token_overhead_s=over), measured
 
 
@@ -192,7 +252,7 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
-# ---- one configuration ----------------------------------------------------------------------------------------
+# ---- one configuration -------------------------------------------------------------------------------------
 
 
 def prompts(vocab: int, n: int) -> list[list[int]]:
@@ -214,8 +274,16 @@ def free_device() -> None:
             empty_host()
 
 
-def run_us(store: str, memory: int, host: int | None, device: str, prefetch: str, args, cpu_misses: str = "off",
-           hardware=None) -> dict:
+def run_us(
+    store: str,
+    memory: int,
+    host: int | None,
+    device: str,
+    prefetch: str,
+    args,
+    cpu_misses: str = "off",
+    hardware=None,
+) -> dict:
     """One engine: a warm-up generation (fills the host tier and the cache), then a measured one."""
     from moe_offload import load
     from moe_offload.bench import _Routes
@@ -241,10 +309,17 @@ def run_us(store: str, memory: int, host: int | None, device: str, prefetch: str
             last = r
         s = last.stats
         n = s["generation_tokens"] - 1
-        row = {"ok": True, "load_s": load_s, "decode_tok_s": s["decode_tokens_per_s"],
-               "prefill_tok_s": s["prefill_tokens_per_s"], "decode_s": s["decode_seconds"], "tokens": n,
-               "resident_weight_bytes": s["resident_weight_bytes"], "peak_device_bytes": s.get("peak_device_bytes"),
-               **decode_deltas(pre, s, n, s["decode_seconds"])}
+        row = {
+            "ok": True,
+            "load_s": load_s,
+            "decode_tok_s": s["decode_tokens_per_s"],
+            "prefill_tok_s": s["prefill_tokens_per_s"],
+            "decode_s": s["decode_seconds"],
+            "tokens": n,
+            "resident_weight_bytes": s["resident_weight_bytes"],
+            "peak_device_bytes": s.get("peak_device_bytes"),
+            **decode_deltas(pre, s, n, s["decode_seconds"]),
+        }
         for k in ("prefetch_recall", "prefetch_precision", "prefetch_issued", "prefetch_used", "host_hits"):
             if k in s:
                 row[k] = s[k]
@@ -257,15 +332,16 @@ def run_us(store: str, memory: int, host: int | None, device: str, prefetch: str
 
 
 def run_accelerate(hf: str, device_bytes: int, device: str, args) -> dict:
-    """transformers + accelerate: device_map="auto" with max_memory = the same device bytes, the rest in RAM."""
+    """transformers + accelerate: device_map="auto", max_memory = the same device bytes, the rest in RAM."""
     import accelerate  # noqa: F401  (a clear "not installed" failure)
     import torch
     from transformers import AutoModelForCausalLM
 
     max_memory = {0: device_bytes, "cpu": 1 << 40} if device == "cuda" else {"cpu": 1 << 40}
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.bfloat16, device_map="auto",
-                                                 max_memory=max_memory).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        hf, dtype=torch.bfloat16, device_map="auto", max_memory=max_memory
+    ).eval()
     load_s = time.perf_counter() - t0
     dm = getattr(model, "hf_device_map", {}) or {}
     dev = next(model.parameters()).device if device == "cpu" else torch.device("cuda", 0)
@@ -281,19 +357,28 @@ def run_accelerate(hf: str, device_bytes: int, device: str, args) -> dict:
                 sync()
                 t1 = time.perf_counter()
                 for _ in range(steps):
-                    out = model(input_ids=torch.tensor([[tok]], device=dev), past_key_values=pkv, use_cache=True)
+                    out = model(
+                        input_ids=torch.tensor([[tok]], device=dev), past_key_values=pkv, use_cache=True
+                    )
                     pkv, tok = out.past_key_values, int(out.logits[0, -1].argmax())
                 sync()
                 times.append(time.perf_counter() - t1)
-        return {"ok": True, "load_s": load_s, "decode_tok_s": n / times[1], "decode_s": times[1], "tokens": n,
-                "device_map_counts": {str(d): sum(1 for v in dm.values() if v == d) for d in set(dm.values())}}
+        return {
+            "ok": True,
+            "load_s": load_s,
+            "decode_tok_s": n / times[1],
+            "decode_s": times[1],
+            "tokens": n,
+            "device_map_counts": {str(d): sum(1 for v in dm.values() if v == d) for d in set(dm.values())},
+        }
     finally:
         del model
         free_device()
 
 
-def predict(row: dict, sizes: dict, hw, memory: int, host: int | None, config: dict,
-            cpu_misses: bool = False) -> dict:
+def predict(
+    row: dict, sizes: dict, hw, memory: int, host: int | None, config: dict, cpu_misses: bool = False
+) -> dict:
     """The simulator on the row's own decode routing (warm-up tokens excluded); `memory` = the device bytes
     for backbone + experts (the engine's reserve taken out)."""
     import numpy as np
@@ -304,18 +389,34 @@ def predict(row: dict, sizes: dict, hw, memory: int, host: int | None, config: d
     routes = row.get("routes") or []
     if not routes or len(routes) % L:
         return {"sim_error": "no decode routing recorded"}
-    rows = [[ids for _, ids in routes[j:j + L]] for j in range(0, len(routes), L)]
+    rows = [[ids for _, ids in routes[j : j + L]] for j in range(0, len(routes), L)]
     warm = row["warm_rows"] // L
-    trace = Trace(experts=np.array(rows), n_experts=sizes["n_experts"], expert_bytes=sizes["expert"],
-                  layers=sorted({la for la, _ in routes}), n_layers=config["num_hidden_layers"],
-                  backbone_bytes=sizes["backbone"])
-    r = simulate(trace, hw, memory=memory, host_memory=host if hw.device == "cuda" else None, policy="lru",
-                 warmup=min(warm, trace.tokens - 1), cpu_misses=cpu_misses and hw.device == "cuda")
-    return {"sim_tok_s_serial": r.tok_s_serial, "sim_tok_s_overlap": r.tok_s_overlap,
-            "sim_hit_rate": r.hit_rate, "sim_bound": r.bound}
+    trace = Trace(
+        experts=np.array(rows),
+        n_experts=sizes["n_experts"],
+        expert_bytes=sizes["expert"],
+        layers=sorted({la for la, _ in routes}),
+        n_layers=config["num_hidden_layers"],
+        backbone_bytes=sizes["backbone"],
+    )
+    r = simulate(
+        trace,
+        hw,
+        memory=memory,
+        host_memory=host if hw.device == "cuda" else None,
+        policy="lru",
+        warmup=min(warm, trace.tokens - 1),
+        cpu_misses=cpu_misses and hw.device == "cuda",
+    )
+    return {
+        "sim_tok_s_serial": r.tok_s_serial,
+        "sim_tok_s_overlap": r.tok_s_overlap,
+        "sim_hit_rate": r.hit_rate,
+        "sim_bound": r.bound,
+    }
 
 
-# ---- phases --------------------------------------------------------------------------------------------------
+# ---- phases ------------------------------------------------------------------------------------------------
 
 
 class Results:
@@ -336,22 +437,36 @@ class Results:
             got = fn()
         except Exception as e:  # noqa: BLE001  (recorded; the phase goes on to the next row)
             got = {"ok": False, "error": f"{type(e).__name__}: {e}"[:400]}
-            self.data["failures"].append({**key, "error": got["error"], "traceback": traceback.format_exc()[-1500:]})
-        got = {**key, **{k: v for k, v in got.items() if k not in ("routes", "warm_rows")},
-               "wall_s": time.perf_counter() - t0}
+            self.data["failures"].append(
+                {**key, "error": got["error"], "traceback": traceback.format_exc()[-1500:]}
+            )
+        got = {
+            **key,
+            **{k: v for k, v in got.items() if k not in ("routes", "warm_rows")},
+            "wall_s": time.perf_counter() - t0,
+        }
         self.data["rows"].append(got)
         self.save()
-        log(f"{key}: " + (f"{got.get('decode_tok_s', 0):.2f} tok/s" if got.get("ok") else got.get("error", "")))
+        log(
+            f"{key}: "
+            + (f"{got.get('decode_tok_s', 0):.2f} tok/s" if got.get("ok") else got.get("error", ""))
+        )
         return got
 
 
 def grid(budgets: list[float], prefetch: list[str], bits: list[int]) -> list[tuple]:
     """Row order: what the goals need first (16-bit lookahead and accelerate at 50 %, then 25 %), so a phase
     cut by its timeout still answers them; then the other prefetch modes, then 4-bit, then the rest."""
+
     def rank(item):
         system, b, pct, pf = item
-        return (b != 16, pct not in (50, 25), -pct if pct in (50, 25) else pct,
-                {"lookahead": 0, "accelerate": 1, "none": 2}.get(pf if system == "us" else "accelerate", 3))
+        return (
+            b != 16,
+            pct not in (50, 25),
+            -pct if pct in (50, 25) else pct,
+            {"lookahead": 0, "accelerate": 1, "none": 2}.get(pf if system == "us" else "accelerate", 3),
+        )
+
     items = [("us", b, p, pf) for b in bits for p in budgets for pf in prefetch]
     items += [("accelerate", 16, p, None) for p in budgets]
     return sorted(items, key=rank)
@@ -364,14 +479,24 @@ def cmd_bench(a) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("gpu_bench: no CUDA device (use --cpu-smoke on a CPU machine)", file=sys.stderr)
         return 2
-    res = Results(Path(a.out), phase="bench", device=device, gpu=gpu_name(), layers=a.layers,
-                  widths=model_config(a.layers, a.cpu_smoke), new_tokens=a.new_tokens,
-                  accelerate_tokens=a.accelerate_tokens, prompt_tokens=a.prompt_tokens)
+    res = Results(
+        Path(a.out),
+        phase="bench",
+        device=device,
+        gpu=gpu_name(),
+        layers=a.layers,
+        widths=model_config(a.layers, a.cpu_smoke),
+        new_tokens=a.new_tokens,
+        accelerate_tokens=a.accelerate_tokens,
+        prompt_tokens=a.prompt_tokens,
+    )
     prep = prepare(Path(a.work), a.layers, a.cpu_smoke, device)
     res.data["prepare"] = prep
     res.save()
     config = model_config(a.layers, a.cpu_smoke)
-    hw, res.data["machine"] = machine_profile(Path(a.work), config, prep["sizes16"]["expert"], device, a.cpu_smoke)
+    hw, res.data["machine"] = machine_profile(
+        Path(a.work), config, prep["sizes16"]["expert"], device, a.cpu_smoke
+    )
     res.save()
     from moe_offload.store.open import RESERVE
 
@@ -380,14 +505,24 @@ def cmd_bench(a) -> int:
         sz = prep[f"sizes{bits}"]
         memory = budget(pct, sz["backbone"], sz["experts"], reserve, floor_bytes(sz))
         host = sz["spans"] if device == "cuda" and pct < 100 else None  # every expert pinned in host RAM
-        key = {"system": system, "bits": bits, "pct": pct, "prefetch": pf, "memory": memory, "host_memory": host}
+        key = {
+            "system": system,
+            "bits": bits,
+            "pct": pct,
+            "prefetch": pf,
+            "memory": memory,
+            "host_memory": host,
+        }
         if system == "us":
+
             def one(store=prep[f"store{bits}"], memory=memory, host=host, pf=pf, sz=sz):
                 row = run_us(store, memory, host, device, pf, a)
                 return {**row, **predict(row, sz, hw, memory - reserve, host, config)}
         else:
+
             def one(memory=memory):
                 return run_accelerate(prep["hf"], memory - reserve, device, a)
+
         res.row(key, one)
     return 0
 
@@ -411,10 +546,21 @@ def cmd_consumer(a) -> int:
         return 2
     plan = consumer_plan(a.profile)
     pred = plan.get("prediction") or {}
-    res = Results(Path(a.out), phase="consumer", device=device, gpu=gpu_name(), profile=a.profile,
-                  plan={"recommended": plan["recommended"], "rows": plan["rows"],
-                        "predicted_hit_rate": pred.get("hit_rate"), "predicted_tok_s_serial": pred.get("tok_s_serial"),
-                        "predicted_tok_s_overlap": pred.get("tok_s_overlap"), "trace": plan.get("trace")})
+    res = Results(
+        Path(a.out),
+        phase="consumer",
+        device=device,
+        gpu=gpu_name(),
+        profile=a.profile,
+        plan={
+            "recommended": plan["recommended"],
+            "rows": plan["rows"],
+            "predicted_hit_rate": pred.get("hit_rate"),
+            "predicted_tok_s_serial": pred.get("tok_s_serial"),
+            "predicted_tok_s_overlap": pred.get("tok_s_overlap"),
+            "trace": plan.get("trace"),
+        },
+    )
     prep = prepare(Path(a.work), a.layers, a.cpu_smoke, device)
     config = model_config(a.layers, a.cpu_smoke)
     bits = plan["recommended"]["expert_bits"]
@@ -423,13 +569,22 @@ def cmd_consumer(a) -> int:
     scaled = scaled_consumer(plan, sz["moe_layers"], sz["n_experts"])
     reserve = RESERVE[device]
     memory = sz["backbone"] + reserve + max(scaled["on_device"] * sz["expert"], floor_bytes(sz))
-    host = (scaled["in_host"] + scaled["on_device"]) * (sz["spans"] // scaled["experts"]) if device == "cuda" else None
+    host = (
+        (scaled["in_host"] + scaled["on_device"]) * (sz["spans"] // scaled["experts"])
+        if device == "cuda"
+        else None
+    )
     res.data.update(scaled=scaled, store_bits=store_bits, memory=memory, host_memory=host)
     res.save()
     hw, res.data["machine"] = machine_profile(Path(a.work), config, sz["expert"], device, a.cpu_smoke)
     card = get_profile(a.profile)
     pf = "lookahead" if scaled["prefetch"] else "none"
-    key = {"system": "us", "bits": store_bits, "prefetch": pf, "cpu_misses": "on" if scaled["cpu_misses"] else "off"}
+    key = {
+        "system": "us",
+        "bits": store_bits,
+        "prefetch": pf,
+        "cpu_misses": "on" if scaled["cpu_misses"] else "off",
+    }
 
     def one():
         row = run_us(prep[f"store{store_bits}"], memory, host, device, pf, a, cpu_misses=key["cpu_misses"])
@@ -447,7 +602,9 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     for name in ("bench", "consumer"):
         s = sub.add_parser(name)
-        s.add_argument("--work", required=True, help="folder for the model and stores (tens of GB on the GPU)")
+        s.add_argument(
+            "--work", required=True, help="folder for the model and stores (tens of GB on the GPU)"
+        )
         s.add_argument("--out", required=True, help="the phase's JSON")
         s.add_argument("--layers", type=int, default=2)
         s.add_argument("--prompt-tokens", type=int, default=16)

@@ -41,13 +41,24 @@ def phases(out: Path, work: Path, smoke: bool, layers: int, python: str = sys.ex
     bench = [python, str(REPO / "scripts" / "gpu_bench.py")]
     common = ["--work", str(work), "--layers", str(layers)]
     if smoke:
-        common += ["--cpu-smoke", "--new-tokens", "1", "--warm-tokens", "1", "--prompt-tokens", "4",
-                   "--accelerate-tokens", "1"]
+        common += [
+            "--cpu-smoke",
+            "--new-tokens",
+            "1",
+            "--warm-tokens",
+            "1",
+            "--prompt-tokens",
+            "4",
+            "--accelerate-tokens",
+            "1",
+        ]
     grid = ["--budgets", "50", "--prefetch", "lookahead,none", "--bits", "16,4"] if smoke else []
     t = (60, 60, 60) if smoke else (170, 230, 60)
     return [
         # -q comes from pyproject's addopts (a second one would drop the summary line parse_pytest reads)
-        Phase("tests", [python, "-m", "pytest", "tests/test_cuda.py", "-rfEs", "-p", "no:cacheprovider"], t[0]),
+        Phase(
+            "tests", [python, "-m", "pytest", "tests/test_cuda.py", "-rfEs", "-p", "no:cacheprovider"], t[0]
+        ),
         Phase("bench", [*bench, "bench", "--out", str(out / "bench.json"), *common, *grid], t[1]),
         Phase("consumer", [*bench, "consumer", "--out", str(out / "consumer.json"), *common], t[2]),
     ]
@@ -62,12 +73,20 @@ def run_phase(phase: Phase, out: Path, env: dict | None = None) -> dict:
         f.write(f"$ {shlex.join(phase.argv)}\n")
         f.flush()
         try:
-            proc = subprocess.Popen(phase.argv, stdout=f, stderr=subprocess.STDOUT, cwd=str(REPO), env=env,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                phase.argv, stdout=f, stderr=subprocess.STDOUT, cwd=str(REPO), env=env, start_new_session=True
+            )
         except OSError as e:
             f.write(f"could not start: {e}\n")
-            return {"name": phase.name, "rc": None, "timed_out": False, "seconds": 0.0, "ok": False,
-                    "log": log.name, "error": str(e)}
+            return {
+                "name": phase.name,
+                "rc": None,
+                "timed_out": False,
+                "seconds": 0.0,
+                "ok": False,
+                "log": log.name,
+                "error": str(e),
+            }
         try:
             rc = proc.wait(timeout=phase.timeout)
         except subprocess.TimeoutExpired:
@@ -79,11 +98,17 @@ def run_phase(phase: Phase, out: Path, env: dict | None = None) -> dict:
                 os.killpg(proc.pid, signal.SIGKILL)
                 rc = proc.wait()
             f.write(f"\n[gpu_check] {phase.name}: stopped after its timeout of {phase.timeout:.0f} s\n")
-    return {"name": phase.name, "rc": rc, "timed_out": timed_out, "seconds": time.monotonic() - t0,
-            "ok": rc == 0 and not timed_out, "log": log.name}
+    return {
+        "name": phase.name,
+        "rc": rc,
+        "timed_out": timed_out,
+        "seconds": time.monotonic() - t0,
+        "ok": rc == 0 and not timed_out,
+        "log": log.name,
+    }
 
 
-# ---- parsing ----------------------------------------------------------------------------------------------------
+# ---- parsing -----------------------------------------------------------------------------------------------
 
 _COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)")
 
@@ -96,7 +121,11 @@ def parse_pytest(text: str) -> dict:
         for n, kind in _COUNT.findall(summary[-1]):
             kind = "errors" if kind.startswith("error") else kind
             counts[kind] = counts.get(kind, 0) + int(n)
-    failed = [ln.split()[1] for ln in text.splitlines() if ln.startswith(("FAILED ", "ERROR ")) and len(ln.split()) > 1]
+    failed = [
+        ln.split()[1]
+        for ln in text.splitlines()
+        if ln.startswith(("FAILED ", "ERROR ")) and len(ln.split()) > 1
+    ]
     return {**counts, "failed_tests": failed, "finished": bool(summary)}
 
 
@@ -109,7 +138,9 @@ def read_json(path: Path) -> dict | None:
 
 def sim_for(row: dict) -> float | None:
     """The prediction a row is held to: transfers serial without prefetch, hidden with it."""
-    return row.get("sim_tok_s_serial") if row.get("prefetch") in (None, "none") else row.get("sim_tok_s_overlap")
+    return (
+        row.get("sim_tok_s_serial") if row.get("prefetch") in (None, "none") else row.get("sim_tok_s_overlap")
+    )
 
 
 def _row(rows, **kw) -> dict | None:
@@ -122,28 +153,50 @@ def goals(bench: dict | None) -> list[dict]:
     out = []
     for pct in (50, 25):
         acc = _row(rows, system="accelerate", pct=pct)
-        ours = [r for r in rows if r.get("ok") and r.get("system") == "us" and r.get("bits") == 16
-                and r.get("pct") == pct]
+        ours = [
+            r
+            for r in rows
+            if r.get("ok") and r.get("system") == "us" and r.get("bits") == 16 and r.get("pct") == pct
+        ]
         best = max(ours, key=lambda r: r["decode_tok_s"], default=None)
         v = best["decode_tok_s"] / acc["decode_tok_s"] if best and acc and acc.get("decode_tok_s") else None
-        out.append({"goal": f"16-bit decode ÷ accelerate at {pct} %", "target": f">= {GOAL_SPEEDUP:g}x",
-                    "value": v, "detail": best and f"prefetch {best['prefetch']}",
-                    "met": None if v is None else v >= GOAL_SPEEDUP})
+        out.append(
+            {
+                "goal": f"16-bit decode ÷ accelerate at {pct} %",
+                "target": f">= {GOAL_SPEEDUP:g}x",
+                "value": v,
+                "detail": best and f"prefetch {best['prefetch']}",
+                "met": None if v is None else v >= GOAL_SPEEDUP,
+            }
+        )
     la = _row(rows, system="us", bits=16, pct=50, prefetch="lookahead")
     v = la.get("stall_share") if la else None
-    out.append({"goal": "stall share of decode time, lookahead, 16-bit, 50 %", "target": f"<= {GOAL_STALL:.0%}",
-                "value": v, "detail": la and f"{la.get('stall_ms_per_token', 0):.2f} ms/token",
-                "met": None if v is None else v <= GOAL_STALL})
-    ratios = [r["decode_tok_s"] / sim_for(r) for r in rows
-              if r.get("ok") and r.get("system") == "us" and sim_for(r)]
+    out.append(
+        {
+            "goal": "stall share of decode time, lookahead, 16-bit, 50 %",
+            "target": f"<= {GOAL_STALL:.0%}",
+            "value": v,
+            "detail": la and f"{la.get('stall_ms_per_token', 0):.2f} ms/token",
+            "met": None if v is None else v <= GOAL_STALL,
+        }
+    )
+    ratios = [
+        r["decode_tok_s"] / sim_for(r) for r in rows if r.get("ok") and r.get("system") == "us" and sim_for(r)
+    ]
     worst = max(ratios, key=lambda x: abs(x - 1), default=None)
-    out.append({"goal": "measured ÷ simulator, worst us row", "target": f"within {GOAL_SIM:.0%}",
-                "value": worst, "detail": f"{len(ratios)} rows",
-                "met": None if worst is None else abs(worst - 1) <= GOAL_SIM})
+    out.append(
+        {
+            "goal": "measured ÷ simulator, worst us row",
+            "target": f"within {GOAL_SIM:.0%}",
+            "value": worst,
+            "detail": f"{len(ratios)} rows",
+            "met": None if worst is None else abs(worst - 1) <= GOAL_SIM,
+        }
+    )
     return out
 
 
-# ---- rendering ----------------------------------------------------------------------------------------------------
+# ---- rendering ---------------------------------------------------------------------------------------------
 
 
 def _f(v, fmt="{:.2f}", none="-") -> str:
@@ -151,7 +204,11 @@ def _f(v, fmt="{:.2f}", none="-") -> str:
 
 
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+    return [
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+        *("| " + " | ".join(r) + " |" for r in rows),
+    ]
 
 
 def _pct(v) -> str:
@@ -160,87 +217,187 @@ def _pct(v) -> str:
 
 def render(res: dict) -> str:
     """summary.md from results.json's dict."""
-    lines = [f"# GPU check (issue 20): {res.get('mode')}", "",
-             f"`{res.get('command')}` on {res.get('gpu', '?')}, {res.get('started')} .. {res.get('finished')}", ""]
+    lines = [
+        f"# GPU check (issue 20): {res.get('mode')}",
+        "",
+        f"`{res.get('command')}` on {res.get('gpu', '?')}, {res.get('started')} .. {res.get('finished')}",
+        "",
+    ]
     lines += ["## Phases", ""]
-    lines += _table(["phase", "status", "seconds", "log"],
-                    [[p["name"], "ok" if p["ok"] else ("timed out" if p.get("timed_out") else f"failed (rc {p['rc']})"),
-                      f"{p['seconds']:.0f}", p["log"]] for p in res.get("phases", [])])
+    lines += _table(
+        ["phase", "status", "seconds", "log"],
+        [
+            [
+                p["name"],
+                "ok" if p["ok"] else ("timed out" if p.get("timed_out") else f"failed (rc {p['rc']})"),
+                f"{p['seconds']:.0f}",
+                p["log"],
+            ]
+            for p in res.get("phases", [])
+        ],
+    )
     t = res.get("tests") or {}
-    lines += ["", "## CUDA tests (tests/test_cuda.py)", "",
-              f"{t.get('passed', 0)} passed, {t.get('failed', 0)} failed, {t.get('errors', 0)} errors, "
-              f"{t.get('skipped', 0)} skipped" + ("" if t.get("finished", True) else " (did not finish)")]
+    lines += [
+        "",
+        "## CUDA tests (tests/test_cuda.py)",
+        "",
+        f"{t.get('passed', 0)} passed, {t.get('failed', 0)} failed, {t.get('errors', 0)} errors, "
+        f"{t.get('skipped', 0)} skipped" + ("" if t.get("finished", True) else " (did not finish)"),
+    ]
     lines += [f"- FAILED {name}" for name in t.get("failed_tests", [])]
     bench = res.get("bench") or {}
     m = bench.get("machine") or {}
     if m:
         lines += ["", "## This machine (measured)", ""]
-        lines += _table(["pinned host→device", "device copy", "expert GEMV (bf16)", "per-token overhead", "disk"],
-                        [[f"{_f(m.get('link_gbs'), '{:.1f}')} GB/s", f"{_f(m.get('device_copy_gbs'), '{:.0f}')} GB/s",
-                          f"{_f(m.get('expert_gemv_gbs'), '{:.0f}')} GB/s", f"{_f(m.get('token_overhead_ms'))} ms",
-                          f"{_f(m.get('disk_gbs'), '{:.1f}')} GB/s"]])
+        lines += _table(
+            ["pinned host→device", "device copy", "expert GEMV (bf16)", "per-token overhead", "disk"],
+            [
+                [
+                    f"{_f(m.get('link_gbs'), '{:.1f}')} GB/s",
+                    f"{_f(m.get('device_copy_gbs'), '{:.0f}')} GB/s",
+                    f"{_f(m.get('expert_gemv_gbs'), '{:.0f}')} GB/s",
+                    f"{_f(m.get('token_overhead_ms'))} ms",
+                    f"{_f(m.get('disk_gbs'), '{:.1f}')} GB/s",
+                ]
+            ],
+        )
     rows = bench.get("rows") or []
     if rows:
         acc = {r["pct"]: r for r in rows if r.get("system") == "accelerate" and r.get("ok")}
         w = bench.get("widths", {})
-        lines += ["", f"## Bench: {bench.get('layers')} layers, hidden {w.get('hidden_size')}, "
-                      f"{w.get('num_local_experts')} experts x {w.get('intermediate_size')}, top-"
-                      f"{w.get('num_experts_per_tok')}; {bench.get('new_tokens')} decoded tokens "
-                      f"(accelerate {bench.get('accelerate_tokens')})", "",
-                  "Budget: % of the expert bytes on the device (+ backbone); every expert also in pinned host RAM. "
-                  "sim: the simulator on the row's own routing with this machine's profile (serial without "
-                  "prefetch, transfers hidden with it).", ""]
+        lines += [
+            "",
+            f"## Bench: {bench.get('layers')} layers, hidden {w.get('hidden_size')}, "
+            f"{w.get('num_local_experts')} experts x {w.get('intermediate_size')}, top-"
+            f"{w.get('num_experts_per_tok')}; {bench.get('new_tokens')} decoded tokens "
+            f"(accelerate {bench.get('accelerate_tokens')})",
+            "",
+            "Budget: % of the expert bytes on the device (+ backbone); every expert also in pinned host RAM. "
+            "sim: the simulator on the row's own routing with this machine's profile (serial without "
+            "prefetch, transfers hidden with it).",
+            "",
+        ]
         body = []
         for r in rows:
             if not r.get("ok"):
-                body.append([_pct(r.get("pct")), r["system"], str(r.get("bits")), str(r.get("prefetch") or "-"),
-                             "failed: " + str(r.get("error", ""))[:80], *["-"] * 7])
+                body.append(
+                    [
+                        _pct(r.get("pct")),
+                        r["system"],
+                        str(r.get("bits")),
+                        str(r.get("prefetch") or "-"),
+                        "failed: " + str(r.get("error", ""))[:80],
+                        *["-"] * 7,
+                    ]
+                )
                 continue
             a = acc.get(r.get("pct"))
             sim = sim_for(r) if r["system"] == "us" else None
-            body.append([_pct(r.get("pct")), r["system"], str(r.get("bits")), str(r.get("prefetch") or "-"),
-                         _f(r.get("decode_tok_s")),
-                         _f(r["decode_tok_s"] / a["decode_tok_s"] if a and r["system"] == "us" else None, "{:.1f}x"),
-                         _f(r.get("hit_rate"), "{:.3f}"), _f(r.get("stall_ms_per_token")),
-                         _f(r.get("stall_share"), "{:.0%}"), _f(r.get("link_gbs"), "{:.1f}"), _f(sim),
-                         _f(r["decode_tok_s"] / sim if sim else None)])
-        lines += _table(["budget", "system", "bits", "prefetch", "decode tok/s", "÷ accelerate", "hit rate",
-                         "stall ms/token", "stall %", "link GB/s", "sim tok/s", "measured ÷ sim"], body)
+            body.append(
+                [
+                    _pct(r.get("pct")),
+                    r["system"],
+                    str(r.get("bits")),
+                    str(r.get("prefetch") or "-"),
+                    _f(r.get("decode_tok_s")),
+                    _f(
+                        r["decode_tok_s"] / a["decode_tok_s"] if a and r["system"] == "us" else None,
+                        "{:.1f}x",
+                    ),
+                    _f(r.get("hit_rate"), "{:.3f}"),
+                    _f(r.get("stall_ms_per_token")),
+                    _f(r.get("stall_share"), "{:.0%}"),
+                    _f(r.get("link_gbs"), "{:.1f}"),
+                    _f(sim),
+                    _f(r["decode_tok_s"] / sim if sim else None),
+                ]
+            )
+        lines += _table(
+            [
+                "budget",
+                "system",
+                "bits",
+                "prefetch",
+                "decode tok/s",
+                "÷ accelerate",
+                "hit rate",
+                "stall ms/token",
+                "stall %",
+                "link GB/s",
+                "sim tok/s",
+                "measured ÷ sim",
+            ],
+            body,
+        )
     gl = res.get("goals") or []
     if gl:
         lines += ["", "## Goals", ""]
-        lines += _table(["goal", "target", "measured", "met"],
-                        [[g["goal"], g["target"], _f(g["value"], "{:.2f}") + (f" ({g['detail']})" if g.get("detail")
-                                                                               else ""),
-                          {True: "yes", False: "NO", None: "not measured"}[g["met"]]] for g in gl])
+        lines += _table(
+            ["goal", "target", "measured", "met"],
+            [
+                [
+                    g["goal"],
+                    g["target"],
+                    _f(g["value"], "{:.2f}") + (f" ({g['detail']})" if g.get("detail") else ""),
+                    {True: "yes", False: "NO", None: "not measured"}[g["met"]],
+                ]
+                for g in gl
+            ],
+        )
     c = res.get("consumer") or {}
     if c.get("plan"):
         p, s = c["plan"], c.get("scaled") or {}
         rec = p.get("recommended") or {}
-        lines += ["", f"## {c.get('profile')}: the planner's Mixtral-8x7B plan scaled to these layers", "",
-                  f"Plan: experts {rec.get('expert_bits')}-bit, {_f(s.get('device_share'), '{:.1%}')} of them on the "
-                  f"device, {_f(s.get('host_share'), '{:.1%}')} in host RAM, {_f(s.get('disk_share'), '{:.1%}')} on "
-                  f"disk; prefetch {'on' if rec.get('prefetch') else 'off'}, CPU-computed misses "
-                  f"{'on' if rec.get('cpu_misses') else 'off'}. Its prediction for the full model on the card: "
-                  f"hit rate {_f(p.get('predicted_hit_rate'), '{:.3f}')}, {_f(p.get('predicted_tok_s_serial'))} .. "
-                  f"{_f(p.get('predicted_tok_s_overlap'))} tok/s ({p.get('trace')}).",
-                  f"Scaled: {s.get('on_device')} of {s.get('experts')} experts on the device "
-                  f"(--memory {c.get('memory')}), {c.get('store_bits')}-bit store.", ""]
+        lines += [
+            "",
+            f"## {c.get('profile')}: the planner's Mixtral-8x7B plan scaled to these layers",
+            "",
+            f"Plan: experts {rec.get('expert_bits')}-bit, {_f(s.get('device_share'), '{:.1%}')} of them "
+            f"on the device, {_f(s.get('host_share'), '{:.1%}')} in host RAM, "
+            f"{_f(s.get('disk_share'), '{:.1%}')} on "
+            f"disk; prefetch {'on' if rec.get('prefetch') else 'off'}, CPU-computed misses "
+            f"{'on' if rec.get('cpu_misses') else 'off'}. Its prediction for the full model on the card: "
+            f"hit rate {_f(p.get('predicted_hit_rate'), '{:.3f}')}, {_f(p.get('predicted_tok_s_serial'))} .. "
+            f"{_f(p.get('predicted_tok_s_overlap'))} tok/s ({p.get('trace')}).",
+            f"Scaled: {s.get('on_device')} of {s.get('experts')} experts on the device "
+            f"(--memory {c.get('memory')}), {c.get('store_bits')}-bit store.",
+            "",
+        ]
         body = []
         for r in c.get("rows", []):
             if not r.get("ok"):
                 body.append(["failed: " + str(r.get("error", ""))[:80], *["-"] * 6])
                 continue
-            body.append([_f(r.get("decode_tok_s")), _f(r.get("hit_rate"), "{:.3f}"),
-                         _f(r.get("cpu_experts_per_token")), _f(r.get("stall_share"), "{:.0%}"),
-                         _f(sim_for(r)), _f(r["decode_tok_s"] / sim_for(r) if sim_for(r) else None),
-                         f"{_f(r.get('card_sim_tok_s_serial'))} .. {_f(r.get('card_sim_tok_s_overlap'))}"])
-        lines += _table(["decode tok/s here", "hit rate", "CPU experts/token", "stall %", "sim here",
-                         "measured ÷ sim", f"sim on {c.get('profile')} (these layers)"], body)
+            body.append(
+                [
+                    _f(r.get("decode_tok_s")),
+                    _f(r.get("hit_rate"), "{:.3f}"),
+                    _f(r.get("cpu_experts_per_token")),
+                    _f(r.get("stall_share"), "{:.0%}"),
+                    _f(sim_for(r)),
+                    _f(r["decode_tok_s"] / sim_for(r) if sim_for(r) else None),
+                    f"{_f(r.get('card_sim_tok_s_serial'))} .. {_f(r.get('card_sim_tok_s_overlap'))}",
+                ]
+            )
+        lines += _table(
+            [
+                "decode tok/s here",
+                "hit rate",
+                "CPU experts/token",
+                "stall %",
+                "sim here",
+                "measured ÷ sim",
+                f"sim on {c.get('profile')} (these layers)",
+            ],
+            body,
+        )
     fails = [*(bench.get("failures") or []), *(c.get("failures") or [])]
     if fails:
-        lines += ["", "## Failures", ""] + [f"- {f.get('system')} {f.get('bits')}-bit {_pct(f.get('pct'))} "
-                                            f"{f.get('prefetch')}: {f.get('error')}" for f in fails]
+        lines += ["", "## Failures", ""] + [
+            f"- {f.get('system')} {f.get('bits')}-bit {_pct(f.get('pct'))} "
+            f"{f.get('prefetch')}: {f.get('error')}"
+            for f in fails
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -250,7 +407,7 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-# ---- the command ------------------------------------------------------------------------------------------------
+# ---- the command -------------------------------------------------------------------------------------------
 
 
 class _Parser(argparse.ArgumentParser):
@@ -283,10 +440,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     work = Path(a.work) if a.work else Path(tempfile.gettempdir()) / "moe-offload-gpu-check"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    res = {"mode": "cpu-smoke" if a.cpu_smoke else "gpu", "command": "scripts/gpu_check.sh " + shlex.join(argv),
-           "started": time.strftime("%Y-%m-%d %H:%M:%S"), "phases": []}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+    }
+    res = {
+        "mode": "cpu-smoke" if a.cpu_smoke else "gpu",
+        "command": "scripts/gpu_check.sh " + shlex.join(argv),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "phases": [],
+    }
     try:
         import torch
 
@@ -297,7 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     for ph in phases(out, work, a.cpu_smoke, a.layers):
         print(f"gpu_check: {ph.name} (at most {ph.timeout:.0f} s) ...", file=sys.stderr, flush=True)
         r = run_phase(ph, out, env)
-        print(f"gpu_check: {ph.name}: {'ok' if r['ok'] else 'FAILED'} in {r['seconds']:.0f} s", file=sys.stderr)
+        print(
+            f"gpu_check: {ph.name}: {'ok' if r['ok'] else 'FAILED'} in {r['seconds']:.0f} s", file=sys.stderr
+        )
         res["phases"].append(r)
     res["tests"] = parse_pytest((out / "tests.log").read_text(errors="replace"))
     res["bench"], res["consumer"] = read_json(out / "bench.json"), read_json(out / "consumer.json")

@@ -25,8 +25,10 @@ PROMPT = [1, 5, 9, 20, 33, 7, 8, 9, 40, 11, 3, 60]  # 12 tokens, all < every spe
 NEW = 12
 ALL_SPECS = [*tiny.SPECS, *MORE_SPECS]
 # one spec per family for the offloaded matrix (the first of each model_type)
-FAMILY_SPECS = [*{tiny.SPECS[s][0]: s for s in reversed(tiny.SPECS)}.values(),
-                *{MORE_SPECS[s][0]: s for s in reversed(MORE_SPECS)}.values()]
+FAMILY_SPECS = [
+    *{tiny.SPECS[s][0]: s for s in reversed(tiny.SPECS)}.values(),
+    *{MORE_SPECS[s][0]: s for s in reversed(MORE_SPECS)}.values(),
+]
 OFFLOAD_MODES = ["none", "lookahead", "shadow", "auto", "cpu-measured", "cpu-profile"]
 
 
@@ -46,10 +48,19 @@ def build(folder, spec: str):
 def hf_greedy_cuda(hf, prompt: list[int], n: int) -> list[int]:
     inp = torch.tensor([prompt], device="cuda")
     with torch.no_grad():
-        out = hf.generate(inp, attention_mask=torch.ones_like(inp), do_sample=False, max_new_tokens=n,
-                          min_new_tokens=n, eos_token_id=None, pad_token_id=0, temperature=None, top_p=None,
-                          top_k=None)
-    return out[0, len(prompt):].tolist()
+        out = hf.generate(
+            inp,
+            attention_mask=torch.ones_like(inp),
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            eos_token_id=None,
+            pad_token_id=0,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +82,9 @@ def checkpoints(tmp_path_factory):
             cpu = load(store, dtype="float32")  # the shadow router learns this model's routing (on the CPU)
             ids = torch.randint(3, 128, (256,), generator=torch.Generator().manual_seed(1)).tolist()
             rec = record(cpu, ids, 64)
-            Shadow.train(rec.hidden, rec.chosen, cpu.model.n_experts, depth=2, m=cpu.model.top_k,
-                         steps=60).save(store / "shadow_router.safetensors")
+            Shadow.train(
+                rec.hidden, rec.chosen, cpu.model.n_experts, depth=2, m=cpu.model.top_k, steps=60
+            ).save(store / "shadow_router.safetensors")
             made[spec] = folder, store, ref, cpu.info["backbone_bytes"], cpu.info["expert_bytes"]
         return made[spec]
 
@@ -112,8 +124,14 @@ def test_offloaded_on_cuda_with_host_tier_equals_transformers(checkpoints, spec,
     engine = None
     while engine is None:
         try:
-            engine = load(store, device="cuda", dtype="float32", memory=memory, host_memory=experts // 2,
-                          **offload_kwargs(mode))
+            engine = load(
+                store,
+                device="cuda",
+                dtype="float32",
+                memory=memory,
+                host_memory=experts // 2,
+                **offload_kwargs(mode),
+            )
         except Exception as e:  # noqa: BLE001  (tiny experts: the floor is one layer's top-k, raise to it)
             if "too small" not in str(e):
                 raise
@@ -135,8 +153,13 @@ def test_offloaded_on_cuda_with_host_tier_equals_transformers(checkpoints, spec,
 @cuda
 def test_second_run_is_served_by_the_pinned_host_tier(checkpoints):
     _, store, ref, backbone, experts = checkpoints("mixtral_gqa")
-    engine = load(store, device="cuda", dtype="float32", memory=backbone + RESERVE["cuda"] + experts // 2,
-                  host_memory=2 * experts)
+    engine = load(
+        store,
+        device="cuda",
+        dtype="float32",
+        memory=backbone + RESERVE["cuda"] + experts // 2,
+        host_memory=2 * experts,
+    )
     first, _ = greedy(engine)
     again, s = greedy(engine)
     assert first == again == ref
@@ -158,12 +181,14 @@ def test_lowbit_stand_ins_on_cuda_equal_the_cpu_run(checkpoints):
 def test_measure_this_machine_on_cuda():
     from moe_offload.sim import measure_this_machine
 
-    hw = measure_this_machine(ram_bytes=64 << 20, disk_bytes=16 << 20, gemv_bytes=16 << 20, read_bytes=4 << 20)
+    hw = measure_this_machine(
+        ram_bytes=64 << 20, disk_bytes=16 << 20, gemv_bytes=16 << 20, read_bytes=4 << 20
+    )
     assert hw.device == "cuda" and hw.device_bytes > 0 and hw.host_bytes > 0
     assert hw.link_bw > 0 and hw.device_bw > 0 and hw.device_flops > 0 and hw.has_bandwidths
 
 
-# ---- on the CPU: fixes found by reading the CUDA path ---------------------------------------------------------
+# ---- on the CPU: fixes found by reading the CUDA path ------------------------------------------------------
 
 
 def test_shadow_router_maps_live_on_the_models_device(tmp_path):
@@ -176,9 +201,11 @@ def test_shadow_router_maps_live_on_the_models_device(tmp_path):
     maps = {(0, 1): (torch.randn(E, D), torch.zeros(E))}
     Shadow(maps, [0, 1], depth=1, m=2).save(tmp_path / "shadow_router.safetensors")
     gate = types.SimpleNamespace(weight=torch.empty(E, D, device="meta"))  # a device other than the file's
-    model = types.SimpleNamespace(top_k=2, n_experts=E,
-                                  moe_blocks=lambda: [(0, types.SimpleNamespace(gate=gate)),
-                                                      (1, types.SimpleNamespace(gate=gate))])
+    model = types.SimpleNamespace(
+        top_k=2,
+        n_experts=E,
+        moe_blocks=lambda: [(0, types.SimpleNamespace(gate=gate)), (1, types.SimpleNamespace(gate=gate))],
+    )
     p = make_prefetcher(None, model, tmp_path, "shadow")
     W, b = p.predictors["shadow"].maps[(0, 1)]
     assert W.device.type == b.device.type == "meta"
@@ -186,8 +213,8 @@ def test_shadow_router_maps_live_on_the_models_device(tmp_path):
 
 
 def test_simulate_this_machine_times_the_gpu_on_a_cuda_machine(tmp_path, monkeypatch):
-    """`simulate --hardware this-machine` on a CUDA machine replaced the measured GPU bandwidth with a CPU GEMV
-    and the per-token overhead with the CPU's: both must be timed on the profile's device."""
+    """`simulate --hardware this-machine` on a CUDA machine replaced the measured GPU bandwidth with a CPU
+    GEMV and the per-token overhead with the CPU's: both must be timed on the profile's device."""
     import contextlib
     import dataclasses
     import io
@@ -199,16 +226,23 @@ def test_simulate_this_machine_times_the_gpu_on_a_cuda_machine(tmp_path, monkeyp
     gpu = dataclasses.replace(sim.PROFILES["rtx3060-12gb"], name=sim.THIS_MACHINE)
     calls = []
     monkeypatch.setattr(sim, "measure_this_machine", lambda **kw: gpu)
-    monkeypatch.setattr(sim, "expert_gemv_bw", lambda *a, device="cpu", **kw: calls.append(("bw", device)) or 1e11)
-    monkeypatch.setattr(sim, "measure_token_overhead",
-                        lambda *a, device="cpu", **kw: calls.append(("over", device)) or 1e-3)
+    monkeypatch.setattr(
+        sim, "expert_gemv_bw", lambda *a, device="cpu", **kw: calls.append(("bw", device)) or 1e11
+    )
+    monkeypatch.setattr(
+        sim, "measure_token_overhead", lambda *a, device="cpu", **kw: calls.append(("over", device)) or 1e-3
+    )
     config = {**tiny.COMMON, "model_type": "mixtral", **tiny.SPECS["mixtral_gqa"][1]}
     trace = sim.synthetic_trace(40, [0, 1], 4, 2, expert_bytes=1 << 20, n_layers=2, backbone_bytes=1 << 20)
     trace.meta["config"] = config
     path = sim.save_trace(tmp_path / "trace.json", trace)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert main(["simulate", "--trace", str(path), "--hardware", "this-machine", "--memory", "4MiB",
-                     "--json"]) == 0
+        assert (
+            main(
+                ["simulate", "--trace", str(path), "--hardware", "this-machine", "--memory", "4MiB", "--json"]
+            )
+            == 0
+        )
     assert sorted(calls) == [("bw", "cuda"), ("over", "cuda")]
     assert json.loads(out.getvalue())["tokens"] > 0

@@ -1,6 +1,6 @@
 """scripts/gpu_check.sh and scripts/gpu_bench.py on the CPU: argument handling, the phase runner's timeout and
-failure records, pytest summary parsing, the goals and tables from fabricated results, the scaled 12 GB budget,
-and the whole check end to end on a tiny model (--cpu-smoke)."""
+failure records, pytest summary parsing, the goals and tables from fabricated results, the scaled 12 GB
+budget, and the whole check end to end on a tiny model (--cpu-smoke)."""
 
 from __future__ import annotations
 
@@ -30,11 +30,16 @@ check, bench = _module("gpu_check"), _module("gpu_bench")
 
 
 def sh(*args, env=None):
-    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), *args], capture_output=True, text=True,
-                          env={**CHILD_ENV, "PYTHON": sys.executable, **(env or {})}, timeout=600)
+    return subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh"), *args],
+        capture_output=True,
+        text=True,
+        env={**CHILD_ENV, "PYTHON": sys.executable, **(env or {})},
+        timeout=600,
+    )
 
 
-# ---- arguments ------------------------------------------------------------------------------------------------
+# ---- arguments ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("args", [[], [""], ["--cpu-smoke"]])
@@ -48,8 +53,12 @@ def test_missing_outdir_is_one_line_and_exit_2(args):
 def test_bad_arguments_are_one_line_and_exit_2(tmp_path, capsys):
     a_file = tmp_path / "f"
     a_file.write_text("x")
-    for argv in ([str(a_file)], [str(tmp_path / "o"), "--layers", "0"], [str(tmp_path / "o"), "--bogus"],
-                 [str(tmp_path / "o"), "--layers", "two"]):
+    for argv in (
+        [str(a_file)],
+        [str(tmp_path / "o"), "--layers", "0"],
+        [str(tmp_path / "o"), "--bogus"],
+        [str(tmp_path / "o"), "--layers", "two"],
+    ):
         try:
             code = check.main(argv)
         except SystemExit as e:  # argparse errors exit through _Parser.error
@@ -61,7 +70,7 @@ def test_bad_arguments_are_one_line_and_exit_2(tmp_path, capsys):
     assert a_file.read_text() == "x"
 
 
-# ---- the phase runner ------------------------------------------------------------------------------------------
+# ---- the phase runner --------------------------------------------------------------------------------------
 
 
 def test_phase_runner_records_success_failure_and_timeout(tmp_path):
@@ -88,39 +97,78 @@ def test_phases_fit_the_eight_minutes():
     assert all("--cpu-smoke" in p.argv for p in smoke[1:])
 
 
-# ---- parsing and rendering --------------------------------------------------------------------------------------
+# ---- parsing and rendering ---------------------------------------------------------------------------------
 
 
 def test_parse_pytest_summary_and_failures():
-    text = ("....F.s\nFAILED tests/test_cuda.py::test_offloaded[shadow-mixtral_gqa] - AssertionError: x\n"
-            "ERROR tests/test_cuda.py::test_resident[olmoe_gqa_clip] - RuntimeError\n"
-            "SKIPPED [18] tests/test_cuda.py:87: needs a CUDA device\n"
-            "3 failed, 70 passed, 5 skipped, 1 error in 12.34s\n")
+    text = (
+        "....F.s\nFAILED tests/test_cuda.py::test_offloaded[shadow-mixtral_gqa] - AssertionError: x\n"
+        "ERROR tests/test_cuda.py::test_resident[olmoe_gqa_clip] - RuntimeError\n"
+        "SKIPPED [18] tests/test_cuda.py:87: needs a CUDA device\n"
+        "3 failed, 70 passed, 5 skipped, 1 error in 12.34s\n"
+    )
     got = check.parse_pytest(text)
     assert (got["passed"], got["failed"], got["skipped"], got["errors"]) == (70, 3, 5, 1)
-    assert got["failed_tests"] == ["tests/test_cuda.py::test_offloaded[shadow-mixtral_gqa]",
-                                   "tests/test_cuda.py::test_resident[olmoe_gqa_clip]"]
+    assert got["failed_tests"] == [
+        "tests/test_cuda.py::test_offloaded[shadow-mixtral_gqa]",
+        "tests/test_cuda.py::test_resident[olmoe_gqa_clip]",
+    ]
     assert got["finished"]
     cut = check.parse_pytest("....\n[gpu_check] tests: stopped after its timeout of 170 s\n")
     assert not cut["finished"] and cut["passed"] == 0
 
 
 def _us(pct, prefetch, tok_s, bits=16, **kw):
-    return {"system": "us", "bits": bits, "pct": pct, "prefetch": prefetch, "ok": True, "decode_tok_s": tok_s,
-            "hit_rate": 0.5, "stall_ms_per_token": 10.0, "stall_share": 0.2, "link_gbs": 20.0, **kw}
+    return {
+        "system": "us",
+        "bits": bits,
+        "pct": pct,
+        "prefetch": prefetch,
+        "ok": True,
+        "decode_tok_s": tok_s,
+        "hit_rate": 0.5,
+        "stall_ms_per_token": 10.0,
+        "stall_share": 0.2,
+        "link_gbs": 20.0,
+        **kw,
+    }
 
 
-BENCH = {"layers": 2, "new_tokens": 24, "accelerate_tokens": 6,
-         "widths": {"hidden_size": 4096, "num_local_experts": 8, "intermediate_size": 14336, "num_experts_per_tok": 2},
-         "machine": {"link_gbs": 50.0, "device_copy_gbs": 4000.0, "expert_gemv_gbs": 3000.0,
-                     "token_overhead_ms": 2.0, "disk_gbs": 3.0},
-         "rows": [_us(50, "lookahead", 7.0, sim_tok_s_serial=5.0, sim_tok_s_overlap=8.0),
-                  {"system": "accelerate", "bits": 16, "pct": 50, "prefetch": None, "ok": True, "decode_tok_s": 2.0},
-                  _us(50, "none", 5.0, sim_tok_s_serial=4.0, sim_tok_s_overlap=9.0),
-                  _us(50, "auto", 9.0, bits=4, sim_tok_s_serial=4.0, sim_tok_s_overlap=10.0),
-                  {"system": "us", "bits": 16, "pct": 25, "prefetch": "lookahead", "ok": False,
-                   "error": "OutOfMemoryError: CUDA out of memory"}],
-         "failures": [{"system": "us", "bits": 16, "pct": 25, "prefetch": "lookahead", "error": "OutOfMemoryError"}]}
+BENCH = {
+    "layers": 2,
+    "new_tokens": 24,
+    "accelerate_tokens": 6,
+    "widths": {
+        "hidden_size": 4096,
+        "num_local_experts": 8,
+        "intermediate_size": 14336,
+        "num_experts_per_tok": 2,
+    },
+    "machine": {
+        "link_gbs": 50.0,
+        "device_copy_gbs": 4000.0,
+        "expert_gemv_gbs": 3000.0,
+        "token_overhead_ms": 2.0,
+        "disk_gbs": 3.0,
+    },
+    "rows": [
+        _us(50, "lookahead", 7.0, sim_tok_s_serial=5.0, sim_tok_s_overlap=8.0),
+        {"system": "accelerate", "bits": 16, "pct": 50, "prefetch": None, "ok": True, "decode_tok_s": 2.0},
+        _us(50, "none", 5.0, sim_tok_s_serial=4.0, sim_tok_s_overlap=9.0),
+        _us(50, "auto", 9.0, bits=4, sim_tok_s_serial=4.0, sim_tok_s_overlap=10.0),
+        {
+            "system": "us",
+            "bits": 16,
+            "pct": 25,
+            "prefetch": "lookahead",
+            "ok": False,
+            "error": "OutOfMemoryError: CUDA out of memory",
+        },
+    ],
+    "failures": [
+        {"system": "us", "bits": 16, "pct": 25, "prefetch": "lookahead", "error": "OutOfMemoryError"}
+    ],
+}
 
 
 def test_goals_from_fabricated_rows():
@@ -137,19 +185,49 @@ def test_goals_from_fabricated_rows():
 
 
 def test_render_tables_from_a_results_dict():
-    res = {"mode": "gpu", "command": "scripts/gpu_check.sh out", "gpu": "NVIDIA H200", "started": "a",
-           "finished": "b", "phases": [{"name": "tests", "ok": False, "timed_out": True, "rc": -15, "seconds": 170.2,
-                                        "log": "tests.log"}],
-           "tests": check.parse_pytest("1 failed, 2 passed in 3s\nFAILED tests/test_cuda.py::t - x\n"),
-           "bench": BENCH, "goals": check.goals(BENCH),
-           "consumer": {"profile": "rtx3060-12gb", "memory": 123, "store_bits": 4,
-                        "plan": {"recommended": {"expert_bits": 4, "prefetch": True, "cpu_misses": True},
-                                 "predicted_hit_rate": 0.529, "predicted_tok_s_serial": 7.33,
-                                 "predicted_tok_s_overlap": 8.57, "trace": "synthetic"},
-                        "scaled": {"device_share": 81 / 256, "host_share": 175 / 256, "disk_share": 0.0,
-                                   "on_device": 5, "experts": 16},
-                        "rows": [_us(None, "lookahead", 3.0, cpu_experts_per_token=1.5, sim_tok_s_overlap=4.0,
-                                     card_sim_tok_s_serial=1.0, card_sim_tok_s_overlap=2.0)]}}
+    res = {
+        "mode": "gpu",
+        "command": "scripts/gpu_check.sh out",
+        "gpu": "NVIDIA H200",
+        "started": "a",
+        "finished": "b",
+        "phases": [
+            {"name": "tests", "ok": False, "timed_out": True, "rc": -15, "seconds": 170.2, "log": "tests.log"}
+        ],
+        "tests": check.parse_pytest("1 failed, 2 passed in 3s\nFAILED tests/test_cuda.py::t - x\n"),
+        "bench": BENCH,
+        "goals": check.goals(BENCH),
+        "consumer": {
+            "profile": "rtx3060-12gb",
+            "memory": 123,
+            "store_bits": 4,
+            "plan": {
+                "recommended": {"expert_bits": 4, "prefetch": True, "cpu_misses": True},
+                "predicted_hit_rate": 0.529,
+                "predicted_tok_s_serial": 7.33,
+                "predicted_tok_s_overlap": 8.57,
+                "trace": "synthetic",
+            },
+            "scaled": {
+                "device_share": 81 / 256,
+                "host_share": 175 / 256,
+                "disk_share": 0.0,
+                "on_device": 5,
+                "experts": 16,
+            },
+            "rows": [
+                _us(
+                    None,
+                    "lookahead",
+                    3.0,
+                    cpu_experts_per_token=1.5,
+                    sim_tok_s_overlap=4.0,
+                    card_sim_tok_s_serial=1.0,
+                    card_sim_tok_s_overlap=2.0,
+                )
+            ],
+        },
+    }
     md = check.render(res)
     assert "| tests | timed out | 170 | tests.log |" in md
     assert "1 passed" not in md and "2 passed, 1 failed" in md and "- FAILED tests/test_cuda.py::t" in md
@@ -164,15 +242,20 @@ def test_render_tables_from_a_results_dict():
     assert "## Failures" in md
 
 
-# ---- the bench's arithmetic --------------------------------------------------------------------------------------
+# ---- the bench's arithmetic --------------------------------------------------------------------------------
 
 
 def test_budget_and_decode_deltas():
     assert bench.budget(50, 100, 1000, 64, 10) == 100 + 64 + 500
     assert bench.budget(1, 100, 1000, 0, 300) == 400  # never below one layer's active experts
     pre = {"expert_hits": 2, "expert_misses": 2, "bytes_to_device": 100, "stall_seconds": 0.5}
-    end = {"expert_hits": 8, "expert_misses": 4, "bytes_to_device": 4100, "stall_seconds": 1.5,
-           "bytes_read_disk": 0}
+    end = {
+        "expert_hits": 8,
+        "expert_misses": 4,
+        "bytes_to_device": 4100,
+        "stall_seconds": 1.5,
+        "bytes_read_disk": 0,
+    }
     d = bench.decode_deltas(pre, end, tokens=4, seconds=4.0)
     assert d["hit_rate"] == pytest.approx(6 / 8)
     assert d["stall_ms_per_token"] == pytest.approx(250.0) and d["stall_share"] == pytest.approx(0.25)
@@ -182,8 +265,12 @@ def test_budget_and_decode_deltas():
 
 def test_grid_puts_the_goal_rows_first():
     items = bench.grid([50, 25, 100], ["lookahead", "none", "auto"], [16, 4])
-    assert items[:4] == [("us", 16, 50, "lookahead"), ("accelerate", 16, 50, None), ("us", 16, 50, "none"),
-                         ("us", 16, 50, "auto")]
+    assert items[:4] == [
+        ("us", 16, 50, "lookahead"),
+        ("accelerate", 16, 50, None),
+        ("us", 16, 50, "none"),
+        ("us", 16, 50, "auto"),
+    ]
     assert items[4:6] == [("us", 16, 25, "lookahead"), ("accelerate", 16, 25, None)]
     assert len(items) == 3 * 3 * 2 + 3 and all(b == 4 for _, b, _, _ in items[-9:])
 
@@ -195,14 +282,22 @@ def test_scaled_consumer_budget_from_the_planner():
     assert s["bits"] == row["bits"] and s["device_share"] == row["on_device"] / 256
     assert s["on_device"] == row["on_device"] * 16 // 256
     assert s["in_host"] == -(-row["in_host"] * 16 // 256) and row["on_disk"] == s["on_disk"] == 0
-    fake = {"moe_layers": 32, "n_experts": 8, "rows": [{"bits": 16, "on_device": 22, "in_host": 87, "on_disk": 147}],
-            "recommended": {"expert_bits": 16, "prefetch": True, "cpu_misses": False}}
+    fake = {
+        "moe_layers": 32,
+        "n_experts": 8,
+        "rows": [{"bits": 16, "on_device": 22, "in_host": 87, "on_disk": 147}],
+        "recommended": {"expert_bits": 16, "prefetch": True, "cpu_misses": False},
+    }
     s = bench.scaled_consumer(fake, moe_layers=4, n_experts=8)
-    assert (s["on_device"], s["in_host"], s["on_disk"]) == (2, 11, 19)  # 22*32//256, ceil(87*32/256), the rest
+    assert (s["on_device"], s["in_host"], s["on_disk"]) == (
+        2,
+        11,
+        19,
+    )  # 22*32//256, ceil(87*32/256), the rest
     assert s["prefetch"] is True and s["cpu_misses"] is False
 
 
-# ---- the whole check, on the CPU ---------------------------------------------------------------------------------
+# ---- the whole check, on the CPU ---------------------------------------------------------------------------
 
 
 def test_cpu_smoke_runs_every_phase(tmp_path):
@@ -210,8 +305,15 @@ def test_cpu_smoke_runs_every_phase(tmp_path):
     r = sh(str(out), "--cpu-smoke", "--work", str(tmp_path / "work"))
     assert r.returncode == 0, r.stderr[-2000:]
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["bench.json", "bench.log", "consumer.json", "consumer.log", "results.json", "summary.md",
-                     "tests.log"]  # at most 8 come back from the device machine
+    assert files == [
+        "bench.json",
+        "bench.log",
+        "consumer.json",
+        "consumer.log",
+        "results.json",
+        "summary.md",
+        "tests.log",
+    ]  # at most 8 come back from the device machine
     res = json.loads((out / "results.json").read_text())
     assert [p["name"] for p in res["phases"] if p["ok"]] == ["tests", "bench", "consumer"]
     assert res["tests"]["finished"] and res["tests"]["failed"] == 0 and res["tests"]["passed"] >= 2
