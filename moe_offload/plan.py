@@ -122,7 +122,7 @@ def _meta_sizes(cfg: dict) -> ModelSizes:
     blocks = model.moe_blocks()
     routers = set()
     for _, moe in blocks:
-        routers |= {id(p) for p in moe.gate.parameters()}
+        routers |= {id(p) for p in moe.router_linear().parameters()}
         if getattr(moe, "shared_expert_gate", None) is not None:
             routers |= {id(p) for p in moe.shared_expert_gate.parameters()}
     lin = fix = 0

@@ -90,7 +90,7 @@ def routing_stats(rec: Recording, model_type: str) -> dict:
 
 
 def gates_of(model) -> dict[int, torch.Tensor]:
-    return {L: moe.gate.weight.detach() for L, moe in model.moe_blocks()}
+    return {L: moe.router_linear().weight.detach() for L, moe in model.moe_blocks()}
 
 
 def _add_profile(p):

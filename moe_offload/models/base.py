@@ -241,6 +241,10 @@ class MoE(nn.Module):
     def router_logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h.float(), self.gate.weight.float())  # [N, E] fp32
 
+    def router_linear(self) -> nn.Linear:
+        """The router's linear layer (weight [E, D]), whatever the family's checkpoint calls it."""
+        return self.gate
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         h = x.reshape(-1, shape[-1])  # [N, D]

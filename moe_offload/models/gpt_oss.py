@@ -102,6 +102,9 @@ class GptOssMoE(MoE):
     def router_logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h.float(), self.router.weight.float(), self.router.bias.float())  # [N, E] fp32
 
+    def router_linear(self) -> nn.Linear:
+        return self.router
+
 
 class GptOssDecoderLayer(DecoderLayer):
     def __init__(self, args: ModelArgs, attn: Attention, mlp: nn.Module):

@@ -63,6 +63,9 @@ class GraniteMoE(MoE):
     def router_logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h.float(), self.router.layer.weight.float())  # [N, E] fp32
 
+    def router_linear(self) -> nn.Linear:
+        return self.router.layer
+
 
 class GraniteDecoderLayer(DecoderLayer):
     def __init__(self, args: ModelArgs, attn: Attention, mlp: nn.Module):

@@ -131,7 +131,7 @@ def make_prefetcher(cache, model, store_path, mode: str, depth: int = 1, m: int 
     m = m or model.top_k
     if not 1 <= m <= model.n_experts:
         raise UsageError(f"--prefetch-experts must be in 1..{model.n_experts}")
-    gates = {L: moe.gate.weight.detach() for L, moe in model.moe_blocks()}
+    gates = {L: moe.router_linear().weight.detach() for L, moe in model.moe_blocks()}  # a router bias left out
     predictors = {}
     if mode in ("lookahead", "auto"):
         predictors["lookahead"] = Lookahead(gates, depth=depth, m=m)
