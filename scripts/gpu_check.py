@@ -108,6 +108,41 @@ def run_phase(phase: Phase, out: Path, env: dict | None = None) -> dict:
     }
 
 
+def ensure_pytest(
+    python: str, env: dict, work: Path, wheels: Path = REPO / "shared" / "wheels"
+) -> tuple[dict, str]:
+    """The tests phase's environment: as is when pytest imports; else pytest installed from wheels the repo
+    carries (shared/wheels, e.g. `pip download pytest -d shared/wheels`) into WORK/pydeps.
+    Returns (env, note)."""
+    probe = [python, "-c", "import pytest"]
+    if subprocess.run(probe, env=env, capture_output=True, check=False).returncode == 0:
+        return env, "pytest found"
+    if not list(wheels.glob("*.whl")):
+        return env, f"pytest is not installed and {wheels} holds no wheels: the CUDA tests cannot run"
+    target = work / "pydeps"
+    pip = [
+        python,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-index",
+        "--find-links",
+        str(wheels),
+        "--target",
+        str(target),
+        "pytest",
+    ]
+    r = subprocess.run(pip, env=env, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        return (
+            env,
+            f"pytest is not installed; installing it from {wheels} failed: {(r.stderr or r.stdout)[-300:]}",
+        )
+    env = {**env, "PYTHONPATH": os.pathsep.join([env.get("PYTHONPATH", ""), str(target)]).strip(os.pathsep)}
+    return env, f"pytest installed from {wheels} into {target}"
+
+
 # ---- parsing -----------------------------------------------------------------------------------------------
 
 _COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)")
@@ -242,7 +277,9 @@ def render(res: dict) -> str:
         "## CUDA tests (tests/test_cuda.py)",
         "",
         f"{t.get('passed', 0)} passed, {t.get('failed', 0)} failed, {t.get('errors', 0)} errors, "
-        f"{t.get('skipped', 0)} skipped" + ("" if t.get("finished", True) else " (did not finish)"),
+        f"{t.get('skipped', 0)} skipped"
+        + ("" if t.get("finished", True) else " (did not finish)")
+        + (f"; {res['pytest']}" if res.get("pytest", "pytest found") != "pytest found" else ""),
     ]
     lines += [f"- FAILED {name}" for name in t.get("failed_tests", [])]
     bench = res.get("bench") or {}
@@ -460,9 +497,11 @@ def main(argv: list[str] | None = None) -> int:
         res["torch"] = torch.__version__
     except Exception as e:  # noqa: BLE001  (the phases will say more)
         res["gpu"] = f"torch unusable: {e}"
+    work.mkdir(parents=True, exist_ok=True)
+    test_env, res["pytest"] = ensure_pytest(sys.executable, env, work)
     for ph in phases(out, work, a.cpu_smoke, a.layers):
         print(f"gpu_check: {ph.name} (at most {ph.timeout:.0f} s) ...", file=sys.stderr, flush=True)
-        r = run_phase(ph, out, env)
+        r = run_phase(ph, out, test_env if ph.name == "tests" else env)
         print(
             f"gpu_check: {ph.name}: {'ok' if r['ok'] else 'FAILED'} in {r['seconds']:.0f} s", file=sys.stderr
         )

@@ -323,3 +323,14 @@ def test_cpu_smoke_runs_every_phase(tmp_path):
     assert [r["ok"] for r in res["consumer"]["rows"]] == [True]
     md = (out / "summary.md").read_text()
     assert "## Goals" in md and "| 50 % | us | 16 | lookahead |" in md and "rtx3060-12gb" in md
+
+
+def test_missing_pytest_is_reported_or_installed_from_wheels(tmp_path):
+    env = dict(CHILD_ENV)
+    got, note = check.ensure_pytest(sys.executable, env, tmp_path, wheels=tmp_path / "none")
+    assert got is env and note == "pytest found"
+    fake = tmp_path / "python"  # an interpreter without pytest
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    got, note = check.ensure_pytest(str(fake), env, tmp_path, wheels=tmp_path / "none")
+    assert got is env and "pytest is not installed" in note and "holds no wheels" in note
