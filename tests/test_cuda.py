@@ -127,8 +127,9 @@ def test_offloaded_on_cuda_with_host_tier_equals_transformers(checkpoints, spec,
     # the prefetcher), and half of them in pinned RAM
     top_k = load(store, dtype="float32").model.top_k
     memory = backbone + RESERVE["cuda"] + max(experts // 4, 2 * top_k * biggest[spec])
-    engine = load(store, device="cuda", dtype="float32", memory=memory, host_memory=experts // 2,
-                  **offload_kwargs(mode))
+    engine = load(
+        store, device="cuda", dtype="float32", memory=memory, host_memory=experts // 2, **offload_kwargs(mode)
+    )
     tokens, s = greedy(engine)
     assert tokens == ref, (spec, mode)
     assert s["expert_misses"] > 0
@@ -264,7 +265,9 @@ def test_families_with_renamed_routers_prefetch_profile_and_plan(spec, tmp_path)
     assert sorted(gates) == [la for la, _ in full.model.moe_blocks()]
     assert all(g.shape == (full.model.n_experts, full.args.hidden_size) for g in gates.values())
     sizes = model_sizes(open_store(store).config)
-    assert sizes.expert_params == 3 * full.model.expert_shape.hidden * full.model.expert_shape.intermediate + (
-        2 * full.model.expert_shape.intermediate + full.model.expert_shape.hidden if full.model.expert_shape.bias
-        else 0)
-    assert sizes.backbone_params == full.info["backbone_bytes"] // 4  # float32 store: every tensor counted once
+    shape = full.model.expert_shape
+    biases = 2 * shape.intermediate + shape.hidden if shape.bias else 0
+    assert sizes.expert_params == 3 * shape.hidden * shape.intermediate + biases
+    assert (
+        sizes.backbone_params == full.info["backbone_bytes"] // 4
+    )  # float32 store: every tensor counted once
