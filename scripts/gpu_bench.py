@@ -187,6 +187,7 @@ def prepare(work: Path, layers: int, smoke: bool, device: str) -> dict:
         tmp = hf.with_name(hf.name + ".tmp")
         model.save_pretrained(str(tmp))
         del model
+        free_device()  # the built weights leave the device before the bench's budgets are set
         os.replace(tmp, hf)
         log(f"built {hf.name} on {device} in {time.perf_counter() - t0:.1f} s")
     if not (s16 / "manifest.json").is_file():
