@@ -485,6 +485,7 @@ def cmd_bench(a) -> int:
         phase="bench",
         device=device,
         gpu=gpu_name(),
+        torch=torch.__version__,
         layers=a.layers,
         widths=model_config(a.layers, a.cpu_smoke),
         new_tokens=a.new_tokens,
@@ -552,6 +553,7 @@ def cmd_consumer(a) -> int:
         phase="consumer",
         device=device,
         gpu=gpu_name(),
+        torch=torch.__version__,
         profile=a.profile,
         plan={
             "recommended": plan["recommended"],

@@ -490,13 +490,6 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "phases": [],
     }
-    try:
-        import torch
-
-        res["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
-        res["torch"] = torch.__version__
-    except Exception as e:  # noqa: BLE001  (the phases will say more)
-        res["gpu"] = f"torch unusable: {e}"
     work.mkdir(parents=True, exist_ok=True)
     test_env, res["pytest"] = ensure_pytest(sys.executable, env, work)
     for ph in phases(out, work, a.cpu_smoke, a.layers):
@@ -509,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     res["tests"] = parse_pytest((out / "tests.log").read_text(errors="replace"))
     res["bench"], res["consumer"] = read_json(out / "bench.json"), read_json(out / "consumer.json")
     res["goals"] = goals(res["bench"])
+    ran = res["bench"] or res["consumer"] or {}  # the phases name the device they ran on
+    res["gpu"], res["torch"] = ran.get("gpu", "unknown"), ran.get("torch", "unknown")
     res["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     write_atomic(out / "results.json", json.dumps(res, indent=1, default=str))
     try:
