@@ -35,7 +35,7 @@ def sh(*args, env=None):
         capture_output=True,
         text=True,
         env={**CHILD_ENV, "PYTHON": sys.executable, **(env or {})},
-        timeout=600,
+        timeout=1200,
     )
 
 
