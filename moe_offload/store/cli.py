@@ -13,7 +13,8 @@ def _add_convert(p):
     p.add_argument("--out", required=True, help="store folder to create")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the stored weights (default: the checkpoint's)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is an expert store or an empty folder")
 
 
 @command("convert", "convert a Hugging Face MoE folder into an expert store", _add_convert)

@@ -8,7 +8,8 @@
     tokenizer files, generation_config.json   copied from the Hugging Face folder
 
 `convert` streams one tensor at a time into a temporary folder beside the target and renames it only when
-complete, so an interrupted convert leaves nothing under the target name.
+complete, so an interrupted convert leaves nothing under the target name (store/folders.py: what --out may
+name, replacing a store, leftovers of killed runs).
 """
 
 from __future__ import annotations
@@ -36,12 +37,12 @@ from ..checkpoint import (
 from ..errors import MoeError
 from ..experts import Codec, DenseCodec, ExpertShape, make_codec
 from ..models import build, get_module
-from ..utils import DTYPE_NAMES, atomic_dir, drop_page_cache
+from ..utils import DTYPE_NAMES, drop_page_cache
+from .folders import FORMAT_NAME, MANIFEST, check_out, store_dir
 
-FORMAT_NAME = "moe-offload-store"
 FORMAT_VERSION = 1
 ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffers aligned to the logical block size (<= 4096)
-MANIFEST, EXPERTS, BACKBONE = "manifest.json", "experts.bin", "backbone.safetensors"
+EXPERTS, BACKBONE = "experts.bin", "backbone.safetensors"
 COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
           "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
           "generation_config.json")
@@ -189,6 +190,7 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if (hf_dir / MANIFEST).is_file():
         raise MoeError(f"{hf_dir} is already an expert store")
+    check_out(hf_dir, out_dir, overwrite)
     config = read_config(hf_dir)
     get_module(config.get("model_type"))  # unsupported type -> clear error before anything is written
     with torch.device("meta"):
@@ -210,7 +212,7 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.
     pick = codec if not hasattr(codec, "encode") else (lambda layer, expert: codec)
     shape = model.expert_shape
 
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with store_dir(out_dir, overwrite=overwrite) as tmp:
         entries = write_experts(tmp / EXPERTS, source, model_type, moe_layers, n_experts, pick)
         keep = tuple(getattr(model, "fp32_keys", ()))  # kept in fp32 whatever the dtype (as build_model)
         bsource, bnames = source, backbone
