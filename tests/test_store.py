@@ -21,6 +21,7 @@ from moe_offload.errors import MoeError, UsageError
 from moe_offload.experts import DenseCodec
 from moe_offload.runtime.engine import load
 from moe_offload.store import format as fmt
+from moe_offload.store import tiers
 from moe_offload.store.format import convert, open_store
 from moe_offload.store.loader import DEMAND, PREFETCH, Loader
 from moe_offload.store.open import mib
@@ -426,19 +427,25 @@ def test_offloaded_runs_read_into_reused_buffers_and_stay_exact(stores):
         assert stats["read_buffers_allocated"] + stats["read_buffers_reused"] == stats["expert_misses"]
 
 
-def test_verify_first_checks_each_expert_once_and_always_checks_every_read(stores, tmp_path):
+def test_verify_first_checks_each_expert_once_and_always_checks_every_read(stores, tmp_path, monkeypatch):
     store = copy_store(stores["mixtral_gqa"][1], tmp_path / "s")
     e = open_store(store).entries[(0, 1)]
+    checked = []
+    monkeypatch.setattr(tiers, "crc32_hex", lambda view: checked.append(1) or fmt.crc32_hex(view))
     first, always = DiskTier(store / fmt.EXPERTS), DiskTier(store / fmt.EXPERTS, verify="always")
-    first.read(e), always.read(e)
-    with open(store / fmt.EXPERTS, "r+b") as f:  # the file changes under a running process
+    for _ in range(3):
+        first.read(e), always.read(e)
+    assert len(checked) == 1 + 3
+    stat = os.stat(store / fmt.EXPERTS)
+    with open(store / fmt.EXPERTS, "r+b") as f:  # the file changes under a running process ...
         f.seek(e.offset)
         b = f.read(1)
         f.seek(e.offset)
         f.write(bytes([b[0] ^ 1]))
-    assert first.read(e)[0] == b[0] ^ 1  # verified once already: read as is
-    with pytest.raises(MoeError, match="checksum mismatch in layer 0 expert 1"):
-        always.read(e)
+    os.utime(store / fmt.EXPERTS, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ... and hides its mtime
+    for tier in (first, always):  # refused, not served: a verified expert is not read as is
+        with pytest.raises(MoeError, match=r"changed on disk while in use \(experts.bin was modified\); restart"):
+            tier.read(e)
     with pytest.raises(MoeError, match="checksum mismatch in layer 0 expert 1"):
         DiskTier(store / fmt.EXPERTS).read(e)  # a new process checks it again
 
