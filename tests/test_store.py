@@ -178,6 +178,37 @@ def test_hf_folder_with_memory_is_converted_once_into_the_cache(stores, tmp_path
     assert len(list((tmp_path / "cache").iterdir())) == 1
 
 
+def test_cached_stores_are_announced_keyed_on_content_listed_and_removed(stores, tmp_path, monkeypatch, capsys):
+    hf = shutil.copytree(stores["mixtral_gqa"][0], tmp_path / "hf")
+    monkeypatch.delenv("MOE_OFFLOAD_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    root = tmp_path / "xdg" / "moe-offload" / "stores"
+    load(hf, memory="1GiB")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"into an expert store at {root}" in err and " MiB on disk" in err
+    first = list(root.iterdir())
+    code, out, _ = cli("stores")
+    assert code == 0 and len(first) == 1 and f"{first[0]}  <-  {hf.resolve()}\n" in out
+    os.utime(hf / "model.safetensors", ns=(1, 1))  # the source changes: its entry is stale ...
+    assert "(stale: source gone or changed)" in cli("stores")[1]
+    load(hf, memory="1GiB")  # ... and the next conversion replaces it
+    assert "replacing 1 stale copy" in capsys.readouterr().err
+    second = list(root.iterdir())
+    assert len(second) == 1 and second != first
+    foreign = root / "mine"  # not ours: never removed
+    foreign.mkdir()
+    for path in (hf, foreign, tmp_path):
+        code, _, err = cli("stores", "--remove", str(path))
+        assert code == 2 and "is not a store in the moe-offload cache" in err and path.exists()
+    code, out, _ = cli("stores", "--remove", str(second[0]))
+    assert code == 0 and out.startswith(f"removed {second[0]}") and not second[0].exists()
+    load(hf, memory="1GiB")
+    shutil.rmtree(hf)
+    code, out, _ = cli("stores", "--prune")
+    assert code == 0 and out.startswith("removed 1 stale cached store(s)")
+    assert list(root.iterdir()) == [foreign]
+
+
 def test_unknown_offload_option_is_refused(stores):
     with pytest.raises(UsageError, match="warp_drive"):
         load(stores["mixtral_gqa"][1], warp_drive="on")

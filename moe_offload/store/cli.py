@@ -27,3 +27,31 @@ def cmd_convert(a) -> int:
     print(f"converted {len(store.entries)} experts ({mib(store.expert_bytes)}, {store.manifest['dtype']}) "
           f"+ backbone {mib(backbone)} in {time.perf_counter() - t0:.1f} s -> {store.path}")
     return 0
+
+
+def _add_stores(p):
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--remove", default=None, metavar="PATH", help="remove this cached store")
+    what.add_argument("--prune", action="store_true",
+                      help="remove cached stores whose source folder is gone or changed")
+
+
+@command("stores", "list the stores converted on the fly for --memory (a cache), or remove them", _add_stores)
+def cmd_stores(a) -> int:
+    from . import cached
+
+    if a.remove is not None:
+        e = cached.remove(a.remove)
+        print(f"removed {e.path} ({mib(e.nbytes)})")
+        return 0
+    rows = cached.entries()
+    if a.prune:
+        gone = [e for e in rows if e.stale()]
+        for e in gone:
+            cached.remove(e.path)
+        print(f"removed {len(gone)} stale cached store(s), {mib(sum(e.nbytes for e in gone))}")
+        return 0
+    print(f"{cached.cache_root()}: {len(rows)} cached store(s), {mib(sum(e.nbytes for e in rows))}")
+    if rows:
+        print(cached.format_entries(rows))
+    return 0
