@@ -178,7 +178,8 @@ def test_hf_folder_with_memory_is_converted_once_into_the_cache(stores, tmp_path
     assert len(list((tmp_path / "cache").iterdir())) == 1
 
 
-def test_cached_stores_are_announced_keyed_on_content_listed_and_removed(stores, tmp_path, monkeypatch, capsys):
+def test_cached_stores_are_announced_keyed_on_content_listed_and_removed(stores, tmp_path, monkeypatch,
+                                                                       capsys):
     hf = shutil.copytree(stores["mixtral_gqa"][0], tmp_path / "hf")
     monkeypatch.delenv("MOE_OFFLOAD_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
