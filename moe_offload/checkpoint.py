@@ -455,8 +455,9 @@ class Fp8Dequantized:
 
 
 def dequantizing(source, config: dict):
-    """`source` itself, or a view that dequantises it when config.json declares a format loaded that way; first
-    checked against the config (check_config_tensors), since every HF folder that is loaded passes here."""
+    """`source` itself, or a view that dequantises it when config.json declares a format loaded that way;
+    first checked against the config (check_config_tensors), since every HF folder that is loaded passes
+    here."""
     check_config_tensors(config, source, f"{getattr(source, 'folder', 'checkpoint')}/config.json")
     block = fp8_block_size(config)
     return Fp8Dequantized(source, block) if block else source

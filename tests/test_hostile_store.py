@@ -176,7 +176,7 @@ def test_stale_temporaries_of_killed_runs_are_removed_and_nothing_else(hf, tmp_p
     assert not (out / folders.MARK).exists()
 
 
-# ---- no silent garbage: a damaged backbone, a store changed under a running process -------------------------
+# ---- no silent garbage: a damaged backbone, a store changed under a running process ------------------------
 
 def copy_store(src: Path, dst: Path) -> Path:
     return shutil.copytree(src, dst)
@@ -216,7 +216,7 @@ def test_store_replaced_under_a_running_engine_is_refused(hf, store, tmp_path):
         engine.generate(prompt_ids=prompt, max_new_tokens=6, ignore_eos=True)
 
 
-# ---- bounded and checked: manifest fields (a store), config fields (an HF folder) ---------------------------
+# ---- bounded and checked: manifest fields (a store), config fields (an HF folder) --------------------------
 
 def deep_json(store: Path) -> None:
     (store / fmt.MANIFEST).write_text("[" * 100_000 + "]" * 100_000)
@@ -256,10 +256,10 @@ MANIFEST_CASES = [  # (name, edit of the manifest dict or of the folder, text in
     ("activation-unknown", _set("expert_shape", "act", "__import__"), "is not a known activation"),
     ("top_k-0", _set("top_k", 0), "top_k 0 is out of range"),
     ("checksum-not-hex", _set("experts", 0, "checksum", "<script>"), "checksum must be 8 hex digits"),
-    ("config-layers-1e6", _set("config", "num_hidden_layers", 10**6), "num_hidden_layers 1000000 is out of range"),
+    ("config-layers-1e6", _set("config", "num_hidden_layers", 10**6), "num_hidden_layers 1000000 is out of"),
     ("config-hidden-wrong", _set("config", "hidden_size", 80), "expert_shape.hidden 64 is not the config's"),
-    ("config-missing-experts", lambda m: m["config"].pop("num_local_experts"), "num_local_experts or num_experts"),
-    ("config-vocab-wrong", _set("config", "vocab_size", 500), "vocab_size is 500 but model.embed_tokens.weight"),
+    ("config-missing-experts", lambda m: m["config"].pop("num_local_experts"), "num_local_experts or num_"),
+    ("config-vocab-wrong", _set("config", "vocab_size", 500), "vocab_size is 500 but model.embed_tokens"),
     ("json-nested-100000-deep", deep_json, "not valid JSON"),
     ("manifest-65MiB", huge_manifest, "more than the 64 MiB"),
 ]
@@ -320,7 +320,7 @@ CONFIG_CASES = [  # (name, damage to a copy of an HF folder, text in the one lin
     ("missing-num_local_experts", _config(lambda c: c.pop("num_local_experts")),
      "num_local_experts or num_experts is missing"),
     ("hidden_size-a-string", _config(lambda c: c.update(hidden_size="64")), "hidden_size must be an integer"),
-    ("layers-1e6", _config(lambda c: c.update(num_hidden_layers=10**6)), "num_hidden_layers 1000000 is out of"),
+    ("layers-1e6", _config(lambda c: c.update(num_hidden_layers=10**6)), "num_hidden_layers 1000000 is out"),
     ("layers-more-than-the-tensors", _config(lambda c: c.update(num_hidden_layers=3)), "holds layers 0..1"),
     ("hidden_size-not-the-tensors", _config(lambda c: c.update(hidden_size=80)),
      "hidden_size is 80 but model.embed_tokens.weight is 400×64"),
@@ -330,10 +330,10 @@ CONFIG_CASES = [  # (name, damage to a copy of an HF folder, text in the one lin
     ("config-a-list", _write("config.json", "[1, 2]"), "config.json: expected a JSON object, got list"),
     ("tokenizer_config-garbage", _write("tokenizer_config.json", "{\"bos_token\": "),
      "tokenizer_config.json: not valid JSON"),
-    ("index-to-etc-passwd", _index("../../../etc/passwd"), "'../../../etc/passwd' leads outside the model folder"),
-    ("index-to-outside-safetensors", _index("../outside.safetensors"), "'../outside.safetensors' leads outside"),
+    ("index-to-etc-passwd", _index("../../../etc/passwd"), "'../../../etc/passwd' leads outside the model"),
+    ("index-to-outside-safetensors", _index("../outside.safetensors"), "'../outside.safetensors' leads out"),
     ("index-absolute", _index("/etc/passwd"), "'/etc/passwd' leads outside the model folder"),
-    ("pickle-only", _pickle_only, "only safetensors weights are read, never pickle files such as pytorch_model.bin"),
+    ("pickle-only", _pickle_only, "only safetensors weights are read, never pickle files such as"),
 ]
 
 
@@ -364,7 +364,7 @@ def test_tokenizer_file_linked_out_of_the_folder_is_not_copied_and_modes_are_kep
     assert (tmp_path / "s" / "tokenizer.json").stat().st_mode & 0o777 == 0o640
 
 
-# ---- eval --text: bounded, text only --------------------------------------------------------------------------
+# ---- eval --text: bounded, text only -----------------------------------------------------------------------
 
 def test_eval_text_must_be_utf8_and_is_read_up_to_a_bound(hf, tmp_path):
     from moe_offload.eval import read_text
