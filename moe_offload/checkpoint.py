@@ -7,6 +7,7 @@ are mapped by the table below to (layer, expert, part) with part in gate / up / 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -49,14 +50,144 @@ def parse_expert_key(model_type: str, name: str) -> tuple[int, int, str] | None:
     return int(m.group(1)), int(m.group(2)), ours[m.group(3)]
 
 
+# ---- config.json: what each family needs, checked before anything is built --------------------------------
+# model_type: (keys config.json must hold besides BASE_KEYS, "a|b" for either spelling; the expert count's key
+# is the second), one MoE layer's router weight [E, D] (its rows must equal the expert count)
+BASE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_experts_per_tok")
+FAMILY_KEYS = {
+    "mixtral": (("intermediate_size", "num_local_experts|num_experts"),
+                "model.layers.{layer}.block_sparse_moe.gate.weight"),
+    "phimoe": (("intermediate_size", "num_local_experts|num_experts"),
+               "model.layers.{layer}.block_sparse_moe.gate.weight"),
+    "granitemoe": (("intermediate_size", "num_local_experts|num_experts"),
+                   "model.layers.{layer}.block_sparse_moe.router.layer.weight"),
+    "gpt_oss": (("intermediate_size", "num_local_experts|num_experts"),
+                "model.layers.{layer}.mlp.router.weight"),
+    "olmoe": (("intermediate_size", "num_experts|num_local_experts"), "model.layers.{layer}.mlp.gate.weight"),
+    "qwen2_moe": (("moe_intermediate_size", "num_experts|num_local_experts"),
+                  "model.layers.{layer}.mlp.gate.weight"),
+    "qwen3_moe": (("moe_intermediate_size", "num_experts|num_local_experts"),
+                  "model.layers.{layer}.mlp.gate.weight"),
+    "deepseek_v2": (("moe_intermediate_size", "n_routed_experts"), "model.layers.{layer}.mlp.gate.weight"),
+    "deepseek_v3": (("moe_intermediate_size", "n_routed_experts"), "model.layers.{layer}.mlp.gate.weight"),
+}
+# Upper bounds of counts in config.json: far above any released model, far below what exhausts memory before
+# the checkpoint's own tensors can contradict them.
+LIMITS = {"num_hidden_layers": 1024, "hidden_size": 1 << 17, "vocab_size": 1 << 22,
+          "num_attention_heads": 1 << 12, "num_key_value_heads": 1 << 12, "head_dim": 1 << 12,
+          "intermediate_size": 1 << 20,
+          "moe_intermediate_size": 1 << 20, "num_local_experts": 1 << 14, "num_experts": 1 << 14,
+          "n_routed_experts": 1 << 14, "num_experts_per_tok": 1 << 14, "max_position_embeddings": 1 << 24}
+MAX_JSON_BYTES = 64 << 20  # config.json, tokenizer_config.json, manifest.json: megabytes at most in practice
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a file we were handed: one line naming the file if it is too big, not JSON, not an
+    object."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise MoeError(f"{path}: {size} bytes, more than the {MAX_JSON_BYTES >> 20} MiB a JSON file here "
+                           f"may have")
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise MoeError(f"{path}: not valid JSON ({str(e)[:200]})") from None
+    except OSError as e:
+        raise MoeError(f"{path}: cannot read ({e.strerror})") from None
+    if not isinstance(data, dict):
+        raise MoeError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def config_value(config: dict, key: str):
+    """The value of `key` ("a|b": the first spelling present), or None."""
+    return next((config[k] for k in key.split("|") if k in config), None)
+
+
+def check_config(config: dict, where: str) -> None:
+    """The family's required keys present, counts integers within LIMITS: one line naming the key."""
+    mt = config.get("model_type")
+    family = FAMILY_KEYS.get(mt) if isinstance(mt, str) else None
+    if family is None:
+        return  # an unsupported type gets its own error from models.get_module
+    for key in BASE_KEYS + family[0]:
+        if config_value(config, key) is None:
+            raise MoeError(f"{where}: {' or '.join(key.split('|'))} is missing (a {config['model_type']} "
+                           f"config needs it)")
+    for key, limit in LIMITS.items():
+        v = config.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise MoeError(f"{where}: {key} must be an integer, got {v!r:.40}")
+        if not 1 <= v <= limit:
+            raise MoeError(f"{where}: {key} {v} is out of range (1..{limit})")
+
+
+def check_config_tensors(config: dict, source, where: str) -> None:
+    """config.json against the tensors a checkpoint holds (headers only): the embedding [V, D], the last layer
+    present, the router's rows. One line naming the key."""
+    mt = config.get("model_type")
+    family = FAMILY_KEYS.get(mt) if isinstance(mt, str) else None
+    if family is None:
+        return
+    keys = set(source.keys())
+    V, D, L = config["vocab_size"], config["hidden_size"], config["num_hidden_layers"]
+    if "model.embed_tokens.weight" in keys:
+        rows, cols = (source.shape_of("model.embed_tokens.weight") + [0, 0])[:2]
+        for key, want, got in (("hidden_size", D, cols), ("vocab_size", V, rows)):
+            if want != got:
+                raise MoeError(f"{where}: {key} is {want} but model.embed_tokens.weight is {rows}×{cols}")
+    layers = {int(m.group(1)) for k in keys if (m := re.match(r"model\.layers\.(\d+)\.", k))}
+    if layers and L - 1 not in layers:
+        raise MoeError(f"{where}: num_hidden_layers is {L} but the checkpoint holds layers 0..{max(layers)}")
+    E = config_value(config, family[0][1])
+    for layer in range(L):
+        name = family[1].format(layer=layer)
+        if name in keys:
+            rows = source.shape_of(name)[0]
+            if rows != E:
+                key = family[0][1].split("|")[0]
+                raise MoeError(f"{where}: {key} is {E} but the router {name} has {rows} rows")
+            break
+
+
 def read_config(folder: Path) -> dict:
+    """config.json, checked: a JSON object with the family's keys and counts in bounds (check_config)."""
     path = folder / "config.json"
     if not path.is_file():
         raise MoeError(f"{folder}: no config.json (not a Hugging Face model folder or expert store)")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MoeError(f"{path}: not valid JSON ({e})") from None
+    config = read_json(model_file(folder, "config.json"))
+    check_config(config, str(path))
+    return config
+
+
+def model_root(folder: Path) -> Path:
+    """The folder files of a model may live in: the folder itself, or for a Hugging Face cache snapshot
+    (models--org--name/snapshots/REV, whose files link to ../../blobs) the repository's cache folder."""
+    real = folder.resolve()
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        return real.parent.parent
+    return real
+
+
+def model_file(folder: Path, name: str, what: str = "", resolve: bool = False) -> Path:
+    """folder/name, refused in one line when the name leads outside the folder ("../x", "/x"); with `resolve`,
+    also when a symlink does (files copied into a store). Weights may be symlinks (Hugging Face cache, shared
+    shards): they are only parsed as safetensors, never copied as they are."""
+    path = folder / name
+    norm = os.path.normpath(name)
+    if not name or os.path.isabs(name) or norm == ".." or norm.startswith(".." + os.sep) or "\0" in name:
+        raise MoeError(f"{what or path}: file name {name!r:.80} leads outside the model folder; refused")
+    if resolve:
+        real, root = path.resolve(), model_root(folder)
+        if root not in real.parents:
+            raise MoeError(f"{path}: a symlink to {real}, outside the model folder; refused (copy the file "
+                           "into the folder if it belongs to the model)")
+    return path
+
+
+PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")  # weights in pickle form: never opened
 
 
 class SafetensorsFolder:
@@ -67,13 +198,20 @@ class SafetensorsFolder:
         self.folder = Path(folder)
         index = self.folder / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-                raise MoeError(f"{index}: bad index file ({e})") from None
+            weight_map = read_json(model_file(self.folder, index_name)).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise MoeError(f"{index}: bad index file (weight_map must map tensor names to file names)")
             shards = sorted(set(weight_map.values()))
+            for shard in shards:
+                model_file(self.folder, shard, str(index))
         elif (self.folder / single_name).is_file():
             shards, weight_map = [single_name], None
+            model_file(self.folder, single_name)
+        elif pickles := sorted(p.name for g in PICKLES for p in self.folder.glob(g)):
+            raise MoeError(f"{self.folder}: only safetensors weights are read, never pickle files such as "
+                           f"{pickles[0]} (loading them can run code); convert once with transformers: "
+                           "AutoModelForCausalLM.from_pretrained(F).save_pretrained(F, "
+                           "safe_serialization=True)")
         else:
             raise MoeError(f"{self.folder}: no {single_name} or {index_name}")
         self._handles = {}
@@ -317,6 +455,9 @@ class Fp8Dequantized:
 
 
 def dequantizing(source, config: dict):
-    """`source` itself, or a view that dequantises it when config.json declares a format loaded that way."""
+    """`source` itself, or a view that dequantises it when config.json declares a format loaded that way;
+    first checked against the config (check_config_tensors), since every HF folder that is loaded passes
+    here."""
+    check_config_tensors(config, source, f"{getattr(source, 'folder', 'checkpoint')}/config.json")
     block = fp8_block_size(config)
     return Fp8Dequantized(source, block) if block else source

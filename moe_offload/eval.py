@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .cli import add_model_args, command, load_engine
 from .errors import UsageError
+from .utils import parse_size
 
 
 def evaluate(engine, text: str, max_tokens: int = 4096, window: int = 256, gen_tokens: int = 32) -> dict:
@@ -41,6 +42,26 @@ def evaluate(engine, text: str, max_tokens: int = 4096, window: int = 256, gen_t
     return row
 
 
+TEXT_BYTES_PER_TOKEN = 32  # far more than any tokenizer's average: the first max_tokens tokens lie within
+
+
+def read_text(path: Path, limit: int) -> str:
+    """The first `limit` bytes of a UTF-8 text file (cut at a character boundary); a binary or non-UTF-8
+    file is refused in one line. Bounded because tokenizing costs far more memory than the text itself."""
+    if not path.is_file():
+        raise UsageError(f"--text {path}: no such file")
+    with open(path, "rb") as f:
+        data = f.read(limit)
+    if b"\0" in data:
+        raise UsageError(f"--text {path}: a binary file (NUL bytes), not text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.reason != "unexpected end of data":  # not merely a character cut by the limit
+            raise UsageError(f"--text {path}: not UTF-8 text (byte {e.start})") from None
+        return data[: e.start].decode("utf-8")
+
+
 def format_table(rows: list[dict]) -> str:
     def gib(n):
         return f"{n / 2**20:.1f}" if isinstance(n, (int, float)) else "-"
@@ -58,8 +79,10 @@ def format_table(rows: list[dict]) -> str:
 def _add_eval(p):
     add_model_args(p)
     p.add_argument("--compare", nargs="+", default=None, metavar="MODEL", help="models or stores to compare")
-    p.add_argument("--text", required=True, help="evaluation text file")
+    p.add_argument("--text", required=True, help="evaluation text file (UTF-8)")
     p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("--max-text-bytes", default="8MiB",
+                   help="read at most this much of --text (the tokens scored need ~32 bytes each at most)")
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--gen-tokens", type=int, default=32,
                    help="greedy tokens timed for decode speed (0: skip)")
@@ -68,10 +91,10 @@ def _add_eval(p):
 
 @command("eval", "perplexity and tok/s of a model, or a comparison table of several", _add_eval)
 def cmd_eval(a) -> int:
-    path = Path(a.text)
-    if not path.is_file():
-        raise UsageError(f"--text {path}: no such file")
-    text = path.read_text(errors="replace")
+    limit = parse_size(a.max_text_bytes)
+    if limit <= 0:
+        raise UsageError(f"--max-text-bytes must be positive, got {a.max_text_bytes}")
+    text = read_text(Path(a.text), min(limit, TEXT_BYTES_PER_TOKEN * max(a.max_tokens, 1)))
     models = a.compare or [a.model]
     rows = []
     for m in models:

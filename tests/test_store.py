@@ -21,6 +21,7 @@ from moe_offload.errors import MoeError, UsageError
 from moe_offload.experts import DenseCodec
 from moe_offload.runtime.engine import load
 from moe_offload.store import format as fmt
+from moe_offload.store import tiers
 from moe_offload.store.format import convert, open_store
 from moe_offload.store.loader import DEMAND, PREFETCH, Loader
 from moe_offload.store.open import mib
@@ -175,6 +176,38 @@ def test_hf_folder_with_memory_is_converted_once_into_the_cache(stores, tmp_path
     assert greedy(load(hf, memory=memory))[0] == want
     assert "converting" not in capsys.readouterr().err
     assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_cached_stores_are_announced_keyed_on_content_listed_and_removed(stores, tmp_path, monkeypatch,
+                                                                       capsys):
+    hf = shutil.copytree(stores["mixtral_gqa"][0], tmp_path / "hf")
+    monkeypatch.delenv("MOE_OFFLOAD_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    root = tmp_path / "xdg" / "moe-offload" / "stores"
+    load(hf, memory="1GiB")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"into an expert store at {root}" in err and " MiB on disk" in err
+    first = list(root.iterdir())
+    code, out, _ = cli("stores")
+    assert code == 0 and len(first) == 1 and f"{first[0]}  <-  {hf.resolve()}\n" in out
+    os.utime(hf / "model.safetensors", ns=(1, 1))  # the source changes: its entry is stale ...
+    assert "(stale: source gone or changed)" in cli("stores")[1]
+    load(hf, memory="1GiB")  # ... and the next conversion replaces it
+    assert "replacing 1 stale copy" in capsys.readouterr().err
+    second = list(root.iterdir())
+    assert len(second) == 1 and second != first
+    foreign = root / "mine"  # not ours: never removed
+    foreign.mkdir()
+    for path in (hf, foreign, tmp_path):
+        code, _, err = cli("stores", "--remove", str(path))
+        assert code == 2 and "is not a store in the moe-offload cache" in err and path.exists()
+    code, out, _ = cli("stores", "--remove", str(second[0]))
+    assert code == 0 and out.startswith(f"removed {second[0]}") and not second[0].exists()
+    load(hf, memory="1GiB")
+    shutil.rmtree(hf)
+    code, out, _ = cli("stores", "--prune")
+    assert code == 0 and out.startswith("removed 1 stale cached store(s)")
+    assert list(root.iterdir()) == [foreign]
 
 
 def test_unknown_offload_option_is_refused(stores):
@@ -426,19 +459,25 @@ def test_offloaded_runs_read_into_reused_buffers_and_stay_exact(stores):
         assert stats["read_buffers_allocated"] + stats["read_buffers_reused"] == stats["expert_misses"]
 
 
-def test_verify_first_checks_each_expert_once_and_always_checks_every_read(stores, tmp_path):
+def test_verify_first_checks_each_expert_once_and_always_checks_every_read(stores, tmp_path, monkeypatch):
     store = copy_store(stores["mixtral_gqa"][1], tmp_path / "s")
     e = open_store(store).entries[(0, 1)]
+    checked = []
+    monkeypatch.setattr(tiers, "crc32_hex", lambda view: checked.append(1) or fmt.crc32_hex(view))
     first, always = DiskTier(store / fmt.EXPERTS), DiskTier(store / fmt.EXPERTS, verify="always")
-    first.read(e), always.read(e)
-    with open(store / fmt.EXPERTS, "r+b") as f:  # the file changes under a running process
+    for _ in range(3):
+        first.read(e), always.read(e)
+    assert len(checked) == 1 + 3
+    stat = os.stat(store / fmt.EXPERTS)
+    with open(store / fmt.EXPERTS, "r+b") as f:  # the file changes under a running process ...
         f.seek(e.offset)
         b = f.read(1)
         f.seek(e.offset)
         f.write(bytes([b[0] ^ 1]))
-    assert first.read(e)[0] == b[0] ^ 1  # verified once already: read as is
-    with pytest.raises(MoeError, match="checksum mismatch in layer 0 expert 1"):
-        always.read(e)
+    os.utime(store / fmt.EXPERTS, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ... and hides its mtime
+    for tier in (first, always):  # refused, not served: a verified expert is not read as is
+        with pytest.raises(MoeError, match=r"changed on disk while in use \(experts.bin was modified\)"):
+            tier.read(e)
     with pytest.raises(MoeError, match="checksum mismatch in layer 0 expert 1"):
         DiskTier(store / fmt.EXPERTS).read(e)  # a new process checks it again
 

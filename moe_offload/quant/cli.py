@@ -75,7 +75,8 @@ def _add_quantize(p):
                         "bits; on needs --calib; off: the data-free fit"),
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the unquantized tensors (default: the checkpoint's)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is an expert store or an empty folder")
     p.add_argument("--plan-detail", action="store_true", help="print one plan row per expert")
     p.add_argument("--plan-error", default=None, choices=["rel", "out", "nll", "layer"],
                    help="what the mixed plan minimises: rel Σ freq·relative error (default without "
@@ -221,6 +222,7 @@ def cmd_quantize(a) -> int:
     from ..checkpoint import SafetensorsFolder, dequantizing, read_config
     from ..experts import make_codec
     from ..models import build, get_module
+    from ..store.folders import check_out
     from ..store.format import convert
     from . import mixed
     from .backbone import attention_view
@@ -230,6 +232,7 @@ def cmd_quantize(a) -> int:
     hf, out = Path(a.model), Path(a.out)
     if (hf / "manifest.json").is_file():
         raise UsageError(f"{hf} is an expert store; quantize reads the Hugging Face folder it came from")
+    check_out(hf, out, a.overwrite)  # before the calibration and planning, not after
     if a.expert_bits == "mixed" and a.budget is None:
         raise UsageError("--expert-bits mixed needs --budget SIZE (bytes for all routed experts)")
     if a.budget is not None and a.expert_bits != "mixed":

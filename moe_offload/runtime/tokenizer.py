@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..checkpoint import read_json
 from ..errors import MoeError
 
 
@@ -27,7 +28,7 @@ class Tokenizer:
         except Exception as e:
             raise MoeError(f"{path}: cannot load tokenizer ({e})") from None
         cfg_path = folder / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        cfg = read_json(cfg_path) if cfg_path.is_file() else {}  # one line naming the file if it is garbage
         self.bos_token = _token_str(cfg.get("bos_token"))
         self.eos_token = _token_str(cfg.get("eos_token"))
         template = cfg.get("chat_template")

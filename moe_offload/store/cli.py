@@ -13,7 +13,8 @@ def _add_convert(p):
     p.add_argument("--out", required=True, help="store folder to create")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the stored weights (default: the checkpoint's)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is an expert store or an empty folder")
 
 
 @command("convert", "convert a Hugging Face MoE folder into an expert store", _add_convert)
@@ -25,4 +26,32 @@ def cmd_convert(a) -> int:
     backbone = (store.path / "backbone.safetensors").stat().st_size
     print(f"converted {len(store.entries)} experts ({mib(store.expert_bytes)}, {store.manifest['dtype']}) "
           f"+ backbone {mib(backbone)} in {time.perf_counter() - t0:.1f} s -> {store.path}")
+    return 0
+
+
+def _add_stores(p):
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--remove", default=None, metavar="PATH", help="remove this cached store")
+    what.add_argument("--prune", action="store_true",
+                      help="remove cached stores whose source folder is gone or changed")
+
+
+@command("stores", "list the stores converted on the fly for --memory (a cache), or remove them", _add_stores)
+def cmd_stores(a) -> int:
+    from . import cached
+
+    if a.remove is not None:
+        e = cached.remove(a.remove)
+        print(f"removed {e.path} ({mib(e.nbytes)})")
+        return 0
+    rows = cached.entries()
+    if a.prune:
+        gone = [e for e in rows if e.stale()]
+        for e in gone:
+            cached.remove(e.path)
+        print(f"removed {len(gone)} stale cached store(s), {mib(sum(e.nbytes for e in gone))}")
+        return 0
+    print(f"{cached.cache_root()}: {len(rows)} cached store(s), {mib(sum(e.nbytes for e in rows))}")
+    if rows:
+        print(cached.format_entries(rows))
     return 0

@@ -8,13 +8,15 @@
     tokenizer files, generation_config.json   copied from the Hugging Face folder
 
 `convert` streams one tensor at a time into a temporary folder beside the target and renames it only when
-complete, so an interrupted convert leaves nothing under the target name.
+complete, so an interrupted convert leaves nothing under the target name (store/folders.py: what --out may
+name, replacing a store, leftovers of killed runs).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import zlib
@@ -25,23 +27,31 @@ from typing import Callable
 import torch
 
 from ..checkpoint import (
+    FAMILY_KEYS,
+    LIMITS,
     SafetensorsFolder,
-    dequantizing,
+    check_config,
+    check_config_tensors,
     check_keys,
     checkpoint_dtype,
+    config_value,
+    dequantizing,
     expert_checkpoint_keys,
     expert_tensors,
+    model_file,
     read_config,
+    read_json,
 )
 from ..errors import MoeError
-from ..experts import Codec, DenseCodec, ExpertShape, make_codec
+from ..experts import GLUS, Codec, DenseCodec, ExpertShape, make_codec
 from ..models import build, get_module
-from ..utils import DTYPE_NAMES, atomic_dir, drop_page_cache
+from ..models.base import ACTIVATIONS
+from ..utils import DTYPE_NAMES, DTYPES, drop_page_cache
+from .folders import FORMAT_NAME, MANIFEST, check_out, store_dir
 
-FORMAT_NAME = "moe-offload-store"
 FORMAT_VERSION = 1
 ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffers aligned to the logical block size (<= 4096)
-MANIFEST, EXPERTS, BACKBONE = "manifest.json", "experts.bin", "backbone.safetensors"
+EXPERTS, BACKBONE = "experts.bin", "backbone.safetensors"
 COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
           "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
           "generation_config.json")
@@ -122,6 +132,13 @@ class Store:
     def backbone(self) -> SafetensorsFolder:
         return SafetensorsFolder(self.path, single_name=BACKBONE)
 
+    def check_backbone(self) -> None:
+        """The backbone file against the manifest's crc32 (stores written before the field: not checked)."""
+        want = self.manifest.get("backbone_checksum")
+        if want is not None and (got := file_crc32(self.path / BACKBONE)) != want:
+            raise MoeError(f"{self.path / BACKBONE}: checksum mismatch (crc32 {got}, manifest {want}): the "
+                           f"store is corrupt, convert the model again")
+
 
 # ---- writing ---------------------------------------------------------------------------------------
 
@@ -132,9 +149,10 @@ _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 def write_safetensors(path: Path, names: list[str], source: SafetensorsFolder, dtype: torch.dtype | None,
-                      keep: tuple[str, ...] = ()) -> int:
+                      keep: tuple[str, ...] = ()) -> str:
     """Stream tensors into one safetensors file, one at a time (the header is known from shapes alone).
-    Floating tensors are cast to `dtype` when given, except names ending in `keep`. Returns the data bytes."""
+    Floating tensors are cast to `dtype` when given, except names ending in `keep`. Returns the file's
+    crc32."""
     header, offset, plan = {"__metadata__": {"format": "pt"}}, 0, []
     for name in names:
         src = _ST_NAMES[source.dtype_of(name)]
@@ -148,13 +166,24 @@ def write_safetensors(path: Path, names: list[str], source: SafetensorsFolder, d
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-(8 + len(head)) % 8)  # data starts 8-aligned
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)) + head)
+        data = struct.pack("<Q", len(head)) + head
+        f.write(data)
+        crc = zlib.crc32(data)
         for name, dt in plan:
-            t = source.get(name).to(dt).contiguous()
-            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            data = source.get(name).to(dt).contiguous().reshape(-1).view(torch.uint8).numpy().data
+            f.write(data)
+            crc = zlib.crc32(data, crc)
         f.flush()
         os.fsync(f.fileno())
-    return offset
+    return f"{crc & 0xFFFFFFFF:08x}"
+
+
+def file_crc32(path: Path, chunk: int = 16 << 20) -> str:
+    crc = 0
+    with open(path, "rb", buffering=0) as f:
+        while data := f.read(chunk):
+            crc = zlib.crc32(data, crc)
+    return f"{crc & 0xFFFFFFFF:08x}"
 
 
 def write_experts(path: Path, source: SafetensorsFolder, model_type: str, moe_layers: list[int],
@@ -179,6 +208,22 @@ def write_experts(path: Path, source: SafetensorsFolder, model_type: str, moe_la
     return entries
 
 
+def files_to_copy(hf_dir: Path) -> list[Path]:
+    """The tokenizer and generation files a store takes: only from inside the model folder, JSON files only
+    when they are JSON objects (checked before any conversion work)."""
+    out = [model_file(hf_dir, name, resolve=True) for name in COPIED if (hf_dir / name).is_file()]
+    for src in out:
+        if src.suffix == ".json":
+            read_json(src)
+    return out
+
+
+def copy_file(src: Path, folder: Path) -> None:
+    """Copy into `folder` with permissions no wider than the source's."""
+    shutil.copyfile(src, folder / src.name)
+    os.chmod(folder / src.name, src.stat().st_mode & (folder / src.name).stat().st_mode & 0o777)
+
+
 def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
             overwrite: bool = False, codec: Codec | Callable[[int, int], Codec] | None = None,
             backbone_view: Callable | None = None, extra: dict | None = None) -> Store:
@@ -189,6 +234,7 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if (hf_dir / MANIFEST).is_file():
         raise MoeError(f"{hf_dir} is already an expert store")
+    check_out(hf_dir, out_dir, overwrite)
     config = read_config(hf_dir)
     get_module(config.get("model_type"))  # unsupported type -> clear error before anything is written
     with torch.device("meta"):
@@ -204,22 +250,22 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.
     if skip is not None:
         ignore |= {k for k in have if skip(k)}
     check_keys(have, set(backbone) | experts, str(hf_dir), ignore)
+    copies = files_to_copy(hf_dir)
     store_dtype = dtype or checkpoint_dtype(config)
     if codec is None:
         codec = DenseCodec(store_dtype)
     pick = codec if not hasattr(codec, "encode") else (lambda layer, expert: codec)
     shape = model.expert_shape
 
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with store_dir(out_dir, overwrite=overwrite) as tmp:
         entries = write_experts(tmp / EXPERTS, source, model_type, moe_layers, n_experts, pick)
         keep = tuple(getattr(model, "fp32_keys", ()))  # kept in fp32 whatever the dtype (as build_model)
         bsource, bnames = source, backbone
         if backbone_view is not None:
             bsource, bnames, keep = backbone_view(source, backbone, keep)
-        write_safetensors(tmp / BACKBONE, bnames, bsource, store_dtype, keep)
-        for name in COPIED:
-            if (hf_dir / name).is_file():
-                shutil.copyfile(hf_dir / name, tmp / name)
+        backbone_crc = write_safetensors(tmp / BACKBONE, bnames, bsource, store_dtype, keep)
+        for src in copies:
+            copy_file(src, tmp)
         manifest = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -232,6 +278,7 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.
             "top_k": model.top_k,
             "alignment": ALIGN,
             "experts": [asdict(e) for e in entries],
+            "backbone_checksum": backbone_crc,  # crc32 of the whole file, checked when a model is opened
             **(extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -244,57 +291,109 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.
 # ---- reading -----------------------------------------------------------------------------------------
 
 def open_store(path: str | os.PathLike) -> Store:
-    """Parse and check a store folder: format and version, entries, experts.bin size, backbone present."""
+    """Parse and check a store folder before anything is sized from it: format and version, every count and
+    entry against the config and experts.bin's size, the config against the backbone's tensors."""
     path = Path(path)
     mpath = path / MANIFEST
     if not mpath.is_file():
         raise MoeError(f"{path}: no {MANIFEST} (not an expert store)")
-    try:
-        m = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MoeError(f"{mpath}: not valid JSON ({e})") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
-        got = m.get("format") if isinstance(m, dict) else None
-        raise MoeError(f"{mpath}: not a {FORMAT_NAME} manifest (format {got!r})")
+    m = read_json(mpath)
+    if m.get("format") != FORMAT_NAME:
+        raise MoeError(f"{mpath}: not a {FORMAT_NAME} manifest (format {m.get('format')!r:.40})")
     if m.get("version") != FORMAT_VERSION:
-        raise MoeError(f"{path}: store format version {m.get('version')!r} is not supported; this "
+        raise MoeError(f"{path}: store format version {m.get('version')!r:.20} is not supported; this "
                        f"moe-offload reads version {FORMAT_VERSION}: convert the model again")
-    try:
-        get_module(m["model_type"])
-        entries = {}
-        for d in m["experts"]:
-            e = ExpertEntry(int(d["layer"]), int(d["expert"]), int(d["offset"]), int(d["nbytes"]),
-                            dict(d["codec"]), str(d["checksum"]))
-            if e.key in entries:
-                raise MoeError(f"{mpath}: layer {e.layer} expert {e.expert} listed twice")
-            entries[e.key] = e
-        want = {(la, x) for la in m["moe_layers"] for x in range(int(m["n_experts"]))}
-        ExpertShape(**m["expert_shape"])
-        int(m["top_k"])
-        if not isinstance(getattr(torch, m["dtype"]), torch.dtype) or not isinstance(m["config"], dict):
-            raise ValueError("dtype or config")
-        align = int(m["alignment"])
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise MoeError(f"{mpath}: malformed manifest ({type(e).__name__}: {e})") from None
-    if align != ALIGN:
-        raise MoeError(f"{mpath}: alignment {align} is not supported (expected {ALIGN})")
-    if set(entries) != want:
-        bad = sorted(set(entries) ^ want)[0]
-        raise MoeError(f"{mpath}: the expert entries do not match moe_layers x n_experts (e.g. layer "
-                       f"{bad[0]} expert {bad[1]})")
-    for spec in {json.dumps(e.codec, sort_keys=True) for e in entries.values()}:
-        make_codec(json.loads(spec))  # unknown codec -> clear error now, not mid-generation
-    expected = max((e.offset + e.span for e in entries.values()), default=0)
-    if any(e.offset % ALIGN for e in entries.values()):
-        raise MoeError(f"{mpath}: an expert offset is not {ALIGN}-aligned")
     epath = path / EXPERTS
     if not epath.is_file():
         raise MoeError(f"{path}: {EXPERTS} is missing")
-    size = epath.stat().st_size
-    if size != expected:
-        what = "truncated" if size < expected else "longer than its manifest"
-        raise MoeError(f"{epath}: {size} bytes, the manifest expects {expected}: the store is {what}; "
-                       f"convert again")
     if not (path / BACKBONE).is_file():
         raise MoeError(f"{path}: {BACKBONE} is missing")
+    try:
+        entries = check_manifest(m, mpath, epath.stat().st_size)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise MoeError(f"{mpath}: malformed manifest ({type(e).__name__}: {e})") from None
+    check_config_tensors(m["config"], SafetensorsFolder(path, single_name=BACKBONE), f"{mpath} (config)")
     return Store(path, m, entries)
+
+
+def _int(v, lo: int, hi: int, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{what} must be an integer, got {v!r:.40}")
+    if not lo <= v <= hi:
+        raise ValueError(f"{what} {v} is out of range ({lo}..{hi})")
+    return v
+
+
+def check_manifest(m: dict, mpath: Path, size: int) -> dict[Key, ExpertEntry]:
+    """Every field of a manifest checked, counts before lists are walked: entries fit in experts.bin (`size`
+    bytes), aligned, disjoint, one per (moe layer, expert), each as long as its codec says."""
+    get_module(m["model_type"])
+    config = m["config"]
+    if not isinstance(config, dict) or config.get("model_type") != m["model_type"]:
+        raise ValueError("config must be the model's config.json, of the same model_type")
+    check_config(config, f"{mpath} (config)")
+    if m["dtype"] not in DTYPES:
+        raise ValueError(f"dtype {m['dtype']!r:.40} is not one of {', '.join(DTYPES)}")
+    if _int(m["alignment"], 1, 1 << 30, "alignment") != ALIGN:
+        raise MoeError(f"{mpath}: alignment {m['alignment']} is not supported (expected {ALIGN})")
+    if "backbone_checksum" in m and not re.fullmatch(r"[0-9a-f]{8}", str(m["backbone_checksum"])):
+        raise ValueError("backbone_checksum must be 8 hex digits")
+    sh = m["expert_shape"]
+    shape = ExpertShape(_int(sh["hidden"], 1, 1 << 17, "expert_shape.hidden"),
+                        _int(sh["intermediate"], 1, 1 << 20, "expert_shape.intermediate"),
+                        str(sh.get("act", "silu")), bool(sh.get("bias", False)),
+                        float(sh.get("swiglu_alpha", 1.702)), float(sh.get("swiglu_limit", 7.0)))
+    if shape.act not in ACTIVATIONS and shape.act not in GLUS:
+        raise ValueError(f"expert_shape.act {shape.act!r:.40} is not a known activation")
+    if shape.hidden != config["hidden_size"]:
+        raise ValueError(f"expert_shape.hidden {shape.hidden} is not the config's hidden_size "
+                         f"{config['hidden_size']}")
+    n_layers = config["num_hidden_layers"]
+    layers = [_int(la, 0, n_layers - 1, "a moe_layers entry") for la in m["moe_layers"]]
+    if len(set(layers)) != len(layers):
+        raise ValueError("moe_layers lists a layer twice")
+    n = _int(m["n_experts"], 1, LIMITS["num_experts"], "n_experts")
+    want_n = config_value(config, FAMILY_KEYS[m["model_type"]][0][1])
+    if n != want_n:
+        raise ValueError(f"n_experts {n} is not the config's expert count {want_n}")
+    _int(m["top_k"], 1, n, "top_k")
+    items = m["experts"]
+    if not isinstance(items, list) or len(items) != len(layers) * n:
+        got = len(items) if isinstance(items, list) else "none"
+        raise ValueError(f"{len(layers)} moe_layers × {n} experts need {len(layers) * n} entries, the list "
+                         f"has {got}")
+    moe = set(layers)
+    entries: dict[Key, ExpertEntry] = {}
+    nbytes_of: dict[str, int] = {}  # codec spec -> its blob size for this shape
+    for d in items:
+        e = ExpertEntry(_int(d["layer"], 0, n_layers - 1, "layer"), _int(d["expert"], 0, n - 1, "expert"),
+                        _int(d["offset"], 0, 1 << 62, "offset"), _int(d["nbytes"], 1, 1 << 40, "nbytes"),
+                        d["codec"], d["checksum"])
+        where = f"layer {e.layer} expert {e.expert}"
+        if e.layer not in moe or e.key in entries:
+            raise ValueError(f"{where} is " + ("listed twice" if e.key in entries else "not in moe_layers"))
+        if e.offset % ALIGN:
+            raise MoeError(f"{mpath}: {where}: offset {e.offset} is not {ALIGN}-aligned")
+        if not isinstance(e.checksum, str) or not re.fullmatch(r"[0-9a-f]{8}", e.checksum):
+            raise ValueError(f"{where}: checksum must be 8 hex digits")
+        spec = json.dumps(e.codec, sort_keys=True)
+        if spec not in nbytes_of:
+            if not isinstance(e.codec, dict):
+                raise ValueError(f"{where}: codec must be an object")
+            try:  # unknown codec or parameters -> one line now, not mid-generation
+                nbytes_of[spec] = make_codec(e.codec).nbytes(shape)
+            except (MoeError, KeyError, TypeError, ValueError, ArithmeticError) as err:
+                raise MoeError(f"{mpath}: {where}: bad codec {spec:.100} ({err})") from None
+        if e.nbytes != nbytes_of[spec]:
+            raise MoeError(f"{mpath}: {where}: nbytes {e.nbytes}, its codec's blob is {nbytes_of[spec]}")
+        entries[e.key] = e
+    end = 0
+    for e in sorted(entries.values(), key=lambda e: e.offset):
+        if e.offset < end:
+            raise MoeError(f"{mpath}: layer {e.layer} expert {e.expert} overlaps the expert before it")
+        end = e.offset + e.span
+    if size != end:
+        what = "truncated" if size < end else "longer than its manifest"
+        raise MoeError(f"{mpath.parent / EXPERTS}: {size} bytes, the manifest expects {end}: the store is "
+                       f"{what}; convert again")
+    return entries

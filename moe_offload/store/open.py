@@ -7,23 +7,19 @@ RAM tier between disk and device.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import sys
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import checkpoint_dtype, read_config
 from ..errors import MoeError, UsageError
 from ..prefetch.runtime import make_prefetcher
 from ..runtime.engine import Engine, _eos_ids, build_model, is_store
 from ..runtime.tokenizer import Tokenizer
-from ..utils import DTYPE_NAMES, drop_page_cache, parse_size
+from ..utils import drop_page_cache, parse_size
 from . import misses
 from .cache import ExpertCache, OffloadedExperts, footprints
-from .format import BACKBONE, Store, convert, open_store
+from .cached import store_for
+from .format import BACKBONE, MANIFEST, Store, open_store
 
 # Bytes of --memory kept out of the expert cache. CPU: 0, the accounting is exact (each cached expert is
 # its own page-rounded mmap, counted whole). CUDA: slack for the caching allocator's rounding and
@@ -32,26 +28,13 @@ RESERVE = {"cpu": 0, "cuda": 64 << 20}
 DEFAULT_POLICY = "lru"
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("MOE_OFFLOAD_CACHE") or Path.home() / ".cache" / "moe-offload" / "stores")
-
-
-def store_for(hf_dir: Path, dtype: torch.dtype | None) -> Store:
-    """The store converted from an HF folder, made once under cache_root(); keyed by the folder's config,
-    file names, sizes and mtimes, and the dtype."""
-    config = read_config(hf_dir)
-    dt = dtype or checkpoint_dtype(config)
-    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in hf_dir.iterdir() if p.is_file())
-    key = json.dumps([config, files, DTYPE_NAMES[dt]], sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    out = cache_root() / f"{hf_dir.resolve().name}-{digest}"
-    if out.is_dir():
-        try:
-            return open_store(out)
-        except MoeError as e:
-            print(f"moe-offload: cached store {out} is unusable ({e}); converting again", file=sys.stderr)
-    print(f"moe-offload: converting {hf_dir} into an expert store at {out} (once)", file=sys.stderr)
-    return convert(hf_dir, out, dt, overwrite=True)
+def check_layout(store: Store, model) -> None:
+    """The manifest's experts as the model built from its config has them: one line if not."""
+    have = (store.moe_layers, store.n_experts, store.top_k, store.expert_shape)
+    want = ([la for la, _ in model.moe_blocks()], model.n_experts, model.top_k, model.expert_shape)
+    for name, h, w in zip(("moe_layers", "n_experts", "top_k", "expert_shape"), have, want):
+        if h != w:
+            raise MoeError(f"{store.path / MANIFEST}: {name} is {h} but its config makes {w}; convert again")
 
 
 def mib(n: int) -> str:
@@ -89,7 +72,9 @@ def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, 
     cpu_misses, miss_fallback, threshold = misses.check_options(cpu_misses, miss_fallback, fallback_threshold)
     store = open_store(path) if is_store(path) else store_for(path, dtype)
     dt = dtype or store.dtype
+    store.check_backbone()
     args, model = build_model(store.config, store.backbone(), device, dt, expert_keys=False)
+    check_layout(store, model)
     drop_page_cache(store.path / BACKBONE)  # the backbone now lives in our tensors only
     backbone = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     stand = None
