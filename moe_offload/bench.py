@@ -1071,7 +1071,8 @@ def plots(res: dict, out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for pol, pts in d["replay"].items():
             name = "Belady-OPT (offline bound)" if pol == "opt" else f"{pol} (replay)"
-            ax.plot(*zip(*pts), marker=".", linestyle="--" if pol == "opt" else ":", label=f"{name}, 16-bit store")
+            style = "--" if pol == "opt" else ":"
+            ax.plot(*zip(*pts), marker=".", linestyle=style, label=f"{name}, 16-bit store")
         for name, pts in d["hits"].items():
             _errorbar(ax, pts, label=f"measured {name}", zorder=5)
         made.append(finish(ax, fig, "hit_rate_vs_budget.png", "decode hit rate vs memory budget",
