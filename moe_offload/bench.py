@@ -32,14 +32,16 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .cli import command
 from .errors import MoeError, UsageError
+from .progress import Progress, add_quiet_arg
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CACHE = REPO_ROOT / ".cache" / "bench"
+PKG_PARENT = Path(__file__).resolve().parents[1]  # on the children's PYTHONPATH: they import this moe_offload
+CACHE = Path(".cache") / "bench"  # in the caller's directory, like --out
 MiB, GB = 1 << 20, 1e9
 OVERHEAD = 512 * MiB  # cgroup limit = budget + this: Python, torch, activations, KV cache, allocator slack
 PEERS = ("hf", "accelerate", "llamacpp")
@@ -626,6 +628,45 @@ def _tail(path: Path, n: int = 3) -> str:
     return " | ".join(lines[-n:])[-400:]
 
 
+def child_env(threads: int | None = None) -> dict:
+    """Environment of every child: offline, this moe_offload first on the path; the caller's directory stays
+    the working directory (every path in a spec is absolute, see absolute_paths)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(PKG_PARENT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def absolute_paths(a) -> None:
+    """--model, --cache-dir and --out as absolute paths: a relative one means the caller's directory, in
+    every child too (a transformers peer given a relative path that does not exist looks it up on the Hub)."""
+    for name in ("model", "cache_dir", "out"):
+        if getattr(a, name, None) is not None:
+            setattr(a, name, os.path.abspath(getattr(a, name)))
+
+
+@contextmanager
+def output_to(path: Path):
+    """This process's stdout and stderr file descriptors into `path` (appended) for the block: what C
+    libraries print there too (llama.cpp's quantizer logs every tensor it loads)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with open(path, "ab") as f:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+
+
 def run_config(cfg: Config, memory: int | None, out: Path, tag: str, overhead: int, timeout: float,
                use_cgroup: bool) -> dict:
     """One fresh subprocess under the memory limit, page cache dropped first. Returns its raw result."""
@@ -640,15 +681,14 @@ def run_config(cfg: Config, memory: int | None, out: Path, tag: str, overhead: i
         cg, why = Cgroup.create(f"moe-bench-{os.getpid()}-{tag}", memory + overhead)
     elif use_cgroup:
         why = "no memory budget: no cgroup limit"
-    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.spec["threads"]), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = child_env(cfg.spec["threads"])
     cmd = [sys.executable, "-m", "moe_offload.bench", "--child", str(spec_path), str(res_path)]
     t0 = time.perf_counter()
     try:
         with open(log_path, "w") as log:
             try:  # subprocess.run kills the child on any exception, SIGTERM of this process included
                 proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout,
-                                      preexec_fn=cg.join if cg is not None else None, cwd=str(REPO_ROOT))
+                                      preexec_fn=cg.join if cg is not None else None)
                 rc, timed_out = proc.returncode, False
             except subprocess.TimeoutExpired:
                 rc, timed_out = None, True
@@ -671,17 +711,20 @@ def run_config(cfg: Config, memory: int | None, out: Path, tag: str, overhead: i
     return res
 
 
-def _gguf_for(prep: dict, type_: str, threads: int) -> tuple[Path | None, str | None]:
-    """The model's GGUF of `type_` (exported once into the cache); (None, reason) when it cannot be made."""
+def _gguf_for(prep: dict, type_: str, threads: int, log: Path) -> tuple[Path | None, str | None]:
+    """The model's GGUF of `type_` (exported once into the cache); (None, reason) when it cannot be made.
+    What the exporter and llama.cpp's quantizer print goes to `log`, not the terminal."""
     from .gguf_export import export_gguf
 
     path = prep["dir"] / f"model-{type_}.gguf"
     if path.is_file():
         return path, None
+    log.parent.mkdir(parents=True, exist_ok=True)
     try:
-        export_gguf(prep["hf"], path, type_, threads=threads)
+        with output_to(log):
+            export_gguf(prep["hf"], path, type_, threads=threads)
     except (MoeError, ImportError, OSError) as e:
-        return None, f"export-gguf --type {type_} failed: {e}"
+        return None, f"export-gguf --type {type_} failed: {e} (log: {log})"
     return path, None
 
 
@@ -723,7 +766,8 @@ def prepare(a) -> dict:
         import torch
 
         print(f"bench: converting {hf} into an expert store at {store} ({a.dtype})", file=sys.stderr)
-        convert(hf, store, getattr(torch, a.dtype), overwrite=True)
+        with Progress("bench: convert", unit="experts", quiet=getattr(a, "quiet", False)) as bar:
+            convert(hf, store, getattr(torch, a.dtype), overwrite=True, progress=bar)
     quantized = {}
     for bits in getattr(a, "us_bits", [16]):
         if bits == 16:
@@ -733,7 +777,7 @@ def prepare(a) -> dict:
             cmd = [sys.executable, "-m", "moe_offload.cli", "quantize", "--model", str(hf), "--out", str(q),
                    "--expert-bits", str(bits), "--attn-bits", "16", "--dtype", a.dtype, "--overwrite"]
             print(f"bench: {' '.join(['moe-offload', *cmd[3:]])}", file=sys.stderr)
-            r = subprocess.run(cmd, capture_output=True, text=True)
+            r = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
             if r.returncode != 0:
                 raise MoeError(f"bench: quantizing to {bits} bits failed: {(r.stderr or r.stdout).strip()[-300:]}")
         quantized[bits] = q
@@ -840,8 +884,7 @@ def simulate_cli(trace_path: Path, memory: int, policy: str, warm: int, dtype: s
            "this-machine", "--memory", str(memory), "--cache-policy", policy, "--warmup", str(warm),
            "--dtype", dtype, *(["--threads", str(threads)] if threads else []), "--json"]
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(REPO_ROOT),
-                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env())
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": "timed out", "command": "moe-offload " + " ".join(cmd[3:])}
     if r.returncode != 0:
@@ -946,7 +989,53 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+X_LABEL = "memory budget: backbone + this % of the 16-bit expert bytes"
+
+
+def series_label(r: dict) -> str:
+    """One series per configuration; ours name the precision of their store (a 4-bit store fits ~4x more
+    experts in the same budget, so its points belong to a line of their own)."""
+    if r["system"] != "us":
+        return r["config"]
+    return f"{r['config']} ({r.get('expert_bits', 16)}-bit store)"
+
+
+def _run_hit_rates(r: dict) -> list[float]:
+    return [x["hits"] / (x["hits"] + x["misses"]) for x in r.get("runs") or []
+            if x.get("hits") is not None and x["hits"] + x["misses"]]
+
+
+def plot_data(res: dict) -> dict:
+    """What the plots draw, both against the same x (budget %): per series sorted points (x, y, lo, hi) with
+    y the median decode tok/s (pooled hit rate) and [lo, hi] the min-max over the repeated samples."""
+    speed: dict[str, list] = {}
+    hits: dict[str, list] = {}
+    for r in res["rows"]:
+        if not r.get("ok") or r.get("budget_pct") is None:
+            continue
+        x, d, name = float(r["budget_pct"]), r["summary"]["decode_tok_s"], series_label(r)
+        speed.setdefault(name, []).append((x, d["median"], d["min"], d["max"]))
+        h, per = r["summary"].get("hit_rate"), _run_hit_rates(r)
+        if r["system"] == "us" and h is not None:
+            hits.setdefault(name, []).append((x, h, min(per, default=h), max(per, default=h)))
+    limit = sorted((float(L["pct"]), L["tok_s"]) for L in res["limits"]["per_budget"].values()
+                   if L.get("pct") is not None)
+    replay = {pol: sorted((float(p), v) for p, v in d.items() if v is not None)
+              for pol, d in (res.get("replay") or {}).items()}
+    ticks = sorted({x for pts in speed.values() for x, *_ in pts})
+    return {"x_label": X_LABEL, "x_ticks": ticks, "x_lim": (0.0, 105.0),
+            "speed": {k: sorted(v) for k, v in speed.items()}, "limit": limit,
+            "hits": {k: sorted(v) for k, v in hits.items()}, "replay": replay}
+
+
+def _errorbar(ax, pts, **kw):
+    x, y = [p[0] for p in pts], [p[1] for p in pts]
+    err = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]
+    ax.errorbar(x, y, yerr=err, capsize=3, marker="o", **kw)
+
+
 def plots(res: dict, out: Path) -> list[str]:
+    """tok_s_vs_budget.png and hit_rate_vs_budget.png (plot_data); [] without matplotlib."""
     try:
         import matplotlib
 
@@ -954,47 +1043,40 @@ def plots(res: dict, out: Path) -> list[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
+    d = plot_data(res)
+
+    def finish(ax, fig, name, title, ylabel):
+        ax.set_xlabel(d["x_label"])
+        ax.set_xlim(*d["x_lim"])
+        ax.set_xticks(d["x_ticks"])
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{res['model']}: {title}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        return name
+
     made = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    by = {}
-    for r in res["rows"]:
-        if r.get("ok") and r.get("budget_pct") is not None:
-            by.setdefault(r["config"], []).append((r["budget_pct"], r["summary"]["decode_tok_s"]["median"]))
-    for name, pts in by.items():
-        pts.sort()
-        ax.plot([p for p, _ in pts], [v for _, v in pts], marker="o", label=name)
-    lim = sorted((L["pct"], L["tok_s"]) for L in res["limits"]["per_budget"].values() if L.get("pct") is not None)
-    if lim:
-        ax.plot([p for p, _ in lim], [v for _, v in lim], "k--", label="bandwidth limit")
+    for name, pts in d["speed"].items():
+        _errorbar(ax, pts, label=name)
+    if d["limit"]:
+        ax.plot(*zip(*d["limit"]), "k--", label="bandwidth limit (16-bit bytes)")
     ax.set_yscale("log")
-    ax.set_xlabel("memory budget, % of expert bytes (+ backbone)")
-    ax.set_ylabel("decode tok/s (median)")
-    ax.set_title(f"{res['model']}: decode speed vs memory budget")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "tok_s_vs_budget.png", dpi=110)
-    plt.close(fig)
-    made.append("tok_s_vs_budget.png")
-    if res.get("replay"):
+    made.append(finish(ax, fig, "tok_s_vs_budget.png", "decode speed vs memory budget",
+                       "decode tok/s: median, bars min-max of the prompts"))
+    if d["replay"] or d["hits"]:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for pol, d in res["replay"].items():
-            pts = sorted((float(p), v) for p, v in d.items() if v is not None)
-            ax.plot([p for p, _ in pts], [v for _, v in pts], marker=".", linestyle="--" if pol == "opt" else "-",
-                    label="Belady-OPT (offline bound)" if pol == "opt" else f"{pol} (replay)")
-        meas = [(r["budget_pct"], r["summary"].get("hit_rate")) for r in res["rows"]
-                if r.get("ok") and r["system"] == "us" and r.get("budget_pct") is not None]
-        if meas:
-            ax.scatter([p for p, _ in meas], [v for _, v in meas], color="k", zorder=5, label="measured (us)")
-        ax.set_xlabel("expert cache, % of expert bytes")
-        ax.set_ylabel("decode hit rate")
-        ax.set_title(f"{res['model']}: hit rate vs budget per policy")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "hit_rate_vs_budget.png", dpi=110)
-        plt.close(fig)
-        made.append("hit_rate_vs_budget.png")
+        for pol, pts in d["replay"].items():
+            name = "Belady-OPT (offline bound)" if pol == "opt" else f"{pol} (replay)"
+            style = "--" if pol == "opt" else ":"
+            ax.plot(*zip(*pts), marker=".", linestyle=style, label=f"{name}, 16-bit store")
+        for name, pts in d["hits"].items():
+            _errorbar(ax, pts, label=f"measured {name}", zorder=5)
+        made.append(finish(ax, fig, "hit_rate_vs_budget.png", "decode hit rate vs memory budget",
+                           "decode hit rate: pooled, bars min-max of the prompts"))
     return made
 
 
@@ -1031,6 +1113,7 @@ def _run_with_fallback(cfg: Config, pct, memory, out: Path, tag: str, a) -> dict
 def run_bench(a) -> dict:
     from .utils import atomic_write_text, parse_size
 
+    absolute_paths(a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     load_start = ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -1058,13 +1141,23 @@ def run_bench(a) -> dict:
     prep["gguf"], gguf_err = {}, {}
     if "llamacpp" in a.peers:
         for t in a.llamacpp_types:
-            prep["gguf"][t], gguf_err[t] = _gguf_for(prep, t, a.threads)
+            log = out / "runs" / f"export-gguf-{t}.log"
+            prep["gguf"][t], gguf_err[t] = _gguf_for(prep, t, a.threads, log)
 
     rows = []
     per = a.repeat // a.rounds  # measured prompts per round; each round is a fresh process per system
+    quiet = getattr(a, "quiet", False)
+    plan = []  # per budget: its configurations, known up front so the progress has a total
     for label, pct, memory in budgets:
         tag_b = f"b{(pct if pct is not None else memory / MiB):g}".replace(".", "_")
-        cfgs = configs_for(a, prep, pct, memory, prompts, tag_b)
+        plan.append((label, pct, memory, tag_b, configs_for(a, prep, pct, memory, prompts, tag_b)))
+    bar = Progress("bench", sum(len(c) for *_, c in plan) * a.rounds, "runs", quiet=quiet)
+
+    def say(msg: str) -> None:
+        if not quiet:
+            bar.write(msg)
+
+    for label, pct, memory, tag_b, cfgs in plan:
         state = {}
         for cfg in cfgs:
             row = {"label": label, "budget_pct": pct, "memory": memory, "system": cfg.system, "config": cfg.config,
@@ -1080,22 +1173,24 @@ def run_bench(a) -> dict:
             for cfg in cfgs:
                 row = state[cfg.config]
                 if row.get("error"):
+                    bar.update()
                     continue
                 spec = {**cfg.spec, "prompts": round_prompts}
                 one = Config(cfg.system, cfg.config, spec, cfg.files)
                 tag = f"{tag_b}-{cfg.config}" + (f"-r{k}" if a.rounds > 1 else "")
-                print(f"bench: {label} {cfg.config}" + (f" round {k + 1}/{a.rounds}" if a.rounds > 1 else "")
-                      + " ...", file=sys.stderr, flush=True)
+                say(f"bench: {label} {cfg.config}" + (f" round {k + 1}/{a.rounds}" if a.rounds > 1 else "")
+                    + " ...")
                 res = _run_with_fallback(one, pct, memory, out, tag, a)
+                bar.update()
                 row["rounds"].append({k2: v for k2, v in res.items() if k2 != "runs"})
                 if not res.get("ok"):
                     row["error"] = res.get("error") if k == 0 else f"round {k + 1}: {res.get('error')}"
-                    print(f"bench:   -> {row['error']}", file=sys.stderr, flush=True)
+                    bar.write(f"bench:   -> {row['error']}")
                     continue
                 row["_runs"] += res["runs"][1:]
                 row["_all"].append(res["runs"])
-                print(f"bench:   -> ok, decode " + ", ".join(f"{r['decode_tok_s']:.2f}" for r in res["runs"][1:])
-                      + " tok/s", file=sys.stderr, flush=True)
+                say("bench:   -> ok, decode " + ", ".join(f"{r['decode_tok_s']:.2f}" for r in res["runs"][1:])
+                    + " tok/s")
         for cfg in cfgs:
             row = state[cfg.config]
             runs, allr, rnds = row.pop("_runs"), row.pop("_all"), row["rounds"]
@@ -1120,6 +1215,7 @@ def run_bench(a) -> dict:
                 if cfg.system == "us" and "trace_rounds" not in prep:
                     prep["trace_rounds"] = allr  # per round: [warm-up, measured...] with their routes
             rows.append(row)
+    bar.close()
 
     # ratios and token agreement against our first policy at the same budget
     for r in rows:
@@ -1225,6 +1321,7 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=str(CACHE), help="where synthetic models, stores and GGUF files live")
     p.add_argument("--quick", action="store_true", help="smoke test: 8+8 tokens, 1 repeat, budgets 100,50")
     p.add_argument("--out", default="bench-results", help="folder for results.json, results.md, plots, trace")
+    add_quiet_arg(p)
 
 
 @command("bench", "benchmark against transformers, accelerate and llama.cpp, and the bandwidth limits", _add_bench)

@@ -6,6 +6,7 @@
 Perplexity: Engine.perplexity over non-overlapping windows of --window tokens (the first --max-tokens of the
 text, encoded by each model's own tokenizer). Scoring speed: scored tokens / seconds of that pass (prefill
 throughput). Decode speed: --gen-tokens greedy tokens with EOS ignored, from the engine's own stats.
+Offloaded (a store, or --memory): the expert cache's hit rate while scoring and while decoding.
 """
 
 from __future__ import annotations
@@ -17,11 +18,25 @@ from pathlib import Path
 
 from .cli import add_model_args, command, load_engine
 from .errors import UsageError
+from .progress import Progress, add_quiet_arg
 from .utils import parse_size
 
 
-def evaluate(engine, text: str, max_tokens: int = 4096, window: int = 256, gen_tokens: int = 32) -> dict:
-    """One model: perplexity, scoring tok/s, decode tok/s, weight bytes."""
+def _counting(engine, progress: Progress):
+    """Count the tokens of every engine.logits call (what perplexity runs per window) on `progress`."""
+    inner = engine.logits
+
+    def logits(ids, *args, **kw):
+        out = inner(ids, *args, **kw)
+        progress.update(len(ids))
+        return out
+
+    return logits
+
+
+def evaluate(engine, text: str, max_tokens: int = 4096, window: int = 256, gen_tokens: int = 32,
+             progress: Progress | None = None) -> dict:
+    """One model: perplexity, scoring tok/s, decode tok/s, weight bytes; offloaded: the hit rates."""
     if engine.tokenizer is None:
         raise UsageError(f"{engine.path}: no tokenizer to encode the text")
     ids = engine.tokenizer.encode(text)[:max_tokens]
@@ -29,12 +44,26 @@ def evaluate(engine, text: str, max_tokens: int = 4096, window: int = 256, gen_t
     if len(ids) < 2:
         raise UsageError("the text is shorter than 2 tokens")
     engine.perplexity(ids[: min(len(ids), 16)], window)  # warm-up: caches, kernels, first-touch pages
+    stats = engine.expert_stats
+    if stats is not None:
+        stats(reset=True)
+    if progress is not None:
+        progress.start(len(ids) - 1)
+        engine.logits = _counting(engine, progress)  # shadows the method on this instance only
     t0 = time.perf_counter()
-    ppl, n = engine.perplexity(ids, window)
+    try:
+        ppl, n = engine.perplexity(ids, window)
+    finally:
+        engine.__dict__.pop("logits", None)
     dt = time.perf_counter() - t0
+    if progress is not None:
+        progress.close()
     row = {"model": str(engine.path), "perplexity": ppl, "tokens": n,
            "score_tokens_per_s": n / dt if dt else 0.0, "expert_bytes": engine.info.get("expert_bytes"),
            "backbone_bytes": engine.info.get("backbone_bytes")}
+    if stats is not None:
+        s = stats()
+        row["score_hit_rate"] = s["hit_rate"] if s["expert_hits"] + s["expert_misses"] else None
     if gen_tokens > 0:
         r = engine.generate(prompt_ids=ids[:8], max_new_tokens=gen_tokens, ignore_eos=True, temperature=0.0)
         row["decode_tokens_per_s"] = r.stats["decode_tokens_per_s"]
@@ -66,12 +95,17 @@ def format_table(rows: list[dict]) -> str:
     def gib(n):
         return f"{n / 2**20:.1f}" if isinstance(n, (int, float)) else "-"
 
+    def rate(v):
+        return f"{v:.3f}" if isinstance(v, float) else "-"
+
+    # hit rates: the expert cache's while scoring and while decoding; "-" when every expert is resident
     lines = [f"{'model':<40} {'ppl':>9} {'tokens':>7} {'score tok/s':>11} {'decode tok/s':>12} "
-             f"{'experts MiB':>11} {'backbone MiB':>12}"]
+             f"{'score hit':>9} {'decode hit':>10} {'experts MiB':>11} {'backbone MiB':>12}"]
     for r in rows:
         name = r["model"] if len(r["model"]) <= 40 else "…" + r["model"][-39:]
         lines.append(f"{name:<40} {r['perplexity']:>9.3f} {r['tokens']:>7} {r['score_tokens_per_s']:>11.1f} "
-                     f"{r.get('decode_tokens_per_s', 0.0):>12.2f} {gib(r['expert_bytes']):>11} "
+                     f"{r.get('decode_tokens_per_s', 0.0):>12.2f} {rate(r.get('score_hit_rate')):>9} "
+                     f"{rate(r.get('hit_rate')):>10} {gib(r['expert_bytes']):>11} "
                      f"{gib(r['backbone_bytes']):>12}")
     return "\n".join(lines)
 
@@ -87,6 +121,7 @@ def _add_eval(p):
     p.add_argument("--gen-tokens", type=int, default=32,
                    help="greedy tokens timed for decode speed (0: skip)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON lines")
+    add_quiet_arg(p)
 
 
 @command("eval", "perplexity and tok/s of a model, or a comparison table of several", _add_eval)
@@ -97,9 +132,11 @@ def cmd_eval(a) -> int:
     text = read_text(Path(a.text), min(limit, TEXT_BYTES_PER_TOKEN * max(a.max_tokens, 1)))
     models = a.compare or [a.model]
     rows = []
-    for m in models:
+    for i, m in enumerate(models):
         engine = load_engine(argparse.Namespace(**{**vars(a), "model": m}))
-        rows.append(evaluate(engine, text, a.max_tokens, a.window, a.gen_tokens))
+        desc = "eval" + (f" {i + 1}/{len(models)} {m}" if len(models) > 1 else "")
+        bar = Progress(desc, unit="tokens", quiet=a.quiet)
+        rows.append(evaluate(engine, text, a.max_tokens, a.window, a.gen_tokens, bar))
         del engine
     if a.json:
         for r in rows:

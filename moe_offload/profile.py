@@ -17,6 +17,7 @@ import torch
 
 from .cli import add_model_args, command, load_engine
 from .errors import UsageError
+from .progress import Progress, add_quiet_arg
 from .utils import atomic_write_text
 
 
@@ -55,8 +56,9 @@ class Recording:
 
 
 @torch.inference_mode()
-def record(engine, ids: list[int], window: int = 256) -> Recording:
-    """Forward `ids` in windows of `window` tokens (like perplexity) and record every MoE layer's routing."""
+def record(engine, ids: list[int], window: int = 256, progress: Progress | None = None) -> Recording:
+    """Forward `ids` in windows of `window` tokens (like perplexity) and record every MoE layer's routing.
+    `progress`: updated with the tokens of each window."""
     sink: dict = {}
     window = min(window, engine.context_length)  # a model with a shorter context gets shorter windows
     blocks = engine.model.moe_blocks()
@@ -68,6 +70,8 @@ def record(engine, ids: list[int], window: int = 256) -> Recording:
             chunk = ids[start:start + window]
             if chunk:
                 engine.logits(chunk)
+                if progress is not None:
+                    progress.update(len(chunk))
     finally:
         for moe, inner in saved:
             moe.experts = inner
@@ -100,6 +104,7 @@ def _add_profile(p):
     p.add_argument("--max-tokens", type=int, default=8192)
     p.add_argument("--train-shadow", action="store_true", help="train the shadow router on this text")
     p.add_argument("--depth", type=int, default=2, help="layers ahead the shadow router predicts")
+    add_quiet_arg(p)
 
 
 @command("profile", "record routing statistics (and train the shadow router) on calibration text", _add_profile)
@@ -116,7 +121,8 @@ def cmd_profile(a) -> int:
         raise UsageError(f"{engine.path}: no tokenizer to encode --text")
     ids = engine.tokenizer.encode(text_path.read_text(errors="replace"))[: a.max_tokens]
     t0 = time.perf_counter()
-    rec = record(engine, ids)
+    with Progress("profile", len(ids), "tokens", quiet=a.quiet) as bar:
+        rec = record(engine, ids, progress=bar)
     stats = routing_stats(rec, engine.args.model_type)
     atomic_write_text(out / "routing_stats.json", json.dumps(stats, indent=1))
     print(f"profiled {rec.tokens} tokens over {len(rec.chosen)} MoE layers in {time.perf_counter() - t0:.1f} s "

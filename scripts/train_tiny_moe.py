@@ -313,7 +313,7 @@ def train(args, corpus) -> None:
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
     t_start = time.time()
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # models/tiny-moe is a link: replace the folder it points to
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)

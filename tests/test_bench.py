@@ -4,6 +4,7 @@ when llama-cpp-python is installed), and a `bench --quick` smoke run in a subpro
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -114,6 +115,72 @@ def test_goal_rows_for_a_4_bit_store_compare_with_q4_0_and_skip_the_float16_limi
     assert g[("us-lru-q4", "decode tok/s ÷ accelerate")]["measured"] == pytest.approx(90.0)
     assert ("us-lru-q4", "decode tok/s ÷ disk-bandwidth limit") not in g
     assert len(g) == 5
+
+
+def _measured(label, pct, config, samples, bits=16, hits=None):
+    """A row as run_bench leaves it: repeated decode samples summarized, per-run cache counters (ours)."""
+    runs = [{"decode_tok_s": v} for v in samples]
+    if hits is not None:
+        for r, (h, m) in zip(runs, hits):
+            r.update(hits=h, misses=m)
+    summary = {"decode_tok_s": summarize(samples)}
+    if hits is not None:
+        summary["hit_rate"] = sum(h for h, _ in hits) / sum(h + m for h, m in hits)
+    return {"label": label, "budget_pct": pct, "system": config.split("-")[0], "config": config, "ok": True,
+            "expert_bits": bits, "summary": summary, "runs": runs}
+
+
+def test_plot_data_one_series_per_store_with_ranges_on_one_x_axis():
+    rows = [_measured("100 %", 100.0, "us-lru", [9.0, 10.0, 12.0], hits=[(10, 0), (9, 1), (10, 0)]),
+            _measured("50 %", 50.0, "us-lru", [4.0, 5.0, 7.0], hits=[(6, 4), (5, 5), (7, 3)]),
+            _measured("50 %", 50.0, "us-lru-q4", [8.0, 8.5, 9.0], bits=4, hits=[(10, 0)] * 3),
+            _measured("100 %", 100.0, "us-lru-q4", [11.0, 11.0, 13.0], bits=4, hits=[(10, 0)] * 3),
+            _measured("50 %", 50.0, "hf-eager", [2.0, 3.0, 2.5]),
+            {**_measured("100 %", 100.0, "hf-eager", [1.0]), "ok": False}]
+    res = {"rows": rows, "replay": {"lru": {"100.0": 1.0, "50.0": 0.5, "12.5": None}, "opt": {"50.0": 0.6}},
+           "limits": {"per_budget": {"100 %": {"pct": 100.0, "tok_s": 20.0},
+                                     "50 %": {"pct": 50.0, "tok_s": 8.0}}}}
+    d = bench.plot_data(res)
+    # 16-bit and 4-bit stores are separate series (the 4-bit one fits more experts in the same bytes)
+    assert set(d["speed"]) == {"us-lru (16-bit store)", "us-lru-q4 (4-bit store)", "hf-eager"}
+    assert d["speed"]["us-lru (16-bit store)"] == [(50.0, 5.0, 4.0, 7.0), (100.0, 10.0, 9.0, 12.0)]  # min-max
+    assert d["speed"]["hf-eager"] == [(50.0, 2.5, 2.0, 3.0)]  # the failed row is no point
+    assert set(d["hits"]) == {"us-lru (16-bit store)", "us-lru-q4 (4-bit store)"}
+    # the pooled hit rate, and the range of the runs'
+    assert d["hits"]["us-lru (16-bit store)"][0] == pytest.approx((50.0, 0.6, 0.5, 0.7))
+    assert d["hits"]["us-lru-q4 (4-bit store)"] == [(50.0, 1.0, 1.0, 1.0), (100.0, 1.0, 1.0, 1.0)]
+    assert d["replay"] == {"lru": [(50.0, 0.5), (100.0, 1.0)], "opt": [(50.0, 0.6)]}
+    assert d["limit"] == [(50.0, 8.0), (100.0, 20.0)]
+    assert d["x_ticks"] == [50.0, 100.0] and "% of the 16-bit expert bytes" in d["x_label"]
+
+
+def test_plots_render_with_the_same_x_axis(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [_measured("50 %", 50.0, "us-lru", [4.0, 5.0, 7.0], hits=[(6, 4)] * 3),
+            _measured("100 %", 100.0, "us-lru", [9.0, 10.0], hits=[(10, 0)] * 2)]
+    res = {"model": "m", "rows": rows, "replay": {"lru": {"50.0": 0.5, "100.0": 1.0}},
+           "limits": {"per_budget": {"50 %": {"pct": 50.0, "tok_s": 8.0}}}}
+    assert bench.plots(res, tmp_path) == ["tok_s_vs_budget.png", "hit_rate_vs_budget.png"]
+    assert all((tmp_path / f).stat().st_size > 0 for f in ("tok_s_vs_budget.png", "hit_rate_vs_budget.png"))
+
+
+def test_gguf_export_logs_go_to_the_run_log_not_the_terminal(tmp_path, monkeypatch, capfd):
+    from moe_offload import gguf_export
+
+    def noisy_export(hf, out, type_, threads=None):  # llama.cpp's quantizer logs from C, on fd 2
+        os.write(2, b"llama_model_loader: loaded meta data with 27 key-value pairs\n")
+        os.write(1, b"llama_model_quantize_impl: model size = 1.23 MB\n")
+        out.write_bytes(b"GGUF")
+
+    monkeypatch.setattr(gguf_export, "export_gguf", noisy_export)
+    log = tmp_path / "runs" / "export-gguf-q4_0.log"
+    path, err = bench._gguf_for({"dir": tmp_path, "hf": tmp_path}, "q4_0", 1, log)
+    assert path == tmp_path / "model-q4_0.gguf" and err is None
+    out = capfd.readouterr()
+    assert "llama_model" not in out.err + out.out
+    assert "loaded meta data" in log.read_text() and "model size" in log.read_text()
+    os.write(2, b"after\n")  # the terminal is back
+    assert capfd.readouterr().err == "after\n"
 
 
 def test_prompts_are_fixed_and_in_vocab():
@@ -237,11 +304,15 @@ def test_llama_cpp_first_token_logits_agree_with_transformers(tiny_gguf):
 def test_bench_quick_smoke(tiny_checkpoint, tmp_path, child_env):
     hf = tiny_checkpoint("mixtral_gqa")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "moe_offload.cli", "bench", "--model", str(hf), "--quick", "--peers", "hf",
-           "--hf-impls", "eager", "--threads", "1", "--no-simulate", "--cache-dir", str(tmp_path / "cache"),
-           "--out", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=child_env, timeout=900)
+    # relative paths mean the caller's directory, in the children too (a transformers peer given a path that
+    # does not exist from its working directory looks it up on the Hub)
+    cmd = [sys.executable, "-m", "moe_offload.cli", "bench", "--model", os.path.relpath(hf, tmp_path),
+           "--quick", "--peers", "hf", "--hf-impls", "eager", "--threads", "1", "--no-simulate",
+           "--cache-dir", "cache", "--out", "out"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=child_env, timeout=900, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "bench: 4/4 runs (100 %)" in r.stderr and "runs/s, ETA" in r.stderr  # progress, not a terminal
+    assert (tmp_path / "cache").is_dir()
     res = json.loads((out / "results.json").read_text())
     for key in ("model", "dtype", "sizes", "budgets", "limits", "rows", "goals", "replay", "trace", "prompts"):
         assert key in res, key

@@ -462,13 +462,14 @@ def _quantize(hf, out, *flags):
     return open_store(out)
 
 
-def _min_memory(store, dtype):
+def _min_memory(store, dtype, experts=None):
+    """--memory for `experts` of the largest expert (default top_k: the least the engine takes)."""
     from moe_offload.runtime.engine import load
     from moe_offload.store.cache import footprints
 
     backbone = load(store.path, dtype=dtype).info["backbone_bytes"]
     loads = sorted(f.load for f in footprints(store, torch.device("cpu"), getattr(torch, dtype)).values())
-    return backbone + store.top_k * loads[-1]
+    return backbone + (experts or store.top_k) * loads[-1]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -672,3 +673,89 @@ def test_quantize_layer_plan_is_uniform_within_layers(tiny_checkpoint, tmp_path,
     assert main(["quantize", "--model", str(hf), "--out", str(tmp_path / "x"), "--expert-bits", "mixed",
                  "--budget", str(budget), "--calib", str(text), "--plan-error", "layer",
                  "--lowrank", "auto"]) == 2
+
+
+# ---- experts with biases (gpt-oss) ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gpt_oss(tmp_path_factory):
+    from tests.test_families import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("gpt-oss"), "gpt_oss_mha_layer_types")  # D 64, I 32
+
+
+def test_hqq_codec_keeps_biases_exact_and_computes_the_clamped_glu():
+    from moe_offload.experts import expert_unit
+
+    D, I = 64, 32
+    shape = ExpertShape(D, I, act="swiglu_clamp", bias=True, swiglu_alpha=1.2, swiglu_limit=0.8)
+    g = gen(3)
+    parts = {"gate": torch.randn(I, D, generator=g) * 0.2, "up": torch.randn(I, D, generator=g) * 0.2,
+             "down": torch.randn(D, I, generator=g) * 0.2, "gate_bias": torch.randn(I, generator=g),
+             "up_bias": torch.randn(I, generator=g), "down_bias": torch.randn(D, generator=g)}
+    x = torch.randn(40, D, generator=g)
+    ref = expert_unit(shape, **parts)(x)
+    for spec, aware in (({"bits": 8}, False), ({"bits": 4}, True)):
+        c = HQQCodec(spec)
+        blob = c.encode(x=x if aware else None, act=shape, act_aware=aware, **parts)
+        bias_bytes = 64 * math.ceil(4 * (2 * I + D) / 64)  # fp32, its own 64-byte aligned section
+        assert blob.numel() == c.nbytes(shape) == c.nbytes(ExpertShape(D, I)) + bias_bytes
+        gu_b, dn_b = c.biases(blob, shape)
+        assert torch.equal(gu_b, torch.cat([parts["gate_bias"], parts["up_bias"]]))
+        assert torch.equal(dn_b, parts["down_bias"])
+        assert rel(c.decode(blob, shape)(x), ref) < (0.02 if spec["bits"] == 8 else 0.1)
+    with pytest.raises(MoeError, match="all three biases"):
+        HQQCodec({"bits": 8}).encode(parts["gate"], parts["up"], parts["down"], gate_bias=parts["gate_bias"])
+
+
+@pytest.mark.parametrize("bits", ["8", "mixed"])
+def test_quantize_gpt_oss_keeps_biases_and_its_8_bit_tokens_match_the_16_bit_store(gpt_oss, tmp_path, bits):
+    from moe_offload.checkpoint import SafetensorsFolder, expert_tensors
+    from moe_offload.runtime.engine import load
+    from moe_offload.store.format import convert
+
+    dense = convert(gpt_oss, tmp_path / "dense", torch.bfloat16)
+    budget = ["--budget", str(sum(e.nbytes for e in dense.entries.values()) // 3)] if bits == "mixed" else []
+    store = _quantize(gpt_oss, tmp_path / "q", "--expert-bits", bits, "--dtype", "bfloat16", *budget)
+    shape = store.expert_shape
+    assert shape.bias and shape.act == "swiglu_clamp"
+    blob = torch.frombuffer(bytearray((store.path / "experts.bin").read_bytes()), dtype=torch.uint8)
+    source = SafetensorsFolder(gpt_oss)
+    for (layer, e), entry in store.entries.items():  # every bias as in the checkpoint, bit for bit
+        c = make_codec(entry.codec)
+        gu_b, dn_b = c.biases(blob[entry.offset:entry.offset + entry.nbytes], shape)
+        p = expert_tensors(source, "gpt_oss", layer, e)
+        assert torch.equal(gu_b, torch.cat([p["gate_bias"], p["up_bias"]]).float())
+        assert torch.equal(dn_b, p["down_bias"].float())
+    prompt = [3, 17, 42, 9, 77, 5]
+    q = load(store.path, dtype="float32").generate(prompt_ids=prompt, max_new_tokens=8, ignore_eos=True)
+    if bits == "8":
+        ref = load(dense.path, dtype="float32").generate(prompt_ids=prompt, max_new_tokens=8, ignore_eos=True)
+        assert q.token_ids == ref.token_ids
+    memory = _min_memory(store, "float32")  # offloaded: the same tokens as resident
+    assert load(store.path, dtype="float32", memory=memory).generate(
+        prompt_ids=prompt, max_new_tokens=8, ignore_eos=True).token_ids == q.token_ids
+
+
+def test_eval_table_shows_the_hit_rates_when_offloaded(tiny_checkpoint, tmp_path, capsys):
+    from moe_offload.cli import main
+    from moe_offload.runtime.engine import load
+    from moe_offload.store.format import convert
+
+    hf = tiny_checkpoint("mixtral_gqa", tokenizer=True)
+    store = convert(hf, tmp_path / "s")
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    memory = _min_memory(store, "float32", 6)  # 6 of the 8 experts: hits and misses
+    capsys.readouterr()
+    args = ["--text", str(text), "--dtype", "float32", "--gen-tokens", "6", "--quiet"]
+    assert main(["eval", "--compare", str(hf), str(store.path), *args]) == 0
+    assert main(["eval", "--model", str(store.path), "--memory", str(memory), *args, "--json"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "decode tok/s score hit decode hit" in out[0]
+    resident, stored = (line.split() for line in out[1:3])
+    assert resident[5:7] == ["-", "-"]  # every expert resident: no cache, no hit rate
+    assert all(0.0 < float(v) <= 1.0 for v in stored[5:7])
+    row = json.loads(out[3])
+    assert 0.0 < row["score_hit_rate"] < 1.0 and 0.0 <= row["hit_rate"] < 1.0
+    assert load(store.path, dtype="float32", memory=memory).expert_stats is not None

@@ -20,7 +20,8 @@ calibration text (hqq.importance_weights; uniform and mixed bits alike, same for
 plan then fits on the even calibration rows of an expert and measures on the odd ones (mixed.error_curve).
 The chosen experts are encoded again while the store is written (HQQ is deterministic, so the bytes are the
 ones measured). Routers, norms, embeddings, lm_head, shared experts and dense MLPs stay in the store dtype;
-attention projections are quantized when --attn-bits < 16 (quant/backbone.py).
+attention projections are quantized when --attn-bits < 16 (quant/backbone.py). Expert biases (gpt-oss) are
+kept exact (fp32) in each expert's blob beside its quantized weights.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ import torch
 
 from ..checkpoint import expert_tensors
 from ..cli import command
-from ..errors import MoeError, UsageError
+from ..errors import UsageError
+from ..progress import Progress, add_quiet_arg
 from ..utils import mib, parse_dtype, parse_size
 
 BITS = (2, 3, 4, 8)
@@ -78,6 +80,7 @@ def _add_quantize(p):
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out if it is an expert store or an empty folder")
     p.add_argument("--plan-detail", action="store_true", help="print one plan row per expert")
+    add_quiet_arg(p)
     p.add_argument("--plan-error", default=None, choices=["rel", "out", "nll", "layer"],
                    help="what the mixed plan minimises: rel Σ freq·relative error (default without "
                         "--calib); out Σ of routing-weighted squared output errors on the calibration tokens "
@@ -107,7 +110,8 @@ class Calibration:
     ids: list
 
 
-def calibrate(hf_dir: Path, text: Path, max_tokens: int, max_rows: int = 512) -> Calibration:
+def calibrate(hf_dir: Path, text: Path, max_tokens: int, max_rows: int = 512,
+              quiet: bool = True) -> Calibration:
     """Run the unquantized model on the text: routing counts, per-expert inputs and routing weights."""
     from ..profile import record
     from ..runtime.engine import load
@@ -116,7 +120,8 @@ def calibrate(hf_dir: Path, text: Path, max_tokens: int, max_rows: int = 512) ->
     if engine.tokenizer is None:
         raise UsageError(f"{hf_dir}: no tokenizer to encode --calib")
     ids = engine.tokenizer.encode(text.read_text(errors="replace"))[:max_tokens]
-    rec = record(engine, ids, window=min(256, engine.context_length))
+    with Progress("quantize: calibration", len(ids), "tokens", quiet=quiet) as bar:
+        rec = record(engine, ids, window=min(256, engine.context_length), progress=bar)
     moes = dict(engine.model.moe_blocks())
     xs, ws, scale = {}, {}, {}
     for layer, chosen in rec.chosen.items():
@@ -151,7 +156,7 @@ def layer_sensitivity(cal: Calibration, source, model_type: str, shape, spec: di
         for e in range(len(units)):
             p = expert_tensors(source, model_type, layer, e)
             x = cal.xs.get((layer, e)) if act_aware else None
-            blob = codec.encode(p["gate"], p["up"], p["down"], x=x, act=shape.act, act_aware=act_aware)
+            blob = codec.encode(x=x, act=shape, act_aware=act_aware, **p)
             units[e] = codec.decode(blob, shape)
         out[layer] = math.log(engine.perplexity(cal.ids, window)[0]) - base
         units[:] = saved
@@ -183,24 +188,23 @@ def layer_plan(cal: Calibration, source, model_type: str, shape, specs: list[dic
 
 
 class _Encoder:
-    """What convert() calls per expert: the codec, with this expert's calibration rows and activation."""
+    """What convert() calls per expert: the codec, with this expert's calibration rows and its shape (the
+    gated unit); biases pass through to the blob."""
 
-    def __init__(self, codec, x, act, log, act_aware=False):
-        self.codec, self.x, self.act, self.log, self.act_aware = codec, x, act, log, act_aware
+    def __init__(self, codec, x, shape, log, act_aware=False):
+        self.codec, self.x, self.shape, self.log, self.act_aware = codec, x, shape, log, act_aware
         self.spec = codec.spec
 
-    def encode(self, gate, up, down, **extra):
-        if extra:
-            raise MoeError(f"hqq codec: experts with {', '.join(sorted(extra))} are not supported")
+    def encode(self, gate, up, down, **biases):
         from .codec import expert_error
 
-        blob = self.codec.encode(gate, up, down, x=self.x, act=self.act, act_aware=self.act_aware)
-        self.log.append(expert_error(gate, up, down, self.codec, blob, self.x, self.act))
+        blob = self.codec.encode(gate, up, down, x=self.x, act=self.shape, act_aware=self.act_aware, **biases)
+        self.log.append(expert_error(gate, up, down, self.codec, blob, self.x, self.shape, biases=biases))
         return blob
 
 
-def pick_rank(gate, up, down, bits: int, target: float, x, act: str, group_size, quantizer: str,
-              act_aware: bool = False) -> int:
+def pick_rank(gate, up, down, bits: int, target: float, x, act, group_size, quantizer: str,
+              act_aware: bool = False, biases: dict | None = None) -> int:
     """Smallest rank (doubling from 4) whose b-bit + rank error reaches `target`; 0 if none below the cap."""
     from .codec import HQQCodec, expert_error
     from .lowrank import breakeven_rank
@@ -210,7 +214,7 @@ def pick_rank(gate, up, down, bits: int, target: float, x, act: str, group_size,
     r = 4
     while r <= cap:
         c = HQQCodec(expert_spec(bits, group_size, quantizer, r))
-        if expert_error(gate, up, down, c, x=x, act=act, act_aware=act_aware) <= target:
+        if expert_error(gate, up, down, c, x=x, act=act, act_aware=act_aware, biases=biases) <= target:
             return r
         r *= 2
     return 0
@@ -264,7 +268,7 @@ def cmd_quantize(a) -> int:
                          "give --calib")
     counts, xs, ws, cal = {}, {}, {}, None
     if a.calib:
-        cal = calibrate(hf, Path(a.calib), a.calib_tokens, a.calib_rows)
+        cal = calibrate(hf, Path(a.calib), a.calib_tokens, a.calib_rows, a.quiet)
         counts, xs = cal.counts, cal.xs
         ws = cal.ws if a.plan_error != "rel" else {}
     if a.stats:
@@ -281,32 +285,35 @@ def cmd_quantize(a) -> int:
     elif a.expert_bits == "mixed":
         budget = parse_size(a.budget)
         options = {}
+        curves = Progress("quantize: error curves", len(keys), "experts", quiet=a.quiet)
         for layer in layers:
             ranks = {}
             if a.lowrank == "auto":  # per layer, on its hottest expert: the rank that makes b bits match b+1
                 e = max(range(E), key=lambda i: freq[layer, i])
                 parts = expert_tensors(source, args.model_type, layer, e)
-                g, u, d = parts["gate"], parts["up"], parts["down"]
+                g, u, d = parts.pop("gate"), parts.pop("up"), parts.pop("down")  # parts: the biases, if any
                 base = [expert_spec(b, a.group_size, a.quantizer) for b in (2, 3, 4)]
-                curve = mixed.error_curve(g, u, d, base, xs.get((layer, e)), shape=shape, act_aware=act_aware)
+                curve = mixed.error_curve(g, u, d, base, xs.get((layer, e)), shape=shape, act_aware=act_aware,
+                                          biases=parts)
                 for b, nxt in zip((2, 3), curve[1:]):
-                    ranks[b] = pick_rank(g, u, d, b, nxt.err, xs.get((layer, e)), shape.act, a.group_size,
-                                         a.quantizer, act_aware)
+                    ranks[b] = pick_rank(g, u, d, b, nxt.err, xs.get((layer, e)), shape, a.group_size,
+                                         a.quantizer, act_aware, parts)
             extra = [expert_spec(b, a.group_size, a.quantizer, r) for b, r in ranks.items() if r]
             for e in range(E):
                 parts = expert_tensors(source, args.model_type, layer, e)
-                if set(parts) - {"gate", "up", "down"}:
-                    raise MoeError(f"{args.model_type}: experts with biases are not supported by hqq")
+                g, u, d = parts.pop("gate"), parts.pop("up"), parts.pop("down")  # parts: the biases, if any
                 x = xs.get((layer, e))
                 if ws and x is None:  # never routed on the calibration text: no output error to weigh
                     cs = [make_codec(sp) for sp in specs + extra]
                     options[layer, e] = [mixed.Option(dict(c.spec), c.nbytes(shape), 0.0) for c in cs]
+                    curves.update()
                     continue
-                options[layer, e] = mixed.error_curve(parts["gate"], parts["up"], parts["down"],
-                                                      specs + extra, x, shape=shape, w=ws.get((layer, e)),
-                                                      act_aware=act_aware)
-            print(f"layer {layer}: error curves of {E} experts measured"
-                  + (f", low-rank ranks {ranks}" if ranks else ""), file=sys.stderr)
+                options[layer, e] = mixed.error_curve(g, u, d, specs + extra, x, shape=shape,
+                                                      w=ws.get((layer, e)), act_aware=act_aware, biases=parts)
+                curves.update()
+            curves.write(f"layer {layer}: error curves of {E} experts measured"
+                         + (f", low-rank ranks {ranks}" if ranks else ""))
+        curves.close()
         weight = freq
         if a.plan_error != "rel":  # the errors are sums over (capped) calibration rows: scale them up
             weight = {k: cal.scale.get(k, 0.0) for k in keys}
@@ -334,7 +341,7 @@ def cmd_quantize(a) -> int:
 
     def pick(layer, e):
         codec = codecs[json.dumps(chosen[layer, e], sort_keys=True)]
-        return _Encoder(codec, xs.get((layer, e)), shape.act, errors, act_aware)
+        return _Encoder(codec, xs.get((layer, e)), shape, errors, act_aware)
 
     view = None
     if a.attn_bits < 16:
@@ -345,8 +352,9 @@ def cmd_quantize(a) -> int:
                "budget": parse_size(a.budget),
                "calibration_tokens": a.calib_tokens if a.calib else 0,
                "plan_error": a.plan_error if a.expert_bits == "mixed" else None}
-    store = convert(hf, out, parse_dtype(a.dtype), overwrite=a.overwrite, codec=pick, backbone_view=view,
-                    extra={"quantization": summary})
+    with Progress("quantize", unit="experts", quiet=a.quiet) as bar:
+        store = convert(hf, out, parse_dtype(a.dtype), overwrite=a.overwrite, codec=pick, backbone_view=view,
+                        extra={"quantization": summary}, progress=bar)
     if a.stats:
         shutil.copyfile(a.stats, store.path / "routing_stats.json")
     backbone = (store.path / "backbone.safetensors").stat().st_size

@@ -10,6 +10,7 @@ Blob layout (every section starts on a 64-byte boundary; the blob is padded to 6
     rank r > 0: the activation-aware rank-r correction of each matrix's quantization residual (lowrank.py),
                       W ≈ Ŵ + U V, with V [r, K] and U [N, r] stored as 8-bit, one group per row:
                       gate_up.V | gate_up.U | down.V | down.U
+    biases (experts with biases, gpt-oss): gate | up | down biases, fp32 [2I + D], kept exact
 
 The group size is per matrix: the largest divisor of its input dim K not above `group_size` (0: whole row).
 Defaults: 2-bit g32, 3/4-bit g64 with 8-bit meta, 8-bit one group per row with bf16 meta: 2.53 / 3.27 /
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MoeError
-from ..experts import CODECS, ExpertShape
+from ..experts import CODECS, GLUS, ExpertShape
 from ..models.base import ACTIVATIONS
 from . import lowrank
 from .hqq import META_BLOCK, decode_meta, group_size_for, importance_weights, quantize
@@ -59,13 +60,28 @@ def matrix_sections(N: int, K: int, bits: int, g: int, meta_bits: int) -> list[t
     return secs
 
 
+def glu_of(act: str | ExpertShape) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """(g, u) -> h: act(g) * u for an ACTIVATIONS name; an ExpertShape's own gated unit (GLUS included:
+    gpt-oss's clamped SwiGLU with its alpha and limit)."""
+    if isinstance(act, ExpertShape):
+        if act.act in GLUS:
+            fn, alpha, limit = GLUS[act.act], act.swiglu_alpha, act.swiglu_limit
+            return lambda g, u: fn(g, u, alpha, limit)
+        act = act.act
+    fn = ACTIVATIONS[act]
+    return lambda g, u: fn(g) * u
+
+
 class QuantExpert:
-    """y = down(act(gate x) · up x) over quantized linears (each x [n, K] -> [n, N] in x's dtype)."""
+    """y = down(glu(gate x, up x)) over quantized linears (each x [n, K] -> [n, N] in x's dtype), plus the
+    biases when the expert has them (gate_up_bias [2I], down_bias [D], fp32)."""
 
-    __slots__ = ("gate_up", "down", "act")
+    __slots__ = ("gate_up", "down", "glu", "gate_up_bias", "down_bias")
 
-    def __init__(self, gate_up: Callable, down: Callable, act: str = "silu"):
-        self.gate_up, self.down, self.act = gate_up, down, ACTIVATIONS[act]
+    def __init__(self, gate_up: Callable, down: Callable, act: str | ExpertShape = "silu",
+                 gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None):
+        self.gate_up, self.down, self.glu = gate_up, down, glu_of(act)
+        self.gate_up_bias, self.down_bias = gate_up_bias, down_bias
 
     @property
     def nbytes(self) -> int:
@@ -76,8 +92,12 @@ class QuantExpert:
         return self.gate_up.kind, self.down.kind
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [n, D] -> [n, D]
-        g, u = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(self.act(g) * u)
+        gu = self.gate_up(x)
+        if self.gate_up_bias is not None:
+            gu = gu + self.gate_up_bias.to(gu.dtype)
+        g, u = gu.chunk(2, dim=-1)
+        y = self.down(self.glu(g, u))
+        return y if self.down_bias is None else y + self.down_bias.to(y.dtype)
 
 
 class LowRankLinear:
@@ -148,7 +168,8 @@ class HQQCodec:
         return mats
 
     def layout(self, shape: ExpertShape) -> tuple[list[list[tuple[str, int, int, torch.dtype, tuple]]], int]:
-        """Per matrix: [(key, offset, nbytes, dtype, shape)]; and the blob's total size."""
+        """Per matrix: [(key, offset, nbytes, dtype, shape)], then (shape.bias) the biases' section; and the
+        blob's total size."""
         off, out = 0, []
         for _, N, K, b, g, mb in self.matrices(shape):
             secs = []
@@ -156,6 +177,10 @@ class HQQCodec:
                 secs.append((key, off, n, dt, shp))
                 off = _align(off + n)
             out.append(secs)
+        if shape.bias:
+            B = 2 * shape.intermediate + shape.hidden
+            out.append([("bias", off, 4 * B, torch.float32, (B,))])
+            off = _align(off + 4 * B)
         return out, off
 
     def nbytes(self, shape: ExpertShape) -> int:
@@ -163,18 +188,27 @@ class HQQCodec:
 
     # ---- encode ------------------------------------------------------------------------------------
     def encode(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
-               x: torch.Tensor | None = None, act: str = "silu", act_aware: bool = False) -> torch.Tensor:
-        """gate, up [I, D], down [D, I] -> uint8 [nbytes]. x [n, D]: calibration inputs of this expert. The
-        low-rank correction is fitted to the output error on x (and on act(gate x)·up x); with act_aware the
-        HQQ scales and zeros are fitted to the error weighted per input column by E[x_j²] (gate_up) and
-        E[h_j²], h = act(gate x)·up x (down) — same format, other s and z (hqq.importance_weights)."""
+               x: torch.Tensor | None = None, act: str | ExpertShape = "silu", act_aware: bool = False,
+               gate_bias: torch.Tensor | None = None, up_bias: torch.Tensor | None = None,
+               down_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """gate, up [I, D], down [D, I] (biases [I], [I], [D]: all or none, stored exact in fp32) -> uint8
+        [nbytes]. x [n, D]: calibration inputs of this expert. The low-rank correction is fitted to the output
+        error on x (and on h = glu(gate x, up x)); with act_aware the HQQ scales and zeros are fitted to the
+        error weighted per input column by E[x_j²] (gate_up) and E[h_j²] (down) — same format, other s and z
+        (hqq.importance_weights). act: an activation name, or the ExpertShape (its gated unit)."""
         b, gs, mb, r = (self.spec[k] for k in ("bits", "group_size", "meta_bits", "rank"))
         method = self.spec["quantizer"]
+        biases = [t for t in (gate_bias, up_bias, down_bias) if t is not None]
+        if len(biases) not in (0, 3):
+            raise MoeError("hqq codec: an expert has all three biases (gate, up, down) or none")
         Ws = [torch.cat([gate, up]).float(), down.float()]
         xf = hm = None
         if x is not None and (r or act_aware):
             xf = x.float()
-            hm = ACTIVATIONS[act](xf @ gate.float().t()) * (xf @ up.float().t())
+            g, u = xf @ gate.float().t(), xf @ up.float().t()
+            if biases:
+                g, u = g + gate_bias.float(), u + up_bias.float()
+            hm = glu_of(act)(g, u)
         imps = [None, None]
         if act_aware and xf is not None and len(xf) and method == "hqq":
             imps = [importance_weights(xf), importance_weights(hm)]
@@ -186,7 +220,7 @@ class HQQCodec:
             for W, q, L in zip(Ws, list(qs), Ls):
                 U, V = lowrank.factor(W - q.dequantize(), r, L)
                 qs += [quantize(V, method=method, **FACTOR), quantize(U, method=method, **FACTOR)]
-        layout, total = self.layout(ExpertShape(gate.shape[1], gate.shape[0]))
+        layout, total = self.layout(ExpertShape(gate.shape[1], gate.shape[0], bias=bool(biases)))
         blob = torch.zeros(total, dtype=torch.uint8)
         for q, secs in zip(qs, layout):
             tensors = {"codes": PackedMatrix.from_quantized(q).packed, **q.meta}
@@ -194,7 +228,18 @@ class HQQCodec:
                 t = tensors[key].contiguous().view(-1).view(torch.uint8)
                 assert t.numel() == n, (key, t.numel(), n)
                 blob[off:off + n] = t
+        if biases:
+            (_, off, n, _, _), = layout[-1]
+            blob[off:off + n] = torch.cat([t.reshape(-1).float() for t in biases]).view(torch.uint8)
         return blob
+
+    def biases(self, blob: torch.Tensor, shape: ExpertShape) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(gate_up_bias [2I], down_bias [D]) fp32 views of the blob, or None for an expert without biases."""
+        if not shape.bias:
+            return None
+        (_, off, n, dt, shp), = self.layout(shape)[0][-1]
+        b = blob[off:off + n].view(dt)
+        return b[: 2 * shape.intermediate], b[2 * shape.intermediate:]
 
     # ---- decode ------------------------------------------------------------------------------------
     def packed(self, blob: torch.Tensor, shape: ExpertShape) -> list[PackedMatrix]:
@@ -222,7 +267,10 @@ class HQQCodec:
         gate_up, down = lins[:2]
         if self.spec["rank"]:
             gate_up, down = LowRankLinear(gate_up, lins[2], lins[3]), LowRankLinear(down, lins[4], lins[5])
-        return QuantExpert(gate_up, down, shape.act)
+        b = self.biases(blob, shape)
+        if b is not None:  # copies: a view would keep the whole blob alive
+            return QuantExpert(gate_up, down, shape, b[0].clone(), b[1].clone())
+        return QuantExpert(gate_up, down, shape)
 
     def dequantize(self, blob: torch.Tensor, shape: ExpertShape) -> tuple[torch.Tensor, torch.Tensor]:
         """The weights the unit computes with, fp32: gate_up [2I, D], down [D, I] (low-rank included)."""
@@ -234,24 +282,29 @@ class HQQCodec:
 
 
 def expert_error(gate, up, down, codec: HQQCodec, blob: torch.Tensor | None = None,
-                 x: torch.Tensor | None = None, act: str = "silu", w: torch.Tensor | None = None,
-                 act_aware: bool = False) -> float:
+                 x: torch.Tensor | None = None, act: str | ExpertShape = "silu",
+                 w: torch.Tensor | None = None, act_aware: bool = False, biases: dict | None = None) -> float:
     """Relative error of one encoded expert: Frobenius over its three matrices together, or, with
     calibration inputs x [n, D], of its output on x. With x and the router's weights w [n] of this expert on
-    those tokens: the absolute Σ_t w_t² ||y_t − ŷ_t||², what it adds to its layer's squared output error."""
-    shape = ExpertShape(gate.shape[1], gate.shape[0], act)
-    blob = codec.encode(gate, up, down, x, act, act_aware) if blob is None else blob
+    those tokens: the absolute Σ_t w_t² ||y_t − ŷ_t||², what it adds to its layer's squared output error.
+    biases: {gate_bias, up_bias, down_bias} of an expert that has them (exact in the blob: they shift the
+    unit's inputs, not the error of the weights)."""
+    biases = biases or {}
+    shape = ExpertShape(gate.shape[1], gate.shape[0], bias=bool(biases))
+    blob = codec.encode(gate, up, down, x, act, act_aware, **biases) if blob is None else blob
     gu_hat, dn_hat = codec.dequantize(blob, shape)
     gu, dn = torch.cat([gate, up]).float(), down.float()
     if x is None:
         num = (gu - gu_hat).pow(2).sum() + (dn - dn_hat).pow(2).sum()
         return float((num / (gu.pow(2).sum() + dn.pow(2).sum()).clamp_min(1e-30)).sqrt())
     xf = x.float()
-    act = ACTIVATIONS[shape.act]
+    glu = glu_of(act)
+    b_gu = torch.cat([biases["gate_bias"], biases["up_bias"]]).float() if biases else 0.0
+    b_dn = biases["down_bias"].float() if biases else 0.0
 
     def run(a, b):
-        g, u = (xf @ a.t()).chunk(2, dim=-1)
-        return (act(g) * u) @ b.t()
+        g, u = (xf @ a.t() + b_gu).chunk(2, dim=-1)
+        return glu(g, u) @ b.t() + b_dn
 
     y = run(gu, dn)
     if w is not None:

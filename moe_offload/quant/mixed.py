@@ -186,18 +186,19 @@ def format_plan(plan: dict[Key, Option], freq: dict[Key, float], budget: int | N
 
 
 def error_curve(gate, up, down, specs: list[dict], x=None, make: Callable | None = None,
-                shape=None, w=None, act_aware: bool = False) -> list[Option]:
+                shape=None, w=None, act_aware: bool = False, biases: dict | None = None) -> list[Option]:
     """Encode one expert with every spec; measure its error (Frobenius, or output error on x [n, D]; with
     routing weights w [n], the absolute routing-weighted squared output error: codec.expert_error).
     When the encoding uses x — a low-rank part is fitted to it, or act_aware weighs the HQQ fit by it — every
     option is measured on the odd rows of x and fitted on the even ones: measured on its own fitting rows
     the low rank looked better than it did on held-out text (docs/quality.md). Absolute errors are then
-    scaled back to all n rows."""
+    scaled back to all n rows. biases: {gate_bias, up_bias, down_bias} of an expert that has them."""
     from ..experts import ExpertShape, make_codec
     from .codec import expert_error
 
     make = make or make_codec
-    shape = shape or ExpertShape(gate.shape[1], gate.shape[0])
+    biases = biases or {}
+    shape = shape or ExpertShape(gate.shape[1], gate.shape[0], bias=bool(biases))
     x_fit = x_err = x
     w_err, scale = w, 1.0
     if x is not None and len(x) >= 2 and (act_aware or any(s.get("rank") for s in specs)):
@@ -208,9 +209,9 @@ def error_curve(gate, up, down, specs: list[dict], x=None, make: Callable | None
     for spec in specs:
         c = make(spec)
         hqq = spec.get("name") == "hqq"
-        blob = c.encode(gate, up, down, x=x_fit, act=shape.act, act_aware=act_aware) if hqq \
-            else c.encode(gate, up, down)
-        err = expert_error(gate, up, down, c, blob, x_err, shape.act, w_err) if hasattr(c, "dequantize") \
-            else 0.0
+        blob = c.encode(gate, up, down, x=x_fit, act=shape, act_aware=act_aware, **biases) if hqq \
+            else c.encode(gate, up, down, **biases)
+        err = expert_error(gate, up, down, c, blob, x_err, shape, w_err, biases=biases) \
+            if hasattr(c, "dequantize") else 0.0
         out.append(Option(dict(c.spec), int(blob.numel()), err * scale))
     return out

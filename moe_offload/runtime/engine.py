@@ -19,8 +19,9 @@ from ..utils import parse_dtype, parse_size, peak_rss_bytes, pick_device
 from .sampling import sample
 from .tokenizer import Tokenizer
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL = REPO_ROOT / "models" / "tiny-moe"
+# the bundled model ships inside the package (package data), so a wheel finds it from any directory;
+# the repo's models/tiny-moe is a link to it
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "_models" / "tiny-moe"
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from ..cli import command
+from ..progress import Progress, add_quiet_arg
 from ..utils import mib, parse_dtype
 
 
@@ -15,6 +16,7 @@ def _add_convert(p):
                    help="dtype of the stored weights (default: the checkpoint's)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out if it is an expert store or an empty folder")
+    add_quiet_arg(p)
 
 
 @command("convert", "convert a Hugging Face MoE folder into an expert store", _add_convert)
@@ -22,7 +24,8 @@ def cmd_convert(a) -> int:
     from .format import convert  # imports torch: keep it out of the timing
 
     t0 = time.perf_counter()
-    store = convert(a.model, a.out, parse_dtype(a.dtype), overwrite=a.overwrite)
+    with Progress("convert", unit="experts", quiet=a.quiet) as bar:
+        store = convert(a.model, a.out, parse_dtype(a.dtype), overwrite=a.overwrite, progress=bar)
     backbone = (store.path / "backbone.safetensors").stat().st_size
     print(f"converted {len(store.entries)} experts ({mib(store.expert_bytes)}, {store.manifest['dtype']}) "
           f"+ backbone {mib(backbone)} in {time.perf_counter() - t0:.1f} s -> {store.path}")

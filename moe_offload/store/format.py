@@ -187,9 +187,9 @@ def file_crc32(path: Path, chunk: int = 16 << 20) -> str:
 
 
 def write_experts(path: Path, source: SafetensorsFolder, model_type: str, moe_layers: list[int],
-                  n_experts: int, codec: Callable[[int, int], Codec]) -> list[ExpertEntry]:
+                  n_experts: int, codec: Callable[[int, int], Codec], progress=None) -> list[ExpertEntry]:
     """One expert at a time: read its matrices, encode with codec(layer, expert), write at the next aligned
-    offset."""
+    offset. `progress` (progress.Progress): one update per expert with the bytes it read."""
     entries, offset = [], 0
     with open(path, "wb") as f:
         for layer in moe_layers:
@@ -202,6 +202,8 @@ def write_experts(path: Path, source: SafetensorsFolder, model_type: str, moe_la
                 f.write(b"\0" * (round_up(n) - n))
                 entries.append(ExpertEntry(layer, e, offset, n, dict(c.spec), crc32_hex(blob)))
                 offset += round_up(n)
+                if progress is not None:
+                    progress.update(1, sum(t.numel() * t.element_size() for t in parts.values()))
         f.flush()
         os.fsync(f.fileno())
     drop_page_cache(path)  # the store must not sit in the page cache after writing it
@@ -226,11 +228,12 @@ def copy_file(src: Path, folder: Path) -> None:
 
 def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
             overwrite: bool = False, codec: Codec | Callable[[int, int], Codec] | None = None,
-            backbone_view: Callable | None = None, extra: dict | None = None) -> Store:
+            backbone_view: Callable | None = None, extra: dict | None = None, progress=None) -> Store:
     """Hugging Face folder -> store folder. `dtype` (default: the checkpoint's) for the backbone, the
     compute default and the dense experts; `codec`: one Codec for all experts, or codec(layer, expert) for
     mixed precision (each entry records its own spec). `backbone_view(source, names, keep) -> (source, names,
-    keep)` rewrites backbone tensors (quantized attention, quant/backbone.py); `extra` joins the manifest."""
+    keep)` rewrites backbone tensors (quantized attention, quant/backbone.py); `extra` joins the manifest;
+    `progress` (progress.Progress) counts the experts written."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if (hf_dir / MANIFEST).is_file():
         raise MoeError(f"{hf_dir} is already an expert store")
@@ -258,7 +261,9 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.
     shape = model.expert_shape
 
     with store_dir(out_dir, overwrite=overwrite) as tmp:
-        entries = write_experts(tmp / EXPERTS, source, model_type, moe_layers, n_experts, pick)
+        if progress is not None:
+            progress.start(len(moe_layers) * n_experts)
+        entries = write_experts(tmp / EXPERTS, source, model_type, moe_layers, n_experts, pick, progress)
         keep = tuple(getattr(model, "fp32_keys", ()))  # kept in fp32 whatever the dtype (as build_model)
         bsource, bnames = source, backbone
         if backbone_view is not None:
