@@ -301,7 +301,9 @@ def write_tokenizer(g: GGUFModel, out: Path) -> str | None:
     if tcfg.get("add_bos_token") and bos is not None and 0 <= bos < len(tokens):
         backend.post_processor = processors.TemplateProcessing(
             single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A {tokens[bos]} $B", special_tokens=[(tokens[bos], bos)])
-    backend.save(str(out / "tokenizer.json"))
+    tj = json.loads(backend.to_str())  # transformers' GPT2Tokenizer adds its own <|endoftext|> past the file's
+    tj["added_tokens"] = [t for t in tj.get("added_tokens") or [] if t["id"] < len(tokens)]  # vocabulary: drop it
+    (out / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
     cfg = {k: tcfg.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token") if tcfg.get(k)}
     template = g.meta.get("tokenizer.chat_template")
     if template:
