@@ -164,7 +164,7 @@ def gguf_config(g: GGUFModel) -> dict:
         raise MoeError(f"{g.path}: rope scaling {scaling!r} is not supported for GGUF files yet")
     if "rope_freqs.weight" in g.tensors:
         raise MoeError(f"{g.path}: per-dimension rope frequencies (rope_freqs) are not supported")
-    shape = lambda n: [int(x) for x in g.tensors[n].shape][::-1]  # noqa: E731  numpy order [.., N, K]
+    shape = lambda n: [int(x) for x in g.tensors[n].shape][::-1]
     V, D = shape("token_embd.weight")
     cfg.update(vocab_size=V, hidden_size=D, tie_word_embeddings="output.weight" not in g.tensors)
     L = 1 + max(int(n.split(".")[1]) for n in g.tensors if n.startswith("blk."))
@@ -172,9 +172,7 @@ def gguf_config(g: GGUFModel) -> dict:
     E, I, _ = shape(g.experts[(min(la for la, _ in g.experts), "gate")])
     cfg[EXPERTS_KEY[g.model_type]] = E
     H = cfg["num_attention_heads"]
-    q_rows = shape("blk.0.attn_q.weight")[0]
-    if q_rows != D or f"{a}.attention.key_length" in m:
-        cfg["head_dim"] = q_rows // H
+    cfg["head_dim"] = shape("blk.0.attn_q.weight")[0] // H
     cfg.setdefault("rms_norm_eps", 1e-5)
     cfg.setdefault("rope_theta", 10000.0)
     cfg.setdefault("norm_topk_prob", NORM_TOPK[g.model_type])
@@ -207,6 +205,24 @@ def gguf_config(g: GGUFModel) -> dict:
         if f"tokenizer.ggml.{k}" in m:
             cfg[ours] = int(m[f"tokenizer.ggml.{k}"])
     return cfg
+
+
+def check_types(g: GGUFModel) -> None:
+    """Every tensor's GGML type is one we keep or the gguf package dequantizes (tried on one zero block)."""
+    import gguf
+    from gguf.quants import dequantize
+
+    ok: dict[str, bool] = {}
+    for name, t in g.tensors.items():
+        tn = t.tensor_type.name
+        if tn not in ok:
+            try:
+                dequantize(np.zeros((1, gguf.GGML_QUANT_SIZES[t.tensor_type][1]), np.uint8), t.tensor_type)
+                ok[tn] = True
+            except (NotImplementedError, KeyError, ValueError):
+                ok[tn] = False
+        if not ok[tn]:
+            raise MoeError(f"{g.path}: tensor {name} has GGML type {tn}, which is not supported")
 
 
 def store_dtype(g: GGUFModel) -> torch.dtype:
@@ -349,20 +365,33 @@ class Progress:
               f"ETA {eta:.0f} s", end="" if self.done < self.total else "\n", file=sys.stderr, flush=True)
 
 
-def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
+def convert_gguf(path: str | os.PathLike | GGUFModel, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
                  overwrite: bool = False, quiet: bool = False):
-    """GGUF file -> store folder (store/format.py layout), one expert at a time; returns the opened Store."""
+    """GGUF file (or an opened one) -> store folder (store/format.py layout), one expert at a time; returns the
+    opened Store. Everything that can be refused is refused before anything is written."""
     from .models import build
-    from .store.format import (ALIGN, BACKBONE, EXPERTS, FORMAT_NAME, FORMAT_VERSION, MANIFEST, ExpertEntry,
-                               crc32_hex, open_store, round_up, write_safetensors)
+    from .store.format import (
+        ALIGN,
+        BACKBONE,
+        EXPERTS,
+        FORMAT_NAME,
+        FORMAT_VERSION,
+        MANIFEST,
+        ExpertEntry,
+        crc32_hex,
+        open_store,
+        round_up,
+        write_safetensors,
+    )
 
-    g = open_gguf(path)
+    g = path if isinstance(path, GGUFModel) else open_gguf(path)
     config = gguf_config(g)
+    check_types(g)
     dt = dtype or store_dtype(g)
     config["dtype"] = DTYPE_NAMES[dt]
     try:
         with torch.device("meta"):
-            args, model = build(config)
+            _, model = build(config)
     except (TypeError, ValueError, KeyError) as e:
         raise MoeError(f"{g.path}: its metadata does not make a valid {g.model_type} config ({e})") from None
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -454,8 +483,11 @@ def store_for(path: str | os.PathLike, dtype: torch.dtype | None = None):
             return open_store(out)
         except MoeError as e:
             print(f"moe-offload: cached store {out} is unusable ({e}); converting again", file=sys.stderr)
+    g = open_gguf(path)
+    gguf_config(g)
+    check_types(g)  # a bad file is refused before the "converting" line
     print(f"moe-offload: converting {path} into an expert store at {out} (once)", file=sys.stderr)
-    return convert_gguf(path, out, dtype, overwrite=True)
+    return convert_gguf(g, out, dtype, overwrite=True)
 
 
 def read_config(path: str | os.PathLike) -> tuple[dict, str]:
@@ -464,4 +496,4 @@ def read_config(path: str | os.PathLike) -> tuple[dict, str]:
     return gguf_config(g), Path(path).stem
 
 
-__all__ = ["open_gguf", "gguf_config", "convert_gguf", "store_for", "is_gguf", "GGUFSource"]
+__all__ = ["GGUFSource", "convert_gguf", "gguf_config", "is_gguf", "open_gguf", "store_for"]
