@@ -90,10 +90,27 @@ class GGUFModel:
     meta: dict
     tensors: dict  # gguf name -> gguf ReaderTensor
     names: dict  # checkpoint name -> gguf name (backbone)
-    experts: dict  # (layer, part) -> gguf name of the stacked [E, N, K] tensor
+    experts: dict  # (layer, part) -> (gguf name of the stacked [E, N, K] tensor,) or one [N, K] name per expert
 
     def type_name(self, gguf_name: str) -> str:
         return self.tensors[gguf_name].tensor_type.name
+
+    def expert_type(self, layer: int, part: str) -> str:
+        return self.type_name(self.experts[(layer, part)][0])
+
+    def expert_dims(self, layer: int, part: str) -> list[int]:
+        """[E, N, K] of one layer's experts (numpy order)."""
+        names = self.experts[(layer, part)]
+        dims = [int(x) for x in self.tensors[names[0]].shape][::-1]
+        return dims if len(names) == 1 else [len(names), *dims]
+
+    def expert_raw(self, layer: int, part: str, e: int) -> tuple[str, np.ndarray]:
+        """(gguf name, memory-mapped data) of expert e: its slab of the stacked tensor, or its own tensor."""
+        names = self.experts[(layer, part)]
+        return (names[0], self.tensors[names[0]].data[e]) if len(names) == 1 else (names[e], self.tensors[names[e]].data)
+
+    def expert_nbytes(self, layer: int, part: str) -> int:
+        return sum(int(self.tensors[n].n_bytes) for n in self.experts[(layer, part)])
 
 
 def _field(f):
@@ -129,21 +146,30 @@ def open_gguf(path: str | os.PathLike) -> GGUFModel:
         raise MoeError(f"{path}: GGUF architecture {arch!r} is not supported (supported: "
                        f"{', '.join(ARCHITECTURES)})")
     model_type = ARCHITECTURES[arch]
-    if not any(n.endswith("ffn_gate_exps.weight") for n in tensors):
+    if not any(n.endswith("ffn_gate_exps.weight") or n.endswith("ffn_gate.0.weight") for n in tensors):
         raise MoeError(f"{path}: a {arch} GGUF without routed experts (ffn_*_exps) is a dense model, not an MoE")
-    names, experts = {}, {}
+    names, experts, legacy = {}, {}, {}
     table = {**NAMES_LAYER, **NAMES_FAMILY[model_type]}
     for name in tensors:
         if name in NAMES_GLOBAL:
             names[NAMES_GLOBAL[name]] = name
             continue
         m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
-        if m and m.group(2) in EXPERT_PARTS:
-            experts[(int(m.group(1)), EXPERT_PARTS[m.group(2)])] = name
+        old = re.fullmatch(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight", name)  # early Mixtral files: one
+        if old:  # tensor per expert
+            legacy.setdefault((int(old.group(1)), old.group(2)), {})[int(old.group(3))] = name
+        elif m and m.group(2) in EXPERT_PARTS:
+            experts[(int(m.group(1)), EXPERT_PARTS[m.group(2)])] = (name,)
         elif m and m.group(2) in table:
             names[f"model.layers.{m.group(1)}.{table[m.group(2)]}"] = name
         else:
             raise MoeError(f"{path}: tensor {name!r} is not one a {arch} MoE model has (not supported)")
+    for key, per in legacy.items():
+        if key in experts or sorted(per) != list(range(len(per))):
+            raise MoeError(f"{path}: layer {key[0]} {key[1]} experts are neither stacked nor numbered 0..E-1")
+        if len({tensors[n].tensor_type for n in per.values()}) != 1:
+            raise MoeError(f"{path}: layer {key[0]} {key[1]} experts do not share one tensor type")
+        experts[key] = tuple(per[e] for e in range(len(per)))
     return GGUFModel(path, arch, model_type, meta, tensors, names, experts)
 
 
@@ -169,7 +195,7 @@ def gguf_config(g: GGUFModel) -> dict:
     cfg.update(vocab_size=V, hidden_size=D, tie_word_embeddings="output.weight" not in g.tensors)
     L = 1 + max(int(n.split(".")[1]) for n in g.tensors if n.startswith("blk."))
     cfg.setdefault("num_hidden_layers", L)
-    E, I, _ = shape(g.experts[(min(la for la, _ in g.experts), "gate")])
+    E, I, _ = g.expert_dims(min(la for la, _ in g.experts), "gate")
     cfg[EXPERTS_KEY[g.model_type]] = E
     H = cfg["num_attention_heads"]
     cfg["head_dim"] = shape("blk.0.attn_q.weight")[0] // H
@@ -245,34 +271,27 @@ class GGUFSource:
         H = config["num_attention_heads"]
         self.heads = {"q_proj": H, "k_proj": config.get("num_key_value_heads") or H}
         n = config[EXPERTS_KEY[g.model_type]]
-        self.expert_names = {}
-        for (layer, part), name in g.experts.items():
-            for e in range(n):
-                self.expert_names[EXPERT_NAMES[g.model_type][0].format(
-                    layer=layer, expert=e, part=EXPERT_NAMES[g.model_type][1][part])] = (name, e)
+        template, parts = EXPERT_NAMES[g.model_type]
+        self.expert_names = {template.format(layer=layer, expert=e, part=parts[part]): (layer, part, e)
+                             for layer, part in g.experts for e in range(n)}
 
     def keys(self) -> list[str]:
         return [*self.g.names, *self.expert_names]
 
-    def raw(self, gguf_name: str, index: int | None = None) -> np.ndarray:
-        """The stored data (a memory-mapped view): quantized [.., N, row bytes], float [.., N, K]."""
-        data = self.g.tensors[gguf_name].data
-        return data if index is None else data[index]
-
-    def dequantized(self, gguf_name: str, index: int | None = None) -> np.ndarray:
+    def dequantized(self, gguf_name: str, data: np.ndarray | None = None) -> np.ndarray:
+        """fp32 values of a tensor (or of `data`, a part of it: one expert's slab)."""
         from gguf.quants import dequantize
 
         t = self.g.tensors[gguf_name]
         try:
-            return dequantize(np.asarray(self.raw(gguf_name, index)), t.tensor_type).astype(np.float32)  # owned copy
+            return dequantize(np.asarray(t.data if data is None else data), t.tensor_type).astype(np.float32)
         except NotImplementedError:
             raise MoeError(f"{self.g.path}: tensor {gguf_name} has type {t.tensor_type.name}, which the gguf "
                            f"package cannot dequantize (not supported)") from None
 
     def get(self, name: str) -> torch.Tensor:
         if name in self.expert_names:
-            gname, e = self.expert_names[name]
-            return torch.from_numpy(np.ascontiguousarray(self.dequantized(gname, e)))
+            return torch.from_numpy(self.dequantized(*self.g.expert_raw(*self.expert_names[name])))
         if name == "lm_head.weight" and name not in self.g.names:
             name = "model.embed_tokens.weight"  # tied
         gname = self.g.names[name]
@@ -337,7 +356,7 @@ def expert_codec(g: GGUFModel, layer: int, dtype: torch.dtype):
     from .experts import DenseCodec
     from .quant.ggml import KEPT, GGUFCodec
 
-    types = {p: g.type_name(g.experts[(layer, p)]) for p in ("gate", "up", "down")}
+    types = {p: g.expert_type(layer, p) for p in ("gate", "up", "down")}
     if all(t in FLOAT_TYPES for t in types.values()):
         return DenseCodec(dtype), types
 
@@ -408,16 +427,16 @@ def convert_gguf(path: str | os.PathLike | GGUFModel, out_dir: str | os.PathLike
                            f"{name} needs shape {shapes[name]}")
     shape = model.expert_shape
     E = model.n_experts
-    for (layer, part), gname in g.experts.items():
+    for (layer, part), gnames in g.experts.items():
         want = [E, shape.hidden, shape.intermediate] if part == "down" else [E, shape.intermediate, shape.hidden]
-        if [int(x) for x in g.tensors[gname].shape][::-1] != want:
-            raise MoeError(f"{g.path}: {gname} has shape {[int(x) for x in g.tensors[gname].shape][::-1]}, "
-                           f"expected {want}")
+        if g.expert_dims(layer, part) != want:
+            raise MoeError(f"{g.path}: {gnames[0]} (layer {layer} {part} experts) has shape "
+                           f"{g.expert_dims(layer, part)}, expected {want}")
     codecs = {layer: expert_codec(g, layer, dt) for layer in moe_layers}
     note = None
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         entries, offset = [], 0
-        total = sum(int(g.tensors[n].n_bytes) for n in g.experts.values())
+        total = sum(g.expert_nbytes(*key) for key in g.experts)
         progress = Progress(f"moe-offload: experts of {g.path.name}", total, quiet)
         with open(tmp / EXPERTS, "wb") as f:
             for layer in moe_layers:
@@ -425,11 +444,10 @@ def convert_gguf(path: str | os.PathLike | GGUFModel, out_dir: str | os.PathLike
                 for e in range(E):
                     parts = {}
                     for p in ("gate", "up", "down"):
-                        gname = g.experts[(layer, p)]
+                        gname, data = g.expert_raw(layer, p, e)
                         kept = hasattr(codec, "encode_blocks") and types[p] not in FLOAT_TYPES and \
                             codec.spec["down" if p == "down" else "gate_up"] in ("q4", "q8")
-                        parts[p] = (types[p], np.asarray(source.raw(gname, e)) if kept
-                                    else source.dequantized(gname, e))
+                        parts[p] = (types[p], np.asarray(data) if kept else source.dequantized(gname, data))
                     if hasattr(codec, "encode_blocks"):
                         blob = codec.encode_blocks(shape, parts)
                     else:
@@ -440,7 +458,7 @@ def convert_gguf(path: str | os.PathLike | GGUFModel, out_dir: str | os.PathLike
                     f.write(b"\0" * (round_up(len(data)) - len(data)))
                     entries.append(ExpertEntry(layer, e, offset, len(data), dict(codec.spec), crc32_hex(data)))
                     offset += round_up(len(data))
-                progress.step(sum(int(g.tensors[g.experts[(layer, p)]].n_bytes) for p in ("gate", "up", "down")))
+                progress.step(sum(g.expert_nbytes(layer, p) for p in ("gate", "up", "down")))
             f.flush()
             os.fsync(f.fileno())
         drop_page_cache(tmp / EXPERTS)

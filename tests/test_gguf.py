@@ -66,9 +66,10 @@ def family(tmp_path_factory):
     return get
 
 
-def rewrite_gguf(src, dst, qtype_for=lambda name: None, arch=None, replace=None):
+def rewrite_gguf(src, dst, qtype_for=lambda name: None, arch=None, replace=None, split_experts=False):
     """Copy a GGUF with the `gguf` writer: tensors re-quantized to qtype_for(name) (gguf.quants.quantize),
-    another general.architecture, or replace(name, data) -> (data, type) for chosen tensors."""
+    another general.architecture, replace(name, tensor) -> (data, type) for chosen tensors, or stacked
+    experts split into one tensor per expert (blk.L.ffn_gate.E.weight, as early Mixtral files)."""
     r = gguf.GGUFReader(str(src))
     w = gguf.GGUFWriter(str(dst), arch or r.fields["general.architecture"].contents())
     for k, f in r.fields.items():
@@ -81,6 +82,9 @@ def rewrite_gguf(src, dst, qtype_for=lambda name: None, arch=None, replace=None)
         got = replace(t.name, t) if replace else None
         if got is not None:
             w.add_tensor(t.name, got[0], raw_dtype=got[1])
+        elif split_experts and "_exps." in t.name:
+            for e in range(t.data.shape[0]):
+                w.add_tensor(t.name.replace("_exps.", f".{e}."), np.asarray(t.data[e]), raw_dtype=t.tensor_type)
         elif q is None or len(t.shape) < 2:
             w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
         else:
@@ -179,9 +183,9 @@ def test_quantized_gguf_experts_round_trip_within_scale_rounding(family, tmp_pat
             gate_up, down = codec.dequantize(blob, shape)
             ours = {"gate": gate_up[:I], "up": gate_up[I:], "down": down}
             for part, W in ours.items():
-                t = g.tensors[g.experts[(layer, part)]]
-                ref = dequantize(np.asarray(t.data[e]), t.tensor_type)
-                codes, s, m = affine_groups(qtype, np.asarray(t.data[e]), *ref.shape)
+                blk = np.asarray(g.expert_raw(layer, part, e)[1])
+                ref = dequantize(blk, T[qtype])
+                codes, s, m = affine_groups(qtype, blk, *ref.shape)
                 err = np.abs(W.numpy() - ref)
                 assert (err <= _scale_bound(codes, s, m, 128 if bits == 8 else 8)).all(), (layer, e, part)
                 assert err.max() < 0.01 * np.abs(ref).max()
@@ -238,6 +242,58 @@ def test_mixed_file_keeps_each_tensors_type(family, tmp_path):
     want = torch.from_numpy(dequantize(np.asarray(t.data), t.tensor_type)).bfloat16()
     assert torch.equal(bb.get("model.layers.1.self_attn.v_proj.weight"), want)  # Q8_0 backbone, dequantized
     assert len(e.generate(prompt_ids=PROMPT, max_new_tokens=4, ignore_eos=True).token_ids) == 4
+
+
+def test_early_mixtral_files_with_one_tensor_per_expert(family, tmp_path):
+    hf, f16 = family("mixtral")
+    path = rewrite_gguf(f16, tmp_path / "split.gguf", split_experts=True)
+    assert "blk.1.ffn_down.3.weight" in {t.name for t in gguf.GGUFReader(str(path)).tensors}
+    want = load(hf).generate(prompt_ids=PROMPT, max_new_tokens=N_NEW, ignore_eos=True).token_ids
+    assert load(path).generate(prompt_ids=PROMPT, max_new_tokens=N_NEW, ignore_eos=True).token_ids == want
+
+
+def random_blocks(name: str, shape: tuple, rng) -> np.ndarray:
+    """Valid K-quant blocks (random bytes, small fp16 super-block scales) for a float shape [..., K]."""
+    d_at = {"Q4_K": 0, "Q6_K": 208}[name]
+    bs, ts = gguf.GGML_QUANT_SIZES[T[name]]
+    b = rng.integers(0, 256, (*shape[:-1], shape[-1] // bs, ts), dtype=np.uint8)
+    b[..., d_at:d_at + 2] = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)
+    if name == "Q4_K":
+        b[..., 2:4] = np.frombuffer(np.float16(0.001).tobytes(), np.uint8)
+    return b.reshape(*shape[:-1], -1)
+
+
+def test_q4_k_m_like_file_keeps_q4_k_codes_and_dequantizes_q6_k(tmp_path):
+    hf = tiny.make_checkpoint(tmp_path / "hf", ("mixtral", {  # K-quants need inputs in blocks of 256
+        "num_hidden_layers": 2, "hidden_size": 256, "num_key_value_heads": 2, "intermediate_size": 256,
+        "num_local_experts": 4, "num_experts_per_tok": 2, "vocab_size": 300}), dtype="float16")
+    f16 = tmp_path / "f16.gguf"
+    export_gguf(hf, f16, "f16")
+    rng = np.random.default_rng(0)
+
+    def k_quants(name, t):
+        if "_exps." not in name:
+            return None
+        q = "Q6_K" if "down" in name else "Q4_K"
+        return random_blocks(q, tuple(int(x) for x in t.shape[::-1]), rng), T[q]
+
+    path = rewrite_gguf(f16, tmp_path / "qk.gguf", replace=k_quants)
+    store = convert_gguf(path, tmp_path / "store", quiet=True)
+    g, shape = open_gguf(path), store.expert_shape
+    I = shape.intermediate
+    with open(store.experts_path, "rb") as f:
+        for (layer, e), entry in store.entries.items():
+            assert (entry.codec["gate_up"], entry.codec["down"]) == ("q4", "bfloat16")
+            f.seek(entry.offset)
+            gate_up, down = make_codec(entry.codec).dequantize(
+                torch.frombuffer(bytearray(f.read(entry.nbytes)), dtype=torch.uint8), shape)
+            for part, W in (("gate", gate_up[:I]), ("up", gate_up[I:])):
+                blk = np.asarray(g.expert_raw(layer, part, e)[1])
+                ref = dequantize(blk, T.Q4_K)
+                assert (np.abs(W.numpy() - ref) <= _scale_bound(*affine_groups("Q4_K", blk, *ref.shape), 8)).all()
+            ref = dequantize(np.asarray(g.expert_raw(layer, "down", e)[1]), T.Q6_K)
+            assert torch.equal(down, torch.from_numpy(ref).bfloat16().float())
+    assert len(load(store.path).generate(prompt_ids=PROMPT, max_new_tokens=3, ignore_eos=True).token_ids) == 3
 
 
 # ---- bad files: one line, non-zero exit, nothing written ----------------------------------------------------
