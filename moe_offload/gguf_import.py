@@ -146,7 +146,7 @@ def open_gguf(path: str | os.PathLike) -> GGUFModel:
         raise MoeError(f"{path}: GGUF architecture {arch!r} is not supported (supported: "
                        f"{', '.join(ARCHITECTURES)})")
     model_type = ARCHITECTURES[arch]
-    if not any(n.endswith("ffn_gate_exps.weight") or n.endswith("ffn_gate.0.weight") for n in tensors):
+    if not any(n.endswith(("ffn_gate_exps.weight", "ffn_gate.0.weight")) for n in tensors):
         raise MoeError(f"{path}: a {arch} GGUF without routed experts (ffn_*_exps) is a dense model, not an MoE")
     names, experts, legacy = {}, {}, {}
     table = {**NAMES_LAYER, **NAMES_FAMILY[model_type]}
