@@ -107,7 +107,9 @@ class GGUFModel:
     def expert_raw(self, layer: int, part: str, e: int) -> tuple[str, np.ndarray]:
         """(gguf name, memory-mapped data) of expert e: its slab of the stacked tensor, or its own tensor."""
         names = self.experts[(layer, part)]
-        return (names[0], self.tensors[names[0]].data[e]) if len(names) == 1 else (names[e], self.tensors[names[e]].data)
+        if len(names) == 1:
+            return names[0], self.tensors[names[0]].data[e]
+        return names[e], self.tensors[names[e]].data
 
     def expert_nbytes(self, layer: int, part: str) -> int:
         return sum(int(self.tensors[n].n_bytes) for n in self.experts[(layer, part)])
@@ -175,6 +177,13 @@ def open_gguf(path: str | os.PathLike) -> GGUFModel:
 
 def gguf_config(g: GGUFModel) -> dict:
     """config.json for our model classes, from the metadata and the tensors' shapes."""
+    try:
+        return _config(g)
+    except KeyError as e:  # a tensor or key every file of the architecture has
+        raise MoeError(f"{g.path}: {e} is missing: not a complete {g.arch} GGUF") from None
+
+
+def _config(g: GGUFModel) -> dict:
     a, m = g.arch, g.meta
     cfg = {"model_type": g.model_type, "architectures": [f"{g.model_type} (from GGUF)"]}
     for key, ours in CONFIG.items():
@@ -197,6 +206,8 @@ def gguf_config(g: GGUFModel) -> dict:
     cfg.setdefault("num_hidden_layers", L)
     E, I, _ = g.expert_dims(min(la for la, _ in g.experts), "gate")
     cfg[EXPERTS_KEY[g.model_type]] = E
+    if "num_attention_heads" not in cfg:
+        raise KeyError(f"{a}.attention.head_count")
     H = cfg["num_attention_heads"]
     cfg["head_dim"] = shape("blk.0.attn_q.weight")[0] // H
     cfg.setdefault("rms_norm_eps", 1e-5)

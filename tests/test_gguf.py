@@ -66,18 +66,19 @@ def family(tmp_path_factory):
     return get
 
 
-def rewrite_gguf(src, dst, qtype_for=lambda name: None, arch=None, replace=None, split_experts=False):
+def rewrite_gguf(src, dst, qtype_for=lambda name: None, arch=None, replace=None, split_experts=False, drop=""):
     """Copy a GGUF with the `gguf` writer: tensors re-quantized to qtype_for(name) (gguf.quants.quantize),
     another general.architecture, replace(name, tensor) -> (data, type) for chosen tensors, or stacked
-    experts split into one tensor per expert (blk.L.ffn_gate.E.weight, as early Mixtral files)."""
+    experts split into one tensor per expert (blk.L.ffn_gate.E.weight, as early Mixtral files); `drop`: a
+    key or tensor left out."""
     r = gguf.GGUFReader(str(src))
     w = gguf.GGUFWriter(str(dst), arch or r.fields["general.architecture"].contents())
     for k, f in r.fields.items():
-        if k.startswith("GGUF.") or k == "general.architecture":
+        if k.startswith("GGUF.") or k in ("general.architecture", drop):
             continue
         sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
         w.add_key_value(k, f.contents(), f.types[0], sub_type=sub)
-    for t in r.tensors:
+    for t in [t for t in r.tensors if t.name != drop]:
         q = qtype_for(t.name)
         got = replace(t.name, t) if replace else None
         if got is not None:
@@ -376,3 +377,14 @@ def test_export_refuses_what_llama_cpp_cannot_run(tiny_checkpoint, tmp_path):
         with pytest.raises(UsageError, match=message):
             export_gguf(tiny_checkpoint(spec), tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_gguf_missing_a_tensor_or_key_is_one_line(family, tmp_path):
+    _, f16 = family("olmoe")
+    for drop, message in (("olmoe.attention.head_count", "'olmoe.attention.head_count' is missing"),
+                          ("blk.0.attn_q.weight", "'blk.0.attn_q.weight' is missing"),
+                          ("blk.1.attn_k_norm.weight", "1 missing tensor.*k_norm")):
+        path = rewrite_gguf(f16, tmp_path / "bad.gguf", drop=drop)
+        with pytest.raises(MoeError, match=message):
+            convert_gguf(path, tmp_path / "x", quiet=True)
+        assert not (tmp_path / "x").exists()
