@@ -327,7 +327,7 @@ def test_bad_gguf_files_are_one_line_errors(family, tmp_path, child_env, capsys)
         assert not (tmp_path / "out").exists()
     child_env["MOE_OFFLOAD_CACHE"] = str(tmp_path / "cache")  # and in a fresh process: no traceback
     p = subprocess.run([sys.executable, "-m", "moe_offload.cli", "generate", "--model", str(cases[1][0]),
-                        "--prompt-ids", "1,2,3"], capture_output=True, text=True, env=child_env, timeout=120)
+                        "--prompt-ids", "1,2,3"], capture_output=True, text=True, env=child_env, timeout=600)
     assert p.returncode != 0 and p.stdout == "" and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
