@@ -1,13 +1,17 @@
-"""`moe-offload export-gguf`: a Hugging Face Mixtral folder -> a GGUF file llama.cpp runs, for benchmarks on the
-same weights.
+"""`moe-offload export-gguf`: a Hugging Face folder or an expert store -> a GGUF file llama.cpp runs (and our own
+`--model FILE.gguf` reads back, gguf_import.py).
 
-Mixtral is llama.cpp's "llama" architecture with stacked experts: per layer `ffn_gate_exps` / `ffn_up_exps`
-[E, I, D] and `ffn_down_exps` [E, D, I] (numpy order; GGUF stores the dims reversed), the router
-`ffn_gate_inp` [E, D] kept in F32, 1-D norms in F32. Q and K rows are permuted from Hugging Face's rotate-half
-rotary layout to llama.cpp's interleaved pairs. The tokenizer goes in as a "gpt2" byte-level BPE (tokens,
-merges, token types, bos/eos); a folder without tokenizer.json gets a synthetic byte-level vocabulary of the
-model's size (benchmarks feed token ids). F16 / BF16 / F32 are written here, one tensor at a time; Q4_0 and
-Q4_K come from llama.cpp's own quantizer (`llama_cpp.llama_model_quantize`) run on our F16 file.
+Families: mixtral (llama.cpp's "llama" with experts), qwen2_moe (qwen2moe), qwen3_moe (qwen3moe), olmoe. Names
+are gguf_import's tables read backwards; per layer the stacked experts `ffn_gate_exps` / `ffn_up_exps` [E, I, D]
+and `ffn_down_exps` [E, D, I] (numpy order; GGUF stores the dims reversed), routers `ffn_gate_inp` [E, D] kept
+in F32, 1-D norms in F32. For "llama", Q and K rows are permuted from Hugging Face's rotate-half rotary layout
+to llama.cpp's interleaved pairs (the other three use llama.cpp's NEOX rope, unpermuted). What llama.cpp's
+architecture cannot run (sliding windows, dense layers in Qwen MoE, ...) is refused in one line (`refusals`).
+The tokenizer goes in as a "gpt2" byte-level BPE (tokens, merges, token types, bos/eos) with the chat
+template; a folder without tokenizer.json gets a synthetic byte-level vocabulary of the model's size
+(benchmarks feed token ids). A store's experts are decoded by their codec (quantized ones dequantized).
+F16 / BF16 / F32 are written here, one tensor at a time; Q4_0 and Q4_K come from llama.cpp's own quantizer
+(`llama_cpp.llama_model_quantize`) run on our F16 file.
 
 Shape legend: V vocab, D hidden, I expert intermediate, E experts, H heads, Hd head dim.
 """
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+import re
 import time
 from pathlib import Path
 
@@ -98,37 +102,127 @@ def _int_id(v):
     return v[0] if isinstance(v, list) and v else v
 
 
+# our model_type -> llama.cpp's general.architecture (the inverse of gguf_import.ARCHITECTURES)
+ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
+KEEP_F32 = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")  # routers stay F32 (and every 1-D tensor)
+
+
+def gguf_name(model_type: str, name: str) -> str | None:
+    """Checkpoint name -> GGUF name (gguf_import's tables read backwards); None if it has none."""
+    from .gguf_import import NAMES_FAMILY, NAMES_GLOBAL, NAMES_LAYER
+
+    for g, hf in NAMES_GLOBAL.items():
+        if hf == name:
+            return g
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    if m:
+        for g, hf in {**NAMES_LAYER, **NAMES_FAMILY[model_type]}.items():
+            if hf == m.group(2):
+                return f"blk.{m.group(1)}.{g}"
+    return None
+
+
+def refusals(config: dict) -> list[str]:
+    """What llama.cpp's architecture for this family cannot run (empty: exportable)."""
+    from .gguf_import import NORM_TOPK
+
+    mt = config.get("model_type")
+    if mt not in ARCH:
+        return [f"model_type {mt!r}: export-gguf writes {', '.join(ARCH)} (Mixtral-style and Qwen/OLMoE MoE models)"]
+    out = []
+    sw = config.get("sliding_window")
+    if (mt == "mixtral" and sw and sw < config.get("max_position_embeddings", 0)) or config.get("use_sliding_window"):
+        out.append(f"sliding_window {sw}: llama.cpp's {ARCH[mt]} architecture has no sliding-window attention")
+    if config.get("mlp_only_layers") or int(config.get("decoder_sparse_step") or 1) > 1:
+        out.append(f"dense layers (mlp_only_layers / decoder_sparse_step): llama.cpp's {ARCH[mt]} has experts in "
+                   f"every layer")
+    if mt in ("qwen3_moe", "olmoe") and config.get("attention_bias"):
+        out.append(f"attention biases: llama.cpp's {ARCH[mt]} has none")
+    norm = True if mt == "mixtral" else bool(config.get("norm_topk_prob", False))
+    if norm != NORM_TOPK[mt]:
+        out.append(f"norm_topk_prob={norm}: llama.cpp's {ARCH[mt]} always uses {NORM_TOPK[mt]}")
+    return out
+
+
 def plan(config: dict) -> list[tuple[str, str, tuple, bool]]:
     """(gguf name, source, numpy shape, keep in F32) per tensor in file order. Source is a checkpoint name, or
     "experts:<layer>:<part>" for a stacked expert tensor, with ":q" / ":k" suffix for a rotary permute."""
-    D, V, L = config["hidden_size"], config["vocab_size"], config["num_hidden_layers"]
-    E, I = config["num_local_experts"], config["intermediate_size"]
-    H, Hkv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
-    Hd = config.get("head_dim") or D // H
-    out = [("token_embd.weight", "model.embed_tokens.weight", (V, D), False),
-           ("output_norm.weight", "model.norm.weight", (D,), True)]
-    if not config.get("tie_word_embeddings"):
-        out.append(("output.weight", "lm_head.weight", (V, D), False))
-    for i in range(L):
-        p = f"model.layers.{i}."
-        out += [
-            (f"blk.{i}.attn_norm.weight", p + "input_layernorm.weight", (D,), True),
-            (f"blk.{i}.attn_q.weight", p + "self_attn.q_proj.weight:q", (H * Hd, D), False),
-            (f"blk.{i}.attn_k.weight", p + "self_attn.k_proj.weight:k", (Hkv * Hd, D), False),
-            (f"blk.{i}.attn_v.weight", p + "self_attn.v_proj.weight", (Hkv * Hd, D), False),
-            (f"blk.{i}.attn_output.weight", p + "self_attn.o_proj.weight", (D, H * Hd), False),
-            (f"blk.{i}.ffn_norm.weight", p + "post_attention_layernorm.weight", (D,), True),
-            (f"blk.{i}.ffn_gate_inp.weight", p + "block_sparse_moe.gate.weight", (E, D), True),  # router stays F32
-            (f"blk.{i}.ffn_gate_exps.weight", f"experts:{i}:gate", (E, I, D), False),
-            (f"blk.{i}.ffn_up_exps.weight", f"experts:{i}:up", (E, I, D), False),
-            (f"blk.{i}.ffn_down_exps.weight", f"experts:{i}:down", (E, D, I), False),
-        ]
+    import torch
+
+    from .models import build
+
+    with torch.device("meta"):
+        _, model = build(config)
+    mt = config["model_type"]
+    shape, E = model.expert_shape, model.n_experts
+    D, I = shape.hidden, shape.intermediate
+    out = []
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and model.tie:
+            continue
+        g = gguf_name(mt, name)
+        if g is None:
+            raise UsageError(f"{name}: no GGUF name for this tensor in llama.cpp's {ARCH[mt]} architecture")
+        rot = ":q" if name.endswith("q_proj.weight") else ":k" if name.endswith("k_proj.weight") else ""
+        src = name + (rot if mt == "mixtral" else "")
+        dims = (t.shape[-1],) if g.endswith("ffn_gate_inp_shexp.weight") else tuple(t.shape)  # [1, D] -> [D]
+        out.append((g, src, dims, len(dims) == 1 or g.endswith(KEEP_F32)))
+        m = re.fullmatch(r"blk\.(\d+)\.ffn_gate_inp\.weight", g)
+        if m:  # the layer's stacked experts follow its router
+            i = int(m.group(1))
+            out += [(f"blk.{i}.ffn_gate_exps.weight", f"experts:{i}:gate", (E, I, D), False),
+                    (f"blk.{i}.ffn_up_exps.weight", f"experts:{i}:up", (E, I, D), False),
+                    (f"blk.{i}.ffn_down_exps.weight", f"experts:{i}:down", (E, D, I), False)]
     return out
+
+
+class StoreSource:
+    """An expert store as a checkpoint (keys()/get()): the backbone as stored, each expert decoded by its own
+    codec to fp32 (quantized experts dequantized)."""
+
+    def __init__(self, store):
+        from .checkpoint import EXPERT_NAMES
+
+        self.store, self.backbone = store, store.backbone()
+        self.folder = store.path
+        template, parts = EXPERT_NAMES[store.model_type]
+        self.experts = {template.format(layer=la, expert=e, part=parts[p]): (la, e, p)
+                        for (la, e) in store.entries for p in parts}
+
+    def keys(self) -> list[str]:
+        return [*self.backbone.keys(), *self.experts]
+
+    def _expert(self, layer: int, e: int) -> dict:
+        import torch
+
+        from .experts import make_codec
+
+        entry = self.store.entries[(layer, e)]
+        with open(self.store.experts_path, "rb") as f:
+            f.seek(entry.offset)
+            blob = torch.frombuffer(bytearray(f.read(entry.nbytes)), dtype=torch.uint8)
+        codec, shape = make_codec(entry.codec), self.store.expert_shape
+        if shape.bias:
+            raise UsageError("experts with biases (gpt-oss) are not exported")
+        I = shape.intermediate
+        if hasattr(codec, "dequantize"):
+            gate_up, down = codec.dequantize(blob, shape)
+        else:
+            unit = codec.decode(blob, shape, torch.float32)
+            gate_up, down = unit.gate_up, unit.down
+        return {"gate": gate_up[:I], "up": gate_up[I:], "down": down}
+
+    def get(self, name: str):
+        if name in self.experts:
+            la, e, p = self.experts[name]
+            return self._expert(la, e)[p]
+        return self.backbone.get(name)
 
 
 def export_gguf(hf_dir: str | os.PathLike, out: str | os.PathLike, type_: str = "f16", threads: int | None = None,
                 overwrite: bool = False) -> dict:
-    """Write `out`; returns {"path", "type", "bytes", "seconds", "synthetic_vocab"}."""
+    """Write `out` from a Hugging Face folder or an expert store (quantized experts are dequantized);
+    returns {"path", "type", "bytes", "seconds", "synthetic_vocab"}."""
     t0 = time.perf_counter()
     hf_dir, out = Path(hf_dir), Path(out)
     if type_ not in TYPES:
@@ -150,15 +244,23 @@ def export_gguf(hf_dir: str | os.PathLike, out: str | os.PathLike, type_: str = 
         raise MoeError("export-gguf needs the `gguf` package: pip install 'moe-offload[bench]' (or pip install gguf)") from None
     import torch
 
-    from .checkpoint import SafetensorsFolder, expert_tensors, read_config
+    from .checkpoint import SafetensorsFolder, dequantizing, expert_tensors, read_config
 
-    config = read_config(hf_dir)
-    if config.get("model_type") != "mixtral":
-        raise UsageError(f"export-gguf writes Mixtral-style models; {hf_dir} is {config.get('model_type')!r}")
-    sw = config.get("sliding_window")
-    if sw and sw < config.get("max_position_embeddings", 0):
-        raise UsageError(f"sliding_window {sw}: llama.cpp's llama architecture has no sliding-window attention")
-    src = SafetensorsFolder(hf_dir)
+    if (hf_dir / "manifest.json").is_file():  # one of our stores
+        from .store.format import open_store
+
+        store = open_store(hf_dir)
+        config, src = dict(store.config), StoreSource(store)
+    else:
+        config = read_config(hf_dir)
+        src = None
+    bad = refusals(config)
+    if bad:
+        raise UsageError(f"export-gguf {hf_dir}: " + "; ".join(bad))
+    if src is None:
+        src = dequantizing(SafetensorsFolder(hf_dir), config)
+    mt = config["model_type"]
+    arch = ARCH[mt]
     H, Hkv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     D = config["hidden_size"]
     Hd = config.get("head_dim") or D // H
@@ -169,13 +271,13 @@ def export_gguf(hf_dir: str | os.PathLike, out: str | os.PathLike, type_: str = 
     wtype = gguf.GGMLQuantizationType[wtype_name]
     f32 = gguf.GGMLQuantizationType.F32
     tensors = plan(config)
-    expected = set(src.keys())
+    n_experts = config.get("num_local_experts") or config["num_experts"]
+    I = next(shape[1] for _, source, shape, _ in tensors if source.endswith(":gate"))
 
     def load(source: str) -> torch.Tensor:  # float32, numpy shape of the plan
         if source.startswith("experts:"):
             _, layer, part = source.split(":")
-            parts = [expert_tensors(src, "mixtral", int(layer), e)[part].float()
-                     for e in range(config["num_local_experts"])]
+            parts = [expert_tensors(src, mt, int(layer), e)[part].float() for e in range(n_experts)]
             return torch.stack(parts)
         name, _, rot = source.partition(":")
         t = src.get(name).float()
@@ -190,7 +292,7 @@ def export_gguf(hf_dir: str | os.PathLike, out: str | os.PathLike, type_: str = 
             return t.half().contiguous().numpy()
         return t.bfloat16().contiguous().view(torch.uint8).numpy()  # BF16: raw bytes, shape [..., 2n]
 
-    w = gguf.GGUFWriter(str(out) + ".tmp", "llama")
+    w = gguf.GGUFWriter(str(out) + ".tmp", arch)
     w.add_name(hf_dir.resolve().name)
     w.add_context_length(config.get("max_position_embeddings", 4096))
     w.add_embedding_length(D)
@@ -198,14 +300,21 @@ def export_gguf(hf_dir: str | os.PathLike, out: str | os.PathLike, type_: str = 
     w.add_feed_forward_length(config["intermediate_size"])
     w.add_head_count(H)
     w.add_head_count_kv(Hkv)
-    if Hd != D // H:
+    if Hd != D // H or mt == "qwen3_moe":
         w.add_key_length(Hd)
         w.add_value_length(Hd)
     w.add_rope_dimension_count(Hd)
     w.add_rope_freq_base(_rope_theta(config))
     w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
-    w.add_expert_count(config["num_local_experts"])
+    w.add_expert_count(n_experts)
     w.add_expert_used_count(config["num_experts_per_tok"])
+    if mt != "mixtral":
+        w.add_expert_feed_forward_length(I)
+        w.add_bool(f"{arch}.expert_weights_norm", bool(config.get("norm_topk_prob", False)))
+    if mt == "qwen2_moe":
+        w.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
+    if mt == "olmoe" and config.get("clip_qkv"):
+        w.add_clamp_kqv(float(config["clip_qkv"]))
     w.add_vocab_size(config["vocab_size"])
     w.add_file_type(int(gguf.LlamaFileType[ftype_name]))
     w.add_tokenizer_model("gpt2")
@@ -218,10 +327,12 @@ def export_gguf(hf_dir: str | os.PathLike, out: str | os.PathLike, type_: str = 
     if vocab["eos"] is not None:
         w.add_eos_token_id(int(vocab["eos"]))
     w.add_add_bos_token(vocab["add_bos"])
+    template = _chat_template(hf_dir)
+    if template:
+        w.add_chat_template(template)
     if vocab["synthetic"]:
         w.add_string("moe_offload.note", "synthetic byte-level vocabulary (the source folder has no tokenizer)")
 
-    used = set()
     for name, source, shape, keep_f32 in tensors:
         t_type = f32 if keep_f32 else wtype
         itemsize = 4 if t_type == f32 else 2
@@ -235,20 +346,29 @@ def export_gguf(hf_dir: str | os.PathLike, out: str | os.PathLike, type_: str = 
     w.write_ti_data_to_file()
     for name, source, shape, keep_f32 in tensors:  # one tensor in memory at a time
         t = load(source)
-        if tuple(t.shape) != shape:
+        if t.numel() != int(np.prod(shape)):
             raise MoeError(f"{hf_dir}: {source} has shape {tuple(t.shape)}, expected {shape}")
-        w.write_tensor_data(as_numpy(t, f32 if keep_f32 else wtype))
-        used.add(source.partition(":")[0])
+        w.write_tensor_data(as_numpy(t.reshape(shape), f32 if keep_f32 else wtype))
     w.close()
     with open(str(out) + ".tmp", "rb+") as f:
         os.fsync(f.fileno())
     os.replace(str(out) + ".tmp", out)
-    n_expert_keys = sum(1 for k in expected if ".experts." in k)
-    missing = {k for k in expected if ".experts." not in k} - used
-    if missing:
-        print(f"moe-offload: export-gguf left out {len(missing)} tensor(s), e.g. {sorted(missing)[0]}", file=sys.stderr)
     return {"path": str(out), "type": type_, "bytes": out.stat().st_size, "seconds": time.perf_counter() - t0,
-            "synthetic_vocab": vocab["synthetic"], "expert_tensors_read": n_expert_keys}
+            "synthetic_vocab": vocab["synthetic"]}
+
+
+def _chat_template(folder: Path) -> str | None:
+    """The folder's chat template (chat_template.jinja, or tokenizer_config.json's), for tokenizer.chat_template."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    cfg = folder / "tokenizer_config.json"
+    if cfg.is_file():
+        try:
+            t = json.loads(cfg.read_text()).get("chat_template")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        return t if isinstance(t, str) else None
+    return None
 
 
 def quantize_gguf(src: str | os.PathLike, out: str | os.PathLike, type_: str, threads: int | None = None) -> None:
@@ -269,7 +389,8 @@ def quantize_gguf(src: str | os.PathLike, out: str | os.PathLike, type_: str, th
 
 
 def _add_export(p):
-    p.add_argument("--model", required=True, help="Hugging Face Mixtral-style folder")
+    p.add_argument("--model", required=True, help="Hugging Face folder or expert store (mixtral, qwen2_moe, "
+                                                   "qwen3_moe, olmoe)")
     p.add_argument("--out", required=True, help="GGUF file to write")
     p.add_argument("--type", default="f16", choices=TYPES,
                    help="f16/bf16/f32 written here; q4_0, q4_k (Q4_K_M) by llama.cpp's quantizer from our F16")
@@ -277,7 +398,8 @@ def _add_export(p):
     p.add_argument("--overwrite", action="store_true")
 
 
-@command("export-gguf", "write a Mixtral-style Hugging Face folder as a GGUF file for llama.cpp", _add_export)
+@command("export-gguf", "write a Hugging Face MoE folder or an expert store as a GGUF file for llama.cpp",
+         _add_export)
 def cmd_export_gguf(a) -> int:
     if not Path(a.model).is_dir():
         raise UsageError(f"--model {a.model}: no such folder")

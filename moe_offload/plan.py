@@ -162,6 +162,10 @@ def model_sizes(cfg: dict) -> ModelSizes:
 def read_model_config(path: str | Path) -> tuple[dict, str]:
     """config.json of an HF folder, a config.json file itself, or the config inside a store's manifest.json."""
     path = Path(path)
+    if path.suffix.lower() == ".gguf" and path.is_file():  # the config from a GGUF's metadata
+        from .gguf_import import read_config
+
+        return read_config(path)
     candidates = [path] if path.is_file() else [path / "config.json", path / "manifest.json"]
     for c in candidates:
         if c.is_file():

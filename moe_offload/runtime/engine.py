@@ -269,6 +269,10 @@ def load(path: str | Path | None = None, device: str | None = None, dtype: str |
     """Load an HF model folder or an expert store. `memory` (bytes or '2GiB') caps weights on the device;
     further keywords (host_memory, cache_policy, prefetch, ...) go to the store."""
     path = Path(path) if path is not None else DEFAULT_MODEL
+    if path.suffix.lower() == ".gguf" and path.is_file():  # a GGUF file converts once into a cached store
+        from ..gguf_import import store_for
+
+        path = store_for(path, parse_dtype(dtype)).path
     if not path.exists():
         raise MoeError(f"model path {path} does not exist")
     if not path.is_dir():

@@ -10,7 +10,7 @@ from ..utils import mib, parse_dtype
 
 
 def _add_convert(p):
-    p.add_argument("--model", required=True, help="Hugging Face model folder")
+    p.add_argument("--model", required=True, help="Hugging Face model folder or GGUF file")
     p.add_argument("--out", required=True, help="store folder to create")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the stored weights (default: the checkpoint's)")
@@ -21,9 +21,12 @@ def _add_convert(p):
 
 @command("convert", "convert a Hugging Face MoE folder into an expert store", _add_convert)
 def cmd_convert(a) -> int:
-    from .format import convert  # imports torch: keep it out of the timing
+    from .format import convert as _convert  # imports torch: keep it out of the timing
 
     t0 = time.perf_counter()
+    convert = _convert
+    if a.model.lower().endswith(".gguf"):  # a GGUF file (gguf_import.py)
+        from ..gguf_import import convert_gguf as convert
     with Progress("convert", unit="experts", quiet=a.quiet) as bar:
         store = convert(a.model, a.out, parse_dtype(a.dtype), overwrite=a.overwrite, progress=bar)
     backbone = (store.path / "backbone.safetensors").stat().st_size
