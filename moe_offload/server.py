@@ -2,19 +2,29 @@
 
     moe-offload serve --model models/tiny-moe [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions (stream or not), GET /v1/models, GET /health,
-GET /metrics (Prometheus text). One worker thread owns the engine and serves queued requests one at a time
-(batch 1), in arrival order; the event loop only parses, tokenizes and streams, so /health and /metrics
-answer while a request generates. A client that disconnects sets its job's cancel flag, which
-stream_generate's `should_stop` reads after every token: the engine is free at the next token.
+Endpoints: POST /v1/chat/completions, POST /v1/completions (stream or not), GET /v1/models, GET /v1/models/{id},
+POST /tokenize and /detokenize (llama-server's shapes), GET /health, GET /metrics (Prometheus text). One worker
+thread owns the engine and serves queued requests one at a time (batch 1), in arrival order; the event loop
+only reads, checks and streams, and parses, templates and tokenizes in threads, so /health and /metrics answer
+while a request generates. A client that disconnects sets its job's cancel flag, which stream_generate's
+`should_stop` reads after every token: the engine is free at the next token.
 
-With --api-key (or MOE_OFFLOAD_API_KEY) every /v1/* and /metrics request needs `Authorization: Bearer KEY`;
-/health stays open so a supervisor can probe liveness without the key. The server binds to 127.0.0.1
-unless told otherwise.
+The server is reachable by any web page on the machine, so it is treated as exposed (docs/reliability.md):
+a loopback bind answers only loopback Host names (DNS rebinding; --allowed-hosts adds names), POSTs must be
+application/json (a page cannot send that without a CORS preflight, which is never granted), bodies are
+read in chunks up to --max-body (413), JSON nesting is bounded before parsing, past --max-queue waiting
+requests the answer is 429 with Retry-After, and a prompt longer than the context could hold is refused
+before it is tokenized. There are no /docs or /openapi.json.
 
-Defaults follow OpenAI: temperature 1, top_p 1, max_tokens 16 for /v1/completions and the rest of the
-context for chat. Extensions (as in vLLM): `top_k`, `ignore_eos`. Unsupported options (n > 1, logprobs,
-echo, tools, penalties, ...) are refused with a 400 rather than silently ignored.
+With --api-key (or MOE_OFFLOAD_API_KEY) every /v1/*, /tokenize, /detokenize and /metrics request needs
+`Authorization: Bearer KEY`; /health stays open so a supervisor can probe liveness without the key. The server
+binds to 127.0.0.1 unless told otherwise.
+
+Every request field is checked once against one table (FIELDS): JSON type, finite, in range. Defaults follow
+OpenAI: temperature 1, top_p 1, max_tokens 16 for /v1/completions and the rest of the context for chat.
+Extensions (as in vLLM and llama-server): `top_k`, `min_p`, `repetition_penalty` (or `repeat_penalty`),
+`ignore_eos`. Options we do not implement (UNSUPPORTED: n > 1, logprobs, echo, tools, presence and frequency
+penalties, ...) and unknown fields are refused with a 400 rather than silently ignored.
 """
 
 import argparse
@@ -163,7 +173,7 @@ def check_fields(body: dict, allowed: frozenset) -> None:
             raise APIError(400, f"Unrecognized request argument supplied: {name}", name, "unknown_parameter")
     for name, neutral in UNSUPPORTED.items():
         v = body.get(name)
-        if name in body and v not in (None, False, "", [], {}, *neutral) and not (type(v) is int and v == 0):
+        if v not in (None, False, "", [], {}, *neutral):  # False == 0 == 0.0
             raise APIError(400, f"'{name}' is not supported by this server.", name, "unsupported_parameter")
     for name in ("n", "best_of"):
         if _get(body, name) != 1:
@@ -275,15 +285,13 @@ def completion_prompt(body: dict) -> dict:
 
 
 # ---- the body: bounded bytes -> a JSON object --------------------------------------------------------------
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _NOT_BRACKET = bytes(sorted(set(range(256)) - set(b"[]{}")))
 _STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # as signed bytes: +1, +1, -1, -1
 
 
 def json_depth(raw: bytes) -> int:
     """Nesting depth of a JSON text, from its brackets outside strings; no recursion, no parse."""
-    if raw.count(b"[") + raw.count(b"{") <= 1:
-        return raw.count(b"[") + raw.count(b"{")
     steps = _STRING.sub(b"", raw).translate(None, _NOT_BRACKET).translate(_STEP)
     return max(itertools.accumulate(memoryview(steps).cast("b")), default=0)
 
@@ -312,7 +320,7 @@ def bad_string(body) -> str | None:
 
 def parse_json(raw: bytes, max_depth: int) -> dict:
     """A request body -> a JSON object, or a 400: nesting, NaN/Infinity and lone surrogates are refused."""
-    if json_depth(raw) > max_depth:
+    if raw.count(b"[") + raw.count(b"{") > max_depth and json_depth(raw) > max_depth:
         raise APIError(400, f"The JSON body is nested deeper than {max_depth} levels.", code="invalid_json")
     try:
         body = json.loads(raw, parse_constant=_no_constant)
@@ -702,7 +710,8 @@ class _CountRequests:
 
 
 def create_app(engine, model_name: str | None = None, api_key: str | None = None, limits: Limits = Limits()):
-    """The FastAPI app serving `engine`. `model_name` defaults to the model folder's name."""
+    """The FastAPI app serving `engine`. `model_name` defaults to the model folder's name. The default limits
+    answer only loopback Host names (give Starlette's TestClient base_url="http://localhost")."""
     from contextlib import asynccontextmanager
 
     from fastapi import Depends, FastAPI, Request
@@ -781,7 +790,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
         srv.check_chars(len(content), "content")
         if engine.tokenizer is None:
             raise APIError(400, "This model has no tokenizer.", "content")
-        return {"tokens": await asyncio.to_thread(engine.tokenizer.encode, content, add_special)}
+        return {"tokens": await asyncio.to_thread(engine.tokenizer.encode, content, add_special_tokens=add_special)}
 
     @app.post("/detokenize", dependencies=[Depends(auth)])
     async def detokenize(request: Request):  # llama-server's shape
@@ -794,7 +803,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
         srv.check_chars(len(tokens), "tokens")
         if engine.tokenizer is None:
             raise APIError(400, "This model has no tokenizer.", "tokens")
-        return {"content": await asyncio.to_thread(engine.tokenizer.decode, tokens)}
+        return {"content": await asyncio.to_thread(engine.tokenizer.decode, tokens, skip_special_tokens=False)}
 
     @app.get("/v1/models", dependencies=[Depends(auth)])
     async def models():

@@ -284,6 +284,7 @@ def test_content_parts_model_card_and_tokenize(url, engine):
     with_bos = httpx.post(url + "/tokenize", json={"content": text, "add_special": True}).json()["tokens"]
     assert with_bos == engine.tokenizer.encode(text) and len(with_bos) == len(toks) + 1
     assert httpx.post(url + "/detokenize", json={"tokens": toks}).json() == {"content": text}
+    assert httpx.post(url + "/detokenize", json={"tokens": with_bos}).json() == {"content": "<s>" + text}
 
 
 # ---- the command ----------------------------------------------------------------------------------------
