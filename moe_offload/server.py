@@ -186,12 +186,15 @@ def sampling(body: dict, limits: Limits = Limits()) -> dict:
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
+    if isinstance(stop, list) and len(stop) > limits.max_stops:
+        raise APIError(400, f"Invalid value for 'stop': at most {limits.max_stops} strings.", "stop",
+                       "invalid_value")
     if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
         raise APIError(400, "Invalid type for 'stop': expected a string or an array of strings.", "stop",
                        "invalid_type")
-    if stop and (len(stop) > limits.max_stops or max(map(len, stop)) > limits.max_stop_chars):
-        raise APIError(400, f"Invalid value for 'stop': at most {limits.max_stops} strings of at most "
-                            f"{limits.max_stop_chars} characters.", "stop", "invalid_value")
+    if stop and max(map(len, stop)) > limits.max_stop_chars:
+        raise APIError(400, f"Invalid value for 'stop': at most {limits.max_stop_chars} characters a string.",
+                       "stop", "invalid_value")
     stream = _get(body, "stream")
     opts = _get(body, "stream_options")
     if opts is not None:
@@ -765,7 +768,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
     async def chat_completions(request: Request):
         body = await json_body(request, CHAT_FIELDS)
-        messages = chat_messages(body)
+        messages = await asyncio.to_thread(chat_messages, body)  # a 4 MiB body may hold 100k messages
         kw = sampling(body, limits)
         srv.check_chars(sum(len(m["content"]) for m in messages), "messages")
         ids = await srv.encode("messages", messages=messages)
@@ -775,7 +778,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
     @app.post("/v1/completions", dependencies=[Depends(auth)])
     async def completions(request: Request):
         body = await json_body(request, COMPLETION_FIELDS)
-        source = completion_prompt(body)
+        source = await asyncio.to_thread(completion_prompt, body)  # or a million token ids
         kw = sampling(body, limits)
         srv.check_chars(len(source.get("prompt", "")), "prompt")
         ids = await srv.encode("prompt", **source)

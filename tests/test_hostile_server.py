@@ -228,6 +228,8 @@ BAD = [
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', None),  # not UTF-8
     ("/v1/chat/completions", b'{"messages": ' + b"[" * 30000 + b"]" * 30000 + b"}", None),
     ("/v1/chat/completions", b'{"messages": ' + b"[" * 65 + b"]" * 65 + b"}", None),
+    ("/v1/completions", b'{"prompt": "hi \\udc00"}', "prompt"),
+    ("/tokenize", b'{"content": "\\ud800"}', "content"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 10**6}, "max_tokens"),
     ("/v1/completions", {"prompt": [True]}, "prompt"),
     ("/v1/completions", {"prompt": [10**30]}, "prompt"),
