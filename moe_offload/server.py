@@ -2,11 +2,11 @@
 
     moe-offload serve --model models/tiny-moe [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions (stream or not), GET /v1/models, GET /v1/models/{id},
-POST /tokenize and /detokenize (llama-server's shapes), GET /health, GET /metrics (Prometheus text). One worker
-thread owns the engine and serves queued requests one at a time (batch 1), in arrival order; the event loop
-only reads, checks and streams, and parses, templates and tokenizes in threads, so /health and /metrics answer
-while a request generates. A client that disconnects sets its job's cancel flag, which stream_generate's
+Endpoints: POST /v1/chat/completions, POST /v1/completions (stream or not), GET /v1/models and
+/v1/models/{id}, POST /tokenize and /detokenize (llama-server's shapes), GET /health, GET /metrics (Prometheus
+text). One worker thread owns the engine and serves queued requests one at a time (batch 1), in arrival
+order; the event loop only reads, checks and streams, and parses, templates and tokenizes in threads, so
+/health and /metrics answer while a request generates. A client that disconnects sets its job's cancel flag, which stream_generate's
 `should_stop` reads after every token: the engine is free at the next token.
 
 The server is reachable by any web page on the machine, so it is treated as exposed (docs/reliability.md):
@@ -105,7 +105,7 @@ INT64 = 2**63 - 1
 
 @dataclass(frozen=True)
 class Field:
-    """A request field: JSON kind, the value when null or absent, inclusive bounds (lo excluded if open_lo)."""
+    """A request field: JSON kind, the value when null or absent, inclusive bounds (lo excluded: open_lo)."""
 
     kind: str
     default: object = None
@@ -202,7 +202,7 @@ def sampling(body: dict, limits: Limits = Limits()) -> dict:
             raise APIError(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                            "stream_options", "invalid_value")
         if set(opts) - {"include_usage"}:
-            name = sorted(set(opts) - {"include_usage"})[0]
+            name = min(set(opts) - {"include_usage"})
             raise APIError(400, f"Unrecognized request argument supplied: stream_options.{name}",
                            f"stream_options.{name}", "unknown_parameter")
         _get(opts, "include_usage", Field("a boolean"))
@@ -234,8 +234,9 @@ def _content(p: str, content) -> str:
         for j, c in enumerate(content):
             if not (isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)):
                 kind = c.get("type") if isinstance(c, dict) and isinstance(c.get("type"), str) else None
-                raise APIError(400, f"'{p}.content[{j}]': only text content parts are supported"
-                                    + (f", not '{kind}'." if kind else "."), f"{p}.content", "unsupported_value")
+                what = f", not '{kind}'." if kind else "."
+                raise APIError(400, f"'{p}.content[{j}]': only text content parts are supported{what}",
+                               f"{p}.content", "unsupported_value")
         return "".join(c["text"] for c in content)
     raise APIError(400, f"Invalid type for '{p}.content': expected a string or an array of text parts.",
                    f"{p}.content", "invalid_type")
@@ -494,7 +495,7 @@ def _usage(r) -> dict:
 
 # ---- the app --------------------------------------------------------------------------------------------
 class Server:
-    """State behind the routes: the engine's worker, the metrics, the limits and the OpenAI response shapes."""
+    """State behind the routes: the engine's worker, metrics and limits, and the OpenAI response shapes."""
 
     def __init__(self, engine, model_name: str | None = None, api_key: str | None = None,
                  limits: Limits = Limits()):
@@ -524,7 +525,7 @@ class Server:
                 "context_length": self.engine.context_length}
 
     def check_chars(self, n: int, param: str) -> None:
-        """A cheap bound before tokenizing: no tokenizer packs more than `chars_per_token` characters a token."""
+        """A cheap bound before tokenizing: no tokenizer packs `chars_per_token` characters in a token."""
         cap = self.engine.context_length * self.limits.chars_per_token
         if n > cap:
             raise APIError(400, f"The {param} is {n} characters; this model's context of "
@@ -534,8 +535,8 @@ class Server:
     async def encode(self, param: str, **source) -> list[int]:
         ids = source.get("prompt_ids")
         if ids is not None and len(ids) >= self.engine.context_length:
-            raise APIError(400, f"The prompt is {len(ids)} tokens; the context is {self.engine.context_length} "
-                                "tokens.", param, "context_length_exceeded")
+            raise APIError(400, f"The prompt is {len(ids)} tokens; the context is "
+                                f"{self.engine.context_length} tokens.", param, "context_length_exceeded")
         try:  # in a thread: tokenizing or templating a long text must not stall the event loop
             return await asyncio.to_thread(self.engine.encode, **source)
         except MoeError as e:  # prompt too long, empty, ids outside the vocabulary, no chat template
@@ -558,8 +559,8 @@ class Server:
         waiting = self.worker.jobs.qsize()
         if waiting >= self.limits.max_queue:
             raise APIError(429, f"The server is busy: {waiting} requests are waiting for the engine "
-                                f"(serve --max-queue {self.limits.max_queue}). Retry later.", code="queue_full",
-                           type="server_busy", headers={"Retry-After": "1"})
+                                f"(serve --max-queue {self.limits.max_queue}). Retry later.",
+                           code="queue_full", type="server_busy", headers={"Retry-After": "1"})
         self.worker.submit(job)
 
     async def generate(self, request, body: dict, ids: list[int], kw: dict, chat: bool):
@@ -653,7 +654,7 @@ def allowed_hosts(bind: str, extra: list[str] | None = None) -> frozenset[str] |
 
 class _Guard:
     """ASGI middleware, before any route: the Host header (DNS rebinding), a JSON Content-Type on POST (a
-    cross-site page can send text/plain without a CORS preflight) and a declared Content-Length over the cap."""
+    cross-site page can send text/plain without a CORS preflight), a declared Content-Length over the cap."""
 
     def __init__(self, app, limits: Limits):
         self.app, self.limits = app, limits
@@ -693,7 +694,8 @@ class _CountRequests:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"].rstrip("/") or "/"
-        endpoint = path if path in ROUTES else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+        endpoint = (path if path in ROUTES else "/v1/models/{id}" if path.startswith("/v1/models/")
+                    else "other")
         status = [500]
 
         async def send_status(msg):
@@ -758,7 +760,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
         srv.check_key(request.headers.get("authorization"))
 
     async def json_body(request: Request, fields: frozenset) -> dict:
-        """The request's JSON object: bounded, parsed off the event loop, every field known, the model ours."""
+        """The request's JSON object: bounded, parsed off the event loop, all fields known, the model ours."""
         raw = await read_body(request, limits.max_body)
         body = await asyncio.to_thread(parse_json, raw, limits.max_depth)
         check_fields(body, fields)
@@ -793,7 +795,8 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
         srv.check_chars(len(content), "content")
         if engine.tokenizer is None:
             raise APIError(400, "This model has no tokenizer.", "content")
-        return {"tokens": await asyncio.to_thread(engine.tokenizer.encode, content, add_special_tokens=add_special)}
+        ids = await asyncio.to_thread(engine.tokenizer.encode, content, add_special_tokens=add_special)
+        return {"tokens": ids}
 
     @app.post("/detokenize", dependencies=[Depends(auth)])
     async def detokenize(request: Request):  # llama-server's shape
@@ -801,12 +804,13 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
         tokens = body.get("tokens", [])
         vocab = engine.args.vocab_size
         if not (isinstance(tokens, list) and all(type(t) is int and 0 <= t < vocab for t in tokens)):
-            raise APIError(400, f"Invalid value for 'tokens': expected an array of token ids in 0..{vocab - 1}.",
-                           "tokens", "invalid_value")
+            raise APIError(400, f"Invalid value for 'tokens': expected an array of token ids in "
+                                f"0..{vocab - 1}.", "tokens", "invalid_value")
         srv.check_chars(len(tokens), "tokens")
         if engine.tokenizer is None:
             raise APIError(400, "This model has no tokenizer.", "tokens")
-        return {"content": await asyncio.to_thread(engine.tokenizer.decode, tokens, skip_special_tokens=False)}
+        text = await asyncio.to_thread(engine.tokenizer.decode, tokens, skip_special_tokens=False)
+        return {"content": text}
 
     @app.get("/v1/models", dependencies=[Depends(auth)])
     async def models():

@@ -3,7 +3,7 @@ top-k, top-p and min-p (the order of transformers' and vLLM's warpers)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
