@@ -265,7 +265,9 @@ def chat_messages(body: dict) -> list[dict]:
                                "unsupported_parameter")
         msg = {"role": ROLES[role], "content": _content(p, m.get("content"))}
         if m.get("name") is not None:
-            msg["name"] = _get(m, "name", Field("a string"))
+            if not isinstance(m["name"], str):
+                raise APIError(400, f"Invalid type for '{p}.name': expected a string.", f"{p}.name", "invalid_type")
+            msg["name"] = m["name"]
         out.append(msg)
     return out
 
@@ -351,7 +353,7 @@ async def read_body(request, max_body: int) -> bytes:
 
 def _too_large(max_body: int) -> APIError:
     return APIError(413, f"The request body is larger than {max_body} bytes (serve --max-body).",
-                    code="request_too_large")
+                    code="request_too_large", headers={"Connection": "close"})  # the rest is never read
 
 
 # ---- the worker: one thread owns the engine -------------------------------------------------------------
@@ -680,7 +682,7 @@ class _Guard:
         if scope["type"] == "http" and (e := self.refusal(scope)) is not None:
             from fastapi.responses import JSONResponse
 
-            return await JSONResponse(e.body(), e.status, {"Connection": "close"})(scope, receive, send)
+            return await JSONResponse(e.body(), e.status, e.headers)(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
