@@ -910,8 +910,10 @@ def cmd_serve(a) -> int:
         if not is_loopback(a.host) and not a.api_key:
             print(f"warning: serving on {a.host} without --api-key: anyone who can reach it can use the model",
                   file=sys.stderr)
-        config = uvicorn.Config(app, host=a.host, port=sock.getsockname()[1], log_level=a.log_level,
-                                timeout_graceful_shutdown=3)
+        port = sock.getsockname()[1]
+        host = f"[{a.host}]" if ":" in a.host else a.host
+        print(f"serving '{app.state.server.name}' at http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr)
+        config = uvicorn.Config(app, host=a.host, port=port, log_level=a.log_level, timeout_graceful_shutdown=3)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
