@@ -156,7 +156,8 @@ def _get(body: dict, name: str, f: Field | None = None):
     if v is None:
         return f.default
     if not KINDS[f.kind](v):
-        got = "a non-finite number" if type(v) is float else JSON_NAMES.get(type(v), "a value")
+        finite = type(v) is not float or math.isfinite(v)
+        got = JSON_NAMES.get(type(v), "a value") if finite else "a non-finite number"
         raise APIError(400, f"Invalid type for '{name}': expected {f.kind}, but got {got} instead.", name,
                        "invalid_type")
     if (f.lo is not None and (v <= f.lo if f.open_lo else v < f.lo)) or (f.hi is not None and v > f.hi):
@@ -167,10 +168,13 @@ def _get(body: dict, name: str, f: Field | None = None):
 
 
 def check_fields(body: dict, allowed: frozenset) -> None:
-    """Unknown fields and fields we do not implement are refused, never ignored (OpenAI answers the same)."""
+    """Unknown fields and fields we do not implement are refused, never ignored (OpenAI answers the same);
+    every field of FIELDS present is checked for type and range."""
     for name in body:
         if name not in allowed:
             raise APIError(400, f"Unrecognized request argument supplied: {name}", name, "unknown_parameter")
+        if name in FIELDS:
+            _get(body, name)
     for name, neutral in UNSUPPORTED.items():
         v = body.get(name)
         if v not in (None, False, "", [], {}, *neutral):  # False == 0 == 0.0

@@ -203,6 +203,8 @@ BAD = [
     ("/v1/chat/completions", chat(max_tokens=-1), "max_tokens"),
     ("/v1/chat/completions", chat(max_tokens=True), "max_tokens"),
     ("/v1/chat/completions", chat(max_tokens=2.5), "max_tokens"),
+    ("/tokenize", {"content": "hi", "model": 5}, "model"),
+    ("/v1/chat/completions", chat(user=5), "user"),
     ("/v1/chat/completions", chat(min_p=1.5), "min_p"),
     ("/v1/chat/completions", chat(min_p="0.1"), "min_p"),
     ("/v1/chat/completions", chat(repetition_penalty=0), "repetition_penalty"),
@@ -248,7 +250,8 @@ BAD = [
 @pytest.mark.parametrize("path,body,param", BAD, ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD)])
 def test_bad_values_are_400_with_the_field(url, path, body, param):
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    error(httpx.post(url + path, content=raw, headers=JSON), 400, param)
+    err = error(httpx.post(url + path, content=raw, headers=JSON), 400, param)
+    assert "non-finite" not in err["message"] or b"1e999" in raw
 
 
 def test_depth_scan_ignores_brackets_inside_strings():
