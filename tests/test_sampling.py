@@ -1,4 +1,5 @@
-"""Sampling: greedy limits, seeds, the top-k / top-p support and frequencies; streamed text and stop strings."""
+"""Sampling: greedy limits, seeds, the top-k / top-p / min-p support and frequencies, the repetition penalty
+(against transformers); streamed text and stop strings."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 
 from moe_offload import load
-from moe_offload.runtime.sampling import sample
+from moe_offload.runtime.sampling import penalize, recent, sample
+from tests.tiny import load_hf
 
 PROBS = torch.tensor([0.05, 0.5, 0.15, 0.3])  # token 1 first, then 3, 2, 0
 LOGITS = PROBS.log()
@@ -43,9 +45,49 @@ def test_frequencies_follow_the_softmax_and_its_truncations():
     assert (sharp - want).abs().max() < 0.03
 
 
+def test_min_p_keeps_tokens_as_likely_as_a_share_of_the_top_one():
+    assert set(draws(500, temperature=1.0, min_p=0.2)) == {1, 2, 3}  # p >= 0.1
+    assert set(draws(500, temperature=1.0, min_p=0.5)) == {1, 3}  # p >= 0.25
+    assert set(draws(500, temperature=1.0, min_p=0.7)) == {1}  # p >= 0.35
+    assert draws(300, temperature=1.0, min_p=0.0) == draws(300, temperature=1.0)  # 0 is off
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_once_per_token():
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    got = penalize(logits, [0, 1, 1, 0], 2.0)
+    assert got.tolist() == [1.0, -2.0, 0.5, 3.0] and logits.tolist() == [2.0, -1.0, 0.5, 3.0]
+    assert penalize(logits, [0, 1], 1.0) is logits
+    # it applies before the greedy choice, as in llama.cpp and transformers
+    assert sample(torch.tensor([3.0, 2.9]), 0.0, repetition_penalty=1.1, seen=[0]) == 1
+    assert sample(torch.tensor([3.0, 2.9]), 0.0, repetition_penalty=1.1, seen=[1]) == 0
+    # the window is the last 64 tokens of prompt + generation
+    assert recent(list(range(100)), [7, 8]) == list(range(38, 100)) + [7, 8]
+    assert recent([1, 2], [3]) == [1, 2, 3]
+
+
 @pytest.fixture(scope="module")
-def engine(tiny_checkpoint):
-    return load(tiny_checkpoint("mixtral_gqa", tokenizer=True), dtype="float32")
+def folder(tiny_checkpoint):
+    return tiny_checkpoint("mixtral_gqa", tokenizer=True)
+
+
+@pytest.fixture(scope="module")
+def engine(folder):
+    return load(folder, dtype="float32")
+
+
+def test_greedy_repetition_penalty_matches_transformers(engine, folder):
+    """Within 64 tokens our window is the whole sequence, which is transformers' window."""
+    hf = load_hf(folder)
+    inp = torch.tensor([IDS])
+    plain = gen(engine).token_ids
+    for penalty in (1.3, 0.8):
+        with torch.no_grad():
+            out = hf.generate(inp, attention_mask=torch.ones_like(inp), do_sample=False, max_new_tokens=16,
+                              min_new_tokens=16, eos_token_id=None, pad_token_id=0, temperature=None, top_p=None,
+                              top_k=None, repetition_penalty=penalty)
+        ours = gen(engine, repetition_penalty=penalty).token_ids
+        assert ours == out[0, len(IDS):].tolist()
+        assert ours != plain
 
 
 def gen(engine, **kw):

@@ -314,7 +314,7 @@ def test_no_key_means_open_in_process(engine):
 
     from moe_offload.server import create_app
 
-    with TestClient(create_app(engine, model_name="local")) as c:
+    with TestClient(create_app(engine, model_name="local"), base_url="http://localhost") as c:
         assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["local"]
         r = c.post("/v1/completions", json={"model": "local", "prompt": "hi", "max_tokens": 3, "temperature": 0,
                                             "ignore_eos": True})
@@ -330,7 +330,7 @@ def test_expert_store_stats_reach_metrics(folder, tmp_path, monkeypatch):
 
     monkeypatch.setenv("MOE_OFFLOAD_CACHE", str(tmp_path))
     offloaded = load(folder, memory="1MiB")  # experts served from the store through the cache
-    with TestClient(create_app(offloaded, model_name="tiny-chat")) as c:
+    with TestClient(create_app(offloaded, model_name="tiny-chat"), base_url="http://localhost") as c:
         r = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4, "temperature": 0, "ignore_eos": True})
         assert r.status_code == 200
         m = {}

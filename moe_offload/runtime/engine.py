@@ -16,7 +16,7 @@ from ..errors import MoeError, UsageError
 from ..experts import LocalExperts, expert_unit
 from ..models import build, get_module
 from ..utils import parse_dtype, parse_size, peak_rss_bytes, pick_device
-from .sampling import sample
+from .sampling import recent, sample
 from .tokenizer import Tokenizer
 
 # the bundled model ships inside the package (package data), so a wheel finds it from any directory;
@@ -160,6 +160,7 @@ class Engine:
                         messages: list[dict] | None = None, max_new_tokens: int = 128, temperature: float = 0.0,
                         top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                         stop: list[str] | str | None = None, ignore_eos: bool = False,
+                        min_p: float = 0.0, repetition_penalty: float = 1.0,
                         should_stop: Callable[[], bool] | None = None) -> Iterator[GenerationResponse]:
         ids = self.encode(prompt, prompt_ids, messages)
         if max_new_tokens < 0:
@@ -185,7 +186,8 @@ class Engine:
         finish = "length"
         t1 = time.perf_counter()
         for step in range(max_new):
-            tok = sample(logits.cpu(), temperature, top_p, top_k, gen)
+            tok = sample(logits.cpu(), temperature, top_p, top_k, gen, min_p=min_p,
+                         repetition_penalty=repetition_penalty, seen=recent(ids, out))
             if tok in self.eos_ids and not ignore_eos:
                 finish = "stop"
                 break
