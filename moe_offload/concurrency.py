@@ -28,7 +28,7 @@ def run_streams(engine, prompts: list[list[int]], new_tokens: int, batched: bool
             if r.finish_reason is not None:
                 ends[i] = time.perf_counter() - t0
                 tokens += r.generation_tokens
-                read = max(read, r.stats.get("bytes_read_disk", 0))  # the batch's count, from its start
+                read += r.stats.get("bytes_read_disk", 0)  # since the previous stream of the batch ended
     else:
         for i, req in enumerate(reqs):
             r = engine.generate(**req)

@@ -111,24 +111,24 @@ def test_sampling_stops_and_finish_reasons_are_per_sequence(checkpoint):
     assert len(got[2]) == 3 and len(seen) == 2  # EOS ended one early; the others went on
 
 
-def test_a_sequence_added_between_steps_joins_the_running_batch(checkpoint):
+def test_a_sequence_added_between_steps_joins_the_running_batch_prefilled_in_chunks(checkpoint):
     hf, _ = checkpoint("mixtral_gqa")
     engine = load(hf, dtype="float32")
     a, b = requests(shapes=[(5, 6), (7, 3)])
     solo = [engine.generate(**r).token_ids for r in (a, b)]
-    batch = engine.batch()
+    batch = engine.batch(prefill_chunk=3)  # b's prompt of 7 tokens takes 3 steps, a decodes meanwhile
     sa = batch.add(**a)
-    toks = {id(sa): []}
-    for step in range(6):
-        if step == 2:
+    toks, steps = {id(sa): []}, 0
+    while batch.seqs:
+        if steps == 2:
             sb = batch.add(**b)
             toks[id(sb)] = []
         for seq, r in batch.step():
             if r.token is not None:
                 toks[id(seq)].append(r.token)
-    while batch.seqs:
-        batch.step()
+        steps += 1
     assert [toks[id(sa)], toks[id(sb)]] == solo and engine.kv_bytes == 0
+    assert steps == 8  # a: prefill, 5 decode steps, its end (step 6); b: 3 prefill steps from step 2, 2 decode, end
 
 
 # ---- one fetch per expert per layer per step --------------------------------------------------------------
@@ -149,8 +149,9 @@ def test_a_batch_reads_each_needed_expert_once_per_layer_per_step(checkpoint):
             return fetch(layer, needed)
 
         cache.fetch = counted
-        results = engine.generate_batch(rs)
-        return results[-1].stats, calls
+        results = engine.generate_batch(rs)  # each result counts what was read since the previous one ended
+        keys = ("expert_hits", "expert_misses", "bytes_read_disk")
+        return {k: sum(r.stats[k] for r in results) for k in keys}, calls
 
     stats, calls = run(reqs)
     n_moe = len(open_store(store).moe_layers)

@@ -169,9 +169,10 @@ class Engine:
         self.kv_bytes += nbytes
 
     # ---- generation --------------------------------------------------------------------------------
-    def batch(self) -> "Batch":
-        """An empty batch: `add` requests (any time, also between steps), `step` until it is empty."""
-        return Batch(self)
+    def batch(self, prefill_chunk: int | None = None) -> "Batch":
+        """An empty batch: `add` requests (any time, also between steps), `step` until it is empty. With
+        `prefill_chunk`, a step prefills at most that many tokens of each new prompt."""
+        return Batch(self, prefill_chunk)
 
     def stream_generate(self, prompt: str | None = None, **request) -> Iterator[GenerationResponse]:
         """One request (the keywords of `Batch.add`) as a stream of responses; the last has finish_reason."""
@@ -265,10 +266,13 @@ class Batch:
     """Sequences generated together. Each step is one forward over all of them, packed along T (newcomers'
     prompts and the others' last tokens), so every MoE layer fetches each needed expert once for the whole
     batch and computes it on all its rows; attention runs per sequence on its own KV cache. A sequence that
-    finishes leaves at once; one added between steps is prefilled in the next step."""
+    finishes leaves at once; one added between steps is prefilled in the next steps, `prefill_chunk` tokens
+    a step (all at once if None), so a long prompt does not stall the streams in flight."""
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, engine: Engine, prefill_chunk: int | None = None):
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise UsageError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.engine, self.prefill_chunk = engine, prefill_chunk
         self.seqs: list[Sequence] = []
 
     def add(self, prompt: str | None = None, *, prompt_ids: list[int] | None = None,
@@ -336,8 +340,8 @@ class Batch:
         }
         if e.device.type == "cuda":
             stats["peak_device_bytes"] = torch.cuda.max_memory_allocated(e.device)
-        if e.expert_stats is not None:
-            stats.update(e.expert_stats())
+        if e.expert_stats is not None:  # since the last sequence of the batch ended: they sum to the totals
+            stats.update(e.expert_stats(reset=True))
         r = seq.last(stats)
         self._drop(seq)
         return r
@@ -356,22 +360,25 @@ class Batch:
         live = list(self.seqs)
         if not live:
             return out
-        for seq in live:
-            need = seq.pos + len(seq.next)
+        feed = [s.next[:self.prefill_chunk] if self.prefill_chunk else s.next for s in live]
+        for seq, f in zip(live, feed):
+            need = seq.pos + len(f)
             if seq.cache[0].length < need:
                 have = seq.cache[0].length
                 self._grow(seq, min(seq.limit, max(need, have + KV_CHUNK, 2 * have)))
-        tokens = torch.tensor([[t for s in live for t in s.next]], device=e.device)
-        packed = Packed(tuple(s.pos for s in live), tuple(len(s.next) for s in live))
+        tokens = torch.tensor([[t for f in feed for t in f]], device=e.device)
+        packed = Packed(tuple(s.pos for s in live), tuple(len(f) for f in feed))
         caches = [tuple(s.cache[i] for s in live) for i in range(len(live[0].cache))]  # [layer][sequence]
         e._sync()
         logits = e.model(tokens, packed, caches)[0]  # [S, V]
         e._sync()
         now = time.perf_counter()
-        for i, seq in enumerate(live):
-            prefill = seq.pos == 0
-            seq.pos += len(seq.next)
-            seq.next = []
+        for i, (seq, f) in enumerate(zip(live, feed)):
+            prefill = seq.pos < len(seq.ids)
+            seq.pos += len(f)
+            seq.next = seq.next[len(f):]
+            if seq.next:  # a prompt prefilled in chunks: not done yet
+                continue
             if prefill:
                 seq.t_prefilled = now
                 if seq.max_new == 0:
