@@ -492,7 +492,7 @@ class _CountRequests:
 
 
 def create_app(engine, model_name: str | None = None, api_key: str | None = None, parallel: int = 4):
-    """The FastAPI app serving `engine`, `parallel` requests batched. `model_name`: the model folder's name."""
+    """The FastAPI app serving `engine`, `parallel` requests a batch; `model_name`: the folder's name."""
     from contextlib import asynccontextmanager
 
     from fastapi import Depends, FastAPI, Request

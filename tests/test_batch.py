@@ -128,7 +128,7 @@ def test_a_sequence_added_between_steps_joins_the_running_batch_prefilled_in_chu
                 toks[id(seq)].append(r.token)
         steps += 1
     assert [toks[id(sa)], toks[id(sb)]] == solo and engine.kv_bytes == 0
-    assert steps == 8  # a: prefill, 5 decode steps, its end (step 6); b: 3 prefill steps from step 2, 2 decode, end
+    assert steps == 8  # a: prefill, 5 decodes, ends at step 6; b: 3 prefill steps from step 2, 2 decodes
 
 
 # ---- one fetch per expert per layer per step --------------------------------------------------------------
