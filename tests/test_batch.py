@@ -241,6 +241,7 @@ def test_bench_concurrency_compares_a_queue_with_one_batch(checkpoint, tmp_path)
     assert [r["tokens"] for r in rows] == [4, 4, 12, 12]
     queue, batched = rows[2]["bytes_read_per_token"], rows[3]["bytes_read_per_token"]
     assert 0 < batched < queue  # a batch reads a shared expert once for all its streams
+    assert rows[3]["same_tokens"] == 1.0 and rows[3]["token_ids"] == rows[2]["token_ids"]  # float32: exact
     assert "| 30% | 3 | batched |" in (tmp_path / "out" / "concurrency.md").read_text()
     with pytest.raises(UsageError, match="--concurrency"):
         from moe_offload.concurrency import parse_levels
