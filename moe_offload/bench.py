@@ -1320,6 +1320,8 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-simulate", action="store_true", help="skip the simulator comparison")
     p.add_argument("--cache-dir", default=str(CACHE), help="where synthetic models, stores and GGUF files live")
     p.add_argument("--quick", action="store_true", help="smoke test: 8+8 tokens, 1 repeat, budgets 100,50")
+    p.add_argument("--concurrency", default=None,
+                   help="stream counts, e.g. 1,4,16: a batch-1 queue vs one batch on our store (no peers)")
     p.add_argument("--out", default="bench-results", help="folder for results.json, results.md, plots, trace")
     add_quiet_arg(p)
 
@@ -1356,6 +1358,10 @@ def cmd_bench(a) -> int:
     a.rounds = a.repeat if a.rounds is None else a.rounds
     if a.rounds < 1 or a.repeat % a.rounds:
         raise UsageError(f"--rounds must divide --repeat ({a.repeat}), got {a.rounds}")
+    if a.concurrency:
+        from .concurrency import cmd_concurrency
+
+        return cmd_concurrency(a)
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: children killed, cgroups removed

@@ -106,7 +106,8 @@ def format_stats(s: dict) -> str:
     lines = [
         f"prompt: {s['prompt_tokens']} tokens, {s['prefill_tokens_per_s']:.2f} tok/s",
         f"decode: {s['generation_tokens']} tokens, {s['decode_tokens_per_s']:.2f} tok/s",
-        f"peak memory: {s['peak_rss_bytes'] / 2**20:.1f} MiB RSS",
+        f"peak memory: {s['peak_rss_bytes'] / 2**20:.1f} MiB RSS, "
+        f"KV cache {s.get('kv_cache_bytes', 0) / 2**20:.1f} MiB",
     ]
     if "expert_hits" in s:
         lines.append(f"experts: {s['expert_hits']} hits, {s['expert_misses']} misses, hit rate {s['hit_rate']:.3f}, "

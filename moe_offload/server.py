@@ -4,10 +4,11 @@
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (stream or not), GET /v1/models and
 /v1/models/{id}, POST /tokenize and /detokenize (llama-server's shapes), GET /health, GET /metrics (Prometheus
-text). One worker thread owns the engine and serves queued requests one at a time (batch 1), in arrival
-order; the event loop only reads, checks and streams, and parses, templates and tokenizes in threads, so
-/health and /metrics answer while a request generates. A client that disconnects sets its job's cancel flag, which stream_generate's
-`should_stop` reads after every token: the engine is free at the next token.
+text). One worker thread owns the engine and generates up to --parallel requests as one batch (continuous
+batching: a request joins at the next step, the rest queue in arrival order); the event loop only reads,
+checks and streams, and parses, templates and tokenizes in threads, so /health and /metrics answer while
+requests generate. A client that disconnects sets its job's cancel flag, which the batch reads after every
+token: its sequence leaves the batch at the next step.
 
 The server is reachable by any web page on the machine, so it is treated as exposed (docs/reliability.md):
 a loopback bind answers only loopback Host names (DNS rebinding; --allowed-hosts adds names), POSTs must be
@@ -54,6 +55,7 @@ from .utils import parse_size
 # fastapi/uvicorn are the optional "serve" extra: imported only when a server is built, so that every other
 # subcommand (this module is imported by the CLI on start) works without them.
 
+PREFILL_CHUNK = 256  # prompt tokens a step prefills per new request, beside the streams in flight
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize",
           "/detokenize")
 GENERATE = ("/v1/chat/completions", "/v1/completions")
@@ -448,10 +450,12 @@ class Metrics:
 
 
 class Worker:
-    """Runs jobs one at a time (batch 1) in a dedicated thread; the only user of the engine's forward."""
+    """One thread owns the engine and runs up to `parallel` jobs as one batch (continuous batching): a job
+    joins at the next step boundary, its prompt prefilled `PREFILL_CHUNK` tokens a step beside the streams in
+    flight; the rest wait in the queue, in arrival order. A finished or cancelled job leaves at once."""
 
-    def __init__(self, engine, metrics: Metrics):
-        self.engine, self.metrics = engine, metrics
+    def __init__(self, engine, metrics: Metrics, parallel: int = 1):
+        self.engine, self.metrics, self.parallel = engine, metrics, parallel
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.busy = False
         self.thread = threading.Thread(target=self._run, name="moe-offload-engine", daemon=True)
@@ -463,23 +467,56 @@ class Worker:
     def close(self) -> None:
         self.jobs.put(None)
 
-    def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
+    @staticmethod
+    def _end(job: Job, last=None) -> None:
+        if last is not None:
+            job.put(last)
+        job.done.set()
+        job.put(None)
+
+    def _admit(self, batch, running: dict) -> bool:
+        """Queued jobs join the batch while it has room; blocks while idle. False once closed."""
+        while len(batch.seqs) < self.parallel:
             try:
-                if job.cancel.is_set():  # the client left while queued
-                    self.metrics.skipped()
-                    continue
-                self.busy = True
-                for r in self.engine.stream_generate(**job.kwargs, should_stop=job.cancel.is_set):
-                    if r.finish_reason is not None:
-                        self.metrics.finished(r)
-                    job.put(r)
-            except Exception as e:  # reaches the client as a 500; the worker goes on
-                job.put(e)
+                job = self.jobs.get(block=not batch.seqs)
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            if job.cancel.is_set():  # the client left while queued
+                self.metrics.skipped()
+                self._end(job)
+                continue
+            try:
+                running[id(batch.add(**job.kwargs, should_stop=job.cancel.is_set))] = job
+            except Exception as e:  # reaches the client as a 500 (the server checks requests before)
+                self._end(job, e)
+        return True
+
+    def _run(self) -> None:
+        batch, running = self.engine.batch(PREFILL_CHUNK), {}  # id(sequence) -> job
+        open_ = True
+        while open_ or batch.seqs:
+            if open_:
+                open_ = self._admit(batch, running)
+            if not batch.seqs:
+                continue
+            self.busy = True
+            try:
+                for seq, r in batch.step():
+                    job = running[id(seq)]
+                    if r.finish_reason is None:
+                        job.put(r)
+                        continue
+                    self.metrics.finished(r)
+                    self._end(running.pop(id(seq)), r)
+            except Exception as e:  # a failed step fails the jobs in it; the worker goes on
+                batch.close()
+                for job in running.values():
+                    self._end(job, e)
+                running.clear()
             finally:
-                self.busy = False
-                job.done.set()
-                job.put(None)
+                self.busy = bool(batch.seqs)
 
 
 async def _cancel_on_disconnect(request, job: Job) -> None:
@@ -504,13 +541,13 @@ class Server:
     """State behind the routes: the engine's worker, metrics and limits, and the OpenAI response shapes."""
 
     def __init__(self, engine, model_name: str | None = None, api_key: str | None = None,
-                 limits: Limits = Limits()):
+                 limits: Limits = Limits(), parallel: int = 1):
         self.engine, self.limits = engine, limits
         self.name = model_name or engine.path.name
         self.api_key = api_key or None
         self.created = int(time.time())
         self.metrics = Metrics()
-        self.worker = Worker(engine, self.metrics)
+        self.worker = Worker(engine, self.metrics, parallel)
         self.tasks: set[asyncio.Task] = set()
 
     def check_key(self, authorization: str | None) -> None:
@@ -720,9 +757,11 @@ class _CountRequests:
             self.metrics.request(endpoint, status[0])
 
 
-def create_app(engine, model_name: str | None = None, api_key: str | None = None, limits: Limits = Limits()):
-    """The FastAPI app serving `engine`. `model_name` defaults to the model folder's name. The default limits
-    answer only loopback Host names (give Starlette's TestClient base_url="http://localhost")."""
+def create_app(engine, model_name: str | None = None, api_key: str | None = None, limits: Limits = Limits(),
+               parallel: int = 4):
+    """The FastAPI app serving `engine`, `parallel` requests a batch. `model_name` defaults to the model folder's
+    name. The default limits answer only loopback Host names (give Starlette's TestClient
+    base_url="http://localhost")."""
     from contextlib import asynccontextmanager
 
     from fastapi import Depends, FastAPI, Request
@@ -730,7 +769,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
     from fastapi.responses import JSONResponse, PlainTextResponse
     from starlette.exceptions import HTTPException
 
-    srv = Server(engine, model_name, api_key, limits)
+    srv = Server(engine, model_name, api_key, limits, parallel)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -882,6 +921,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body", default="4MiB", help="largest request body (default 4MiB); larger is 413")
     p.add_argument("--max-queue", type=int, default=Limits.max_queue,
                    help=f"requests waiting for the engine before 429 (default {Limits.max_queue})")
+    p.add_argument("-np", "--parallel", type=int, default=4,
+                   help="requests generated together as one batch (each step reads an expert once for all); "
+                        "more wait in the queue (default 4)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -904,13 +946,15 @@ def cmd_serve(a) -> int:
         raise MoeError(f"serve needs {e.name}: pip install 'moe-offload[serve]'") from None
     if not 0 <= a.port <= 65535:
         raise UsageError(f"--port must be 0..65535, got {a.port}")
+    if not 1 <= a.parallel <= 256:
+        raise UsageError(f"--parallel must be 1..256, got {a.parallel}")
     limits = limits_from_args(a)
     sock = bind(a.host, a.port)
     try:
         engine = load_engine(a)
         # the id is the folder the user named, not the converted store's cache folder
         name = a.model_name or (Path(a.model).resolve().name if a.model else None)
-        app = create_app(engine, name, a.api_key, limits)
+        app = create_app(engine, name, a.api_key, limits, a.parallel)
         if not is_loopback(a.host) and not a.api_key:
             print(f"warning: serving on {a.host} without --api-key: anyone who can reach it can use the model",
                   file=sys.stderr)

@@ -135,8 +135,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-class KVCache(nn.Module):
+class SeqCache(nn.Module):
+    """One sequence's static cache written by position; `grow` copies it into longer buffers. `axes`: each
+    buffer's time axis."""
+
+    axes: dict[str, int] = {}
+
+    @property
+    def length(self) -> int:
+        name, axis = next(iter(self.axes.items()))
+        return getattr(self, name).shape[axis]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, name).nbytes for name in self.axes)
+
+    def grow(self, length: int) -> None:
+        for name, axis in self.axes.items():
+            old = getattr(self, name)
+            new = old.new_zeros(old.shape[:axis] + (length,) + old.shape[axis + 1:])
+            new.narrow(axis, 0, old.shape[axis]).copy_(old)
+            setattr(self, name, new)
+
+
+class KVCache(SeqCache):
     """Static cache written by position: k, v [B, K, S, Hd]."""
+
+    axes = {"k": 2, "v": 2}
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
         super().__init__()
@@ -151,6 +176,35 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+@dataclass(frozen=True)
+class Packed:
+    """A batch of sequences packed one after another along T (tokens [1, N]): sequence i brings `lens[i]` new
+    tokens at positions `starts[i]`... Attention runs per sequence on its own cache (`attend`); every other
+    op runs on all N rows at once, so a MoE layer routes the whole batch in one dispatch."""
+
+    starts: tuple[int, ...]
+    lens: tuple[int, ...]
+
+    @property
+    def offsets(self) -> list[int]:  # each sequence's first row in N
+        return [sum(self.lens[:i]) for i in range(len(self.lens))]
+
+    def positions(self, device) -> torch.Tensor:  # [N]
+        return torch.cat([torch.arange(p, p + t, device=device) for p, t in zip(self.starts, self.lens)])
+
+    def last_rows(self) -> list[int]:
+        return [o + t - 1 for o, t in zip(self.offsets, self.lens)]
+
+    def masks(self, window: int | None, device) -> list[torch.Tensor | None]:
+        return [attention_mask(p, t, window, device) for p, t in zip(self.starts, self.lens)]
+
+    def attend(self, fn: Callable, x, cos, sin, caches, masks) -> torch.Tensor:
+        """x [1, N, D], cos/sin [N, Hd], one cache and mask per sequence -> [1, N, D]."""
+        out = [fn(x[:, o:o + t], cos[o:o + t], sin[o:o + t], c, p, m)
+               for o, t, p, c, m in zip(self.offsets, self.lens, self.starts, caches, masks)]
+        return torch.cat(out, dim=1)
+
+
 def attention_mask(pos: int, t: int, window: int | None, device) -> torch.Tensor | None:
     """Bool [T, pos+T]: True where query pos+i may attend key j. None when plain causal decode suffices."""
     if t == 1 and (window is None or pos < window):
@@ -163,7 +217,16 @@ def attention_mask(pos: int, t: int, window: int | None, device) -> torch.Tensor
     return mask
 
 
-class Attention(nn.Module):
+class SeqAttention(nn.Module):
+    """Attention of one sequence (`attend`); a packed batch (`pos` is a Packed) runs it once per sequence."""
+
+    def forward(self, x, cos, sin, cache, pos, mask) -> torch.Tensor:
+        if isinstance(pos, Packed):
+            return pos.attend(self.attend, x, cos, sin, cache, mask)
+        return self.attend(x, cos, sin, cache, pos, mask)
+
+
+class Attention(SeqAttention):
     """GQA attention with optional q/k norm: qk_norm=None | 'head' (per head, Qwen3) | 'full' (OLMoE)."""
 
     def __init__(self, args, qkv_bias=False, o_bias=False, qk_norm=None, clip_qkv=None, window=None, scale=None):
@@ -182,7 +245,7 @@ class Attention(nn.Module):
         elif qk_norm == "full":
             self.q_norm, self.k_norm = RMSNorm(H * Hd, args.rms_norm_eps), RMSNorm(K * Hd, args.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache: KVCache, pos: int, mask) -> torch.Tensor:
+    def attend(self, x, cos, sin, cache: KVCache, pos: int, mask) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "full":
@@ -314,17 +377,31 @@ class CausalLM(nn.Module):
         return [KVCache(batch, l.self_attn.n_kv, max_len, l.self_attn.head_dim, dtype, device)
                 for l in self.model.layers]
 
-    def forward(self, tokens: torch.Tensor, pos: int, cache: list[KVCache]) -> torch.Tensor:
-        """tokens [B, T] at positions pos..pos+T-1 -> logits [B, T, V] in fp32."""
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(tokens)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """final hidden [.., D] (normed) -> logits [.., V] fp32."""
+        if self.tie:
+            return F.linear(x, self.model.embed_tokens.weight).float()
+        return self.lm_head(x).float()
+
+    def forward(self, tokens: torch.Tensor, pos: int | Packed, cache: list) -> torch.Tensor:
+        """tokens [B, T] at positions pos..pos+T-1 -> logits [B, T, V] in fp32. A packed batch: tokens [1, N],
+        cache[layer][sequence] -> logits [1, S, V] at each sequence's last token."""
         B, T = tokens.shape
-        x = self.model.embed_tokens(tokens)
-        cos = self.rope_cos[pos:pos + T].to(x.dtype)
-        sin = self.rope_sin[pos:pos + T].to(x.dtype)
+        x = self.embed(tokens)
         windows = {l.self_attn.window for l in self.model.layers}
-        masks = {w: attention_mask(pos, T, w, x.device) for w in windows}
+        if isinstance(pos, Packed):
+            at = pos.positions(x.device)
+            cos, sin = self.rope_cos[at].to(x.dtype), self.rope_sin[at].to(x.dtype)
+            masks = {w: pos.masks(w, x.device) for w in windows}
+        else:
+            cos = self.rope_cos[pos:pos + T].to(x.dtype)
+            sin = self.rope_sin[pos:pos + T].to(x.dtype)
+            masks = {w: attention_mask(pos, T, w, x.device) for w in windows}
         for layer, c in zip(self.model.layers, cache):
             x = layer(x, cos, sin, c, pos, masks)
-        x = self.model.norm(x)
-        w = self.model.embed_tokens.weight if self.tie else self.lm_head.weight
-        return F.linear(x, w).float()
-
+        if isinstance(pos, Packed):
+            x = x[:, pos.last_rows()]
+        return self.head(self.model.norm(x))

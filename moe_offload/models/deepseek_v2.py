@@ -16,8 +16,8 @@ from torch import nn
 
 from ..errors import MoeError
 from ..experts import ExpertShape
-from .base import (MLP, BaseModelArgs, CausalLM, DecoderLayer, MoE, RMSNorm, apply_rope, attention_mask,
-                   rope_config, rope_tables, yarn_get_mscale)
+from .base import (MLP, BaseModelArgs, CausalLM, DecoderLayer, MoE, RMSNorm, SeqAttention, SeqCache,
+                   apply_rope, attention_mask, rope_config, rope_tables, yarn_get_mscale)
 from .routing import softmax_group_topk
 
 
@@ -67,9 +67,11 @@ class ModelArgs(BaseModelArgs):
                 and i % self.moe_layer_freq == 0)
 
 
-class MLACache(nn.Module):
+class MLACache(SeqCache):
     """Compressed KV cache written by position: the normalised latent kv [B, S, R] and the rotated, head-shared
     k_rope [B, 1, S, Dr] — (R + Dr) values per token and layer instead of H·(Dn + Dr + Dv)."""
+
+    axes = {"kv": 1, "k_rope": 2}
 
     def __init__(self, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, dtype, device):
         super().__init__()
@@ -102,7 +104,7 @@ def softmax_scale(args, qk_head_dim: int) -> float:
     return scale
 
 
-class MLAttention(nn.Module):
+class MLAttention(SeqAttention):
     """Queries from q_proj, or low-rank q_a_proj -> q_a_layernorm -> q_b_proj; keys/values from one latent
     (kv_a_proj_with_mqa -> kv_a_layernorm -> kv_b_proj) plus a head-shared rotary key part."""
 
@@ -126,7 +128,7 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(H * self.dv, D, bias=args.attention_bias)
         self.scale = softmax_scale(args, qk)
 
-    def forward(self, x, cos, sin, cache: MLACache, pos: int, mask) -> torch.Tensor:
+    def attend(self, x, cos, sin, cache: MLACache, pos: int, mask) -> torch.Tensor:
         B, T, _ = x.shape
         H, dn, dr, dv = self.n_heads, self.dn, self.dr, self.dv
         q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))

@@ -76,7 +76,7 @@ class SinkAttention(Attention):
         super().__init__(args, qkv_bias=args.attention_bias, o_bias=args.attention_bias, window=window)
         self.sinks = nn.Parameter(torch.zeros(args.num_attention_heads))
 
-    def forward(self, x, cos, sin, cache, pos: int, mask) -> torch.Tensor:
+    def attend(self, x, cos, sin, cache, pos: int, mask) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Hd]
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, K, T, Hd]

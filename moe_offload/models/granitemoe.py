@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..experts import ExpertShape
-from .base import Attention, BaseModelArgs, CausalLM, DecoderLayer, MoE, attention_mask, rope_tables
+from .base import Attention, BaseModelArgs, CausalLM, DecoderLayer, MoE, rope_tables
 from .routing import topk_softmax
 
 
@@ -99,15 +99,9 @@ class Model(CausalLM):
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, pos: int, cache) -> torch.Tensor:
-        """tokens [B, T] at positions pos..pos+T-1 -> logits [B, T, V] in fp32."""
-        T = tokens.shape[1]
-        x = self.model.embed_tokens(tokens) * self.args.embedding_multiplier
-        cos = self.rope_cos[pos:pos + T].to(x.dtype)
-        sin = self.rope_sin[pos:pos + T].to(x.dtype)
-        masks = {None: attention_mask(pos, T, None, x.device)}
-        for layer, c in zip(self.model.layers, cache):
-            x = layer(x, cos, sin, c, pos, masks)
-        x = self.model.norm(x)
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(tokens) * self.args.embedding_multiplier
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
         w = self.model.embed_tokens.weight if self.tie else self.lm_head.weight
         return (F.linear(x, w) / self.args.logits_scaling).float()

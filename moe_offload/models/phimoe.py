@@ -8,13 +8,11 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MoeError
 from ..experts import ExpertShape
-from .base import (Attention, BaseModelArgs, CausalLM, DecoderLayer, MoE, attention_mask, rope_config,
-                   rope_tables)
+from .base import Attention, BaseModelArgs, CausalLM, DecoderLayer, MoE, rope_config, rope_tables
 from .routing import sparsemixer
 
 
@@ -102,18 +100,3 @@ class Model(CausalLM):
             cos, sin = emb.cos() * rp["short_mscale"], emb.sin() * rp["short_mscale"]
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
-
-    def forward(self, tokens: torch.Tensor, pos: int, cache) -> torch.Tensor:
-        """tokens [B, T] at positions pos..pos+T-1 -> logits [B, T, V] in fp32."""
-        T = tokens.shape[1]
-        x = self.model.embed_tokens(tokens)
-        cos = self.rope_cos[pos:pos + T].to(x.dtype)
-        sin = self.rope_sin[pos:pos + T].to(x.dtype)
-        window = self.args.sliding_window
-        masks = {window: attention_mask(pos, T, window, x.device)}
-        for layer, c in zip(self.model.layers, cache):
-            x = layer(x, cos, sin, c, pos, masks)
-        x = self.model.norm(x)
-        if self.tie:
-            return F.linear(x, self.model.embed_tokens.weight).float()
-        return self.lm_head(x).float()

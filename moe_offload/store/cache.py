@@ -131,7 +131,7 @@ class ExpertCache:
 
     def __init__(self, store: Store, device: torch.device, dtype: torch.dtype, capacity: int,
                  policy: str = "lru", base_bytes: int = 0, host_bytes: int | None = None, workers: int = 2,
-                 staging_bytes: int = 0, verify: str = "first"):
+                 staging_bytes: int = 0, verify: str = "first", kv_in_budget: bool = False):
         self.store, self.device, self.dtype = store, device, dtype
         self.entries: dict[Key, ExpertEntry] = store.entries
         self.shape = store.expert_shape
@@ -157,6 +157,12 @@ class ExpertCache:
         self.pending: dict[Key, Pending] = {}
         self.cache_used = 0  # resident experts + demand loads in flight
         self.stage_used = 0  # prefetches in flight or staged
+        self.kv_in_budget = kv_in_budget  # --memory given: KV caches come out of `capacity` (hold_kv)
+        self.full_capacity = capacity
+        self.kv_bytes = 0  # KV caches of the sequences in flight
+        # one layer's largest active experts, pinned while it runs: the least the experts can be left
+        self.working = max(sum(sorted(self.foot[(la, e)].load for e in range(store.n_experts))[-store.top_k:])
+                           for la in store.moe_layers)
         self.step, self.prev_layer = 0, None
         self.lock = threading.Lock()  # workers add to the byte counters
         self._zero()
@@ -169,12 +175,36 @@ class ExpertCache:
         # issued = used + cancelled (never read) + wasted (read, then dropped unused) once a pass settles
         self.prefetch_issued = self.prefetch_used = self.prefetch_cancelled = self.prefetch_wasted = 0
         self.peak = self.base_bytes + self.cache_used + self.stage_used
+        self.peak_all, self.peak_kv = self.peak + self.kv_bytes, self.kv_bytes
         if self.host is not None:
             self.host.hits, self.host.peak = 0, self.host.used
 
     # ---- accounting ------------------------------------------------------------------------------------
     def _note_peak(self) -> None:
-        self.peak = max(self.peak, self.base_bytes + self.cache_used + self.stage_used)
+        weights = self.base_bytes + self.cache_used + self.stage_used
+        self.peak = max(self.peak, weights)
+        self.peak_all = max(self.peak_all, weights + self.kv_bytes)
+        self.peak_kv = max(self.peak_kv, self.kv_bytes)
+
+    def hold_kv(self, nbytes: int) -> None:
+        """`nbytes` more (negative: fewer) of KV cache, called between steps. Under --memory they come out of
+        the experts' share (evicting now), down to one layer's active experts and the prefetch staging; KV
+        past that is over the budget and shows in `resident_bytes` (load refuses a --memory that cannot hold
+        the KV of --ctx-size tokens)."""
+        self.kv_bytes += nbytes
+        if self.kv_in_budget:
+            floor = min(self.full_capacity, self.staging_bytes + self.working)
+            self.capacity = max(self.full_capacity - self.kv_bytes, floor)
+            if self.cache_used + self.stage_used > self.capacity:
+                self.cancel_prefetch()
+                self._reap()
+            while self.cache_used + self.stage_used > self.capacity and self.resident:
+                victim = self.policy.victim(next(iter(self.resident)), 0, set())
+                if victim is None:
+                    break
+                self._evict(victim)
+            self._trim()
+        self._note_peak()
 
     def _evict(self, key: Key) -> None:
         if key not in self.resident:
@@ -454,8 +484,10 @@ class ExpertCache:
             "bytes_to_device": self.bytes_to_device,
             "stall_seconds": self.stall,
             "resident_weight_bytes": self.peak,
+            "resident_bytes": self.peak_all,  # weights + KV caches: what --memory bounds
+            "kv_cache_bytes_peak": self.peak_kv,
             "cache_policy": self.policy_name,
-            "cache_capacity_bytes": self.capacity,
+            "cache_capacity_bytes": self.full_capacity,  # before KV caches took their share
             "evictions": self.evictions,
             "disk_direct_io": self.disk.direct,
         }

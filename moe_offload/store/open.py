@@ -13,7 +13,7 @@ import torch
 
 from ..errors import MoeError, UsageError
 from ..prefetch.runtime import make_prefetcher
-from ..runtime.engine import Engine, _eos_ids, build_model, is_store
+from ..runtime.engine import Engine, _eos_ids, build_model, check_ctx_size, is_store, kv_bytes_per_token
 from ..runtime.tokenizer import Tokenizer
 from ..utils import drop_page_cache, parse_size
 from . import misses
@@ -41,15 +41,17 @@ def mib(n: int) -> str:
     return f"{n / 2**20:.{1 if n >= 2**20 else 3}f} MiB"
 
 
-def min_memory(backbone: int, reserve: int, loads: dict[int, list[int]], top_k: int) -> tuple[int, str]:
-    """Smallest --memory that runs: backbone + reserve + the largest top_k experts of any one layer.
-    Returns (bytes, the arithmetic as text)."""
+def min_memory(backbone: int, reserve: int, loads: dict[int, list[int]], top_k: int,
+               kv: tuple[int, int] = (0, 0)) -> tuple[int, str]:
+    """Smallest --memory that runs: backbone + reserve + KV cache (bytes, tokens) + the largest top_k experts
+    of any one layer. Returns (bytes, the arithmetic as text)."""
     biggest = ((la, sorted(sizes)[-top_k:]) for la, sizes in loads.items())
     layer, active = max(biggest, key=lambda t: sum(t[1]))
-    need = backbone + reserve + sum(active)
+    need = backbone + reserve + kv[0] + sum(active)
     experts = (f"{len(active)} active experts × {mib(active[0])}" if len(set(active)) == 1
                else f"{len(active)} largest active experts of layer {layer} ({mib(sum(active))})")
     extra = f" + reserve {mib(reserve)}" if reserve else ""
+    extra += f" + KV cache {mib(kv[0])} ({kv[1]} tokens)" if kv[0] else ""
     return need, f"backbone {mib(backbone)}{extra} + {experts} = {mib(need)} needed at least"
 
 
@@ -58,7 +60,8 @@ def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, 
                    prefetch: str | None = None, prefetch_depth: int | None = None,
                    prefetch_experts: int | None = None, cpu_misses: str | None = None,
                    miss_fallback: str | None = None, fallback_threshold: float | None = None,
-                   hardware: str | None = None, verify_reads: str | None = None, **rest) -> Engine:
+                   hardware: str | None = None, verify_reads: str | None = None, ctx_size: int | None = None,
+                   **rest) -> Engine:
     unknown = {k: v for k, v in rest.items() if v is not None}
     if unknown:
         named = ", ".join(f"{k}={v!r}" for k, v in unknown.items())
@@ -75,6 +78,7 @@ def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, 
     store.check_backbone()
     args, model = build_model(store.config, store.backbone(), device, dt, expert_keys=False)
     check_layout(store, model)
+    ctx_size = check_ctx_size(ctx_size, model.max_len)
     drop_page_cache(store.path / BACKBONE)  # the backbone now lives in our tensors only
     backbone = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     stand = None
@@ -89,7 +93,8 @@ def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, 
         capacity = sum(f.load for f in foot.values())
     else:
         loads = {la: [foot[(la, e)].load for e in range(store.n_experts)] for la in store.moe_layers}
-        need, arithmetic = min_memory(fixed, reserve, loads, store.top_k)
+        kv = (kv_bytes_per_token(model, dt) * ctx_size, ctx_size) if ctx_size else (0, 0)  # -c: must fit
+        need, arithmetic = min_memory(fixed, reserve, loads, store.top_k, kv)
         if stand:
             arithmetic += f" (the backbone figure includes {mib(stand.nbytes)} of 2-bit stand-ins)"
         if memory < need:
@@ -97,7 +102,7 @@ def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, 
         capacity = memory - fixed - reserve
     policy = cache_policy or DEFAULT_POLICY
     cache = ExpertCache(store, device, dt, capacity, policy, base_bytes=fixed, host_bytes=host_bytes,
-                        verify=verify_reads or "first")
+                        verify=verify_reads or "first", kv_in_budget=memory is not None)
     numa_info, placement = misses.plan_numa(store, host_bytes if cache.host is not None else None, device)
     if placement is not None:  # the host tier is still empty: swap in the one that places blobs per node
         cache.host = misses.NumaHostTier(host_bytes, policy, max(store.moe_layers) + 1, store.n_experts,
@@ -127,6 +132,7 @@ def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, 
     if stand:
         info.update(fallback_threshold=threshold, lowbit_bytes=stand.nbytes, lowbit_source=stand.source)
     engine = Engine(model, args, tokenizer, device, dt, store.path,
-                    _eos_ids(store.path, store.config, tokenizer), expert_stats=cache.stats, info=info)
+                    _eos_ids(store.path, store.config, tokenizer), expert_stats=cache.stats, info=info,
+                    ctx_size=ctx_size)
     engine.expert_cache = cache  # the prefetcher's handle: cache.prefetch(keys) / cache.cancel_prefetch()
     return engine
