@@ -136,15 +136,16 @@ def add_aliases(p: argparse.ArgumentParser) -> None:
             for x in new:
                 taken[x] = action
             short = [x for x in new if not x.startswith("--")]
-            action.option_strings[:] = [*short, *action.option_strings, *[x for x in new if x.startswith("--")]]
+            long = [x for x in new if x.startswith("--")]
+            action.option_strings[:] = [*short, *action.option_strings, *long]
 
 
 def unknown_flags(p: argparse.ArgumentParser, extra: list[str]) -> str:
     """The one line for unrecognized arguments, with the closest flag of the command when there is one."""
     msg = f"{p.prog}: unrecognized arguments: {' '.join(extra)}"
-    flags = [x.split("=", 1)[0] for x in extra if x.startswith("-")]
-    for flag in flags:
-        near = difflib.get_close_matches(flag, [o for o in p._option_string_actions if o.startswith("--")], 1, 0.6)
+    ours = [o for o in p._option_string_actions if o.startswith("--")]
+    for flag in [x.split("=", 1)[0] for x in extra if x.startswith("-")]:
+        near = difflib.get_close_matches(flag, ours, 1, 0.6)
         if near:
             return f"{msg}; did you mean {near[0]}?"
     return msg
@@ -167,7 +168,8 @@ def add_model_args(p: argparse.ArgumentParser, chat_template: bool = False) -> N
     p.add_argument("--cache-policy", default=None, help="expert cache policy: lru, lru-global, lfu, lrfu")
     p.add_argument("--prefetch", default=None, choices=["none", "lookahead", "shadow", "auto"],
                    help="speculative expert prefetch (expert store only)")
-    p.add_argument("--prefetch-depth", type=POSITIVE, default=None, help="MoE layers ahead to prefetch (default 1)")
+    p.add_argument("--prefetch-depth", type=POSITIVE, default=None,
+                   help="MoE layers ahead to prefetch (default 1)")
     p.add_argument("--prefetch-experts", type=POSITIVE, default=None,
                    help="experts per predicted layer (default top-k)")
     p.add_argument("--cpu-misses", default=None, choices=["auto", "on", "off"],
@@ -182,8 +184,9 @@ def add_model_args(p: argparse.ArgumentParser, chat_template: bool = False) -> N
                         "every read (~6 ms of CPU per 22 MB)")
     p.add_argument("--auto", action="store_true",
                    help="let the planner pick --memory/--host-memory/--prefetch/--cpu-misses/--cache-policy")
-    p.add_argument("--hardware", default=None, help="--auto / --memory auto / --cpu-misses figures: a hardware "
-                                                    "profile (default: measure this machine)")
+    p.add_argument("--hardware", default=None,
+                   help="--auto / --memory auto / --cpu-misses figures: a hardware profile "
+                        "(default: measure this machine)")
     p.add_argument("--threads", type=number(int, 1, 4096), default=None,
                    help="CPU threads for torch (default: torch's choice, usually the physical cores)")
     p.add_argument("--ctx-size", type=COUNT, default=None,
@@ -265,8 +268,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_kwargs(a: argparse.Namespace) -> dict:
-    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-              seed=a.seed, stop=a.stop, ignore_eos=a.ignore_eos)
+    kw = {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p,
+          "top_k": a.top_k, "seed": a.seed, "stop": a.stop, "ignore_eos": a.ignore_eos}
     for name in ("min_p", "repetition_penalty"):  # only when given: the engine's defaults are "off"
         if getattr(a, name, None) is not None:
             kw[name] = getattr(a, name)
@@ -309,8 +312,8 @@ def format_stats(s: dict) -> str:
 def _add_generate(p):
     add_model_args(p, chat_template=True)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", default=None, help="prompt text, taken as text (special tokens are not parsed); "
-                                                    "- reads it from stdin")
+    src.add_argument("--prompt", default=None,
+                     help="prompt text, taken as text (special tokens are not parsed); - reads it from stdin")
     src.add_argument("--prompt-ids", default=None, help="comma-separated token ids, e.g. 1,2,3")
     add_sampling_args(p)
     p.add_argument("--chat", action="store_true",
@@ -374,9 +377,11 @@ def reply_stats(s: dict) -> str:
     return line + "]"
 
 
-def fit_history(messages: list[dict], count: Callable[[list[dict]], int], limit: int) -> tuple[list[dict], int]:
+def fit_history(messages: list[dict], count: Callable[[list[dict]], int],
+                limit: int) -> tuple[list[dict], int]:
     """Drop the oldest turns (a user message and what follows it up to the next one; a leading system message
-    stays) until count(messages) <= limit or only the last user message is left. Returns (messages, turns dropped)."""
+    stays) until count(messages) <= limit or only the last user message is left.
+    Returns (messages, turns dropped)."""
     head = 1 if messages and messages[0].get("role") == "system" else 0
     dropped = 0
     while count(messages) > limit and sum(m["role"] == "user" for m in messages[head:]) > 1:
@@ -392,7 +397,10 @@ def cmd_chat(a) -> int:
     engine = load_engine(a)
     if engine.tokenizer is None:
         raise MoeError(f"{engine.path}: no tokenizer.json, so no chat")
-    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731  everything but the replies: stderr
+
+    def say(m: str) -> None:  # everything but the replies goes to stderr
+        print(m, file=sys.stderr, flush=True)
+
     say(chat_banner(engine))
     system = [{"role": "system", "content": a.system}] if a.system else []
     messages, show_stats, last = list(system), False, None
@@ -427,16 +435,20 @@ def cmd_chat(a) -> int:
         if cmd.startswith("/") and " " not in cmd:
             say(f"unknown command {cmd}; /help lists them")
             continue
-        count = lambda ms: len(engine.tokenizer.apply_chat_template(ms))  # noqa: E731
-        messages, dropped = fit_history([*messages, {"role": "user", "content": line}], count, ctx - room)
+
+        def count(ms: list[dict]) -> int:
+            return len(engine.tokenizer.apply_chat_template(ms))
+
+        turn = {"role": "user", "content": line}
+        alone = count([*system, turn])
+        if alone >= ctx:
+            say(f"(that message makes a prompt of {alone} tokens on its own; the context is {ctx} tokens: "
+                "not sent, shorten it)")
+            continue
+        messages, dropped = fit_history([*messages, turn], count, ctx - room)
         if dropped:
             say(f"(the conversation no longer fits the context of {ctx} tokens: dropped the oldest "
                 f"{dropped} turn{'s' if dropped > 1 else ''}; /clear starts afresh)")
-        n = count(messages)
-        if n + 1 > ctx:
-            messages.pop()
-            say(f"(that message makes the prompt {n} tokens; the context is {ctx} tokens: not sent, shorten it)")
-            continue
         reply = []
         for r in engine.stream_generate(messages=messages, **sampling_kwargs(a)):
             sys.stdout.write(r.text)

@@ -545,7 +545,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
 
 # ---- the command ----------------------------------------------------------------------------------------
 def _add_serve(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
+    add_model_args(p, chat_template=True)
     have = p._option_string_actions  # prefetch flags, unless a shared helper already declared them
     if "--prefetch" not in have:
         p.add_argument("--prefetch", default=None, help="expert prefetch policy (expert store only)")
@@ -555,13 +555,14 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
         p.add_argument("--prefetch-experts", type=int, default=None, help="experts prefetched per layer")
     p.add_argument("--host", default="127.0.0.1",
                    help="bind address (default loopback only; 0.0.0.0 exposes the model to the network)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--api-key", default=os.environ.get("MOE_OFFLOAD_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (/health stays open); "
                         "default $MOE_OFFLOAD_API_KEY")
     p.add_argument("--model-name", default=None, help="model id for /v1/models and requests "
                                                       "(default: the model folder's name)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
 
 
 @command("serve", "OpenAI-compatible HTTP server: chat, completions, models, health, metrics", _add_serve)

@@ -38,7 +38,7 @@ def parse_size(text: str | int | None) -> int | None:
 
 @dataclass(frozen=True)
 class Share:
-    """`--memory 25%`: the backbone plus this fraction of the expert bytes, resolved once the sizes are known."""
+    """`--memory 25%`: the backbone plus this fraction of the expert bytes, resolved once sizes are known."""
 
     fraction: float  # (0, 1]
 

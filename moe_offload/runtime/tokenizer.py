@@ -55,9 +55,10 @@ def _environment():
         @staticmethod
         def _check(name):
             if isinstance(name, str) and name.startswith("_"):
-                raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} starts with an underscore")
+                raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} starts with '_'")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, namespace=Namespace)
     return env
@@ -103,8 +104,8 @@ class Tokenizer:
         added = self.tok.get_added_tokens_decoder().values()
         self.special = {a.content: a for a in added if a.special}
         # longest first, so that a special token that starts with another is matched whole
-        self._special_re = re.compile("|".join(re.escape(s) for s in sorted(self.special, key=len, reverse=True))) \
-            if self.special else None
+        longest = sorted(self.special, key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, longest))) if longest else None
         cfg_path = folder / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
         self.special_tokens_map = {k: _token_str(cfg.get(k)) or "" for k in
@@ -166,10 +167,11 @@ class Tokenizer:
         as plain text after."""
         if self._special_re is None or not any(self._special_re.search(t) for t in _contents(messages)):
             # nothing to protect: the whole text in one call, exactly as transformers encodes it
-            return self.tok.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False).ids
+            text = self.render_chat(messages, add_generation_prompt)
+            return self.tok.encode(text, add_special_tokens=False).ids
         nonce, typed = secrets.randbelow(10**12), []  # digits: filters like upper leave them be
 
-        def mark(m: re.Match) -> str:  # \ue000 NONCE INDEX \ue001: private-use characters, never in a template
+        def mark(m: re.Match) -> str:  # \ue000 NONCE INDEX \ue001: private-use characters
             typed.append(m.group(0))
             return f"\ue000{nonce}{len(typed) - 1}\ue001"
 

@@ -85,7 +85,7 @@ def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, 
     if host_bytes is not None and device.type != "cuda":
         raise UsageError("--host-memory is for CUDA devices; on CPU the expert cache is in RAM: use --memory")
     if memory == "auto":
-        raise UsageError("memory='auto' is the command line's (the planner); give bytes or a share like '25%'")
+        raise UsageError("memory='auto' is the command line's planner; give bytes or a share like '25%'")
     if isinstance(memory, int) and memory <= 0:
         raise UsageError(f"--memory must be positive, got {memory}")
     cpu_misses, miss_fallback, threshold = misses.check_options(cpu_misses, miss_fallback, fallback_threshold)
