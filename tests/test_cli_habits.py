@@ -420,6 +420,23 @@ def test_template_globals_render_like_transformers(tok_model, tmp_path):
         engine.encode(messages=[{"role": "wizard", "content": "hi"}])
 
 
+def test_generation_blocks_and_chat_template_json(tok_model, tmp_path):
+    """{% generation %} (transformers' assistant-mask tag) renders its body; a folder that keeps its template
+    in chat_template.json (processor style) is read."""
+    from transformers import AutoTokenizer
+
+    template = TEMPLATE.replace("{{ m['content'] }}", "{% generation %}{{ m['content'] }}{% endgeneration %}")
+    folder = tmp_path / "model"
+    shutil.copytree(tok_model, folder)
+    (folder / "chat_template.jinja").unlink()
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    hf = AutoTokenizer.from_pretrained(str(tok_model))
+    assert Tokenizer(folder).render_chat(messages) == hf.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=True
+    )
+
+
 def test_chat_template_file_overrides_the_models(tok_model, tmp_path):
     from transformers import AutoTokenizer
 

@@ -38,7 +38,19 @@ def _strftime_now(fmt):
 
 def _environment():
     import jinja2
+    from jinja2.ext import Extension
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):  # {% generation %}...{% endgeneration %} marks the assistant's part: print it
+        tags = frozenset({"generation"})
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
 
     class Namespace(jinja2.utils.Namespace):  # no underscore attributes: no way to CPython internals
         def __init__(*args, **kwargs):
@@ -58,7 +70,7 @@ def _environment():
                 raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} starts with '_'")
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+                                        extensions=["jinja2.ext.loopcontrols", Generation])
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, namespace=Namespace)
     return env
@@ -113,9 +125,14 @@ class Tokenizer:
         self.bos_token = _token_str(cfg.get("bos_token"))
         self.eos_token = _token_str(cfg.get("eos_token"))
         template = cfg.get("chat_template")
-        jinja_path = folder / "chat_template.jinja"
+        jinja_path, json_path = folder / "chat_template.jinja", folder / "chat_template.json"
         if template is None and jinja_path.is_file():
             template = jinja_path.read_text()
+        if template is None and json_path.is_file():  # processor-style folders: {"chat_template": "..."}
+            try:
+                template = json.loads(json_path.read_text()).get("chat_template")
+            except (json.JSONDecodeError, AttributeError):
+                raise MoeError(f"{json_path}: not a JSON object with a chat_template") from None
         if isinstance(template, list):  # named templates: take "default"
             template = {t["name"]: t["template"] for t in template}.get("default")
         self.chat_template, self._compiled = template, None
