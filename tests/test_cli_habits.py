@@ -10,6 +10,8 @@ import contextlib
 import datetime
 import io
 import json
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -368,6 +370,7 @@ def test_help_shows_defaults_and_an_example_per_command(parsers):
     for cmd, p in parsers.items():
         text = p.format_help()
         assert f"example:\n  moe-offload {cmd} " in text, f"{cmd}: add an example to cli.EXAMPLES"
+        p.parse_args(shlex.split(cli_mod.EXAMPLES[cmd])[2:])  # the example is a valid command line
     text = " ".join(parsers["generate"].format_help().split())
     assert "tokens to generate at most (default: 128)" in text
     assert (
@@ -486,6 +489,31 @@ def test_special_tokens_typed_by_users_stay_text():
     )  # content given as a list of parts
     ids = tok.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": typed}]}])
     assert system not in ids and ids.count(end) == 1
+
+
+def test_split_encoding_matches_tokenizers_on_untouched_text(tok_model, tmp_path):
+    """The path that protects typed special tokens, run on a conversation with none, gives the ids of
+    `tokenizers` on the whole text, also for special tokens that eat the whitespace around them."""
+    strips = []
+    for side, token in (("rstrip", "<|im_end|>"), ("lstrip", "<|im_start|>")):
+        folder = tmp_path / side
+        shutil.copytree(tok_model, folder)
+        spec = json.loads((folder / "tokenizer.json").read_text())
+        for t in spec["added_tokens"]:
+            t[side] = t["content"] == token
+        (folder / "tokenizer.json").write_text(json.dumps(spec))
+        strips.append(Tokenizer(folder))
+    messages = [
+        {"role": "system", "content": "  Be brief. "},
+        {"role": "user", "content": "Café ?\n\n"},
+        {"role": "assistant", "content": " Oui "},
+        {"role": "user", "content": "x"},
+    ]
+    for tok in (*strips, Tokenizer(tok_model), Tokenizer(BUNDLED)):
+        text = tok.render_chat(messages)
+        whole = tok.tok.encode(text, add_special_tokens=False).ids
+        assert tok._encode_protected(text, re.compile("(?!)"), []) == whole
+        assert tok.apply_chat_template(messages) == whole
 
 
 def test_prompts_with_special_text_keep_the_engine_honest(tok_model):

@@ -199,27 +199,22 @@ class Tokenizer:
     def _encode_protected(self, text: str, marker: re.Pattern, typed: list[str]) -> list[int]:
         """Split `text` at the special tokens the template wrote; encode the runs between them as plain text,
         with each marker put back as the characters the user typed."""
+
+        def plain(run: str, strip_right: bool = False) -> list[int]:
+            run = marker.sub(lambda m: typed[int(m.group(1))], run)
+            run = run.rstrip() if strip_right else run  # the next token has lstrip: it eats this whitespace
+            return self.text_tok.encode(run, add_special_tokens=False).ids if run else []
+
         ids: list[int] = []
-        run: list[str] = []
         pos = 0
         for m in self._special_re.finditer(text):
-            run.append(text[pos:m.start()])
-            self._flush(run, marker, typed, ids, rstrip=self.special[m.group(0)].lstrip)
+            special = self.special[m.group(0)]
+            ids += plain(text[pos:m.start()], special.lstrip)
             ids.append(self.tok.token_to_id(m.group(0)))
             pos = m.end()
-            if self.special[m.group(0)].rstrip:  # the token eats the whitespace after it, as in `tokenizers`
-                pos += len(text[pos:]) - len(text[pos:].lstrip())
-        run.append(text[pos:])
-        self._flush(run, marker, typed, ids, rstrip=False)
-        return ids
-
-    def _flush(self, run: list[str], marker: re.Pattern, typed: list[str], ids: list[int], rstrip: bool):
-        s = marker.sub(lambda m: typed[int(m.group(1))], "".join(run))
-        run.clear()
-        if rstrip:  # the next token has lstrip: it eats the whitespace before it
-            s = s.rstrip()
-        if s:
-            ids.extend(self.text_tok.encode(s, add_special_tokens=False).ids)
+            if special.rstrip:  # the token eats the whitespace after it, as in `tokenizers`
+                pos = len(text) - len(text[pos:].lstrip())
+        return ids + plain(text[pos:])
 
 
 def _contents(messages: list[dict]):
