@@ -1300,13 +1300,13 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma list of {', '.join(PEERS)} (or 'none')")
     p.add_argument("--hf-impls", default=",".join(HF_IMPLS), help="transformers experts implementations")
     p.add_argument("--llamacpp-types", default=",".join(LLAMACPP_TYPES), help="GGUF types for llama.cpp")
-    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length")
     p.add_argument("--new-tokens", type=int, default=64, help="decoded tokens after the first (prefill) token")
     p.add_argument("--repeat", type=int, default=3, help="measured generations (prompts) per configuration")
     p.add_argument("--rounds", type=int, default=None,
                    help="fresh processes per configuration, run round-robin over the systems, each doing one "
                         "warm-up and repeat/rounds measured prompts (default: --repeat, one prompt per round)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads of every system")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="weights and compute dtype for us and the transformers peers (llama.cpp: its GGUF types)")
     p.add_argument("--cache-policy", default="lru", help="our expert cache policy (comma list: one row each)")

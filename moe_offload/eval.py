@@ -114,10 +114,10 @@ def _add_eval(p):
     add_model_args(p)
     p.add_argument("--compare", nargs="+", default=None, metavar="MODEL", help="models or stores to compare")
     p.add_argument("--text", required=True, help="evaluation text file (UTF-8)")
-    p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("--max-tokens", type=int, default=4096, help="tokens of --text to score at most")
     p.add_argument("--max-text-bytes", default="8MiB",
                    help="read at most this much of --text (the tokens scored need ~32 bytes each at most)")
-    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--window", type=int, default=256, help="perplexity window in tokens")
     p.add_argument("--gen-tokens", type=int, default=32,
                    help="greedy tokens timed for decode speed (0: skip)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON lines")

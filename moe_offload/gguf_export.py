@@ -395,7 +395,7 @@ def _add_export(p):
     p.add_argument("--type", default="f16", choices=TYPES,
                    help="f16/bf16/f32 written here; q4_0, q4_k (Q4_K_M) by llama.cpp's quantizer from our F16")
     p.add_argument("--threads", type=int, default=None, help="quantizer threads")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
 @command("export-gguf", "write a Hugging Face MoE folder or an expert store as a GGUF file for llama.cpp",

@@ -101,7 +101,7 @@ def _add_profile(p):
     add_model_args(p)
     p.add_argument("--text", required=True, help="calibration text file")
     p.add_argument("--out", required=True, help="store folder that receives routing_stats.json (and the shadow router)")
-    p.add_argument("--max-tokens", type=int, default=8192)
+    p.add_argument("--max-tokens", type=int, default=8192, help="tokens of --text to profile at most")
     p.add_argument("--train-shadow", action="store_true", help="train the shadow router on this text")
     p.add_argument("--depth", type=int, default=2, help="layers ahead the shadow router predicts")
     add_quiet_arg(p)

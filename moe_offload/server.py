@@ -899,7 +899,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def _add_serve(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
+    add_model_args(p, chat_template=True)
     have = p._option_string_actions  # prefetch flags, unless a shared helper already declared them
     if "--prefetch" not in have:
         p.add_argument("--prefetch", default=None, help="expert prefetch policy (expert store only)")
@@ -909,7 +909,7 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
         p.add_argument("--prefetch-experts", type=int, default=None, help="experts prefetched per layer")
     p.add_argument("--host", default="127.0.0.1",
                    help="bind address (default loopback only; 0.0.0.0 exposes the model to the network)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--api-key", default=os.environ.get("MOE_OFFLOAD_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize and /metrics "
                         "(/health stays open); default $MOE_OFFLOAD_API_KEY")
@@ -924,7 +924,8 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("-np", "--parallel", type=int, default=4,
                    help="requests generated together as one batch (each step reads an expert once for all); "
                         "more wait in the queue (default 4)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
 
 
 def limits_from_args(a) -> Limits:

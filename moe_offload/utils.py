@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +34,34 @@ def parse_size(text: str | int | None) -> int | None:
     if not m or m.group(2).lower() not in _UNITS:
         raise UsageError(f"bad size {text!r}: use bytes or a number with KiB/MiB/GiB/KB/MB/GB")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class Share:
+    """`--memory 25%`: the backbone plus this fraction of the expert bytes, resolved once sizes are known."""
+
+    fraction: float  # (0, 1]
+
+    def resolve(self, fixed: int, experts: int) -> int:
+        """Bytes for `fixed` (backbone, reserve) plus this share of `experts` (all routed experts' bytes)."""
+        return fixed + int(self.fraction * experts)
+
+
+def parse_memory(text: str | int | Share | None) -> int | Share | str | None:
+    """--memory: a size ('2GiB'), a share of the model ('25%': backbone + 25 % of the experts) or 'auto'."""
+    if text is None or isinstance(text, (int, Share)) or text == "auto":
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*%\s*", str(text))
+    if m is None:
+        try:
+            return parse_size(text)
+        except UsageError:
+            raise UsageError(f"bad size {text!r}: use a size (512MiB, 2GiB), a share of the model (25%) "
+                             "or auto") from None
+    pct = float(m.group(1))
+    if not 0 < pct <= 100:
+        raise UsageError(f"bad share {text!r}: a share of the model is above 0% and at most 100%")
+    return Share(pct / 100)
 
 
 def mib(n: int | float) -> str:

@@ -49,10 +49,11 @@ def _add(p):
     p.add_argument("--text", required=True, help="text file: the first part trains the shadow router, the prompt "
                                                  "is taken after it")
     p.add_argument("--budgets", default="25,50", help="expert cache sizes, percent of all expert bytes")
-    p.add_argument("--modes", default="none,lookahead,shadow")
-    p.add_argument("--prompt-tokens", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--calibration-tokens", type=int, default=6000)
+    p.add_argument("--modes", default="none,lookahead,shadow", help="prefetch modes to compare")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run")
+    p.add_argument("--calibration-tokens", type=int, default=6000,
+                   help="tokens of --text that train the shadow router")
     p.add_argument("--json-out", default=None, help="also write the rows as JSON here")
 
 

@@ -51,7 +51,8 @@ MENU = {2: (32, 64, 128), 3: (64, 128), 4: (64, 128), 8: (0,)}
 def _add_quantize(p):
     p.add_argument("--model", required=True, help="Hugging Face model folder")
     p.add_argument("--out", required=True, help="store folder to create")
-    p.add_argument("--expert-bits", default="4", choices=["2", "3", "4", "8", "mixed"])
+    p.add_argument("--expert-bits", default="4", choices=["2", "3", "4", "8", "mixed"],
+                   help="bits per expert weight")
     p.add_argument("--budget", default=None,
                    help="bytes for all routed experts with --expert-bits mixed, e.g. 20GiB")
     p.add_argument("--attn-bits", type=int, default=16, choices=[4, 8, 16],
@@ -64,11 +65,12 @@ def _add_quantize(p):
     p.add_argument("--stats", default=None,
                    help="routing_stats.json (moe-offload profile) for the mixed plan")
     p.add_argument("--calib", default=None, help="calibration text: routing counts and per-expert inputs")
-    p.add_argument("--calib-tokens", type=int, default=2048)
+    p.add_argument("--calib-tokens", type=int, default=2048, help="tokens of --calib to run")
     p.add_argument("--calib-rows", type=int, default=512,
                    help="per expert, at most this many of its calibration inputs (the first ones) are kept: "
                         "what output errors are measured on and activation-aware weights estimated from")
-    p.add_argument("--quantizer", default="hqq", choices=["hqq", "rtn"])
+    p.add_argument("--quantizer", default="hqq", choices=["hqq", "rtn"],
+                   help="hqq or rtn (round to nearest)")
     p.add_argument("--act-aware", default="auto", choices=["auto", "on", "off"],
                    help="activation-aware HQQ: fit each group's scale and zero to the weight error weighted "
                         "per input column by E[x_j^2] of the inputs the expert sees on --calib (gate/up: its "

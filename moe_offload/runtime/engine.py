@@ -16,7 +16,7 @@ from ..errors import MoeError, UsageError
 from ..experts import LocalExperts, expert_unit
 from ..models import build, get_module
 from ..models.base import Packed
-from ..utils import parse_dtype, parse_size, peak_rss_bytes, pick_device
+from ..utils import parse_dtype, parse_memory, peak_rss_bytes, pick_device
 from .sampling import recent, sample
 from .tokenizer import Tokenizer
 
@@ -441,8 +441,8 @@ def _eos_ids(folder: Path, config: dict, tokenizer: Tokenizer | None) -> set[int
 
 def load(path: str | Path | None = None, device: str | None = None, dtype: str | torch.dtype | None = None,
          memory: str | int | None = None, ctx_size: int | None = None, **offload) -> Engine:
-    """Load an HF model folder or an expert store. `memory` (bytes or '2GiB') caps weights and KV caches on
-    the device; `ctx_size` caps the context (prompt + new tokens) below the model's; further keywords
+    """Load an HF model folder or an expert store. `memory` (bytes, '2GiB', '25%') caps weights and KV caches
+    on the device; `ctx_size` caps the context (prompt + new tokens) below the model's; further keywords
     (host_memory, cache_policy, prefetch, ...) go to the store."""
     path = Path(path) if path is not None else DEFAULT_MODEL
     if path.suffix.lower() == ".gguf" and path.is_file():  # a GGUF file converts once into a cached store
@@ -454,7 +454,7 @@ def load(path: str | Path | None = None, device: str | None = None, dtype: str |
     if not path.is_dir():
         raise MoeError(f"model path {path} is not a folder")
     dev = pick_device(device)
-    memory = parse_size(memory)
+    memory = parse_memory(memory)  # bytes, a Share of the model ('25%', resolved by the store) or 'auto'
     if is_store(path) or memory is not None or any(v is not None for v in offload.values()):
         from ..store.open import open_offloaded  # the tiered path: store on disk, experts cached
 

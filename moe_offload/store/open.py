@@ -15,7 +15,7 @@ from ..errors import MoeError, UsageError
 from ..prefetch.runtime import make_prefetcher
 from ..runtime.engine import Engine, _eos_ids, build_model, check_ctx_size, is_store, kv_bytes_per_token
 from ..runtime.tokenizer import Tokenizer
-from ..utils import drop_page_cache, parse_size
+from ..utils import Share, drop_page_cache, parse_memory, parse_size
 from . import misses
 from .cache import ExpertCache, OffloadedExperts, footprints
 from .cached import store_for
@@ -66,11 +66,13 @@ def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, 
     if unknown:
         named = ", ".join(f"{k}={v!r}" for k, v in unknown.items())
         raise UsageError(f"unsupported offload option(s): {named}")
-    path, memory = Path(path), parse_size(memory)
+    path, memory = Path(path), parse_memory(memory)
     host_bytes = parse_size(host_memory)
     if host_bytes is not None and device.type != "cuda":
         raise UsageError("--host-memory is for CUDA devices; on CPU the expert cache is in RAM: use --memory")
-    if memory is not None and memory <= 0:
+    if memory == "auto":
+        raise UsageError("memory='auto' is the command line's planner; give bytes or a share like '25%'")
+    if isinstance(memory, int) and memory <= 0:
         raise UsageError(f"--memory must be positive, got {memory}")
     cpu_misses, miss_fallback, threshold = misses.check_options(cpu_misses, miss_fallback, fallback_threshold)
     store = open_store(path) if is_store(path) else store_for(path, dtype)
@@ -89,11 +91,13 @@ def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, 
     fixed = backbone + (stand.nbytes if stand else 0)
     foot = footprints(store, device, dt)
     reserve = RESERVE.get(device.type, 0)
+    kv = (kv_bytes_per_token(model, dt) * ctx_size, ctx_size) if ctx_size else (0, 0)  # -c: must fit
+    if isinstance(memory, Share):  # --memory 25%: backbone + reserve + KV (-c) + that share of the experts
+        memory = memory.resolve(fixed + reserve + kv[0], sum(f.load for f in foot.values()))
     if memory is None:  # everything fits
         capacity = sum(f.load for f in foot.values())
     else:
         loads = {la: [foot[(la, e)].load for e in range(store.n_experts)] for la in store.moe_layers}
-        kv = (kv_bytes_per_token(model, dt) * ctx_size, ctx_size) if ctx_size else (0, 0)  # -c: must fit
         need, arithmetic = min_memory(fixed, reserve, loads, store.top_k, kv)
         if stand:
             arithmetic += f" (the backbone figure includes {mib(stand.nbytes)} of 2-bit stand-ins)"
