@@ -124,6 +124,7 @@ EXAMPLES = {
     "plan": "moe-offload plan --model path/to/hf-folder --hardware rtx3060-12gb",
     "export-gguf": "moe-offload export-gguf --model path/to/hf-folder --out model.gguf --type q4_k",
     "prefetch-report": "moe-offload prefetch-report -m my-store --text calib.txt --budgets 25,50",
+    "stores": "moe-offload stores --prune",
 }
 
 
