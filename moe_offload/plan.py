@@ -18,6 +18,7 @@ from pathlib import Path
 from .cli import command
 from .costmodel import BITS, cpu_compute_bits, miss_cost, quant_bytes
 from .errors import MoeError, UsageError
+from .hub import resolve_model
 from .sim import (GB, GPU_RESERVE, PROFILES, THIS_MACHINE, HardwareProfile, SimResult, Trace, format_profiles,
                   get_profile, host_reserve_for, load_trace, parse_gbs, profile_names, simulate, synthetic_trace)
 from .store.policies import POLICIES
@@ -161,7 +162,7 @@ def model_sizes(cfg: dict) -> ModelSizes:
 
 def read_model_config(path: str | Path) -> tuple[dict, str]:
     """config.json of an HF folder, a config.json file itself, or the config inside a store's manifest.json."""
-    path = Path(path)
+    path = resolve_model(path)  # org/name: the local HF cache
     if path.suffix.lower() == ".gguf" and path.is_file():  # the config from a GGUF's metadata
         from .gguf_import import read_config
 

@@ -13,6 +13,7 @@ import torch
 from ..checkpoint import (EXPERT_NAMES, SafetensorsFolder, check_keys, checkpoint_dtype, dequantizing,
                           expert_checkpoint_keys, expert_tensors, read_config)
 from ..errors import MoeError, UsageError
+from ..hub import resolve_model
 from ..experts import LocalExperts, expert_unit
 from ..models import build, get_module
 from ..models.base import Packed
@@ -444,7 +445,7 @@ def load(path: str | Path | None = None, device: str | None = None, dtype: str |
     """Load an HF model folder or an expert store. `memory` (bytes, '2GiB', '25%') caps weights and KV caches
     on the device; `ctx_size` caps the context (prompt + new tokens) below the model's; further keywords
     (host_memory, cache_policy, prefetch, ...) go to the store."""
-    path = Path(path) if path is not None else DEFAULT_MODEL
+    path = resolve_model(path) if path is not None else DEFAULT_MODEL  # org/name: the local HF cache
     if path.suffix.lower() == ".gguf" and path.is_file():  # a GGUF file converts once into a cached store
         from ..gguf_import import store_for
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from ..cli import command
+from ..hub import resolve_model
 from ..progress import Progress, add_quiet_arg
 from ..utils import mib, parse_dtype
 
@@ -25,6 +26,7 @@ def cmd_convert(a) -> int:
 
     t0 = time.perf_counter()
     convert = _convert
+    a.model = str(resolve_model(a.model))  # org/name: the local HF cache
     if a.model.lower().endswith(".gguf"):  # a GGUF file (gguf_import.py)
         from ..gguf_import import convert_gguf as convert
     with Progress("convert", unit="experts", quiet=a.quiet) as bar:
