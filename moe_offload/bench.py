@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
@@ -978,8 +977,8 @@ def markdown(res: dict) -> str:
     cached = [r.get("page_cache_before_bytes") for r in res["rows"] if "page_cache_before_bytes" in r]
     known = [c for c in cached if c is not None]
     if cached:
-        lines += ["", f"Page cache held by each configuration's model files when it started (fincore, after fsync + "
-                      f"POSIX_FADV_DONTNEED): " + (f"at most {max(known)} bytes over {len(known)} runs"
+        lines += ["", "Page cache held by each configuration's model files when it started (fincore, after fsync + "
+                      "POSIX_FADV_DONTNEED): " + (f"at most {max(known)} bytes over {len(known)} runs"
                                                      if known else "not checked (no fincore)") + "."]
     limited = sorted({(r.get("cgroup") or {}).get("limit_bytes", 0) // MiB for r in res["rows"] if r.get("cgroup")})
     notes = {r.get("cgroup_note") for r in res["rows"] if r.get("cgroup_note")}

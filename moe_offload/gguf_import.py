@@ -25,7 +25,6 @@ import json
 import os
 import re
 import sys
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -84,24 +81,6 @@ def pick_device(name: str | None) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("device cuda requested but torch sees no CUDA device")
     return torch.device(name)
-
-
-@contextmanager
-def atomic_dir(final: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary folder beside `final`; rename it to `final` only if the block completes."""
-    final = Path(final)
-    if final.exists() and not overwrite:
-        raise UsageError(f"{final} already exists; remove it or pick another --out")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
