@@ -120,15 +120,13 @@ class LowRankLinear:
         return self.base(x) + self.U(self.V(x))
 
 
-class FactorLinear:
-    """A low-rank factor no kernel takes (on CPU: U [N, r] with r % 16 != 0, which int8pack refuses):
-    dequantised once, it is small (N·r weights), then F.linear. Dequantising it on every call made a 2b+r8
-    expert call take 316 µs instead of 68 µs at D=256, I=384 (docs/quality.md)."""
+class DenseLinear:
+    """x @ W^T over a dense matrix (converted to `dtype` once if it differs)."""
 
     kind = "dense"
 
-    def __init__(self, pm: PackedMatrix):
-        self.w = pm.dequantize(torch.float32)  # owned: keeps no view of the blob
+    def __init__(self, w: torch.Tensor, dtype: torch.dtype):
+        self.w = w if w.dtype == dtype else w.to(dtype)
 
     @property
     def nbytes(self) -> int:
@@ -136,6 +134,14 @@ class FactorLinear:
 
     def __call__(self, x):
         return F.linear(x, self.w.to(x.dtype))
+
+
+def factor_linear(pm: PackedMatrix) -> DenseLinear:
+    """A low-rank factor no kernel takes (on CPU: U [N, r] with r % 16 != 0, which int8pack refuses):
+    dequantised once, it is small (N·r weights), then F.linear. Dequantising it on every call made a 2b+r8
+    expert call take 316 µs instead of 68 µs at D=256, I=384 (docs/quality.md). Owned: keeps no view of the
+    blob."""
+    return DenseLinear(pm.dequantize(torch.float32), torch.float32)
 
 
 class HQQCodec:
@@ -263,7 +269,7 @@ class HQQCodec:
             if self.spec["bits"] < 4:  # the base holds expanded copies, so views would keep the blob alive
                 pm = PackedMatrix(pm.packed.clone(), pm.sz.clone(), pm.bits, pm.N, pm.K)  # for small factors
             lin = make_linear(pm, self.kernel, self.dense_rows)
-            lins.append(FactorLinear(pm) if lin.kind == "dense" and self.kernel == "auto" else lin)
+            lins.append(factor_linear(pm) if lin.kind == "dense" and self.kernel == "auto" else lin)
         gate_up, down = lins[:2]
         if self.spec["rank"]:
             gate_up, down = LowRankLinear(gate_up, lins[2], lins[3]), LowRankLinear(down, lins[4], lins[5])

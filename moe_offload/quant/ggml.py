@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import MoeError
 from ..experts import CODECS, ExpertShape
 from ..utils import DTYPES
-from .codec import ALIGN, QuantExpert, matrix_sections
+from .codec import ALIGN, DenseLinear, QuantExpert, matrix_sections
 from .hqq import Quantized, quantize
 from .kernels import PackedMatrix, make_linear
 
@@ -90,22 +89,6 @@ def quantized_matrix(parts: list[tuple[str, np.ndarray, int]], K: int) -> Quanti
     m = torch.from_numpy(np.concatenate([m for _, _, m in got]))
     sm = torch.stack([s.t(), m.t()], -1).to(torch.bfloat16).contiguous()  # [G, N, 2]: hqq's meta_bits=16
     return Quantized(codes, {"sm": sm}, sm, bits, GROUP)
-
-
-class DenseLinear:
-    """x @ W^T over a dense matrix held in the blob (a converted copy if the compute dtype differs)."""
-
-    kind = "dense"
-
-    def __init__(self, w: torch.Tensor, dtype: torch.dtype):
-        self.w = w if w.dtype == dtype else w.to(dtype)
-
-    @property
-    def nbytes(self) -> int:
-        return self.w.numel() * self.w.element_size()
-
-    def __call__(self, x):
-        return F.linear(x, self.w.to(x.dtype))
 
 
 class GGUFCodec:
