@@ -459,7 +459,7 @@ def convert_gguf(path: str | os.PathLike | GGUFModel, out_dir: str | os.PathLike
             f.flush()
             os.fsync(f.fileno())
         drop_page_cache(tmp / EXPERTS)
-        keep = tuple(getattr(model, "fp32_keys", ()))
+        keep = model.fp32_keys
         backbone_crc = write_safetensors(tmp / BACKBONE, [n for n in backbone if n in g.names or n not in ignore],
                                          source, dt, keep)
         note = write_tokenizer(g, tmp)

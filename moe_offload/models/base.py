@@ -347,7 +347,32 @@ class Inner(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
 
-class CausalLM(nn.Module):
+# ---- family hooks: what a family may override, declared once with the default every caller can rely on ----
+
+
+class FamilyHooks:
+    """Per-family quirks of loading and sizing, read as plain attributes (a family file overrides them)."""
+
+    fp32_keys: tuple[str, ...] = ()  # state-dict name suffixes held in fp32 whatever the dtype
+    stored_dtype_keys: tuple[str, ...] = ()  # suffixes held as stored (quantized codes and their meta)
+    kv_kind: str = "gqa"  # the KV cache's layout, as the planner names it ("mla": DeepSeek's latent cache)
+
+    def skip_checkpoint_key(self, name: str) -> bool:
+        """True for checkpoint tensors the family never uses (DeepSeek-V3's multi-token-prediction layer)."""
+        return False
+
+    def backbone_dtype(self, name: str, stored: torch.dtype, dtype: torch.dtype) -> torch.dtype:
+        """The dtype backbone tensor `name` (stored as `stored`) is held in when the model runs in `dtype`."""
+        if name.endswith(self.stored_dtype_keys):
+            return stored
+        return torch.float32 if name.endswith(self.fp32_keys) else dtype
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """KV cache bytes one token adds over all layers, from the family's own cache (built on meta)."""
+        return sum(c.nbytes for c in self.make_cache(1, 1, dtype, torch.device("meta")))
+
+
+class CausalLM(FamilyHooks, nn.Module):
     """`model.*` and `lm_head` named as in Hugging Face checkpoints, so the backbone maps by identity."""
 
     def __init__(self, args, layers: list[DecoderLayer]):

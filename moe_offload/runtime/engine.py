@@ -59,22 +59,17 @@ def build_model(config: dict, source, device: torch.device, dtype: torch.dtype, 
         use_quantized_linears(model, source)
     want = set(model.state_dict())
     ignore = {"lm_head.weight"} if model.tie else set()
-    skip = getattr(model, "skip_checkpoint_key", None)  # tensors a family never uses (DeepSeek-V3's MTP layer)
-    if skip is not None:
-        ignore |= {k for k in have if skip(k)}
+    ignore |= {k for k in have if model.skip_checkpoint_key(k)}  # tensors the family never uses
     if expert_keys:
         for layer, _ in model.moe_blocks():
             want |= expert_checkpoint_keys(args.model_type, layer, model.n_experts, have)
     check_keys(have, want, str(getattr(source, "folder", "checkpoint")), ignore)
-    fp32 = tuple(getattr(model, "fp32_keys", ()))  # name suffixes kept in fp32 whatever the dtype
     # copy=True: safetensors hands out views into the mmap at file-layout-dependent alignment, and CPU kernels
     # round differently on unaligned data (a sharded copy of the same weights gave other logits)
-    keep = tuple(getattr(model, "stored_dtype_keys", ()))  # quantized codes and meta stay as stored
     state = {}
     for k in model.state_dict():
-        t = source.get(k)
-        dt = t.dtype if keep and k.endswith(keep) else torch.float32 if fp32 and k.endswith(fp32) else dtype
-        state[k] = t.to(device=device, dtype=dt, copy=True)
+        t = source.get(k)  # fp32 keys in fp32, quantized codes and meta as stored, the rest in `dtype`
+        state[k] = t.to(device=device, dtype=model.backbone_dtype(k, t.dtype, dtype), copy=True)
     model.load_state_dict(state, assign=True, strict=True)
     model.init_rope(device)
     return args, model.eval()

@@ -249,9 +249,7 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.
     have = set(source.keys())
     experts = set().union(*(expert_checkpoint_keys(model_type, la, n_experts, have) for la in moe_layers))
     ignore = {"lm_head.weight"} if model.tie else set()
-    skip = getattr(model, "skip_checkpoint_key", None)  # tensors a family never uses (as build_model)
-    if skip is not None:
-        ignore |= {k for k in have if skip(k)}
+    ignore |= {k for k in have if model.skip_checkpoint_key(k)}  # never used by the family (as build_model)
     check_keys(have, set(backbone) | experts, str(hf_dir), ignore)
     copies = files_to_copy(hf_dir)
     store_dtype = dtype or checkpoint_dtype(config)
@@ -264,7 +262,7 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.
         if progress is not None:
             progress.start(len(moe_layers) * n_experts)
         entries = write_experts(tmp / EXPERTS, source, model_type, moe_layers, n_experts, pick, progress)
-        keep = tuple(getattr(model, "fp32_keys", ()))  # kept in fp32 whatever the dtype (as build_model)
+        keep = model.fp32_keys  # kept in fp32 whatever the dtype (as build_model)
         bsource, bnames = source, backbone
         if backbone_view is not None:
             bsource, bnames, keep = backbone_view(source, backbone, keep)
