@@ -1,7 +1,8 @@
 """Hugging Face checkpoint folders: config.json, safetensors shards (lazy, never pickle), strict keys.
 
 Backbone tensors keep their checkpoint names (our modules are named like transformers'); routed experts
-are mapped by the table below to (layer, expert, part) with part in gate / up / down.
+are mapped to (layer, expert, part) with part in gate / up / down by the tables each family's file holds
+(models/<model_type>.py, collected below).
 """
 
 from __future__ import annotations
@@ -15,22 +16,11 @@ import torch
 from safetensors import safe_open
 
 from .errors import MoeError
+from .models import family_table
+from .models.layouts import FP4_VALUES, PARTS, dequantize_mxfp4  # noqa: F401  (checkpoint's public names)
 
-SWIGLU = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-
-# model_type: (name of one routed expert's tensor, our part -> checkpoint part)
-EXPERT_NAMES = {
-    "mixtral": ("model.layers.{layer}.block_sparse_moe.experts.{expert}.{part}.weight",
-                {"gate": "w1", "up": "w3", "down": "w2"}),
-    "qwen2_moe": ("model.layers.{layer}.mlp.experts.{expert}.{part}.weight", SWIGLU),
-    "qwen3_moe": ("model.layers.{layer}.mlp.experts.{expert}.{part}.weight", SWIGLU),
-    "olmoe": ("model.layers.{layer}.mlp.experts.{expert}.{part}.weight", SWIGLU),
-    "phimoe": ("model.layers.{layer}.block_sparse_moe.experts.{expert}.{part}.weight",
-               {"gate": "w1", "up": "w3", "down": "w2"}),
-    "deepseek_v2": ("model.layers.{layer}.mlp.experts.{expert}.{part}.weight", SWIGLU),
-    "deepseek_v3": ("model.layers.{layer}.mlp.experts.{expert}.{part}.weight", SWIGLU),
-}
-PARTS = ("gate", "up", "down")
+# model_type: (name of one routed expert's tensor, our part -> checkpoint part), from each family's file
+EXPERT_NAMES: dict[str, tuple[str, dict[str, str]]] = family_table("EXPERT_NAMES")
 
 
 def expert_key(model_type: str, layer: int, expert: int, part: str) -> str:
@@ -52,25 +42,10 @@ def parse_expert_key(model_type: str, name: str) -> tuple[int, int, str] | None:
 
 # ---- config.json: what each family needs, checked before anything is built --------------------------------
 # model_type: (keys config.json must hold besides BASE_KEYS, "a|b" for either spelling; the expert count's key
-# is the second), one MoE layer's router weight [E, D] (its rows must equal the expert count)
+# is the second), one MoE layer's router weight [E, D] (its rows must equal the expert count); from each
+# family's file
 BASE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_experts_per_tok")
-FAMILY_KEYS = {
-    "mixtral": (("intermediate_size", "num_local_experts|num_experts"),
-                "model.layers.{layer}.block_sparse_moe.gate.weight"),
-    "phimoe": (("intermediate_size", "num_local_experts|num_experts"),
-               "model.layers.{layer}.block_sparse_moe.gate.weight"),
-    "granitemoe": (("intermediate_size", "num_local_experts|num_experts"),
-                   "model.layers.{layer}.block_sparse_moe.router.layer.weight"),
-    "gpt_oss": (("intermediate_size", "num_local_experts|num_experts"),
-                "model.layers.{layer}.mlp.router.weight"),
-    "olmoe": (("intermediate_size", "num_experts|num_local_experts"), "model.layers.{layer}.mlp.gate.weight"),
-    "qwen2_moe": (("moe_intermediate_size", "num_experts|num_local_experts"),
-                  "model.layers.{layer}.mlp.gate.weight"),
-    "qwen3_moe": (("moe_intermediate_size", "num_experts|num_local_experts"),
-                  "model.layers.{layer}.mlp.gate.weight"),
-    "deepseek_v2": (("moe_intermediate_size", "n_routed_experts"), "model.layers.{layer}.mlp.gate.weight"),
-    "deepseek_v3": (("moe_intermediate_size", "n_routed_experts"), "model.layers.{layer}.mlp.gate.weight"),
-}
+FAMILY_KEYS: dict[str, tuple[tuple[str, ...], str]] = family_table("CONFIG_KEYS")
 # Upper bounds of counts in config.json: far above any released model, far below what exhausts memory before
 # the checkpoint's own tensors can contradict them.
 LIMITS = {"num_hidden_layers": 1024, "hidden_size": 1 << 17, "vocab_size": 1 << 22,
@@ -280,92 +255,10 @@ def checkpoint_dtype(config: dict) -> torch.dtype:
 
 
 # ---- stacked experts: checkpoints holding all experts of a layer in one tensor [E, ...] ----------------------
-# One expert is still the unit: `expert_tensors` cuts expert e out of the stacked tensors by these rules.
-# model_type: alternative layouts (the first whose tensors the checkpoint has is used), each
-#   our part -> (stacked checkpoint names with {layer}, rule(one expert's slab of each name) -> our tensor).
-# Our parts: gate / up [I, D] and down [D, I] as nn.Linear weights; gate_bias / up_bias [I], down_bias [D].
-
-
-def _first_half(t):  # [2I, ...] -> rows 0..I-1
-    return t[: t.shape[0] // 2]
-
-
-def _second_half(t):  # [2I, ...] -> rows I..2I-1
-    return t[t.shape[0] // 2:]
-
-
-def _whole(t):
-    return t
-
-
-def _transposed(t):  # [in, out] (x @ W layout) -> [out, in]
-    return t.T
-
-
-def _even_cols_t(t):  # [D, 2I] with gate/up interleaved columns -> gate [I, D]
-    return t[:, 0::2].T
-
-
-def _odd_cols_t(t):  # [D, 2I] with gate/up interleaved columns -> up [I, D]
-    return t[:, 1::2].T
-
-
-def _even(t):  # [2I] interleaved gate/up bias -> gate's
-    return t[0::2]
-
-
-def _odd(t):
-    return t[1::2]
-
-
-# MXFP4 (OCP microscaling): 32 e2m1 values per block, two per byte (low nibble first), one e8m0 scale per block
-FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-
-
-def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """blocks [..., G, 16] uint8, scales [..., G] uint8 (exponent + 127) -> [..., G·32] fp32 (exact)."""
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
-    vals = torch.stack([lut[(blocks & 0x0F).int()], lut[(blocks >> 4).int()]], dim=-1)  # [..., G, 16, 2]
-    vals = torch.ldexp(vals.reshape(*blocks.shape[:-1], 32), scales.int().unsqueeze(-1) - 127)
-    return vals.reshape(*blocks.shape[:-2], -1)
-
-
-def _mxfp4_even_rows(blocks, scales):  # [2I, D/32, 16] with gate/up interleaved rows -> gate [I, D]
-    return dequantize_mxfp4(blocks, scales)[0::2]
-
-
-def _mxfp4_odd_rows(blocks, scales):
-    return dequantize_mxfp4(blocks, scales)[1::2]
-
-
-STACKED_EXPERT_NAMES: dict[str, list[dict[str, tuple[tuple[str, ...], object]]]] = {
-    # GraniteMoE: input_linear [E, 2I, D] = gate rows then up rows; output_linear [E, D, I]
-    "granitemoe": [{
-        "gate": (("model.layers.{layer}.block_sparse_moe.input_linear.weight",), _first_half),
-        "up": (("model.layers.{layer}.block_sparse_moe.input_linear.weight",), _second_half),
-        "down": (("model.layers.{layer}.block_sparse_moe.output_linear.weight",), _whole),
-    }],
-    # gpt-oss as transformers saves it: gate_up_proj [E, D, 2I] (gate/up interleaved columns), down_proj [E, I, D];
-    # or the released MXFP4 form: *_blocks [E, out, in/32, 16] + *_scales [E, out, in/32] (gate/up rows interleaved)
-    "gpt_oss": [{
-        "gate": (("model.layers.{layer}.mlp.experts.gate_up_proj",), _even_cols_t),
-        "up": (("model.layers.{layer}.mlp.experts.gate_up_proj",), _odd_cols_t),
-        "down": (("model.layers.{layer}.mlp.experts.down_proj",), _transposed),
-        "gate_bias": (("model.layers.{layer}.mlp.experts.gate_up_proj_bias",), _even),
-        "up_bias": (("model.layers.{layer}.mlp.experts.gate_up_proj_bias",), _odd),
-        "down_bias": (("model.layers.{layer}.mlp.experts.down_proj_bias",), _whole),
-    }, {
-        "gate": (("model.layers.{layer}.mlp.experts.gate_up_proj_blocks",
-                  "model.layers.{layer}.mlp.experts.gate_up_proj_scales"), _mxfp4_even_rows),
-        "up": (("model.layers.{layer}.mlp.experts.gate_up_proj_blocks",
-                "model.layers.{layer}.mlp.experts.gate_up_proj_scales"), _mxfp4_odd_rows),
-        "down": (("model.layers.{layer}.mlp.experts.down_proj_blocks",
-                  "model.layers.{layer}.mlp.experts.down_proj_scales"), dequantize_mxfp4),
-        "gate_bias": (("model.layers.{layer}.mlp.experts.gate_up_proj_bias",), _even),
-        "up_bias": (("model.layers.{layer}.mlp.experts.gate_up_proj_bias",), _odd),
-        "down_bias": (("model.layers.{layer}.mlp.experts.down_proj_bias",), _whole),
-    }],
-}
+# One expert is still the unit: `expert_tensors` cuts expert e out of the stacked tensors by the rules of the
+# family's table (models/layouts.py): alternative layouts, the first whose tensors the checkpoint has is used.
+STACKED_EXPERT_NAMES: dict[str, list[dict[str, tuple[tuple[str, ...], object]]]] = family_table(
+    "STACKED_EXPERT_NAMES")
 
 
 def _stacked_layout(model_type: str, layer: int, keys) -> dict:

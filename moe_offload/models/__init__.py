@@ -1,4 +1,6 @@
-"""One module per Hugging Face `model_type`; each exposes `ModelArgs` and `Model`."""
+"""One module per Hugging Face `model_type`; each exposes `ModelArgs` and `Model`, and keeps its quirks: its
+checkpoint layout (data tables, models/layouts.py, collected by `family_table`) and its hooks
+(base.FamilyHooks)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,11 @@ def get_module(model_type: str | None) -> ModuleType:
     if model_type not in SUPPORTED:
         raise MoeError(f"Model type {model_type!r} not supported. Supported: {', '.join(SUPPORTED)}")
     return importlib.import_module(f"{__name__}.{model_type}")
+
+
+def family_table(name: str) -> dict:
+    """{model_type: that family file's table `name`} for each family defining it ("EXPERT_NAMES", ...)."""
+    return {mt: getattr(m, name) for mt in SUPPORTED if hasattr(m := get_module(mt), name)}
 
 
 def build(config: dict):

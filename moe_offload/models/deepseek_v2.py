@@ -18,7 +18,13 @@ from ..errors import MoeError
 from ..experts import ExpertShape
 from .base import (MLP, BaseModelArgs, CausalLM, DecoderLayer, MoE, RMSNorm, SeqAttention, SeqCache,
                    apply_rope, attention_mask, rope_config, rope_tables, yarn_get_mscale)
+from .layouts import SWIGLU
 from .routing import softmax_group_topk
+
+
+# ---- checkpoint layout (models/layouts.py explains the tables; checkpoint.py reads them) -----------------
+CONFIG_KEYS = (("moe_intermediate_size", "n_routed_experts"), "model.layers.{layer}.mlp.gate.weight")
+EXPERT_NAMES = ("model.layers.{layer}.mlp.experts.{expert}.{part}.weight", SWIGLU)
 
 
 @dataclass
@@ -175,6 +181,8 @@ class DeepseekMoE(MoE):
 
 
 class Model(CausalLM):
+    kv_kind = "mla"  # the latent cache: kv_lora_rank + qk_rope_head_dim values per token and layer
+
     def __init__(self, args: ModelArgs, interleaved: bool = True, make_moe=None):
         if make_moe is None:
             if args.scoring_func != "softmax":

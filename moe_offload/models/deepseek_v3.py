@@ -13,6 +13,10 @@ from . import deepseek_v2
 from .routing import sigmoid_group_topk
 
 
+# ---- checkpoint layout (models/layouts.py explains the tables; checkpoint.py reads them) -----------------
+CONFIG_KEYS, EXPERT_NAMES = deepseek_v2.CONFIG_KEYS, deepseek_v2.EXPERT_NAMES  # V2's layout
+
+
 @dataclass
 class ModelArgs(deepseek_v2.ModelArgs):
     model_type: str = "deepseek_v3"

@@ -1,7 +1,7 @@
 """gpt-oss: attention with biases and a learned per-head sink logit, alternating sliding-window / full layers
 (`layer_types`), yarn rope, router with bias (top-k -> softmax), experts with biases and the clamped SwiGLU
 ((up + 1) · gate · σ(1.702 · gate), gate <= 7, |up| <= 7). Checkpoints stack the experts: bf16 `gate_up_proj
-[E, D, 2I]` with gate/up interleaved columns, or MXFP4 blocks/scales; checkpoint.STACKED_EXPERT_NAMES splits
+[E, D, 2I]` with gate/up interleaved columns, or MXFP4 blocks/scales; STACKED_EXPERT_NAMES below splits
 both into per-expert gate/up/down + biases. Norms multiply in fp32 with fp32 weights (`fp32_keys`).
 """
 
@@ -17,7 +17,35 @@ from torch import nn
 from ..experts import ExpertShape
 from .base import (Attention, BaseModelArgs, CausalLM, DecoderLayer, MoE, RMSNorm, apply_rope, attention_mask,
                    rope_tables)
+from .layouts import (dequantize_mxfp4, even, even_cols_t, mxfp4_even_rows, mxfp4_odd_rows, odd, odd_cols_t,
+                      transposed, whole)
 from .routing import topk_softmax
+
+
+# ---- checkpoint layout (models/layouts.py explains the tables; checkpoint.py reads them) -----------------
+CONFIG_KEYS = (("intermediate_size", "num_local_experts|num_experts"),
+               "model.layers.{layer}.mlp.router.weight")
+# as transformers saves it: gate_up_proj [E, D, 2I] (gate/up interleaved columns), down_proj [E, I, D];
+# or the released MXFP4 form: *_blocks [E, out, in/32, 16] + *_scales [E, out, in/32] (gate/up rows
+# interleaved)
+STACKED_EXPERT_NAMES = [{
+    "gate": (("model.layers.{layer}.mlp.experts.gate_up_proj",), even_cols_t),
+    "up": (("model.layers.{layer}.mlp.experts.gate_up_proj",), odd_cols_t),
+    "down": (("model.layers.{layer}.mlp.experts.down_proj",), transposed),
+    "gate_bias": (("model.layers.{layer}.mlp.experts.gate_up_proj_bias",), even),
+    "up_bias": (("model.layers.{layer}.mlp.experts.gate_up_proj_bias",), odd),
+    "down_bias": (("model.layers.{layer}.mlp.experts.down_proj_bias",), whole),
+}, {
+    "gate": (("model.layers.{layer}.mlp.experts.gate_up_proj_blocks",
+              "model.layers.{layer}.mlp.experts.gate_up_proj_scales"), mxfp4_even_rows),
+    "up": (("model.layers.{layer}.mlp.experts.gate_up_proj_blocks",
+            "model.layers.{layer}.mlp.experts.gate_up_proj_scales"), mxfp4_odd_rows),
+    "down": (("model.layers.{layer}.mlp.experts.down_proj_blocks",
+              "model.layers.{layer}.mlp.experts.down_proj_scales"), dequantize_mxfp4),
+    "gate_bias": (("model.layers.{layer}.mlp.experts.gate_up_proj_bias",), even),
+    "up_bias": (("model.layers.{layer}.mlp.experts.gate_up_proj_bias",), odd),
+    "down_bias": (("model.layers.{layer}.mlp.experts.down_proj_bias",), whole),
+}]
 
 
 @dataclass

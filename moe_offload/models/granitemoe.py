@@ -1,6 +1,6 @@
 """Granite-MoE: Mixtral-like with scalar multipliers (embeddings, residual branches, attention scale, logits),
 top-k -> softmax routing, router at `block_sparse_moe.router.layer`, experts stacked in the checkpoint
-(`input_linear [E, 2I, D]`, `output_linear [E, D, I]`; checkpoint.STACKED_EXPERT_NAMES splits them)."""
+(`input_linear [E, 2I, D]`, `output_linear [E, D, I]`; STACKED_EXPERT_NAMES below splits them)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,19 @@ from torch import nn
 
 from ..experts import ExpertShape
 from .base import Attention, BaseModelArgs, CausalLM, DecoderLayer, MoE, rope_tables
+from .layouts import first_half, second_half, whole
 from .routing import topk_softmax
+
+
+# ---- checkpoint layout (models/layouts.py explains the tables; checkpoint.py reads them) -----------------
+CONFIG_KEYS = (("intermediate_size", "num_local_experts|num_experts"),
+               "model.layers.{layer}.block_sparse_moe.router.layer.weight")
+# input_linear [E, 2I, D] = gate rows then up rows; output_linear [E, D, I]
+STACKED_EXPERT_NAMES = [{
+    "gate": (("model.layers.{layer}.block_sparse_moe.input_linear.weight",), first_half),
+    "up": (("model.layers.{layer}.block_sparse_moe.input_linear.weight",), second_half),
+    "down": (("model.layers.{layer}.block_sparse_moe.output_linear.weight",), whole),
+}]
 
 
 @dataclass

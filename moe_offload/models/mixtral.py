@@ -7,7 +7,14 @@ from functools import partial
 
 from ..experts import ExpertShape
 from .base import Attention, BaseModelArgs, CausalLM, DecoderLayer, MoE
+from .layouts import W132
 from .routing import softmax_topk
+
+
+# ---- checkpoint layout (models/layouts.py explains the tables; checkpoint.py reads them) -----------------
+CONFIG_KEYS = (("intermediate_size", "num_local_experts|num_experts"),
+               "model.layers.{layer}.block_sparse_moe.gate.weight")
+EXPERT_NAMES = ("model.layers.{layer}.block_sparse_moe.experts.{expert}.{part}.weight", W132)
 
 
 @dataclass

@@ -13,7 +13,14 @@ from torch import nn
 from ..errors import MoeError
 from ..experts import ExpertShape
 from .base import Attention, BaseModelArgs, CausalLM, DecoderLayer, MoE, rope_config, rope_tables
+from .layouts import W132
 from .routing import sparsemixer
+
+
+# ---- checkpoint layout (models/layouts.py explains the tables; checkpoint.py reads them) -----------------
+CONFIG_KEYS = (("intermediate_size", "num_local_experts|num_experts"),
+               "model.layers.{layer}.block_sparse_moe.gate.weight")
+EXPERT_NAMES = ("model.layers.{layer}.block_sparse_moe.experts.{expert}.{part}.weight", W132)
 
 
 @dataclass

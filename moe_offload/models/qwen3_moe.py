@@ -8,7 +8,14 @@ from functools import partial
 
 from ..experts import ExpertShape
 from .base import MLP, Attention, BaseModelArgs, CausalLM, DecoderLayer, MoE
+from .layouts import SWIGLU
 from .routing import softmax_topk
+
+
+# ---- checkpoint layout (models/layouts.py explains the tables; checkpoint.py reads them) -----------------
+CONFIG_KEYS = (("moe_intermediate_size", "num_experts|num_local_experts"),
+               "model.layers.{layer}.mlp.gate.weight")
+EXPERT_NAMES = ("model.layers.{layer}.mlp.experts.{expert}.{part}.weight", SWIGLU)
 
 
 @dataclass
