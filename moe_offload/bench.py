@@ -578,29 +578,21 @@ def build_synthetic(name: str, folder: Path) -> Path:
 
 
 def model_sizes(store_path: Path, dtype: str) -> Sizes:
-    """Sizes from the store's manifest and the model built on the meta device (as the engine counts them)."""
+    """Sizes from the store's manifest and the planner's counts of the model (models.sizes, as the engine holds
+    it: the family's fp32 keys in fp32, its own KV cache)."""
     import torch
 
-    from .models import build
+    from .models.sizes import model_sizes as count
     from .store.format import open_store
 
     store = open_store(store_path)
     dt = getattr(torch, dtype)
-    with torch.device("meta"):
-        _, model = build(store.config)
-    fp32 = tuple(getattr(model, "fp32_keys", ()))
-    state = model.state_dict()
-    nbytes = {k: t.numel() * (4 if fp32 and k.endswith(fp32) else dt.itemsize) for k, t in state.items()}
-    embed = sum(v for k, v in nbytes.items() if k.endswith("embed_tokens.weight"))
+    s = count(store.config)
     spans = [e.span for e in store.entries.values()]
-    c = store.config
-    heads = c.get("num_attention_heads") or 1
-    kv_heads = c.get("num_key_value_heads") or heads
-    head_dim = c.get("head_dim") or c["hidden_size"] // heads
-    kv = 2 * kv_heads * head_dim * dt.itemsize * c.get("num_hidden_layers", 0)
-    return Sizes(backbone=sum(nbytes.values()), embed=embed, hidden=c["hidden_size"], itemsize=dt.itemsize,
-                 expert=round(sum(spans) / len(spans)), moe_layers=len(store.moe_layers), n_experts=store.n_experts,
-                 top_k=store.top_k, kv_per_token=kv)
+    return Sizes(backbone=s.resident_backbone_bytes(dt), embed=s.embed_params * dt.itemsize,
+                 hidden=store.config["hidden_size"], itemsize=dt.itemsize, expert=round(sum(spans) / len(spans)),
+                 moe_layers=len(store.moe_layers), n_experts=store.n_experts, top_k=store.top_k,
+                 kv_per_token=s.kv_bytes(dt))
 
 
 def prompts_for(vocab: int, n_tokens: int, count: int) -> list[list[int]]:

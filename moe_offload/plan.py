@@ -19,145 +19,16 @@ from .cli import command
 from .costmodel import BITS, cpu_compute_bits, miss_cost, quant_bytes
 from .errors import MoeError, UsageError
 from .hub import resolve_model
+from .models.sizes import KV_BYTES, ModelSizes, model_sizes  # noqa: F401  (the planner's sizes, re-exported)
 from .sim import (GB, GPU_RESERVE, PROFILES, THIS_MACHINE, HardwareProfile, SimResult, Trace, format_profiles,
                   get_profile, host_reserve_for, load_trace, parse_gbs, profile_names, simulate, synthetic_trace)
 from .store.policies import POLICIES
 from .utils import parse_size
 
 BACKBONE_BITS = (16, 8, 4)  # attention, dense MLPs and shared experts; embeddings, norms, routers stay 16-bit
-KV_BYTES = 2  # KV cache in bf16/fp16
-DEEPSEEK = ("deepseek_v2", "deepseek_v3")
 
 
-# ---- sizes from config.json --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelSizes:
-    """Parameter counts of one model. `backbone_linear` is what a backbone quantizer touches (attention,
-    dense MLPs, shared experts); `backbone_fixed` stays 16-bit (embeddings, lm_head, norms, routers, biases)."""
-
-    model_type: str
-    n_layers: int  # decoder layers (MTP / next-token-prediction layers are not counted: decode does not run them)
-    moe_layers: tuple[int, ...]
-    n_experts: int  # routed experts per MoE layer
-    top_k: int
-    expert_params: int  # weights of one routed expert
-    backbone_linear: int
-    backbone_fixed: int
-    kv_bytes_per_token: int  # all layers, 16-bit
-    kv_kind: str  # "gqa" (2 x kv_heads x head_dim per layer) or "mla" (kv_lora_rank + rope dim per layer)
-
-    @property
-    def n_routed(self) -> int:
-        return len(self.moe_layers) * self.n_experts
-
-    @property
-    def routed_params(self) -> int:
-        return self.n_routed * self.expert_params
-
-    @property
-    def backbone_params(self) -> int:
-        return self.backbone_linear + self.backbone_fixed
-
-    @property
-    def total_params(self) -> int:
-        return self.backbone_params + self.routed_params
-
-    @property
-    def active_params(self) -> int:
-        """Weights one decode token touches: the whole backbone (embedding row aside, counted whole as is
-        customary) and top_k experts in every MoE layer."""
-        return self.backbone_params + len(self.moe_layers) * self.top_k * self.expert_params
-
-    def expert_bytes(self, bits: int, group_size: int = 64) -> int:
-        return quant_bytes(self.expert_params, bits, group_size)
-
-    def backbone_bytes(self, bits: int, group_size: int = 64) -> int:
-        return quant_bytes(self.backbone_linear, bits, group_size) + 2 * self.backbone_fixed
-
-
-def _get(cfg: dict, *names, default=None):
-    for n in names:
-        if cfg.get(n) is not None:
-            return cfg[n]
-    return default
-
-
-def deepseek_sizes(cfg: dict) -> ModelSizes:
-    """DeepSeek-V2/V3 from config keys: MLA attention (low-rank q and compressed kv), `first_k_dense_replace`
-    dense layers, shared experts, `moe_layer_freq`; V3's `noaux_tc` router adds a per-expert score bias."""
-    D, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
-    H, R, Dr = cfg["num_attention_heads"], cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]
-    Dn, Dv, Q = cfg["qk_nope_head_dim"], cfg["v_head_dim"], cfg.get("q_lora_rank")
-    E, I = cfg.get("n_routed_experts") or 0, cfg["moe_intermediate_size"]
-    bias = bool(cfg.get("attention_bias", False))
-    if Q:  # q_a_proj, q_a_layernorm, q_b_proj
-        q_lin, q_fix = D * Q + Q * H * (Dn + Dr), Q + (Q if bias else 0)
-    else:  # q_proj
-        q_lin, q_fix = D * H * (Dn + Dr), 0
-    attn_lin = q_lin + D * (R + Dr) + R * H * (Dn + Dv) + H * Dv * D  # + kv_a_proj_with_mqa, kv_b_proj, o_proj
-    attn_fix = q_fix + R + ((R + Dr) + D if bias else 0)  # kv_a_layernorm (+ biases of kv_a_proj, o_proj)
-    moe_layers = tuple(i for i in range(L) if E and i >= cfg.get("first_k_dense_replace", 0)
-                       and i % cfg.get("moe_layer_freq", 1) == 0)
-    n_dense, n_moe = L - len(moe_layers), len(moe_layers)
-    shared = cfg.get("n_shared_experts") or 0
-    router = E * D + (E if cfg.get("topk_method") == "noaux_tc" else 0)  # gate (+ e_score_correction_bias)
-    lin = L * attn_lin + n_dense * 3 * D * cfg["intermediate_size"] + n_moe * 3 * D * I * shared
-    fix = L * (attn_fix + 2 * D) + n_moe * router + D + V * D * (1 if cfg.get("tie_word_embeddings") else 2)
-    return ModelSizes(model_type=cfg["model_type"], n_layers=L, moe_layers=moe_layers, n_experts=E,
-                      top_k=cfg["num_experts_per_tok"], expert_params=3 * D * I, backbone_linear=lin,
-                      backbone_fixed=fix, kv_bytes_per_token=L * (R + Dr) * KV_BYTES, kv_kind="mla")
-
-
-def _meta_sizes(cfg: dict) -> ModelSizes:
-    """Build the model on the meta device (shapes, no memory) and count what it holds; routed experts are
-    not modules of the skeleton, their count comes from expert_shape x n_experts x MoE layers."""
-    import torch
-
-    from . import models
-
-    shape_cfg = {k: v for k, v in cfg.items() if k not in ("rope_scaling", "rope_parameters")}  # shapes only
-    with torch.device("meta"):
-        _, model = models.build(shape_cfg)
-    blocks = model.moe_blocks()
-    routers = set()
-    for _, moe in blocks:
-        routers |= {id(p) for p in moe.router_linear().parameters()}
-        if getattr(moe, "shared_expert_gate", None) is not None:
-            routers |= {id(p) for p in moe.shared_expert_gate.parameters()}
-    lin = fix = 0
-    seen = set()
-    for name, p in model.state_dict(keep_vars=True).items():  # parameters and persistent buffers (router biases)
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        if p.ndim < 2 or id(p) in routers or "embed_tokens" in name or name.startswith("lm_head"):
-            fix += p.numel()
-        else:
-            lin += p.numel()
-    s = model.expert_shape
-    expert = 3 * s.hidden * s.intermediate + (2 * s.intermediate + s.hidden if getattr(s, "bias", False) else 0)
-    if cfg.get("kv_lora_rank"):
-        kv, kind = len(model.model.layers) * (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * KV_BYTES, "mla"
-    else:
-        kv, kind = sum(2 * l.self_attn.n_kv * l.self_attn.head_dim * KV_BYTES for l in model.model.layers), "gqa"
-    return ModelSizes(model_type=cfg["model_type"], n_layers=len(model.model.layers),
-                      moe_layers=tuple(i for i, _ in blocks), n_experts=model.n_experts, top_k=model.top_k,
-                      expert_params=expert, backbone_linear=lin, backbone_fixed=fix, kv_bytes_per_token=kv,
-                      kv_kind=kind)
-
-
-def model_sizes(cfg: dict) -> ModelSizes:
-    """Counts for any supported model_type (built on meta), and for DeepSeek-V2/V3 from config keys."""
-    from .models import SUPPORTED
-
-    mt = cfg.get("model_type")
-    if mt in SUPPORTED:
-        return _meta_sizes(cfg)
-    if mt in DEEPSEEK:
-        return deepseek_sizes(cfg)
-    raise MoeError(f"Model type {mt!r} not supported by the planner. Supported: {', '.join([*SUPPORTED, *DEEPSEEK])}")
+# ---- sizes from config.json: models/sizes.py (ModelSizes, model_sizes) ------------------------------------
 
 
 def read_model_config(path: str | Path) -> tuple[dict, str]:

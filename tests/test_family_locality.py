@@ -62,3 +62,24 @@ def test_kv_bytes_per_token_follow_the_family_cache():
     ds = meta_model("deepseek_v2")
     assert ds.kv_kind == "mla"
     assert ds.kv_bytes_per_token(torch.float32) == L * (TINY["kv_lora_rank"] + TINY["qk_rope_head_dim"]) * 4
+
+
+@pytest.mark.parametrize("spec,dtype", [("mixtral_gqa", "float32"), ("qwen2_moe_shared_dense", "bfloat16")])
+def test_bench_sizes_are_what_the_engine_holds(tiny_checkpoint, tmp_path, spec, dtype):
+    """bench's sizes come from the planner's counts (models.sizes): the backbone and KV bytes the engine
+    really holds for the store, and the config's GQA arithmetic bench used to do itself."""
+    from moe_offload import bench
+    from moe_offload.runtime.engine import load
+    from moe_offload.store.format import convert
+
+    store = convert(tiny_checkpoint(spec), tmp_path / "store").path
+    s = bench.model_sizes(store, dtype)
+    engine = load(store, device="cpu", dtype=dtype)
+    dt = getattr(torch, dtype)
+    state = engine.model.state_dict()
+    assert s.backbone == engine.info["backbone_bytes"] == sum(t.nbytes for t in state.values())
+    assert s.embed == state["model.embed_tokens.weight"].nbytes
+    c = engine.model.args
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    assert s.kv_per_token == engine.model.kv_bytes_per_token(dt) == \
+        2 * c.num_key_value_heads * head_dim * dt.itemsize * c.num_hidden_layers

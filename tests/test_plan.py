@@ -8,8 +8,8 @@ import pytest
 from moe_offload.cli import main
 from moe_offload.costmodel import quant_bytes
 from moe_offload.errors import MoeError
-from moe_offload.plan import (PlanRefused, deepseek_sizes, make_plan, model_sizes, plan_for, read_model_config,
-                              resolve_hardware)
+from moe_offload.models.deepseek_v2 import config_sizes as deepseek_sizes
+from moe_offload.plan import PlanRefused, make_plan, model_sizes, plan_for, read_model_config, resolve_hardware
 from moe_offload.sim import PROFILES
 
 GiB = 2**30
@@ -65,6 +65,7 @@ def test_mixtral_8x7b_counts():
     assert s.kv_bytes_per_token == L * 2 * 8 * 128 * 2 == 131_072
     assert s.backbone_bytes(16) == 2 * (L * attn + fixed)
     assert s.backbone_bytes(8) == quant_bytes(L * attn, 8) + 2 * fixed
+    assert (s.embed_params, s.fp32_params, s.kv_kind) == (V * D, 0, "gqa")
 
 
 def test_qwen3_30b_a3b_counts():
@@ -100,6 +101,7 @@ def test_deepseek_v3_counts():
         assert s.active_params == lin + fixed + n_moe * 8 * expert == 37_552_297_472  # "37 B"
         assert s.kv_bytes_per_token == L * (R + Dr) * 2 == 70_272  # MLA: compressed kv + rope key, 16-bit
         assert s.kv_kind == "mla"
+        assert (s.embed_params, s.fp32_params) == (V * D, n_moe * 256)  # e_score_correction_bias kept fp32
 
 
 def test_mixtral_on_12gb_vram_and_64gb_ram_is_planned_at_8_bit():

@@ -20,6 +20,7 @@ from .base import (MLP, BaseModelArgs, CausalLM, DecoderLayer, MoE, RMSNorm, Seq
                    apply_rope, attention_mask, rope_config, rope_tables, yarn_get_mscale)
 from .layouts import SWIGLU
 from .routing import softmax_group_topk
+from .sizes import KV_BYTES, ModelSizes
 
 
 # ---- checkpoint layout (models/layouts.py explains the tables; checkpoint.py reads them) -----------------
@@ -214,3 +215,33 @@ class Model(CausalLM):
         """Layers past num_hidden_layers (DeepSeek-V3's multi-token-prediction module) are not used."""
         m = re.match(r"model\.layers\.(\d+)\.", name)
         return m is not None and int(m.group(1)) >= self.args.num_hidden_layers
+
+
+def config_sizes(cfg: dict) -> ModelSizes:
+    """DeepSeek-V2/V3 counted from config keys alone, the published arithmetic (models.sizes.model_sizes counts
+    the model built on meta; tests hold the two equal): MLA attention (low-rank q and compressed kv),
+    `first_k_dense_replace` dense layers, shared experts, `moe_layer_freq`; V3's `noaux_tc` router adds a
+    per-expert score bias (kept fp32)."""
+    D, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    H, R, Dr = cfg["num_attention_heads"], cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]
+    Dn, Dv, Q = cfg["qk_nope_head_dim"], cfg["v_head_dim"], cfg.get("q_lora_rank")
+    E, I = cfg.get("n_routed_experts") or 0, cfg["moe_intermediate_size"]
+    bias = bool(cfg.get("attention_bias", False))
+    if Q:  # q_a_proj, q_a_layernorm, q_b_proj
+        q_lin, q_fix = D * Q + Q * H * (Dn + Dr), Q + (Q if bias else 0)
+    else:  # q_proj
+        q_lin, q_fix = D * H * (Dn + Dr), 0
+    attn_lin = q_lin + D * (R + Dr) + R * H * (Dn + Dv) + H * Dv * D  # + kv_a_proj_with_mqa, kv_b_proj, o_proj
+    attn_fix = q_fix + R + ((R + Dr) + D if bias else 0)  # kv_a_layernorm (+ biases of kv_a_proj, o_proj)
+    moe_layers = tuple(i for i in range(L) if E and i >= cfg.get("first_k_dense_replace", 0)
+                       and i % cfg.get("moe_layer_freq", 1) == 0)
+    n_dense, n_moe = L - len(moe_layers), len(moe_layers)
+    shared = cfg.get("n_shared_experts") or 0
+    score_bias = E if cfg.get("topk_method") == "noaux_tc" else 0  # e_score_correction_bias
+    router = E * D + score_bias  # gate (+ e_score_correction_bias)
+    lin = L * attn_lin + n_dense * 3 * D * cfg["intermediate_size"] + n_moe * 3 * D * I * shared
+    fix = L * (attn_fix + 2 * D) + n_moe * router + D + V * D * (1 if cfg.get("tie_word_embeddings") else 2)
+    return ModelSizes(model_type=cfg["model_type"], n_layers=L, moe_layers=moe_layers, n_experts=E,
+                      top_k=cfg["num_experts_per_tok"], expert_params=3 * D * I, backbone_linear=lin,
+                      backbone_fixed=fix, kv_bytes_per_token=L * (R + Dr) * KV_BYTES, kv_kind="mla",
+                      embed_params=V * D, fp32_params=n_moe * score_bias)
