@@ -233,6 +233,8 @@ def measure_disk(directory: Path, nbytes: int, chunk: int = 8 * MiB, streams: in
     import tempfile
     from concurrent.futures import ThreadPoolExecutor
 
+    from .utils import drop_page_cache
+
     nbytes = max(chunk, nbytes // chunk * chunk)
     fd, path = tempfile.mkstemp(prefix=".moe-offload-bench-disk-", dir=str(directory))
     out = {}
@@ -246,7 +248,7 @@ def measure_disk(directory: Path, nbytes: int, chunk: int = 8 * MiB, streams: in
         offsets = list(range(0, nbytes, chunk))
 
         def timed(flags: int, workers: int) -> float:
-            drop_page_cache([path])
+            drop_page_cache(path, sync=True)
             f = os.open(path, os.O_RDONLY | flags)
             bufs = [mmap.mmap(-1, chunk) for _ in range(workers)]  # page-aligned, as O_DIRECT needs
             try:
@@ -276,7 +278,7 @@ def measure_disk(directory: Path, nbytes: int, chunk: int = 8 * MiB, streams: in
                 out[name] = timed(flags, workers)
             except OSError:  # O_DIRECT refused by this filesystem
                 pass
-        drop_page_cache([path])
+        drop_page_cache(path, sync=True)
     finally:
         if fd >= 0:
             os.close(fd)
@@ -287,20 +289,11 @@ def measure_disk(directory: Path, nbytes: int, chunk: int = 8 * MiB, streams: in
 # ---- page cache and cgroups --------------------------------------------------------------------------
 
 
-def _files(paths) -> list[Path]:
-    out = []
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            out += sorted(q for q in p.rglob("*") if q.is_file())
-        elif p.is_file():
-            out.append(p)
-    return out
-
-
 def resident_bytes(paths) -> int | None:
     """Bytes of `paths` in the page cache (fincore); None when fincore is missing."""
-    files = _files(paths)
+    from .utils import files_under
+
+    files = files_under(paths)
     if not files:
         return 0
     if shutil.which("fincore") is None:
@@ -310,18 +303,6 @@ def resident_bytes(paths) -> int | None:
     if r.returncode != 0:
         return None
     return sum(int(x) for x in r.stdout.split())
-
-
-def drop_page_cache(paths) -> int | None:
-    """fsync + POSIX_FADV_DONTNEED every file under `paths`; returns the bytes still resident (fincore)."""
-    for f in _files(paths):
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    return resident_bytes(paths)
 
 
 class Cgroup:
@@ -666,7 +647,10 @@ def run_config(cfg: Config, memory: int | None, out: Path, tag: str, overhead: i
     spec_path, res_path, log_path = work / f"{tag}.spec.json", work / f"{tag}.result.json", work / f"{tag}.log"
     res_path.unlink(missing_ok=True)
     spec_path.write_text(json.dumps(cfg.spec))
-    before = drop_page_cache(cfg.files)
+    from .utils import drop_page_cache
+
+    drop_page_cache(cfg.files, sync=True)
+    before = resident_bytes(cfg.files)
     cg, why = (None, "no memory limit for this run") if not use_cgroup else (None, None)
     if use_cgroup and memory is not None:
         cg, why = Cgroup.create(f"moe-bench-{os.getpid()}-{tag}", memory + overhead)

@@ -7,7 +7,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -117,10 +117,32 @@ def best_time(fn: Callable[[], object], repeat: int, sync: Callable[[], None] = 
     return best
 
 
-def drop_page_cache(path: str | os.PathLike) -> None:
-    """Ask the kernel to drop a file's pages from the page cache (so --memory stays the truth)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+def files_under(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """The files of `paths` (one path or several; folders walked in sorted order, missing paths skipped)."""
+    out = []
+    for p in map(Path, [paths] if isinstance(paths, (str, os.PathLike)) else paths):
+        if p.is_dir():
+            out += sorted(q for q in p.rglob("*") if q.is_file())
+        elif p.is_file():
+            out.append(p)
+    return out
+
+
+def drop_page_cache(paths: str | os.PathLike | Iterable[str | os.PathLike], sync: bool = False) -> None:
+    """Ask the kernel to drop the pages of every file under `paths` (a file, a folder, or several) from the
+    page cache, so --memory stays the truth. `sync`: write dirty pages back first (fsync), since the kernel
+    keeps those (bench, before a run that must start cold)."""
+    for f in files_under(paths):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            if sync:
+                os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def tensor_bytes(tensors: Mapping[str, torch.Tensor] | Iterable[torch.Tensor]) -> int:
+    """Bytes held by `tensors` (a state dict or any tensors), each counted once per entry."""
+    values = tensors.values() if isinstance(tensors, Mapping) else tensors
+    return sum(t.numel() * t.element_size() for t in values)

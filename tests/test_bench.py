@@ -14,6 +14,7 @@ import torch
 
 from moe_offload import bench
 from moe_offload.bench import Sizes, decode_limit, goal_rows, summarize, summarize_runs
+from moe_offload.utils import drop_page_cache
 from moe_offload.errors import UsageError
 from tests import tiny
 
@@ -194,7 +195,8 @@ def test_drop_page_cache_leaves_nothing_resident(tmp_path):
     f = tmp_path / "blob.bin"
     f.write_bytes(b"x" * (1 << 20))
     f.read_bytes()
-    left = bench.drop_page_cache([tmp_path])
+    drop_page_cache([tmp_path], sync=True)
+    left = bench.resident_bytes([tmp_path])
     if left is None:
         pytest.skip("fincore (util-linux) is not installed: cannot check the page cache")
     assert left == 0

@@ -46,7 +46,7 @@ from ..errors import MoeError
 from ..experts import GLUS, Codec, DenseCodec, ExpertShape, make_codec
 from ..models import build, get_module
 from ..models.base import ACTIVATIONS
-from ..utils import DTYPE_NAMES, DTYPES, drop_page_cache
+from ..utils import DTYPE_NAMES, DTYPES, drop_page_cache, tensor_bytes
 from .folders import FORMAT_NAME, MANIFEST, check_out, store_dir
 
 FORMAT_VERSION = 1
@@ -203,7 +203,7 @@ def write_experts(path: Path, source: SafetensorsFolder, model_type: str, moe_la
                 entries.append(ExpertEntry(layer, e, offset, n, dict(c.spec), crc32_hex(blob)))
                 offset += round_up(n)
                 if progress is not None:
-                    progress.update(1, sum(t.numel() * t.element_size() for t in parts.values()))
+                    progress.update(1, tensor_bytes(parts))
         f.flush()
         os.fsync(f.fileno())
     drop_page_cache(path)  # the store must not sit in the page cache after writing it
