@@ -102,8 +102,11 @@ def _int_id(v):
     return v[0] if isinstance(v, list) and v else v
 
 
-# our model_type -> llama.cpp's general.architecture (the inverse of gguf_import.ARCHITECTURES)
-ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
+def architectures() -> dict[str, str]:
+    """our model_type -> llama.cpp's general.architecture (the GGUF table of models/<model_type>.py)."""
+    from .gguf_import import GGUF
+
+    return {mt: t["arch"] for mt, t in GGUF.items()}
 KEEP_F32 = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")  # routers stay F32 (and every 1-D tensor)
 
 
@@ -126,7 +129,7 @@ def refusals(config: dict) -> list[str]:
     """What llama.cpp's architecture for this family cannot run (empty: exportable)."""
     from .gguf_import import NORM_TOPK
 
-    mt = config.get("model_type")
+    ARCH, mt = architectures(), config.get("model_type")
     if mt not in ARCH:
         return [f"model_type {mt!r}: export-gguf writes {', '.join(ARCH)} (Mixtral-style and Qwen/OLMoE MoE models)"]
     out = []
@@ -149,11 +152,13 @@ def plan(config: dict) -> list[tuple[str, str, tuple, bool]]:
     "experts:<layer>:<part>" for a stacked expert tensor, with ":q" / ":k" suffix for a rotary permute."""
     import torch
 
+    from .gguf_import import ROTARY_PERMUTED
     from .models import build
 
     with torch.device("meta"):
         _, model = build(config)
     mt = config["model_type"]
+    ARCH = architectures()
     shape, E = model.expert_shape, model.n_experts
     D, I = shape.hidden, shape.intermediate
     out = []
@@ -164,7 +169,7 @@ def plan(config: dict) -> list[tuple[str, str, tuple, bool]]:
         if g is None:
             raise UsageError(f"{name}: no GGUF name for this tensor in llama.cpp's {ARCH[mt]} architecture")
         rot = ":q" if name.endswith("q_proj.weight") else ":k" if name.endswith("k_proj.weight") else ""
-        src = name + (rot if mt == "mixtral" else "")
+        src = name + (rot if mt in ROTARY_PERMUTED else "")
         dims = (t.shape[-1],) if g.endswith("ffn_gate_inp_shexp.weight") else tuple(t.shape)  # [1, D] -> [D]
         out.append((g, src, dims, len(dims) == 1 or g.endswith(KEEP_F32)))
         m = re.fullmatch(r"blk\.(\d+)\.ffn_gate_inp\.weight", g)
@@ -260,7 +265,7 @@ def export_gguf(hf_dir: str | os.PathLike, out: str | os.PathLike, type_: str = 
     if src is None:
         src = dequantizing(SafetensorsFolder(hf_dir), config)
     mt = config["model_type"]
-    arch = ARCH[mt]
+    arch = architectures()[mt]
     H, Hkv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     D = config["hidden_size"]
     Hd = config.get("head_dim") or D // H

@@ -33,14 +33,16 @@ import torch
 
 from .checkpoint import EXPERT_NAMES, check_keys
 from .errors import MoeError
+from .models import family_table
 from .progress import Progress
 from .store.folders import check_out, store_dir
 from .utils import DTYPE_NAMES, drop_page_cache
 
-# general.architecture -> our model_type
-ARCHITECTURES = {"llama": "mixtral", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe"}
+# each family's GGUF table (models/<model_type>.py), and the views of it this module and gguf_export read
+GGUF: dict[str, dict] = family_table("GGUF")
+ARCHITECTURES = {t["arch"]: mt for mt, t in GGUF.items()}  # general.architecture -> our model_type
 FLOAT_TYPES = ("F32", "F16", "BF16")
-ROTARY_PERMUTED = {"mixtral"}  # llama.cpp's "llama" rope pairs (2i, 2i+1); HF's rotate-half pairs (i, i+Hd/2)
+ROTARY_PERMUTED = {mt for mt, t in GGUF.items() if t["rotary_permuted"]}  # llama.cpp's "llama" rope pairs
 
 # GGUF name -> checkpoint name; "{i}" is the layer. Per family on top of the shared ones.
 NAMES_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -53,15 +55,7 @@ NAMES_LAYER = {
     "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",  # dense layers
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-NAMES_FAMILY = {
-    "mixtral": {"ffn_gate_inp.weight": "block_sparse_moe.gate.weight"},
-    "qwen2_moe": {"ffn_gate_inp.weight": "mlp.gate.weight", "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
-                  "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
-                  "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
-                  "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight"},
-    "qwen3_moe": {"ffn_gate_inp.weight": "mlp.gate.weight"},
-    "olmoe": {"ffn_gate_inp.weight": "mlp.gate.weight"},
-}
+NAMES_FAMILY = {mt: t["names"] for mt, t in GGUF.items()}
 EXPERT_PARTS = {"ffn_gate_exps.weight": "gate", "ffn_up_exps.weight": "up", "ffn_down_exps.weight": "down"}
 
 # {arch}.<key> -> config.json key (values checked and completed from the tensors in gguf_config)
@@ -71,9 +65,8 @@ CONFIG = {"context_length": "max_position_embeddings", "embedding_length": "hidd
           "rope.freq_base": "rope_theta", "expert_used_count": "num_experts_per_tok",
           "attention.clamp_kqv": "clip_qkv", "expert_weights_norm": "norm_topk_prob"}
 # llama.cpp's routing per architecture where the file does not say (expert_weights_norm)
-NORM_TOPK = {"mixtral": True, "qwen2_moe": False, "qwen3_moe": True, "olmoe": False}
-EXPERTS_KEY = {"mixtral": "num_local_experts", "qwen2_moe": "num_experts", "qwen3_moe": "num_experts",
-               "olmoe": "num_experts"}
+NORM_TOPK = {mt: t["norm_topk_prob"] for mt, t in GGUF.items()}
+EXPERTS_KEY = {mt: t["experts_key"] for mt, t in GGUF.items()}  # config.json's key of the expert count
 
 
 def _unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:

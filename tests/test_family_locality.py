@@ -83,3 +83,16 @@ def test_bench_sizes_are_what_the_engine_holds(tiny_checkpoint, tmp_path, spec, 
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     assert s.kv_per_token == engine.model.kv_bytes_per_token(dt) == \
         2 * c.num_key_value_heads * head_dim * dt.itemsize * c.num_hidden_layers
+
+
+@pytest.mark.parametrize("model_type", sorted(family_table("GGUF")))
+def test_gguf_tables_name_tensors_the_family_has(model_type):
+    from moe_offload.gguf_export import architectures
+    from moe_offload.gguf_import import ARCHITECTURES
+
+    t = get_module(model_type).GGUF
+    assert ARCHITECTURES[t["arch"]] == model_type and architectures()[model_type] == t["arch"]
+    assert t["experts_key"] in ("num_local_experts", "num_experts")
+    m = meta_model(model_type, shared_expert_intermediate_size=16)
+    layer = m.moe_blocks()[0][0]
+    assert {f"model.layers.{layer}.{hf}" for hf in t["names"].values()} <= set(m.state_dict())

@@ -16,6 +16,12 @@ CONFIG_KEYS = (("intermediate_size", "num_local_experts|num_experts"),
                "model.layers.{layer}.block_sparse_moe.gate.weight")
 EXPERT_NAMES = ("model.layers.{layer}.block_sparse_moe.experts.{expert}.{part}.weight", W132)
 
+# ---- GGUF: llama.cpp's architecture for this family (gguf_import.py and gguf_export.py read it) ----------
+# rotary_permuted: llama's rope pairs (2i, 2i+1) vs HF's rotate-half (i, i+Hd/2); norm_topk_prob: llama.cpp's
+# routing where the file does not say; names: GGUF -> checkpoint name inside a layer (over the shared ones)
+GGUF = {"arch": "llama", "rotary_permuted": True, "norm_topk_prob": True, "experts_key": "num_local_experts",
+        "names": {"ffn_gate_inp.weight": "block_sparse_moe.gate.weight"}}
+
 
 @dataclass
 class ModelArgs(BaseModelArgs):

@@ -16,6 +16,10 @@ from .routing import softmax_topk
 CONFIG_KEYS = (("intermediate_size", "num_experts|num_local_experts"), "model.layers.{layer}.mlp.gate.weight")
 EXPERT_NAMES = ("model.layers.{layer}.mlp.experts.{expert}.{part}.weight", SWIGLU)
 
+# ---- GGUF: llama.cpp's architecture for this family (gguf_import.py and gguf_export.py read it) ----------
+GGUF = {"arch": "olmoe", "rotary_permuted": False, "norm_topk_prob": False, "experts_key": "num_experts",
+        "names": {"ffn_gate_inp.weight": "mlp.gate.weight"}}
+
 
 @dataclass
 class ModelArgs(BaseModelArgs):

@@ -17,6 +17,14 @@ CONFIG_KEYS = (("moe_intermediate_size", "num_experts|num_local_experts"),
                "model.layers.{layer}.mlp.gate.weight")
 EXPERT_NAMES = ("model.layers.{layer}.mlp.experts.{expert}.{part}.weight", SWIGLU)
 
+# ---- GGUF: llama.cpp's architecture for this family (gguf_import.py and gguf_export.py read it) ----------
+GGUF = {"arch": "qwen2moe", "rotary_permuted": False, "norm_topk_prob": False, "experts_key": "num_experts",
+        "names": {"ffn_gate_inp.weight": "mlp.gate.weight",
+                  "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
+                  "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+                  "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+                  "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight"}}
+
 
 @dataclass
 class ModelArgs(BaseModelArgs):

@@ -17,6 +17,10 @@ CONFIG_KEYS = (("moe_intermediate_size", "num_experts|num_local_experts"),
                "model.layers.{layer}.mlp.gate.weight")
 EXPERT_NAMES = ("model.layers.{layer}.mlp.experts.{expert}.{part}.weight", SWIGLU)
 
+# ---- GGUF: llama.cpp's architecture for this family (gguf_import.py and gguf_export.py read it) ----------
+GGUF = {"arch": "qwen3moe", "rotary_permuted": False, "norm_topk_prob": True, "experts_key": "num_experts",
+        "names": {"ffn_gate_inp.weight": "mlp.gate.weight"}}
+
 
 @dataclass
 class ModelArgs(BaseModelArgs):
