@@ -64,25 +64,35 @@ def test_kv_bytes_per_token_follow_the_family_cache():
     assert ds.kv_bytes_per_token(torch.float32) == L * (TINY["kv_lora_rank"] + TINY["qk_rope_head_dim"]) * 4
 
 
-@pytest.mark.parametrize("spec,dtype", [("mixtral_gqa", "float32"), ("qwen2_moe_shared_dense", "bfloat16")])
+@pytest.mark.parametrize("spec,dtype", [("mixtral_gqa", "float32"), ("qwen2_moe_shared_dense", "bfloat16"),
+                                        ("gpt_oss_swa_yarn_clamped", "bfloat16"),
+                                        ("deepseek_v3_group_lora_yarn", "float32")])
 def test_bench_sizes_are_what_the_engine_holds(tiny_checkpoint, tmp_path, spec, dtype):
-    """bench's sizes come from the planner's counts (models.sizes): the backbone and KV bytes the engine
-    really holds for the store, and the config's GQA arithmetic bench used to do itself."""
+    """bench's sizes come from the planner's counts (models.sizes): the backbone (gpt-oss: fp32 norms in a bf16
+    run) and KV bytes (DeepSeek: the latent cache, not the GQA arithmetic bench used to do itself) the engine
+    really holds for the store."""
     from moe_offload import bench
     from moe_offload.runtime.engine import load
     from moe_offload.store.format import convert
 
-    store = convert(tiny_checkpoint(spec), tmp_path / "store").path
+    from .test_families import SPECS, make_checkpoint
+
+    hf = make_checkpoint(tmp_path / "hf", spec) if spec in SPECS else tiny_checkpoint(spec)
+    store = convert(hf, tmp_path / "store").path
     s = bench.model_sizes(store, dtype)
     engine = load(store, device="cpu", dtype=dtype)
     dt = getattr(torch, dtype)
     state = engine.model.state_dict()
     assert s.backbone == engine.info["backbone_bytes"] == sum(t.nbytes for t in state.values())
     assert s.embed == state["model.embed_tokens.weight"].nbytes
+    assert s.kv_per_token == engine.model.kv_bytes_per_token(dt) == sum(
+        c.nbytes for c in engine.model.make_cache(1, 1, dt, torch.device("cpu")))
     c = engine.model.args
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    assert s.kv_per_token == engine.model.kv_bytes_per_token(dt) == \
-        2 * c.num_key_value_heads * head_dim * dt.itemsize * c.num_hidden_layers
+    if engine.model.kv_kind == "gqa":
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        assert s.kv_per_token == 2 * c.num_key_value_heads * head_dim * dt.itemsize * c.num_hidden_layers
+    else:
+        assert s.kv_per_token == (c.kv_lora_rank + c.qk_rope_head_dim) * dt.itemsize * c.num_hidden_layers
 
 
 @pytest.mark.parametrize("model_type", sorted(family_table("GGUF")))
