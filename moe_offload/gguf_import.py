@@ -33,7 +33,7 @@ import torch
 
 from .checkpoint import EXPERT_NAMES, check_keys
 from .errors import MoeError
-from .models import family_table
+from .models import family_table, get_module
 from .progress import Progress
 from .store.folders import check_out, store_dir
 from .utils import DTYPE_NAMES, drop_page_cache
@@ -85,6 +85,10 @@ class GGUFModel:
     tensors: dict  # gguf name -> gguf ReaderTensor
     names: dict  # checkpoint name -> gguf name (backbone)
     experts: dict  # (layer, part) -> (gguf name of the stacked [E, N, K] tensor,) or one [N, K] name per expert
+
+    def dims(self, gguf_name: str) -> list[int]:
+        """A tensor's shape in numpy (checkpoint) order; KeyError if the file lacks it."""
+        return [int(x) for x in self.tensors[gguf_name].shape][::-1]
 
     def type_name(self, gguf_name: str) -> str:
         return self.tensors[gguf_name].tensor_type.name
@@ -193,7 +197,7 @@ def _config(g: GGUFModel) -> dict:
         raise MoeError(f"{g.path}: rope scaling {scaling!r} is not supported for GGUF files yet")
     if "rope_freqs.weight" in g.tensors:
         raise MoeError(f"{g.path}: per-dimension rope frequencies (rope_freqs) are not supported")
-    shape = lambda n: [int(x) for x in g.tensors[n].shape][::-1]
+    shape = g.dims
     V, D = shape("token_embd.weight")
     cfg.update(vocab_size=V, hidden_size=D, tie_word_embeddings="output.weight" not in g.tensors)
     L = 1 + max(int(n.split(".")[1]) for n in g.tensors if n.startswith("blk."))
@@ -210,26 +214,7 @@ def _config(g: GGUFModel) -> dict:
     cfg["norm_topk_prob"] = bool(cfg["norm_topk_prob"])
     moe_layers = sorted({la for la, _ in g.experts})
     dense = [i for i in range(L) if i not in moe_layers]
-    if g.model_type == "mixtral":
-        cfg.update(intermediate_size=I, sliding_window=None)
-        if dense:
-            raise MoeError(f"{g.path}: llama layers {dense} have no experts; Mixtral has experts in every layer")
-    elif g.model_type == "olmoe":
-        cfg["intermediate_size"] = I
-        if dense:
-            raise MoeError(f"{g.path}: olmoe layers {dense} have no experts")
-        cfg["attention_bias"] = "blk.0.attn_q.bias" in g.tensors
-    else:  # qwen2_moe / qwen3_moe
-        cfg.update(moe_intermediate_size=I, mlp_only_layers=dense, decoder_sparse_step=1, use_sliding_window=False)
-        if dense:
-            cfg["intermediate_size"] = shape(f"blk.{dense[0]}.ffn_gate.weight")[0]
-        elif f"{a}.feed_forward_length" in m:
-            cfg["intermediate_size"] = m[f"{a}.feed_forward_length"]
-        if g.model_type == "qwen2_moe":
-            cfg["shared_expert_intermediate_size"] = shape(f"blk.{moe_layers[0]}.ffn_gate_shexp.weight")[0]
-            cfg["qkv_bias"] = "blk.0.attn_q.bias" in g.tensors
-        else:
-            cfg["attention_bias"] = "blk.0.attn_q.bias" in g.tensors
+    get_module(g.model_type).config_from_gguf(cfg, g, I, moe_layers, dense)  # the family's own keys
     if cfg.get("clip_qkv") in (0, 0.0):
         cfg["clip_qkv"] = None
     for k, ours in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id")):

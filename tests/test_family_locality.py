@@ -101,6 +101,7 @@ def test_gguf_tables_name_tensors_the_family_has(model_type):
     from moe_offload.gguf_import import ARCHITECTURES
 
     t = get_module(model_type).GGUF
+    assert callable(get_module(model_type).config_from_gguf)  # the family's config keys from a GGUF
     assert ARCHITECTURES[t["arch"]] == model_type and architectures()[model_type] == t["arch"]
     assert t["experts_key"] in ("num_local_experts", "num_experts")
     m = meta_model(model_type, shared_expert_intermediate_size=16)

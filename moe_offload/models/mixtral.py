@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
+from ..errors import MoeError
 from ..experts import ExpertShape
 from .base import Attention, BaseModelArgs, CausalLM, DecoderLayer, MoE
 from .layouts import W132
@@ -21,6 +22,14 @@ EXPERT_NAMES = ("model.layers.{layer}.block_sparse_moe.experts.{expert}.{part}.w
 # routing where the file does not say; names: GGUF -> checkpoint name inside a layer (over the shared ones)
 GGUF = {"arch": "llama", "rotary_permuted": True, "norm_topk_prob": True, "experts_key": "num_local_experts",
         "names": {"ffn_gate_inp.weight": "block_sparse_moe.gate.weight"}}
+
+
+def config_from_gguf(cfg: dict, g, expert_size: int, moe_layers: list[int], dense: list[int]) -> None:
+    """This family's config.json keys from a llama-architecture GGUF (gguf_import.GGUFModel `g`; `expert_size`
+    is I, `dense` the layers without experts)."""
+    cfg.update(intermediate_size=expert_size, sliding_window=None)
+    if dense:
+        raise MoeError(f"{g.path}: llama layers {dense} have no experts; Mixtral has experts in every layer")
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
+from ..errors import MoeError
 from ..experts import ExpertShape
 from .base import Attention, BaseModelArgs, CausalLM, DecoderLayer, MoE
 from .layouts import SWIGLU
@@ -19,6 +20,14 @@ EXPERT_NAMES = ("model.layers.{layer}.mlp.experts.{expert}.{part}.weight", SWIGL
 # ---- GGUF: llama.cpp's architecture for this family (gguf_import.py and gguf_export.py read it) ----------
 GGUF = {"arch": "olmoe", "rotary_permuted": False, "norm_topk_prob": False, "experts_key": "num_experts",
         "names": {"ffn_gate_inp.weight": "mlp.gate.weight"}}
+
+
+def config_from_gguf(cfg: dict, g, expert_size: int, moe_layers: list[int], dense: list[int]) -> None:
+    """This family's config.json keys from an olmoe GGUF (gguf_import.GGUFModel `g`)."""
+    cfg["intermediate_size"] = expert_size
+    if dense:
+        raise MoeError(f"{g.path}: olmoe layers {dense} have no experts")
+    cfg["attention_bias"] = "blk.0.attn_q.bias" in g.tensors
 
 
 @dataclass

@@ -26,6 +26,23 @@ GGUF = {"arch": "qwen2moe", "rotary_permuted": False, "norm_topk_prob": False, "
                   "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight"}}
 
 
+def qwen_config_from_gguf(cfg: dict, g, expert_size: int, dense: list[int]) -> None:
+    """Keys qwen2moe and qwen3moe GGUFs share: the experts' size, dense layers (mlp_only_layers) and theirs."""
+    cfg.update(moe_intermediate_size=expert_size, mlp_only_layers=dense, decoder_sparse_step=1,
+               use_sliding_window=False)
+    if dense:
+        cfg["intermediate_size"] = g.dims(f"blk.{dense[0]}.ffn_gate.weight")[0]
+    elif f"{g.arch}.feed_forward_length" in g.meta:
+        cfg["intermediate_size"] = g.meta[f"{g.arch}.feed_forward_length"]
+
+
+def config_from_gguf(cfg: dict, g, expert_size: int, moe_layers: list[int], dense: list[int]) -> None:
+    """This family's config.json keys from a qwen2moe GGUF (gguf_import.GGUFModel `g`), shared expert too."""
+    qwen_config_from_gguf(cfg, g, expert_size, dense)
+    cfg["shared_expert_intermediate_size"] = g.dims(f"blk.{moe_layers[0]}.ffn_gate_shexp.weight")[0]
+    cfg["qkv_bias"] = "blk.0.attn_q.bias" in g.tensors
+
+
 @dataclass
 class ModelArgs(BaseModelArgs):
     model_type: str = "qwen2_moe"

@@ -9,6 +9,7 @@ from functools import partial
 from ..experts import ExpertShape
 from .base import MLP, Attention, BaseModelArgs, CausalLM, DecoderLayer, MoE
 from .layouts import SWIGLU
+from .qwen2_moe import qwen_config_from_gguf
 from .routing import softmax_topk
 
 
@@ -20,6 +21,12 @@ EXPERT_NAMES = ("model.layers.{layer}.mlp.experts.{expert}.{part}.weight", SWIGL
 # ---- GGUF: llama.cpp's architecture for this family (gguf_import.py and gguf_export.py read it) ----------
 GGUF = {"arch": "qwen3moe", "rotary_permuted": False, "norm_topk_prob": True, "experts_key": "num_experts",
         "names": {"ffn_gate_inp.weight": "mlp.gate.weight"}}
+
+
+def config_from_gguf(cfg: dict, g, expert_size: int, moe_layers: list[int], dense: list[int]) -> None:
+    """This family's config.json keys from a qwen3moe GGUF (gguf_import.GGUFModel `g`)."""
+    qwen_config_from_gguf(cfg, g, expert_size, dense)
+    cfg["attention_bias"] = "blk.0.attn_q.bias" in g.tensors
 
 
 @dataclass
