@@ -27,7 +27,7 @@ GGUF = {"arch": "qwen2moe", "rotary_permuted": False, "norm_topk_prob": False, "
 
 
 def qwen_config_from_gguf(cfg: dict, g, expert_size: int, dense: list[int]) -> None:
-    """Keys qwen2moe and qwen3moe GGUFs share: the experts' size, dense layers (mlp_only_layers) and theirs."""
+    """Keys qwen2moe and qwen3moe GGUFs share: the experts' size, dense layers (mlp_only_layers), their size."""
     cfg.update(moe_intermediate_size=expert_size, mlp_only_layers=dense, decoder_sparse_step=1,
                use_sliding_window=False)
     if dense:
