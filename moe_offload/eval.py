@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from .cli import add_model_args, command, load_engine
+from .args import add_model_args, load_engine
 from .errors import UsageError
 from .progress import Progress, add_quiet_arg
 from .utils import parse_size
@@ -110,7 +110,7 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _add_eval(p):
+def add_args(p):
     add_model_args(p)
     p.add_argument("--compare", nargs="+", default=None, metavar="MODEL", help="models or stores to compare")
     p.add_argument("--text", required=True, help="evaluation text file (UTF-8)")
@@ -124,8 +124,7 @@ def _add_eval(p):
     add_quiet_arg(p)
 
 
-@command("eval", "perplexity and tok/s of a model, or a comparison table of several", _add_eval)
-def cmd_eval(a) -> int:
+def run(a) -> int:
     limit = parse_size(a.max_text_bytes)
     if limit <= 0:
         raise UsageError(f"--max-text-bytes must be positive, got {a.max_text_bytes}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import add_model_args, command, load_engine
+from .args import add_model_args, load_engine
 from .errors import UsageError
 from .progress import Progress, add_quiet_arg
 from .utils import atomic_write_text
@@ -97,7 +97,7 @@ def gates_of(model) -> dict[int, torch.Tensor]:
     return {L: moe.router_linear().weight.detach() for L, moe in model.moe_blocks()}
 
 
-def _add_profile(p):
+def add_args(p):
     add_model_args(p)
     p.add_argument("--text", required=True, help="calibration text file")
     p.add_argument("--out", required=True, help="store folder that receives routing_stats.json (and the shadow router)")
@@ -107,8 +107,7 @@ def _add_profile(p):
     add_quiet_arg(p)
 
 
-@command("profile", "record routing statistics (and train the shadow router) on calibration text", _add_profile)
-def cmd_profile(a) -> int:
+def run(a) -> int:
     from .prefetch.predictors import Lookahead, PreviousToken, Shadow, evaluate
 
     text_path, out = Path(a.text), Path(a.out)

@@ -36,7 +36,6 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import expert_tensors
-from ..cli import command
 from ..errors import UsageError
 from ..progress import Progress, add_quiet_arg
 from ..utils import mib, parse_dtype, parse_size
@@ -48,7 +47,7 @@ BITS = (2, 3, 4, 8)
 MENU = {2: (32, 64, 128), 3: (64, 128), 4: (64, 128), 8: (0,)}
 
 
-def _add_quantize(p):
+def add_args(p):
     p.add_argument("--model", required=True, help="Hugging Face model folder")
     p.add_argument("--out", required=True, help="store folder to create")
     p.add_argument("--expert-bits", default="4", choices=["2", "3", "4", "8", "mixed"],
@@ -222,9 +221,7 @@ def pick_rank(gate, up, down, bits: int, target: float, x, act, group_size, quan
     return 0
 
 
-@command("quantize", "write an expert store with quantized experts (uniform or mixed bits) and attention",
-         _add_quantize)
-def cmd_quantize(a) -> int:
+def run(a) -> int:
     from ..checkpoint import SafetensorsFolder, dequantizing, read_config
     from ..experts import make_codec
     from ..models import build, get_module
