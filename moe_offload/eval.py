@@ -1,4 +1,5 @@
-"""`moe-offload eval`: perplexity and speed of one model, or a table comparing several.
+"""`moe-offload eval`: perplexity and speed of one model, or a table comparing several (Python: evaluate(),
+compare()).
 
     moe-offload eval --model M --text FILE
     moe-offload eval --compare A B C --text FILE [--memory 2GiB]
@@ -15,6 +16,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 from .args import add_model_args, load_engine
 from .errors import UsageError
@@ -69,6 +71,22 @@ def evaluate(engine, text: str, max_tokens: int = 4096, window: int = 256, gen_t
         row["decode_tokens_per_s"] = r.stats["decode_tokens_per_s"]
         row.update({k: r.stats[k] for k in ("hit_rate", "bytes_read_disk") if k in r.stats})
     return row
+
+
+def compare(models: list, text: str, max_tokens: int = 4096, window: int = 256, gen_tokens: int = 32,
+            load: Callable | None = None, quiet: bool = True) -> list[dict]:
+    """evaluate() each model in turn, one engine alive at a time: rows in the order of `models`. A model is an
+    engine, or what `load` (default moe_offload.load) opens: a folder or store path."""
+    if load is None:
+        from . import load
+    rows = []
+    for i, m in enumerate(models):
+        engine = m if hasattr(m, "perplexity") else load(m)
+        desc = "eval" + (f" {i + 1}/{len(models)} {m}" if len(models) > 1 else "")
+        bar = Progress(desc, unit="tokens", quiet=quiet)
+        rows.append(evaluate(engine, text, max_tokens, window, gen_tokens, bar))
+        del engine
+    return rows
 
 
 TEXT_BYTES_PER_TOKEN = 32  # far more than any tokenizer's average: the first max_tokens tokens lie within
@@ -129,14 +147,8 @@ def run(a) -> int:
     if limit <= 0:
         raise UsageError(f"--max-text-bytes must be positive, got {a.max_text_bytes}")
     text = read_text(Path(a.text), min(limit, TEXT_BYTES_PER_TOKEN * max(a.max_tokens, 1)))
-    models = a.compare or [a.model]
-    rows = []
-    for i, m in enumerate(models):
-        engine = load_engine(argparse.Namespace(**{**vars(a), "model": m}))
-        desc = "eval" + (f" {i + 1}/{len(models)} {m}" if len(models) > 1 else "")
-        bar = Progress(desc, unit="tokens", quiet=a.quiet)
-        rows.append(evaluate(engine, text, a.max_tokens, a.window, a.gen_tokens, bar))
-        del engine
+    rows = compare(a.compare or [a.model], text, a.max_tokens, a.window, a.gen_tokens,
+                   load=lambda m: load_engine(argparse.Namespace(**{**vars(a), "model": m})), quiet=a.quiet)
     if a.json:
         for r in rows:
             print(json.dumps(r))
