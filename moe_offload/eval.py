@@ -147,8 +147,11 @@ def run(a) -> int:
     if limit <= 0:
         raise UsageError(f"--max-text-bytes must be positive, got {a.max_text_bytes}")
     text = read_text(Path(a.text), min(limit, TEXT_BYTES_PER_TOKEN * max(a.max_tokens, 1)))
-    rows = compare(a.compare or [a.model], text, a.max_tokens, a.window, a.gen_tokens,
-                   load=lambda m: load_engine(argparse.Namespace(**{**vars(a), "model": m})), quiet=a.quiet)
+
+    def load(model):  # the other flags as given
+        return load_engine(argparse.Namespace(**{**vars(a), "model": model}))
+
+    rows = compare(a.compare or [a.model], text, a.max_tokens, a.window, a.gen_tokens, load, a.quiet)
     if a.json:
         for r in rows:
             print(json.dumps(r))

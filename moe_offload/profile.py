@@ -169,8 +169,8 @@ def run(a) -> int:
     ids = engine.tokenizer.encode(text_path.read_text(errors="replace"))[: a.max_tokens]
     r = profile(engine, ids, out, Progress("profile", len(ids), "tokens", quiet=a.quiet))
     rec = r.recording
-    print(f"profiled {rec.tokens} tokens over {len(rec.chosen)} MoE layers in {r.seconds:.1f} s "
-          f"-> {out / 'routing_stats.json'}", file=sys.stderr)
+    print(f"profiled {rec.tokens} tokens over {len(rec.chosen)} MoE layers in {r.seconds:.1f} s -> "
+          f"{out / 'routing_stats.json'}", file=sys.stderr)
     p = predictor_recall(engine, rec, a.train_shadow, a.depth, out)
     for d, (la, pt) in p.recall.items():
         print(f"depth {d}: lookahead recall {la:.3f}, previous-token recall {pt:.3f}")

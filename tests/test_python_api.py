@@ -36,7 +36,8 @@ def hf(tiny_checkpoint):
 @pytest.fixture(scope="module")
 def stats(tmp_path_factory):
     path = tmp_path_factory.mktemp("stats") / "routing_stats.json"
-    path.write_text(json.dumps({"layers": {"0": {"counts": [500, 5, 3, 1]}, "1": {"counts": [2, 400, 9, 4]}}}))
+    counts = {"0": {"counts": [500, 5, 3, 1]}, "1": {"counts": [2, 400, 9, 4]}}
+    path.write_text(json.dumps({"layers": counts}))
     return path
 
 
@@ -61,8 +62,8 @@ def test_plan_mixed_is_the_plan_quantize_writes(hf, stats, tmp_path):
     r = quantize(hf, tmp_path / "api", expert_bits="mixed", budget=budget, stats=stats, on_plan=seen.append)
     assert [p.specs for p in seen] == [plan.specs] and r.plan.specs == plan.specs
     assert {k: e.codec for k, e in r.store.entries.items()} == plan.specs
-    code, out, _ = cli("quantize", "--model", str(hf), "--out", str(tmp_path / "cli"), "--expert-bits", "mixed",
-                       "--budget", str(budget), "--stats", str(stats), "--quiet")
+    code, out, _ = cli("quantize", "--model", str(hf), "--out", str(tmp_path / "cli"), "--expert-bits",
+                       "mixed", "--budget", str(budget), "--stats", str(stats), "--quiet")
     assert code == 0 and out.startswith(plan.format())  # the command prints the API's plan, then one line
     ref = open_store(tmp_path / "cli")
     assert {k: e.codec for k, e in ref.entries.items()} == {k: e.codec for k, e in r.store.entries.items()}

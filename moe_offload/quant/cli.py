@@ -9,8 +9,8 @@ the flags of quant.writer.quantize(), its Python API.
 Uniform bits: every routed expert gets the same hqq codec. `mixed` (mixed.plan_mixed): every expert is
 encoded at 2/3/4/8 bits × the group sizes of mixed.MENU (--group-size N: N only) (and, with --lowrank auto,
 at b bits + a per-layer rank), its error measured, and mixed.allocate picks one option per expert under
---budget (bytes of all routed experts). --plan-error says which error: `rel` (without --calib) the relative Frobenius error weighted by
-routing frequency (--stats, else uniform); `out` (default with --calib) Σ_t w_t² ||y_t − ŷ_t||² over the
+--budget (bytes of all routed experts). --plan-error says which error: `rel` (without --calib) the relative
+Frobenius error weighted by routing frequency (--stats, else uniform); `out` (default with --calib) Σ_t w_t² ||y_t − ŷ_t||² over the
 calibration tokens routed to the expert with router weight w_t, which carries frequency and output scale;
 `nll` that, scaled per layer by the calibration NLL rise measured with the layer's experts alone at 2 bits;
 `layer` one codec per layer, chosen from the measured calibration NLL rise of each layer alone at each
@@ -92,6 +92,6 @@ def run(a) -> int:
     backbone = (store.path / "backbone.safetensors").stat().st_size
     mix = " ".join(f"{n}×{k}" for k, n in sorted(r.mix().items()))
     print(f"quantized {len(store.entries)} experts ({mix}, {mib(store.expert_bytes)}, mean error "
-          f"{r.mean_error:.4f}) + backbone {mib(backbone)} (attention {a.attn_bits}-bit) in {r.seconds:.1f} s "
-          f"-> {store.path}")
+          f"{r.mean_error:.4f}) + backbone {mib(backbone)} (attention {a.attn_bits}-bit) in "
+          f"{r.seconds:.1f} s -> {store.path}")
     return 0

@@ -12,6 +12,10 @@ Properties (tested): never above the budget; identical convex curves with unifor
 assignment at any budget equal to a uniform assignment's bytes; a hotter expert never gets a cheaper option
 than a colder one with the same curve.
 
+plan_mixed() is the planner `quantize --expert-bits mixed` runs (quant/writer.quantize): a Hugging Face
+checkpoint (Checkpoint, read without its weights) and a budget -> error curves per expert (optionally on
+calibrate()'s per-expert inputs) -> allocate(), or with plan_error="layer" one codec per layer (layer_plan).
+
 routing_stats.json, either of
     {"layers": {"<layer>": {"counts": [c_0, ..., c_{E-1}]}, ...}, ...}     (the profiler's file)
     {"<layer>": [c_0, ..., c_{E-1}], ...}
@@ -227,8 +231,8 @@ MENU = {2: (32, 64, 128), 3: (64, 128), 4: (64, 128), 8: (0,)}
 PLAN_ERRORS = ("rel", "out", "nll", "layer")
 
 
-def _quiet(message: str) -> None:
-    pass
+def silent(message: str) -> None:
+    """The default `log`: says nothing."""
 
 
 def expert_spec(bits: int, group_size: int | None, quantizer: str, rank: int = 0) -> dict:
@@ -354,7 +358,7 @@ def layer_sensitivity(cal: Calibration, ckpt: Checkpoint, spec: dict,
 
 
 def layer_plan(cal: Calibration, ckpt: Checkpoint, specs: list[dict], budget: int, act_aware: bool = False,
-               log: Callable[[str], None] = _quiet) -> dict[Key, Option]:
+               log: Callable[[str], None] = silent) -> dict[Key, Option]:
     """plan_error="layer": every layer's experts at one codec. Each layer alone at each spec gives a
     measured calibration NLL rise (layer_sensitivity); best_per_group picks the spec per layer with the least
     total rise within the budget (rises assumed additive across layers).
@@ -414,7 +418,7 @@ class MixedPlan:
 def plan_mixed(ckpt: Checkpoint | str | os.PathLike, budget: int, *, group_size: int | None = None,
                quantizer: str = "hqq", lowrank: str = "off", plan_error: str = "rel",
                counts: dict[int, list[float]] | None = None, cal: Calibration | None = None,
-               act_aware: bool = False, quiet: bool = True, log: Callable[[str], None] = _quiet) -> MixedPlan:
+               act_aware: bool = False, quiet: bool = True, log: Callable[[str], None] = silent) -> MixedPlan:
     """One codec per routed expert of a Hugging Face checkpoint, Σ bytes <= budget (quant/cli.py's docstring
     describes plan_error and lowrank). counts: routing statistics (load_stats); cal: calibrate()'s run of the
     unquantized model, needed by every plan_error but "rel" (whose counts it also supplies when counts is

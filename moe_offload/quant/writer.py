@@ -56,7 +56,7 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike, *, expert_bits: i
              calib: str | os.PathLike | None = None, calib_tokens: int = 2048, calib_rows: int = 512,
              quantizer: str = "hqq", act_aware: str = "auto", dtype=None, overwrite: bool = False,
              plan_error: str | None = None, quiet: bool = True,
-             log: Callable[[str], None] = mixed._quiet,
+             log: Callable[[str], None] = mixed.silent,
              on_plan: Callable[[mixed.MixedPlan], None] | None = None) -> QuantizeResult:
     """Write the store `out` from the Hugging Face folder `model`. expert_bits: 2, 3, 4, 8 or "mixed" (with
     budget: bytes for all routed experts, or a size like "20GiB"). calib: a text file run through the
