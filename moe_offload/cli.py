@@ -360,9 +360,9 @@ def build_parser(names: list[str] | None = None) -> tuple[_Parser, dict[str, _Pa
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    words = argv if argv is not None else sys.argv[1:]
+    debug = "--debug" in words
     try:
-        words = argv if argv is not None else sys.argv[1:]
         name = next((w for w in words if not w.startswith("-")), None)  # --debug is the only top-level flag
         parser, subs = build_parser([name] if name in COMMANDS else [])  # only that command's module loads
         a, extra = parser.parse_known_args(argv)
