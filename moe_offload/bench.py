@@ -35,7 +35,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .cli import command
 from .errors import MoeError, UsageError
 from .progress import Progress, add_quiet_arg
 
@@ -1266,7 +1265,7 @@ def run_bench(a) -> dict:
     return res
 
 
-def _add_bench(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, help="Hugging Face MoE folder (default: the bundled model)")
     src.add_argument("--synthetic", default=None, choices=list(SYNTHETIC), help="a random model built on the fly")
@@ -1301,8 +1300,7 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     add_quiet_arg(p)
 
 
-@command("bench", "benchmark against transformers, accelerate and llama.cpp, and the bandwidth limits", _add_bench)
-def cmd_bench(a) -> int:
+def run(a) -> int:
     from .utils import parse_size
 
     if a.model is None and a.synthetic is None:
@@ -1349,6 +1347,7 @@ def cmd_bench(a) -> int:
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--child":
         sys.exit(child_main(sys.argv[2], sys.argv[3]))
-    from .cli import main
+    import runpy  # `python -m moe_offload.bench ARGS` is `moe-offload bench ARGS`
 
-    sys.exit(main(["bench", *sys.argv[1:]]))
+    sys.argv[1:1] = ["bench"]
+    runpy.run_module("moe_offload", run_name="__main__")

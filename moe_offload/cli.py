@@ -1,29 +1,61 @@
-"""The command line: a thin layer over the engine. Each subcommand registers itself in COMMANDS."""
+"""The command line: a thin layer over the engine. COMMANDS lists every command and the module that runs it;
+a command's module is imported only when that command runs (or shows its --help), so `moe-offload --help`
+imports no command module and no torch."""
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import importlib
 import json
-import math
 import os
 import sys
 from typing import Callable
 
+from .args import COUNT, FRACTION, add_model_args, load_engine, number
 from .errors import MoeError, UsageError
 
-# name -> (help, add_args(parser), run(args) -> exit code)
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+# name -> (module, one-line help). The module has add_args(parser) and run(args) -> exit code;
+# "module:x" names the pair add_x_args and run_x of a module that hosts several commands.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("moe_offload.cli:generate", "generate text from a prompt"),
+    "chat": ("moe_offload.cli:chat", "interactive chat with the model's chat template"),
+    "convert": ("moe_offload.store.cli:convert", "convert a Hugging Face MoE folder into an expert store"),
+    "stores": ("moe_offload.store.cli:stores",
+               "list the stores converted on the fly for --memory (a cache), or remove them"),
+    "profile": ("moe_offload.profile",
+                "record routing statistics (and train the shadow router) on calibration text"),
+    "quantize": ("moe_offload.quant.cli",
+                 "write an expert store with quantized experts (uniform or mixed bits) and attention"),
+    "serve": ("moe_offload.server",
+              "OpenAI-compatible HTTP server: chat, completions, models, tokenize, health, metrics"),
+    "lowbit": ("moe_offload.store.lowbit",
+               "write the 2-bit stand-ins that --miss-fallback lowbit uses (experts_lowbit.bin)"),
+    "bench": ("moe_offload.bench",
+              "benchmark against transformers, accelerate and llama.cpp, and the bandwidth limits"),
+    "eval": ("moe_offload.eval", "perplexity and tok/s of a model, or a comparison table of several"),
+    "simulate": ("moe_offload.sim",
+                 "predict hit rate and decode tok/s from a routing trace on a hardware profile"),
+    "plan": ("moe_offload.plan",
+             "plan precision, memory budgets and prefetch for a model on given hardware (config.json only)"),
+    "export-gguf": ("moe_offload.gguf_export",
+                    "write a Hugging Face MoE folder or an expert store as a GGUF file for llama.cpp"),
+    "prefetch-report": ("moe_offload.prefetch.report",
+                        "prefetch hit rate / speed per mode and budget, beside Belady-OPT"),
+}
 
 
-def command(name: str, help: str, add_args: Callable[[argparse.ArgumentParser], None]):
-    """Register a subcommand: `add_args(parser)` declares its flags; the decorated function runs it."""
+AddArgs = Callable[[argparse.ArgumentParser], None]
+Run = Callable[[argparse.Namespace], int]
 
-    def wrap(run):
-        COMMANDS[name] = (help, add_args, run)
-        return run
 
-    return wrap
+def entry_points(name: str) -> tuple[AddArgs, Run]:
+    """(add_args, run) of command `name`, its module imported now."""
+    module, _, pair = COMMANDS[name][0].partition(":")
+    mod = importlib.import_module(module)
+    if pair:
+        return getattr(mod, f"add_{pair}_args"), getattr(mod, f"run_{pair}")
+    return mod.add_args, mod.run
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,62 +72,6 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
             return action.help
         return super()._get_help_string(action)
 
-
-# ---- typed numbers: one place checks every numeric flag -------------------------------------------------
-
-def number(kind: type = float, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False):
-    """argparse `type=`: a finite int or float in [lo, hi] ((lo, hi] with lo_open); one-line refusal."""
-    what = "an integer" if kind is int else "a number"
-    if hi is None:
-        span = "" if lo is None else f" {'>' if lo_open else '>='} {lo}"
-    else:
-        span = f" in {'(' if lo_open else '['}{lo}, {hi}]"
-
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except (TypeError, ValueError):
-            v = None
-        ok = v is not None and math.isfinite(v) and (hi is None or v <= hi) and \
-            (lo is None or (v > lo if lo_open else v >= lo))
-        if not ok:
-            raise argparse.ArgumentTypeError(f"must be {what}{span}, got {text!r}")
-        return v
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def checked(fn: Callable[[str], object]):
-    """argparse `type=` from a parser that raises UsageError (sizes); returns the text itself, so the flag
-    keeps its spelling (`--memory 25%`) and the library parses it again where it is used."""
-
-    def parse(text: str):
-        try:
-            fn(text)
-        except UsageError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-        return text
-
-    parse.__name__ = fn.__name__
-    return parse
-
-
-def _memory(text: str):
-    from .utils import parse_memory  # torch: imported when a command runs, not for the parser
-
-    return parse_memory(text)
-
-
-def _size(text: str):
-    from .utils import parse_size
-
-    return parse_size(text)
-
-
-COUNT = number(int, 0)
-POSITIVE = number(int, 1)
-FRACTION = number(float, 0, 1)
 
 # familiar spellings (llama.cpp, mlx-lm, vLLM) of our flags, added to every command that has the flag
 ALIASES = {
@@ -150,106 +126,6 @@ def unknown_flags(p: argparse.ArgumentParser, extra: list[str]) -> str:
         if near:
             return f"{msg}; did you mean {near[0]}?"
     return msg
-
-
-# ---- shared flags --------------------------------------------------------------------------------------
-
-def add_model_args(p: argparse.ArgumentParser, chat_template: bool = False) -> None:
-    p.add_argument("--model", default=None, help="HF model folder or expert store (default: the bundled model)")
-    p.add_argument("--device", default=None, choices=["cpu", "cuda", "auto"],
-                   help="compute device (default: cuda when torch sees one, else cpu)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (default: the checkpoint's)")
-    p.add_argument("--memory", default=None, type=checked(_memory),
-                   help="weights allowed on the compute device: a size (512MiB, 2GiB), a share of the model "
-                        "(25%%: the backbone + 25%% of the expert bytes) or auto (the planner's figure for "
-                        "this machine); unset: everything resident")
-    p.add_argument("--host-memory", default=None, type=checked(_size),
-                   help="pinned host RAM tier between disk and device (GPU)")
-    p.add_argument("--cache-policy", default=None, help="expert cache policy: lru, lru-global, lfu, lrfu")
-    p.add_argument("--prefetch", default=None, choices=["none", "lookahead", "shadow", "auto"],
-                   help="speculative expert prefetch (expert store only)")
-    p.add_argument("--prefetch-depth", type=POSITIVE, default=None,
-                   help="MoE layers ahead to prefetch (default 1)")
-    p.add_argument("--prefetch-experts", type=POSITIVE, default=None,
-                   help="experts per predicted layer (default top-k)")
-    p.add_argument("--cpu-misses", default=None, choices=["auto", "on", "off"],
-                   help="compute missed experts on the CPU where the cost model says so (GPU; default off)")
-    p.add_argument("--miss-fallback", default=None, choices=["none", "lowbit"],
-                   help="lowbit: a resident 2-bit copy stands in for a missed low-weight expert "
-                        "(changes tokens)")
-    p.add_argument("--fallback-threshold", type=FRACTION, default=None,
-                   help="lowbit: used when every routing weight of the expert is below this (default 0.2)")
-    p.add_argument("--verify-reads", default=None, choices=["first", "always"],
-                   help="check expert reads against the store's crc32: each expert's first read (default) or "
-                        "every read (~6 ms of CPU per 22 MB)")
-    p.add_argument("--auto", action="store_true",
-                   help="let the planner pick --memory/--host-memory/--prefetch/--cpu-misses/--cache-policy")
-    p.add_argument("--hardware", default=None,
-                   help="--auto / --memory auto / --cpu-misses figures: a hardware profile "
-                        "(default: measure this machine)")
-    p.add_argument("--threads", type=number(int, 1, 4096), default=None,
-                   help="CPU threads for torch (default: torch's choice, usually the physical cores)")
-    p.add_argument("--ctx-size", type=COUNT, default=None,
-                   help="cap the context (prompt + reply) and its KV cache at this many tokens "
-                        "(0 or unset: the model's)")
-    if chat_template:
-        p.add_argument("--chat-template", default=None,
-                       help="Jinja chat template file (or the template itself) instead of the model's")
-
-
-def offload_kwargs(a: argparse.Namespace) -> dict:
-    kw = {"host_memory": a.host_memory, "cache_policy": a.cache_policy}
-    for name in ("prefetch", "prefetch_depth", "prefetch_experts", "cpu_misses", "miss_fallback",
-                 "fallback_threshold", "verify_reads"):
-        if getattr(a, name, None) is not None:
-            kw[name] = getattr(a, name)
-    if getattr(a, "hardware", None) not in (None, "this-machine") and kw.get("cpu_misses", "off") != "off":
-        kw["hardware"] = a.hardware  # the cost model's figures from the profile instead of measuring
-    return kw
-
-
-def auto_memory(a: argparse.Namespace, log=lambda m: print(m, file=sys.stderr)) -> int:
-    """`--memory auto`: the planner's device budget for this machine (or --hardware), in the store's bytes.
-    Only the memory is taken from the plan; the other options stay as given."""
-    from .autoconf import apply_auto
-
-    said: list[str] = []
-    chosen = apply_auto(argparse.Namespace(**{**vars(a), "memory": None}), log=said.append)
-    for line in said[:-1]:  # a hint to quantize first, when the plan wants another precision
-        log(line)
-    log(f"moe-offload: --memory auto on {getattr(a, 'hardware', None) or 'this-machine'}: "
-        f"{chosen['memory'] / 2**20:.1f} MiB")
-    return chosen["memory"]
-
-
-def load_engine(a: argparse.Namespace):
-    from .runtime.engine import load
-
-    if getattr(a, "threads", None):
-        import torch
-
-        torch.set_num_threads(a.threads)
-    if a.memory == "auto":
-        if getattr(a, "auto", False):
-            a.memory = None  # --auto fills it
-        else:
-            a.memory = auto_memory(a)
-    if getattr(a, "auto", False):  # the planner fills what the user left unset; one stderr line
-        from .autoconf import apply_auto
-
-        apply_auto(a)
-    kw = offload_kwargs(a)
-    if getattr(a, "ctx_size", None):
-        kw["ctx_size"] = a.ctx_size
-    engine = load(a.model, device=a.device, dtype=a.dtype, memory=a.memory, **kw)
-    if getattr(a, "chat_template", None):
-        from .runtime.tokenizer import read_chat_template
-
-        if engine.tokenizer is None:
-            raise UsageError(f"--chat-template: {engine.path} has no tokenizer.json")
-        engine.tokenizer.set_chat_template(read_chat_template(a.chat_template), origin=a.chat_template)
-    return engine
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -311,7 +187,7 @@ def format_stats(s: dict) -> str:
     return "\n".join(lines)
 
 
-def _add_generate(p):
+def add_generate_args(p):
     add_model_args(p, chat_template=True)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None,
@@ -323,8 +199,7 @@ def _add_generate(p):
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
 
-@command("generate", "generate text from a prompt", _add_generate)
-def cmd_generate(a) -> int:
+def run_generate(a) -> int:
     ids = parse_ids(a.prompt_ids) if a.prompt_ids is not None else None
     if ids is None and a.prompt is None:
         raise UsageError("generate: give --prompt TEXT or --prompt-ids 1,2,3")
@@ -353,7 +228,7 @@ def cmd_generate(a) -> int:
     return 0
 
 
-def _add_chat(p):
+def add_chat_args(p):
     add_model_args(p, chat_template=True)
     add_sampling_args(p)
     p.add_argument("--system", default=None, help="system message")
@@ -394,8 +269,7 @@ def fit_history(messages: list[dict], count: Callable[[list[dict]], int],
     return messages, dropped
 
 
-@command("chat", "interactive chat with the model's chat template", _add_chat)
-def cmd_chat(a) -> int:
+def run_chat(a) -> int:
     engine = load_engine(a)
     if engine.tokenizer is None:
         raise MoeError(f"{engine.path}: no tokenizer.json, so no chat")
@@ -465,47 +339,36 @@ def cmd_chat(a) -> int:
     return 0
 
 
-def _load_plugins() -> None:
-    """Subcommands living in other modules register themselves on import."""
-    import importlib
-
-    for mod in ("moe_offload.store.cli", "moe_offload.profile", "moe_offload.quant.cli", "moe_offload.server",
-                "moe_offload.store.lowbit", "moe_offload.bench", "moe_offload.eval", "moe_offload.plan",
-                "moe_offload.sim", "moe_offload.gguf_export", "moe_offload.prefetch.report"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-
-
-def build_parser() -> tuple[_Parser, dict[str, _Parser]]:
-    """The parser of every registered command: (the top parser, name -> the command's parser)."""
+def build_parser(names: list[str] | None = None) -> tuple[_Parser, dict[str, _Parser]]:
+    """The top parser, listing every command, with the flags of the commands in `names` (default: all; their
+    modules are imported): (the top parser, name -> the parser of each command in `names`)."""
     parser = _Parser(prog="moe-offload", description="Run MoE models that do not fit in fast memory.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     subs = {}
-    for name, (help_text, add_args, _) in COMMANDS.items():
+    for name, (_, help_text) in COMMANDS.items():
         example = EXAMPLES.get(name)
         sp = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_Help,
                             epilog=f"example:\n  {example}" if example else None)
         sp.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-        add_args(sp)
-        add_aliases(sp)
-        subs[name] = sp
+        if names is None or name in names:
+            entry_points(name)[0](sp)
+            add_aliases(sp)
+            subs[name] = sp
     return parser, subs
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    words = argv if argv is not None else sys.argv[1:]
+    debug = "--debug" in words
     try:
-        _load_plugins()
-        parser, subs = build_parser()
+        name = next((w for w in words if not w.startswith("-")), None)  # --debug is the only top-level flag
+        parser, subs = build_parser([name] if name in COMMANDS else [])  # only that command's module loads
         a, extra = parser.parse_known_args(argv)
         if extra:
             raise UsageError(unknown_flags(subs[a.cmd], extra))
-        return COMMANDS[a.cmd][2](a) or 0
+        return entry_points(a.cmd)[1](a) or 0
     except MoeError as e:
         if debug:
             raise
@@ -524,7 +387,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # run as `python -m moe_offload.cli`: plugins register on the imported module, so call that one's main
-    from moe_offload.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -1,4 +1,5 @@
-"""`moe-offload eval`: perplexity and speed of one model, or a table comparing several.
+"""`moe-offload eval`: perplexity and speed of one model, or a table comparing several (Python: evaluate(),
+compare()).
 
     moe-offload eval --model M --text FILE
     moe-offload eval --compare A B C --text FILE [--memory 2GiB]
@@ -15,8 +16,9 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
-from .cli import add_model_args, command, load_engine
+from .args import add_model_args, load_engine
 from .errors import UsageError
 from .progress import Progress, add_quiet_arg
 from .utils import parse_size
@@ -71,6 +73,22 @@ def evaluate(engine, text: str, max_tokens: int = 4096, window: int = 256, gen_t
     return row
 
 
+def compare(models: list, text: str, max_tokens: int = 4096, window: int = 256, gen_tokens: int = 32,
+            load: Callable | None = None, quiet: bool = True) -> list[dict]:
+    """evaluate() each model in turn, one engine alive at a time: rows in the order of `models`. A model is an
+    engine, or what `load` (default moe_offload.load) opens: a folder or store path."""
+    if load is None:
+        from . import load
+    rows = []
+    for i, m in enumerate(models):
+        engine = m if hasattr(m, "perplexity") else load(m)
+        desc = "eval" + (f" {i + 1}/{len(models)} {m}" if len(models) > 1 else "")
+        bar = Progress(desc, unit="tokens", quiet=quiet)
+        rows.append(evaluate(engine, text, max_tokens, window, gen_tokens, bar))
+        del engine
+    return rows
+
+
 TEXT_BYTES_PER_TOKEN = 32  # far more than any tokenizer's average: the first max_tokens tokens lie within
 
 
@@ -110,7 +128,7 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _add_eval(p):
+def add_args(p):
     add_model_args(p)
     p.add_argument("--compare", nargs="+", default=None, metavar="MODEL", help="models or stores to compare")
     p.add_argument("--text", required=True, help="evaluation text file (UTF-8)")
@@ -124,20 +142,16 @@ def _add_eval(p):
     add_quiet_arg(p)
 
 
-@command("eval", "perplexity and tok/s of a model, or a comparison table of several", _add_eval)
-def cmd_eval(a) -> int:
+def run(a) -> int:
     limit = parse_size(a.max_text_bytes)
     if limit <= 0:
         raise UsageError(f"--max-text-bytes must be positive, got {a.max_text_bytes}")
     text = read_text(Path(a.text), min(limit, TEXT_BYTES_PER_TOKEN * max(a.max_tokens, 1)))
-    models = a.compare or [a.model]
-    rows = []
-    for i, m in enumerate(models):
-        engine = load_engine(argparse.Namespace(**{**vars(a), "model": m}))
-        desc = "eval" + (f" {i + 1}/{len(models)} {m}" if len(models) > 1 else "")
-        bar = Progress(desc, unit="tokens", quiet=a.quiet)
-        rows.append(evaluate(engine, text, a.max_tokens, a.window, a.gen_tokens, bar))
-        del engine
+
+    def load(model):  # the other flags as given
+        return load_engine(argparse.Namespace(**{**vars(a), "model": model}))
+
+    rows = compare(a.compare or [a.model], text, a.max_tokens, a.window, a.gen_tokens, load, a.quiet)
     if a.json:
         for r in rows:
             print(json.dumps(r))

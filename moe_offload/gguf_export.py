@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import command
 from .errors import MoeError, UsageError
 
 # --type -> (GGML tensor type name for 2-D weights, llama.cpp file type name)
@@ -393,7 +392,7 @@ def quantize_gguf(src: str | os.PathLike, out: str | os.PathLike, type_: str, th
         raise MoeError(f"llama_model_quantize({src} -> {out}, {type_}) failed with code {rc}")
 
 
-def _add_export(p):
+def add_args(p):
     p.add_argument("--model", required=True, help="Hugging Face folder or expert store (mixtral, qwen2_moe, "
                                                    "qwen3_moe, olmoe)")
     p.add_argument("--out", required=True, help="GGUF file to write")
@@ -403,9 +402,7 @@ def _add_export(p):
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
-@command("export-gguf", "write a Hugging Face MoE folder or an expert store as a GGUF file for llama.cpp",
-         _add_export)
-def cmd_export_gguf(a) -> int:
+def run(a) -> int:
     if not Path(a.model).is_dir():
         raise UsageError(f"--model {a.model}: no such folder")
     info = export_gguf(a.model, a.out, a.type, a.threads, a.overwrite)

@@ -15,7 +15,6 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .cli import command
 from .costmodel import BITS, cpu_compute_bits, miss_cost, quant_bytes
 from .errors import MoeError, UsageError
 from .hub import resolve_model
@@ -337,7 +336,7 @@ def plan_for(model_path: str | Path, hardware: str | HardwareProfile = THIS_MACH
 # ---- command line ------------------------------------------------------------------------------------------
 
 
-def _add_plan(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model folder, its config.json, or an expert store (weights unread)")
     p.add_argument("--hardware", default=None, help=f"profile: {', '.join(profile_names())} (default: this-machine "
                                                     "unless --vram/--ram describe the machine)")
@@ -356,9 +355,7 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object")
 
 
-@command("plan", "plan precision, memory budgets and prefetch for a model on given hardware (config.json only)",
-         _add_plan)
-def cmd_plan(a) -> int:
+def run(a) -> int:
     if a.hardware == "list":
         print(format_profiles(list(PROFILES.values())))
         return 0

@@ -7,7 +7,9 @@ Shape legend: T tokens, D hidden, A active experts per token, E experts.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import add_model_args, command, load_engine
+from .args import add_model_args, load_engine
 from .errors import UsageError
 from .progress import Progress, add_quiet_arg
 from .utils import atomic_write_text
@@ -97,7 +99,55 @@ def gates_of(model) -> dict[int, torch.Tensor]:
     return {L: moe.router_linear().weight.detach() for L, moe in model.moe_blocks()}
 
 
-def _add_profile(p):
+@dataclass
+class ProfileResult:
+    recording: Recording
+    stats: dict  # routing_stats.json's content
+    seconds: float  # recording and writing routing_stats.json
+
+
+def profile(engine, ids: list[int], out: str | os.PathLike | None = None,
+            progress: Progress | None = None) -> ProfileResult:
+    """Record `engine`'s routing on the token ids (`progress`: updated per window, closed once recorded) and
+    its routing statistics; with `out` (a store folder) write them there as routing_stats.json."""
+    t0 = time.perf_counter()
+    with progress or contextlib.nullcontext():
+        rec = record(engine, ids, progress=progress)
+    stats = routing_stats(rec, engine.args.model_type)
+    if out is not None:
+        atomic_write_text(Path(out) / "routing_stats.json", json.dumps(stats, indent=1))
+    return ProfileResult(rec, stats, time.perf_counter() - t0)
+
+
+@dataclass
+class PredictorRecall:
+    recall: dict[int, tuple[float, float]]  # distance -> (lookahead, previous-token) recall
+    shadow: dict[int, float]  # distance -> the trained shadow router's recall (on the text itself)
+
+
+def predictor_recall(engine, rec: Recording, train_shadow: bool = False, depth: int = 2,
+                     out: str | os.PathLike | None = None) -> PredictorRecall:
+    """How well the prefetch predictors foresee the recorded routing 1 and 2 layers ahead; train_shadow:
+    train the shadow router to predict `depth` layers ahead (saved to `out` when given) and measure it too."""
+    from .prefetch.predictors import Lookahead, PreviousToken, Shadow, evaluate
+
+    m = engine.model.top_k
+    recall = {}
+    for d in (1, 2):
+        la = evaluate(Lookahead(gates_of(engine.model), depth=d, m=m), rec.hidden, rec.chosen, distance=d)
+        pt = evaluate(PreviousToken(sorted(rec.chosen), depth=d), rec.hidden, rec.chosen, distance=d)
+        recall[d] = (la.recall, pt.recall)
+    shadow_recall = {}
+    if train_shadow:
+        shadow = Shadow.train(rec.hidden, rec.chosen, rec.n_experts, depth=depth, m=m)
+        if out is not None:
+            shadow.save(Path(out) / "shadow_router.safetensors")
+        for d in range(1, depth + 1):
+            shadow_recall[d] = evaluate(shadow, rec.hidden, rec.chosen, distance=d).recall
+    return PredictorRecall(recall, shadow_recall)
+
+
+def add_args(p):
     add_model_args(p)
     p.add_argument("--text", required=True, help="calibration text file")
     p.add_argument("--out", required=True, help="store folder that receives routing_stats.json (and the shadow router)")
@@ -107,10 +157,7 @@ def _add_profile(p):
     add_quiet_arg(p)
 
 
-@command("profile", "record routing statistics (and train the shadow router) on calibration text", _add_profile)
-def cmd_profile(a) -> int:
-    from .prefetch.predictors import Lookahead, PreviousToken, Shadow, evaluate
-
+def run(a) -> int:
     text_path, out = Path(a.text), Path(a.out)
     if not text_path.is_file():
         raise UsageError(f"--text {text_path}: no such file")
@@ -120,22 +167,13 @@ def cmd_profile(a) -> int:
     if engine.tokenizer is None:
         raise UsageError(f"{engine.path}: no tokenizer to encode --text")
     ids = engine.tokenizer.encode(text_path.read_text(errors="replace"))[: a.max_tokens]
-    t0 = time.perf_counter()
-    with Progress("profile", len(ids), "tokens", quiet=a.quiet) as bar:
-        rec = record(engine, ids, progress=bar)
-    stats = routing_stats(rec, engine.args.model_type)
-    atomic_write_text(out / "routing_stats.json", json.dumps(stats, indent=1))
-    print(f"profiled {rec.tokens} tokens over {len(rec.chosen)} MoE layers in {time.perf_counter() - t0:.1f} s "
-          f"-> {out / 'routing_stats.json'}", file=sys.stderr)
-    m = engine.model.top_k
-    for d in (1, 2):
-        la = evaluate(Lookahead(gates_of(engine.model), depth=d, m=m), rec.hidden, rec.chosen, distance=d)
-        pt = evaluate(PreviousToken(sorted(rec.chosen), depth=d), rec.hidden, rec.chosen, distance=d)
-        print(f"depth {d}: lookahead recall {la.recall:.3f}, previous-token recall {pt.recall:.3f}")
-    if a.train_shadow:
-        shadow = Shadow.train(rec.hidden, rec.chosen, rec.n_experts, depth=a.depth, m=m)
-        shadow.save(out / "shadow_router.safetensors")
-        for d in range(1, a.depth + 1):
-            acc = evaluate(shadow, rec.hidden, rec.chosen, distance=d)
-            print(f"depth {d}: shadow recall {acc.recall:.3f} (on the calibration text itself)")
+    r = profile(engine, ids, out, Progress("profile", len(ids), "tokens", quiet=a.quiet))
+    rec = r.recording
+    print(f"profiled {rec.tokens} tokens over {len(rec.chosen)} MoE layers in {r.seconds:.1f} s -> "
+          f"{out / 'routing_stats.json'}", file=sys.stderr)
+    p = predictor_recall(engine, rec, a.train_shadow, a.depth, out)
+    for d, (la, pt) in p.recall.items():
+        print(f"depth {d}: lookahead recall {la:.3f}, previous-token recall {pt:.3f}")
+    for d, acc in p.shadow.items():
+        print(f"depth {d}: shadow recall {acc:.3f} (on the calibration text itself)")
     return 0

@@ -48,7 +48,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cli import add_model_args, command, load_engine
+from .args import add_model_args, load_engine
 from .errors import MoeError, UsageError
 from .utils import parse_size
 
@@ -898,7 +898,7 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _add_serve(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p, chat_template=True)
     have = p._option_string_actions  # prefetch flags, unless a shared helper already declared them
     if "--prefetch" not in have:
@@ -937,9 +937,7 @@ def limits_from_args(a) -> Limits:
     return Limits(max_body=max_body, max_queue=a.max_queue, hosts=allowed_hosts(a.host, a.allowed_hosts))
 
 
-@command("serve", "OpenAI-compatible HTTP server: chat, completions, models, tokenize, health, metrics",
-         _add_serve)
-def cmd_serve(a) -> int:
+def run(a) -> int:
     try:
         import fastapi  # noqa: F401
         import uvicorn

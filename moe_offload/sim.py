@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import command
 from .costmodel import BITS, cpu_compute_bits, quant_bytes
 from .errors import MoeError, UsageError
 from .store.policies import POLICIES, belady_opt, replay
@@ -781,7 +780,7 @@ def parse_gbs(text: str | None, flag: str) -> float | None:
     return v * GB
 
 
-def _add_simulate(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", default=None, help="routing trace (.json / .npz) written by `moe-offload profile`")
     p.add_argument("--hardware", required=True, help=f"profile: {', '.join(profile_names())}, or `list`")
     p.add_argument("--memory", default=None, help="device bytes for weights (backbone + expert cache), e.g. 10GiB")
@@ -803,8 +802,7 @@ def _add_simulate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object")
 
 
-@command("simulate", "predict hit rate and decode tok/s from a routing trace on a hardware profile", _add_simulate)
-def cmd_simulate(a) -> int:
+def run(a) -> int:
     if a.hardware == "list":
         if a.json:
             print(json.dumps([asdict(p) for p in PROFILES.values()]))
@@ -861,6 +859,7 @@ def cmd_simulate(a) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from .cli import main
+    import runpy  # `python -m moe_offload.sim ARGS` is `moe-offload simulate ARGS`
 
-    sys.exit(main(["simulate", *sys.argv[1:]]))
+    sys.argv[1:1] = ["simulate"]
+    runpy.run_module("moe_offload", run_name="__main__")

@@ -168,7 +168,7 @@ def prepare(work: Path, layers: int, smoke: bool, device: str) -> dict:
     """HF folder (random weights built on `device`), the 16-bit and the 4-bit store; reused if present."""
     import torch
 
-    from moe_offload.quant.cli import expert_spec
+    from moe_offload.quant.mixed import expert_spec
     from moe_offload.quant.codec import HQQCodec
     from moe_offload.store.format import convert, open_store
 

@@ -66,7 +66,6 @@ def store(tok_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def parsers():
-    cli_mod._load_plugins()
     return build_parser()[1]
 
 

@@ -321,7 +321,7 @@ def test_port_in_use_is_one_line(child_env, tiny_checkpoint):
 
 def test_serve_flags():
     p = argparse.ArgumentParser()
-    srv._add_serve(p)
+    srv.add_args(p)
     a = p.parse_args(["--served-model-name", "org/name", "--max-body", "1MiB", "--max-queue", "3",
                       "--allowed-hosts", "my.box"])
     assert a.model_name == "org/name"

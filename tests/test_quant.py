@@ -593,7 +593,7 @@ def test_quantize_mixed_plan_error_modes_respect_the_budget(tiny_checkpoint, tmp
 
 
 def test_mixed_menu_plan_never_exceeds_budget_and_identical_experts_get_a_uniform_plan():
-    from moe_offload.quant.cli import MENU, expert_spec
+    from moe_offload.quant.mixed import MENU, expert_spec
 
     D, I = 128, 96
     gate, up, down = expert(D, I, seed=28)

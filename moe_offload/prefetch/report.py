@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import add_model_args, command
+from ..args import add_model_args
 from ..errors import UsageError
 from ..runtime.engine import is_store, load
 from ..store.policies import belady_opt, replay
@@ -44,7 +44,7 @@ def run_one(store: Path, memory: int, mode: str, prompt: list[int], new_tokens: 
     return r.stats, trace, sizes, cache.capacity
 
 
-def _add(p):
+def add_args(p):
     add_model_args(p)
     p.add_argument("--text", required=True, help="text file: the first part trains the shadow router, the prompt "
                                                  "is taken after it")
@@ -57,8 +57,7 @@ def _add(p):
     p.add_argument("--json-out", default=None, help="also write the rows as JSON here")
 
 
-@command("prefetch-report", "prefetch hit rate / speed per mode and budget, beside Belady-OPT", _add)
-def cmd_report(a) -> int:
+def run(a) -> int:
     from ..profile import record
 
     store = Path(a.model or "")

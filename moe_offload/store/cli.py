@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import time
 
-from ..cli import command
 from ..hub import resolve_model
 from ..progress import Progress, add_quiet_arg
 from ..utils import mib, parse_dtype
 
 
-def _add_convert(p):
+def add_convert_args(p):
     p.add_argument("--model", required=True, help="Hugging Face model folder or GGUF file")
     p.add_argument("--out", required=True, help="store folder to create")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -20,8 +19,7 @@ def _add_convert(p):
     add_quiet_arg(p)
 
 
-@command("convert", "convert a Hugging Face MoE folder into an expert store", _add_convert)
-def cmd_convert(a) -> int:
+def run_convert(a) -> int:
     from .format import convert as _convert  # imports torch: keep it out of the timing
 
     t0 = time.perf_counter()
@@ -37,15 +35,14 @@ def cmd_convert(a) -> int:
     return 0
 
 
-def _add_stores(p):
+def add_stores_args(p):
     what = p.add_mutually_exclusive_group()
     what.add_argument("--remove", default=None, metavar="PATH", help="remove this cached store")
     what.add_argument("--prune", action="store_true",
                       help="remove cached stores whose source folder is gone or changed")
 
 
-@command("stores", "list the stores converted on the fly for --memory (a cache), or remove them", _add_stores)
-def cmd_stores(a) -> int:
+def run_stores(a) -> int:
     from . import cached
 
     if a.remove is not None:

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 
-from ..cli import command
 from ..errors import MoeError, UsageError
 from ..experts import DenseExpert, ExpertShape, make_codec
 from .format import Key, Store, crc32_hex, open_store
@@ -168,16 +167,14 @@ def stand_ins(store: Store, device: torch.device, dtype: torch.dtype, log=log_st
 # ---- command line ------------------------------------------------------------------------------------------
 
 
-def _add_lowbit(p) -> None:
+def add_args(p) -> None:
     p.add_argument("--model", required=True, help="expert store folder")
     p.add_argument("--quantizer", default="hqq", choices=["hqq", "rtn"],
                    help="hqq (default, what an open builds) or rtn (round to nearest: ~16x faster, "
                         "less exact)")
 
 
-@command("lowbit", "write the 2-bit stand-ins that --miss-fallback lowbit uses (experts_lowbit.bin)",
-         _add_lowbit)
-def cmd_lowbit(a) -> int:
+def run(a) -> int:
     path = Path(a.model)
     if not (path / "manifest.json").is_file():
         raise UsageError(f"--model {path}: not an expert store (convert it first)")
