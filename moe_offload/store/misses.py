@@ -48,6 +48,7 @@ from .. import numa
 from ..costmodel import crossover_tokens, miss_cost
 from ..errors import MoeError, UsageError
 from ..experts import make_codec
+from ..hardware import get_profile
 from ..utils import best_time
 from .format import Key, Store
 from .tiers import DiskTier, HostTier
@@ -115,8 +116,6 @@ def expert_costs(store: Store, dtype: torch.dtype) -> dict[str, ExpertCost]:
 
 
 def profile_figures(hardware) -> Figures:
-    from ..sim import get_profile
-
     hw = get_profile(hardware)
     return Figures(hw.link_bw, hw.cpu_bw, hw.cpu_flops, hw.device_bw, hw.device_flops, hw.link_latency_s,
                    source=f"hardware profile {hw.name}")
