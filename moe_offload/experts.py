@@ -14,7 +14,6 @@ from typing import Callable, Iterable, Iterator, Protocol
 import torch
 import torch.nn.functional as F
 
-from .errors import MoeError
 from .models.base import ACTIVATIONS
 from .utils import DTYPE_NAMES, DTYPES
 
@@ -117,17 +116,6 @@ class DenseCodec:
             return BiasedExpert(w[: 2 * I * D].view(2 * I, D), b[: 2 * I], w[2 * I * D: 3 * I * D].view(D, I),
                                 b[2 * I:], shape)
         return DenseExpert(w[: 2 * I * D].view(2 * I, D), w[2 * I * D:].view(D, I), shape.act)
-
-
-CODECS: dict[str, Callable[..., Codec]] = {"dense": lambda spec: DenseCodec(spec["dtype"])}
-
-
-def make_codec(spec: dict) -> Codec:
-    if spec.get("name") not in CODECS:
-        from . import quant  # noqa: F401  (registers the quantized codecs)
-    if spec.get("name") not in CODECS:
-        raise MoeError(f"unknown expert codec {spec.get('name')!r}; known: {', '.join(CODECS)}")
-    return CODECS[spec["name"]](spec)
 
 
 Fetch = Callable[[list[int]], Iterable[tuple[int, Callable]]]

@@ -18,7 +18,7 @@ from moe_offload import numa
 from moe_offload.cli import main as cli_main
 from moe_offload.costmodel import crossover_tokens, miss_cost
 from moe_offload.errors import MoeError, UsageError
-from moe_offload.experts import make_codec
+from moe_offload.codecs import make_codec
 from moe_offload.plan import model_sizes
 from moe_offload.runtime.engine import load
 from moe_offload.sim import PROFILES, HardwareProfile

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from moe_offload.errors import MoeError
-from moe_offload.experts import DenseExpert, ExpertShape, make_codec
+from moe_offload.codecs import make_codec
+from moe_offload.experts import DenseExpert, ExpertShape
 from moe_offload.quant import hqq, lowrank, mixed
 from moe_offload.quant.codec import HQQCodec, expert_error
 from moe_offload.quant.kernels import (

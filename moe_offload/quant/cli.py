@@ -146,7 +146,7 @@ def layer_sensitivity(cal: Calibration, source, model_type: str, shape, spec: di
     `spec` (act_aware: weighted by their calibration inputs) and every other layer unquantized."""
     import math
 
-    from ..experts import make_codec
+    from ..codecs import make_codec
 
     engine, codec = cal.engine, make_codec(spec)
     window = min(256, engine.context_length)
@@ -171,7 +171,7 @@ def layer_plan(cal: Calibration, source, model_type: str, shape, specs: list[dic
     measured calibration NLL rise (layer_sensitivity); mixed.best_per_group picks the spec per layer with
     the least total rise within the budget (rises assumed additive across layers).
     -> {(layer, expert): Option} with err = the layer's rise / its experts."""
-    from ..experts import make_codec
+    from ..codecs import make_codec
     from . import mixed
 
     E = n_experts
@@ -226,7 +226,7 @@ def pick_rank(gate, up, down, bits: int, target: float, x, act, group_size, quan
          _add_quantize)
 def cmd_quantize(a) -> int:
     from ..checkpoint import SafetensorsFolder, dequantizing, read_config
-    from ..experts import make_codec
+    from ..codecs import make_codec
     from ..models import build, get_module
     from ..store.folders import check_out
     from ..store.format import convert

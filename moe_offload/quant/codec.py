@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MoeError
-from ..experts import CODECS, GLUS, ExpertShape
+from ..experts import GLUS, ExpertShape
 from ..models.base import ACTIVATIONS
 from . import lowrank
 from .hqq import META_BLOCK, decode_meta, group_size_for, importance_weights, quantize
@@ -317,5 +317,3 @@ def expert_error(gate, up, down, codec: HQQCodec, blob: torch.Tensor | None = No
         return float(((y - run(gu_hat, dn_hat)).pow(2).sum(-1) * w.float().pow(2)).sum())
     return float((y - run(gu_hat, dn_hat)).norm() / y.norm().clamp_min(1e-30))
 
-
-CODECS["hqq"] = HQQCodec

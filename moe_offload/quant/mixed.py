@@ -193,7 +193,8 @@ def error_curve(gate, up, down, specs: list[dict], x=None, make: Callable | None
     option is measured on the odd rows of x and fitted on the even ones: measured on its own fitting rows
     the low rank looked better than it did on held-out text (docs/quality.md). Absolute errors are then
     scaled back to all n rows. biases: {gate_bias, up_bias, down_bias} of an expert that has them."""
-    from ..experts import ExpertShape, make_codec
+    from ..codecs import make_codec
+    from ..experts import ExpertShape
     from .codec import expert_error
 
     make = make or make_codec

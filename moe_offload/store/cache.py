@@ -33,7 +33,8 @@ from functools import partial
 import torch
 
 from ..errors import MoeError
-from ..experts import make_codec, moe_dispatch
+from ..codecs import make_codec
+from ..experts import moe_dispatch
 from .format import ExpertEntry, Key, Store
 from .loader import DEMAND, PREFETCH, CopyStream, Handle, Loader
 from .policies import make_policy

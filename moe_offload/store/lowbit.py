@@ -30,7 +30,8 @@ import torch
 
 from ..cli import command
 from ..errors import MoeError, UsageError
-from ..experts import DenseExpert, ExpertShape, make_codec
+from ..codecs import make_codec
+from ..experts import DenseExpert, ExpertShape
 from .format import Key, Store, crc32_hex, open_store
 from .tiers import DiskTier
 

@@ -47,7 +47,7 @@ import torch
 from .. import numa
 from ..costmodel import crossover_tokens, miss_cost
 from ..errors import MoeError, UsageError
-from ..experts import make_codec
+from ..codecs import make_codec
 from ..hardware import get_profile
 from ..utils import best_time
 from .format import Key, Store
