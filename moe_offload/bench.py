@@ -404,7 +404,7 @@ class _Routes:
 def child_us(spec: dict) -> dict:
     import torch
 
-    from .runtime.engine import load
+    from .runtime.load import load
 
     torch.set_num_threads(spec["threads"])
     offload = {"cache_policy": spec.get("policy")}

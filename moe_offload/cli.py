@@ -224,7 +224,7 @@ def auto_memory(a: argparse.Namespace, log=lambda m: print(m, file=sys.stderr)) 
 
 
 def load_engine(a: argparse.Namespace):
-    from .runtime.engine import load
+    from .runtime.load import load
 
     if getattr(a, "threads", None):
         import torch

@@ -20,7 +20,7 @@ from moe_offload.costmodel import crossover_tokens, miss_cost
 from moe_offload.errors import MoeError, UsageError
 from moe_offload.codecs import make_codec
 from moe_offload.plan import model_sizes
-from moe_offload.runtime.engine import load
+from moe_offload.runtime.load import load
 from moe_offload.sim import PROFILES, HardwareProfile
 from moe_offload.store import lowbit, misses
 from moe_offload.store.format import convert, open_store
@@ -116,7 +116,7 @@ def test_cost_model_sends_one_token_to_the_cpu_and_a_batch_to_the_device(store, 
     assert cross == 2  # 1 token: CPU 46 us vs link 74 us; 2 tokens: CPU 92 us
 
     engine = load(store, dtype="float32", cpu_misses="on")
-    router = engine.expert_cache.extras
+    router = engine.expert_cache.router
     assert router.decide((0, 0), 1) == "cpu" and router.decide((0, 0), 64) == "device"
     assert set(engine.info["cpu_miss_crossover_tokens"].values()) == {2}
     routing = Routing(engine)

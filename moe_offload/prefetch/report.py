@@ -15,7 +15,8 @@ import torch
 
 from ..cli import add_model_args, command
 from ..errors import UsageError
-from ..runtime.engine import is_store, load
+from ..runtime.engine import is_store
+from ..runtime.load import load
 from ..store.policies import belady_opt, replay
 from .predictors import Shadow
 

@@ -116,7 +116,7 @@ def calibrate(hf_dir: Path, text: Path, max_tokens: int, max_rows: int = 512,
               quiet: bool = True) -> Calibration:
     """Run the unquantized model on the text: routing counts, per-expert inputs and routing weights."""
     from ..profile import record
-    from ..runtime.engine import load
+    from ..runtime.load import load
 
     engine = load(hf_dir, dtype="float32")
     if engine.tokenizer is None:

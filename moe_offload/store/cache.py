@@ -110,6 +110,21 @@ def footprints(store: Store, device: torch.device, dtype: torch.dtype) -> dict[K
     return out
 
 
+class Computed:
+    """A missed expert computed on the CPU for this layer's tokens: its rows, on the caller's device."""
+
+    __slots__ = ("y",)
+    nbytes = 0
+
+    def __init__(self, y: torch.Tensor):
+        self.y = y
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [n, D] (the same rows the worker computed)
+        if x.shape[0] != self.y.shape[0]:
+            raise AssertionError(f"CPU result has {self.y.shape[0]} rows, the layer asks {x.shape[0]}")
+        return self.y.to(device=x.device, dtype=x.dtype)
+
+
 @dataclass
 class Loaded:
     unit: Callable
@@ -131,27 +146,34 @@ class ExpertCache:
     """Experts of all MoE layers on `device` under `capacity` bytes (see the module docstring)."""
 
     def __init__(self, store: Store, device: torch.device, dtype: torch.dtype, capacity: int,
-                 policy: str = "lru", base_bytes: int = 0, host_bytes: int | None = None, workers: int = 2,
-                 staging_bytes: int = 0, verify: str = "first", kv_in_budget: bool = False):
+                 policy: str = "lru", base_bytes: int = 0, host: HostTier | None = None, workers: int = 2,
+                 staging_bytes: int = 0, verify: str = "first", kv_in_budget: bool = False,
+                 prefetcher=None, router=None, foot: dict[Key, Footprint] | None = None):
+        """host: the pinned RAM tier (CUDA) or None. prefetcher (prefetch.runtime.Prefetcher) and router
+        (misses.MissRouter): the route hooks, told each layer's routing before it fetches (OffloadedExperts).
+        staging_bytes: kept for staged prefetches. foot: `footprints(store, device, dtype)` if known."""
         self.store, self.device, self.dtype = store, device, dtype
         self.entries: dict[Key, ExpertEntry] = store.entries
         self.shape = store.expert_shape
         self.capacity, self.staging_bytes, self.base_bytes = capacity, staging_bytes, base_bytes
         self.policy_name = policy
+        self.foot = footprints(store, device, dtype) if foot is None else foot
+        if staging_bytes and not 0 <= staging_bytes <= capacity - max(self.foot[k].load for k in self.entries):
+            raise MoeError(f"staging {staging_bytes} bytes leaves the expert cache less than one expert")
         n_layers = max(store.moe_layers) + 1  # keys carry model layer indices
         self.policy = make_policy(policy, n_layers, store.n_experts, capacity - staging_bytes)
-        self.foot = footprints(store, device, dtype)
         codecs = {}
         self.codec = {k: codecs.setdefault(json.dumps(e.codec, sort_keys=True), make_codec(e.codec))
                       for k, e in self.entries.items()}
         cuda = device.type == "cuda"
         self.disk = DiskTier(store.experts_path, pinned=cuda, verify=verify)
         self.buffers = BufferPool() if not cuda and BufferPool.usable() else None  # CPU: reuse read buffers
-        self.host = HostTier(host_bytes, policy, n_layers, store.n_experts) if cuda and host_bytes else None
+        self.host = host
         self.copier = CopyStream(device) if cuda else None
         self.loader = Loader(workers)
-        self.prefetcher = None  # prefetch.runtime.Prefetcher, set by open_offloaded for --prefetch
-        self.extras = None  # misses.MissRouter, set by open_offloaded: --cpu-misses, --miss-fallback, NUMA stats
+        self.prefetcher, self.router = prefetcher, router
+        self.decides = router is not None and router.active  # --cpu-misses / --miss-fallback: it decides misses
+        self.hooks = tuple(h for h, on in ((prefetcher, prefetcher is not None), (router, self.decides)) if on)
         self._cpu: set[Key] = set()  # this fetch's misses the CPU computes (--cpu-misses)
         self.resident: dict[Key, Callable] = {}
         self.sizes: dict[Key, int] = {}
@@ -172,6 +194,7 @@ class ExpertCache:
     def _zero(self) -> None:
         self.hits = self.misses = self.evictions = 0
         self.bytes_read_disk = self.bytes_to_device = 0
+        self.cpu_experts, self.cpu_seconds = 0, 0.0  # --cpu-misses: experts computed on the CPU, and its time
         self.stall = 0.0
         # issued = used + cancelled (never read) + wasted (read, then dropped unused) once a pass settles
         self.prefetch_issued = self.prefetch_used = self.prefetch_cancelled = self.prefetch_wasted = 0
@@ -262,15 +285,21 @@ class ExpertCache:
             self._release(k)
 
     # ---- loading (worker threads) ------------------------------------------------------------------------
+    def _read(self, key: Key, step: int, buf: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """The one tier walk (demand loads, prefetches, CPU-computed misses): the blob from the host tier,
+        else from disk (offered to the host tier). -> (blob, bytes read from disk)"""
+        blob = self.host.get(key, step) if self.host is not None else None
+        if blob is not None:
+            return blob, 0
+        e = self.entries[key]
+        blob = self.disk.read(e, buf)  # verified, page-aligned; pinned on CUDA
+        if self.host is not None:
+            self.host.offer(key, blob, step)
+        return blob, e.span
+
     def _load(self, key: Key, step: int, buf: torch.Tensor | None = None) -> Loaded:
         e = self.entries[key]
-        blob = self.host.get(key, step) if self.host is not None else None
-        disk = 0
-        if blob is None:
-            blob = self.disk.read(e, buf)  # verified, page-aligned; pinned on CUDA
-            disk = e.span
-            if self.host is not None:
-                self.host.offer(key, blob, step)
+        blob, disk = self._read(key, step, buf)
         decode = partial(self.codec[key].decode, shape=self.shape, dtype=self.dtype)
         if self.copier is not None:
             unit = self.copier.upload(blob[:e.nbytes], decode)
@@ -283,6 +312,22 @@ class ExpertCache:
             self.bytes_to_device += moved
         tensors = unit_tensors(unit)
         return Loaded(unit, resident_bytes(unit, tensors), tensors)
+
+    def _compute(self, key: Key, hidden: torch.Tensor, tok: torch.Tensor, step: int) -> Loaded:
+        """--cpu-misses: the expert decoded on the CPU where its blob is (host RAM) and run on this layer's
+        rows hidden[tok]; the result is used once, never cached."""
+        e = self.entries[key]
+        blob, disk = self._read(key, step)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            unit = self.codec[key].decode(blob[:e.nbytes], self.shape, self.dtype)  # on the CPU: the blob is in RAM
+            y = unit(hidden[tok])
+        dt = time.perf_counter() - t0
+        with self.lock:
+            self.bytes_read_disk += disk
+            self.cpu_experts += 1
+            self.cpu_seconds += dt
+        return Loaded(Computed(y), 0, [], bypass=True)
 
     def _submit(self, key: Key, priority: float) -> Handle:
         """Queue the load of `key`, whose bytes the caller has just reserved. CPU: its read buffer is taken
@@ -338,7 +383,7 @@ class ExpertCache:
                 p.handle.add_done_callback(lambda h, k=k: landed.put(k))
             else:
                 self.misses += 1
-                how = self.extras.how(k) if self.extras is not None else None
+                how = self.router.how(k) if self.decides else None
                 if how == "lowbit":
                     low.append(k)
                     continue
@@ -353,7 +398,7 @@ class ExpertCache:
                 pinned.discard(k)
                 self._issue(todo, pinned, ours, landed)
             for k in low:
-                yield k[1], self.extras.stand_in(k)
+                yield k[1], self.router.stand_in(k)
             while ours or todo:
                 if not ours:
                     self._wait_for_room(layer, todo[0])
@@ -385,7 +430,10 @@ class ExpertCache:
             k = todo[0]
             need, job = self.foot[k].load, None
             if k in self._cpu:  # computed on the CPU from host memory, never cached
-                need, job = self.extras.cpu_job(k, self.step)
+                # CPU-only: the blob is read into the compute tier, its load footprint is reserved; CUDA: it
+                # lives in host memory
+                need = need if self.device.type == "cpu" else 0
+                job = partial(self._compute, k, *self.router.rows(k), self.step)
             if not self._make_room(k, need, pinned):
                 return
             todo.popleft()
@@ -501,13 +549,13 @@ class ExpertCache:
             s.update(prefetch_issued=self.prefetch_issued, prefetch_used=self.prefetch_used,
                      prefetch_cancelled=self.prefetch_cancelled, prefetch_wasted=self.prefetch_wasted)
         if self.prefetcher is not None:
-            s.update(self.prefetcher.stats())
+            s.update(self.prefetcher.stats(self))
             if reset:
                 self.prefetcher.reset()
-        if self.extras is not None:
-            s.update(self.extras.stats())
+        if self.router is not None:
+            s.update(self.router.stats(self.cpu_experts, self.cpu_seconds))
             if reset:
-                self.extras.reset()
+                self.router.reset()
         if reset:
             self._zero()
         return s
@@ -529,8 +577,8 @@ class OffloadedExperts:
 
     def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         # hidden [N, D], top_k_index / top_k_weights [N, A] -> [N, D]
-        if self.cache.prefetcher is not None:  # settle this layer's guesses, queue the next layers' loads
-            self.cache.prefetcher.on_route(self.layer, hidden, top_k_index)
-        if self.cache.extras is not None:  # decide this layer's misses: CPU compute or 2-bit stand-in
-            self.cache.extras.on_route(self.layer, hidden, top_k_index, top_k_weights)
+        # the route hooks: the prefetcher settles this layer's guesses and queues the next layers' loads; the
+        # miss router decides this layer's misses (CPU compute or 2-bit stand-in)
+        for hook in self.cache.hooks:
+            hook.on_route(self.layer, hidden, top_k_index, top_k_weights, self.cache)
         return moe_dispatch(hidden, top_k_index, top_k_weights, partial(self.cache.fetch, self.layer))
