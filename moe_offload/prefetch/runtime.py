@@ -36,7 +36,7 @@ class LayerScore:
 
 @dataclass
 class Prefetcher:
-    """A route hook of the expert cache: told each layer's routing (and the cache) before the layer fetches."""
+    """A route hook of the expert cache: told each layer's routing (and the cache) before it fetches."""
 
     predictors: dict  # name -> Lookahead | Shadow
     mode: str
@@ -57,8 +57,8 @@ class Prefetcher:
         self.needed = self.covered = 0
 
     # ---- called by the layer's experts backend before it fetches ------------------------------------------
-    def on_route(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                 cache) -> None:
+    def on_route(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                 top_k_weights: torch.Tensor, cache) -> None:
         """hidden [N, D], top_k_index [N, A] of `layer`; `cache`: the store.cache.ExpertCache to load into."""
         needed = torch.unique(top_k_index).tolist()
         self._settle(cache, layer, needed)

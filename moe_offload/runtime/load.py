@@ -34,8 +34,8 @@ from ..store.open import check_layout, mib, min_memory
 from ..store.policies import POLICIES
 from ..store.tiers import HostTier
 from ..utils import Share, drop_page_cache, parse_dtype, parse_memory, parse_size, pick_device
-from .engine import (DEFAULT_MODEL, Engine, _eos_ids, attach_local_experts, build_model, check_ctx_size, is_store,
-                     kv_bytes_per_token)
+from .engine import (DEFAULT_MODEL, Engine, _eos_ids, attach_local_experts, build_model, check_ctx_size,
+                     is_store, kv_bytes_per_token)
 from .tokenizer import Tokenizer
 
 DEFAULT_POLICY = "lru"
@@ -47,7 +47,7 @@ OPTIONS = ("host_memory", "cache_policy", "prefetch", "prefetch_depth", "prefetc
 @dataclass(frozen=True)
 class OffloadConfig:
     """How the routed experts are kept: budgets, tiers, cache policy, prefetch, miss handling, verification.
-    Built by `parse` (keywords of `load`, flags of the CLI, fields of a server request), checked there once."""
+    Built by `parse` (keywords of `load`, the CLI's flags, the planner's choice), checked there once."""
 
     memory: int | Share | None = None  # device bytes for weights + KV caches; a Share of the model; None: all
     host_memory: int | None = None  # pinned host RAM tier (CUDA)
@@ -72,12 +72,14 @@ class OffloadConfig:
         memory = parse_memory(memory)
         host = parse_size(o["host_memory"])
         if host is not None and device.type != "cuda":
-            raise UsageError("--host-memory is for CUDA devices; on CPU the expert cache is in RAM: use --memory")
+            raise UsageError("--host-memory is for CUDA devices; on CPU the expert cache is in RAM: "
+                             "use --memory")
         if memory == "auto":
             raise UsageError("memory='auto' is the command line's planner; give bytes or a share like '25%'")
         if isinstance(memory, int) and memory <= 0:
             raise UsageError(f"--memory must be positive, got {memory}")
-        cpu_misses, fallback, threshold = check_misses(o["cpu_misses"], o["miss_fallback"], o["fallback_threshold"])
+        cpu_misses, fallback, threshold = check_misses(o["cpu_misses"], o["miss_fallback"],
+                                                       o["fallback_threshold"])
         policy = o["cache_policy"] or DEFAULT_POLICY
         if policy not in POLICIES:
             raise UsageError(f"unknown cache policy {policy!r}; choose one of: {', '.join(POLICIES)}")
@@ -90,17 +92,20 @@ class OffloadConfig:
         verify = o["verify_reads"] or "first"
         if verify not in VERIFY:
             raise UsageError(f"--verify-reads must be one of {', '.join(VERIFY)}, got {verify!r}")
-        return cls(memory, host, policy, prefetch, depth, o["prefetch_experts"], cpu_misses, fallback, threshold,
-                   o["hardware"], verify)
+        return cls(memory, host, policy, prefetch, depth, o["prefetch_experts"], cpu_misses, fallback,
+                   threshold, o["hardware"], verify)
 
 
-def check_misses(cpu_misses: str | None, miss_fallback: str | None, fallback_threshold) -> tuple[str, str, float]:
+def check_misses(cpu_misses: str | None, miss_fallback: str | None,
+                 fallback_threshold) -> tuple[str, str, float]:
     cpu_misses = cpu_misses or "off"
     miss_fallback = miss_fallback or "none"
     if cpu_misses not in misses.CPU_MISSES:
-        raise UsageError(f"--cpu-misses must be one of {', '.join(misses.CPU_MISSES)}, got {cpu_misses!r}")
+        raise UsageError(f"--cpu-misses must be one of {', '.join(misses.CPU_MISSES)}, "
+                         f"got {cpu_misses!r}")
     if miss_fallback not in misses.FALLBACKS:
-        raise UsageError(f"--miss-fallback must be one of {', '.join(misses.FALLBACKS)}, got {miss_fallback!r}")
+        raise UsageError(f"--miss-fallback must be one of {', '.join(misses.FALLBACKS)}, "
+                         f"got {miss_fallback!r}")
     if fallback_threshold is not None and miss_fallback != "lowbit":
         raise UsageError("--fallback-threshold needs --miss-fallback lowbit")
     try:
@@ -169,7 +174,7 @@ def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, 
     drop_page_cache(store.path / BACKBONE)  # the backbone now lives in our tensors only
     backbone = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     stand = None
-    if c.miss_fallback == "lowbit":  # 2-bit copies of every expert, resident all run: counted like the backbone
+    if c.miss_fallback == "lowbit":  # 2-bit copies of every expert, resident all run: counted as backbone
         from ..store.lowbit import stand_ins
 
         stand = stand_ins(store, device, dt)
@@ -207,11 +212,12 @@ def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, 
         costs = misses.expert_costs(store, dt)
         figures = (dict.fromkeys(costs, misses.profile_figures(c.hardware)) if c.hardware is not None
                    else misses.measure_figures(store, device, dt, costs))
-    router = misses.MissRouter(store, device, c.cpu_misses, figures, costs, stand, c.fallback_threshold, numa_info)
+    router = misses.MissRouter(store, device, c.cpu_misses, figures, costs, stand, c.fallback_threshold,
+                               numa_info)
     prefetcher, staging = None, 0
     if c.prefetch != "none":
         prefetcher = make_prefetcher(model, store.path, c.prefetch, c.prefetch_depth, c.prefetch_experts)
-        # staging holds one predicted set per layer ahead, and always leaves the cache one layer's active experts
+        # staging holds one predicted set per layer ahead, and leaves the cache one layer's active experts
         biggest = max(f.load for f in foot.values())
         want = prefetcher.depth * prefetcher.m * biggest
         staging = max(0, min(want, capacity - store.top_k * biggest))
@@ -226,9 +232,11 @@ def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, 
             "expert_bytes": store.expert_bytes, "backbone_bytes": backbone, "memory": memory,
             "cache_capacity_bytes": capacity, "cache_policy": c.cache_policy, "host_memory": c.host_memory,
             "disk_direct_io": cache.disk.direct, "prefetch": c.prefetch, "staging_bytes": cache.staging_bytes}
-    info.update(cpu_misses=c.cpu_misses, miss_fallback=c.miss_fallback, **misses.describe(router), **numa_info)
+    info.update(cpu_misses=c.cpu_misses, miss_fallback=c.miss_fallback, **misses.describe(router),
+                **numa_info)
     if stand:
-        info.update(fallback_threshold=c.fallback_threshold, lowbit_bytes=stand.nbytes, lowbit_source=stand.source)
+        info.update(fallback_threshold=c.fallback_threshold, lowbit_bytes=stand.nbytes,
+                    lowbit_source=stand.source)
     return dict(model=model, args=args, tokenizer=tokenizer, device=device, dtype=dt, path=store.path,
                 eos_ids=_eos_ids(store.path, store.config, tokenizer), expert_stats=cache.stats, info=info,
                 ctx_size=ctx_size, expert_cache=cache)

@@ -158,7 +158,8 @@ class ExpertCache:
         self.capacity, self.staging_bytes, self.base_bytes = capacity, staging_bytes, base_bytes
         self.policy_name = policy
         self.foot = footprints(store, device, dtype) if foot is None else foot
-        if staging_bytes and not 0 <= staging_bytes <= capacity - max(self.foot[k].load for k in self.entries):
+        biggest = max(self.foot[k].load for k in self.entries)
+        if staging_bytes and not 0 <= staging_bytes <= capacity - biggest:
             raise MoeError(f"staging {staging_bytes} bytes leaves the expert cache less than one expert")
         n_layers = max(store.moe_layers) + 1  # keys carry model layer indices
         self.policy = make_policy(policy, n_layers, store.n_experts, capacity - staging_bytes)
@@ -172,8 +173,9 @@ class ExpertCache:
         self.copier = CopyStream(device) if cuda else None
         self.loader = Loader(workers)
         self.prefetcher, self.router = prefetcher, router
-        self.decides = router is not None and router.active  # --cpu-misses / --miss-fallback: it decides misses
-        self.hooks = tuple(h for h, on in ((prefetcher, prefetcher is not None), (router, self.decides)) if on)
+        self.decides = router is not None and router.active  # --cpu-misses / --miss-fallback: it decides
+        hooks = ((prefetcher, prefetcher is not None), (router, self.decides))
+        self.hooks = tuple(h for h, on in hooks if on)  # told each layer's routing, in this order
         self._cpu: set[Key] = set()  # this fetch's misses the CPU computes (--cpu-misses)
         self.resident: dict[Key, Callable] = {}
         self.sizes: dict[Key, int] = {}
@@ -320,7 +322,7 @@ class ExpertCache:
         blob, disk = self._read(key, step)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            unit = self.codec[key].decode(blob[:e.nbytes], self.shape, self.dtype)  # on the CPU: the blob is in RAM
+            unit = self.codec[key].decode(blob[:e.nbytes], self.shape, self.dtype)  # on the CPU, from RAM
             y = unit(hidden[tok])
         dt = time.perf_counter() - t0
         with self.lock:
