@@ -23,7 +23,6 @@ import json
 import queue
 import threading
 import time
-import types
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -32,43 +31,13 @@ from functools import partial
 
 import torch
 
-from ..errors import MoeError
 from ..codecs import make_codec
-from ..experts import moe_dispatch
+from ..errors import MoeError
+from ..experts import Unit, moe_dispatch
 from .format import ExpertEntry, Key, Store
 from .loader import DEMAND, PREFETCH, CopyStream, Handle, Loader
 from .policies import make_policy
 from .tiers import BufferPool, DiskTier, HostTier
-
-_LEAVES = (str, bytes, int, float, type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
-           types.MethodType, partial)
-
-
-def _children(obj) -> list:
-    if isinstance(obj, (list, tuple, set)):
-        return list(obj)
-    if isinstance(obj, dict):
-        return list(obj.values())
-    slots = [getattr(c, "__slots__", ()) for c in type(obj).__mro__]
-    names = [n for s in slots for n in ([s] if isinstance(s, str) else s)]
-    return [getattr(obj, n, None) for n in names] + list(getattr(obj, "__dict__", {}).values())
-
-
-def unit_tensors(unit, depth: int = 4) -> list[torch.Tensor]:
-    """The tensors an expert unit holds: through its attributes (slots, __dict__), nested objects, lists
-    and dicts, `depth` levels down; a module's parameters and buffers."""
-    out, seen, todo = [], set(), [(unit, depth)]
-    while todo:
-        obj, d = todo.pop()
-        if isinstance(obj, torch.Tensor):
-            out.append(obj)
-        elif isinstance(obj, torch.nn.Module):
-            out += [*obj.parameters(), *obj.buffers()]
-        elif d >= 0 and obj is not None and not isinstance(obj, _LEAVES) and id(obj) not in seen:
-            seen.add(id(obj))
-            todo += [(c, d - 1) for c in _children(obj)]
-    return out
-
 
 def storage_bytes(tensors: list[torch.Tensor]) -> int:
     """Bytes of the distinct storages behind `tensors` (views of one buffer count once)."""
@@ -76,10 +45,10 @@ def storage_bytes(tensors: list[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-def resident_bytes(unit, tensors: list[torch.Tensor]) -> int:
-    """What a unit keeps alive: its storages, or the codec's own count (`unit.nbytes`) if that is larger."""
-    claimed = getattr(unit, "nbytes", 0)
-    return max(storage_bytes(tensors), claimed if isinstance(claimed, int) else 0)
+def unit_bytes(unit: Unit, tensors: list[torch.Tensor] | None = None) -> int:
+    """What a unit keeps alive: the storages behind its tensors (a view of the read buffer keeps all of it), or
+    its own count (`unit.nbytes`) if that is larger."""
+    return max(storage_bytes(unit.tensors() if tensors is None else tensors), unit.nbytes)
 
 
 @dataclass(frozen=True)
@@ -102,8 +71,8 @@ def footprints(store: Store, device: torch.device, dtype: torch.dtype) -> dict[K
             except Exception:  # a codec whose decode needs real data: decode zeros once
                 buf = torch.zeros(alloc, dtype=torch.uint8, device=device)
                 unit = codec.decode(buf[:e.nbytes], shape, dtype)
-            tensors = unit_tensors(unit)
-            resident = resident_bytes(unit, tensors)
+            tensors = unit.tensors()
+            resident = unit_bytes(unit, tensors)
             views = any(t.untyped_storage()._cdata == buf.untyped_storage()._cdata for t in tensors)
             memo[spec] = Footprint(resident, resident if views else resident + alloc)
         out[key] = memo[spec]
@@ -118,6 +87,9 @@ class Computed:
 
     def __init__(self, y: torch.Tensor):
         self.y = y
+
+    def tensors(self) -> list[torch.Tensor]:
+        return []  # used once, never cached: nothing to count or keep
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [n, D] (the same rows the worker computed)
         if x.shape[0] != self.y.shape[0]:
@@ -312,8 +284,8 @@ class ExpertCache:
         with self.lock:
             self.bytes_read_disk += disk
             self.bytes_to_device += moved
-        tensors = unit_tensors(unit)
-        return Loaded(unit, resident_bytes(unit, tensors), tensors)
+        tensors = unit.tensors()
+        return Loaded(unit, unit_bytes(unit, tensors), tensors)
 
     def _compute(self, key: Key, hidden: torch.Tensor, tok: torch.Tensor, step: int) -> Loaded:
         """--cpu-misses: the expert decoded on the CPU where its blob is (host RAM) and run on this layer's

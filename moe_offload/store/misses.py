@@ -48,6 +48,7 @@ from ..costmodel import crossover_tokens, miss_cost
 from ..errors import MoeError
 from ..hardware import get_profile
 from ..utils import best_time
+from .cache import unit_bytes
 from .format import Key, Store
 from .tiers import DiskTier, HostTier
 
@@ -94,13 +95,11 @@ def expert_params(store: Store) -> int:
 
 def cpu_unit_bytes(codec, nbytes: int, store: Store, dtype: torch.dtype) -> int:
     """Bytes the CPU-decoded unit holds (one trial decode: on meta where the codec allows, else of zeros)."""
-    from .cache import resident_bytes, unit_tensors
-
     try:
         unit = codec.decode(torch.empty(nbytes, dtype=torch.uint8, device="meta"), store.expert_shape, dtype)
     except Exception:  # noqa: BLE001  (a codec whose decode needs real data: hqq)
         unit = codec.decode(torch.zeros(nbytes, dtype=torch.uint8), store.expert_shape, dtype)
-    return resident_bytes(unit, unit_tensors(unit))
+    return unit_bytes(unit)
 
 
 def expert_costs(store: Store, dtype: torch.dtype) -> dict[str, ExpertCost]:
