@@ -114,24 +114,13 @@ def add_model_args(p: argparse.ArgumentParser, chat_template: bool = False) -> N
                        help="Jinja chat template file (or the template itself) instead of the model's")
 
 
-def offload_kwargs(a: argparse.Namespace) -> dict:
-    kw = {"host_memory": a.host_memory, "cache_policy": a.cache_policy}
-    for name in ("prefetch", "prefetch_depth", "prefetch_experts", "cpu_misses", "miss_fallback",
-                 "fallback_threshold", "verify_reads"):
-        if getattr(a, name, None) is not None:
-            kw[name] = getattr(a, name)
-    if getattr(a, "hardware", None) not in (None, "this-machine") and kw.get("cpu_misses", "off") != "off":
-        kw["hardware"] = a.hardware  # the cost model's figures from the profile instead of measuring
-    return kw
-
-
 def auto_memory(a: argparse.Namespace, log=lambda m: print(m, file=sys.stderr)) -> int:
     """`--memory auto`: the planner's device budget for this machine (or --hardware), in the store's bytes.
     Only the memory is taken from the plan; the other options stay as given."""
-    from .autoconf import apply_auto
+    from .autoconf import plan_options
 
     said: list[str] = []
-    chosen = apply_auto(argparse.Namespace(**{**vars(a), "memory": None}), log=said.append)
+    chosen = plan_options(argparse.Namespace(**{**vars(a), "memory": None}), log=said.append)
     for line in said[:-1]:  # a hint to quantize first, when the plan wants another precision
         log(line)
     log(f"moe-offload: --memory auto on {getattr(a, 'hardware', None) or 'this-machine'}: "
@@ -140,25 +129,21 @@ def auto_memory(a: argparse.Namespace, log=lambda m: print(m, file=sys.stderr)) 
 
 
 def load_engine(a: argparse.Namespace):
-    from .runtime.engine import load
+    from .runtime.load import load
 
     if getattr(a, "threads", None):
         import torch
 
         torch.set_num_threads(a.threads)
-    if a.memory == "auto":
-        if getattr(a, "auto", False):
-            a.memory = None  # --auto fills it
-        else:
-            a.memory = auto_memory(a)
-    if getattr(a, "auto", False):  # the planner fills what the user left unset; one stderr line
-        from .autoconf import apply_auto
+    from .autoconf import auto_config, offload_options
 
-        apply_auto(a)
-    kw = offload_kwargs(a)
-    if getattr(a, "ctx_size", None):
-        kw["ctx_size"] = a.ctx_size
-    engine = load(a.model, device=a.device, dtype=a.dtype, memory=a.memory, **kw)
+    ctx = {"ctx_size": a.ctx_size} if getattr(a, "ctx_size", None) else {}
+    if getattr(a, "auto", False):  # the planner fills what the user left unset (--memory auto too); one line
+        engine = load(a.model, device=a.device, dtype=a.dtype, config=auto_config(a), **ctx)
+    else:
+        memory = auto_memory(a) if a.memory == "auto" else a.memory
+        engine = load(a.model, device=a.device, dtype=a.dtype, memory=memory, **offload_options(vars(a)),
+                      **ctx)
     if getattr(a, "chat_template", None):
         from .runtime.tokenizer import read_chat_template
 

@@ -1,4 +1,5 @@
-"""`--auto` (generate, chat, serve, profile): the planner picks the offload configuration.
+"""`--auto` (generate, chat, serve, profile): the planner picks the offload configuration (`auto_config`: an
+OffloadConfig for runtime.load.load; the namespace of flags is read, never changed).
 
 plan.plan_for(model, hardware) — hardware measured on this machine, or `--hardware PROFILE` — gives
 --memory, --host-memory, prefetch on/off, CPU compute of misses on/off and the cache policy; every option the
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import MoeError
@@ -57,12 +59,34 @@ def _flag(name: str, value, mine: bool) -> str:
     return f"--{name} {value}" + (" (yours)" if mine else "")
 
 
-def apply_auto(a: argparse.Namespace, log=lambda m: print(m, file=sys.stderr)) -> dict:
-    """Fill the unset offload options of `a` from the plan; returns what was chosen."""
+def offload_options(values: Mapping) -> dict:
+    """The offload keywords of runtime.load.load from the flags' values (an argparse namespace's `vars`)."""
+    kw = {"host_memory": values.get("host_memory"), "cache_policy": values.get("cache_policy")}
+    for name in ("prefetch", "prefetch_depth", "prefetch_experts", "cpu_misses", "miss_fallback",
+                 "fallback_threshold", "verify_reads"):
+        if values.get(name) is not None:
+            kw[name] = values[name]
+    if values.get("hardware") not in (None, "this-machine") and kw.get("cpu_misses", "off") != "off":
+        kw["hardware"] = values["hardware"]  # the cost model's figures from the profile instead of measuring
+    return kw
+
+
+def auto_config(a: argparse.Namespace, log=lambda m: print(m, file=sys.stderr)):
+    """`--auto`: the offload config with the plan's choice for every option the user left unset."""
+    from .runtime.load import OffloadConfig
+
+    a = argparse.Namespace(**{**vars(a), "memory": None if a.memory == "auto" else a.memory})  # the plan's
+    values = {**vars(a), **plan_options(a, log)}
+    return OffloadConfig.parse(pick_device(a.device), values["memory"], **offload_options(values))
+
+
+def plan_options(a: argparse.Namespace, log=lambda m: print(m, file=sys.stderr)) -> dict:
+    """memory, host_memory, prefetch, cpu_misses, cache_policy: the user's value where `a` sets one, else the
+    plan's; one line to `log` says which."""
     from .costmodel import cpu_compute_bits
     from .plan import PlanRefused, model_sizes, plan_for, read_model_config
+    from .hardware import THIS_MACHINE, get_profile
     from .runtime.engine import DEFAULT_MODEL, is_store
-    from .sim import THIS_MACHINE, get_profile
     from .store.cache import footprints
     from .store.format import open_store
     from .store.open import RESERVE, mib, min_memory, store_for
@@ -107,19 +131,17 @@ def apply_auto(a: argparse.Namespace, log=lambda m: print(m, file=sys.stderr)) -
               "cpu_misses": "auto" if rec["cpu_misses"] and device.type == "cuda" else "off",
               "cache_policy": rec["cache_policy"]}
     mine = {k: getattr(a, k, None) is not None for k in chosen}
-    for k, v in chosen.items():
-        if not mine[k]:
-            setattr(a, k, v)
+    v = {k: getattr(a, k) if mine[k] else c for k, c in chosen.items()}
     where = f"{n_dev} of {n_all} experts" if n_dev < n_all else f"all {n_all} experts"
-    mem = a.memory if isinstance(a.memory, str) else mib(int(a.memory))
+    mem = v["memory"] if isinstance(v["memory"], str) else mib(int(v["memory"]))
     parts = [_flag("memory", mem, mine["memory"]) + ("" if mine["memory"] else f" ({where})"),
-             _flag("host-memory", mib(a.host_memory) if isinstance(a.host_memory, int)
-                   else a.host_memory or "none", mine["host_memory"]),
-             _flag("prefetch", a.prefetch, mine["prefetch"]),
-             _flag("cpu-misses", a.cpu_misses, mine["cpu_misses"]),
-             _flag("cache-policy", a.cache_policy, mine["cache_policy"])]
+             _flag("host-memory", mib(v["host_memory"]) if isinstance(v["host_memory"], int)
+                   else v["host_memory"] or "none", mine["host_memory"]),
+             _flag("prefetch", v["prefetch"], mine["prefetch"]),
+             _flag("cpu-misses", v["cpu_misses"], mine["cpu_misses"]),
+             _flag("cache-policy", v["cache_policy"], mine["cache_policy"])]
     dropped = " (the plan's host tier and CPU misses need CUDA: running on cpu)" if (
         device.type != "cuda" and (rec["host_memory"] or rec["cpu_misses"])) else ""
     log(f"moe-offload: --auto on {hw.name}: {', '.join(parts)}; plan: experts {bits}-bit, backbone "
         f"{rec['backbone_bits']}-bit{dropped}")
-    return chosen
+    return v

@@ -366,25 +366,11 @@ def _delta(a, b):
     return None if a is None or b is None else b - a
 
 
-class _Routes:
-    """Wraps a layer's experts backend; records the experts of every single-token (decode) call."""
-
-    def __init__(self, inner, layer: int, sink: list):
-        self.inner, self.layer, self.sink = inner, layer, sink
-
-    def __call__(self, hidden, top_k_index, top_k_weights):
-        if hidden.shape[0] == 1:
-            self.sink.append((self.layer, top_k_index[0].tolist()))
-        return self.inner(hidden, top_k_index, top_k_weights)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 def child_us(spec: dict) -> dict:
     import torch
 
-    from .runtime.engine import load
+    from .routes import RouteLog, attach
+    from .runtime.load import load
 
     torch.set_num_threads(spec["threads"])
     offload = {"cache_policy": spec.get("policy")}
@@ -393,9 +379,8 @@ def child_us(spec: dict) -> dict:
     t0 = time.perf_counter()
     engine = load(spec["model"], device="cpu", dtype=spec["dtype"], memory=spec["memory"], **offload)
     load_s = time.perf_counter() - t0
-    sink: list = []
-    for layer, moe in engine.model.moe_blocks():
-        moe.experts = _Routes(moe.experts, layer, sink)
+    log = RouteLog(decode_only=True)  # the experts of every single-token (decode) call
+    attach(engine.model, log)
     cache = getattr(engine, "expert_cache", None)
     n = spec["new_tokens"]
     runs = []
@@ -404,7 +389,7 @@ def child_us(spec: dict) -> dict:
         it = engine.stream_generate(prompt_ids=ids, max_new_tokens=n + 1, ignore_eos=True, temperature=0.0)
         first = next(it)  # yielded after prefill: the first token comes from the prompt's logits
         pre = cache.stats() if cache is not None else None
-        io1, mark, c1 = _read_bytes(), len(sink), time.process_time()
+        io1, mark, c1 = _read_bytes(), len(log.calls), time.process_time()
         tokens, last = [first.token], None
         for r in it:
             if r.token is not None:
@@ -415,7 +400,7 @@ def child_us(spec: dict) -> dict:
         run = {"prefill_tok_s": s["prefill_tokens_per_s"], "decode_tok_s": s["decode_tokens_per_s"],
                "prefill_s": s["prefill_seconds"], "decode_s": s["decode_seconds"], "tokens": tokens,
                "prefill_disk_read_bytes": _delta(io0, io1), "decode_disk_read_bytes": _delta(io1, io2),
-               "decode_cpu_s": c2 - c1, "routes": sink[mark:]}
+               "decode_cpu_s": c2 - c1, "routes": [(la, idx[0].tolist()) for la, idx, _ in log.calls[mark:]]}
         if pre is not None:  # decode only: the counters at the end minus those after prefill
             for k in ("expert_hits", "expert_misses", "bytes_read_disk", "bytes_to_device", "stall_seconds"):
                 run[k.replace("expert_", "")] = s[k] - pre[k]

@@ -91,7 +91,7 @@ def cmd_concurrency(a) -> int:
     import torch
 
     from .bench import budget_bytes, prepare, prompts_for
-    from .runtime.engine import load
+    from .runtime.load import load
 
     levels = parse_levels(a.concurrency)
     torch.set_num_threads(a.threads)

@@ -14,7 +14,6 @@ from typing import Callable, Iterable, Iterator, Protocol
 import torch
 import torch.nn.functional as F
 
-from .errors import MoeError
 from .models.base import ACTIVATIONS
 from .utils import DTYPE_NAMES, DTYPES
 
@@ -29,6 +28,18 @@ class ExpertShape:
     swiglu_limit: float = 7.0  # clamped SwiGLU only: gate <= limit, -limit <= up <= limit
 
 
+class Unit(Protocol):
+    """One callable expert, x [n, D] -> [n, D]: what a codec decodes a blob into. `nbytes`: the bytes it
+    holds; `tensors()`: every tensor it holds (the cache counts their storages and hands them to the device's
+    copy stream)."""
+
+    nbytes: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def tensors(self) -> list[torch.Tensor]: ...
+
+
 class DenseExpert:
     """SwiGLU expert over views of one buffer: gate_up [2I, D] (gate rows, then up rows), down [D, I]."""
 
@@ -36,6 +47,13 @@ class DenseExpert:
 
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, act: str = "silu"):
         self.gate_up, self.down, self.act = gate_up, down, ACTIVATIONS[act]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.gate_up, self.down]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [n, D] -> [n, D]
         g, u = F.linear(x, self.gate_up).chunk(2, dim=-1)
@@ -66,6 +84,13 @@ class BiasedExpert:
         else:
             act = ACTIVATIONS[shape.act]
             self.glu = lambda g, u: act(g) * u
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.gate_up, self.gate_up_bias, self.down, self.down_bias]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [n, D] -> [n, D]
         g, u = F.linear(x, self.gate_up, self.gate_up_bias).chunk(2, dim=-1)
@@ -117,17 +142,6 @@ class DenseCodec:
             return BiasedExpert(w[: 2 * I * D].view(2 * I, D), b[: 2 * I], w[2 * I * D: 3 * I * D].view(D, I),
                                 b[2 * I:], shape)
         return DenseExpert(w[: 2 * I * D].view(2 * I, D), w[2 * I * D:].view(D, I), shape.act)
-
-
-CODECS: dict[str, Callable[..., Codec]] = {"dense": lambda spec: DenseCodec(spec["dtype"])}
-
-
-def make_codec(spec: dict) -> Codec:
-    if spec.get("name") not in CODECS:
-        from . import quant  # noqa: F401  (registers the quantized codecs)
-    if spec.get("name") not in CODECS:
-        raise MoeError(f"unknown expert codec {spec.get('name')!r}; known: {', '.join(CODECS)}")
-    return CODECS[spec["name"]](spec)
 
 
 Fetch = Callable[[list[int]], Iterable[tuple[int, Callable]]]

@@ -199,7 +199,7 @@ class StoreSource:
     def _expert(self, layer: int, e: int) -> dict:
         import torch
 
-        from .experts import make_codec
+        from .codecs import make_codec
 
         entry = self.store.entries[(layer, e)]
         with open(self.store.experts_path, "rb") as f:

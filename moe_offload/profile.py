@@ -20,21 +20,8 @@ import torch
 from .args import add_model_args, load_engine
 from .errors import UsageError
 from .progress import Progress, add_quiet_arg
+from .routes import RouteLog, hooked
 from .utils import atomic_write_text
-
-
-class _Recorder:
-    """Wraps a layer's experts backend; records (hidden, chosen experts) and delegates everything else."""
-
-    def __init__(self, inner, layer: int, sink: dict):
-        self.inner, self.layer, self.sink = inner, layer, sink
-
-    def __call__(self, hidden, top_k_index, top_k_weights):
-        self.sink.setdefault(self.layer, []).append((hidden.detach().float().cpu(), top_k_index.detach().cpu()))
-        return self.inner(hidden, top_k_index, top_k_weights)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 @dataclass
@@ -61,22 +48,18 @@ class Recording:
 def record(engine, ids: list[int], window: int = 256, progress: Progress | None = None) -> Recording:
     """Forward `ids` in windows of `window` tokens (like perplexity) and record every MoE layer's routing.
     `progress`: updated with the tokens of each window."""
-    sink: dict = {}
+    log = RouteLog(hidden=True)
     window = min(window, engine.context_length)  # a model with a shorter context gets shorter windows
-    blocks = engine.model.moe_blocks()
-    saved = [(moe, moe.experts) for _, moe in blocks]
-    try:
-        for layer, moe in blocks:
-            moe.experts = _Recorder(moe.experts, layer, sink)
+    with hooked(engine.model, log):
         for start in range(0, len(ids), window):
             chunk = ids[start:start + window]
             if chunk:
                 engine.logits(chunk)
                 if progress is not None:
                     progress.update(len(chunk))
-    finally:
-        for moe, inner in saved:
-            moe.experts = inner
+    sink: dict = {}
+    for layer, idx, h in log.calls:
+        sink.setdefault(layer, []).append((h, idx))
     hidden = {L: torch.cat([h for h, _ in v]) for L, v in sink.items()}
     chosen = {L: torch.cat([c for _, c in v]) for L, v in sink.items()}
     return Recording(hidden, chosen, engine.model.n_experts, engine.model.top_k)

@@ -287,7 +287,7 @@ def run_us(
 ) -> dict:
     """One engine: a warm-up generation (fills the host tier and the cache), then a measured one."""
     from moe_offload import load
-    from moe_offload.bench import _Routes
+    from moe_offload.routes import RouteLog, attach
 
     kw = {"prefetch": prefetch, "cpu_misses": cpu_misses, "cache_policy": "lru"}
     if host:
@@ -295,14 +295,13 @@ def run_us(
     t0 = time.perf_counter()
     engine = load(store, device=device, dtype="bfloat16", memory=memory, **kw)
     load_s = time.perf_counter() - t0
-    sink: list = []
-    for layer, moe in engine.model.moe_blocks():
-        moe.experts = _Routes(moe.experts, layer, sink)
+    log = RouteLog(decode_only=True)  # the experts of every single-token (decode) call
+    attach(engine.model, log)
     cache = engine.expert_cache
     warm_ids, ids = prompts(engine.args.vocab_size, args.prompt_tokens)
     try:
         engine.generate(prompt_ids=warm_ids, max_new_tokens=args.warm_tokens, ignore_eos=True)
-        warm_rows = len(sink)
+        warm_rows = len(log.calls)
         it = engine.stream_generate(prompt_ids=ids, max_new_tokens=args.new_tokens + 1, ignore_eos=True)
         next(it)  # after prefill
         pre, last = cache.stats(), None
@@ -324,7 +323,8 @@ def run_us(
         for k in ("prefetch_recall", "prefetch_precision", "prefetch_issued", "prefetch_used", "host_hits"):
             if k in s:
                 row[k] = s[k]
-        row["routes"], row["warm_rows"] = sink, warm_rows
+        row["routes"] = [(la, idx[0].tolist()) for la, idx, _ in log.calls]
+        row["warm_rows"] = warm_rows
         return row
     finally:
         cache.close()

@@ -24,7 +24,7 @@ from moe_offload import cli as cli_mod
 from moe_offload.cli import build_parser, fit_history
 from moe_offload.cli import main as cli_main
 from moe_offload.errors import MoeError
-from moe_offload.runtime.engine import load
+from moe_offload.runtime.load import load
 from moe_offload.runtime.tokenizer import Tokenizer
 from moe_offload.sim import PROFILES, HardwareProfile
 from moe_offload.store.format import convert, open_store
@@ -154,7 +154,7 @@ def test_flags_reach_the_python_api_as_its_keywords(monkeypatch, parsers):
         seen["load"] = kw
         return Fake()
 
-    monkeypatch.setattr("moe_offload.runtime.engine.load", fake_load)
+    monkeypatch.setattr("moe_offload.runtime.load.load", fake_load)
     r = main(
         "generate",
         "--prompt-ids",

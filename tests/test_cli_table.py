@@ -41,7 +41,7 @@ def test_the_import_parser_resolves_relative_imports():
     found = imported_modules(PACKAGE / "store" / "cli.py")
     assert {"moe_offload.hub", "moe_offload.store.format"} <= found  # the second inside a function
     assert "moe_offload.quant.codec" in imported_modules(PACKAGE / "quant" / "__init__.py")
-    assert "moe_offload.runtime.engine" in imported_modules(PACKAGE / "__init__.py")
+    assert "moe_offload.runtime.load" in imported_modules(PACKAGE / "__init__.py")
 
 
 def test_no_library_module_imports_the_cli():

@@ -203,7 +203,7 @@ def test_shadow_router_maps_live_on_the_models_device(tmp_path):
     gate = types.SimpleNamespace(weight=torch.empty(E, D, device="meta"))  # a device other than the file's
     moe = types.SimpleNamespace(router_linear=lambda: gate)
     model = types.SimpleNamespace(top_k=2, n_experts=E, moe_blocks=lambda: [(0, moe), (1, moe)])
-    p = make_prefetcher(None, model, tmp_path, "shadow")
+    p = make_prefetcher(model, tmp_path, "shadow")
     W, b = p.predictors["shadow"].maps[(0, 1)]
     assert W.device.type == b.device.type == "meta"
     assert W.dtype == b.dtype == torch.float32

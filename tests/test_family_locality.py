@@ -72,7 +72,7 @@ def test_bench_sizes_are_what_the_engine_holds(tiny_checkpoint, tmp_path, spec, 
     run) and KV bytes (DeepSeek: the latent cache, not the GQA arithmetic bench used to do itself) the engine
     really holds for the store."""
     from moe_offload import bench
-    from moe_offload.runtime.engine import load
+    from moe_offload.runtime.load import load
     from moe_offload.store.format import convert
 
     from .test_families import SPECS, make_checkpoint

@@ -18,7 +18,8 @@ from gguf.quants import dequantize, quantize
 
 from moe_offload import load
 from moe_offload.errors import MoeError, UsageError
-from moe_offload.experts import ExpertShape, make_codec
+from moe_offload.codecs import make_codec
+from moe_offload.experts import ExpertShape
 from moe_offload.gguf_export import export_gguf
 from moe_offload.gguf_import import convert_gguf, gguf_config, open_gguf
 from moe_offload.quant.ggml import GGUFCodec, affine_groups

@@ -22,7 +22,7 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
 from moe_offload import server as srv  # noqa: E402
-from moe_offload.runtime.engine import load  # noqa: E402
+from moe_offload.runtime.load import load  # noqa: E402
 
 CONTEXT = 128
 LIMITS = srv.Limits(max_body=64 * 1024, max_queue=1)

@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from moe_offload.cli import main as cli_main
 from moe_offload.errors import MoeError
-from moe_offload.runtime.engine import load
+from moe_offload.runtime.load import load
 from moe_offload.store import folders
 from moe_offload.store import format as fmt
 from moe_offload.store.format import convert, open_store

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import io
@@ -16,11 +17,11 @@ import torch
 
 from moe_offload import numa
 from moe_offload.cli import main as cli_main
+from moe_offload.codecs import make_codec
 from moe_offload.costmodel import crossover_tokens, miss_cost
 from moe_offload.errors import MoeError, UsageError
-from moe_offload.experts import make_codec
 from moe_offload.plan import model_sizes
-from moe_offload.runtime.engine import load
+from moe_offload.runtime.load import load
 from moe_offload.sim import PROFILES, HardwareProfile
 from moe_offload.store import lowbit, misses
 from moe_offload.store.format import convert, open_store
@@ -116,7 +117,7 @@ def test_cost_model_sends_one_token_to_the_cpu_and_a_batch_to_the_device(store, 
     assert cross == 2  # 1 token: CPU 46 us vs link 74 us; 2 tokens: CPU 92 us
 
     engine = load(store, dtype="float32", cpu_misses="on")
-    router = engine.expert_cache.extras
+    router = engine.expert_cache.router
     assert router.decide((0, 0), 1) == "cpu" and router.decide((0, 0), 64) == "device"
     assert set(engine.info["cpu_miss_crossover_tokens"].values()) == {2}
     routing = Routing(engine)
@@ -272,6 +273,26 @@ def test_auto_carries_a_partial_plan_over_in_the_stores_bytes(store, reference, 
     backbone = load(store, dtype="float32").info["backbone_bytes"]
     assert stats["cache_capacity_bytes"] == 5 * span(store)  # the plan's 5 experts, at the store's bytes
     assert stats["resident_weight_bytes"] <= backbone + 5 * span(store)
+
+
+def test_auto_returns_a_config_and_leaves_the_flags_alone(store):
+    """--auto used to fill the argparse namespace in place; the planner now returns an OffloadConfig, the
+    user's own choices kept, and the namespace is read only."""
+    from moe_offload.autoconf import auto_config
+    from moe_offload.runtime.load import OffloadConfig
+
+    a = argparse.Namespace(model=str(store), device="cpu", dtype="float32", memory="auto", host_memory=None,
+                           cache_policy="lfu", prefetch=None, prefetch_depth=None, prefetch_experts=None,
+                           cpu_misses=None, miss_fallback=None, fallback_threshold=None, verify_reads=None,
+                           hardware="laptop-16gb-cpu", auto=True)
+    before, said = dict(vars(a)), []
+    config = auto_config(a, log=said.append)
+    assert vars(a) == before
+    assert isinstance(config, OffloadConfig) and isinstance(config.memory, int)
+    assert config.cache_policy == "lfu" and config.prefetch == "none" and config.cpu_misses == "off"
+    assert len(said) == 1 and "--cache-policy lfu (yours)" in said[0]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.memory = 1
 
 
 def test_impossible_auto_plan_is_refused_in_one_line(tmp_path):

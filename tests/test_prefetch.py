@@ -87,7 +87,7 @@ def test_wrong_guess_is_cancelled_and_its_bytes_reused(store):
     staged = cache.stage_used
     assert staged > 0
     needed = [e for e in range(8) if e not in wrong][:2]
-    pf._settle(target, needed)  # the router chose other experts: both guesses are dropped
+    pf._settle(cache, target, needed)  # the router chose other experts: both guesses are dropped
     s = cache.stats()
     assert s["prefetch_cancelled"] + s["prefetch_wasted"] == len(wrong)
     settle(cache)

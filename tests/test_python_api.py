@@ -15,7 +15,7 @@ from moe_offload.experts import ExpertShape
 from moe_offload.quant import mixed
 from moe_offload.quant.codec import HQQCodec
 from moe_offload.quant.writer import quantize
-from moe_offload.runtime.engine import load
+from moe_offload.runtime.load import load
 from moe_offload.store.format import convert, open_store
 
 TEXT = "the router reads the weights of the experts it picks; a stitch in time saves nine. " * 6

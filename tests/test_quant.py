@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from moe_offload.errors import MoeError
-from moe_offload.experts import DenseExpert, ExpertShape, make_codec
+from moe_offload.codecs import make_codec
+from moe_offload.experts import DenseExpert, ExpertShape
 from moe_offload.quant import hqq, lowrank, mixed
 from moe_offload.quant.codec import HQQCodec, expert_error
 from moe_offload.quant.kernels import (
@@ -464,7 +465,7 @@ def _quantize(hf, out, *flags):
 
 def _min_memory(store, dtype, experts=None):
     """--memory for `experts` of the largest expert (default top_k: the least the engine takes)."""
-    from moe_offload.runtime.engine import load
+    from moe_offload.runtime.load import load
     from moe_offload.store.cache import footprints
 
     backbone = load(store.path, dtype=dtype).info["backbone_bytes"]
@@ -475,7 +476,7 @@ def _min_memory(store, dtype, experts=None):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_quantized_store_offloaded_gives_the_same_tokens_as_resident(tiny_checkpoint, tmp_path, dtype):
     from moe_offload.quant.backbone import QuantLinear
-    from moe_offload.runtime.engine import load
+    from moe_offload.runtime.load import load
 
     hf = tiny_checkpoint("mixtral_gqa")
     store = _quantize(hf, tmp_path / "q", "--expert-bits", "3", "--attn-bits", "4")
@@ -519,7 +520,7 @@ def test_quantize_mixed_plan_respects_budget_and_routing(tiny_checkpoint, tmp_pa
 
 def test_quantize_8bit_is_close_to_dense_and_eval_compares(tiny_checkpoint, tmp_path, capsys):
     from moe_offload.cli import main
-    from moe_offload.runtime.engine import load
+    from moe_offload.runtime.load import load
 
     hf = tiny_checkpoint("mixtral_gqa", tokenizer=True)
     store = _quantize(hf, tmp_path / "q8", "--expert-bits", "8", "--attn-bits", "8")
@@ -553,7 +554,7 @@ def test_quantize_usage_errors(tiny_checkpoint, tmp_path):
 
 def test_quantize_mixed_with_calibration_uses_its_routing_counts(tiny_checkpoint, tmp_path, capsys):
     from moe_offload.profile import record
-    from moe_offload.runtime.engine import load
+    from moe_offload.runtime.load import load
 
     hf = tiny_checkpoint("mixtral_gqa", tokenizer=True)
     text = tmp_path / "calib.txt"
@@ -711,7 +712,7 @@ def test_hqq_codec_keeps_biases_exact_and_computes_the_clamped_glu():
 @pytest.mark.parametrize("bits", ["8", "mixed"])
 def test_quantize_gpt_oss_keeps_biases_and_its_8_bit_tokens_match_the_16_bit_store(gpt_oss, tmp_path, bits):
     from moe_offload.checkpoint import SafetensorsFolder, expert_tensors
-    from moe_offload.runtime.engine import load
+    from moe_offload.runtime.load import load
     from moe_offload.store.format import convert
 
     dense = convert(gpt_oss, tmp_path / "dense", torch.bfloat16)
@@ -739,7 +740,7 @@ def test_quantize_gpt_oss_keeps_biases_and_its_8_bit_tokens_match_the_16_bit_sto
 
 def test_eval_table_shows_the_hit_rates_when_offloaded(tiny_checkpoint, tmp_path, capsys):
     from moe_offload.cli import main
-    from moe_offload.runtime.engine import load
+    from moe_offload.runtime.load import load
     from moe_offload.store.format import convert
 
     hf = tiny_checkpoint("mixtral_gqa", tokenizer=True)

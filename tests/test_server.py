@@ -20,7 +20,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from moe_offload.runtime.engine import load  # noqa: E402
+from moe_offload.runtime.load import load  # noqa: E402
 from tests.tiny import make_checkpoint  # noqa: E402
 
 KEY = "test-key-123"

@@ -19,7 +19,7 @@ import torch
 from moe_offload.cli import main as cli_main
 from moe_offload.errors import MoeError, UsageError
 from moe_offload.experts import DenseCodec
-from moe_offload.runtime.engine import load
+from moe_offload.runtime.load import load
 from moe_offload.store import format as fmt
 from moe_offload.store import tiers
 from moe_offload.store.format import convert, open_store
@@ -238,7 +238,7 @@ RSS_MODEL = ("mixtral", dict(num_hidden_layers=4, num_key_value_heads=2, interme
 RSS_OVERHEAD = 20 << 20
 BASELINE = """
 import json, sys, torch
-import moe_offload.cli, moe_offload.runtime.engine, moe_offload.store.open
+import moe_offload.cli, moe_offload.runtime.load
 from moe_offload.models import build
 with torch.device("meta"):  # the same model skeleton as generate builds, but no weights
     build(json.load(open(sys.argv[1]))["config"])
@@ -528,6 +528,8 @@ def test_verify_reads_option_reaches_the_disk_tier(stores):
     _, store = stores["mixtral_gqa"]
     assert load(store, memory=10**9).expert_cache.disk.verify == "first"
     assert load(store, memory=10**9, verify_reads="always").expert_cache.disk.verify == "always"
+    with pytest.raises(UsageError, match="--verify-reads must be one of first, always, got 'sometimes'"):
+        load(store, memory=10**9, verify_reads="sometimes")  # was a ValueError from the disk tier: a traceback
     code, out, err = cli("generate", "--model", str(store), "--memory", "100MiB", "--verify-reads", "always",
                          "--prompt-ids", "1,5,9,20", "--max-new-tokens", "2")
     assert code == 0, err

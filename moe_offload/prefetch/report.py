@@ -15,29 +15,20 @@ import torch
 
 from ..args import add_model_args
 from ..errors import UsageError
-from ..runtime.engine import is_store, load
+from ..runtime.engine import is_store
+from ..routes import RouteLog, hooked
+from ..runtime.load import load
 from ..store.policies import belady_opt, replay
 from .predictors import Shadow
-
-
-class _TraceTap:
-    """Wraps a layer's experts backend; appends the layer's needed experts to a shared trace."""
-
-    def __init__(self, inner, layer: int, trace: list):
-        self.inner, self.layer, self.trace = inner, layer, trace
-
-    def __call__(self, hidden, top_k_index, top_k_weights):
-        self.trace.append([(self.layer, e) for e in torch.unique(top_k_index).tolist()])
-        return self.inner(hidden, top_k_index, top_k_weights)
 
 
 def run_one(store: Path, memory: int, mode: str, prompt: list[int], new_tokens: int, policy: str,
             dtype, depth: int) -> tuple[dict, list]:
     engine = load(store, dtype=dtype, memory=memory, cache_policy=policy, prefetch=mode, prefetch_depth=depth)
-    trace: list = []
-    for layer, moe in engine.model.moe_blocks():
-        moe.experts = _TraceTap(moe.experts, layer, trace)
-    r = engine.generate(prompt_ids=prompt, max_new_tokens=new_tokens, ignore_eos=True)
+    log = RouteLog()
+    with hooked(engine.model, log):
+        r = engine.generate(prompt_ids=prompt, max_new_tokens=new_tokens, ignore_eos=True)
+    trace = [[(layer, e) for e in torch.unique(idx).tolist()] for layer, idx, _ in log.calls]  # needed, per call
     cache = engine.expert_cache
     sizes = {k: cache.foot[k].load for k in cache.entries}
     cache.close()

@@ -36,7 +36,8 @@ class LayerScore:
 
 @dataclass
 class Prefetcher:
-    cache: object  # store.cache.ExpertCache
+    """A route hook of the expert cache: told each layer's routing (and the cache) before it fetches."""
+
     predictors: dict  # name -> Lookahead | Shadow
     mode: str
     depth: int = 1
@@ -56,17 +57,19 @@ class Prefetcher:
         self.needed = self.covered = 0
 
     # ---- called by the layer's experts backend before it fetches ------------------------------------------
-    def on_route(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor) -> None:
+    def on_route(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                 top_k_weights: torch.Tensor, cache) -> None:
+        """hidden [N, D], top_k_index [N, A] of `layer`; `cache`: the store.cache.ExpertCache to load into."""
         needed = torch.unique(top_k_index).tolist()
-        self._settle(layer, needed)
+        self._settle(cache, layer, needed)
         keys = self._predict(layer, hidden)
         if keys:
-            self.cache.prefetch(keys)
+            cache.prefetch(keys)
 
-    def _settle(self, layer: int, needed: list[int]) -> None:
+    def _settle(self, cache, layer: int, needed: list[int]) -> None:
         """The real routing of `layer` is known: score the guesses aimed at it, cancel the wrong loads."""
         self.needed += len(needed)
-        self.covered += sum((layer, e) in self.cache.resident or (layer, e) in self.cache.pending for e in needed)
+        self.covered += sum((layer, e) in cache.resident or (layer, e) in cache.pending for e in needed)
         guesses = self.guesses.pop(layer, {})
         for (name, source), experts in guesses.items():
             s = self.score.setdefault((name, source, layer), LayerScore())
@@ -74,7 +77,7 @@ class Prefetcher:
             s.predicted += len(experts)
         wrong = {(layer, e) for (_, _), experts in guesses.items() for e in experts} - {(layer, e) for e in needed}
         if wrong:
-            self.cache.cancel_prefetch(sorted(wrong))
+            cache.cancel_prefetch(sorted(wrong))
 
     def _choose(self, source: int, target: int) -> str | None:
         """auto: the predictor with the best live precision for this pair, or None if none pays."""
@@ -105,9 +108,8 @@ class Prefetcher:
                 keys += [(target, e) for e in guesses[chosen]]
         return keys
 
-    def stats(self) -> dict:
-        c = self.cache
-        issued, used = c.prefetch_issued, c.prefetch_used
+    def stats(self, cache) -> dict:
+        issued, used = cache.prefetch_issued, cache.prefetch_used
         per_layer = {}
         for (name, source, target), s in sorted(self.score.items()):
             per_layer[f"{name}:{source}->{target}"] = round(s.precision, 4)
@@ -119,7 +121,7 @@ class Prefetcher:
         }
 
 
-def make_prefetcher(cache, model, store_path, mode: str, depth: int = 1, m: int | None = None) -> Prefetcher | None:
+def make_prefetcher(model, store_path, mode: str, depth: int = 1, m: int | None = None) -> Prefetcher | None:
     """Build the predictors `mode` needs from the resident routers (lookahead) and the store's trained
     shadow router (shadow_router.safetensors, written by `moe-offload profile --train-shadow`)."""
     if mode not in MODES:
@@ -143,4 +145,4 @@ def make_prefetcher(cache, model, store_path, mode: str, depth: int = 1, m: int 
                        for k, (W, b) in shadow.maps.items()}
         shadow.moe_layers = sorted(gates)
         predictors["shadow"] = shadow
-    return Prefetcher(cache, predictors, mode, depth=depth, m=m)
+    return Prefetcher(predictors, mode, depth=depth, m=m)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MoeError
-from ..experts import CODECS, GLUS, ExpertShape
+from ..experts import GLUS, ExpertShape
 from ..models.base import ACTIVATIONS
 from . import lowrank
 from .hqq import META_BLOCK, decode_meta, group_size_for, importance_weights, quantize
@@ -87,6 +87,10 @@ class QuantExpert:
     def nbytes(self) -> int:
         return self.gate_up.nbytes + self.down.nbytes
 
+    def tensors(self) -> list[torch.Tensor]:
+        biases = [b for b in (self.gate_up_bias, self.down_bias) if b is not None]
+        return [*self.gate_up.tensors(), *self.down.tensors(), *biases]
+
     @property
     def kinds(self) -> tuple[str, str]:
         return self.gate_up.kind, self.down.kind
@@ -116,6 +120,9 @@ class LowRankLinear:
     def nbytes(self) -> int:
         return self.base.nbytes + self.V.nbytes + self.U.nbytes
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.base.tensors(), *self.V.tensors(), *self.U.tensors()]
+
     def __call__(self, x):
         return self.base(x) + self.U(self.V(x))
 
@@ -131,6 +138,9 @@ class DenseLinear:
     @property
     def nbytes(self) -> int:
         return self.w.numel() * self.w.element_size()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.w]
 
     def __call__(self, x):
         return F.linear(x, self.w.to(x.dtype))
@@ -317,5 +327,3 @@ def expert_error(gate, up, down, codec: HQQCodec, blob: torch.Tensor | None = No
         return float(((y - run(gu_hat, dn_hat)).pow(2).sum(-1) * w.float().pow(2)).sum())
     return float((y - run(gu_hat, dn_hat)).norm() / y.norm().clamp_min(1e-30))
 
-
-CODECS["hqq"] = HQQCodec

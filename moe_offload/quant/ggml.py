@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import MoeError
-from ..experts import CODECS, ExpertShape
+from ..experts import ExpertShape
 from ..utils import DTYPES
 from .codec import ALIGN, DenseLinear, QuantExpert, matrix_sections
 from .hqq import Quantized, quantize
@@ -189,5 +189,3 @@ class GGUFCodec:
         W = [v.dequantize() if isinstance(v, PackedMatrix) else v.float() for v in self._views(blob, shape)]
         return W[0], W[1]
 
-
-CODECS["gguf"] = GGUFCodec

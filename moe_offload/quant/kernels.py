@@ -170,6 +170,11 @@ class DequantLinear:
     def nbytes(self) -> int:
         return self.pm.packed.numel() + self.pm.sz.numel() * 2
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The stored matrix's tensors and the kernel's own (its layout of the codes, scales it split off)."""
+        own = [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
+        return [self.pm.packed, self.pm.sz, *own]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.pm.dequantize(x.dtype))
 

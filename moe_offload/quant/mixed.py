@@ -197,7 +197,8 @@ def error_curve(gate, up, down, specs: list[dict], x=None, make: Callable | None
     option is measured on the odd rows of x and fitted on the even ones: measured on its own fitting rows
     the low rank looked better than it did on held-out text (docs/quality.md). Absolute errors are then
     scaled back to all n rows. biases: {gate_bias, up_bias, down_bias} of an expert that has them."""
-    from ..experts import ExpertShape, make_codec
+    from ..codecs import make_codec
+    from ..experts import ExpertShape
     from .codec import expert_error
 
     make = make or make_codec
@@ -308,7 +309,7 @@ def calibrate(hf_dir: str | os.PathLike, text: str | os.PathLike, max_tokens: in
     from ..errors import UsageError
     from ..profile import record
     from ..progress import Progress
-    from ..runtime.engine import load
+    from ..runtime.load import load
 
     engine = load(hf_dir, dtype="float32")
     if engine.tokenizer is None:
@@ -338,7 +339,7 @@ def layer_sensitivity(cal: Calibration, ckpt: Checkpoint, spec: dict,
     `spec` (act_aware: weighted by their calibration inputs) and every other layer unquantized."""
     import math
 
-    from ..experts import make_codec
+    from ..codecs import make_codec
 
     engine, codec, shape = cal.engine, make_codec(spec), ckpt.shape
     window = min(256, engine.context_length)
@@ -363,7 +364,7 @@ def layer_plan(cal: Calibration, ckpt: Checkpoint, specs: list[dict], budget: in
     measured calibration NLL rise (layer_sensitivity); best_per_group picks the spec per layer with the least
     total rise within the budget (rises assumed additive across layers).
     -> {(layer, expert): Option} with err = the layer's rise / its experts."""
-    from ..experts import make_codec
+    from ..codecs import make_codec
 
     E = ckpt.model.n_experts
     per_layer: dict[int, list] = {}
@@ -424,7 +425,7 @@ def plan_mixed(ckpt: Checkpoint | str | os.PathLike, budget: int, *, group_size:
     unquantized model, needed by every plan_error but "rel" (whose counts it also supplies when counts is
     None). log: one line per measured layer sensitivity."""
     from ..errors import UsageError
-    from ..experts import make_codec
+    from ..codecs import make_codec
     from ..progress import Progress
 
     if plan_error not in PLAN_ERRORS:

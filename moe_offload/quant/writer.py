@@ -63,7 +63,7 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike, *, expert_bits: i
     unquantized model for routing counts and per-expert inputs; stats: routing_stats.json (copied into the
     store). act_aware "auto": on when calib is given. plan_error: default "out" with calib, else "rel".
     on_plan(plan) is called with the mixed plan before the store is written; log gets the planner's lines."""
-    from ..experts import make_codec
+    from ..codecs import make_codec
     from ..progress import Progress
     from ..store.folders import check_out
     from ..store.format import convert

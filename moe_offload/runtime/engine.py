@@ -1,4 +1,5 @@
-"""The engine: load a model (HF folder or expert store), generate, stream, score. CLI and server wrap this."""
+"""The engine: generate, stream, score a built model. runtime/load.py builds it (HF folder or expert store);
+the CLI and the server wrap both."""
 
 from __future__ import annotations
 
@@ -10,14 +11,12 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..checkpoint import (EXPERT_NAMES, SafetensorsFolder, check_keys, checkpoint_dtype, dequantizing,
-                          expert_checkpoint_keys, expert_tensors, read_config)
+from ..checkpoint import EXPERT_NAMES, check_keys, expert_checkpoint_keys, expert_tensors
 from ..errors import MoeError, UsageError
-from ..hub import resolve_model
 from ..experts import LocalExperts, expert_unit
 from ..models import build, get_module
 from ..models.base import Packed
-from ..utils import parse_dtype, parse_memory, peak_rss_bytes, pick_device
+from ..utils import peak_rss_bytes
 from .sampling import recent, sample
 from .tokenizer import Tokenizer
 
@@ -99,7 +98,7 @@ KV_CHUNK = 256  # tokens a KV cache grows by at least: a request without max_tok
 class Engine:
     def __init__(self, model, args, tokenizer: Tokenizer | None, device, dtype, path: Path, eos_ids: set[int],
                  expert_stats: Callable[[], dict] | None = None, info: dict | None = None,
-                 ctx_size: int | None = None):
+                 ctx_size: int | None = None, expert_cache=None):
         self.model, self.args, self.tokenizer = model, args, tokenizer
         self.device, self.dtype, self.path, self.eos_ids = device, dtype, path, eos_ids
         self.expert_stats = expert_stats
@@ -107,7 +106,7 @@ class Engine:
         self.ctx_size = check_ctx_size(ctx_size, model.max_len)
         self.kv_bytes_per_token = kv_bytes_per_token(model, dtype)
         self.kv_bytes = 0  # KV caches of the sequences in flight
-        self.expert_cache = None  # store.cache.ExpertCache when offloaded: KV bytes are held in its budget
+        self.expert_cache = expert_cache  # store.cache.ExpertCache when offloaded: KV bytes are held in its budget
 
     @property
     def context_length(self) -> int:
@@ -435,37 +434,4 @@ def _eos_ids(folder: Path, config: dict, tokenizer: Tokenizer | None) -> set[int
     return ids
 
 
-def load(path: str | Path | None = None, device: str | None = None, dtype: str | torch.dtype | None = None,
-         memory: str | int | None = None, ctx_size: int | None = None, **offload) -> Engine:
-    """Load an HF model folder or an expert store. `memory` (bytes, '2GiB', '25%') caps weights and KV caches
-    on the device; `ctx_size` caps the context (prompt + new tokens) below the model's; further keywords
-    (host_memory, cache_policy, prefetch, ...) go to the store."""
-    path = resolve_model(path) if path is not None else DEFAULT_MODEL  # org/name: the local HF cache
-    if path.suffix.lower() == ".gguf" and path.is_file():  # a GGUF file converts once into a cached store
-        from ..gguf_import import store_for
-
-        path = store_for(path, parse_dtype(dtype)).path
-    if not path.exists():
-        raise MoeError(f"model path {path} does not exist")
-    if not path.is_dir():
-        raise MoeError(f"model path {path} is not a folder")
-    dev = pick_device(device)
-    memory = parse_memory(memory)  # bytes, a Share of the model ('25%', resolved by the store) or 'auto'
-    if is_store(path) or memory is not None or any(v is not None for v in offload.values()):
-        from ..store.open import open_offloaded  # the tiered path: store on disk, experts cached
-
-        return open_offloaded(path, dev, parse_dtype(dtype), memory, ctx_size=ctx_size, **offload)
-    config = read_config(path)
-    get_module(config.get("model_type"))
-    dt = parse_dtype(dtype) or checkpoint_dtype(config)
-    source = dequantizing(SafetensorsFolder(path), config)  # FP8 block-scaled weights -> fp32 at load
-    args, model = build_model(config, source, dev, dt)
-    nbytes = attach_local_experts(model, source, args.model_type, dev, dt)
-    tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
-    backbone = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    info = {"format": "hf", "model_type": args.model_type, "expert_bytes": nbytes, "backbone_bytes": backbone}
-    return Engine(model, args, tokenizer, dev, dt, path, _eos_ids(path, config, tokenizer), info=info,
-                  ctx_size=ctx_size)
-
-
-__all__ = ["Batch", "Engine", "GenerationResponse", "GenerationResult", "load", "build_model", "EXPERT_NAMES"]
+__all__ = ["Batch", "Engine", "GenerationResponse", "GenerationResult", "build_model", "EXPERT_NAMES"]

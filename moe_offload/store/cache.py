@@ -23,7 +23,6 @@ import json
 import queue
 import threading
 import time
-import types
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -32,42 +31,13 @@ from functools import partial
 
 import torch
 
+from ..codecs import make_codec
 from ..errors import MoeError
-from ..experts import make_codec, moe_dispatch
+from ..experts import Unit, moe_dispatch
 from .format import ExpertEntry, Key, Store
 from .loader import DEMAND, PREFETCH, CopyStream, Handle, Loader
 from .policies import make_policy
 from .tiers import BufferPool, DiskTier, HostTier
-
-_LEAVES = (str, bytes, int, float, type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
-           types.MethodType, partial)
-
-
-def _children(obj) -> list:
-    if isinstance(obj, (list, tuple, set)):
-        return list(obj)
-    if isinstance(obj, dict):
-        return list(obj.values())
-    slots = [getattr(c, "__slots__", ()) for c in type(obj).__mro__]
-    names = [n for s in slots for n in ([s] if isinstance(s, str) else s)]
-    return [getattr(obj, n, None) for n in names] + list(getattr(obj, "__dict__", {}).values())
-
-
-def unit_tensors(unit, depth: int = 4) -> list[torch.Tensor]:
-    """The tensors an expert unit holds: through its attributes (slots, __dict__), nested objects, lists
-    and dicts, `depth` levels down; a module's parameters and buffers."""
-    out, seen, todo = [], set(), [(unit, depth)]
-    while todo:
-        obj, d = todo.pop()
-        if isinstance(obj, torch.Tensor):
-            out.append(obj)
-        elif isinstance(obj, torch.nn.Module):
-            out += [*obj.parameters(), *obj.buffers()]
-        elif d >= 0 and obj is not None and not isinstance(obj, _LEAVES) and id(obj) not in seen:
-            seen.add(id(obj))
-            todo += [(c, d - 1) for c in _children(obj)]
-    return out
-
 
 def storage_bytes(tensors: list[torch.Tensor]) -> int:
     """Bytes of the distinct storages behind `tensors` (views of one buffer count once)."""
@@ -75,10 +45,10 @@ def storage_bytes(tensors: list[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-def resident_bytes(unit, tensors: list[torch.Tensor]) -> int:
-    """What a unit keeps alive: its storages, or the codec's own count (`unit.nbytes`) if that is larger."""
-    claimed = getattr(unit, "nbytes", 0)
-    return max(storage_bytes(tensors), claimed if isinstance(claimed, int) else 0)
+def unit_bytes(unit: Unit, tensors: list[torch.Tensor] | None = None) -> int:
+    """What a unit keeps alive: the storages behind its tensors (a view of the read buffer keeps all of it), or
+    its own count (`unit.nbytes`) if that is larger."""
+    return max(storage_bytes(unit.tensors() if tensors is None else tensors), unit.nbytes)
 
 
 @dataclass(frozen=True)
@@ -101,12 +71,30 @@ def footprints(store: Store, device: torch.device, dtype: torch.dtype) -> dict[K
             except Exception:  # a codec whose decode needs real data: decode zeros once
                 buf = torch.zeros(alloc, dtype=torch.uint8, device=device)
                 unit = codec.decode(buf[:e.nbytes], shape, dtype)
-            tensors = unit_tensors(unit)
-            resident = resident_bytes(unit, tensors)
+            tensors = unit.tensors()
+            resident = unit_bytes(unit, tensors)
             views = any(t.untyped_storage()._cdata == buf.untyped_storage()._cdata for t in tensors)
             memo[spec] = Footprint(resident, resident if views else resident + alloc)
         out[key] = memo[spec]
     return out
+
+
+class Computed:
+    """A missed expert computed on the CPU for this layer's tokens: its rows, on the caller's device."""
+
+    __slots__ = ("y",)
+    nbytes = 0
+
+    def __init__(self, y: torch.Tensor):
+        self.y = y
+
+    def tensors(self) -> list[torch.Tensor]:
+        return []  # used once, never cached: nothing to count or keep
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [n, D] (the same rows the worker computed)
+        if x.shape[0] != self.y.shape[0]:
+            raise AssertionError(f"CPU result has {self.y.shape[0]} rows, the layer asks {x.shape[0]}")
+        return self.y.to(device=x.device, dtype=x.dtype)
 
 
 @dataclass
@@ -130,27 +118,36 @@ class ExpertCache:
     """Experts of all MoE layers on `device` under `capacity` bytes (see the module docstring)."""
 
     def __init__(self, store: Store, device: torch.device, dtype: torch.dtype, capacity: int,
-                 policy: str = "lru", base_bytes: int = 0, host_bytes: int | None = None, workers: int = 2,
-                 staging_bytes: int = 0, verify: str = "first", kv_in_budget: bool = False):
+                 policy: str = "lru", base_bytes: int = 0, host: HostTier | None = None, workers: int = 2,
+                 staging_bytes: int = 0, verify: str = "first", kv_in_budget: bool = False,
+                 prefetcher=None, router=None, foot: dict[Key, Footprint] | None = None):
+        """host: the pinned RAM tier (CUDA) or None. prefetcher (prefetch.runtime.Prefetcher) and router
+        (misses.MissRouter): the route hooks, told each layer's routing before it fetches (OffloadedExperts).
+        staging_bytes: kept for staged prefetches. foot: `footprints(store, device, dtype)` if known."""
         self.store, self.device, self.dtype = store, device, dtype
         self.entries: dict[Key, ExpertEntry] = store.entries
         self.shape = store.expert_shape
         self.capacity, self.staging_bytes, self.base_bytes = capacity, staging_bytes, base_bytes
         self.policy_name = policy
+        self.foot = footprints(store, device, dtype) if foot is None else foot
+        biggest = max(self.foot[k].load for k in self.entries)
+        if staging_bytes and not 0 <= staging_bytes <= capacity - biggest:
+            raise MoeError(f"staging {staging_bytes} bytes leaves the expert cache less than one expert")
         n_layers = max(store.moe_layers) + 1  # keys carry model layer indices
         self.policy = make_policy(policy, n_layers, store.n_experts, capacity - staging_bytes)
-        self.foot = footprints(store, device, dtype)
         codecs = {}
         self.codec = {k: codecs.setdefault(json.dumps(e.codec, sort_keys=True), make_codec(e.codec))
                       for k, e in self.entries.items()}
         cuda = device.type == "cuda"
         self.disk = DiskTier(store.experts_path, pinned=cuda, verify=verify)
         self.buffers = BufferPool() if not cuda and BufferPool.usable() else None  # CPU: reuse read buffers
-        self.host = HostTier(host_bytes, policy, n_layers, store.n_experts) if cuda and host_bytes else None
+        self.host = host
         self.copier = CopyStream(device) if cuda else None
         self.loader = Loader(workers)
-        self.prefetcher = None  # prefetch.runtime.Prefetcher, set by open_offloaded for --prefetch
-        self.extras = None  # misses.MissRouter, set by open_offloaded: --cpu-misses, --miss-fallback, NUMA stats
+        self.prefetcher, self.router = prefetcher, router
+        self.decides = router is not None and router.active  # --cpu-misses / --miss-fallback: it decides
+        hooks = ((prefetcher, prefetcher is not None), (router, self.decides))
+        self.hooks = tuple(h for h, on in hooks if on)  # told each layer's routing, in this order
         self._cpu: set[Key] = set()  # this fetch's misses the CPU computes (--cpu-misses)
         self.resident: dict[Key, Callable] = {}
         self.sizes: dict[Key, int] = {}
@@ -171,6 +168,7 @@ class ExpertCache:
     def _zero(self) -> None:
         self.hits = self.misses = self.evictions = 0
         self.bytes_read_disk = self.bytes_to_device = 0
+        self.cpu_experts, self.cpu_seconds = 0, 0.0  # --cpu-misses: experts computed on the CPU, and its time
         self.stall = 0.0
         # issued = used + cancelled (never read) + wasted (read, then dropped unused) once a pass settles
         self.prefetch_issued = self.prefetch_used = self.prefetch_cancelled = self.prefetch_wasted = 0
@@ -261,15 +259,21 @@ class ExpertCache:
             self._release(k)
 
     # ---- loading (worker threads) ------------------------------------------------------------------------
+    def _read(self, key: Key, step: int, buf: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """The one tier walk (demand loads, prefetches, CPU-computed misses): the blob from the host tier,
+        else from disk (offered to the host tier). -> (blob, bytes read from disk)"""
+        blob = self.host.get(key, step) if self.host is not None else None
+        if blob is not None:
+            return blob, 0
+        e = self.entries[key]
+        blob = self.disk.read(e, buf)  # verified, page-aligned; pinned on CUDA
+        if self.host is not None:
+            self.host.offer(key, blob, step)
+        return blob, e.span
+
     def _load(self, key: Key, step: int, buf: torch.Tensor | None = None) -> Loaded:
         e = self.entries[key]
-        blob = self.host.get(key, step) if self.host is not None else None
-        disk = 0
-        if blob is None:
-            blob = self.disk.read(e, buf)  # verified, page-aligned; pinned on CUDA
-            disk = e.span
-            if self.host is not None:
-                self.host.offer(key, blob, step)
+        blob, disk = self._read(key, step, buf)
         decode = partial(self.codec[key].decode, shape=self.shape, dtype=self.dtype)
         if self.copier is not None:
             unit = self.copier.upload(blob[:e.nbytes], decode)
@@ -280,8 +284,24 @@ class ExpertCache:
         with self.lock:
             self.bytes_read_disk += disk
             self.bytes_to_device += moved
-        tensors = unit_tensors(unit)
-        return Loaded(unit, resident_bytes(unit, tensors), tensors)
+        tensors = unit.tensors()
+        return Loaded(unit, unit_bytes(unit, tensors), tensors)
+
+    def _compute(self, key: Key, hidden: torch.Tensor, tok: torch.Tensor, step: int) -> Loaded:
+        """--cpu-misses: the expert decoded on the CPU where its blob is (host RAM) and run on this layer's
+        rows hidden[tok]; the result is used once, never cached."""
+        e = self.entries[key]
+        blob, disk = self._read(key, step)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            unit = self.codec[key].decode(blob[:e.nbytes], self.shape, self.dtype)  # on the CPU, from RAM
+            y = unit(hidden[tok])
+        dt = time.perf_counter() - t0
+        with self.lock:
+            self.bytes_read_disk += disk
+            self.cpu_experts += 1
+            self.cpu_seconds += dt
+        return Loaded(Computed(y), 0, [], bypass=True)
 
     def _submit(self, key: Key, priority: float) -> Handle:
         """Queue the load of `key`, whose bytes the caller has just reserved. CPU: its read buffer is taken
@@ -337,7 +357,7 @@ class ExpertCache:
                 p.handle.add_done_callback(lambda h, k=k: landed.put(k))
             else:
                 self.misses += 1
-                how = self.extras.how(k) if self.extras is not None else None
+                how = self.router.how(k) if self.decides else None
                 if how == "lowbit":
                     low.append(k)
                     continue
@@ -352,7 +372,7 @@ class ExpertCache:
                 pinned.discard(k)
                 self._issue(todo, pinned, ours, landed)
             for k in low:
-                yield k[1], self.extras.stand_in(k)
+                yield k[1], self.router.stand_in(k)
             while ours or todo:
                 if not ours:
                     self._wait_for_room(layer, todo[0])
@@ -384,7 +404,10 @@ class ExpertCache:
             k = todo[0]
             need, job = self.foot[k].load, None
             if k in self._cpu:  # computed on the CPU from host memory, never cached
-                need, job = self.extras.cpu_job(k, self.step)
+                # CPU-only: the blob is read into the compute tier, its load footprint is reserved; CUDA: it
+                # lives in host memory
+                need = need if self.device.type == "cpu" else 0
+                job = partial(self._compute, k, *self.router.rows(k), self.step)
             if not self._make_room(k, need, pinned):
                 return
             todo.popleft()
@@ -500,13 +523,13 @@ class ExpertCache:
             s.update(prefetch_issued=self.prefetch_issued, prefetch_used=self.prefetch_used,
                      prefetch_cancelled=self.prefetch_cancelled, prefetch_wasted=self.prefetch_wasted)
         if self.prefetcher is not None:
-            s.update(self.prefetcher.stats())
+            s.update(self.prefetcher.stats(self))
             if reset:
                 self.prefetcher.reset()
-        if self.extras is not None:
-            s.update(self.extras.stats())
+        if self.router is not None:
+            s.update(self.router.stats(self.cpu_experts, self.cpu_seconds))
             if reset:
-                self.extras.reset()
+                self.router.reset()
         if reset:
             self._zero()
         return s
@@ -528,8 +551,8 @@ class OffloadedExperts:
 
     def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         # hidden [N, D], top_k_index / top_k_weights [N, A] -> [N, D]
-        if self.cache.prefetcher is not None:  # settle this layer's guesses, queue the next layers' loads
-            self.cache.prefetcher.on_route(self.layer, hidden, top_k_index)
-        if self.cache.extras is not None:  # decide this layer's misses: CPU compute or 2-bit stand-in
-            self.cache.extras.on_route(self.layer, hidden, top_k_index, top_k_weights)
+        # the route hooks: the prefetcher settles this layer's guesses and queues the next layers' loads; the
+        # miss router decides this layer's misses (CPU compute or 2-bit stand-in)
+        for hook in self.cache.hooks:
+            hook.on_route(self.layer, hidden, top_k_index, top_k_weights, self.cache)
         return moe_dispatch(hidden, top_k_index, top_k_weights, partial(self.cache.fetch, self.layer))

@@ -43,7 +43,8 @@ from ..checkpoint import (
     read_json,
 )
 from ..errors import MoeError
-from ..experts import GLUS, Codec, DenseCodec, ExpertShape, make_codec
+from ..codecs import make_codec
+from ..experts import GLUS, Codec, DenseCodec, ExpertShape
 from ..models import build, get_module
 from ..models.base import ACTIVATIONS
 from ..utils import DTYPE_NAMES, DTYPES, drop_page_cache, tensor_bytes

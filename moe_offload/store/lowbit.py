@@ -28,8 +28,10 @@ from pathlib import Path
 
 import torch
 
+from ..codecs import make_codec
 from ..errors import MoeError, UsageError
-from ..experts import DenseExpert, ExpertShape, make_codec
+from ..experts import DenseExpert, ExpertShape
+from .cache import unit_bytes
 from .format import Key, Store, crc32_hex, open_store
 from .tiers import DiskTier
 
@@ -143,8 +145,6 @@ def log_stderr(msg: str) -> None:
 
 def stand_ins(store: Store, device: torch.device, dtype: torch.dtype, log=log_stderr) -> StandIns:
     """Read (or build once and save) the 2-bit copies and decode them on `device`."""
-    from .cache import resident_bytes, unit_tensors
-
     got = read(store)
     blobs, source = (got[0], f"read from {BIN} ({got[1]})") if got is not None else (None, "")
     if blobs is None:
@@ -160,7 +160,7 @@ def stand_ins(store: Store, device: torch.device, dtype: torch.dtype, log=log_st
         for k, blob in blobs.items():
             unit = low.decode(blob.to(device), store.expert_shape, dtype)
             units[k] = unit
-            nbytes += resident_bytes(unit, unit_tensors(unit))
+            nbytes += unit_bytes(unit)
     return StandIns(units, nbytes, source)
 
 

@@ -1,6 +1,6 @@
 """What a layer does with a missed expert besides waiting for it to land: compute it on the CPU
 (--cpu-misses), or compute a resident 2-bit stand-in (--miss-fallback lowbit, store/lowbit.py); and the NUMA
-placement of the host tier. One `MissRouter` per cache (`cache.extras`), told each layer's routing before
+placement of the host tier. One `MissRouter` per cache (`cache.router`), told each layer's routing before
 dispatch (`on_route`, the way the prefetcher is), so `moe_dispatch` keeps its signature.
 
 --cpu-misses off | auto | on. Per missed expert (neither cached nor on its way), the cost model
@@ -35,8 +35,6 @@ Stats: numa_nodes (1: no-op), numa_local_experts, numa_enforced.
 from __future__ import annotations
 
 import json
-import math
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -45,10 +43,12 @@ from pathlib import Path
 import torch
 
 from .. import numa
+from ..codecs import make_codec
 from ..costmodel import crossover_tokens, miss_cost
-from ..errors import MoeError, UsageError
-from ..experts import make_codec
+from ..errors import MoeError
+from ..hardware import get_profile
 from ..utils import best_time
+from .cache import unit_bytes
 from .format import Key, Store
 from .tiers import DiskTier, HostTier
 
@@ -95,13 +95,11 @@ def expert_params(store: Store) -> int:
 
 def cpu_unit_bytes(codec, nbytes: int, store: Store, dtype: torch.dtype) -> int:
     """Bytes the CPU-decoded unit holds (one trial decode: on meta where the codec allows, else of zeros)."""
-    from .cache import resident_bytes, unit_tensors
-
     try:
         unit = codec.decode(torch.empty(nbytes, dtype=torch.uint8, device="meta"), store.expert_shape, dtype)
     except Exception:  # noqa: BLE001  (a codec whose decode needs real data: hqq)
         unit = codec.decode(torch.zeros(nbytes, dtype=torch.uint8), store.expert_shape, dtype)
-    return resident_bytes(unit, unit_tensors(unit))
+    return unit_bytes(unit)
 
 
 def expert_costs(store: Store, dtype: torch.dtype) -> dict[str, ExpertCost]:
@@ -115,8 +113,6 @@ def expert_costs(store: Store, dtype: torch.dtype) -> dict[str, ExpertCost]:
 
 
 def profile_figures(hardware) -> Figures:
-    from ..sim import get_profile
-
     hw = get_profile(hardware)
     return Figures(hw.link_bw, hw.cpu_bw, hw.cpu_flops, hw.device_bw, hw.device_flops, hw.link_latency_s,
                    source=f"hardware profile {hw.name}")
@@ -163,30 +159,17 @@ def measure_figures(store: Store, device: torch.device, dtype: torch.dtype,
     return out
 
 
-class Computed:
-    """A missed expert computed on the CPU for this layer's tokens: its rows, on the caller's device."""
-
-    __slots__ = ("y",)
-
-    def __init__(self, y: torch.Tensor):
-        self.y = y
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [n, D] (the same rows the worker computed)
-        if x.shape[0] != self.y.shape[0]:
-            raise AssertionError(f"CPU result has {self.y.shape[0]} rows, the layer asks {x.shape[0]}")
-        return self.y.to(device=x.device, dtype=x.dtype)
-
-
 class MissRouter:
-    """The cache's `extras`: per-layer decisions for missed experts, the CPU jobs, stand-ins, counters."""
+    """A route hook of the cache (`cache.router`): per-layer decisions for missed experts, the CPU rows of
+    each one the CPU computes (the cache runs it: `ExpertCache._compute`), the stand-ins, counters."""
 
-    def __init__(self, cache, cpu_misses: str = "off", figures: dict[str, Figures] | None = None,
-                 costs: dict[str, ExpertCost] | None = None, stand_ins=None,
-                 threshold: float = DEFAULT_THRESHOLD, numa_info: dict | None = None):
-        self.cache, self.mode = cache, cpu_misses
-        self.cpu_on = cpu_misses == "on" or (cpu_misses == "auto" and cache.device.type == "cuda")
+    def __init__(self, store: Store, device: torch.device, cpu_misses: str = "off",
+                 figures: dict[str, Figures] | None = None, costs: dict[str, ExpertCost] | None = None,
+                 stand_ins=None, threshold: float = DEFAULT_THRESHOLD, numa_info: dict | None = None):
+        self.mode = cpu_misses
+        self.cpu_on = cpu_misses == "on" or (cpu_misses == "auto" and device.type == "cuda")
         self.figures, self.costs = figures or {}, costs or {}
-        self.spec_of = {k: spec_key(e.codec) for k, e in cache.entries.items()}
+        self.spec_of = {k: spec_key(e.codec) for k, e in store.entries.items()}
         self.stand_ins, self.threshold = stand_ins, threshold  # lowbit.StandIns or None
         self.numa_info = numa_info or {"numa_nodes": 1}
         self.decided: dict[Key, str] = {}  # this layer's misses: "cpu" | "lowbit"
@@ -194,7 +177,7 @@ class MissRouter:
         self.reset()
 
     def reset(self) -> None:
-        self.cpu_experts, self.cpu_seconds, self.lowbit_fallbacks = 0, 0.0, 0
+        self.lowbit_fallbacks = 0
 
     @property
     def active(self) -> bool:
@@ -220,13 +203,13 @@ class MissRouter:
         return out
 
     def on_route(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
-                 top_k_weights: torch.Tensor) -> None:
-        """Layer `layer` routed (hidden [N, D], top_k_index / top_k_weights [N, A]): decide its misses."""
+                 top_k_weights: torch.Tensor, cache) -> None:
+        """Layer `layer` routed (hidden [N, D], top_k_index / top_k_weights [N, A]): decide its misses, those
+        experts of it that `cache` neither holds nor has on their way."""
         self.decided.clear()
         self.inputs.clear()
         if not self.active:
             return
-        cache = self.cache
         idx = top_k_index.cpu()  # a sync the dispatch makes anyway (torch.unique(...).tolist())
         needed = torch.unique(idx).tolist()
         missing = [e for e in needed if (layer, e) not in cache.resident and (layer, e) not in cache.pending]
@@ -256,65 +239,21 @@ class MissRouter:
     def stand_in(self, key: Key) -> Callable:
         return self.stand_ins.units[key]
 
-    # ---- the CPU job (a loader worker runs it) ------------------------------------------------------------
-    def cpu_job(self, key: Key, step: int) -> tuple[int, Callable]:
-        """(bytes to reserve in the device budget while it runs, the job). On CPU-only the blob is read into
-        the compute tier: its load footprint is reserved; on CUDA it lives in host memory."""
+    def rows(self, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
+        """A miss the CPU computes: (this layer's hidden rows on the CPU [N, D], the rows routed to it: the
+        ones moe_dispatch will hand this expert, in the same order)."""
         hidden, idx = self.inputs[key[0]]
-        tok = torch.where(idx == key[1])[0]  # the rows moe_dispatch will hand this expert, in the same order
-        reserve = self.cache.foot[key].load if self.cache.device.type == "cpu" else 0
-        return reserve, partial(self._compute, key, hidden, tok, step)
-
-    def _compute(self, key: Key, hidden: torch.Tensor, tok: torch.Tensor, step: int):
-        from .cache import Loaded
-
-        c = self.cache
-        e = c.entries[key]
-        blob = c.host.get(key, step) if c.host is not None else None
-        disk = 0
-        if blob is None:
-            blob = c.disk.read(e)  # verified; pinned on CUDA
-            disk = e.span
-            if c.host is not None:
-                c.host.offer(key, blob, step)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            unit = c.codec[key].decode(blob[:e.nbytes], c.shape, c.dtype)  # on the CPU: the blob is in RAM
-            y = unit(hidden[tok])
-        dt = time.perf_counter() - t0
-        with c.lock:
-            c.bytes_read_disk += disk
-            self.cpu_experts += 1
-            self.cpu_seconds += dt
-        return Loaded(Computed(y), 0, [], bypass=True)
+        return hidden, torch.where(idx == key[1])[0]
 
     # ---- stats -------------------------------------------------------------------------------------------
-    def stats(self) -> dict:
-        s = {"cpu_misses": self.mode, "cpu_computed_experts": self.cpu_experts,
-             "cpu_compute_seconds": self.cpu_seconds, "lowbit_fallbacks": self.lowbit_fallbacks}
+    def stats(self, cpu_experts: int, cpu_seconds: float) -> dict:
+        """cpu_experts, cpu_seconds: the cache's counts of the misses it computed on the CPU."""
+        s = {"cpu_misses": self.mode, "cpu_computed_experts": cpu_experts,
+             "cpu_compute_seconds": cpu_seconds, "lowbit_fallbacks": self.lowbit_fallbacks}
         if self.stand_ins is not None:
             s.update(miss_fallback="lowbit", fallback_threshold=self.threshold)
         s.update(self.numa_info)
         return s
-
-
-def check_options(cpu_misses: str | None, miss_fallback: str | None,
-                  fallback_threshold) -> tuple[str, str, float]:
-    cpu_misses = cpu_misses or "off"
-    miss_fallback = miss_fallback or "none"
-    if cpu_misses not in CPU_MISSES:
-        raise UsageError(f"--cpu-misses must be one of {', '.join(CPU_MISSES)}, got {cpu_misses!r}")
-    if miss_fallback not in FALLBACKS:
-        raise UsageError(f"--miss-fallback must be one of {', '.join(FALLBACKS)}, got {miss_fallback!r}")
-    if fallback_threshold is not None and miss_fallback != "lowbit":
-        raise UsageError("--fallback-threshold needs --miss-fallback lowbit")
-    try:
-        threshold = DEFAULT_THRESHOLD if fallback_threshold is None else float(fallback_threshold)
-    except (TypeError, ValueError):
-        raise UsageError(f"--fallback-threshold must be a number, got {fallback_threshold!r}") from None
-    if not 0.0 <= threshold <= 1.0 or math.isnan(threshold):
-        raise UsageError(f"--fallback-threshold must be in 0..1 (a routing weight), got {threshold}")
-    return cpu_misses, miss_fallback, threshold
 
 
 # ---- NUMA -------------------------------------------------------------------------------------------------
