@@ -38,6 +38,7 @@ import torch
 from ..checkpoint import expert_tensors
 from ..cli import command
 from ..errors import UsageError
+from .kernels import write_layout
 from ..progress import Progress, add_quiet_arg
 from ..utils import mib, parse_dtype, parse_size
 
@@ -95,6 +96,8 @@ def _add_quantize(p):
 def expert_spec(bits: int, group_size: int | None, quantizer: str, rank: int = 0) -> dict:
     """The hqq codec spec; --group-size applies to 2/3/4 bits (8-bit keeps one group per row: int8 kernel)."""
     spec = {"name": "hqq", "bits": bits, "quantizer": quantizer}
+    if bits == 4:  # the codes in this CPU's int4 kernel order (2/3-bit codes are expanded at load anyway)
+        spec["layout"] = write_layout()
     if group_size is not None and bits < 8:
         spec["group_size"] = group_size
     if rank:

@@ -22,6 +22,7 @@ Shape legend: M rows of activations, N output rows, K inputs, g group size, G = 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -36,78 +37,151 @@ INT4_GROUPS = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 DENSE_ROWS = {"int4pack": 192, "int8pack": 96}
 
 
-# ---- the int4pack nibble order -------------------------------------------------------------------------
+# ---- the int4pack nibble orders -------------------------------------------------------------------------
+# torch's `_convert_weight_to_int4pack_for_cpu` writes [N, K/2] bytes in an order that depends on the CPU
+# build it dispatches to. Every one is blocks of B rows stored k-major, then a tail of N mod B rows:
+#   "b64" (AVX-512)   B = 64: byte (k, j) of a block holds rows j (low nibble) and j + 32 (high), j < 32
+#   "b32" (AVX2)      B = 32: byte (k, j) holds rows j and j + 16, j < 16
+#   "p32" (no SIMD)   B = 32: byte (k, j) holds rows 2j and 2j + 1
+# and the tail (16/32/48 rows) pairs rows n, n + 1 at byte (k, n/2). Stores record theirs in the codec spec
+# ("layout"); one without the field holds "b64", the only order written before the field existed.
+LAYOUTS = {"b64": 64, "b32": 32, "p32": 32}
+LEGACY_LAYOUT = "b64"
+
 
 def int4pack_ordered(N: int, K: int, bits: int) -> bool:
-    """Codes of b <= 4 are stored in int4pack order when the kernel's N % 16 rule allows it."""
+    """Codes of b <= 4 are stored in an int4pack order when the kernel's N % 16 rule allows it."""
     return bits <= 4 and N % 16 == 0 and K % 2 == 0
 
 
-def int4pack_order(codes: torch.Tensor) -> torch.Tensor:
-    """codes [N, K] -> flat stream r such that pack(r, 4) is `_convert_weight_to_int4pack_for_cpu(codes)`
-    (AVX-512 layout: blocks of 64 rows; byte (k, h, d) of a block holds rows 16h+d (low) and 16h+d+32 (high);
-    a tail block of 16/32/48 rows pairs rows n, n+1 at byte (k, n/2))."""
+def _check(layout: str) -> int:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown int4 layout {layout!r}; choose from {sorted(LAYOUTS)}")
+    return LAYOUTS[layout]
+
+
+def int4pack_order(codes: torch.Tensor, layout: str = LEGACY_LAYOUT) -> torch.Tensor:
+    """codes [N, K] -> flat stream r such that pack(r, 4) is what a CPU of `layout` converts codes to."""
+    B = _check(layout)
     N, K = codes.shape
-    nb = N // 64
-    full = codes[: nb * 64].reshape(nb, 2, 2, 16, K).permute(0, 4, 2, 3, 1)  # [NB, K, h, d, lh]
-    tail = codes[nb * 64:].reshape(-1, 2, K).permute(2, 0, 1)  # [K, n/2, lh]
+    nb = N // B
+    if layout == "p32":
+        full = codes[: nb * B].reshape(nb, B // 2, 2, K).permute(0, 3, 1, 2)  # [NB, K, j, lh]
+    else:
+        full = codes[: nb * B].reshape(nb, 2, B // 2, K).permute(0, 3, 2, 1)  # [NB, K, j, lh]
+    tail = codes[nb * B:].reshape(-1, 2, K).permute(2, 0, 1)  # [K, n/2, lh]
     return torch.cat([full.reshape(-1), tail.reshape(-1)])
 
 
-def int4pack_unorder(stream: torch.Tensor, N: int, K: int) -> torch.Tensor:
+def int4pack_unorder(stream: torch.Tensor, N: int, K: int, layout: str = LEGACY_LAYOUT) -> torch.Tensor:
     """Inverse of `int4pack_order`: flat stream -> codes [N, K]."""
-    nb = N // 64
-    t = nb * 64 * K
-    full = stream[:t].reshape(nb, K, 2, 16, 2).permute(0, 4, 2, 3, 1).reshape(nb * 64, K)
+    B = _check(layout)
+    nb = N // B
+    t = nb * B * K
+    if layout == "p32":
+        full = stream[:t].reshape(nb, K, B // 2, 2).permute(0, 2, 3, 1)
+    else:
+        full = stream[:t].reshape(nb, K, B // 2, 2).permute(0, 3, 2, 1)
     tail = stream[t: N * K].reshape(K, -1, 2).permute(1, 2, 0).reshape(-1, K)
-    return torch.cat([full, tail])
+    return torch.cat([full.reshape(nb * B, K), tail])
+
+
+def _probe(layout: str) -> bool:
+    g = torch.Generator().manual_seed(0)
+    c = torch.randint(0, 16, (80, 64), generator=g, dtype=torch.uint8)  # one full block + a tail
+    ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(c.to(torch.int32), 1)
+    return bool(torch.equal(pack(int4pack_order(c, layout), 4).view(80, 32), ref))
 
 
 @functools.cache
-def int4pack_native() -> bool:
-    """Does this torch's CPU kernel use the layout `int4pack_order` writes? (Checked once on a probe.)"""
+def host_layout() -> str | None:
+    """The order this torch's CPU int4 kernel reads (checked once on a probe); None if it is none of ours.
+    (ATEN_CPU_CAPABILITY=default|avx2|avx512 picks torch's CPU build, hence the order, per process.)"""
     try:
-        g = torch.Generator().manual_seed(0)
-        c = torch.randint(0, 16, (80, 64), generator=g, dtype=torch.uint8)  # one full block + a tail
-        ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(c.to(torch.int32), 1)
-        return bool(torch.equal(pack(int4pack_order(c), 4).view(80, 32), ref))
+        return next((lay for lay in LAYOUTS if _probe(lay)), None)
     except (RuntimeError, AttributeError):
-        return False
+        return None
+
+
+def write_layout() -> str:
+    """The order a new store's 4-bit codes are written in: this CPU's, so that decoding them is a view;
+    MOE_OFFLOAD_INT4_LAYOUT=<layout> writes another (tests: the converting path on any machine)."""
+    forced = os.environ.get("MOE_OFFLOAD_INT4_LAYOUT")
+    if forced:
+        _check(forced)
+        return forced
+    return host_layout() or LEGACY_LAYOUT
+
+
+def int4pack_native(layout: str = LEGACY_LAYOUT) -> bool:
+    """Does this torch's CPU kernel read codes stored in `layout` as they are?"""
+    return host_layout() == layout
+
+
+def relayout(nib: torch.Tensor, N: int, K: int, src: str, dst: str) -> torch.Tensor:
+    """A nibble stream [N*K/2] in order `src` -> a new one in order `dst`. b64 <-> b32 over full 64-row
+    blocks is a byte shuffle (no code expansion, temporaries of a few block bytes); the rest goes through
+    the row-major codes."""
+    if src == dst:
+        return nib.clone()
+    _check(src), _check(dst)
+    full = N // 64 * 64 * K // 2 if {src, dst} == {"b64", "b32"} else 0
+    out = torch.empty(N * K // 2, dtype=torch.uint8, device=nib.device)
+    if full:
+        if src == "b64":  # [NB, K, j // 16, j % 16] -> [NB, block of 32, K, d]
+            a, b = nib[:full].view(-1, K, 2, 16), out[:full].view(-1, 2, K, 16)
+            torch.bitwise_or(a[:, :, 0] & 0x0F, (a[:, :, 1] & 0x0F) << 4, out=b[:, 0])  # rows 0-31
+            torch.bitwise_or(a[:, :, 0] >> 4, a[:, :, 1] & 0xF0, out=b[:, 1])  # rows 32-63
+        else:
+            b, a = nib[:full].view(-1, 2, K, 16), out[:full].view(-1, K, 2, 16)
+            torch.bitwise_or(b[:, 0] & 0x0F, (b[:, 1] & 0x0F) << 4, out=a[:, :, 0])  # rows j, j + 32
+            torch.bitwise_or(b[:, 0] >> 4, b[:, 1] & 0xF0, out=a[:, :, 1])  # rows 16 + j, 48 + j
+    done = full * 2 // K
+    if done < N:  # the rows past the last 64-row block stand alone in either order: a block of 32, pairs
+        c = _unorder_tail(nib[full: N * K // 2], N - done, K, src)
+        out[full:] = pack(int4pack_order(c, dst), 4)
+    return out
+
+
+def _unorder_tail(nib: torch.Tensor, n: int, K: int, layout: str) -> torch.Tensor:
+    c = torch.stack([nib & 15, nib >> 4], -1).view(-1)
+    return int4pack_unorder(c, n, K, layout)
 
 
 # ---- one stored matrix ----------------------------------------------------------------------------------
 
 @dataclass
 class PackedMatrix:
-    """A quantized matrix as stored: packed codes (int4pack order for b <= 4 when allowed, row-major
-    otherwise; 8-bit codes as int8 q − 128) and scales_and_zeros sz bf16 [G, N, 2]."""
+    """A quantized matrix as stored: packed codes (int4pack order `layout` for b <= 4 when allowed,
+    row-major otherwise; 8-bit codes as int8 q − 128) and scales_and_zeros sz bf16 [G, N, 2]."""
 
     packed: torch.Tensor  # uint8 [packed_nbytes(N*K, bits)]
     sz: torch.Tensor
     bits: int
     N: int
     K: int
+    layout: str = LEGACY_LAYOUT
 
     @property
     def group_size(self) -> int:
         return self.K // self.sz.shape[0]
 
     @classmethod
-    def from_quantized(cls, q: Quantized) -> PackedMatrix:
+    def from_quantized(cls, q: Quantized, layout: str = LEGACY_LAYOUT) -> PackedMatrix:
         N, K = q.codes.shape
         c = q.codes
         if int4pack_ordered(N, K, q.bits):
-            c = int4pack_order(c)
+            c = int4pack_order(c, layout)
         elif q.bits == 8:
             c = c ^ 0x80  # int8 two's complement of q − 128
-        return cls(pack(c, q.bits), q.sz, q.bits, N, K)
+        return cls(pack(c, q.bits), q.sz, q.bits, N, K, layout)
 
     def codes(self) -> torch.Tensor:
         """uint8 [N, K] in row-major order (works on any device)."""
         n = self.N * self.K
         c = unpack(self.packed, self.bits, n)
         if int4pack_ordered(self.N, self.K, self.bits):
-            return int4pack_unorder(c, self.N, self.K)
+            return int4pack_unorder(c, self.N, self.K, self.layout)
         if self.bits == 8:
             c = c ^ 0x80
         return c.reshape(self.N, self.K)
@@ -120,7 +194,7 @@ class PackedMatrix:
         G = self.sz.shape[0]
         s = self.sz[..., 0].t().float()[..., None]  # [N, G, 1]
         m0 = self.sz[..., 1].t().float()[..., None] - centre(self.bits) * s
-        if int4pack_ordered(N, K, self.bits):
+        if int4pack_ordered(N, K, self.bits) and self.layout != "p32":  # (p32: pairs; below)
             rows_of = self._ordered_rows(nibbles(self.packed, self.bits, N * K))
         elif self.bits == 8:
             rows_of = lambda r, n: self.packed[r * K:(r + n) * K].view(n, K) ^ 0x80  # noqa: E731
@@ -139,19 +213,22 @@ class PackedMatrix:
 
     def _ordered_rows(self, nib: torch.Tensor):
         """rows_of(r, n) for the int4pack order: unpack + un-permute in one strided pass per nibble half."""
-        N, K = self.N, self.K
-        full = N // 64 * 64
-        blocks = nib[: full * K // 2].view(-1, K, 2, 16).permute(0, 2, 3, 1)  # [NB, h, d, K]
+        N, K, B = self.N, self.K, LAYOUTS[self.layout]
+        full = N // B * B
+        blocks = nib[: full * K // 2].view(-1, K, B // 2).permute(0, 2, 1)  # [NB, j, K]
+        tail: list[torch.Tensor] = []
 
         def rows_of(r: int, n: int) -> torch.Tensor:
-            if r % 64 == 0 and n % 64 == 0 and r + n <= full:
-                b = blocks[r // 64:(r + n) // 64]
-                out = torch.empty(b.shape[0], 2, 2, 16, K, dtype=torch.uint8, device=nib.device)  # [nb, lh..]
+            if r % B == 0 and n % B == 0 and r + n <= full:
+                b = blocks[r // B:(r + n) // B]
+                out = torch.empty(b.shape[0], 2, B // 2, K, dtype=torch.uint8, device=nib.device)  # [nb, lh..]
                 torch.bitwise_and(b, 15, out=out[:, 0])
                 torch.bitwise_right_shift(b, 4, out=out[:, 1])
                 return out.view(n, K)
-            c = torch.stack([nib & 15, nib >> 4], -1).view(-1)  # rare: tails and odd chunkings
-            return int4pack_unorder(c, N, K)[r:r + n]
+            if not tail:  # rare: the tail rows, odd chunkings (unordered once)
+                c = torch.stack([nib & 15, nib >> 4], -1).view(-1)
+                tail.append(int4pack_unorder(c, N, K, self.layout))
+            return tail[0][r:r + n]
 
         return rows_of
 
@@ -175,30 +252,43 @@ class DequantLinear:
 
 
 class Int4Linear(DequantLinear):
-    """CPU int4pack kernel for b <= 4 (2/3-bit expanded to nibbles here, once)."""
+    """CPU int4pack kernel for b <= 4, over nibbles in the order this CPU's kernel reads (`host_layout`):
+    4-bit codes stored in that order are a view of the stored bytes; otherwise (2/3-bit codes expanded to
+    nibbles, or codes in another CPU's order) one new stream in the host's order replaces them, and the
+    unit keeps no view of the stored bytes (its meta is copied if it was one)."""
 
     kind = "int4pack"
 
     def __init__(self, pm: PackedMatrix, dense_rows: int = DENSE_ROWS["int4pack"]):
         self.dense_rows = dense_rows
-        self.sz = pm.sz.contiguous()
-        if int4pack_native():  # hold nibbles only: a view of the stored bytes for 4-bit, expanded for 2/3
-            nib = nibbles(pm.packed, pm.bits, pm.N * pm.K)
-            pm = PackedMatrix(nib, self.sz, 4, pm.N, pm.K)  # same centre, same values: codes < 8 are nibbles
-            self.w = nib.view(pm.N, pm.K // 2)
-        else:  # another CPU layout (AVX2: blocks of 32 rows): torch converts, once; compact codes kept
+        host = host_layout()
+        if host is None:  # an order none of ours: torch converts, once; the codes stay for dequantize
             self.w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(pm.codes().to(torch.int32), 1)
-        super().__init__(pm)
+            self.sz = pm.sz.contiguous()
+            super().__init__(pm)
+            return
+        nib = nibbles(pm.packed, pm.bits, pm.N * pm.K)
+        if pm.layout != host:
+            nib = relayout(nib, pm.N, pm.K, pm.layout, host)
+        sz = pm.sz.contiguous()
+        if not _shares(nib, pm.packed) and _shares(sz, pm.packed):
+            sz = sz.clone()
+        self.w, self.sz = nib.view(pm.N, pm.K // 2), sz
+        super().__init__(PackedMatrix(nib, sz, 4, pm.N, pm.K, host))  # codes < 8 are nibbles: same values
 
     @property
     def nbytes(self) -> int:
-        return super().nbytes + (0 if self.w.data_ptr() == self.pm.packed.data_ptr() else self.w.numel())
+        return super().nbytes + (0 if _shares(self.w, self.pm.packed) else self.w.numel())
 
     def __call__(self, x):
         if x.shape[0] > self.dense_rows:
             return super().__call__(x)
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         return mm(x.to(torch.bfloat16), self.w, self.pm.group_size, self.sz).to(x.dtype)
+
+
+def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 class Int8Linear(DequantLinear):
