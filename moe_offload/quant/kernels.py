@@ -113,11 +113,6 @@ def write_layout() -> str:
     return host_layout() or LEGACY_LAYOUT
 
 
-def int4pack_native(layout: str = LEGACY_LAYOUT) -> bool:
-    """Does this torch's CPU kernel read codes stored in `layout` as they are?"""
-    return host_layout() == layout
-
-
 def relayout(nib: torch.Tensor, N: int, K: int, src: str, dst: str) -> torch.Tensor:
     """A nibble stream [N*K/2] in order `src` -> a new one in order `dst`. b64 <-> b32 over full 64-row
     blocks is a byte shuffle (no code expansion, temporaries of a few block bytes); the rest goes through
