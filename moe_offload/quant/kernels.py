@@ -4,8 +4,11 @@ CPU, batch-1 decode (M <= dense_rows):
   b <= 4   torch.ops.aten._weight_int4pack_mm_for_cpu (bf16 activations; other dtypes are converted in and
            out, as fp32/fp16 activations run the kernel 30× slower). 2/3-bit codes are < 8, so they fit the
            int4 layout unchanged: the compact bit planes are expanded to nibbles once, when the unit is made.
-           Codes of b <= 4 are stored in the kernel's own nibble order (see `int4pack_order`), so a 4-bit
-           weight is a zero-copy view of the stored bytes.
+           Codes of b <= 4 are stored in a kernel nibble order (`LAYOUTS`: torch's order differs per CPU
+           build, AVX-512 / AVX2 / none); a 4-bit weight stored in this CPU's order (`host_layout`, what
+           quantize writes) is a zero-copy view of the stored bytes, one in another order is reordered once
+           per load into a copy that replaces it (`relayout`, a byte shuffle: no int32 expansion, nothing
+           else kept). `python scripts/int4_miss_cost.py` measures both per miss.
   b = 8    torch.ops.aten._weight_int8pack_mm (one scale per row) plus m·Σx for the per-row offset.
 Prefill (M > dense_rows), other devices (CUDA) and shapes the kernels refuse: dequantise into the compute
 dtype, then one dense GEMM.
