@@ -5,13 +5,12 @@ order is a view, another is reordered once per load).
     PYTHONPATH=. python scripts/int4_miss_cost.py [--hidden 4096 --intermediate 14336 --reps 10]
 
 Prints one line per layout: ms per decode (median of --reps), resident bytes / blob bytes, RSS growth over
-the reps. Runs on trees that predate the layout field too (the field is then ignored: legacy b64 order).
+the reps (the unit of the last rep freed; each rep holds a copy of the blob and its unit). Runs on trees that predate the layout field too (the field is then ignored: legacy b64 order).
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import time
 
@@ -22,9 +21,17 @@ from moe_offload.quant.codec import HQQCodec
 from moe_offload.store.cache import resident_bytes, unit_tensors
 
 
-def rss_mib() -> float:
+def status(key: str) -> float:
+    """/proc/self/status `key` in MiB (VmRSS, VmHWM)."""
     with open("/proc/self/status") as f:
-        return next(int(x.split()[1]) for x in f if x.startswith("VmRSS")) / 1024
+        return next(int(x.split()[1]) for x in f if x.startswith(key + ":")) / 1024
+
+
+def reset_peak() -> float:
+    """VmHWM := VmRSS (Linux clear_refs 5); returns that RSS in MiB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status("VmRSS")
 
 
 def main() -> None:
@@ -52,7 +59,7 @@ def main() -> None:
         codec = HQQCodec(spec)
         blob = codec.encode(gate, up, down)
         ref = None
-        times, rss0, peak0 = [], rss_mib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        times, rss0 = [], reset_peak()
         with torch.inference_mode():
             for _ in range(a.reps):
                 b = blob.clone()  # a fresh read buffer per miss, as from disk
@@ -65,11 +72,11 @@ def main() -> None:
                 assert torch.equal(y, ref)
             held = resident_bytes(unit, unit_tensors(unit))
             del unit
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = status("VmHWM")
         tag = (layout or "b64 (legacy)") + (" = host" if layout == host else "")
         print(f"{tag:>16}: decode {statistics.median(times) * 1e3:7.2f} ms/miss, unit holds "
               f"{held / 2**20:6.2f} MiB for a {blob.numel() / 2**20:.2f} MiB blob ({held / blob.numel():.3f}x), "
-              f"RSS after {a.reps} misses +{rss_mib() - rss0:.0f} MiB, peak +{max(0, peak - peak0):.0f} MiB")
+              f"RSS after {a.reps} misses +{status('VmRSS') - rss0:.0f} MiB, peak +{peak - rss0:.0f} MiB")
 
 
 if __name__ == "__main__":

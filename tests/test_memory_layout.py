@@ -149,3 +149,23 @@ def test_torchs_no_simd_build_reads_p32_natively_and_converts_the_others(child_e
     r = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["DEFAULT", "p32"]
+
+
+def test_prefill_dequantises_in_bounded_chunks_with_the_same_result(monkeypatch):
+    """M > dense_rows: W is dequantised CHUNK_BYTES at a time into one buffer, not a whole [N, K] per call."""
+    from moe_offload.quant import hqq
+    from moe_offload.quant.kernels import DequantLinear, PackedMatrix
+
+    W = torch.randn(352, 256, generator=torch.Generator().manual_seed(4))
+    for bits, layout in ((4, host_layout()), (3, "b64"), (8, "b64")):
+        pm = PackedMatrix.from_quantized(hqq.quantize(W, bits, 0 if bits == 8 else 64), layout)
+        x = torch.randn(7, 256, generator=torch.Generator().manual_seed(5))
+        whole = x @ pm.dequantize().t()
+        seen = []
+        real = PackedMatrix.dequantize
+        monkeypatch.setattr(PackedMatrix, "dequantize", lambda self, *a, **k: seen.append(k.get("out")) or real(self, *a, **k))
+        monkeypatch.setattr(DequantLinear, "CHUNK_BYTES", 128 * 256 * 4)  # 128 rows of fp32 per chunk
+        y = DequantLinear(pm)(x)
+        monkeypatch.undo()
+        assert [t.shape[0] for t in seen] == [128, 128, 96] and len({t.data_ptr() for t in seen}) == 1
+        assert torch.allclose(y, whole, rtol=1e-5, atol=1e-5)
