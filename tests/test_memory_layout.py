@@ -33,9 +33,13 @@ def weights(seed=0):
     return [torch.randn(n, k, generator=g) * 0.05 for n, k in ((I, D), (I, D), (D, I))]
 
 
-def test_relayout_between_every_pair_of_orders_is_exact():
+@pytest.mark.parametrize("slab", [1 << 18, 4096])  # one slab; slabs of 1-2 blocks (K = 64 / 32)
+def test_relayout_between_every_pair_of_orders_is_exact(monkeypatch, slab):
+    from moe_offload.quant import kernels
+
+    monkeypatch.setattr(kernels, "SLAB", slab)
     g = torch.Generator().manual_seed(0)
-    for N, K in [(16, 64), (48, 32), (64, 64), (80, 64), (96, 32), (176, 64), (352, 32)]:
+    for N, K in [(16, 64), (48, 32), (64, 64), (80, 64), (96, 32), (176, 64), (352, 32), (304, 64)]:
         c = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
         for src, dst in itertools.product(LAYOUTS, LAYOUTS):
             got = relayout(pack(int4pack_order(c, src), 4), N, K, src, dst)

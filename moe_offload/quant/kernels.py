@@ -116,28 +116,46 @@ def write_layout() -> str:
     return host_layout() or LEGACY_LAYOUT
 
 
+SLAB = 1 << 18  # bytes of nibbles reordered at a time: temporaries stay small and are reused
+
+
 def relayout(nib: torch.Tensor, N: int, K: int, src: str, dst: str) -> torch.Tensor:
-    """A nibble stream [N*K/2] in order `src` -> a new one in order `dst`. b64 <-> b32 over full 64-row
-    blocks is a byte shuffle (no code expansion, temporaries of a few block bytes); the rest goes through
-    the row-major codes."""
+    """A nibble stream [N*K/2] in order `src` -> a new one in order `dst`, in slabs of 64-row blocks (every
+    order is block-local within 64 rows, and the rows past the last such block stand alone in each), so the
+    temporaries are a few hundred KiB whatever the matrix. b64 <-> b32 is a byte shuffle per slab; the rest
+    goes through the slab's row-major codes."""
     if src == dst:
         return nib.clone()
     _check(src), _check(dst)
-    full = N // 64 * 64 * K // 2 if {src, dst} == {"b64", "b32"} else 0
     out = torch.empty(N * K // 2, dtype=torch.uint8, device=nib.device)
-    if full:
-        if src == "b64":  # [NB, K, j // 16, j % 16] -> [NB, block of 32, K, d]
-            a, b = nib[:full].view(-1, K, 2, 16), out[:full].view(-1, 2, K, 16)
-            torch.bitwise_or(a[:, :, 0] & 0x0F, (a[:, :, 1] & 0x0F) << 4, out=b[:, 0])  # rows 0-31
-            torch.bitwise_or(a[:, :, 0] >> 4, a[:, :, 1] & 0xF0, out=b[:, 1])  # rows 32-63
-        else:
-            b, a = nib[:full].view(-1, 2, K, 16), out[:full].view(-1, K, 2, 16)
-            torch.bitwise_or(b[:, 0] & 0x0F, (b[:, 1] & 0x0F) << 4, out=a[:, :, 0])  # rows j, j + 32
-            torch.bitwise_or(b[:, 0] >> 4, b[:, 1] & 0xF0, out=a[:, :, 1])  # rows 16 + j, 48 + j
-    done = full * 2 // K
-    if done < N:  # the rows past the last 64-row block stand alone in either order: a block of 32, pairs
-        c = _unorder_tail(nib[full: N * K // 2], N - done, K, src)
-        out[full:] = pack(int4pack_order(c, dst), 4)
+    per = 32 * K  # bytes of one 64-row block
+    full = N // 64 * per
+    step = max(1, SLAB // per) * per
+    if {src, dst} == {"b64", "b32"}:
+        t = torch.empty(min(step, full) // 2, dtype=torch.uint8, device=nib.device)
+        for o in range(0, full, step):
+            e = min(o + step, full)
+            x, y = nib[o:e], out[o:e]
+            nb = x.numel() // per
+            if src == "b64":  # [nb, K, j // 16, j % 16] -> [nb, block of 32, K, d]
+                xa, ya = x.view(nb, K, 2, 16), y.view(nb, 2, K, 16)
+                x0, x1, y0, y1 = xa[:, :, 0], xa[:, :, 1], ya[:, 0], ya[:, 1]
+            else:
+                xa, ya = x.view(nb, 2, K, 16), y.view(nb, K, 2, 16)
+                x0, x1, y0, y1 = xa[:, 0], xa[:, 1], ya[:, :, 0], ya[:, :, 1]
+            tt = t[: nb * per // 2].view(x0.shape)
+            torch.bitwise_and(x0, 0x0F, out=y0)  # low rows: low nibbles of both halves
+            torch.bitwise_and(x1, 0x0F, out=tt)
+            y0 |= tt.bitwise_left_shift_(4)
+            torch.bitwise_right_shift(x0, 4, out=y1)  # high rows: the high nibbles
+            torch.bitwise_and(x1, 0xF0, out=tt)
+            y1 |= tt
+        done = full
+    else:
+        done = 0
+    for o in range(done, N * K // 2, step):  # whole slabs of 64-row blocks, then the tail, each standalone
+        n = min(step, N * K // 2 - o) * 2 // K
+        out[o:o + n * K // 2] = pack(int4pack_order(_unorder_tail(nib[o:o + n * K // 2], n, K, src), dst), 4)
     return out
 
 
