@@ -210,8 +210,11 @@ class PackedMatrix:
         N, K, dev = self.N, self.K, self.packed.device
         rows = rows or (64 if dev.type == "cpu" else N)
         G = self.sz.shape[0]
-        s = self.sz[..., 0].t().float()[..., None]  # [N, G, 1]
-        m0 = self.sz[..., 1].t().float()[..., None] - centre(self.bits) * s
+        if out is None:
+            out, start = torch.empty(N, K, dtype=dtype, device=dev), 0
+        end = start + out.shape[0]
+        s = self.sz[:, start:end, 0].t().float()[..., None]  # [n, G, 1] for rows start .. end
+        m0 = self.sz[:, start:end, 1].t().float()[..., None] - centre(self.bits) * s
         if int4pack_ordered(N, K, self.bits) and self.layout != "p32":  # (p32: pairs; below)
             rows_of = self._ordered_rows(nibbles(self.packed, self.bits, N * K))
         elif self.bits == 8:
@@ -219,15 +222,12 @@ class PackedMatrix:
         else:
             c = self.codes()
             rows_of = lambda r, n: c[r:r + n]  # noqa: E731
-        if out is None:
-            out, start = torch.empty(N, K, dtype=dtype, device=dev), 0
-        end = start + out.shape[0]
         buf = torch.empty(min(rows, N), G, K // G, device=dev)
         for r in range(start, end, rows):
             n = min(rows, end - r)
             f = buf[:n]
             f.copy_(rows_of(r, n).view(n, G, K // G))
-            affine_(f, s[r:r + n], m0[r:r + n])
+            affine_(f, s[r - start:r - start + n], m0[r - start:r - start + n])
             out[r - start:r - start + n].copy_(f.view(n, K))
         return out
 
