@@ -6,6 +6,13 @@ order is a view, another is reordered once per load).
 
 Prints one line per layout: ms per decode (median of --reps), resident bytes / blob bytes, RSS growth over
 the reps (the unit of the last rep freed; each rep holds a copy of the blob and its unit). Runs on trees that predate the layout field too (the field is then ignored: legacy b64 order).
+
+Measured 2026-12-03 (AVX2 EPYC, 1 thread, busy 2-core box), ms per miss / held ÷ blob:
+  --hidden 1024 --intermediate 3584   before: 90.4 / 2.055×   after: host order b32 0.88 / 1.117×, b64 12.6 /
+                                      1.055×, p32 59.8 / 1.055×
+  (Mixtral 4096×14336, --reps 5/3)   before: 9678 / 2.055×   after: b32 66 / 1.117×, b64 561 / 1.055×
+The host order's 1.117× is the blob (codes + 8-bit meta) plus the bf16 meta the kernel takes (4 B per group
+of 64); reordered units hold codes + bf16 meta only.
 """
 
 from __future__ import annotations
