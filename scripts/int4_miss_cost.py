@@ -5,7 +5,8 @@ order is a view, another is reordered once per load).
     PYTHONPATH=. python scripts/int4_miss_cost.py [--hidden 4096 --intermediate 14336 --reps 10]
 
 Prints one line per layout: ms per decode (median of --reps), resident bytes / blob bytes, RSS growth over
-the reps (the unit of the last rep freed; each rep holds a copy of the blob and its unit). Runs on trees that predate the layout field too (the field is then ignored: legacy b64 order).
+the reps (each rep holds a copy of the blob and its unit; the last is freed first). Runs on trees that
+predate the layout field too (the field is then ignored: legacy b64 order).
 
 Measured 2026-12-03 (AVX2 EPYC, 1 thread, busy 2-core box), ms per miss / held ÷ blob:
   --hidden 1024 --intermediate 3584   before: 90.4 / 2.055×   after: host order b32 0.88 / 1.117×, b64 12.6 /
@@ -82,7 +83,8 @@ def main() -> None:
         peak = status("VmHWM")
         tag = (layout or "b64 (legacy)") + (" = host" if layout == host else "")
         print(f"{tag:>16}: decode {statistics.median(times) * 1e3:7.2f} ms/miss, unit holds "
-              f"{held / 2**20:6.2f} MiB for a {blob.numel() / 2**20:.2f} MiB blob ({held / blob.numel():.3f}x), "
+              f"{held / 2**20:6.2f} MiB for a "
+              f"{blob.numel() / 2**20:.2f} MiB blob ({held / blob.numel():.3f}x), "
               f"RSS after {a.reps} misses +{status('VmRSS') - rss0:.0f} MiB, peak +{peak - rss0:.0f} MiB")
 
 

@@ -48,7 +48,8 @@ def main() -> None:
     dt = time.perf_counter() - t0
     grew = status("VmHWM") - base
     print(f"{a.n}x{a.k} 4-bit, {a.rows} rows {a.dtype}: peak RSS +{grew:.0f} MiB over the call "
-          f"(weights {pm.packed.numel() / 2**20:.0f} MiB packed, output {y.numel() * y.element_size() / 2**20:.0f} MiB), "
+          f"(weights {pm.packed.numel() / 2**20:.0f} MiB packed, "
+          f"output {y.numel() * y.element_size() / 2**20:.0f} MiB), "
           f"{dt * 1e3:.0f} ms")
 
 

@@ -3,12 +3,12 @@ stores (issue 16: a 4-bit store under 600 MiB peaked at 2386 MiB RSS, its expert
 converted copy and the conversion's int32 temporaries left on the heap).
 
 A child process first runs the same command on a tiny store (imports, thread pools, kernels: the fixed
-overhead), resets its high-water mark (/proc/self/clear_refs), then generates from a Mixtral-shaped layer whose
-weights dominate (hidden 1024, 8 experts 3584 wide: 168 MiB of bf16 experts, 45 MiB at 4 bits) with a 64-token
-prompt under a budget that holds half of its experts. Its peak RSS above that baseline must stay within the
-weights the engine reports resident (`resident_weight_bytes`) × 1.05, plus one expert's read buffer (the cache
-keeps one within --memory but outside resident_weight_bytes: a load landing while an evicted unit is freed, or a
-free buffer of its pool), plus a small slack.
+overhead), resets its high-water mark (/proc/self/clear_refs), then generates from a Mixtral-shaped layer
+whose weights dominate (hidden 1024, 8 experts 3584 wide: 168 MiB of bf16 experts, 45 MiB at 4 bits) with a
+64-token prompt under a budget that holds half of its experts. Its peak RSS above that baseline must stay
+within the weights the engine reports resident (`resident_weight_bytes`) × 1.05, plus one expert's read
+buffer (the cache keeps one within --memory but outside resident_weight_bytes: a load landing while an
+evicted unit is freed, or a free buffer of its pool), plus a small slack.
 
 Measured (this machine, 2026-12-03; peak − baseline / resident weights, MiB): before the fix 16-bit 92 / 70,
 4-bit 234 / 41 (fails); after, 16-bit 92 / 70, 4-bit 44 / 25 (of which ~11 MiB glibc heap retention:
@@ -88,5 +88,5 @@ def test_peak_rss_of_generate_stays_within_the_resident_weights(stores, bits, ch
     assert m["misses"] > len(entries)  # the budget made the cache evict and load again, prefill included
     grew = m["peak"] - m["base"]
     limit = m["resident"] * 1.05 + max(e.span for e in entries.values()) + SLACK
-    assert grew <= limit, (f"{bits}-bit: peak RSS rose {grew / MiB:.0f} MiB for {m['resident'] / MiB:.0f} MiB "
-                           f"of resident weights (limit {limit / MiB:.0f} MiB)")
+    assert grew <= limit, (f"{bits}-bit: peak RSS rose {grew / MiB:.0f} MiB for "
+                           f"{m['resident'] / MiB:.0f} MiB of resident weights (limit {limit / MiB:.0f} MiB)")

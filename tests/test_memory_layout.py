@@ -1,7 +1,7 @@
-"""A cached 4-bit expert holds its stored bytes once: codes in the order this CPU's int4 kernel reads are a view
-of the blob; codes in another CPU build's order are reordered once per load into a copy that replaces them (no
-second layout kept, no int32 expansion). Every order is tested on any machine: blobs are written in each, and a
-child process with ATEN_CPU_CAPABILITY=default runs torch's no-SIMD build, whose own order is "p32"."""
+"""A cached 4-bit expert holds its stored bytes once: codes in the order this CPU's int4 kernel reads are a
+view of the blob; codes in another CPU build's order are reordered once per load into a copy that replaces
+them (no second layout kept, no int32 expansion). Every order is tested on any machine: blobs are written in
+each, and a child process with ATEN_CPU_CAPABILITY=default runs torch's no-SIMD build (its order: "p32")."""
 
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ def test_a_4bit_unit_holds_the_blob_once_in_every_stored_order(meta_bits):
     x = torch.randn(3, SHAPE.hidden, generator=torch.Generator().manual_seed(1))
     outs, deq = {}, {}
     for layout in LAYOUTS:
-        codec = HQQCodec({"bits": 4, "group_size": 32, "meta_bits": meta_bits, "quantizer": "rtn", "layout": layout})
+        codec = HQQCodec({"bits": 4, "group_size": 32, "meta_bits": meta_bits, "quantizer": "rtn",
+                          "layout": layout})
         blob = codec.encode(*weights())
         unit = codec.decode(blob, SHAPE)
         assert unit.kinds == ("int4pack", "int4pack")
@@ -76,7 +77,8 @@ def test_a_4bit_unit_holds_the_blob_once_in_every_stored_order(meta_bits):
 @pytest.mark.parametrize("bits", [2, 3])
 def test_low_bit_units_keep_no_view_of_the_blob_in_any_order(bits):
     for layout in LAYOUTS:
-        codec = HQQCodec({"bits": bits, "group_size": 32, "meta_bits": 16, "quantizer": "rtn", "layout": layout})
+        codec = HQQCodec({"bits": bits, "group_size": 32, "meta_bits": 16, "quantizer": "rtn",
+                          "layout": layout})
         blob = codec.encode(*weights())
         tensors = unit_tensors(codec.decode(blob, SHAPE))
         assert all(t.untyped_storage().data_ptr() != blob.untyped_storage().data_ptr() for t in tensors)
@@ -105,7 +107,7 @@ def test_specs_without_a_layout_are_the_legacy_order_and_bad_layouts_are_refused
         make_codec({"name": "gguf", "gate_up": "q4", "down": "q4", "layout": "x"})
 
 
-def test_quantize_writes_4bit_codes_in_the_host_order_or_the_forced_one(tiny_checkpoint, tmp_path, monkeypatch):
+def test_quantize_writes_4bit_codes_in_the_host_order_or_a_forced_one(tiny_checkpoint, tmp_path, monkeypatch):
     from moe_offload.cli import main
     from moe_offload.store.format import open_store
 
@@ -120,8 +122,8 @@ def test_quantize_writes_4bit_codes_in_the_host_order_or_the_forced_one(tiny_che
     assert {e.codec["layout"] for e in stores[1].entries.values()} == {other}
     toks = []
     for s in stores:  # offloaded under a budget: the converting path and the native one give the same tokens
-        r = subprocess.run([sys.executable, "-m", "moe_offload", "generate", "--model", str(s.path), "--memory",
-                            "60%", "--prompt-ids", "1,2,3,4,5", "-n", "6", "--json"],
+        r = subprocess.run([sys.executable, "-m", "moe_offload", "generate", "--model", str(s.path),
+                            "--memory", "60%", "--prompt-ids", "1,2,3,4,5", "-n", "6", "--json"],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         toks.append(json.loads(r.stdout)["token_ids"] if r.stdout.lstrip().startswith("{") else r.stdout)
@@ -140,7 +142,8 @@ for layout in LAYOUTS:
     c = HQQCodec({"bits": 4, "group_size": 32, "quantizer": "rtn", "layout": layout})
     blob = c.encode(*weights())
     u = c.decode(blob, SHAPE)
-    views = any(t.untyped_storage().data_ptr() == blob.untyped_storage().data_ptr() for t in (u.gate_up.w, u.down.w))
+    views = any(t.untyped_storage().data_ptr() == blob.untyped_storage().data_ptr()
+                for t in (u.gate_up.w, u.down.w))
     assert views == (layout == host_layout()), (layout, host_layout())
     outs.append(u(x))
 assert all(torch.equal(o, outs[0]) for o in outs)
@@ -167,7 +170,8 @@ def test_prefill_dequantises_in_bounded_chunks_with_the_same_result(monkeypatch)
         whole = x @ pm.dequantize().t()
         seen = []
         real = PackedMatrix.dequantize
-        monkeypatch.setattr(PackedMatrix, "dequantize", lambda self, *a, **k: seen.append(k.get("out")) or real(self, *a, **k))
+        monkeypatch.setattr(PackedMatrix, "dequantize",
+                            lambda self, *a, **k: seen.append(k.get("out")) or real(self, *a, **k))
         monkeypatch.setattr(DequantLinear, "CHUNK_BYTES", 128 * 256 * 4)  # 128 rows of fp32 per chunk
         y = DequantLinear(pm)(x)
         monkeypatch.undo()

@@ -222,7 +222,8 @@ def test_int4_kernel_on_codes_of_another_cpus_layout_converts_and_agrees(bits):
     native = make_linear(PackedMatrix.from_quantized(q, host_layout()))
     for other in set(LAYOUTS) - {host_layout()}:
         converted = make_linear(PackedMatrix.from_quantized(q, other))
-        assert converted.kind == "int4pack" and converted.nbytes == native.nbytes == 80 * 128 // 2 + q.sz.numel() * 2
+        assert converted.kind == "int4pack"
+        assert converted.nbytes == native.nbytes == 80 * 128 // 2 + q.sz.numel() * 2
         x = torch.randn(3, 128, generator=gen(13), dtype=torch.bfloat16)
         assert torch.equal(converted(x), native(x))
 

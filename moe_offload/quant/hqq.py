@@ -191,7 +191,7 @@ def _q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _dq8(codes: torch.Tensor, minstep: torch.Tensor) -> torch.Tensor:
-    """8-bit meta codes [n] -> fp32 [n]: min + code·step per block of META_BLOCK (in place, no padded copy)."""
+    """8-bit meta codes [n] -> fp32 [n]: min + code·step per block of META_BLOCK (no padded copy)."""
     n = codes.numel()
     out = torch.empty(n, device=codes.device)
     full = n - n % META_BLOCK

@@ -241,7 +241,7 @@ class PackedMatrix:
         def rows_of(r: int, n: int) -> torch.Tensor:
             if r % B == 0 and n % B == 0 and r + n <= full:
                 b = blocks[r // B:(r + n) // B]
-                out = torch.empty(b.shape[0], 2, B // 2, K, dtype=torch.uint8, device=nib.device)  # [nb, lh..]
+                out = torch.empty(b.shape[0], 2, B // 2, K, dtype=torch.uint8, device=nib.device)
                 torch.bitwise_and(b, 15, out=out[:, 0])
                 torch.bitwise_right_shift(b, 4, out=out[:, 1])
                 return out.view(n, K)
