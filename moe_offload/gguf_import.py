@@ -35,6 +35,7 @@ from .checkpoint import EXPERT_NAMES, check_keys
 from .errors import MoeError
 from .models import family_table, get_module
 from .progress import Progress
+from .quant.kernels import write_layout
 from .store.folders import check_out, store_dir
 from .utils import DTYPE_NAMES, drop_page_cache
 
@@ -354,7 +355,10 @@ def expert_codec(g: GGUFModel, layer: int, dtype: torch.dtype):
         kept = {KEPT.get(types[p]) for p in parts}
         return kept.pop() if len(kept) == 1 and None not in kept else DTYPE_NAMES[dtype]
 
-    return GGUFCodec({"gate_up": fmt(("gate", "up")), "down": fmt(("down",)), "source": types}), types
+    spec = {"gate_up": fmt(("gate", "up")), "down": fmt(("down",)), "source": types}
+    if "q4" in (spec["gate_up"], spec["down"]):
+        spec["layout"] = write_layout()  # q4 codes in this CPU's int4 kernel order (quant/kernels.py)
+    return GGUFCodec(spec), types
 
 
 def convert_gguf(path: str | os.PathLike | GGUFModel, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,

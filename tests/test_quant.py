@@ -17,8 +17,9 @@ from moe_offload.experts import DenseExpert, ExpertShape
 from moe_offload.quant import hqq, lowrank, mixed
 from moe_offload.quant.codec import HQQCodec, expert_error
 from moe_offload.quant.kernels import (
+    LAYOUTS,
     PackedMatrix,
-    int4pack_native,
+    host_layout,
     int4pack_order,
     int4pack_unorder,
     make_linear,
@@ -55,11 +56,12 @@ def test_pack_round_trip_is_bit_exact(bits):
 def test_int4pack_order_round_trip_and_torch_layout():
     for N, K in [(16, 64), (64, 32), (80, 64), (112, 96), (192, 128)]:
         c = torch.randint(0, 16, (N, K), generator=gen(N), dtype=torch.uint8)
-        stream = int4pack_order(c)
-        assert torch.equal(int4pack_unorder(stream, N, K), c)
-        if int4pack_native():
-            ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(c.to(torch.int32), 1)
-            assert torch.equal(pack(stream, 4).view(N, K // 2), ref)
+        for layout in LAYOUTS:
+            stream = int4pack_order(c, layout)
+            assert torch.equal(int4pack_unorder(stream, N, K, layout), c)
+            if layout == host_layout():
+                ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(c.to(torch.int32), 1)
+                assert torch.equal(pack(stream, 4).view(N, K // 2), ref)
 
 
 # ---- quantizer ----------------------------------------------------------------------------------------
@@ -199,7 +201,7 @@ def test_kernels_match_the_dequantised_reference(bits, group, N, K, kind):
     assert torch.equal(pm.dequantize(), ref)
     assert torch.equal(pm.dequantize(rows=N), ref) and torch.equal(pm.dequantize(rows=16), ref)
     lin = make_linear(pm, dense_rows=8)
-    if kind != "int4pack" or int4pack_native():
+    if kind != "int4pack" or host_layout() is not None:
         assert lin.kind == kind
     for M in (1, 5, 9):  # decode rows use the kernel, prefill rows (> dense_rows) dequantise + dense GEMM
         x = torch.randn(M, K, generator=gen(M))
@@ -210,20 +212,21 @@ def test_kernels_match_the_dequantised_reference(bits, group, N, K, kind):
         assert rel(make_linear(pm, "dense")(x), x @ ref.t()) < 1e-6
 
 
-def test_int4_kernel_on_a_cpu_with_another_layout_converts_and_agrees(monkeypatch):
-    """Non-AVX-512 builds pack int4 differently: the unit then lets torch convert the codes, same numbers."""
-    from moe_offload.quant import kernels
-
-    if not int4pack_native():
-        pytest.skip("this CPU already runs the converting path")
+@pytest.mark.parametrize("bits", [3, 4])
+def test_int4_kernel_on_codes_of_another_cpus_layout_converts_and_agrees(bits):
+    """Codes stored in another CPU build's int4 order: the unit reorders them into this CPU's, same numbers,
+    and keeps only the reordered copy (tests/test_memory_layout.py: every order, and the blob's bytes)."""
+    if host_layout() is None:
+        pytest.skip("this torch's int4 order is none of ours")
     W = torch.randn(80, 128, generator=gen(12))
-    pm = PackedMatrix.from_quantized(hqq.quantize(W, 3, 64))
-    native = make_linear(pm)
-    monkeypatch.setattr(kernels, "int4pack_native", lambda: False)
-    converted = make_linear(pm)
-    assert converted.kind == "int4pack" and converted.nbytes > native.nbytes  # holds codes + converted copy
-    x = torch.randn(3, 128, generator=gen(13), dtype=torch.bfloat16)
-    assert torch.equal(converted(x), native(x))
+    q = hqq.quantize(W, bits, 64)
+    native = make_linear(PackedMatrix.from_quantized(q, host_layout()))
+    for other in set(LAYOUTS) - {host_layout()}:
+        converted = make_linear(PackedMatrix.from_quantized(q, other))
+        assert converted.kind == "int4pack"
+        assert converted.nbytes == native.nbytes == 80 * 128 // 2 + q.sz.numel() * 2
+        x = torch.randn(3, 128, generator=gen(13), dtype=torch.bfloat16)
+        assert torch.equal(converted(x), native(x))
 
 
 # ---- the codec ----------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .hqq import quantize, rel_error
-from .kernels import PackedMatrix, make_linear
+from .kernels import PackedMatrix, make_linear, write_layout
 
 
 def best_ms(fn, reps: int) -> float:
@@ -115,7 +115,7 @@ def main(argv=None) -> None:
     print(f"dense bf16 F.linear   {dense}")
     for bits in (int(b) for b in a.bits.split(",")):
         q = quantize(W, bits, 0 if bits == 8 else (32 if bits == 2 else 64), method="rtn")
-        pm = PackedMatrix.from_quantized(q)
+        pm = PackedMatrix.from_quantized(q, write_layout())  # as quantize stores it: this CPU's order
         stored = pm.packed.numel() + sum(t.numel() * t.element_size() for t in q.meta.values())
         lin = make_linear(pm, dense_rows=max(rows))  # the kernel at every M
         dense = make_linear(pm, "dense")  # dequantise + F.linear at every M

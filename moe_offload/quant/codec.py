@@ -1,6 +1,12 @@
 """The quantized expert codec: one expert's three matrices -> ONE contiguous blob -> a callable unit.
 
-    spec = {"name": "hqq", "bits": 4, "group_size": 64, "meta_bits": 8, "rank": 0, "quantizer": "hqq"}
+    spec = {"name": "hqq", "bits": 4, "group_size": 64, "meta_bits": 8, "rank": 0, "quantizer": "hqq",
+            "layout": "b32"}
+
+"layout" (b <= 4; quantize writes it for 4-bit): the int4pack nibble order of the codes, the one the CPU
+that wrote the store reads (kernels.LAYOUTS; absent: "b64", all that stores held before the field). A CPU of
+that order computes on a view of the blob; another reorders the codes once per load (kernels.relayout, a
+byte shuffle of the blob's size) and keeps only the reordered copy.
 
 Blob layout (every section starts on a 64-byte boundary; the blob is padded to 64 bytes):
 
@@ -34,7 +40,7 @@ from ..experts import GLUS, ExpertShape
 from ..models.base import ACTIVATIONS
 from . import lowrank
 from .hqq import META_BLOCK, decode_meta, group_size_for, importance_weights, quantize
-from .kernels import PackedMatrix, make_linear
+from .kernels import LAYOUTS, LEGACY_LAYOUT, PackedMatrix, host_layout, make_linear
 from .pack import packed_nbytes
 
 ALIGN = 64
@@ -165,10 +171,15 @@ class HQQCodec:
         meta = int(spec.get("meta_bits", DEFAULT_META[bits]))
         rank = int(spec.get("rank", 0) or 0)
         quantizer = spec.get("quantizer", "hqq")
-        if gs < 0 or meta not in (8, 16) or rank < 0 or quantizer not in ("hqq", "rtn"):
+        layout = spec.get("layout", LEGACY_LAYOUT)
+        if (gs < 0 or meta not in (8, 16) or rank < 0 or quantizer not in ("hqq", "rtn")
+                or layout not in LAYOUTS or ("layout" in spec and bits > 4)):
             raise MoeError(f"hqq codec: bad spec {spec}")
         self.spec = {"name": "hqq", "bits": bits, "group_size": gs, "meta_bits": meta, "rank": rank,
                      "quantizer": quantizer}
+        if "layout" in spec:
+            self.spec["layout"] = layout
+        self.order = layout  # the int4pack nibble order of b <= 4 codes (kernels.LAYOUTS)
         self.kernel, self.dense_rows = kernel, dense_rows
 
     # ---- layout ------------------------------------------------------------------------------------
@@ -239,7 +250,7 @@ class HQQCodec:
         layout, total = self.layout(ExpertShape(gate.shape[1], gate.shape[0], bias=bool(biases)))
         blob = torch.zeros(total, dtype=torch.uint8)
         for q, secs in zip(qs, layout):
-            tensors = {"codes": PackedMatrix.from_quantized(q).packed, **q.meta}
+            tensors = {"codes": PackedMatrix.from_quantized(q, self.order).packed, **q.meta}
             for key, off, n, _, _ in secs:
                 t = tensors[key].contiguous().view(-1).view(torch.uint8)
                 assert t.numel() == n, (key, t.numel(), n)
@@ -266,7 +277,7 @@ class HQQCodec:
         pms = []
         for (_, N, K, b, g, _), secs in zip(self.matrices(shape), layout):
             t = {key: blob[off:off + n].view(dt).view(shp) for key, off, n, dt, shp in secs}
-            pms.append(PackedMatrix(t.pop("codes"), decode_meta(t, N, K // g, b), b, N, K))
+            pms.append(PackedMatrix(t.pop("codes"), decode_meta(t, N, K // g, b), b, N, K, self.order))
         return pms
 
     def decode(self, blob: torch.Tensor, shape: ExpertShape, dtype=torch.bfloat16) -> QuantExpert:
@@ -276,7 +287,8 @@ class HQQCodec:
         pms = self.packed(blob, shape)
         lins = [make_linear(pm, self.kernel, self.dense_rows) for pm in pms[:2]]
         for pm in pms[2:]:  # low-rank factors
-            if self.spec["bits"] < 4:  # the base holds expanded copies, so views would keep the blob alive
+            if self.spec["bits"] < 4 or self.order != host_layout():  # the base holds copies (expanded or
+                # reordered), so views would keep the blob alive
                 pm = PackedMatrix(pm.packed.clone(), pm.sz.clone(), pm.bits, pm.N, pm.K)  # for small factors
             lin = make_linear(pm, self.kernel, self.dense_rows)
             lins.append(factor_linear(pm) if lin.kind == "dense" and self.kernel == "auto" else lin)

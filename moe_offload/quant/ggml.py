@@ -14,6 +14,7 @@ The "gguf" codec: one expert = gate_up [2I, D] and down [D, I], each in its own 
 mixes types (Q4_K_M: some down matrices Q6_K) keeps each matrix's own type:
 
     spec = {"name": "gguf", "gate_up": "q4", "down": "float16"}   formats: q4, q8, float16, bfloat16, float32
+    (+ "layout": the q4 codes' int4pack nibble order, as in codec.py; written by the import for q4)
 
 Blob: per matrix, the hqq sections (codes | sm) for q4/q8, or the dense [N, K] weights; each section on a
 64-byte boundary (as quant/codec.py).
@@ -31,7 +32,7 @@ from ..experts import ExpertShape
 from ..utils import DTYPES
 from .codec import ALIGN, DenseLinear, QuantExpert, matrix_sections
 from .hqq import Quantized, quantize
-from .kernels import PackedMatrix, make_linear
+from .kernels import LAYOUTS, LEGACY_LAYOUT, PackedMatrix, make_linear
 
 GROUP = 32
 QUANT_FORMATS = {"q4": 4, "q8": 8}
@@ -97,9 +98,12 @@ class GGUFCodec:
 
     def __init__(self, spec: dict, kernel: str = "auto"):
         fmts = (spec.get("gate_up"), spec.get("down"))
-        if any(f not in QUANT_FORMATS and f not in DENSE_FORMATS for f in fmts):
+        self.order = spec.get("layout", LEGACY_LAYOUT)  # the int4pack nibble order of q4 codes (codec.py)
+        if any(f not in QUANT_FORMATS and f not in DENSE_FORMATS for f in fmts) or self.order not in LAYOUTS:
             raise MoeError(f"gguf codec: bad spec {spec}")
         self.spec = {"name": "gguf", "gate_up": fmts[0], "down": fmts[1]}
+        if "layout" in spec:
+            self.spec["layout"] = self.order
         if spec.get("source"):
             self.spec["source"] = dict(spec["source"])  # the GGML types it came from (informational)
         self.kernel = kernel
@@ -136,7 +140,7 @@ class GGUFCodec:
         blob = torch.zeros(total, dtype=torch.uint8)
         for m, secs, (_, N, K, fmt) in zip(mats, layout, self.matrices(shape)):
             if fmt in QUANT_FORMATS:
-                tensors = {"codes": PackedMatrix.from_quantized(m).packed, "sm": m.sz}
+                tensors = {"codes": PackedMatrix.from_quantized(m, self.order).packed, "sm": m.sz}
             else:
                 tensors = {"w": m.reshape(N, K).to(DTYPES[fmt])}
             for key, off, n, _, _ in secs:
@@ -173,7 +177,8 @@ class GGUFCodec:
         out = []
         for (_, N, K, fmt), secs in zip(self.matrices(shape), layout):
             t = {key: blob[off:off + n].view(dt).view(shp) for key, off, n, dt, shp in secs}
-            out.append(PackedMatrix(t["codes"], t["sm"], QUANT_FORMATS[fmt], N, K) if fmt in QUANT_FORMATS
+            out.append(PackedMatrix(t["codes"], t["sm"], QUANT_FORMATS[fmt], N, K, self.order)
+                       if fmt in QUANT_FORMATS
                        else t["w"])
         return out
 

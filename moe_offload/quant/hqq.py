@@ -191,10 +191,17 @@ def _q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _dq8(codes: torch.Tensor, minstep: torch.Tensor) -> torch.Tensor:
+    """8-bit meta codes [n] -> fp32 [n]: min + code·step per block of META_BLOCK (no padded copy)."""
     n = codes.numel()
-    pad = -n % META_BLOCK
-    c = torch.cat([codes, codes.new_zeros(pad)]).view(-1, META_BLOCK).float()
-    return (minstep[:, :1] + c * minstep[:, 1:]).view(-1)[:n]
+    out = torch.empty(n, device=codes.device)
+    full = n - n % META_BLOCK
+    for a, b, w, ms in ((0, full, META_BLOCK, minstep[: full // META_BLOCK]),
+                        (full, n, n - full, minstep[full // META_BLOCK:])):
+        if b > a:
+            f = out[a:b].view(-1, w)
+            f.copy_(codes[a:b].view(f.shape))
+            f.mul_(ms[:, 1:]).add_(ms[:, :1])
+    return out
 
 
 def meta_nbytes(N: int, G: int, meta_bits: int) -> int:
@@ -223,7 +230,10 @@ def decode_meta(meta: dict[str, torch.Tensor], N: int, G: int, bits: int) -> tor
         return meta["sm"].view(G, N, 2)
     s = _dq8(meta["s8"], meta["s8_minstep"].float())
     z = _dq8(meta["z8"], meta["z8_minstep"].float())
-    return torch.stack([s, s * (centre(bits) - z)], -1).view(G, N, 2).to(torch.bfloat16)
+    out = torch.empty(G * N, 2, dtype=torch.bfloat16, device=s.device)  # written in place: no fp32 stack
+    out[:, 0].copy_(s)
+    out[:, 1].copy_(z.neg_().add_(centre(bits)).mul_(s))  # s·(c − z), rounded once to bf16 as before
+    return out.view(G, N, 2)
 
 
 # ---- codes --------------------------------------------------------------------------------------------

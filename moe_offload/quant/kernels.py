@@ -4,8 +4,11 @@ CPU, batch-1 decode (M <= dense_rows):
   b <= 4   torch.ops.aten._weight_int4pack_mm_for_cpu (bf16 activations; other dtypes are converted in and
            out, as fp32/fp16 activations run the kernel 30× slower). 2/3-bit codes are < 8, so they fit the
            int4 layout unchanged: the compact bit planes are expanded to nibbles once, when the unit is made.
-           Codes of b <= 4 are stored in the kernel's own nibble order (see `int4pack_order`), so a 4-bit
-           weight is a zero-copy view of the stored bytes.
+           Codes of b <= 4 are stored in a kernel nibble order (`LAYOUTS`: torch's order differs per CPU
+           build, AVX-512 / AVX2 / none); a 4-bit weight stored in this CPU's order (`host_layout`, what
+           quantize writes) is a zero-copy view of the stored bytes, one in another order is reordered once
+           per load into a copy that replaces it (`relayout`, a byte shuffle: no int32 expansion, nothing
+           else kept). `python scripts/int4_miss_cost.py` measures both per miss.
   b = 8    torch.ops.aten._weight_int8pack_mm (one scale per row) plus m·Σx for the per-row offset.
 Prefill (M > dense_rows), other devices (CUDA) and shapes the kernels refuse: dequantise into the compute
 dtype, then one dense GEMM.
@@ -22,6 +25,7 @@ Shape legend: M rows of activations, N output rows, K inputs, g group size, G = 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -36,122 +40,215 @@ INT4_GROUPS = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 DENSE_ROWS = {"int4pack": 192, "int8pack": 96}
 
 
-# ---- the int4pack nibble order -------------------------------------------------------------------------
+# ---- the int4pack nibble orders -------------------------------------------------------------------------
+# torch's `_convert_weight_to_int4pack_for_cpu` writes [N, K/2] bytes in an order that depends on the CPU
+# build it dispatches to. Every one is blocks of B rows stored k-major, then a tail of N mod B rows:
+#   "b64" (AVX-512)   B = 64: byte (k, j) of a block holds rows j (low nibble) and j + 32 (high), j < 32
+#   "b32" (AVX2)      B = 32: byte (k, j) holds rows j and j + 16, j < 16
+#   "p32" (no SIMD)   B = 32: byte (k, j) holds rows 2j and 2j + 1
+# and the tail (16/32/48 rows) pairs rows n, n + 1 at byte (k, n/2). Stores record theirs in the codec spec
+# ("layout"); one without the field holds "b64", the only order written before the field existed.
+LAYOUTS = {"b64": 64, "b32": 32, "p32": 32}
+LEGACY_LAYOUT = "b64"
+
 
 def int4pack_ordered(N: int, K: int, bits: int) -> bool:
-    """Codes of b <= 4 are stored in int4pack order when the kernel's N % 16 rule allows it."""
+    """Codes of b <= 4 are stored in an int4pack order when the kernel's N % 16 rule allows it."""
     return bits <= 4 and N % 16 == 0 and K % 2 == 0
 
 
-def int4pack_order(codes: torch.Tensor) -> torch.Tensor:
-    """codes [N, K] -> flat stream r such that pack(r, 4) is `_convert_weight_to_int4pack_for_cpu(codes)`
-    (AVX-512 layout: blocks of 64 rows; byte (k, h, d) of a block holds rows 16h+d (low) and 16h+d+32 (high);
-    a tail block of 16/32/48 rows pairs rows n, n+1 at byte (k, n/2))."""
+def _check(layout: str) -> int:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown int4 layout {layout!r}; choose from {sorted(LAYOUTS)}")
+    return LAYOUTS[layout]
+
+
+def int4pack_order(codes: torch.Tensor, layout: str = LEGACY_LAYOUT) -> torch.Tensor:
+    """codes [N, K] -> flat stream r such that pack(r, 4) is what a CPU of `layout` converts codes to."""
+    B = _check(layout)
     N, K = codes.shape
-    nb = N // 64
-    full = codes[: nb * 64].reshape(nb, 2, 2, 16, K).permute(0, 4, 2, 3, 1)  # [NB, K, h, d, lh]
-    tail = codes[nb * 64:].reshape(-1, 2, K).permute(2, 0, 1)  # [K, n/2, lh]
+    nb = N // B
+    if layout == "p32":
+        full = codes[: nb * B].reshape(nb, B // 2, 2, K).permute(0, 3, 1, 2)  # [NB, K, j, lh]
+    else:
+        full = codes[: nb * B].reshape(nb, 2, B // 2, K).permute(0, 3, 2, 1)  # [NB, K, j, lh]
+    tail = codes[nb * B:].reshape(-1, 2, K).permute(2, 0, 1)  # [K, n/2, lh]
     return torch.cat([full.reshape(-1), tail.reshape(-1)])
 
 
-def int4pack_unorder(stream: torch.Tensor, N: int, K: int) -> torch.Tensor:
+def int4pack_unorder(stream: torch.Tensor, N: int, K: int, layout: str = LEGACY_LAYOUT) -> torch.Tensor:
     """Inverse of `int4pack_order`: flat stream -> codes [N, K]."""
-    nb = N // 64
-    t = nb * 64 * K
-    full = stream[:t].reshape(nb, K, 2, 16, 2).permute(0, 4, 2, 3, 1).reshape(nb * 64, K)
+    B = _check(layout)
+    nb = N // B
+    t = nb * B * K
+    if layout == "p32":
+        full = stream[:t].reshape(nb, K, B // 2, 2).permute(0, 2, 3, 1)
+    else:
+        full = stream[:t].reshape(nb, K, B // 2, 2).permute(0, 3, 2, 1)
     tail = stream[t: N * K].reshape(K, -1, 2).permute(1, 2, 0).reshape(-1, K)
-    return torch.cat([full, tail])
+    return torch.cat([full.reshape(nb * B, K), tail])
+
+
+def _probe(layout: str) -> bool:
+    g = torch.Generator().manual_seed(0)
+    c = torch.randint(0, 16, (80, 64), generator=g, dtype=torch.uint8)  # one full block + a tail
+    ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(c.to(torch.int32), 1)
+    return bool(torch.equal(pack(int4pack_order(c, layout), 4).view(80, 32), ref))
 
 
 @functools.cache
-def int4pack_native() -> bool:
-    """Does this torch's CPU kernel use the layout `int4pack_order` writes? (Checked once on a probe.)"""
+def host_layout() -> str | None:
+    """The order this torch's CPU int4 kernel reads (checked once on a probe); None if it is none of ours.
+    (ATEN_CPU_CAPABILITY=default|avx2|avx512 picks torch's CPU build, hence the order, per process.)"""
     try:
-        g = torch.Generator().manual_seed(0)
-        c = torch.randint(0, 16, (80, 64), generator=g, dtype=torch.uint8)  # one full block + a tail
-        ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(c.to(torch.int32), 1)
-        return bool(torch.equal(pack(int4pack_order(c), 4).view(80, 32), ref))
+        return next((lay for lay in LAYOUTS if _probe(lay)), None)
     except (RuntimeError, AttributeError):
-        return False
+        return None
+
+
+def write_layout() -> str:
+    """The order a new store's 4-bit codes are written in: this CPU's, so that decoding them is a view;
+    MOE_OFFLOAD_INT4_LAYOUT=<layout> writes another (tests: the converting path on any machine)."""
+    forced = os.environ.get("MOE_OFFLOAD_INT4_LAYOUT")
+    if forced:
+        _check(forced)
+        return forced
+    return host_layout() or LEGACY_LAYOUT
+
+
+SLAB = 1 << 18  # bytes of nibbles reordered at a time: temporaries stay small and are reused
+
+
+def relayout(nib: torch.Tensor, N: int, K: int, src: str, dst: str) -> torch.Tensor:
+    """A nibble stream [N*K/2] in order `src` -> a new one in order `dst`, in slabs of 64-row blocks (every
+    order is block-local within 64 rows, and the rows past the last such block stand alone in each), so the
+    temporaries are a few hundred KiB whatever the matrix. b64 <-> b32 is a byte shuffle per slab; the rest
+    goes through the slab's row-major codes."""
+    if src == dst:
+        return nib.clone()
+    _check(src), _check(dst)
+    out = torch.empty(N * K // 2, dtype=torch.uint8, device=nib.device)
+    per = 32 * K  # bytes of one 64-row block
+    full = N // 64 * per
+    step = max(1, SLAB // per) * per
+    if {src, dst} == {"b64", "b32"}:
+        t = torch.empty(min(step, full) // 2, dtype=torch.uint8, device=nib.device)
+        for o in range(0, full, step):
+            e = min(o + step, full)
+            x, y = nib[o:e], out[o:e]
+            nb = x.numel() // per
+            if src == "b64":  # [nb, K, j // 16, j % 16] -> [nb, block of 32, K, d]
+                xa, ya = x.view(nb, K, 2, 16), y.view(nb, 2, K, 16)
+                x0, x1, y0, y1 = xa[:, :, 0], xa[:, :, 1], ya[:, 0], ya[:, 1]
+            else:
+                xa, ya = x.view(nb, 2, K, 16), y.view(nb, K, 2, 16)
+                x0, x1, y0, y1 = xa[:, 0], xa[:, 1], ya[:, :, 0], ya[:, :, 1]
+            tt = t[: nb * per // 2].view(x0.shape)
+            torch.bitwise_and(x0, 0x0F, out=y0)  # low rows: low nibbles of both halves
+            torch.bitwise_and(x1, 0x0F, out=tt)
+            y0 |= tt.bitwise_left_shift_(4)
+            torch.bitwise_right_shift(x0, 4, out=y1)  # high rows: the high nibbles
+            torch.bitwise_and(x1, 0xF0, out=tt)
+            y1 |= tt
+        done = full
+    else:
+        done = 0
+    for o in range(done, N * K // 2, step):  # whole slabs of 64-row blocks, then the tail, each standalone
+        n = min(step, N * K // 2 - o) * 2 // K
+        out[o:o + n * K // 2] = pack(int4pack_order(_unorder_tail(nib[o:o + n * K // 2], n, K, src), dst), 4)
+    return out
+
+
+def _unorder_tail(nib: torch.Tensor, n: int, K: int, layout: str) -> torch.Tensor:
+    c = torch.stack([nib & 15, nib >> 4], -1).view(-1)
+    return int4pack_unorder(c, n, K, layout)
 
 
 # ---- one stored matrix ----------------------------------------------------------------------------------
 
 @dataclass
 class PackedMatrix:
-    """A quantized matrix as stored: packed codes (int4pack order for b <= 4 when allowed, row-major
-    otherwise; 8-bit codes as int8 q − 128) and scales_and_zeros sz bf16 [G, N, 2]."""
+    """A quantized matrix as stored: packed codes (int4pack order `layout` for b <= 4 when allowed,
+    row-major otherwise; 8-bit codes as int8 q − 128) and scales_and_zeros sz bf16 [G, N, 2]."""
 
     packed: torch.Tensor  # uint8 [packed_nbytes(N*K, bits)]
     sz: torch.Tensor
     bits: int
     N: int
     K: int
+    layout: str = LEGACY_LAYOUT
 
     @property
     def group_size(self) -> int:
         return self.K // self.sz.shape[0]
 
     @classmethod
-    def from_quantized(cls, q: Quantized) -> PackedMatrix:
+    def from_quantized(cls, q: Quantized, layout: str = LEGACY_LAYOUT) -> PackedMatrix:
         N, K = q.codes.shape
         c = q.codes
         if int4pack_ordered(N, K, q.bits):
-            c = int4pack_order(c)
+            c = int4pack_order(c, layout)
         elif q.bits == 8:
             c = c ^ 0x80  # int8 two's complement of q − 128
-        return cls(pack(c, q.bits), q.sz, q.bits, N, K)
+        return cls(pack(c, q.bits), q.sz, q.bits, N, K, layout)
 
     def codes(self) -> torch.Tensor:
         """uint8 [N, K] in row-major order (works on any device)."""
         n = self.N * self.K
         c = unpack(self.packed, self.bits, n)
         if int4pack_ordered(self.N, self.K, self.bits):
-            return int4pack_unorder(c, self.N, self.K)
+            return int4pack_unorder(c, self.N, self.K, self.layout)
         if self.bits == 8:
             c = c ^ 0x80
         return c.reshape(self.N, self.K)
 
-    def dequantize(self, dtype=torch.float32, rows: int | None = None) -> torch.Tensor:
+    def dequantize(self, dtype=torch.float32, rows: int | None = None, out: torch.Tensor | None = None,
+                   start: int = 0) -> torch.Tensor:
         """W [N, K] in `dtype`, equal to hqq.dequantize(codes, sz). On CPU it runs 64 rows at a time so the
-        fp32 temporaries stay in cache (measured 6× faster than whole-matrix passes at 14336×4096)."""
+        fp32 temporaries stay in cache (measured 6× faster than whole-matrix passes at 14336×4096).
+        out [n, K]: rows start .. start + n of W written there instead (start a multiple of 64)."""
         N, K, dev = self.N, self.K, self.packed.device
         rows = rows or (64 if dev.type == "cpu" else N)
         G = self.sz.shape[0]
-        s = self.sz[..., 0].t().float()[..., None]  # [N, G, 1]
-        m0 = self.sz[..., 1].t().float()[..., None] - centre(self.bits) * s
-        if int4pack_ordered(N, K, self.bits):
+        if out is None:
+            out, start = torch.empty(N, K, dtype=dtype, device=dev), 0
+        end = start + out.shape[0]
+        s = self.sz[:, start:end, 0].t().float()[..., None]  # [n, G, 1] for rows start .. end
+        m0 = self.sz[:, start:end, 1].t().float()[..., None] - centre(self.bits) * s
+        if int4pack_ordered(N, K, self.bits) and self.layout != "p32":  # (p32: pairs; below)
             rows_of = self._ordered_rows(nibbles(self.packed, self.bits, N * K))
         elif self.bits == 8:
             rows_of = lambda r, n: self.packed[r * K:(r + n) * K].view(n, K) ^ 0x80  # noqa: E731
         else:
             c = self.codes()
             rows_of = lambda r, n: c[r:r + n]  # noqa: E731
-        out = torch.empty(N, K, dtype=dtype, device=dev)
         buf = torch.empty(min(rows, N), G, K // G, device=dev)
-        for r in range(0, N, rows):
-            n = min(rows, N - r)
+        for r in range(start, end, rows):
+            n = min(rows, end - r)
             f = buf[:n]
             f.copy_(rows_of(r, n).view(n, G, K // G))
-            affine_(f, s[r:r + n], m0[r:r + n])
-            out[r:r + n].copy_(f.view(n, K))
+            affine_(f, s[r - start:r - start + n], m0[r - start:r - start + n])
+            out[r - start:r - start + n].copy_(f.view(n, K))
         return out
 
     def _ordered_rows(self, nib: torch.Tensor):
         """rows_of(r, n) for the int4pack order: unpack + un-permute in one strided pass per nibble half."""
-        N, K = self.N, self.K
-        full = N // 64 * 64
-        blocks = nib[: full * K // 2].view(-1, K, 2, 16).permute(0, 2, 3, 1)  # [NB, h, d, K]
+        N, K, B = self.N, self.K, LAYOUTS[self.layout]
+        full = N // B * B
+        blocks = nib[: full * K // 2].view(-1, K, B // 2).permute(0, 2, 1)  # [NB, j, K]
+        tail: list[torch.Tensor] = []
 
         def rows_of(r: int, n: int) -> torch.Tensor:
-            if r % 64 == 0 and n % 64 == 0 and r + n <= full:
-                b = blocks[r // 64:(r + n) // 64]
-                out = torch.empty(b.shape[0], 2, 2, 16, K, dtype=torch.uint8, device=nib.device)  # [nb, lh..]
+            if r % B == 0 and n % B == 0 and r + n <= full:
+                b = blocks[r // B:(r + n) // B]
+                out = torch.empty(b.shape[0], 2, B // 2, K, dtype=torch.uint8, device=nib.device)
                 torch.bitwise_and(b, 15, out=out[:, 0])
                 torch.bitwise_right_shift(b, 4, out=out[:, 1])
                 return out.view(n, K)
-            c = torch.stack([nib & 15, nib >> 4], -1).view(-1)  # rare: tails and odd chunkings
-            return int4pack_unorder(c, N, K)[r:r + n]
+            if not tail:  # rare: the tail rows, odd chunkings (unordered once)
+                c = torch.stack([nib & 15, nib >> 4], -1).view(-1)
+                tail.append(int4pack_unorder(c, N, K, self.layout))
+            return tail[0][r:r + n]
 
         return rows_of
 
@@ -159,9 +256,12 @@ class PackedMatrix:
 # ---- callables: x [M, K] -> [M, N] in x's dtype ----------------------------------------------------------
 
 class DequantLinear:
-    """Dequantise into the activation dtype on every call, then one dense GEMM (CUDA, prefill, fallback)."""
+    """Dequantise into the activation dtype on every call, then dense GEMMs (CUDA, prefill, fallback). On CPU
+    the weights are dequantised CHUNK_BYTES at a time into one buffer, so a prefill's transient stays bounded
+    (a whole 14336×4096 matrix is 235 MB in bf16, 470 MB in fp32) instead of a matrix per call."""
 
     kind = "dense"
+    CHUNK_BYTES = 16 * 2**20
 
     def __init__(self, pm: PackedMatrix):
         self.pm = pm
@@ -175,35 +275,57 @@ class DequantLinear:
         own = [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
         return [self.pm.packed, self.pm.sz, *own]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.pm.dequantize(x.dtype))
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [M, K] -> [M, N]
+        pm = self.pm
+        rows = max(64, self.CHUNK_BYTES // (pm.K * x.element_size()) // 64 * 64)
+        if pm.packed.device.type != "cpu" or rows >= pm.N:
+            return F.linear(x, pm.dequantize(x.dtype))
+        y = x.new_empty(x.shape[0], pm.N)
+        w = torch.empty(rows, pm.K, dtype=x.dtype)
+        for r in range(0, pm.N, rows):
+            n = min(rows, pm.N - r)
+            y[:, r:r + n] = F.linear(x, pm.dequantize(x.dtype, out=w[:n], start=r))
+        return y
 
 
 class Int4Linear(DequantLinear):
-    """CPU int4pack kernel for b <= 4 (2/3-bit expanded to nibbles here, once)."""
+    """CPU int4pack kernel for b <= 4, over nibbles in the order this CPU's kernel reads (`host_layout`):
+    4-bit codes stored in that order are a view of the stored bytes; otherwise (2/3-bit codes expanded to
+    nibbles, or codes in another CPU's order) one new stream in the host's order replaces them, and the
+    unit keeps no view of the stored bytes (its meta is copied if it was one)."""
 
     kind = "int4pack"
 
     def __init__(self, pm: PackedMatrix, dense_rows: int = DENSE_ROWS["int4pack"]):
         self.dense_rows = dense_rows
-        self.sz = pm.sz.contiguous()
-        if int4pack_native():  # hold nibbles only: a view of the stored bytes for 4-bit, expanded for 2/3
-            nib = nibbles(pm.packed, pm.bits, pm.N * pm.K)
-            pm = PackedMatrix(nib, self.sz, 4, pm.N, pm.K)  # same centre, same values: codes < 8 are nibbles
-            self.w = nib.view(pm.N, pm.K // 2)
-        else:  # another CPU layout (AVX2: blocks of 32 rows): torch converts, once; compact codes kept
+        host = host_layout()
+        if host is None:  # an order none of ours: torch converts, once; the codes stay for dequantize
             self.w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(pm.codes().to(torch.int32), 1)
-        super().__init__(pm)
+            self.sz = pm.sz.contiguous()
+            super().__init__(pm)
+            return
+        nib = nibbles(pm.packed, pm.bits, pm.N * pm.K)
+        if pm.layout != host:
+            nib = relayout(nib, pm.N, pm.K, pm.layout, host)
+        sz = pm.sz.contiguous()
+        if not _shares(nib, pm.packed) and _shares(sz, pm.packed):
+            sz = sz.clone()
+        self.w, self.sz = nib.view(pm.N, pm.K // 2), sz
+        super().__init__(PackedMatrix(nib, sz, 4, pm.N, pm.K, host))  # codes < 8 are nibbles: same values
 
     @property
     def nbytes(self) -> int:
-        return super().nbytes + (0 if self.w.data_ptr() == self.pm.packed.data_ptr() else self.w.numel())
+        return super().nbytes + (0 if _shares(self.w, self.pm.packed) else self.w.numel())
 
     def __call__(self, x):
         if x.shape[0] > self.dense_rows:
             return super().__call__(x)
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         return mm(x.to(torch.bfloat16), self.w, self.pm.group_size, self.sz).to(x.dtype)
+
+
+def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 class Int8Linear(DequantLinear):

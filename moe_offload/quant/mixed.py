@@ -239,6 +239,10 @@ def silent(message: str) -> None:
 def expert_spec(bits: int, group_size: int | None, quantizer: str, rank: int = 0) -> dict:
     """The hqq codec spec; group_size applies to 2/3/4 bits (8-bit keeps one group per row: int8 kernel)."""
     spec = {"name": "hqq", "bits": bits, "quantizer": quantizer}
+    if bits == 4:  # the codes in this CPU's int4 kernel order (2/3-bit codes are expanded at load anyway)
+        from .kernels import write_layout
+
+        spec["layout"] = write_layout()
     if group_size is not None and bits < 8:
         spec["group_size"] = group_size
     if rank:
