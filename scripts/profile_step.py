@@ -186,7 +186,7 @@ def main():
     p.add_argument("--prefill", type=int, default=128, help="prompt tokens (the decode attends to them too)")
     p.add_argument("--decode", type=int, default=8, help="decode steps timed")
     p.add_argument("--threads", default="1,2")
-    p.add_argument("--prefill-ops", action="store_true", help="also count the prefill's ops (one more prefill)")
+    p.add_argument("--prefill-ops", action="store_true", help="count the prefill's ops (one more prefill)")
     a = p.parse_args()
     t0 = time.perf_counter()
     _, model = build_random(a.shape, a.layers, getattr(torch, a.dtype), max_pos=a.prefill + a.decode + 64)

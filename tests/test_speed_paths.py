@@ -72,4 +72,4 @@ def test_many_row_half_linear_runs_in_fp32_in_bounded_blocks(dtype, monkeypatch)
     assert torch.equal(linear(many[None], w)[0], F.linear(many.float(), w.float()).to(dtype))  # [B, T, K]
     assert torch.equal(linear(many.float(), w.float()), F.linear(many.float(), w.float()))  # fp32: as is
     monkeypatch.setattr(base, "UPCAST_BLOCK", 48 * 7)  # 7 weight rows at a time: 15 blocks, the last short
-    torch.testing.assert_close(linear(many, w, b), want)  # fp32 GEMMs of other widths may sum in another order
+    torch.testing.assert_close(linear(many, w, b), want)  # narrower fp32 GEMMs may sum in another order

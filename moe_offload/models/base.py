@@ -324,9 +324,9 @@ class Attention(SeqAttention):
 
 
 def attend_one(q, k, v, scale: float | None, mask: torch.Tensor | None) -> torch.Tensor:
-    """One query per sequence: q [B, H, 1, Hd] over k, v [B, K, S, Hd] (mask bool [1, S] or None) -> [B, H, 1, Hd].
-    Two matmuls and a softmax in fp32: SDPA costs ~10x more per call for a single query (1.91 vs 0.17 ms at
-    512 keys, issue 16)."""
+    """One query per sequence: q [B, H, 1, Hd] over k, v [B, K, S, Hd] (mask bool [1, S] or None) ->
+    [B, H, 1, Hd]. Two matmuls and a softmax in fp32: SDPA costs ~10x more per call for a single query
+    (1.91 vs 0.17 ms at 512 keys, issue 16)."""
     B, H, _, Hd = q.shape
     K = k.shape[1]
     qg = q.float().reshape(B, K, H // K, Hd)  # [B, K, H/K, Hd]: query head h reads kv head h // (H/K)
