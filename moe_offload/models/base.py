@@ -48,10 +48,10 @@ class BaseModelArgs:
         return float(rp.get("rope_theta", getattr(self, "rope_theta", None) or 10000.0))
 
 
-# A 16-bit GEMM of this many rows or more runs faster as fp32 on a CPU without native 16-bit matmul (AVX2:
-# bf16/fp16 GEMM at 10-11 GFLOP/s against 47-73 for fp32, crossover near 16 rows; docs/perf.md). Below it,
-# the 16-bit GEMV streams half the bytes of an fp32 one.
-UPCAST_ROWS = 16
+# A 16-bit GEMM of this many rows or more runs faster as fp32 on a CPU without native 16-bit matmul (Zen3,
+# AVX2: a Mixtral expert on 4 rows 134 vs 152 ms, 16 rows 200 vs 525, 256 rows 1549 vs 8926;
+# scripts/upcast_bench.py, docs/perf.md). Below it the 16-bit GEMV wins: it streams half the bytes.
+UPCAST_ROWS = 4
 HALF_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
 
 
@@ -71,7 +71,8 @@ def upcast(x: torch.Tensor) -> bool:
             and not cpu_flags() & set(HALF_FLAGS[x.dtype]))
 
 
-UPCAST_BLOCK = 4 << 20  # weights converted at a time (16 MiB of fp32): the transient stays bounded
+UPCAST_BLOCK = 1 << 20  # weights converted at a time: 4 MiB of fp32 stay in cache for the GEMM (2-4x faster
+# than converting a whole 14336x4096 matrix first, scripts/upcast_bench.py) and bound the transient
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
