@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from moe_offload.experts import moe_dispatch
 from moe_offload.models import base
-from moe_offload.models.base import attend_one, attention_mask, linear
+from moe_offload.models.base import attend_one, attention_mask, linear, one_query_pays
 
 
 class RowWise:
@@ -73,3 +73,13 @@ def test_many_row_half_linear_runs_in_fp32_in_bounded_blocks(dtype, monkeypatch)
     assert torch.equal(linear(many.float(), w.float()), F.linear(many.float(), w.float()))  # fp32: as is
     monkeypatch.setattr(base, "UPCAST_BLOCK", 48 * 7)  # 7 weight rows at a time: 15 blocks, the last short
     torch.testing.assert_close(linear(many, w, b), want)  # narrower fp32 GEMMs may sum in another order
+
+
+def test_one_query_path_only_where_it_pays():
+    def qk(H, Hd, S, dtype):
+        return torch.zeros(1, H, 1, Hd, dtype=dtype), torch.zeros(1, 1, S, Hd, dtype=dtype)
+
+    assert not one_query_pays(*qk(8, 32, 40, torch.bfloat16))  # the bundled model: SDPA is faster
+    assert one_query_pays(*qk(32, 128, 64, torch.bfloat16))  # real widths in 16 bits: from few keys
+    assert not one_query_pays(*qk(32, 128, 64, torch.float32))
+    assert one_query_pays(*qk(32, 128, 512, torch.float32))
