@@ -9,12 +9,12 @@ Shape legend: N tokens, D hidden, I expert intermediate, A active experts per to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
-import torch.nn.functional as F
 
-from .models.base import ACTIVATIONS
+from .models.base import ACTIVATIONS, linear
 from .utils import DTYPE_NAMES, DTYPES
 
 
@@ -56,8 +56,8 @@ class DenseExpert:
         return sum(t.nbytes for t in self.tensors())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [n, D] -> [n, D]
-        g, u = F.linear(x, self.gate_up).chunk(2, dim=-1)
-        return F.linear(self.act(g) * u, self.down)
+        g, u = linear(x, self.gate_up).chunk(2, dim=-1)
+        return linear(self.act(g) * u, self.down)
 
 
 def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
@@ -93,8 +93,8 @@ class BiasedExpert:
         return sum(t.nbytes for t in self.tensors())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [n, D] -> [n, D]
-        g, u = F.linear(x, self.gate_up, self.gate_up_bias).chunk(2, dim=-1)
-        return F.linear(self.glu(g, u), self.down, self.down_bias)
+        g, u = linear(x, self.gate_up, self.gate_up_bias).chunk(2, dim=-1)
+        return linear(self.glu(g, u), self.down, self.down_bias)
 
 
 def expert_unit(shape: ExpertShape, gate, up, down, gate_bias=None, up_bias=None, down_bias=None) -> Callable:
@@ -152,17 +152,39 @@ def moe_dispatch(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights:
     """Compute every needed expert once on all its tokens; sum in ascending expert order.
 
     `fetch(experts)` yields (expert, unit) in any order (a cache yields hits first, misses as they land);
-    the sum order is fixed, so offloaded and resident runs give identical numbers.
+    the sum order is fixed, so offloaded and resident runs give identical numbers. One host sync per call.
     """
-    needed = torch.unique(top_k_index).tolist()
+    if hidden.shape[0] == 1:
+        return _dispatch_one(hidden, top_k_index, top_k_weights, fetch)
+    N, A = top_k_index.shape
+    flat = top_k_index.reshape(-1)  # [N*A]
+    needed, counts = torch.unique(flat, return_counts=True)
+    order = torch.argsort(flat, stable=True)  # slots grouped by expert, ascending tokens inside each group
+    tok_sorted, w_sorted = order // A, top_k_weights.reshape(-1)[order]
+    needed, offs = needed.tolist(), [0, *accumulate(counts.tolist())]
+    span = {e: slice(offs[i], offs[i + 1]) for i, e in enumerate(needed)}
     parts = {}
     for e, unit in fetch(needed):
-        tok, slot = torch.where(top_k_index == e)
-        parts[e] = (tok, unit(hidden[tok]) * top_k_weights[tok, slot, None])
+        s = span[e]
+        tok = tok_sorted[s]  # a token picks an expert at most once
+        parts[e] = (tok, unit(hidden[tok]) * w_sorted[s, None])
     out = torch.zeros_like(hidden)
     for e in needed:
         tok, y = parts[e]
         out.index_add_(0, tok, y.to(out.dtype))
+    return out
+
+
+def _dispatch_one(hidden, top_k_index, top_k_weights, fetch: Fetch) -> torch.Tensor:
+    """`moe_dispatch` for one token (decode): hidden [1, D], top_k_index / top_k_weights [1, A]. The same
+    numbers (each expert's output × its weight, cast, summed in ascending expert order) without grouping."""
+    slot = {e: i for i, e in enumerate(top_k_index[0].tolist())}
+    needed = sorted(slot)
+    parts = {e: unit(hidden) * top_k_weights[:, slot[e], None] for e, unit in fetch(needed)}
+    out = None
+    for e in needed:
+        y = parts[e].to(hidden.dtype)
+        out = y if out is None else out + y
     return out
 
 

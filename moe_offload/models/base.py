@@ -6,8 +6,10 @@ E routed experts, A active experts per token, I expert intermediate size, V voca
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -44,6 +46,56 @@ class BaseModelArgs:
         if rope_type != "default":
             raise MoeError(f"rope_type {rope_type!r} is not supported for {getattr(self, 'model_type', '?')}")
         return float(rp.get("rope_theta", getattr(self, "rope_theta", None) or 10000.0))
+
+
+# A 16-bit GEMM of this many rows or more runs faster as fp32 on a CPU without native 16-bit matmul (Zen3,
+# AVX2: a Mixtral expert on 4 rows 134 vs 152 ms, 16 rows 200 vs 525, 256 rows 1549 vs 8926;
+# scripts/upcast_bench.py, docs/perf.md). Below it the 16-bit GEMV wins: it streams half the bytes.
+UPCAST_ROWS = 4
+HALF_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def upcast(x: torch.Tensor) -> bool:
+    """Should a GEMM with activations x [.., K] run in fp32 (see UPCAST_ROWS)?"""
+    return (x.dtype in HALF_FLAGS and x.device.type == "cpu" and x.numel() >= UPCAST_ROWS * x.shape[-1]
+            and not cpu_flags() & set(HALF_FLAGS[x.dtype]))
+
+
+UPCAST_BLOCK = 1 << 20  # weights converted at a time: 4 MiB of fp32 stay in cache for the GEMM (2-4x faster
+# than converting a whole 14336x4096 matrix first, scripts/upcast_bench.py) and bound the transient
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; a many-row 16-bit GEMM on CPU computes in fp32 and rounds once to x's dtype (`upcast`),
+    converting w [N, K] a block of rows at a time."""
+    if not upcast(x):
+        return F.linear(x, w, b)
+    xf = x.float()
+    N, K = w.shape
+    step = max(1, UPCAST_BLOCK // K)
+    if step >= N:
+        return F.linear(xf, w.float(), None if b is None else b.float()).to(x.dtype)
+    y = x.new_empty(*x.shape[:-1], N)
+    for r in range(0, N, step):
+        y[..., r:r + step] = F.linear(xf, w[r:r + step].float(), None if b is None else b[r:r + step].float())
+    return y
+
+
+class Linear(nn.Linear):
+    """nn.Linear through `linear` (same parameters and checkpoint names)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -200,6 +252,8 @@ class Packed:
 
     def attend(self, fn: Callable, x, cos, sin, caches, masks) -> torch.Tensor:
         """x [1, N, D], cos/sin [N, Hd], one cache and mask per sequence -> [1, N, D]."""
+        if len(self.lens) == 1:  # one sequence: no slicing, no concatenation
+            return fn(x, cos, sin, caches[0], self.starts[0], masks[0])
         out = [fn(x[:, o:o + t], cos[o:o + t], sin[o:o + t], c, p, m)
                for o, t, p, c, m in zip(self.offsets, self.lens, self.starts, caches, masks)]
         return torch.cat(out, dim=1)
@@ -235,10 +289,10 @@ class Attention(SeqAttention):
         Hd = getattr(args, "head_dim", None) or D // H
         self.n_heads, self.n_kv, self.head_dim, self.window, self.clip_qkv = H, K, Hd, window, clip_qkv
         self.scale = scale  # softmax scale; None = 1/sqrt(Hd)
-        self.q_proj = nn.Linear(D, H * Hd, bias=qkv_bias)
-        self.k_proj = nn.Linear(D, K * Hd, bias=qkv_bias)
-        self.v_proj = nn.Linear(D, K * Hd, bias=qkv_bias)
-        self.o_proj = nn.Linear(H * Hd, D, bias=o_bias)
+        self.q_proj = Linear(D, H * Hd, bias=qkv_bias)
+        self.k_proj = Linear(D, K * Hd, bias=qkv_bias)
+        self.v_proj = Linear(D, K * Hd, bias=qkv_bias)
+        self.o_proj = Linear(H * Hd, D, bias=o_bias)
         self.qk_norm = qk_norm
         if qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(Hd, args.rms_norm_eps), RMSNorm(Hd, args.rms_norm_eps)
@@ -260,11 +314,42 @@ class Attention(SeqAttention):
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = cache.update(pos, k, v)  # [B, K, pos+T, Hd]
-        if mask is None and T > 1:
-            mask = attention_mask(pos, T, None, x.device)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads,
-                                           scale=self.scale)
+        if T == 1 and one_query_pays(q, k):
+            y = attend_one(q, k, v, self.scale, mask)
+        else:
+            if mask is None:
+                mask = attention_mask(pos, T, None, x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads,
+                                               scale=self.scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+# Work (H·S·Hd) from which `attend_one` beats SDPA for one query (1 thread, Zen3): bf16 H8 Hd32 at S=40 134 vs
+# 52 us, S=500 224 vs 400 us; H32 Hd128 S=512 850 vs 5581 us; fp32 there 503 vs 720 us, at S=500 H8 Hd32 163 vs
+# 91 us. Below it the ~10 small ops of `attend_one` cost more than SDPA's one call.
+ONE_QUERY_WORK = {torch.float32: 1 << 20}
+ONE_QUERY_WORK_HALF = 1 << 16
+
+
+def one_query_pays(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """q [B, H, 1, Hd], k [B, K, S, Hd]: is `attend_one` the faster path?"""
+    work = q.shape[1] * k.shape[2] * q.shape[3]
+    return q.device.type == "cpu" and work >= ONE_QUERY_WORK.get(q.dtype, ONE_QUERY_WORK_HALF)
+
+
+def attend_one(q, k, v, scale: float | None, mask: torch.Tensor | None) -> torch.Tensor:
+    """One query per sequence: q [B, H, 1, Hd] over k, v [B, K, S, Hd] (mask bool [1, S] or None) ->
+    [B, H, 1, Hd]. Two matmuls and a softmax in fp32: SDPA costs ~10x more per call for a single query
+    (1.91 vs 0.17 ms at 512 keys, issue 16)."""
+    B, H, _, Hd = q.shape
+    K = k.shape[1]
+    qg = q.float().reshape(B, K, H // K, Hd)  # [B, K, H/K, Hd]: query head h reads kv head h // (H/K)
+    s = torch.matmul(qg, k.float().transpose(-1, -2))  # [B, K, H/K, S]
+    s = s * (Hd ** -0.5 if scale is None else scale)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    y = torch.matmul(torch.softmax(s, dim=-1), v.float())  # [B, K, H/K, Hd]
+    return y.reshape(B, H, 1, Hd).to(q.dtype)
 
 
 class MLP(nn.Module):
@@ -272,9 +357,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int, act: str = "silu"):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_proj = Linear(dim, hidden, bias=False)
+        self.up_proj = Linear(dim, hidden, bias=False)
+        self.down_proj = Linear(hidden, dim, bias=False)
         self.act = ACTIVATIONS[act]
 
     def forward(self, x):
@@ -381,7 +466,7 @@ class CausalLM(FamilyHooks, nn.Module):
         self.model = Inner(args, layers)
         self.tie = bool(getattr(args, "tie_word_embeddings", False))
         if not self.tie:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self.init_rope(None)
 
     def init_rope(self, device) -> None:
@@ -408,7 +493,7 @@ class CausalLM(FamilyHooks, nn.Module):
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """final hidden [.., D] (normed) -> logits [.., V] fp32."""
         if self.tie:
-            return F.linear(x, self.model.embed_tokens.weight).float()
+            return linear(x, self.model.embed_tokens.weight).float()
         return self.lm_head(x).float()
 
     def forward(self, tokens: torch.Tensor, pos: int | Packed, cache: list) -> torch.Tensor:
@@ -417,13 +502,15 @@ class CausalLM(FamilyHooks, nn.Module):
         B, T = tokens.shape
         x = self.embed(tokens)
         windows = {l.self_attn.window for l in self.model.layers}
-        if isinstance(pos, Packed):
+        if isinstance(pos, Packed) and len(pos.lens) > 1:
             at = pos.positions(x.device)
             cos, sin = self.rope_cos[at].to(x.dtype), self.rope_sin[at].to(x.dtype)
+        else:  # one sequence: a slice of the tables
+            p = pos.starts[0] if isinstance(pos, Packed) else pos
+            cos, sin = self.rope_cos[p:p + T].to(x.dtype), self.rope_sin[p:p + T].to(x.dtype)
+        if isinstance(pos, Packed):
             masks = {w: pos.masks(w, x.device) for w in windows}
         else:
-            cos = self.rope_cos[pos:pos + T].to(x.dtype)
-            sin = self.rope_sin[pos:pos + T].to(x.dtype)
             masks = {w: attention_mask(pos, T, w, x.device) for w in windows}
         for layer, c in zip(self.model.layers, cache):
             x = layer(x, cos, sin, c, pos, masks)

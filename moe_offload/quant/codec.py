@@ -33,11 +33,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import MoeError
 from ..experts import GLUS, ExpertShape
-from ..models.base import ACTIVATIONS
+from ..models.base import ACTIVATIONS, linear
 from . import lowrank
 from .hqq import META_BLOCK, decode_meta, group_size_for, importance_weights, quantize
 from .kernels import LAYOUTS, LEGACY_LAYOUT, PackedMatrix, host_layout, make_linear
@@ -149,7 +148,7 @@ class DenseLinear:
         return [self.w]
 
     def __call__(self, x):
-        return F.linear(x, self.w.to(x.dtype))
+        return linear(x, self.w.to(x.dtype))  # many 16-bit rows on CPU: an fp32 GEMM (models/base.py)
 
 
 def factor_linear(pm: PackedMatrix) -> DenseLinear:
