@@ -943,7 +943,7 @@ def prepare(a) -> dict:
     qbits = {b for b in getattr(a, "us_bits", [16]) if b != 16} | {b for b, _ in getattr(a, "budgets", []) if b != 16}
     quantizer = getattr(a, "quantizer", "hqq")
     for bits in sorted(qbits):
-        q = d / f"store-{a.dtype}-q{bits}" + ("" if quantizer == "hqq" else f"-{quantizer}")
+        q = d / (f"store-{a.dtype}-q{bits}" + ("" if quantizer == "hqq" else f"-{quantizer}"))
         if not _store_is_fresh(q, a.dtype, stamp):
             cmd = [sys.executable, "-m", "moe_offload.cli", "quantize", "--model", str(hf), "--out", str(q),
                    "--expert-bits", str(bits), "--attn-bits", "16", "--dtype", a.dtype, "--quantizer", quantizer,

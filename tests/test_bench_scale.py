@@ -186,3 +186,31 @@ def test_machine_info_from_a_file_and_without_one(tmp_path):
     assert "avx2" in cpuinfo.describe(info) and "avx512f" not in cpuinfo.describe(info)
     missing = cpuinfo.machine_info(tmp_path / "nope")
     assert missing["flags"]["avx2"] is False and json.dumps(missing)  # recordable as JSON
+
+
+# ---- the command: 4-bit rows under q4 budgets, no 16-bit store -----------------------------------------
+
+@pytest.mark.slow  # quantize + 2 child runs + the bandwidth probes: ~30 s idle, minutes when busy
+def test_bench_quick_q4_budgets(tiny_checkpoint, tmp_path, child_env):
+    import subprocess
+    import sys
+
+    hf = tiny_checkpoint("mixtral_gqa")
+    cmd = [sys.executable, "-m", "moe_offload.cli", "bench", "--model", str(hf), "--quick", "--peers", "none",
+           "--us-bits", "4", "--budgets", "q4:100,50", "--quantizer", "rtn", "--threads", "1", "--no-simulate",
+           "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=child_env, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    q = res["sizes_q"]["4"]
+    assert [(b["label"], b["bits"]) for b in res["budgets"]] == [("q4 100 %", 4), ("q4 50 %", 4)]
+    assert res["budgets"][0]["memory"] == q["backbone"] + q["experts"]
+    assert res["budgets"][1]["memory"] == q["backbone"] + q["experts"] // 2
+    assert q["experts"] < res["sizes"]["experts"] / 2  # 4-bit experts (page-rounded) against the 16-bit sizes
+    assert not list((tmp_path / "cache").rglob("store-float16"))  # no 16-bit store was needed
+    assert [r["config"] for r in res["rows"]] == ["us-lru-q4", "us-lru-q4"] and all(r["ok"] for r in res["rows"])
+    assert res["limits"]["per_budget"]["q4 50 %"]["bits"] == 4
+    assert res["machine"]["flags"]["avx2"] == cpuinfo.machine_info()["flags"]["avx2"]
+    assert res["quantize"]["4"]["bf16_expert_bytes_per_s"] > 0
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| q4 50 % | us-lru-q4 |" in md and "CPU: " in md and "Budgets prefixed q4" in md
