@@ -24,7 +24,7 @@ GROUPS = [
     ("aten::mm", "matmul (dense)"), ("aten::addmm", "matmul (dense)"), ("aten::bmm", "matmul (dense)"),
     ("aten::linear", "matmul (dense)"), ("aten::matmul", "matmul (dense)"),
     ("topk", "routing"), ("sort", "routing"), ("unique", "routing"), ("index", "indexing"),
-    ("aten::copy_", "copies/casts"), ("aten::to", "copies/casts"), ("_to_copy", "copies/casts"),
+    ("aten::copy_", "copies/casts"), ("aten::cat", "copies/casts"), ("aten::to", "copies/casts"), ("_to_copy", "copies/casts"),
     ("rsqrt", "norm"), ("pow", "norm"), ("mean", "norm"),
     ("pread", "disk"), ("read", "disk"),
 ]
