@@ -932,7 +932,8 @@ def prepare(a) -> dict:
     if store.is_dir() and not _store_is_fresh(store, a.dtype, stamp):
         shutil.rmtree(store)
     # the 16-bit store only when a 16-bit row or budget needs it (at real widths it is another ~11 GB on disk)
-    need16 = 16 in getattr(a, "us_bits", [16]) or any(b == 16 for b, _ in getattr(a, "budgets", [(16, 0)]))
+    budgets = [] if getattr(a, "memory", None) else getattr(a, "budgets", [(16, 100.0)])  # --memory: bytes, no %
+    need16 = 16 in getattr(a, "us_bits", [16]) or any(b == 16 for b, _ in budgets)
     if not store.is_dir() and need16:
         import torch
 
@@ -940,7 +941,7 @@ def prepare(a) -> dict:
         with Progress("bench: convert", unit="experts", quiet=getattr(a, "quiet", False)) as bar:
             convert(hf, store, getattr(torch, a.dtype), overwrite=True, progress=bar)
     quantized, qlog = {}, {}
-    qbits = {b for b in getattr(a, "us_bits", [16]) if b != 16} | {b for b, _ in getattr(a, "budgets", []) if b != 16}
+    qbits = {b for b in getattr(a, "us_bits", [16]) if b != 16} | {b for b, _ in budgets if b != 16}
     quantizer = getattr(a, "quantizer", "hqq")
     for bits in sorted(qbits):
         q = d / (f"store-{a.dtype}-q{bits}" + ("" if quantizer == "hqq" else f"-{quantizer}"))
