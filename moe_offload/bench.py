@@ -128,6 +128,15 @@ def parse_budgets(text: str) -> list[tuple[int, float]]:
     return out
 
 
+def memory_budgets(memories: list[int], by_bits: dict, us_bits: list[int]) -> tuple[list, dict]:
+    """--memory BYTES as budgets (label, % of the expert bytes, bytes) and {label: bits of the model the % and
+    the limits count}: the 4-bit model's when only 4-bit rows run, else the 16-bit one's."""
+    bits = 4 if list(us_bits) == [4] and 4 in by_bits else 16
+    z = by_bits[bits]
+    budgets = [(f"{m / MiB:.0f} MiB", 100.0 * (m - z.backbone) / z.experts, m) for m in memories]
+    return budgets, {lbl: bits for lbl, _, _ in budgets}
+
+
 def budget_label(bits: int, pct: float) -> str:
     """'50 %' (of the 16-bit model's experts, as before) or 'q4 50 %' (of the 4-bit model's)."""
     return f"{pct:g} %" if bits == 16 else f"q{bits} {pct:g} %"
@@ -1339,9 +1348,7 @@ def run_bench(a) -> dict:
     sizes: Sizes = prep["sizes"]
     by_bits = {16: sizes, **prep.get("sizes_q", {})}  # the model whose bytes a budget's % refers to
     if a.memory:
-        budgets = [(f"{parse_size(m) / MiB:.0f} MiB", None, parse_size(m)) for m in a.memory]
-        budgets = [(lbl, 100.0 * (m - sizes.backbone) / sizes.experts, m) for lbl, _, m in budgets]
-        bits_of = {lbl: 16 for lbl, _, _ in budgets}
+        budgets, bits_of = memory_budgets([parse_size(m) for m in a.memory], by_bits, a.us_bits)
     else:
         budgets = [(budget_label(b, p), p, budget_bytes(p, by_bits[b].backbone, by_bits[b].experts))
                    for b, p in a.budgets]

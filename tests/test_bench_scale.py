@@ -124,6 +124,17 @@ def test_q4_budget_is_the_4_bit_backbone_plus_a_share_of_the_4_bit_experts():
     assert budget_bytes(25, s16.backbone, s16.experts) == 1000 + 800 < budget_bytes(100, s4.backbone, s4.experts)
 
 
+def test_memory_budgets_count_the_4_bit_model_when_only_4_bit_rows_run():
+    s16 = Sizes(backbone=1000, embed=300, hidden=10, itemsize=2, expert=400, moe_layers=2, n_experts=4, top_k=2,
+                kv_per_token=5)
+    s4 = Sizes(backbone=1000, embed=300, hidden=10, itemsize=2, expert=100, moe_layers=2, n_experts=4, top_k=2,
+               kv_per_token=5)
+    budgets, bits = bench.memory_budgets([1800], {16: s16, 4: s4}, [4])
+    assert budgets == [("0 MiB", 100.0, 1800)] and bits == {"0 MiB": 4}  # the whole 4-bit model fits
+    budgets, bits = bench.memory_budgets([1800], {16: s16, 4: s4}, [16, 4])
+    assert budgets[0][1] == 25.0 and bits == {"0 MiB": 16}
+
+
 def test_goal_rows_a_16_bit_store_under_a_q4_budget_is_out_of_core():
     def row(config, bits, tok_s, budget_bits=4):
         return {"label": "q4 100 %", "budget_pct": 100.0, "budget_bits": budget_bits, "system": config.split("-")[0],
