@@ -54,6 +54,29 @@ SYNTHETIC = {
                            dtype="bfloat16"),
 }
 
+# Real models at their exact layer widths and vocabulary (the values of their config.json on the Hub), fewer
+# layers: "-L4" keeps 4 of Mixtral-8x7B's 32. Random weights (seeded) written tensor by tensor into
+# safetensors shards (build_streamed), so the builder never holds the model in RAM.
+MIXTRAL_8X7B = dict(architectures=["MixtralForCausalLM"], model_type="mixtral", hidden_size=4096,
+                    intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                    head_dim=128, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6,
+                    rms_norm_eps=1e-5, max_position_embeddings=32768, sliding_window=None, hidden_act="silu",
+                    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, router_aux_loss_coef=0.02,
+                    output_router_logits=False, attention_dropout=0.0, initializer_range=0.02,
+                    torch_dtype="bfloat16", use_cache=True)
+QWEN3_30B_A3B = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=2048,
+                     intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+                     num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936,
+                     num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+                     mlp_only_layers=[], rope_theta=1e6, rope_scaling=None, rms_norm_eps=1e-6,
+                     max_position_embeddings=40960, max_window_layers=48, sliding_window=None,
+                     use_sliding_window=False, attention_bias=False, attention_dropout=0.0, hidden_act="silu",
+                     tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645,
+                     router_aux_loss_coef=0.001, output_router_logits=False, initializer_range=0.02,
+                     torch_dtype="bfloat16", use_cache=True)
+STREAMED = {"mixtral-8x7b-L4": (MIXTRAL_8X7B, 4), "qwen3-30b-a3b-L8": (QWEN3_30B_A3B, 8)}
+SHARD_BYTES = 1 << 30  # what the builder holds in RAM at most (one shard being written)
+
 
 # ---- arithmetic (pure; tests hold it) -------------------------------------------------------------------
 
@@ -73,6 +96,49 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def budget_bytes(pct: float, backbone: int, experts: int) -> int:
     """--memory for a budget given as a percentage of the expert bytes: backbone + pct % of the experts."""
     return backbone + int(experts * pct / 100)
+
+
+BUDGET_BASES = {"f16": 16, "q4": 4}  # --budgets prefix -> bits of the model its percentages refer to
+
+
+def parse_budgets(text: str) -> list[tuple[int, float]]:
+    """--budgets: '100,50,25' -> [(16, 100.0), (16, 50.0), (16, 25.0)], percentages of the 16-bit model's expert
+    bytes (+ its backbone); 'q4:100,50,25' -> [(4, 100.0), ...], of the 4-bit model's (its backbone + 4-bit
+    experts). A prefix applies to the numbers after it: '100,q4:100,50' mixes both."""
+    out, bits = [], 16
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        base, sep, num = item.rpartition(":")
+        if sep:
+            if base.strip().lower() not in BUDGET_BASES:
+                raise UsageError(f"--budgets: unknown base {base!r} in {item!r}; use "
+                                 + " or ".join(f"{k}:" for k in BUDGET_BASES) + " (e.g. q4:100,50,25)")
+            bits = BUDGET_BASES[base.strip().lower()]
+        try:
+            pct = float(num)
+        except ValueError:
+            raise UsageError(f"--budgets takes percentages like 100,50,25 or q4:100,50,25, got {text!r}") from None
+        if not 0 < pct <= 100:
+            raise UsageError(f"--budgets must be in (0, 100], got {item!r}")
+        out.append((bits, pct))
+    if not out:
+        raise UsageError(f"--budgets takes percentages like 100,50,25 or q4:100,50,25, got {text!r}")
+    return out
+
+
+def memory_budgets(memories: list[int], by_bits: dict, us_bits: list[int]) -> tuple[list, dict]:
+    """--memory BYTES as budgets (label, % of the expert bytes, bytes) and {label: bits of the model the % and
+    the limits count}: the 4-bit model's when only 4-bit rows run, else the 16-bit one's."""
+    bits = 4 if list(us_bits) == [4] and 4 in by_bits else 16
+    z = by_bits[bits]
+    budgets = [(f"{m / MiB:.0f} MiB", 100.0 * (m - z.backbone) / z.experts, m) for m in memories]
+    return budgets, {lbl: bits for lbl, _, _ in budgets}
+
+
+def budget_label(bits: int, pct: float) -> str:
+    """'50 %' (of the 16-bit model's experts, as before) or 'q4 50 %' (of the 4-bit model's)."""
+    return f"{pct:g} %" if bits == 16 else f"q{bits} {pct:g} %"
 
 
 @dataclass(frozen=True)
@@ -164,15 +230,18 @@ def goal_rows(rows: list[dict], limits: dict) -> list[dict]:
         if us["system"] != "us" or not us.get("ok"):
             continue
         label, pct, bits = us["label"], us["budget_pct"], us.get("expert_bits", 16)
-        kind = "fits" if pct is not None and pct >= 100 else "out of core"
+        # everything fits at 100 % of a model at least as wide as ours (a 16-bit store under a q4 100 % budget
+        # is out of core)
+        kind = "fits" if pct is not None and pct >= 100 and bits <= us.get("budget_bits", 16) else "out of core"
         mine = us["summary"]["decode_tok_s"]["median"]
         for gk, peer, what, target in GOALS:
             if gk != kind:
                 continue
             if peer == "limit":
-                if bits != 16:
+                lim = limits.get("per_budget", {}).get(label) or {}
+                if bits != lim.get("bits", 16):  # the limit counts the bytes of the budget's model
                     continue
-                other = (limits.get("per_budget", {}).get(label) or {}).get("tok_s")
+                other = lim.get("tok_s")
             else:
                 if peer == "llamacpp":
                     peer = SAME_PRECISION.get(bits)
@@ -520,12 +589,120 @@ def child_main(spec_path: str, out_path: str) -> int:
 # ---- the parent: prepare, run, report ------------------------------------------------------------------
 
 
+def synthetic_config(name: str) -> dict:
+    """config.json of a STREAMED model: the real model's, with its first `layers` layers."""
+    base, layers = STREAMED[name]
+    return {**base, "num_hidden_layers": layers, **({"max_window_layers": layers} if "max_window_layers" in base
+                                                   else {})}
+
+
+def tensor_shapes(config: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """Every tensor of a Mixtral or Qwen3-MoE checkpoint as the Hub stores it (per-expert matrices), in order."""
+    mt, D, L, V = config["model_type"], config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
+    H, KV = config["num_attention_heads"], config["num_key_value_heads"]
+    Hd = config.get("head_dim") or D // H
+    out = [("model.embed_tokens.weight", (V, D))]
+    for i in range(L):
+        p = f"model.layers.{i}."
+        out += [(p + "input_layernorm.weight", (D,)), (p + "post_attention_layernorm.weight", (D,)),
+                (p + "self_attn.q_proj.weight", (H * Hd, D)), (p + "self_attn.k_proj.weight", (KV * Hd, D)),
+                (p + "self_attn.v_proj.weight", (KV * Hd, D)), (p + "self_attn.o_proj.weight", (D, H * Hd))]
+        if mt == "mixtral":
+            E, inter = config["num_local_experts"], config["intermediate_size"]
+            out.append((p + "block_sparse_moe.gate.weight", (E, D)))
+            for e in range(E):
+                q = f"{p}block_sparse_moe.experts.{e}."
+                out += [(q + "w1.weight", (inter, D)), (q + "w2.weight", (D, inter)), (q + "w3.weight", (inter, D))]
+        elif mt == "qwen3_moe":
+            E, inter = config["num_experts"], config["moe_intermediate_size"]
+            out += [(p + "self_attn.q_norm.weight", (Hd,)), (p + "self_attn.k_norm.weight", (Hd,)),
+                    (p + "mlp.gate.weight", (E, D))]
+            for e in range(E):
+                q = f"{p}mlp.experts.{e}."
+                out += [(q + "gate_proj.weight", (inter, D)), (q + "up_proj.weight", (inter, D)),
+                        (q + "down_proj.weight", (D, inter))]
+        else:
+            raise UsageError(f"no synthetic builder for model_type {mt!r}")
+    out += [("model.norm.weight", (D,)), ("lm_head.weight", (V, D))]
+    return out
+
+
+def shard_plan(shapes: list[tuple[str, tuple[int, ...]]], itemsize: int, shard_bytes: int) -> list[list[int]]:
+    """Consecutive tensors grouped into shards of at most `shard_bytes` (a bigger tensor gets a shard alone)."""
+    shards, cur, size = [], [], 0
+    for i, (_, shape) in enumerate(shapes):
+        n = itemsize
+        for d in shape:
+            n *= d
+        if cur and size + n > shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(i)
+        size += n
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+def random_tensor(name: str, shape: tuple[int, ...], index: int, seed: int, std: float, dtype):
+    """Norm weights are ones; every other tensor N(0, std) from its own generator (seed, index): the same
+    bytes whatever the sharding."""
+    import torch
+
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=dtype)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    return torch.randn(shape, generator=g, dtype=dtype).mul_(std)
+
+
+def build_streamed(config: dict, folder: Path, seed: int = 0, shard_bytes: int = SHARD_BYTES,
+                   progress=None) -> Path:
+    """A random checkpoint of `config` written shard by shard (at most one shard in RAM), with its
+    model.safetensors.index.json and config.json; atomic (a .tmp folder renamed at the end)."""
+    import torch
+    from safetensors.torch import save_file
+
+    dtype = getattr(torch, config.get("torch_dtype", "bfloat16"))
+    shapes = tensor_shapes(config)
+    plan = shard_plan(shapes, dtype.itemsize, shard_bytes)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weight_map, total = {}, 0
+    for k, idx in enumerate(plan):
+        fname = f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors"
+        part = {}
+        for i in idx:
+            name, shape = shapes[i]
+            part[name] = random_tensor(name, shape, i, seed, config.get("initializer_range", 0.02), dtype)
+            weight_map[name] = fname
+            total += part[name].numel() * dtype.itemsize
+        save_file(part, str(tmp / fname), metadata={"format": "pt"})
+        del part
+        if progress is not None:
+            progress.update()
+    (tmp / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    (tmp / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id")}, indent=1))
+    os.replace(tmp, folder)
+    return folder
+
+
 def build_synthetic(name: str, folder: Path) -> Path:
-    """A random Mixtral-shaped model written by transformers (once; reused when config.json exists)."""
+    """A random model (once; reused when config.json exists): SYNTHETIC ones by transformers, STREAMED ones
+    (real widths) shard by shard."""
     if (folder / "config.json").is_file():
         return folder
+    if name in STREAMED:
+        config = synthetic_config(name)
+        n = len(shard_plan(tensor_shapes(config), 2, SHARD_BYTES))
+        print(f"bench: building the synthetic model {name} into {folder}", file=sys.stderr)
+        with Progress(f"bench: build {name}", n, "shards") as bar:
+            return build_streamed(config, folder, progress=bar)
     if name not in SYNTHETIC:
-        raise UsageError(f"--synthetic {name!r}: choose one of {', '.join(SYNTHETIC)}")
+        raise UsageError(f"--synthetic {name!r}: choose one of {', '.join([*SYNTHETIC, *STREAMED])}")
     import torch
     from transformers import AutoModelForCausalLM, MixtralConfig
 
@@ -542,9 +719,10 @@ def build_synthetic(name: str, folder: Path) -> Path:
     return folder
 
 
-def model_sizes(store_path: Path, dtype: str) -> Sizes:
+def model_sizes(store_path: Path, dtype: str, expert_bytes: int | None = None) -> Sizes:
     """Sizes from the store's manifest and the planner's counts of the model (models.sizes, as the engine holds
-    it: the family's fp32 keys in fp32, its own KV cache)."""
+    it: the family's fp32 keys in fp32, its own KV cache); `expert_bytes` replaces the store's mean expert span
+    (the 16-bit sizes read from a quantized store)."""
     import torch
 
     from .models.sizes import model_sizes as count
@@ -555,7 +733,8 @@ def model_sizes(store_path: Path, dtype: str) -> Sizes:
     s = count(store.config)
     spans = [e.span for e in store.entries.values()]
     return Sizes(backbone=s.resident_backbone_bytes(dt), embed=s.embed_params * dt.itemsize,
-                 hidden=store.config["hidden_size"], itemsize=dt.itemsize, expert=round(sum(spans) / len(spans)),
+                 hidden=store.config["hidden_size"], itemsize=dt.itemsize,
+                 expert=expert_bytes or round(sum(spans) / len(spans)),
                  moe_layers=len(store.moe_layers), n_experts=store.n_experts, top_k=store.top_k,
                  kv_per_token=s.kv_bytes(dt))
 
@@ -721,29 +900,71 @@ def prepare(a) -> dict:
     stamp = max(p.stat().st_mtime for p in hf.iterdir() if p.is_file())
     if store.is_dir() and not _store_is_fresh(store, a.dtype, stamp):
         shutil.rmtree(store)
-    if not store.is_dir():
+    # the 16-bit store only when a 16-bit row or budget needs it (at real widths it is another ~11 GB on disk)
+    budgets = [] if getattr(a, "memory", None) else getattr(a, "budgets", [(16, 100.0)])  # --memory: bytes, no %
+    need16 = 16 in getattr(a, "us_bits", [16]) or any(b == 16 for b, _ in budgets)
+    if not store.is_dir() and need16:
         import torch
 
         print(f"bench: converting {hf} into an expert store at {store} ({a.dtype})", file=sys.stderr)
         with Progress("bench: convert", unit="experts", quiet=getattr(a, "quiet", False)) as bar:
             convert(hf, store, getattr(torch, a.dtype), overwrite=True, progress=bar)
-    quantized = {}
-    for bits in getattr(a, "us_bits", [16]):
-        if bits == 16:
-            continue
-        q = d / f"store-{a.dtype}-q{bits}"
+    quantized, qlog = {}, {}
+    qbits = {b for b in getattr(a, "us_bits", [16]) if b != 16} | {b for b, _ in budgets if b != 16}
+    quantizer = getattr(a, "quantizer", "hqq")
+    for bits in sorted(qbits):
+        q = d / (f"store-{a.dtype}-q{bits}" + ("" if quantizer == "hqq" else f"-{quantizer}"))
         if not _store_is_fresh(q, a.dtype, stamp):
             cmd = [sys.executable, "-m", "moe_offload.cli", "quantize", "--model", str(hf), "--out", str(q),
-                   "--expert-bits", str(bits), "--attn-bits", "16", "--dtype", a.dtype, "--overwrite"]
+                   "--expert-bits", str(bits), "--attn-bits", "16", "--dtype", a.dtype, "--quantizer", quantizer,
+                   "--overwrite", "--quiet"]
             print(f"bench: {' '.join(['moe-offload', *cmd[3:]])}", file=sys.stderr)
+            t0 = time.perf_counter()
             r = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
             if r.returncode != 0:
                 raise MoeError(f"bench: quantizing to {bits} bits failed: {(r.stderr or r.stdout).strip()[-300:]}")
+            secs = time.perf_counter() - t0
+            src = _expert_param_bytes(hf, 2)
+            qlog[bits] = {"command": " ".join(["moe-offload", *cmd[3:]]), "seconds": secs,
+                          "bf16_expert_bytes_per_s": src / secs, "output": r.stdout.strip()[-400:]}
+            print(f"bench: quantized in {secs:.0f} s: {src / secs / MiB:.1f} MiB/s of 16-bit expert weights",
+                  file=sys.stderr)
         quantized[bits] = q
+    sizes_q = {b: model_sizes(q, a.dtype) for b, q in quantized.items()}
+    if store.is_dir():
+        sizes = model_sizes(store, a.dtype)
+    else:  # no 16-bit store: its sizes from a quantized store's manifest with 16-bit expert bytes
+        bits = min(quantized)
+        zq, itemsize = sizes_q[bits], 4 if a.dtype == "float32" else 2
+        per_expert = _expert_param_bytes(hf, itemsize) // (zq.moe_layers * zq.n_experts)
+        sizes = model_sizes(quantized[bits], a.dtype, expert_bytes=_page(per_expert))
+        store = quantized[bits]  # what traces and the concurrency mode read: the store that exists
     config = json.loads((hf / "config.json").read_text())
-    return {"name": name, "dir": d, "hf": hf, "store": store, "quantized": quantized,
-            "sizes": model_sizes(store, a.dtype),
+    from .cpuinfo import machine_info
+
+    return {"name": name, "dir": d, "hf": hf, "store": store, "quantized": quantized, "sizes": sizes,
+            "sizes_q": sizes_q, "quantize_log": qlog, "machine": machine_info(),
             "config": config, "hf_files": [p for p in hf.iterdir() if p.suffix == ".safetensors"]}
+
+
+def _page(n: int, page: int = 4096) -> int:
+    return -(-n // page) * page
+
+
+def _expert_param_bytes(hf: Path, itemsize: int) -> int:
+    """Bytes of every routed expert's weights at `itemsize` bytes per parameter, from the checkpoint's headers."""
+    from safetensors import safe_open
+
+    n = 0
+    for f in sorted(hf.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as s:
+            for k in s.keys():
+                if ".experts." in k:
+                    size = 1
+                    for dim in s.get_slice(k).get_shape():
+                        size *= dim
+                    n += size * itemsize
+    return n
 
 
 def configs_for(a, prep: dict, pct: float | None, memory: int, prompts, tag: str) -> list[Config]:
@@ -861,6 +1082,8 @@ def _f(v, fmt="{:.2f}", none="-"):
 
 
 def markdown(res: dict) -> str:
+    from .cpuinfo import describe
+
     s = res["sizes"]
     lim = res["limits"]
     rounds = res.get("rounds", 1)
@@ -869,6 +1092,11 @@ def markdown(res: dict) -> str:
              f"fresh process{'es' if rounds > 1 else ''} run round-robin over the systems, each after a warm-up "
              f"generation)", "",
              f"Command: `{res['command']}`", "",
+             *([f"CPU: {describe(res['machine'])}.", ""] if res.get("machine") else []),
+             *([f"Budgets prefixed q4 are the 4-bit model's bytes: its backbone "
+                f"{res['sizes_q']['4']['backbone'] / MiB:.1f} MiB + that % of its 4-bit experts "
+                f"({res['sizes_q']['4']['experts'] / MiB:.1f} MiB); the others, as before, the 16-bit model's.", ""]
+               if any(b.get("bits", 16) == 4 for b in res.get("budgets", [])) else []),
              f"Backbone {s['backbone'] / MiB:.1f} MiB, experts {s['experts'] / MiB:.1f} MiB "
              f"({s['moe_layers']} layers x {s['n_experts']} x {s['expert'] / MiB:.2f} MiB, top-{s['top_k']}); "
              f"one decode token touches {lim['touched_bytes_per_token'] / MiB:.1f} MiB. "
@@ -1078,11 +1306,13 @@ def run_bench(a) -> dict:
     load_start = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     prep = prepare(a)
     sizes: Sizes = prep["sizes"]
+    by_bits = {16: sizes, **prep.get("sizes_q", {})}  # the model whose bytes a budget's % refers to
     if a.memory:
-        budgets = [(f"{parse_size(m) / MiB:.0f} MiB", None, parse_size(m)) for m in a.memory]
-        budgets = [(lbl, 100.0 * (m - sizes.backbone) / sizes.experts, m) for lbl, _, m in budgets]
+        budgets, bits_of = memory_budgets([parse_size(m) for m in a.memory], by_bits, a.us_bits)
     else:
-        budgets = [(f"{p:g} %", p, budget_bytes(p, sizes.backbone, sizes.experts)) for p in a.budgets]
+        budgets = [(budget_label(b, p), p, budget_bytes(p, by_bits[b].backbone, by_bits[b].experts))
+                   for b, p in a.budgets]
+        bits_of = {budget_label(b, p): b for b, p in a.budgets}
     vocab = prep["config"]["vocab_size"]
     prompts = prompts_for(vocab, a.prompt_tokens, a.repeat + 1)
 
@@ -1119,7 +1349,8 @@ def run_bench(a) -> dict:
     for label, pct, memory, tag_b, cfgs in plan:
         state = {}
         for cfg in cfgs:
-            row = {"label": label, "budget_pct": pct, "memory": memory, "system": cfg.system, "config": cfg.config,
+            row = {"label": label, "budget_pct": pct, "budget_bits": bits_of[label], "memory": memory,
+                   "system": cfg.system, "config": cfg.config,
                    "expert_bits": cfg.spec.get("expert_bits", 16),
                    "policy": cfg.spec.get("policy"), "rounds": [], "_runs": [], "_all": []}
             if cfg.system == "llamacpp" and cfg.spec["model"] is None:
@@ -1190,13 +1421,15 @@ def run_bench(a) -> dict:
               "context_tokens": context, "touched_bytes_per_token": sizes.touched_per_token(context),
               "per_budget": {}}
     for label, pct, memory in budgets:
-        us = next((u for u in rows if u["label"] == label and u["system"] == "us" and u.get("ok")), None)
+        bits, sz = bits_of[label], by_bits[bits_of[label]]  # a q4 budget: the 4-bit store's bytes
+        us = next((u for u in rows if u["label"] == label and u["system"] == "us" and u.get("ok")
+                   and u.get("expert_bits", 16) == bits), None)
         hit = us["summary"].get("hit_rate") if us else None
         full = pct is not None and pct >= 100
         h = 1.0 if full else (hit if hit is not None else 0.0)
-        L = decode_limit(sizes.touched_per_token(context), miss_bytes_per_token(sizes, h), ram_bw, disk_bw)
-        K = decode_limit(sizes.touched_per_token(context), miss_bytes_per_token(sizes, h), gemv["best"], disk_bw)
-        L.update(pct=pct, memory=memory, hit_rate=h, miss_bytes_per_token=miss_bytes_per_token(sizes, h),
+        L = decode_limit(sz.touched_per_token(context), miss_bytes_per_token(sz, h), ram_bw, disk_bw)
+        K = decode_limit(sz.touched_per_token(context), miss_bytes_per_token(sz, h), gemv["best"], disk_bw)
+        L.update(pct=pct, memory=memory, bits=bits, hit_rate=h, miss_bytes_per_token=miss_bytes_per_token(sz, h),
                  kernel_tok_s=K["tok_s"],
                  us_tok_s=us["summary"]["decode_tok_s"]["median"] if us else None)
         limits["per_budget"][label] = L
@@ -1206,7 +1439,11 @@ def run_bench(a) -> dict:
            "rounds": a.rounds,
            "overhead_bytes": a.overhead, "command": a.command_line, "sizes": {**asdict(sizes), "experts": sizes.experts,
                                                                              "active_experts": sizes.active_experts},
-           "budgets": [{"label": lbl, "pct": p, "memory": m} for lbl, p, m in budgets], "limits": limits,
+           "sizes_q": {str(b): {**asdict(z), "experts": z.experts, "active_experts": z.active_experts}
+                       for b, z in prep.get("sizes_q", {}).items()},
+           "machine": prep.get("machine"), "quantize": prep.get("quantize_log"),
+           "budgets": [{"label": lbl, "pct": p, "memory": m, "bits": bits_of[lbl]} for lbl, p, m in budgets],
+           "limits": limits,
            "rows": rows, "prompts": prompts, "load_avg_start": load_start}
     res["goals"] = goal_rows(rows, limits)
 
@@ -1226,7 +1463,7 @@ def run_bench(a) -> dict:
             res["simulator"] = {}
             for label, pct, memory in budgets:
                 us = next((u for u in rows if u["label"] == label and u["system"] == "us" and u.get("ok")), None)
-                if us is None:
+                if us is None or bits_of[label] != 16:  # the trace counts 16-bit expert bytes
                     continue
                 policy = us["policy"]
                 preds = [simulate_cli(t, memory, policy, w, a.dtype, a.threads) for t, w in round_traces]
@@ -1253,9 +1490,13 @@ def run_bench(a) -> dict:
 def add_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, help="Hugging Face MoE folder (default: the bundled model)")
-    src.add_argument("--synthetic", default=None, choices=list(SYNTHETIC), help="a random model built on the fly")
+    src.add_argument("--synthetic", default=None, choices=[*SYNTHETIC, *STREAMED],
+                     help="a random model built on the fly (mixtral-8x7b-L4, qwen3-30b-a3b-L8: the real models' "
+                          "exact layer widths and vocabulary, 4 / 8 layers)")
     p.add_argument("--memory", action="append", default=None, help="absolute budget (repeatable), e.g. 900MiB")
-    p.add_argument("--budgets", default="100,50,25", help="budgets as %% of expert bytes (+ backbone)")
+    p.add_argument("--budgets", default="100,50,25",
+                   help="budgets as %% of the 16-bit model's expert bytes (+ its backbone); q4:100,50,25: of the "
+                        "4-bit model's (its backbone + 4-bit experts: 100 = everything fits at 4 bits)")
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma list of {', '.join(PEERS)} (or 'none')")
     p.add_argument("--hf-impls", default=",".join(HF_IMPLS), help="transformers experts implementations")
     p.add_argument("--llamacpp-types", default=",".join(LLAMACPP_TYPES), help="GGUF types for llama.cpp")
@@ -1273,6 +1514,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                                                        "auto (one row each)")
     p.add_argument("--us-bits", default="16", help="our experts' bits: comma list of 16 (the store as converted) "
                                                    "and 4 (a 4-bit HQQ store made by `moe-offload quantize`)")
+    p.add_argument("--quantizer", default="hqq", choices=["hqq", "rtn"],
+                   help="how bench's `quantize` makes the 4-bit store (rtn: round to nearest, same format, "
+                        "much faster at real widths)")
     p.add_argument("--overhead", default=f"{OVERHEAD // MiB}MiB", help="cgroup limit = budget + this")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
     p.add_argument("--no-cgroup", action="store_true", help="run without memory limits")
@@ -1300,16 +1544,11 @@ def run(a) -> int:
     a.prefetch = _csv(a.prefetch or "none", ("none", "lookahead", "shadow", "auto"), "--prefetch")
     a.us_bits = [int(b) for b in _csv(a.us_bits, ("16", "4"), "--us-bits")]
     a.overhead = parse_size(a.overhead)
-    try:
-        a.budgets = [float(x) for x in _csv(a.budgets)]
-    except ValueError:
-        raise UsageError(f"--budgets takes percentages like 100,50,25, got {a.budgets!r}") from None
-    if any(not 0 < b <= 100 for b in a.budgets):
-        raise UsageError("--budgets must be in (0, 100]")
+    a.budgets = parse_budgets(a.budgets)
     if a.quick:
         a.prompt_tokens, a.new_tokens, a.repeat = min(a.prompt_tokens, 8), min(a.new_tokens, 8), 1
-        if a.budgets == [100.0, 50.0, 25.0]:
-            a.budgets = [100.0, 50.0]
+        if a.budgets == [(16, 100.0), (16, 50.0), (16, 25.0)]:
+            a.budgets = [(16, 100.0), (16, 50.0)]
         a.timeout = min(a.timeout, 600)
     if a.repeat < 1 or a.new_tokens < 1 or a.prompt_tokens < 1 or a.threads < 1:
         raise UsageError("--repeat, --new-tokens, --prompt-tokens and --threads must be >= 1")

@@ -99,16 +99,21 @@ def cmd_concurrency(a) -> int:
     sizes, store = prep["sizes"], prep["store"]
     prompts = prompts_for(prep["config"]["vocab_size"], a.prompt_tokens, max(levels))
     rows = []
-    for pct in a.budgets:
-        memory = budget_bytes(pct, sizes.backbone, sizes.experts)
+    by_bits = {16: sizes, **prep.get("sizes_q", {})}
+    for bits, pct in a.budgets:
+        memory = budget_bytes(pct, by_bits[bits].backbone, by_bits[bits].experts)
         for row in concurrency_rows(lambda: load(store, dtype=a.dtype, memory=memory), levels, prompts,
                                     a.new_tokens):
-            rows.append({"budget": f"{pct:g}%", "memory": memory, **row})
+            rows.append({"budget": f"{pct:g}%" if bits == 16 else f"q{bits} {pct:g}%", "memory": memory, **row})
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows)
-    (out / "concurrency.json").write_text(json.dumps({"command": a.command_line, "rows": rows}, indent=1))
-    (out / "concurrency.md").write_text(f"`{a.command_line}`\n\n{table}\n")
+    from .cpuinfo import describe
+
+    (out / "concurrency.json").write_text(json.dumps({"command": a.command_line, "machine": prep.get("machine"),
+                                                      "rows": rows}, indent=1))
+    (out / "concurrency.md").write_text(f"`{a.command_line}`\n\nCPU: {describe(prep.get('machine') or {})}\n\n"
+                                        f"{table}\n")
     print(table)
     print(f"wrote {out / 'concurrency.json'}, concurrency.md")
     return 0

@@ -1,0 +1,97 @@
+"""Where a decode token's time goes: torch.profiler over N greedy decode steps of one store, ops grouped into
+expert kernels, attention, routing, norms/elementwise and the rest; prefill profiled apart.
+
+    PYTHONPATH=. python scripts/profile_decode.py STORE [--memory 4GiB] [--threads 2] [--prompt-tokens 16]
+        [--new-tokens 8] [--dtype float16] [--top 15]
+
+Prints per phase (prefill, decode): wall ms per token, the profiler's self-CPU ms per token by group, and the
+top ops by self CPU time. The groups are a reading aid: an op's name decides its group (GROUPS, first match).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+# op-name substring -> group (first match wins); what matches none is "other"
+GROUPS = [
+    ("int4", "expert kernel (int4)"), ("_weight_int4pack_mm", "expert kernel (int4)"),
+    ("convert_weight_to_int4pack", "int4 layout conversion"),
+    ("scaled_dot_product", "attention"), ("softmax", "attention/routing softmax"),
+    ("aten::mm", "matmul (dense)"), ("aten::addmm", "matmul (dense)"), ("aten::bmm", "matmul (dense)"),
+    ("aten::linear", "matmul (dense)"), ("aten::matmul", "matmul (dense)"),
+    ("topk", "routing"), ("sort", "routing"), ("unique", "routing"), ("index", "indexing"),
+    ("aten::copy_", "copies/casts"), ("aten::cat", "copies/casts"), ("aten::to", "copies/casts"), ("_to_copy", "copies/casts"),
+    ("rsqrt", "norm"), ("pow", "norm"), ("mean", "norm"),
+    ("pread", "disk"), ("read", "disk"),
+]
+
+
+def group(name: str) -> str:
+    for key, g in GROUPS:
+        if key in name:
+            return g
+    return "other"
+
+
+def report(prof, tokens: int, wall: float, label: str, top: int) -> None:
+    events = prof.key_averages()
+    by: dict[str, float] = {}
+    for e in events:
+        by[group(e.key)] = by.get(group(e.key), 0.0) + e.self_cpu_time_total / 1e3
+    total = sum(by.values())
+    print(f"\n## {label}: {tokens} tokens, wall {1e3 * wall / tokens:.1f} ms/token, profiled self CPU "
+          f"{total / tokens:.1f} ms/token, {sum(e.count for e in events) / tokens:.0f} ops/token")
+    print("| group | self CPU ms / token | share |\n|---|---|---|")
+    for g, ms in sorted(by.items(), key=lambda kv: -kv[1]):
+        print(f"| {g} | {ms / tokens:.2f} | {100 * ms / total:.1f} % |")
+    print(f"\ntop {top} ops by self CPU:\n")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=top))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("store")
+    p.add_argument("--memory", default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--dtype", default="float16")
+    p.add_argument("--top", type=int, default=15)
+    a = p.parse_args()
+    from moe_offload.runtime.engine import load
+    from moe_offload.utils import parse_size
+
+    torch.set_num_threads(a.threads)
+    engine = load(a.store, device="cpu", dtype=a.dtype, memory=parse_size(a.memory))
+    ids = list(range(3, 3 + a.prompt_tokens))
+    engine.generate(prompt_ids=ids[:4], max_new_tokens=2, ignore_eos=True, temperature=0.0)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        it = engine.stream_generate(prompt_ids=ids, max_new_tokens=1, ignore_eos=True, temperature=0.0)
+        for _ in it:
+            pass
+        pre = time.perf_counter() - t0
+    report(prof, a.prompt_tokens, pre, "prefill", a.top)
+    it = engine.stream_generate(prompt_ids=ids, max_new_tokens=a.new_tokens + 1, ignore_eos=True, temperature=0.0)
+    next(it)  # prefill outside the profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        last = None
+        for r in it:
+            last = r
+        dec = time.perf_counter() - t0
+    report(prof, a.new_tokens, dec, "decode", a.top)
+    if last is not None:
+        s = last.stats
+        print(f"\nengine stats: decode {s.get('decode_tokens_per_s', 0):.2f} tok/s, hits {s.get('expert_hits')}, "
+              f"misses {s.get('expert_misses')}, stall {s.get('stall_seconds', 0):.2f} s, resident weights "
+              f"{s.get('resident_weight_bytes', 0) / 2**20:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
