@@ -103,8 +103,10 @@ def _int_id(v):
 
 
 # our model_type -> llama.cpp's general.architecture (the inverse of gguf_import.ARCHITECTURES)
-ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
-KEEP_F32 = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")  # routers stay F32 (and every 1-D tensor)
+ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe",
+        "deepseek_v2": "deepseek2", "gpt_oss": "gpt-oss"}
+# routers and expert biases stay F32 (and every 1-D tensor)
+KEEP_F32 = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "_exps.bias")
 
 
 def gguf_name(model_type: str, name: str) -> str | None:
@@ -115,8 +117,8 @@ def gguf_name(model_type: str, name: str) -> str | None:
         if hf == name:
             return g
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-    if m:
-        for g, hf in {**NAMES_LAYER, **NAMES_FAMILY[model_type]}.items():
+    if m:  # the family's own name first (gpt-oss: post_attention_norm, not ffn_norm)
+        for g, hf in [*NAMES_FAMILY[model_type].items(), *NAMES_LAYER.items()]:
             if hf == m.group(2):
                 return f"blk.{m.group(1)}.{g}"
     return None
@@ -138,10 +140,52 @@ def refusals(config: dict) -> list[str]:
                    f"every layer")
     if mt in ("qwen3_moe", "olmoe") and config.get("attention_bias"):
         out.append(f"attention biases: llama.cpp's {ARCH[mt]} has none")
+    if mt == "deepseek_v2":
+        return out + _deepseek2_refusals(config)
+    if mt == "gpt_oss":
+        return out + _gpt_oss_refusals(config)
     norm = True if mt == "mixtral" else bool(config.get("norm_topk_prob", False))
     if norm != NORM_TOPK[mt]:
         out.append(f"norm_topk_prob={norm}: llama.cpp's {ARCH[mt]} always uses {NORM_TOPK[mt]}")
     return out
+
+
+def _deepseek2_refusals(config: dict) -> list[str]:
+    out = []
+    if config.get("topk_method", "greedy") != "greedy" and int(config.get("n_group") or 1) > 1:
+        out.append(f"topk_method {config['topk_method']!r} with n_group {config['n_group']}: exported deepseek2 "
+                   f"files route greedily")
+    if int(config.get("moe_layer_freq") or 1) != 1:
+        out.append("moe_layer_freq > 1: llama.cpp's deepseek2 has experts in every layer past the dense ones")
+    if config.get("scoring_func", "softmax") != "softmax":
+        out.append(f"scoring_func {config['scoring_func']!r}: deepseek2 (V2) routes by softmax")
+    if config.get("attention_bias"):
+        out.append("attention biases: llama.cpp's deepseek2 has none")
+    rp = _rope_params(config)
+    if rp.get("rope_type", "default") == "yarn" and rp.get("mscale", 1.0) != rp.get("mscale_all_dim", 1.0):
+        out.append(f"yarn mscale {rp.get('mscale')} != mscale_all_dim {rp.get('mscale_all_dim')}: a deepseek2 GGUF "
+                   f"holds one (yarn_log_multiplier)")
+    return out
+
+
+def _gpt_oss_refusals(config: dict) -> list[str]:
+    out = []
+    L = config["num_hidden_layers"]
+    pattern = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(L)]
+    if config.get("layer_types") not in (None, pattern):
+        out.append("layer_types: llama.cpp's gpt-oss slides the even layers and attends fully in the odd ones")
+    if (config.get("swiglu_alpha", 1.702), config.get("swiglu_limit", 7.0)) != (1.702, 7.0):
+        out.append(f"swiglu_alpha {config.get('swiglu_alpha')} / swiglu_limit {config.get('swiglu_limit')}: "
+                   f"llama.cpp's gpt-oss fixes 1.702 / 7.0")
+    if config.get("attention_bias") is False:
+        out.append("no attention biases: llama.cpp's gpt-oss needs them")
+    return out
+
+
+def _rope_params(config: dict) -> dict:
+    rp = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    rp["rope_type"] = rp.get("rope_type", rp.get("type", "default"))
+    return rp
 
 
 def plan(config: dict) -> list[tuple[str, str, tuple, bool]]:
@@ -165,6 +209,12 @@ def plan(config: dict) -> list[tuple[str, str, tuple, bool]]:
             raise UsageError(f"{name}: no GGUF name for this tensor in llama.cpp's {ARCH[mt]} architecture")
         rot = ":q" if name.endswith("q_proj.weight") else ":k" if name.endswith("k_proj.weight") else ""
         src = name + (rot if mt == "mixtral" else "")
+        if g.endswith("attn_kv_b.weight"):  # deepseek2: llama.cpp wants kv_b split into k_b (transposed) and v_b
+            a = config
+            H, R, dn, dv = a["num_attention_heads"], a["kv_lora_rank"], a["qk_nope_head_dim"], a["v_head_dim"]
+            out += [(g.replace("kv_b", "k_b"), f"kb:{name}", (H, R, dn), False),
+                    (g.replace("kv_b", "v_b"), f"vb:{name}", (H, dv, R), False)]
+            continue
         dims = (t.shape[-1],) if g.endswith("ffn_gate_inp_shexp.weight") else tuple(t.shape)  # [1, D] -> [D]
         out.append((g, src, dims, len(dims) == 1 or g.endswith(KEEP_F32)))
         m = re.fullmatch(r"blk\.(\d+)\.ffn_gate_inp\.weight", g)
@@ -173,6 +223,9 @@ def plan(config: dict) -> list[tuple[str, str, tuple, bool]]:
             out += [(f"blk.{i}.ffn_gate_exps.weight", f"experts:{i}:gate", (E, I, D), False),
                     (f"blk.{i}.ffn_up_exps.weight", f"experts:{i}:up", (E, I, D), False),
                     (f"blk.{i}.ffn_down_exps.weight", f"experts:{i}:down", (E, D, I), False)]
+            if shape.bias:  # gpt-oss
+                out += [(f"blk.{i}.ffn_{p}_exps.bias", f"experts:{i}:{p}_bias", (E, D if p == "down" else I), True)
+                        for p in ("gate", "up", "down")]
     return out
 
 
@@ -185,9 +238,9 @@ class StoreSource:
 
         self.store, self.backbone = store, store.backbone()
         self.folder = store.path
-        template, parts = EXPERT_NAMES[store.model_type]
+        template, parts = EXPERT_NAMES.get(store.model_type, (None, {}))  # gpt-oss: expert_parts only
         self.experts = {template.format(layer=la, expert=e, part=parts[p]): (la, e, p)
-                        for (la, e) in store.entries for p in parts}
+                        for (la, e) in store.entries for p in parts} if template else {}
 
     def keys(self) -> list[str]:
         return [*self.backbone.keys(), *self.experts]
@@ -202,15 +255,21 @@ class StoreSource:
             f.seek(entry.offset)
             blob = torch.frombuffer(bytearray(f.read(entry.nbytes)), dtype=torch.uint8)
         codec, shape = make_codec(entry.codec), self.store.expert_shape
-        if shape.bias:
-            raise UsageError("experts with biases (gpt-oss) are not exported")
         I = shape.intermediate
+        if shape.bias:  # gpt-oss: a dense unit with biases
+            unit = codec.decode(blob, shape, torch.float32)
+            gb = unit.gate_up_bias
+            return {"gate": unit.gate_up[:I], "up": unit.gate_up[I:], "down": unit.down, "gate_bias": gb[:I],
+                    "up_bias": gb[I:], "down_bias": unit.down_bias}
         if hasattr(codec, "dequantize"):
             gate_up, down = codec.dequantize(blob, shape)
         else:
             unit = codec.decode(blob, shape, torch.float32)
             gate_up, down = unit.gate_up, unit.down
         return {"gate": gate_up[:I], "up": gate_up[I:], "down": down}
+
+    def expert_parts(self, layer: int, e: int) -> dict:
+        return self._expert(layer, e)
 
     def get(self, name: str):
         if name in self.experts:
@@ -271,14 +330,21 @@ def export_gguf(hf_dir: str | os.PathLike, out: str | os.PathLike, type_: str = 
     wtype = gguf.GGMLQuantizationType[wtype_name]
     f32 = gguf.GGMLQuantizationType.F32
     tensors = plan(config)
-    n_experts = config.get("num_local_experts") or config["num_experts"]
+    n_experts = config.get("num_local_experts") or config.get("n_routed_experts") or config["num_experts"]
     I = next(shape[1] for _, source, shape, _ in tensors if source.endswith(":gate"))
+
+    def expert(layer: int, e: int) -> dict:
+        return src.expert_parts(layer, e) if hasattr(src, "expert_parts") else expert_tensors(src, mt, layer, e)
 
     def load(source: str) -> torch.Tensor:  # float32, numpy shape of the plan
         if source.startswith("experts:"):
             _, layer, part = source.split(":")
-            parts = [expert_tensors(src, mt, int(layer), e)[part].float() for e in range(n_experts)]
+            parts = [expert(int(layer), e)[part].float() for e in range(n_experts)]
             return torch.stack(parts)
+        if source.startswith(("kb:", "vb:")):  # deepseek2 kv_b [H·(Dn+Dv), R] -> k_b [H, R, Dn] | v_b [H, Dv, R]
+            kv_b = src.get(source[3:]).float()
+            k_b, v_b = kv_b.view(H, -1, kv_b.shape[-1]).split([config["qk_nope_head_dim"], config["v_head_dim"]], 1)
+            return k_b.transpose(1, 2).contiguous() if source.startswith("kb:") else v_b.contiguous()
         name, _, rot = source.partition(":")
         t = src.get(name).float()
         if rot:
@@ -299,16 +365,19 @@ def export_gguf(hf_dir: str | os.PathLike, out: str | os.PathLike, type_: str = 
     w.add_block_count(config["num_hidden_layers"])
     w.add_feed_forward_length(config["intermediate_size"])
     w.add_head_count(H)
-    w.add_head_count_kv(Hkv)
-    if Hd != D // H or mt == "qwen3_moe":
-        w.add_key_length(Hd)
-        w.add_value_length(Hd)
-    w.add_rope_dimension_count(Hd)
-    w.add_rope_freq_base(_rope_theta(config))
-    w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
+    w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6 if mt == "deepseek_v2" else 1e-5)))
     w.add_expert_count(n_experts)
     w.add_expert_used_count(config["num_experts_per_tok"])
-    if mt != "mixtral":
+    if mt in ("deepseek_v2", "gpt_oss"):
+        _yarn_family_keys(w, config, I)
+    else:
+        w.add_head_count_kv(Hkv)
+        if Hd != D // H or mt == "qwen3_moe":
+            w.add_key_length(Hd)
+            w.add_value_length(Hd)
+        w.add_rope_dimension_count(Hd)
+        w.add_rope_freq_base(_rope_theta(config))
+    if mt not in ("mixtral", "deepseek_v2", "gpt_oss"):
         w.add_expert_feed_forward_length(I)
         w.add_bool(f"{arch}.expert_weights_norm", bool(config.get("norm_topk_prob", False)))
     if mt == "qwen2_moe":
@@ -355,6 +424,51 @@ def export_gguf(hf_dir: str | os.PathLike, out: str | os.PathLike, type_: str = 
     os.replace(str(out) + ".tmp", out)
     return {"path": str(out), "type": type_, "bytes": out.stat().st_size, "seconds": time.perf_counter() - t0,
             "synthetic_vocab": vocab["synthetic"]}
+
+
+def _yarn_family_keys(w, config: dict, I: int) -> None:
+    """deepseek2 / gpt-oss metadata as llama.cpp's convert_hf_to_gguf.py writes it: MLA sizes (llama.cpp's MQA
+    view: one kv head of R + Dr keys and R values), leading dense layers, shared experts, yarn; sliding window."""
+    import gguf
+
+    rp = _rope_params(config)
+    theta = float(rp.get("rope_theta") or config.get("rope_theta") or 10000.0)
+    w.add_rope_freq_base(theta)
+    w.add_expert_feed_forward_length(I)
+    if rp["rope_type"] not in ("default", "yarn"):
+        raise UsageError(f"rope_type {rp['rope_type']!r} is not exported")
+    if rp["rope_type"] == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(rp["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(rp.get("original_max_position_embeddings") or
+                                            config["max_position_embeddings"]))
+        w.add_rope_scaling_yarn_beta_fast(float(rp.get("beta_fast") or 32.0))
+        w.add_rope_scaling_yarn_beta_slow(float(rp.get("beta_slow") or 1.0))
+    if config["model_type"] == "gpt_oss":
+        Hd = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        w.add_head_count_kv(config.get("num_key_value_heads") or config["num_attention_heads"])
+        w.add_key_length(Hd)
+        w.add_value_length(Hd)
+        w.add_rope_dimension_count(Hd)
+        w.add_sliding_window(int(config.get("sliding_window") or 128))
+        return
+    R, dr = config["kv_lora_rank"], config["qk_rope_head_dim"]
+    w.add_head_count_kv(1)
+    w.add_leading_dense_block_count(int(config.get("first_k_dense_replace") or 0))
+    if config.get("q_lora_rank"):
+        w.add_q_lora_rank(config["q_lora_rank"])
+    w.add_kv_lora_rank(R)
+    w.add_key_length(R + dr)
+    w.add_value_length(R)
+    w.add_key_length_mla(config["qk_nope_head_dim"] + dr)
+    w.add_value_length_mla(config["v_head_dim"])
+    w.add_expert_shared_count(int(config.get("n_shared_experts") or 0))
+    w.add_expert_weights_scale(float(config.get("routed_scaling_factor", 1.0)))
+    if config.get("norm_topk_prob"):
+        w.add_expert_weights_norm(True)
+    w.add_rope_dimension_count(dr)
+    if rp["rope_type"] == "yarn" and rp.get("mscale_all_dim"):
+        w.add_rope_scaling_yarn_log_mul(0.1 * float(rp["mscale_all_dim"]))
 
 
 def _chat_template(folder: Path) -> str | None:

@@ -309,10 +309,10 @@ def test_bad_gguf_files_are_one_line_errors(family, tmp_path, child_env, capsys)
     }
     for p, content, _ in bad.values():
         p.write_bytes(content)
-    arch = rewrite_gguf(f16, tmp_path / "arch.gguf", arch="deepseek2")
+    arch = rewrite_gguf(f16, tmp_path / "arch.gguf", arch="grok")
     i8 = rewrite_gguf(f16, tmp_path / "i8.gguf", replace=lambda n, t: (
         (np.asarray(t.data).astype(np.int8), T.I8) if n == "blk.0.attn_v.weight" else None))
-    cases = [*bad.values(), (arch, None, "architecture 'deepseek2' is not supported"),
+    cases = [*bad.values(), (arch, None, "architecture 'grok' is not supported"),
              (i8, None, "blk.0.attn_v.weight has GGML type I8, which is not supported")]
     for path, _, message in cases:
         with pytest.raises(MoeError, match=message):
