@@ -1,13 +1,15 @@
 """`moe-offload export-gguf`: a Hugging Face folder or an expert store -> a GGUF file llama.cpp runs (and our own
 `--model FILE.gguf` reads back, gguf_import.py).
 
-Families: mixtral (llama.cpp's "llama" with experts), qwen2_moe (qwen2moe), qwen3_moe (qwen3moe), olmoe. Names
+Families: mixtral (llama.cpp's "llama" with experts), qwen2_moe (qwen2moe), qwen3_moe (qwen3moe), olmoe,
+deepseek_v2 (deepseek2: kv_b_proj split into attn_k_b / attn_v_b as llama.cpp wants), gpt_oss (gpt-oss). Names
 are gguf_import's tables read backwards; per layer the stacked experts `ffn_gate_exps` / `ffn_up_exps` [E, I, D]
 and `ffn_down_exps` [E, D, I] (numpy order; GGUF stores the dims reversed), routers `ffn_gate_inp` [E, D] kept
 in F32, 1-D norms in F32. For "llama", Q and K rows are permuted from Hugging Face's rotate-half rotary layout
 to llama.cpp's interleaved pairs (the other three use llama.cpp's NEOX rope, unpermuted). What llama.cpp's
 architecture cannot run (sliding windows, dense layers in Qwen MoE, ...) is refused in one line (`refusals`).
-The tokenizer goes in as a "gpt2" byte-level BPE (tokens, merges, token types, bos/eos) with the chat
+The tokenizer goes in as a "gpt2" byte-level BPE (tokens, merges, token types, bos/eos), or for a byte-fallback BPE
+(Llama / Mistral style) as a sentencepiece "llama" vocabulary (tokens, scores, types, as in Mixtral files), with the chat
 template; a folder without tokenizer.json gets a synthetic byte-level vocabulary of the model's size
 (benchmarks feed token ids). A store's experts are decoded by their codec (quantized ones dequantized).
 F16 / BF16 / F32 are written here, one tensor at a time; Q4_0 and Q4_K come from llama.cpp's own quantizer
@@ -31,7 +33,8 @@ from .errors import MoeError, UsageError
 
 # --type -> (GGML tensor type name for 2-D weights, llama.cpp file type name)
 WRITTEN = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16")}
-QUANTIZED = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}  # q4_k = llama.cpp's Q4_K_M mix
+QUANTIZED = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k": "LLAMA_FTYPE_MOSTLY_Q4_K_M",  # q4_k = llama.cpp's Q4_K_M mix
+             "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
 TYPES = [*WRITTEN, *QUANTIZED]
 
 # token types (llama.cpp's llama_token_type / gguf.TokenType)
@@ -68,7 +71,10 @@ def tokenizer_vocab(folder: Path, vocab_size: int, bos: int | None, eos: int | N
     tj = json.loads(path.read_text())
     model = tj.get("model") or {}
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
-        raise UsageError(f"{path}: only byte-level BPE tokenizers export (got model type {model.get('type')!r})")
+        raise UsageError(f"{path}: only BPE tokenizers export (byte-level or sentencepiece-style; got model type "
+                         f"{model.get('type')!r})")
+    if model.get("byte_fallback"):  # sentencepiece-style BPE (Llama, Mistral, Mixtral): llama.cpp's "llama" vocab
+        return _spm_vocab(tj, path, vocab_size, bos, eos)
     by_id: dict[int, tuple[str, int]] = {i: (t, NORMAL) for t, i in model["vocab"].items()}
     for a in tj.get("added_tokens") or []:
         by_id[int(a["id"])] = (a["content"], CONTROL if a.get("special") else USER_DEFINED)
@@ -84,6 +90,33 @@ def tokenizer_vocab(folder: Path, vocab_size: int, bos: int | None, eos: int | N
     add_bos = bos is not None and bos < n and json.dumps(tokens[bos]) in post
     return {"tokens": tokens, "types": types, "merges": merges, "pre": "gpt-2" if byte_level else "default",
             "bos": bos, "eos": eos, "add_bos": bool(add_bos), "synthetic": False}
+
+
+BYTE = 6  # llama.cpp's LLAMA_TOKEN_TYPE_BYTE: <0xXX> byte-fallback pieces
+
+
+def _spm_vocab(tj: dict, path: Path, vocab_size: int, bos: int | None, eos: int | None) -> dict:
+    """A byte-fallback BPE tokenizer.json as llama.cpp's sentencepiece ("llama") vocabulary: tokens with scores
+    (a piece's score is minus its id: BPE trainers number merged pieces in merge order, and the sentencepiece
+    tokenizers in llama.cpp and transformers merge the best-scored piece first), byte pieces typed BYTE,
+    no merges (as llama.cpp writes Mixtral files)."""
+    model = tj["model"]
+    by_id = {i: (t, BYTE if re.fullmatch(r"<0x[0-9A-F]{2}>", t) else NORMAL) for t, i in model["vocab"].items()}
+    for a in tj.get("added_tokens") or []:
+        by_id[int(a["id"])] = (a["content"], CONTROL if a.get("special") else USER_DEFINED)
+    cfg = path.with_name("tokenizer_config.json")
+    unk = model.get("unk_token") or (json.loads(cfg.read_text()).get("unk_token") if cfg.is_file() else None)
+    unk = unk.get("content") if isinstance(unk, dict) else unk
+    if max(by_id) >= vocab_size:
+        raise MoeError(f"{path}: token id {max(by_id)} is outside the model's vocabulary of {vocab_size}")
+    tokens = [by_id.get(i, (f"[PAD{i}]", UNUSED))[0] for i in range(vocab_size)]
+    types = [UNKNOWN if t == unk else by_id.get(i, (t, UNUSED))[1] for i, t in enumerate(tokens)]
+    scores = [-float(i) if ty == NORMAL else 0.0 for i, ty in enumerate(types)]
+    post = json.dumps(tj.get("post_processor") or {})
+    add_bos = bos is not None and bos < vocab_size and json.dumps(tokens[bos]) in post
+    return {"model": "llama", "tokens": tokens, "types": types, "scores": scores, "merges": None,
+            "pre": None, "bos": bos, "eos": eos, "unk": tokens.index(unk) if unk in tokens else None,
+            "add_bos": bool(add_bos), "synthetic": False}
 
 
 def permute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -386,11 +419,17 @@ def export_gguf(hf_dir: str | os.PathLike, out: str | os.PathLike, type_: str = 
         w.add_clamp_kqv(float(config["clip_qkv"]))
     w.add_vocab_size(config["vocab_size"])
     w.add_file_type(int(gguf.LlamaFileType[ftype_name]))
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(vocab["pre"])
+    w.add_tokenizer_model(vocab.get("model", "gpt2"))
+    if vocab["pre"]:
+        w.add_tokenizer_pre(vocab["pre"])
     w.add_token_list(vocab["tokens"])
     w.add_token_types(vocab["types"])
-    w.add_token_merges(vocab["merges"])
+    if vocab.get("scores"):
+        w.add_token_scores(vocab["scores"])
+    if vocab["merges"]:
+        w.add_token_merges(vocab["merges"])
+    if vocab.get("unk") is not None:
+        w.add_unk_token_id(int(vocab["unk"]))
     if vocab["bos"] is not None:
         w.add_bos_token_id(int(vocab["bos"]))
     if vocab["eos"] is not None:
@@ -504,10 +543,10 @@ def quantize_gguf(src: str | os.PathLike, out: str | os.PathLike, type_: str, th
 
 def _add_export(p):
     p.add_argument("--model", required=True, help="Hugging Face folder or expert store (mixtral, qwen2_moe, "
-                                                   "qwen3_moe, olmoe)")
+                                                   "qwen3_moe, olmoe, deepseek_v2, gpt_oss)")
     p.add_argument("--out", required=True, help="GGUF file to write")
     p.add_argument("--type", default="f16", choices=TYPES,
-                   help="f16/bf16/f32 written here; q4_0, q4_k (Q4_K_M) by llama.cpp's quantizer from our F16")
+                   help="f16/bf16/f32 written here; q4_0, q4_k (Q4_K_M), q8_0 by llama.cpp's quantizer from our F16")
     p.add_argument("--threads", type=int, default=None, help="quantizer threads")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
