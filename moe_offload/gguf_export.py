@@ -173,6 +173,11 @@ def refusals(config: dict) -> list[str]:
                    f"every layer")
     if mt in ("qwen3_moe", "olmoe") and config.get("attention_bias"):
         out.append(f"attention biases: llama.cpp's {ARCH[mt]} has none")
+    if mt == "olmoe" and (config.get("num_key_value_heads") or config["num_attention_heads"]) != \
+            config["num_attention_heads"]:
+        out.append("grouped KV heads: llama.cpp's olmoe normalises k over all heads (its k_norm is hidden_size wide)")
+    if mt == "olmoe" and config.get("clip_qkv"):
+        out.append(f"clip_qkv {config['clip_qkv']}: llama.cpp's olmoe does not clamp q/k/v (it ignores clamp_kqv)")
     if mt == "deepseek_v2":
         return out + _deepseek2_refusals(config)
     if mt == "gpt_oss":
@@ -194,6 +199,9 @@ def _deepseek2_refusals(config: dict) -> list[str]:
         out.append(f"scoring_func {config['scoring_func']!r}: deepseek2 (V2) routes by softmax")
     if config.get("attention_bias"):
         out.append("attention biases: llama.cpp's deepseek2 has none")
+    if not config.get("q_lora_rank") and config["num_hidden_layers"] not in (26, 27):
+        out.append(f"q_lora_rank null with {config['num_hidden_layers']} layers: llama.cpp's deepseek2 reads attn_q "
+                   f"without q_lora only for 26 or 27 layers (DeepSeek-V2-Lite's count)")
     rp = _rope_params(config)
     if rp.get("rope_type", "default") == "yarn" and rp.get("mscale", 1.0) != rp.get("mscale_all_dim", 1.0):
         out.append(f"yarn mscale {rp.get('mscale')} != mscale_all_dim {rp.get('mscale_all_dim')}: a deepseek2 GGUF "
@@ -415,8 +423,6 @@ def export_gguf(hf_dir: str | os.PathLike, out: str | os.PathLike, type_: str = 
         w.add_bool(f"{arch}.expert_weights_norm", bool(config.get("norm_topk_prob", False)))
     if mt == "qwen2_moe":
         w.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
-    if mt == "olmoe" and config.get("clip_qkv"):
-        w.add_clamp_kqv(float(config["clip_qkv"]))
     w.add_vocab_size(config["vocab_size"])
     w.add_file_type(int(gguf.LlamaFileType[ftype_name]))
     w.add_tokenizer_model(vocab.get("model", "gpt2"))
