@@ -424,3 +424,22 @@ def test_olmoe_clamp_kqv_key_becomes_clip_qkv(family, tmp_path):
     w.close()
     assert gguf_config(open_gguf(path))["clip_qkv"] == pytest.approx(0.6)
     assert gguf_config(open_gguf(f16)).get("clip_qkv") is None
+
+
+def test_bench_takes_a_gguf_file(family, tmp_path):
+    """bench --model FILE.gguf: llama.cpp's row is that very file, ours the store converted from it (the file's
+    precision); the transformers peers, which need a folder, are dropped."""
+    import argparse
+
+    from moe_offload.bench import _gguf_for, prepare
+
+    _, path = family("mixtral")
+    a = argparse.Namespace(model=str(path), synthetic=None, cache_dir=str(tmp_path / "cache"), quiet=True,
+                           peers=["hf", "accelerate", "llamacpp"], us_bits=[16, 4], dtype="bfloat16",
+                           llamacpp_types=["f16", "q4_0"])
+    prep = prepare(a)
+    assert a.peers == ["llamacpp"] and a.us_bits == [16] and a.llamacpp_types == ["f16"] and a.dtype == "float16"
+    assert open_store(prep["store"]).manifest["source"]["gguf"] == str(path.resolve())
+    got, err = _gguf_for(prep, "f16", 1, tmp_path / "log")
+    assert err is None and got.resolve() == path.resolve()
+    assert prep["sizes"].n_experts == 4
