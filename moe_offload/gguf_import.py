@@ -25,7 +25,7 @@ import json
 import os
 import re
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +109,8 @@ class GGUFModel:
     experts: dict  # (layer, part) -> (gguf name of the stacked [E, N, K] tensor,) or one [N, K] name per expert
     expert_bias: dict  # (layer, part) -> gguf name of the stacked [E, N] bias (gpt-oss)
     split: dict  # checkpoint name -> (attn_k_b, attn_v_b) gguf names (deepseek2's kv_b_proj)
+    halves: dict = field(default_factory=dict)  # (layer, part) / ("bias", layer, part) -> 0 | 1: a half of the
+    #                                              rows of a fused ffn_gate_up_exps [E, 2I, D] (gate rows first)
 
     def type_name(self, gguf_name: str) -> str:
         return self.tensors[gguf_name].tensor_type.name
@@ -120,21 +122,42 @@ class GGUFModel:
         """[E, N, K] of one layer's experts (numpy order)."""
         names = self.experts[(layer, part)]
         dims = [int(x) for x in self.tensors[names[0]].shape][::-1]
+        if (layer, part) in self.halves:
+            dims[1] //= 2
         return dims if len(names) == 1 else [len(names), *dims]
 
     def expert_raw(self, layer: int, part: str, e: int) -> tuple[str, np.ndarray]:
         """(gguf name, memory-mapped data) of expert e: its slab of the stacked tensor, or its own tensor."""
         names = self.experts[(layer, part)]
         if len(names) == 1:
-            return names[0], self.tensors[names[0]].data[e]
+            return names[0], _half(self.tensors[names[0]].data[e], self.halves.get((layer, part)))
         return names[e], self.tensors[names[e]].data
+
+    def expert_bias_raw(self, layer: int, part: str, e: int) -> tuple[str, np.ndarray]:
+        name = self.expert_bias[(layer, part)]
+        return name, _half(self.tensors[name].data[e], self.halves.get(("bias", layer, part)))
+
+    def expert_bias_dims(self, layer: int, part: str) -> list[int]:
+        dims = [int(x) for x in self.tensors[self.expert_bias[(layer, part)]].shape][::-1]
+        if ("bias", layer, part) in self.halves:
+            dims[1] //= 2
+        return dims
 
     def n_elements(self, name: str) -> int:
         """Values of the checkpoint tensor `name` (a GGUF tensor, or the two halves of a split one)."""
         return sum(int(self.tensors[n].n_elements) for n in self.split.get(name) or (self.names[name],))
 
     def expert_nbytes(self, layer: int, part: str) -> int:
-        return sum(int(self.tensors[n].n_bytes) for n in self.experts[(layer, part)])
+        n = sum(int(self.tensors[n].n_bytes) for n in self.experts[(layer, part)])
+        return n // 2 if (layer, part) in self.halves else n
+
+
+def _half(rows: np.ndarray, half: int | None) -> np.ndarray:
+    """rows [2I, ...] -> the first (0) or second (1) I rows; all of them for None."""
+    if half is None:
+        return rows
+    n = rows.shape[0] // 2
+    return rows[half * n:(half + 1) * n]
 
 
 def _field(f):
@@ -170,9 +193,9 @@ def open_gguf(path: str | os.PathLike) -> GGUFModel:
         raise MoeError(f"{path}: GGUF architecture {arch!r} is not supported (supported: "
                        f"{', '.join(ARCHITECTURES)})")
     model_type = ARCHITECTURES[arch]
-    if not any(n.endswith(("ffn_gate_exps.weight", "ffn_gate.0.weight")) for n in tensors):
+    if not any(n.endswith(("ffn_gate_exps.weight", "ffn_gate.0.weight", "ffn_gate_up_exps.weight")) for n in tensors):
         raise MoeError(f"{path}: a {arch} GGUF without routed experts (ffn_*_exps) is a dense model, not an MoE")
-    names, experts, legacy, biases, split = {}, {}, {}, {}, {}
+    names, experts, legacy, biases, split, halves = {}, {}, {}, {}, {}, {}
     table = {**NAMES_LAYER, **NAMES_FAMILY[model_type]}
     for name in tensors:
         if name in NAMES_GLOBAL:
@@ -184,6 +207,14 @@ def open_gguf(path: str | os.PathLike) -> GGUFModel:
             legacy.setdefault((int(old.group(1)), old.group(2)), {})[int(old.group(3))] = name
         elif m and m.group(2) in EXPERT_PARTS:
             experts[(int(m.group(1)), EXPERT_PARTS[m.group(2)])] = (name,)
+        elif m and m.group(2) in ("ffn_gate_up_exps.weight", "ffn_gate_up_exps.bias"):  # convert --fuse-gate-up-exps
+            la, bias = int(m.group(1)), m.group(2).endswith("bias")
+            for h, p in enumerate(("gate", "up")):
+                if bias:
+                    biases[(la, p)] = name
+                else:
+                    experts[(la, p)] = (name,)
+                halves[("bias", la, p) if bias else (la, p)] = h
         elif m and model_type == "gpt_oss" and m.group(2) in EXPERT_BIASES:
             biases[(int(m.group(1)), EXPERT_BIASES[m.group(2)])] = name
         elif m and model_type == "deepseek_v2" and m.group(2) in SPLIT_KV_B:
@@ -198,12 +229,12 @@ def open_gguf(path: str | os.PathLike) -> GGUFModel:
         if len({tensors[n].tensor_type for n in per.values()}) != 1:
             raise MoeError(f"{path}: layer {key[0]} {key[1]} experts do not share one tensor type")
         experts[key] = tuple(per[e] for e in range(len(per)))
-    for name, halves in split.items():
-        if len(halves) != 2 or name in names:
+    for name, pair in split.items():
+        if len(pair) != 2 or name in names:
             raise MoeError(f"{path}: {name.split('.')[2]}: attn_k_b and attn_v_b come in pairs, without attn_kv_b")
-        names[name] = halves[SPLIT_KV_B[0]]
-        split[name] = (halves[SPLIT_KV_B[0]], halves[SPLIT_KV_B[1]])
-    return GGUFModel(path, arch, model_type, meta, tensors, names, experts, biases, split)
+        names[name] = pair[SPLIT_KV_B[0]]
+        split[name] = (pair[SPLIT_KV_B[0]], pair[SPLIT_KV_B[1]])
+    return GGUFModel(path, arch, model_type, meta, tensors, names, experts, biases, split, halves)
 
 
 def gguf_config(g: GGUFModel) -> dict:
@@ -546,8 +577,8 @@ def convert_gguf(path: str | os.PathLike | GGUFModel, out_dir: str | os.PathLike
                            f"{name} needs shape {shapes[name]}")
     for (layer, part), gname in g.expert_bias.items():
         want = [model.n_experts, model.expert_shape.hidden if part == "down" else model.expert_shape.intermediate]
-        if [int(x) for x in g.tensors[gname].shape][::-1] != want:
-            raise MoeError(f"{g.path}: {gname} has shape {[int(x) for x in g.tensors[gname].shape][::-1]}, "
+        if g.expert_bias_dims(layer, part) != want:
+            raise MoeError(f"{g.path}: {gname} ({part} biases) has shape {g.expert_bias_dims(layer, part)}, "
                            f"expected {want}")
     shape = model.expert_shape
     E = model.n_experts
@@ -577,9 +608,8 @@ def convert_gguf(path: str | os.PathLike | GGUFModel, out_dir: str | os.PathLike
                     if hasattr(codec, "encode_blocks"):
                         blob = codec.encode_blocks(shape, parts)
                     else:
-                        biases = {f"{p}_bias": torch.from_numpy(source.dequantized(
-                            g.expert_bias[(layer, p)], g.tensors[g.expert_bias[(layer, p)]].data[e]))
-                            for p in ("gate", "up", "down") if shape.bias}
+                        biases = {f"{p}_bias": torch.from_numpy(source.dequantized(*g.expert_bias_raw(layer, p, e)))
+                                  for p in ("gate", "up", "down") if shape.bias}
                         blob = codec.encode(**{p: torch.from_numpy(np.ascontiguousarray(v)) for p, (_, v) in
                                                parts.items()}, **biases)
                     data = blob.numpy().data

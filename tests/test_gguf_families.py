@@ -275,3 +275,38 @@ def test_llama_cpp_runs_the_exported_file_like_the_hf_folder(family, tmp_path, s
     ids = torch.randint(5, 300, (64,), generator=torch.Generator().manual_seed(0)).tolist()
     r = compare_llamacpp(load(hf, dtype="float32"), str(path), ids, 32, threads=1)
     assert abs(r["ppl_ratio"] - 1) < 3e-3 and r["top1_agreement"] >= 0.95, r
+
+
+def fuse_gate_up(src, dst):
+    """The file as llama.cpp's convert --fuse-gate-up-exps writes it: ffn_gate_up_exps [E, 2I, D] (gate rows, then
+    up rows) and, for gpt-oss, ffn_gate_up_exps.bias [E, 2I]."""
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), r.fields["general.architecture"].contents())
+    for k, f in r.fields.items():
+        if not k.startswith("GGUF.") and k != "general.architecture":
+            sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(k, f.contents(), f.types[0], sub_type=sub)
+    t = {x.name: x for x in r.tensors}
+    for x in r.tensors:
+        if "ffn_up_exps" in x.name:
+            continue
+        if "ffn_gate_exps" in x.name:
+            up = t[x.name.replace("gate", "up")]
+            w.add_tensor(x.name.replace("gate_exps", "gate_up_exps"),
+                         np.concatenate([np.asarray(x.data), np.asarray(up.data)], axis=1), raw_dtype=x.tensor_type)
+        else:
+            w.add_tensor(x.name, np.asarray(x.data), raw_dtype=x.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+@pytest.mark.parametrize("spec", ["gpt_oss_swa_yarn", "deepseek_v2_lora_yarn_dense"])
+def test_fused_gate_up_experts(family, tmp_path, spec):
+    hf, f16 = family(spec)
+    path = fuse_gate_up(f16, tmp_path / "fused.gguf")
+    assert "blk.2.ffn_gate_up_exps.weight" in {x.name for x in gguf.GGUFReader(str(path)).tensors}
+    want = load(hf).generate(prompt_ids=PROMPT, max_new_tokens=N_NEW, ignore_eos=True).token_ids
+    assert load(path).generate(prompt_ids=PROMPT, max_new_tokens=N_NEW, ignore_eos=True).token_ids == want
