@@ -154,7 +154,8 @@ def llamacpp_logits(path: str, window: int, threads: int | None = None):
     try:
         import llama_cpp
     except ImportError as e:
-        raise UsageError(f"comparing with llama.cpp needs llama-cpp-python: pip install llama-cpp-python ({e})") from None
+        raise UsageError(f"comparing with llama.cpp needs llama-cpp-python: pip install llama-cpp-python "
+                         f"({e})") from None
     import numpy as np
 
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=window, n_batch=window, n_ubatch=window, logits_all=True,

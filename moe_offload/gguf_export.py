@@ -8,12 +8,12 @@ and `ffn_down_exps` [E, D, I] (numpy order; GGUF stores the dims reversed), rout
 in F32, 1-D norms in F32. For "llama", Q and K rows are permuted from Hugging Face's rotate-half rotary layout
 to llama.cpp's interleaved pairs (the other three use llama.cpp's NEOX rope, unpermuted). What llama.cpp's
 architecture cannot run (sliding windows, dense layers in Qwen MoE, ...) is refused in one line (`refusals`).
-The tokenizer goes in as a "gpt2" byte-level BPE (tokens, merges, token types, bos/eos), or for a byte-fallback BPE
-(Llama / Mistral style) as a sentencepiece "llama" vocabulary (tokens, scores, types, as in Mixtral files), with the chat
-template; a folder without tokenizer.json gets a synthetic byte-level vocabulary of the model's size
-(benchmarks feed token ids). A store's experts are decoded by their codec (quantized ones dequantized).
-F16 / BF16 / F32 are written here, one tensor at a time; Q4_0 and Q4_K come from llama.cpp's own quantizer
-(`llama_cpp.llama_model_quantize`) run on our F16 file.
+The tokenizer goes in as a "gpt2" byte-level BPE (tokens, merges, token types, bos/eos), or for a
+byte-fallback BPE (Llama / Mistral style) as a sentencepiece "llama" vocabulary (tokens, scores, types, as in
+Mixtral files), with the chat template; a folder without tokenizer.json gets a synthetic byte-level
+vocabulary of the model's size (benchmarks feed token ids). A store's experts are decoded by their codec
+(quantized ones dequantized). F16 / BF16 / F32 are written here, one tensor at a time; Q4_0, Q4_K_M and Q8_0
+come from llama.cpp's own quantizer (`llama_cpp.llama_model_quantize`) run on our F16 file.
 
 Shape legend: V vocab, D hidden, I expert intermediate, E experts, H heads, Hd head dim.
 """

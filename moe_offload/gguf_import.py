@@ -72,7 +72,8 @@ NAMES_FAMILY = {
                     "attn_kv_b.weight": "self_attn.kv_b_proj.weight",
                     **{f"ffn_{p}_shexp.weight": f"mlp.shared_experts.{p}_proj.weight" for p in ("gate", "up", "down")}},
     "gpt_oss": {"ffn_gate_inp.weight": "mlp.router.weight", "ffn_gate_inp.bias": "mlp.router.bias",
-                "attn_sinks.weight": "self_attn.sinks", "post_attention_norm.weight": "post_attention_layernorm.weight"},
+                "attn_sinks.weight": "self_attn.sinks",
+                "post_attention_norm.weight": "post_attention_layernorm.weight"},
 }
 EXPERT_PARTS = {"ffn_gate_exps.weight": "gate", "ffn_up_exps.weight": "up", "ffn_down_exps.weight": "down"}
 EXPERT_BIASES = {"ffn_gate_exps.bias": "gate", "ffn_up_exps.bias": "up", "ffn_down_exps.bias": "down"}  # gpt-oss
@@ -459,7 +460,8 @@ class GGUFSource:
         if name in self.g.split:  # deepseek2: kv_b [H·(Dn+Dv), R] from k_b [H, R, Dn] and v_b [H, Dv, R]
             k_b, v_b = (self.dequantized(n) for n in self.g.split[name])
             H = self.config["num_attention_heads"]
-            k_b, v_b = k_b.reshape(H, -1, self.config["qk_nope_head_dim"]), v_b.reshape(H, self.config["v_head_dim"], -1)
+            k_b = k_b.reshape(H, -1, self.config["qk_nope_head_dim"])
+            v_b = v_b.reshape(H, self.config["v_head_dim"], -1)
             w = np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1).reshape(-1, v_b.shape[-1])
         else:
             w = self.dequantized(gname)

@@ -65,7 +65,8 @@ def main(argv=None) -> int:
         for r in rows:
             print(json.dumps(r))
         return 0
-    print(f"{'file':<28} {'MiB':>6} {'tokens':>6} {'ppl ours':>9} {'ppl llama.cpp':>13} {'ratio':>7} {'top-1 same':>10}")
+    print(f"{'file':<28} {'MiB':>6} {'tokens':>6} {'ppl ours':>9} {'ppl llama.cpp':>13} {'ratio':>7} "
+          f"{'top-1 same':>10}")
     for r in rows:
         print(f"{Path(r['model']).name:<28} {r['bytes'] / 2**20:>6.1f} {r['tokens']:>6} {r['ppl_ours']:>9.3f} "
               f"{r['ppl_llamacpp']:>13.3f} {r['ppl_ratio']:>7.4f} {r['top1_agreement']:>10.4f}")
