@@ -312,6 +312,30 @@ class StoreSource:
     def expert_parts(self, layer: int, e: int) -> dict:
         return self._expert(layer, e)
 
+    def kept_type(self, layer: int, part: str) -> str | None:
+        """The GGML type (Q4_0 / Q8_0) every expert of `layer` keeps for `part` as the file's codes (a GGUF-born
+        store), written back block for block; None when any of them holds something else."""
+        from .quant.ggml import WRITTEN_BACK
+
+        mat, types = "down" if part == "down" else "gate_up", set()
+        for (la, _), entry in self.store.entries.items():
+            if la == layer:
+                c = entry.codec
+                t = (c.get("source") or {}).get(part) if c.get("name") == "gguf" else None
+                types.add(t if t in WRITTEN_BACK and c.get(mat) == WRITTEN_BACK[t][0] else None)
+        return types.pop() if len(types) == 1 else None
+
+    def expert_blocks(self, layer: int, e: int, part: str, type_name: str) -> np.ndarray:
+        import torch
+
+        from .experts import make_codec
+
+        entry = self.store.entries[(layer, e)]
+        with open(self.store.experts_path, "rb") as f:
+            f.seek(entry.offset)
+            blob = torch.frombuffer(bytearray(f.read(entry.nbytes)), dtype=torch.uint8)
+        return make_codec(entry.codec).blocks(blob, self.store.expert_shape, part, type_name)
+
     def get(self, name: str):
         if name in self.experts:
             la, e, p = self.experts[name]
@@ -320,9 +344,10 @@ class StoreSource:
 
 
 def export_gguf(hf_dir: str | os.PathLike, out: str | os.PathLike, type_: str = "f16", threads: int | None = None,
-                overwrite: bool = False) -> dict:
-    """Write `out` from a Hugging Face folder or an expert store (quantized experts are dequantized);
-    returns {"path", "type", "bytes", "seconds", "synthetic_vocab"}."""
+                overwrite: bool = False, keep_bits: bool = True) -> dict:
+    """Write `out` from a Hugging Face folder or an expert store; returns {"path", "type", "bytes", "seconds",
+    "synthetic_vocab", "kept"}. A store's experts holding a Q4_0 / Q8_0 file's codes go out as those blocks
+    (`keep_bits`, for --type f16/bf16/f32; "kept" counts those tensors), other quantized experts dequantized."""
     t0 = time.perf_counter()
     hf_dir, out = Path(hf_dir), Path(out)
     if type_ not in TYPES:
@@ -332,7 +357,7 @@ def export_gguf(hf_dir: str | os.PathLike, out: str | os.PathLike, type_: str = 
     if type_ in QUANTIZED:
         tmp = out.with_name(f".{out.name}.f16-{os.getpid()}.gguf")
         try:
-            info = export_gguf(hf_dir, tmp, "f16", overwrite=True)
+            info = export_gguf(hf_dir, tmp, "f16", overwrite=True, keep_bits=False)
             quantize_gguf(tmp, out, type_, threads)
         finally:
             tmp.unlink(missing_ok=True)
@@ -371,6 +396,11 @@ def export_gguf(hf_dir: str | os.PathLike, out: str | os.PathLike, type_: str = 
     wtype = gguf.GGMLQuantizationType[wtype_name]
     f32 = gguf.GGMLQuantizationType.F32
     tensors = plan(config)
+    kept = {}  # (layer, part) -> GGML type written back from kept codes
+    if keep_bits and isinstance(src, StoreSource):
+        for layer, part in {tuple(s.split(":")[1:]) for _, s, _, _ in tensors if s.startswith("experts:")}:
+            if part in ("gate", "up", "down") and src.kept_type(int(layer), part):
+                kept[(int(layer), part)] = src.kept_type(int(layer), part)
     n_experts = config.get("num_local_experts") or config.get("n_routed_experts") or config["num_experts"]
     I = next(shape[1] for _, source, shape, _ in tensors if source.endswith(":gate"))
 
@@ -447,11 +477,22 @@ def export_gguf(hf_dir: str | os.PathLike, out: str | os.PathLike, type_: str = 
     if vocab["synthetic"]:
         w.add_string("moe_offload.note", "synthetic byte-level vocabulary (the source folder has no tokenizer)")
 
+    def kept_of(source: str) -> str | None:
+        if not source.startswith("experts:"):
+            return None
+        _, layer, part = source.split(":")
+        return kept.get((int(layer), part))
+
     for name, source, shape, keep_f32 in tensors:
         t_type = f32 if keep_f32 else wtype
         itemsize = 4 if t_type == f32 else 2
         nbytes = int(np.prod(shape)) * itemsize
-        if t_type == gguf.GGMLQuantizationType.BF16:
+        if kept_of(source):
+            qt = gguf.GGMLQuantizationType[kept_of(source)]
+            bs, ts = gguf.GGML_QUANT_SIZES[qt]
+            byte_shape = (*shape[:-1], shape[-1] // bs * ts)
+            w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qt)
+        elif t_type == gguf.GGMLQuantizationType.BF16:
             w.add_tensor_info(name, (*shape[:-1], shape[-1] * 2), np.dtype(np.uint8), nbytes, raw_dtype=t_type)
         else:
             w.add_tensor_info(name, shape, np.dtype(np.float32 if t_type == f32 else np.float16), nbytes)
@@ -459,6 +500,11 @@ def export_gguf(hf_dir: str | os.PathLike, out: str | os.PathLike, type_: str = 
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     for name, source, shape, keep_f32 in tensors:  # one tensor in memory at a time
+        if kept_of(source):  # the store's codes as the file's blocks
+            _, layer, part = source.split(":")
+            w.write_tensor_data(np.stack([src.expert_blocks(int(layer), e, part, kept_of(source))
+                                          for e in range(n_experts)]))
+            continue
         t = load(source)
         if t.numel() != int(np.prod(shape)):
             raise MoeError(f"{hf_dir}: {source} has shape {tuple(t.shape)}, expected {shape}")
@@ -468,7 +514,7 @@ def export_gguf(hf_dir: str | os.PathLike, out: str | os.PathLike, type_: str = 
         os.fsync(f.fileno())
     os.replace(str(out) + ".tmp", out)
     return {"path": str(out), "type": type_, "bytes": out.stat().st_size, "seconds": time.perf_counter() - t0,
-            "synthetic_vocab": vocab["synthetic"]}
+            "synthetic_vocab": vocab["synthetic"], "kept": len(kept)}
 
 
 def _yarn_family_keys(w, config: dict, I: int) -> None:
@@ -555,6 +601,8 @@ def _add_export(p):
                    help="f16/bf16/f32 written here; q4_0, q4_k (Q4_K_M), q8_0 by llama.cpp's quantizer from our F16")
     p.add_argument("--threads", type=int, default=None, help="quantizer threads")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--dequantize", action="store_true",
+                   help="a store's experts kept from a Q4_0 / Q8_0 file go out dequantized, not as those blocks")
 
 
 @command("export-gguf", "write a Hugging Face MoE folder or an expert store as a GGUF file for llama.cpp",
@@ -562,7 +610,7 @@ def _add_export(p):
 def cmd_export_gguf(a) -> int:
     if not Path(a.model).is_dir():
         raise UsageError(f"--model {a.model}: no such folder")
-    info = export_gguf(a.model, a.out, a.type, a.threads, a.overwrite)
+    info = export_gguf(a.model, a.out, a.type, a.threads, a.overwrite, keep_bits=not a.dequantize)
     note = " (synthetic vocabulary: the folder has no tokenizer)" if info.get("synthetic_vocab") else ""
     print(f"wrote {info['path']}: {info['type']}, {info['bytes'] / 2**20:.1f} MiB in {info['seconds']:.1f} s{note}")
     return 0

@@ -443,3 +443,28 @@ def test_bench_takes_a_gguf_file(family, tmp_path):
     got, err = _gguf_for(prep, "f16", 1, tmp_path / "log")
     assert err is None and got.resolve() == path.resolve()
     assert prep["sizes"].n_experts == 4
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_store_from_a_q4_0_or_q8_0_file_goes_back_out_as_those_blocks(family, tmp_path, qtype):
+    """Kept codes go back out block for block: the same codes, d = the store's bf16 scale (the file's fp16 d
+    rounded once, on the way in); importing that file again gives a byte-identical store."""
+    _, f16 = family("qwen2_moe")
+    path = rewrite_gguf(f16, tmp_path / "q.gguf", lambda n: T[qtype] if "_exps" in n else None)
+    store = convert_gguf(path, tmp_path / "store", quiet=True)
+    info = export_gguf(store.path, tmp_path / "back.gguf")
+    assert info["kept"] == 3 * len(store.moe_layers)
+    a, b = open_gguf(path), open_gguf(tmp_path / "back.gguf")
+    bs = 18 if qtype == "Q4_0" else 34
+    for (layer, part), (name,) in a.experts.items():
+        assert b.expert_type(layer, part) == qtype
+        x, y = np.asarray(a.tensors[name].data), np.asarray(b.tensors[name].data)
+        x, y = x.reshape(*x.shape[:-1], -1, bs), y.reshape(*y.shape[:-1], -1, bs)
+        assert np.array_equal(x[..., 2:], y[..., 2:])  # codes: byte-identical
+        d = x[..., :2].copy().view(np.float16).astype(np.float32)
+        want = torch.from_numpy(d).bfloat16().float().numpy().astype(np.float16)
+        assert np.array_equal(y[..., :2].copy().view(np.float16), want)  # d: the file's, rounded to bf16 once
+    again = convert_gguf(tmp_path / "back.gguf", tmp_path / "again", quiet=True)
+    assert again.experts_path.read_bytes() == store.experts_path.read_bytes()
+    plain = export_gguf(store.path, tmp_path / "plain.gguf", keep_bits=False)
+    assert plain["kept"] == 0 and open_gguf(tmp_path / "plain.gguf").expert_type(0, "down") == "F16"
