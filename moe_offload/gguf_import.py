@@ -208,7 +208,8 @@ def open_gguf(path: str | os.PathLike) -> GGUFModel:
             legacy.setdefault((int(old.group(1)), old.group(2)), {})[int(old.group(3))] = name
         elif m and m.group(2) in EXPERT_PARTS:
             experts[(int(m.group(1)), EXPERT_PARTS[m.group(2)])] = (name,)
-        elif m and m.group(2) in ("ffn_gate_up_exps.weight", "ffn_gate_up_exps.bias"):  # convert --fuse-gate-up-exps
+        elif m and (m.group(2) == "ffn_gate_up_exps.weight" or  # llama.cpp's convert --fuse-gate-up-exps
+                    (model_type == "gpt_oss" and m.group(2) == "ffn_gate_up_exps.bias")):
             la, bias = int(m.group(1)), m.group(2).endswith("bias")
             for h, p in enumerate(("gate", "up")):
                 if bias:
@@ -222,6 +223,8 @@ def open_gguf(path: str | os.PathLike) -> GGUFModel:
             split.setdefault(f"model.layers.{m.group(1)}.self_attn.kv_b_proj.weight", {})[m.group(2)] = name
         elif m and m.group(2) in table:
             names[f"model.layers.{m.group(1)}.{table[m.group(2)]}"] = name
+        elif m and model_type == "deepseek_v2" and m.group(2) == "exp_probs_b.bias":
+            raise MoeError(f"{path}: deepseek2 with sigmoid routing / exp_probs_b (DeepSeek-V3) is not supported")
         else:
             raise MoeError(f"{path}: tensor {name!r} is not one a {arch} MoE model has (not supported)")
     for key, per in legacy.items():
@@ -324,8 +327,7 @@ def _deepseek2(g: GGUFModel, cfg: dict, shape, I: int) -> dict:
     """deepseek2 (DeepSeek-V2 / V2-Lite): MLA sizes from attention.*_lora_rank and key/value_length(_mla), the
     leading dense layers, shared experts, routed_scaling_factor."""
     a, m = g.arch, g.meta
-    if m.get(f"{a}.expert_gating_func", 1) != 1 or "blk.0.exp_probs_b.bias" in g.tensors or any(
-            n.endswith("exp_probs_b.bias") for n in g.tensors):
+    if m.get(f"{a}.expert_gating_func", 1) != 1:
         raise MoeError(f"{g.path}: deepseek2 with sigmoid routing / exp_probs_b (DeepSeek-V3) is not supported")
     if int(m.get(f"{a}.expert_group_count", 1) or 1) > 1:
         raise MoeError(f"{g.path}: deepseek2 group-limited routing (expert_group_count) is not supported")

@@ -231,7 +231,8 @@ def test_export_refuses_what_llama_cpp_cannot_run(tmp_path):
         assert not (tmp_path / "x.gguf").exists()
 
 
-def test_deepseek3_style_file_is_one_line(family, tmp_path):
+@pytest.mark.parametrize("v3", ["gating_func", "exp_probs_b"])
+def test_deepseek3_style_file_is_one_line(family, tmp_path, v3):
     _, f16 = family("deepseek_v2_qproj_tied")
     r = gguf.GGUFReader(str(f16))
     path = tmp_path / "v3.gguf"
@@ -241,7 +242,10 @@ def test_deepseek3_style_file_is_one_line(family, tmp_path):
             continue
         sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
         w.add_key_value(k, f.contents(), f.types[0], sub_type=sub)
-    w.add_uint32("deepseek2.expert_gating_func", 2)
+    if v3 == "gating_func":
+        w.add_uint32("deepseek2.expert_gating_func", 2)
+    else:
+        w.add_tensor("blk.1.exp_probs_b.bias", np.zeros(4, np.float32))
     for x in r.tensors:
         w.add_tensor(x.name, np.asarray(x.data), raw_dtype=x.tensor_type)
     w.write_header_to_file()
