@@ -74,4 +74,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from moe_offload.errors import MoeError
+
+    try:
+        sys.exit(main())
+    except MoeError as e:  # a bad file or text, no llama-cpp-python: one line, no traceback
+        sys.exit(f"error: {e}")
