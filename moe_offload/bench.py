@@ -880,6 +880,8 @@ def prepare(a) -> dict:
     """The HF folder, our store at the benchmark dtype, and the sizes."""
     from .store.format import convert
 
+    if a.model and str(a.model).lower().endswith(".gguf"):
+        return prepare_gguf(a)  # a GGUF file: llama.cpp on it, us on the store converted from it
     if a.synthetic:
         d = Path(a.cache_dir) / a.synthetic
         hf = build_synthetic(a.synthetic, d / "hf")
@@ -965,6 +967,55 @@ def _expert_param_bytes(hf: Path, itemsize: int) -> int:
                         size *= dim
                     n += size * itemsize
     return n
+
+
+# ---- bench --model FILE.gguf (gguf helper): llama.cpp runs that very file, we run the store converted from it ----
+
+def prepare_gguf(a) -> dict:
+    """prepare() for a GGUF file: our store is the one `--model FILE.gguf` converts it into (quantized experts kept
+    as codes, store dtype the file's: bfloat16 for a quantized file), llama.cpp's peer row is the file itself
+    (linked as the cache's model-<type>.gguf, so _gguf_for finds it). The transformers peers need a Hugging Face
+    folder and are dropped; --us-bits is the file's own precision."""
+    import hashlib
+
+    from .gguf_import import convert_gguf, open_gguf, store_dtype
+    from .utils import DTYPE_NAMES
+
+    path = Path(a.model).resolve()
+    if not path.is_file():
+        raise UsageError(f"--model {a.model}: no such GGUF file")
+    g = open_gguf(path)
+    st = path.stat()
+    key = hashlib.sha256(json.dumps([str(path), st.st_size, st.st_mtime_ns]).encode()).hexdigest()[:8]
+    d = Path(a.cache_dir) / f"{path.stem}-gguf-{key}"
+    d.mkdir(parents=True, exist_ok=True)
+    dtype = store_dtype(g)
+    a.dtype = DTYPE_NAMES[dtype]
+    store = d / f"store-{a.dtype}"
+    if not _store_is_fresh(store, a.dtype, st.st_mtime):
+        print(f"bench: converting {path} into an expert store at {store}", file=sys.stderr)
+        with Progress("bench: convert", unit="experts", quiet=getattr(a, "quiet", False)) as bar:
+            convert_gguf(g, store, dtype, overwrite=True, progress=bar)
+    dropped = [p for p in a.peers if p != "llamacpp"]
+    if dropped:
+        print(f"bench: --model is a GGUF file: peers {', '.join(dropped)} need a Hugging Face folder, skipped",
+              file=sys.stderr)
+    a.peers = [p for p in a.peers if p == "llamacpp"]
+    a.us_bits = [16]  # "16": the store as converted, at the file's own precision
+    a.llamacpp_types = [g.meta.get("general.file_type") and _GGUF_FILE_TYPES.get(int(g.meta["general.file_type"]))
+                        or "file"]
+    link = d / f"model-{a.llamacpp_types[0]}.gguf"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(path)
+    from .store.format import open_store
+
+    return {"name": path.name, "dir": d, "hf": path, "store": store, "quantized": {},
+            "sizes": model_sizes(store, a.dtype), "config": open_store(store).config, "hf_files": [path]}
+
+
+_GGUF_FILE_TYPES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 8: "q5_0", 9: "q5_1", 15: "q4_k_m",
+                    14: "q4_k_s", 17: "q5_k_m", 18: "q6_k", 32: "bf16", 38: "mxfp4"}  # llama_ftype -> a row name
 
 
 def configs_for(a, prep: dict, pct: float | None, memory: int, prompts, tag: str) -> list[Config]:
@@ -1489,7 +1540,8 @@ def run_bench(a) -> dict:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None, help="Hugging Face MoE folder (default: the bundled model)")
+    src.add_argument("--model", default=None, help="Hugging Face MoE folder (default: the bundled model), or a GGUF "
+                                                    "file (llama.cpp on it, us on the store converted from it)")
     src.add_argument("--synthetic", default=None, choices=[*SYNTHETIC, *STREAMED],
                      help="a random model built on the fly (mixtral-8x7b-L4, qwen3-30b-a3b-L8: the real models' "
                           "exact layer widths and vocabulary, 4 / 8 layers)")

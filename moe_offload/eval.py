@@ -158,3 +158,55 @@ def run(a) -> int:
     else:
         print(format_table(rows))
     return 0
+
+
+# ---- the same GGUF in llama.cpp (scripts/gguf_llamacpp_ppl.py) ---------------------------------------------
+
+def llamacpp_logits(path: str, window: int, threads: int | None = None):
+    """A function ids -> logits [T, V] float32 numpy of llama.cpp (llama-cpp-python) running the GGUF at `path`
+    on its CPU backend, each call a fresh sequence (its KV cache cleared), no BOS added."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise UsageError(f"comparing with llama.cpp needs llama-cpp-python: pip install llama-cpp-python "
+                         f"({e})") from None
+    import numpy as np
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=window, n_batch=window, n_ubatch=window, logits_all=True,
+                          n_threads=threads, n_gpu_layers=0, verbose=False)
+
+    def logits(ids: list[int]):
+        llm.reset()  # n_tokens = 0: eval() drops the cache past it and starts at position 0
+        llm.eval(list(ids))
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+    return logits
+
+
+def compare_llamacpp(engine, path: str, ids: list[int], window: int = 256, threads: int | None = None) -> dict:
+    """Our perplexity and llama.cpp's on the same GGUF, the same token ids and the same non-overlapping windows
+    (Engine.perplexity's), and the share of scored positions where both pick the same top-1 token."""
+    import numpy as np
+    import torch
+
+    theirs = llamacpp_logits(path, window, threads)
+    nll = {"ours": 0.0, "llamacpp": 0.0}
+    n = same = 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = ids[start:start + window + 1]
+        if len(chunk) < 2:
+            break
+        target = torch.tensor(chunk[1:])
+        for name, lg in (("ours", engine.logits(chunk[:-1]).float().cpu()),
+                         ("llamacpp", torch.from_numpy(theirs(chunk[:-1])))):
+            nll[name] += float(torch.nn.functional.cross_entropy(lg.double(), target, reduction="sum"))
+            top = lg.argmax(-1)
+            if name == "ours":
+                ours_top = top
+            else:
+                same += int((top == ours_top).sum())
+        n += len(chunk) - 1
+    ppl = {k: float(np.exp(v / max(n, 1))) for k, v in nll.items()}
+    return {"model": str(path), "tokens": n, "window": window, "ppl_ours": ppl["ours"],
+            "ppl_llamacpp": ppl["llamacpp"], "ppl_ratio": ppl["ours"] / ppl["llamacpp"],
+            "top1_agreement": same / max(n, 1)}

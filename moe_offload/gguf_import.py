@@ -25,7 +25,7 @@ import json
 import os
 import re
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,8 @@ NAMES_LAYER = {
 }
 NAMES_FAMILY = {mt: t["names"] for mt, t in GGUF.items()}
 EXPERT_PARTS = {"ffn_gate_exps.weight": "gate", "ffn_up_exps.weight": "up", "ffn_down_exps.weight": "down"}
+EXPERT_BIASES = {"ffn_gate_exps.bias": "gate", "ffn_up_exps.bias": "up", "ffn_down_exps.bias": "down"}  # gpt-oss
+SPLIT_KV_B = ("attn_k_b.weight", "attn_v_b.weight")  # deepseek2: one checkpoint tensor from two GGUF tensors
 
 # {arch}.<key> -> config.json key (values checked and completed from the tensors in gguf_config)
 CONFIG = {"context_length": "max_position_embeddings", "embedding_length": "hidden_size",
@@ -86,6 +88,10 @@ class GGUFModel:
     tensors: dict  # gguf name -> gguf ReaderTensor
     names: dict  # checkpoint name -> gguf name (backbone)
     experts: dict  # (layer, part) -> (gguf name of the stacked [E, N, K] tensor,) or one [N, K] name per expert
+    expert_bias: dict  # (layer, part) -> gguf name of the stacked [E, N] bias (gpt-oss)
+    split: dict  # checkpoint name -> (attn_k_b, attn_v_b) gguf names (deepseek2's kv_b_proj)
+    halves: dict = field(default_factory=dict)  # (layer, part) / ("bias", layer, part) -> 0 | 1: a half of the
+    #                                              rows of a fused ffn_gate_up_exps [E, 2I, D] (gate rows first)
 
     def dims(self, gguf_name: str) -> list[int]:
         """A tensor's shape in numpy (checkpoint) order; KeyError if the file lacks it."""
@@ -101,17 +107,42 @@ class GGUFModel:
         """[E, N, K] of one layer's experts (numpy order)."""
         names = self.experts[(layer, part)]
         dims = [int(x) for x in self.tensors[names[0]].shape][::-1]
+        if (layer, part) in self.halves:
+            dims[1] //= 2
         return dims if len(names) == 1 else [len(names), *dims]
 
     def expert_raw(self, layer: int, part: str, e: int) -> tuple[str, np.ndarray]:
         """(gguf name, memory-mapped data) of expert e: its slab of the stacked tensor, or its own tensor."""
         names = self.experts[(layer, part)]
         if len(names) == 1:
-            return names[0], self.tensors[names[0]].data[e]
+            return names[0], _half(self.tensors[names[0]].data[e], self.halves.get((layer, part)))
         return names[e], self.tensors[names[e]].data
 
+    def expert_bias_raw(self, layer: int, part: str, e: int) -> tuple[str, np.ndarray]:
+        name = self.expert_bias[(layer, part)]
+        return name, _half(self.tensors[name].data[e], self.halves.get(("bias", layer, part)))
+
+    def expert_bias_dims(self, layer: int, part: str) -> list[int]:
+        dims = [int(x) for x in self.tensors[self.expert_bias[(layer, part)]].shape][::-1]
+        if ("bias", layer, part) in self.halves:
+            dims[1] //= 2
+        return dims
+
+    def n_elements(self, name: str) -> int:
+        """Values of the checkpoint tensor `name` (a GGUF tensor, or the two halves of a split one)."""
+        return sum(int(self.tensors[n].n_elements) for n in self.split.get(name) or (self.names[name],))
+
     def expert_nbytes(self, layer: int, part: str) -> int:
-        return sum(int(self.tensors[n].n_bytes) for n in self.experts[(layer, part)])
+        n = sum(int(self.tensors[n].n_bytes) for n in self.experts[(layer, part)])
+        return n // 2 if (layer, part) in self.halves else n
+
+
+def _half(rows: np.ndarray, half: int | None) -> np.ndarray:
+    """rows [2I, ...] -> the first (0) or second (1) I rows; all of them for None."""
+    if half is None:
+        return rows
+    n = rows.shape[0] // 2
+    return rows[half * n:(half + 1) * n]
 
 
 def _field(f):
@@ -147,9 +178,9 @@ def open_gguf(path: str | os.PathLike) -> GGUFModel:
         raise MoeError(f"{path}: GGUF architecture {arch!r} is not supported (supported: "
                        f"{', '.join(ARCHITECTURES)})")
     model_type = ARCHITECTURES[arch]
-    if not any(n.endswith(("ffn_gate_exps.weight", "ffn_gate.0.weight")) for n in tensors):
+    if not any(n.endswith(("ffn_gate_exps.weight", "ffn_gate.0.weight", "ffn_gate_up_exps.weight")) for n in tensors):
         raise MoeError(f"{path}: a {arch} GGUF without routed experts (ffn_*_exps) is a dense model, not an MoE")
-    names, experts, legacy = {}, {}, {}
+    names, experts, legacy, biases, split, halves = {}, {}, {}, {}, {}, {}
     table = {**NAMES_LAYER, **NAMES_FAMILY[model_type]}
     for name in tensors:
         if name in NAMES_GLOBAL:
@@ -161,8 +192,23 @@ def open_gguf(path: str | os.PathLike) -> GGUFModel:
             legacy.setdefault((int(old.group(1)), old.group(2)), {})[int(old.group(3))] = name
         elif m and m.group(2) in EXPERT_PARTS:
             experts[(int(m.group(1)), EXPERT_PARTS[m.group(2)])] = (name,)
+        elif m and (m.group(2) == "ffn_gate_up_exps.weight" or  # llama.cpp's convert --fuse-gate-up-exps
+                    (model_type == "gpt_oss" and m.group(2) == "ffn_gate_up_exps.bias")):
+            la, bias = int(m.group(1)), m.group(2).endswith("bias")
+            for h, p in enumerate(("gate", "up")):
+                if bias:
+                    biases[(la, p)] = name
+                else:
+                    experts[(la, p)] = (name,)
+                halves[("bias", la, p) if bias else (la, p)] = h
+        elif m and model_type == "gpt_oss" and m.group(2) in EXPERT_BIASES:
+            biases[(int(m.group(1)), EXPERT_BIASES[m.group(2)])] = name
+        elif m and model_type == "deepseek_v2" and m.group(2) in SPLIT_KV_B:
+            split.setdefault(f"model.layers.{m.group(1)}.self_attn.kv_b_proj.weight", {})[m.group(2)] = name
         elif m and m.group(2) in table:
             names[f"model.layers.{m.group(1)}.{table[m.group(2)]}"] = name
+        elif m and model_type == "deepseek_v2" and m.group(2) == "exp_probs_b.bias":
+            raise MoeError(f"{path}: deepseek2 with sigmoid routing / exp_probs_b (DeepSeek-V3) is not supported")
         else:
             raise MoeError(f"{path}: tensor {name!r} is not one a {arch} MoE model has (not supported)")
     for key, per in legacy.items():
@@ -171,7 +217,12 @@ def open_gguf(path: str | os.PathLike) -> GGUFModel:
         if len({tensors[n].tensor_type for n in per.values()}) != 1:
             raise MoeError(f"{path}: layer {key[0]} {key[1]} experts do not share one tensor type")
         experts[key] = tuple(per[e] for e in range(len(per)))
-    return GGUFModel(path, arch, model_type, meta, tensors, names, experts)
+    for name, pair in split.items():
+        if len(pair) != 2 or name in names:
+            raise MoeError(f"{path}: {name.split('.')[2]}: attn_k_b and attn_v_b come in pairs, without attn_kv_b")
+        names[name] = pair[SPLIT_KV_B[0]]
+        split[name] = (pair[SPLIT_KV_B[0]], pair[SPLIT_KV_B[1]])
+    return GGUFModel(path, arch, model_type, meta, tensors, names, experts, biases, split, halves)
 
 
 def gguf_config(g: GGUFModel) -> dict:
@@ -194,8 +245,8 @@ def _config(g: GGUFModel) -> dict:
                 raise MoeError(f"{g.path}: per-layer {k} {cfg[k]} is not supported")
             cfg[k] = cfg[k][0]
     scaling = m.get(f"{a}.rope.scaling.type")
-    if scaling not in (None, "none"):
-        raise MoeError(f"{g.path}: rope scaling {scaling!r} is not supported for GGUF files yet")
+    if scaling not in (None, "none") and not (scaling == "yarn" and g.model_type in OWN_CONFIG):
+        raise MoeError(f"{g.path}: rope scaling {scaling!r} is not supported for {a} GGUF files")
     if "rope_freqs.weight" in g.tensors:
         raise MoeError(f"{g.path}: per-dimension rope frequencies (rope_freqs) are not supported")
     shape = g.dims
@@ -208,6 +259,8 @@ def _config(g: GGUFModel) -> dict:
     if "num_attention_heads" not in cfg:
         raise KeyError(f"{a}.attention.head_count")
     H = cfg["num_attention_heads"]
+    if g.model_type in OWN_CONFIG:
+        return OWN_CONFIG[g.model_type](g, cfg, shape, I)
     cfg["head_dim"] = shape("blk.0.attn_q.weight")[0] // H
     cfg.setdefault("rms_norm_eps", 1e-5)
     cfg.setdefault("rope_theta", 10000.0)
@@ -222,6 +275,91 @@ def _config(g: GGUFModel) -> dict:
         if f"tokenizer.ggml.{k}" in m:
             cfg[ours] = int(m[f"tokenizer.ggml.{k}"])
     return cfg
+
+
+def _yarn(g: GGUFModel, **extra) -> dict | None:
+    """rope_scaling for a file with {arch}.rope.scaling.type = yarn (None without)."""
+    a, m = g.arch, g.meta
+    if m.get(f"{a}.rope.scaling.type") != "yarn":
+        return None
+    return {"rope_type": "yarn", "factor": float(m[f"{a}.rope.scaling.factor"]),
+            "original_max_position_embeddings": int(m[f"{a}.rope.scaling.original_context_length"]),
+            "beta_fast": float(m.get(f"{a}.rope.scaling.yarn_beta_fast", 32.0)),
+            "beta_slow": float(m.get(f"{a}.rope.scaling.yarn_beta_slow", 1.0)), **extra}
+
+
+def _deepseek2(g: GGUFModel, cfg: dict, shape, I: int) -> dict:
+    """deepseek2 (DeepSeek-V2 / V2-Lite): MLA sizes from attention.*_lora_rank and key/value_length(_mla), the
+    leading dense layers, shared experts, routed_scaling_factor."""
+    a, m = g.arch, g.meta
+    if m.get(f"{a}.expert_gating_func", 1) != 1:
+        raise MoeError(f"{g.path}: deepseek2 with sigmoid routing / exp_probs_b (DeepSeek-V3) is not supported")
+    if int(m.get(f"{a}.expert_group_count", 1) or 1) > 1:
+        raise MoeError(f"{g.path}: deepseek2 group-limited routing (expert_group_count) is not supported")
+    H = cfg["num_attention_heads"]
+    dr = int(m[f"{a}.rope.dimension_count"])
+    if f"{a}.attention.key_length_mla" in m:  # llama.cpp's MQA view: key_length = R + Dr, value_length = R
+        qk, dv = int(m[f"{a}.attention.key_length_mla"]), int(m[f"{a}.attention.value_length_mla"])
+    else:
+        qk, dv = int(m[f"{a}.attention.key_length"]), int(m[f"{a}.attention.value_length"])
+    first = [la for la, _ in g.experts]
+    shared = shape(f"blk.{min(first)}.ffn_gate_shexp.weight")[0] if f"blk.{min(first)}.ffn_gate_shexp.weight" \
+        in g.tensors else 0
+    if shared % I:
+        raise MoeError(f"{g.path}: shared expert width {shared} is not a multiple of the expert width {I}")
+    k_dense = int(m.get(f"{a}.leading_dense_block_count", 0))
+    L = cfg["num_hidden_layers"]
+    if sorted(set(first)) != list(range(k_dense, L)):
+        raise MoeError(f"{g.path}: deepseek2 experts in layers {sorted(set(first))}, expected {k_dense}..{L - 1}")
+    cfg.pop("num_key_value_heads", None)  # MLA: llama.cpp writes 1 (its MQA view)
+    cfg.update(num_key_value_heads=H, moe_intermediate_size=I, n_shared_experts=shared // I or None,
+               first_k_dense_replace=k_dense, moe_layer_freq=1, topk_method="greedy", n_group=1, topk_group=1,
+               routed_scaling_factor=float(m.get(f"{a}.expert_weights_scale", 1.0)),
+               kv_lora_rank=int(m[f"{a}.attention.kv_lora_rank"]),
+               q_lora_rank=int(m[f"{a}.attention.q_lora_rank"]) if "blk.0.attn_q_a.weight" in g.tensors else None,
+               qk_rope_head_dim=dr, qk_nope_head_dim=qk - dr, v_head_dim=dv, scoring_func="softmax")
+    cfg["intermediate_size"] = (shape("blk.0.ffn_gate.weight")[0] if k_dense else
+                                int(m.get(f"{a}.feed_forward_length", I)))
+    cfg.setdefault("rms_norm_eps", 1e-6)
+    if f"{a}.rope.scaling.yarn_log_multiplier" in m:  # llama.cpp stores 0.1 · mscale_all_dim (= mscale in V2)
+        ms = round(float(m[f"{a}.rope.scaling.yarn_log_multiplier"]) / 0.1, 6)
+        rp = _yarn(g, mscale=ms, mscale_all_dim=ms)
+    else:
+        rp = _yarn(g)
+    if rp:
+        cfg["rope_scaling"] = rp
+    _special_ids(g, cfg)
+    return cfg
+
+
+def _gpt_oss(g: GGUFModel, cfg: dict, shape, I: int) -> dict:
+    """gpt-oss: attention biases and sinks, llama.cpp's fixed pattern of sliding layers (even layers slide),
+    yarn without truncation (as transformers' GptOss), llama.cpp's fixed SwiGLU clamp (alpha 1.702, limit 7)."""
+    a, m = g.arch, g.meta
+    H, L = cfg["num_attention_heads"], cfg["num_hidden_layers"]
+    cfg["head_dim"] = int(m.get(f"{a}.attention.key_length") or shape("blk.0.attn_q.weight")[0] // H)
+    cfg.update(intermediate_size=I, attention_bias=True, swiglu_alpha=1.702, swiglu_limit=7.0,
+               sliding_window=int(m.get(f"{a}.attention.sliding_window", 128)),
+               layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(L)])
+    cfg.setdefault("rms_norm_eps", 1e-5)
+    rp = _yarn(g, truncate=False)
+    cfg["rope_parameters"] = {**(rp or {"rope_type": "default"}), "rope_theta": float(cfg.pop("rope_theta", 150000.0))}
+    cfg.pop("norm_topk_prob", None)
+    missing = [k for k in (*[(la, p) for la in range(L) for p in ("gate", "up", "down")],) if k not in g.expert_bias]
+    if missing:
+        raise MoeError(f"{g.path}: layer {missing[0][0]} has no ffn_{missing[0][1]}_exps.bias (gpt-oss experts "
+                       f"have biases)")
+    _special_ids(g, cfg)
+    return cfg
+
+
+def _special_ids(g: GGUFModel, cfg: dict) -> None:
+    for k in ("bos_token_id", "eos_token_id"):
+        if f"tokenizer.ggml.{k}" in g.meta:
+            cfg[k] = int(g.meta[f"tokenizer.ggml.{k}"])
+
+
+OWN_CONFIG = {"deepseek_v2": _deepseek2, "gpt_oss": _gpt_oss}  # families with their own config builder
 
 
 def check_types(g: GGUFModel) -> None:
@@ -262,9 +400,9 @@ class GGUFSource:
         H = config["num_attention_heads"]
         self.heads = {"q_proj": H, "k_proj": config.get("num_key_value_heads") or H}
         n = config[EXPERTS_KEY[g.model_type]]
-        template, parts = EXPERT_NAMES[g.model_type]
+        template, parts = EXPERT_NAMES.get(g.model_type, (None, None))  # gpt-oss: stacked in checkpoints
         self.expert_names = {template.format(layer=layer, expert=e, part=parts[part]): (layer, part, e)
-                             for layer, part in g.experts for e in range(n)}
+                             for layer, part in g.experts for e in range(n)} if template else {}
 
     def keys(self) -> list[str]:
         return [*self.g.names, *self.expert_names]
@@ -286,7 +424,14 @@ class GGUFSource:
         if name == "lm_head.weight" and name not in self.g.names:
             name = "model.embed_tokens.weight"  # tied
         gname = self.g.names[name]
-        w = self.dequantized(gname)
+        if name in self.g.split:  # deepseek2: kv_b [H·(Dn+Dv), R] from k_b [H, R, Dn] and v_b [H, Dv, R]
+            k_b, v_b = (self.dequantized(n) for n in self.g.split[name])
+            H = self.config["num_attention_heads"]
+            k_b = k_b.reshape(H, -1, self.config["qk_nope_head_dim"])
+            v_b = v_b.reshape(H, self.config["v_head_dim"], -1)
+            w = np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1).reshape(-1, v_b.shape[-1])
+        else:
+            w = self.dequantized(gname)
         if self.g.model_type in ROTARY_PERMUTED and name.endswith(("q_proj.weight", "k_proj.weight",
                                                                      "q_proj.bias", "k_proj.bias")):
             w = _unpermute_rotary(w, self.heads[name.split(".")[-2]])
@@ -348,7 +493,7 @@ def expert_codec(g: GGUFModel, layer: int, dtype: torch.dtype):
     from .quant.ggml import KEPT, GGUFCodec
 
     types = {p: g.expert_type(layer, p) for p in ("gate", "up", "down")}
-    if all(t in FLOAT_TYPES for t in types.values()):
+    if all(t in FLOAT_TYPES for t in types.values()) or g.expert_bias:  # biased experts (gpt-oss): dense
         return DenseCodec(dtype), types
 
     def fmt(parts):
@@ -399,9 +544,14 @@ def convert_gguf(path: str | os.PathLike | GGUFModel, out_dir: str | os.PathLike
     ignore = {"lm_head.weight"} if model.tie else set()
     check_keys(set(g.names), set(backbone) - ignore, str(g.path), ignore)
     for name, gname in g.names.items():  # shapes before anything is written
-        if name in shapes and int(np.prod(shapes[name])) != int(g.tensors[gname].n_elements):
-            raise MoeError(f"{g.path}: tensor {gname} has {int(g.tensors[gname].n_elements)} values, "
+        if name in shapes and int(np.prod(shapes[name])) != g.n_elements(name):
+            raise MoeError(f"{g.path}: tensor {gname} has {g.n_elements(name)} values, "
                            f"{name} needs shape {shapes[name]}")
+    for (layer, part), gname in g.expert_bias.items():
+        want = [model.n_experts, model.expert_shape.hidden if part == "down" else model.expert_shape.intermediate]
+        if g.expert_bias_dims(layer, part) != want:
+            raise MoeError(f"{g.path}: {gname} ({part} biases) has shape {g.expert_bias_dims(layer, part)}, "
+                           f"expected {want}")
     shape = model.expert_shape
     E = model.n_experts
     for (layer, part), gnames in g.experts.items():
@@ -430,8 +580,10 @@ def convert_gguf(path: str | os.PathLike | GGUFModel, out_dir: str | os.PathLike
                     if hasattr(codec, "encode_blocks"):
                         blob = codec.encode_blocks(shape, parts)
                     else:
+                        biases = {f"{p}_bias": torch.from_numpy(source.dequantized(*g.expert_bias_raw(layer, p, e)))
+                                  for p in ("gate", "up", "down") if shape.bias}
                         blob = codec.encode(**{p: torch.from_numpy(np.ascontiguousarray(v)) for p, (_, v) in
-                                               parts.items()})
+                                               parts.items()}, **biases)
                     data = blob.numpy().data
                     f.write(data)
                     f.write(b"\0" * (round_up(len(data)) - len(data)))

@@ -27,6 +27,18 @@ from .sizes import KV_BYTES, ModelSizes
 CONFIG_KEYS = (("moe_intermediate_size", "n_routed_experts"), "model.layers.{layer}.mlp.gate.weight")
 EXPERT_NAMES = ("model.layers.{layer}.mlp.experts.{expert}.{part}.weight", SWIGLU)
 
+# ---- GGUF: llama.cpp's architecture for this family (gguf_import.py and gguf_export.py read it) ----------
+# MLA: attn_q (no q_lora_rank) or attn_q_a -> attn_q_a_norm -> attn_q_b; the latent kv_a_mqa -> kv_a_norm; kv_b
+# split by llama.cpp into attn_k_b [H, R, Dn] (transposed) and attn_v_b [H, Dv, R] (early files: attn_kv_b)
+GGUF = {"arch": "deepseek2", "rotary_permuted": False, "norm_topk_prob": False, "experts_key": "n_routed_experts",
+        "names": {"ffn_gate_inp.weight": "mlp.gate.weight", "attn_q_a.weight": "self_attn.q_a_proj.weight",
+                  "attn_q_a_norm.weight": "self_attn.q_a_layernorm.weight",
+                  "attn_q_b.weight": "self_attn.q_b_proj.weight",
+                  "attn_kv_a_mqa.weight": "self_attn.kv_a_proj_with_mqa.weight",
+                  "attn_kv_a_norm.weight": "self_attn.kv_a_layernorm.weight",
+                  "attn_kv_b.weight": "self_attn.kv_b_proj.weight",
+                  **{f"ffn_{p}_shexp.weight": f"mlp.shared_experts.{p}_proj.weight" for p in ("gate", "up", "down")}}}
+
 
 @dataclass
 class ModelArgs(BaseModelArgs):

@@ -22,6 +22,12 @@ from .layouts import (dequantize_mxfp4, even, even_cols_t, mxfp4_even_rows, mxfp
 from .routing import topk_softmax
 
 
+# ---- GGUF: llama.cpp's architecture for this family (gguf_import.py and gguf_export.py read it) ----------
+GGUF = {"arch": "gpt-oss", "rotary_permuted": False, "norm_topk_prob": True, "experts_key": "num_local_experts",
+        "names": {"ffn_gate_inp.weight": "mlp.router.weight", "ffn_gate_inp.bias": "mlp.router.bias",
+                  "attn_sinks.weight": "self_attn.sinks",
+                  "post_attention_norm.weight": "post_attention_layernorm.weight"}}
+
 # ---- checkpoint layout (models/layouts.py explains the tables; checkpoint.py reads them) -----------------
 CONFIG_KEYS = (("intermediate_size", "num_local_experts|num_experts"),
                "model.layers.{layer}.mlp.router.weight")

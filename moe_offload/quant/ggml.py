@@ -78,6 +78,27 @@ def affine_groups(type_name: str, blocks: np.ndarray, N: int, K: int) -> tuple[n
     raise ValueError(f"{type_name} blocks are not affine groups of 32")
 
 
+WRITTEN_BACK = {"Q4_0": ("q4", 18), "Q8_0": ("q8", 34)}  # GGML type -> (our format, bytes per block of 32)
+
+
+def ggml_blocks(type_name: str, codes: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Codes uint8 [N, K] and scales fp32 [N, G] of a zero-offset matrix -> raw Q4_0 / Q8_0 blocks uint8
+    [N, G·block bytes] with d = fp16(s), exact for a bf16 scale within fp16's range (the inverse of
+    affine_groups for those types, up to the bf16 rounding of d that affine_groups' caller made)."""
+    N, K = codes.shape
+    d = s.astype(np.float16)
+    if not np.array_equal(d.astype(np.float32), s.astype(np.float32)):
+        raise ValueError("a scale is outside float16's range")
+    c = codes.reshape(N, K // GROUP, GROUP)
+    if type_name == "Q4_0":
+        q = (c[..., :16] | (c[..., 16:] << 4)).astype(np.uint8)  # q_j low nibble, q_j+16 high
+    elif type_name == "Q8_0":
+        q = (c.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
+    else:
+        raise ValueError(f"{type_name} is not written back from kept codes")
+    return np.concatenate([d[..., None].view(np.uint8), q], axis=-1).reshape(N, -1)
+
+
 def quantized_matrix(parts: list[tuple[str, np.ndarray, int]], K: int) -> Quantized:
     """Rows of several GGUF matrices (type name, raw blocks, rows) stacked into one Quantized [ΣN, K]."""
     fmt = {KEPT[t] for t, _, _ in parts}
@@ -181,6 +202,17 @@ class GGUFCodec:
                        if fmt in QUANT_FORMATS
                        else t["w"])
         return out
+
+    def blocks(self, blob: torch.Tensor, shape: ExpertShape, part: str, type_name: str) -> np.ndarray:
+        """Raw GGML blocks [N, ...] of one part (gate / up / down) of a q4 / q8 matrix with zero offsets (codes kept
+        from a Q4_0 / Q8_0 file): the file's codes, d = the stored bf16 scale as fp16."""
+        I = shape.intermediate
+        pm = self._views(blob, shape)[1 if part == "down" else 0]
+        rows = slice(None) if part == "down" else slice(0, I) if part == "gate" else slice(I, 2 * I)
+        s, m = pm.sz[..., 0].t().float()[rows], pm.sz[..., 1].t().float()[rows]  # [N, G]
+        if not isinstance(pm, PackedMatrix) or (m != 0).any():
+            raise ValueError(f"{part} is not a zero-offset q4/q8 matrix")
+        return ggml_blocks(type_name, pm.codes()[rows].numpy(), s.numpy())
 
     def decode(self, blob: torch.Tensor, shape: ExpertShape, dtype=torch.bfloat16) -> QuantExpert:
         if blob.device.type == "meta":  # the kernel, hence the resident size, depends on the real device
