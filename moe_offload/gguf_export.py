@@ -333,7 +333,7 @@ class StoreSource:
     def expert_blocks(self, layer: int, e: int, part: str, type_name: str) -> np.ndarray:
         import torch
 
-        from .experts import make_codec
+        from .codecs import make_codec
 
         entry = self.store.entries[(layer, e)]
         with open(self.store.experts_path, "rb") as f:

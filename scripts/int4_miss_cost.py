@@ -26,7 +26,7 @@ import torch
 
 from moe_offload.experts import ExpertShape
 from moe_offload.quant.codec import HQQCodec
-from moe_offload.store.cache import resident_bytes, unit_tensors
+from moe_offload.store.cache import unit_bytes
 
 
 def status(key: str) -> float:
@@ -78,7 +78,7 @@ def main() -> None:
                 y = unit(x)
                 ref = y if ref is None else ref
                 assert torch.equal(y, ref)
-            held = resident_bytes(unit, unit_tensors(unit))
+            held = unit_bytes(unit)
             del unit
         peak = status("VmHWM")
         tag = (layout or "b64 (legacy)") + (" = host" if layout == host else "")

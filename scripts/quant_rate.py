@@ -25,7 +25,7 @@ def main() -> int:
     p.add_argument("--quantizers", default="rtn,hqq")
     p.add_argument("--bits", type=int, default=4)
     a = p.parse_args()
-    from moe_offload.experts import make_codec
+    from moe_offload.codecs import make_codec
 
     D, inter = a.hidden, a.intermediate
     g = torch.Generator().manual_seed(0)

@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from moe_offload.errors import MoeError
-from moe_offload.experts import ExpertShape, make_codec
+from moe_offload.codecs import make_codec
+from moe_offload.experts import ExpertShape
 from moe_offload.quant.codec import HQQCodec
 from moe_offload.quant.ggml import GGUFCodec
 from moe_offload.quant.kernels import LAYOUTS, host_layout, int4pack_order, relayout
 from moe_offload.quant.pack import pack
-from moe_offload.store.cache import resident_bytes, storage_bytes, unit_tensors
+from moe_offload.store.cache import storage_bytes, unit_bytes
 
 # D = 352 rows of down: 5 blocks of 64 + a tail of 32 (a b32 block, b64 pairs); I = 256; groups of 32
 SHAPE = ExpertShape(352, 256)
@@ -56,7 +57,7 @@ def test_a_4bit_unit_holds_the_blob_once_in_every_stored_order(meta_bits):
         blob = codec.encode(*weights())
         unit = codec.decode(blob, SHAPE)
         assert unit.kinds == ("int4pack", "int4pack")
-        tensors = unit_tensors(unit)
+        tensors = unit.tensors()
         views = [t for t in tensors if t.untyped_storage().data_ptr() == blob.untyped_storage().data_ptr()]
         codes = sum(pm.N * pm.K // 2 for pm in codec.packed(blob, SHAPE))
         meta = sum(pm.sz.numel() * 2 for pm in codec.packed(blob, SHAPE))  # bf16 [G, N, 2] the kernel takes
@@ -64,9 +65,9 @@ def test_a_4bit_unit_holds_the_blob_once_in_every_stored_order(meta_bits):
             assert views and storage_bytes(tensors) == blob.numel() + (meta if meta_bits == 8 else 0)
         else:  # reordered: the codes' copy and the meta, nothing of the blob
             assert not views and storage_bytes(tensors) == codes + meta
-        assert resident_bytes(unit, tensors) == storage_bytes(tensors)
+        assert unit_bytes(unit, tensors) == storage_bytes(tensors)
         if meta_bits == 16:  # the kernel's meta is stored as is: the unit is the blob's bytes
-            assert resident_bytes(unit, tensors) <= blob.numel() * 1.05
+            assert unit_bytes(unit, tensors) <= blob.numel() * 1.05
         outs[layout] = unit(x.to(torch.bfloat16))
         deq[layout] = codec.dequantize(blob, SHAPE)
     for layout in LAYOUTS:  # the same codes, the same kernel: the same numbers
@@ -80,7 +81,7 @@ def test_low_bit_units_keep_no_view_of_the_blob_in_any_order(bits):
         codec = HQQCodec({"bits": bits, "group_size": 32, "meta_bits": 16, "quantizer": "rtn",
                           "layout": layout})
         blob = codec.encode(*weights())
-        tensors = unit_tensors(codec.decode(blob, SHAPE))
+        tensors = codec.decode(blob, SHAPE).tensors()
         assert all(t.untyped_storage().data_ptr() != blob.untyped_storage().data_ptr() for t in tensors)
 
 
@@ -88,7 +89,7 @@ def test_gguf_q4_unit_is_a_view_of_its_blob_in_the_host_order():
     for layout in LAYOUTS:
         codec = GGUFCodec({"gate_up": "q4", "down": "q4", "layout": layout})
         blob = codec.encode(*weights())
-        tensors = unit_tensors(codec.decode(blob, SHAPE))
+        tensors = codec.decode(blob, SHAPE).tensors()
         assert storage_bytes(tensors) <= blob.numel()  # bf16 meta is stored: the unit holds ≤ the blob
 
 
