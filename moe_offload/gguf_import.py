@@ -245,7 +245,8 @@ def _config(g: GGUFModel) -> dict:
                 raise MoeError(f"{g.path}: per-layer {k} {cfg[k]} is not supported")
             cfg[k] = cfg[k][0]
     scaling = m.get(f"{a}.rope.scaling.type")
-    if scaling not in (None, "none") and not (scaling == "yarn" and g.model_type in OWN_CONFIG):
+    own = GGUF[g.model_type].get("own_config", False)  # the family builds its whole config (deepseek2, gpt-oss)
+    if scaling not in (None, "none") and not (scaling == "yarn" and own):
         raise MoeError(f"{g.path}: rope scaling {scaling!r} is not supported for {a} GGUF files")
     if "rope_freqs.weight" in g.tensors:
         raise MoeError(f"{g.path}: per-dimension rope frequencies (rope_freqs) are not supported")
@@ -259,8 +260,11 @@ def _config(g: GGUFModel) -> dict:
     if "num_attention_heads" not in cfg:
         raise KeyError(f"{a}.attention.head_count")
     H = cfg["num_attention_heads"]
-    if g.model_type in OWN_CONFIG:
-        return OWN_CONFIG[g.model_type](g, cfg, shape, I)
+    if own:
+        moe_layers = sorted({la for la, _ in g.experts})
+        dense = [i for i in range(L) if i not in moe_layers]
+        get_module(g.model_type).config_from_gguf(cfg, g, I, moe_layers, dense)
+        return cfg
     cfg["head_dim"] = shape("blk.0.attn_q.weight")[0] // H
     cfg.setdefault("rms_norm_eps", 1e-5)
     cfg.setdefault("rope_theta", 10000.0)
@@ -277,89 +281,18 @@ def _config(g: GGUFModel) -> dict:
     return cfg
 
 
-def _yarn(g: GGUFModel, **extra) -> dict | None:
-    """rope_scaling for a file with {arch}.rope.scaling.type = yarn (None without)."""
-    a, m = g.arch, g.meta
-    if m.get(f"{a}.rope.scaling.type") != "yarn":
-        return None
-    return {"rope_type": "yarn", "factor": float(m[f"{a}.rope.scaling.factor"]),
-            "original_max_position_embeddings": int(m[f"{a}.rope.scaling.original_context_length"]),
-            "beta_fast": float(m.get(f"{a}.rope.scaling.yarn_beta_fast", 32.0)),
-            "beta_slow": float(m.get(f"{a}.rope.scaling.yarn_beta_slow", 1.0)), **extra}
 
 
-def _deepseek2(g: GGUFModel, cfg: dict, shape, I: int) -> dict:
-    """deepseek2 (DeepSeek-V2 / V2-Lite): MLA sizes from attention.*_lora_rank and key/value_length(_mla), the
-    leading dense layers, shared experts, routed_scaling_factor."""
-    a, m = g.arch, g.meta
-    if m.get(f"{a}.expert_gating_func", 1) != 1:
-        raise MoeError(f"{g.path}: deepseek2 with sigmoid routing / exp_probs_b (DeepSeek-V3) is not supported")
-    if int(m.get(f"{a}.expert_group_count", 1) or 1) > 1:
-        raise MoeError(f"{g.path}: deepseek2 group-limited routing (expert_group_count) is not supported")
-    H = cfg["num_attention_heads"]
-    dr = int(m[f"{a}.rope.dimension_count"])
-    if f"{a}.attention.key_length_mla" in m:  # llama.cpp's MQA view: key_length = R + Dr, value_length = R
-        qk, dv = int(m[f"{a}.attention.key_length_mla"]), int(m[f"{a}.attention.value_length_mla"])
-    else:
-        qk, dv = int(m[f"{a}.attention.key_length"]), int(m[f"{a}.attention.value_length"])
-    first = [la for la, _ in g.experts]
-    shared = shape(f"blk.{min(first)}.ffn_gate_shexp.weight")[0] if f"blk.{min(first)}.ffn_gate_shexp.weight" \
-        in g.tensors else 0
-    if shared % I:
-        raise MoeError(f"{g.path}: shared expert width {shared} is not a multiple of the expert width {I}")
-    k_dense = int(m.get(f"{a}.leading_dense_block_count", 0))
-    L = cfg["num_hidden_layers"]
-    if sorted(set(first)) != list(range(k_dense, L)):
-        raise MoeError(f"{g.path}: deepseek2 experts in layers {sorted(set(first))}, expected {k_dense}..{L - 1}")
-    cfg.pop("num_key_value_heads", None)  # MLA: llama.cpp writes 1 (its MQA view)
-    cfg.update(num_key_value_heads=H, moe_intermediate_size=I, n_shared_experts=shared // I or None,
-               first_k_dense_replace=k_dense, moe_layer_freq=1, topk_method="greedy", n_group=1, topk_group=1,
-               routed_scaling_factor=float(m.get(f"{a}.expert_weights_scale", 1.0)),
-               kv_lora_rank=int(m[f"{a}.attention.kv_lora_rank"]),
-               q_lora_rank=int(m[f"{a}.attention.q_lora_rank"]) if "blk.0.attn_q_a.weight" in g.tensors else None,
-               qk_rope_head_dim=dr, qk_nope_head_dim=qk - dr, v_head_dim=dv, scoring_func="softmax")
-    cfg["intermediate_size"] = (shape("blk.0.ffn_gate.weight")[0] if k_dense else
-                                int(m.get(f"{a}.feed_forward_length", I)))
-    cfg.setdefault("rms_norm_eps", 1e-6)
-    if f"{a}.rope.scaling.yarn_log_multiplier" in m:  # llama.cpp stores 0.1 · mscale_all_dim (= mscale in V2)
-        ms = round(float(m[f"{a}.rope.scaling.yarn_log_multiplier"]) / 0.1, 6)
-        rp = _yarn(g, mscale=ms, mscale_all_dim=ms)
-    else:
-        rp = _yarn(g)
-    if rp:
-        cfg["rope_scaling"] = rp
-    _special_ids(g, cfg)
-    return cfg
 
 
-def _gpt_oss(g: GGUFModel, cfg: dict, shape, I: int) -> dict:
-    """gpt-oss: attention biases and sinks, llama.cpp's fixed pattern of sliding layers (even layers slide),
-    yarn without truncation (as transformers' GptOss), llama.cpp's fixed SwiGLU clamp (alpha 1.702, limit 7)."""
-    a, m = g.arch, g.meta
-    H, L = cfg["num_attention_heads"], cfg["num_hidden_layers"]
-    cfg["head_dim"] = int(m.get(f"{a}.attention.key_length") or shape("blk.0.attn_q.weight")[0] // H)
-    cfg.update(intermediate_size=I, attention_bias=True, swiglu_alpha=1.702, swiglu_limit=7.0,
-               sliding_window=int(m.get(f"{a}.attention.sliding_window", 128)),
-               layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(L)])
-    cfg.setdefault("rms_norm_eps", 1e-5)
-    rp = _yarn(g, truncate=False)
-    cfg["rope_parameters"] = {**(rp or {"rope_type": "default"}), "rope_theta": float(cfg.pop("rope_theta", 150000.0))}
-    cfg.pop("norm_topk_prob", None)
-    missing = [k for k in (*[(la, p) for la in range(L) for p in ("gate", "up", "down")],) if k not in g.expert_bias]
-    if missing:
-        raise MoeError(f"{g.path}: layer {missing[0][0]} has no ffn_{missing[0][1]}_exps.bias (gpt-oss experts "
-                       f"have biases)")
-    _special_ids(g, cfg)
-    return cfg
 
 
-def _special_ids(g: GGUFModel, cfg: dict) -> None:
-    for k in ("bos_token_id", "eos_token_id"):
-        if f"tokenizer.ggml.{k}" in g.meta:
-            cfg[k] = int(g.meta[f"tokenizer.ggml.{k}"])
 
 
-OWN_CONFIG = {"deepseek_v2": _deepseek2, "gpt_oss": _gpt_oss}  # families with their own config builder
+
+
+
+
 
 
 def check_types(g: GGUFModel) -> None:

@@ -103,7 +103,8 @@ def test_gguf_tables_name_tensors_the_family_has(model_type):
     t = get_module(model_type).GGUF
     assert callable(get_module(model_type).config_from_gguf)  # the family's config keys from a GGUF
     assert ARCHITECTURES[t["arch"]] == model_type and architectures()[model_type] == t["arch"]
-    assert t["experts_key"] in ("num_local_experts", "num_experts")
-    m = meta_model(model_type, shared_expert_intermediate_size=16)
+    assert t["experts_key"] in ("num_local_experts", "num_experts", "n_routed_experts")
+    full = {"deepseek_v2": {"q_lora_rank": 16, "n_shared_experts": 1}}.get(model_type, {})  # every optional part
+    m = meta_model(model_type, shared_expert_intermediate_size=16, **full)
     layer = m.moe_blocks()[0][0]
     assert {f"model.layers.{layer}.{hf}" for hf in t["names"].values()} <= set(m.state_dict())

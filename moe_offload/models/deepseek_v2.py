@@ -18,6 +18,7 @@ from ..errors import MoeError
 from ..experts import ExpertShape
 from .base import (MLP, BaseModelArgs, CausalLM, DecoderLayer, MoE, RMSNorm, SeqAttention, SeqCache,
                    apply_rope, attention_mask, rope_config, rope_tables, yarn_get_mscale)
+from .gguf_keys import gguf_special_ids, gguf_yarn
 from .layouts import SWIGLU
 from .routing import softmax_group_topk
 from .sizes import KV_BYTES, ModelSizes
@@ -30,7 +31,7 @@ EXPERT_NAMES = ("model.layers.{layer}.mlp.experts.{expert}.{part}.weight", SWIGL
 # ---- GGUF: llama.cpp's architecture for this family (gguf_import.py and gguf_export.py read it) ----------
 # MLA: attn_q (no q_lora_rank) or attn_q_a -> attn_q_a_norm -> attn_q_b; the latent kv_a_mqa -> kv_a_norm; kv_b
 # split by llama.cpp into attn_k_b [H, R, Dn] (transposed) and attn_v_b [H, Dv, R] (early files: attn_kv_b)
-GGUF = {"arch": "deepseek2", "rotary_permuted": False, "norm_topk_prob": False, "experts_key": "n_routed_experts",
+GGUF = {"arch": "deepseek2", "own_config": True, "rotary_permuted": False, "norm_topk_prob": False, "experts_key": "n_routed_experts",
         "names": {"ffn_gate_inp.weight": "mlp.gate.weight", "attn_q_a.weight": "self_attn.q_a_proj.weight",
                   "attn_q_a_norm.weight": "self_attn.q_a_layernorm.weight",
                   "attn_q_b.weight": "self_attn.q_b_proj.weight",
@@ -39,6 +40,49 @@ GGUF = {"arch": "deepseek2", "rotary_permuted": False, "norm_topk_prob": False, 
                   "attn_kv_b.weight": "self_attn.kv_b_proj.weight",
                   **{f"ffn_{p}_shexp.weight": f"mlp.shared_experts.{p}_proj.weight" for p in ("gate", "up", "down")}}}
 
+
+
+def config_from_gguf(cfg: dict, g, I: int, moe_layers: list[int], dense: list[int]) -> None:
+    """deepseek2 (DeepSeek-V2 / V2-Lite): MLA sizes from attention.*_lora_rank and key/value_length(_mla), the
+    leading dense layers, shared experts, routed_scaling_factor."""
+    a, m, shape = g.arch, g.meta, g.dims
+    if m.get(f"{a}.expert_gating_func", 1) != 1:
+        raise MoeError(f"{g.path}: deepseek2 with sigmoid routing / exp_probs_b (DeepSeek-V3) is not supported")
+    if int(m.get(f"{a}.expert_group_count", 1) or 1) > 1:
+        raise MoeError(f"{g.path}: deepseek2 group-limited routing (expert_group_count) is not supported")
+    H = cfg["num_attention_heads"]
+    dr = int(m[f"{a}.rope.dimension_count"])
+    if f"{a}.attention.key_length_mla" in m:  # llama.cpp's MQA view: key_length = R + Dr, value_length = R
+        qk, dv = int(m[f"{a}.attention.key_length_mla"]), int(m[f"{a}.attention.value_length_mla"])
+    else:
+        qk, dv = int(m[f"{a}.attention.key_length"]), int(m[f"{a}.attention.value_length"])
+    first = [la for la, _ in g.experts]
+    shared = shape(f"blk.{min(first)}.ffn_gate_shexp.weight")[0] if f"blk.{min(first)}.ffn_gate_shexp.weight" \
+        in g.tensors else 0
+    if shared % I:
+        raise MoeError(f"{g.path}: shared expert width {shared} is not a multiple of the expert width {I}")
+    k_dense = int(m.get(f"{a}.leading_dense_block_count", 0))
+    L = cfg["num_hidden_layers"]
+    if sorted(set(first)) != list(range(k_dense, L)):
+        raise MoeError(f"{g.path}: deepseek2 experts in layers {sorted(set(first))}, expected {k_dense}..{L - 1}")
+    cfg.pop("num_key_value_heads", None)  # MLA: llama.cpp writes 1 (its MQA view)
+    cfg.update(num_key_value_heads=H, moe_intermediate_size=I, n_shared_experts=shared // I or None,
+               first_k_dense_replace=k_dense, moe_layer_freq=1, topk_method="greedy", n_group=1, topk_group=1,
+               routed_scaling_factor=float(m.get(f"{a}.expert_weights_scale", 1.0)),
+               kv_lora_rank=int(m[f"{a}.attention.kv_lora_rank"]),
+               q_lora_rank=int(m[f"{a}.attention.q_lora_rank"]) if "blk.0.attn_q_a.weight" in g.tensors else None,
+               qk_rope_head_dim=dr, qk_nope_head_dim=qk - dr, v_head_dim=dv, scoring_func="softmax")
+    cfg["intermediate_size"] = (shape("blk.0.ffn_gate.weight")[0] if k_dense else
+                                int(m.get(f"{a}.feed_forward_length", I)))
+    cfg.setdefault("rms_norm_eps", 1e-6)
+    if f"{a}.rope.scaling.yarn_log_multiplier" in m:  # llama.cpp stores 0.1 · mscale_all_dim (= mscale in V2)
+        ms = round(float(m[f"{a}.rope.scaling.yarn_log_multiplier"]) / 0.1, 6)
+        rp = gguf_yarn(g, mscale=ms, mscale_all_dim=ms)
+    else:
+        rp = gguf_yarn(g)
+    if rp:
+        cfg["rope_scaling"] = rp
+    gguf_special_ids(g, cfg)
 
 @dataclass
 class ModelArgs(BaseModelArgs):

@@ -14,16 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import MoeError
 from ..experts import ExpertShape
 from .base import (Attention, BaseModelArgs, CausalLM, DecoderLayer, MoE, RMSNorm, apply_rope, attention_mask,
                    rope_tables)
+from .gguf_keys import gguf_special_ids, gguf_yarn
 from .layouts import (dequantize_mxfp4, even, even_cols_t, mxfp4_even_rows, mxfp4_odd_rows, odd, odd_cols_t,
                       transposed, whole)
 from .routing import topk_softmax
 
 
 # ---- GGUF: llama.cpp's architecture for this family (gguf_import.py and gguf_export.py read it) ----------
-GGUF = {"arch": "gpt-oss", "rotary_permuted": False, "norm_topk_prob": True, "experts_key": "num_local_experts",
+GGUF = {"arch": "gpt-oss", "own_config": True, "rotary_permuted": False, "norm_topk_prob": True, "experts_key": "num_local_experts",
         "names": {"ffn_gate_inp.weight": "mlp.router.weight", "ffn_gate_inp.bias": "mlp.router.bias",
                   "attn_sinks.weight": "self_attn.sinks",
                   "post_attention_norm.weight": "post_attention_layernorm.weight"}}
@@ -53,6 +55,26 @@ STACKED_EXPERT_NAMES = [{
     "down_bias": (("model.layers.{layer}.mlp.experts.down_proj_bias",), whole),
 }]
 
+
+
+def config_from_gguf(cfg: dict, g, I: int, moe_layers: list[int], dense: list[int]) -> None:
+    """gpt-oss: attention biases and sinks, llama.cpp's fixed pattern of sliding layers (even layers slide),
+    yarn without truncation (as transformers' GptOss), llama.cpp's fixed SwiGLU clamp (alpha 1.702, limit 7)."""
+    a, m, shape = g.arch, g.meta, g.dims
+    H, L = cfg["num_attention_heads"], cfg["num_hidden_layers"]
+    cfg["head_dim"] = int(m.get(f"{a}.attention.key_length") or shape("blk.0.attn_q.weight")[0] // H)
+    cfg.update(intermediate_size=I, attention_bias=True, swiglu_alpha=1.702, swiglu_limit=7.0,
+               sliding_window=int(m.get(f"{a}.attention.sliding_window", 128)),
+               layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(L)])
+    cfg.setdefault("rms_norm_eps", 1e-5)
+    rp = gguf_yarn(g, truncate=False)
+    cfg["rope_parameters"] = {**(rp or {"rope_type": "default"}), "rope_theta": float(cfg.pop("rope_theta", 150000.0))}
+    cfg.pop("norm_topk_prob", None)
+    missing = [k for k in (*[(la, p) for la in range(L) for p in ("gate", "up", "down")],) if k not in g.expert_bias]
+    if missing:
+        raise MoeError(f"{g.path}: layer {missing[0][0]} has no ffn_{missing[0][1]}_exps.bias (gpt-oss experts "
+                       f"have biases)")
+    gguf_special_ids(g, cfg)
 
 @dataclass
 class ModelArgs(BaseModelArgs):
