@@ -37,6 +37,7 @@ from pathlib import Path
 
 from .errors import MoeError, UsageError
 from .progress import Progress, add_quiet_arg
+from .workload import budget_bytes, prompts_for  # noqa: F401 (bench.budget_bytes, bench.prompts_for)
 
 PKG_PARENT = Path(__file__).resolve().parents[1]  # on the children's PYTHONPATH: they import this moe_offload
 CACHE = Path(".cache") / "bench"  # in the caller's directory, like --out
@@ -91,11 +92,6 @@ def summarize(values) -> dict:
 
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
-
-
-def budget_bytes(pct: float, backbone: int, experts: int) -> int:
-    """--memory for a budget given as a percentage of the expert bytes: backbone + pct % of the experts."""
-    return backbone + int(experts * pct / 100)
 
 
 BUDGET_BASES = {"f16": 16, "q4": 4}  # --budgets prefix -> bits of the model its percentages refer to
@@ -636,14 +632,6 @@ def model_sizes(store_path: Path, dtype: str, expert_bytes: int | None = None) -
                  expert=expert_bytes or round(sum(spans) / len(spans)),
                  moe_layers=len(store.moe_layers), n_experts=store.n_experts, top_k=store.top_k,
                  kv_per_token=s.kv_bytes(dt))
-
-
-def prompts_for(vocab: int, n_tokens: int, count: int) -> list[list[int]]:
-    """`count` fixed prompts (seeds 0..count-1) of random ids in [3, vocab): the same for every system."""
-    import numpy as np
-
-    lo = 3 if vocab > 3 else 0
-    return [np.random.default_rng(seed).integers(lo, vocab, n_tokens).tolist() for seed in range(count)]
 
 
 @dataclass
@@ -1511,7 +1499,7 @@ def run(a) -> int:
     if a.concurrency:
         from .concurrency import cmd_concurrency
 
-        return cmd_concurrency(a)
+        return cmd_concurrency(a, prepare)
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: children killed, cgroups removed
