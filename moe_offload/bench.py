@@ -37,6 +37,7 @@ from pathlib import Path
 
 from .errors import MoeError, UsageError
 from .progress import Progress, add_quiet_arg
+from .workload import budget_bytes, prompts_for  # noqa: F401 (bench.budget_bytes, bench.prompts_for)
 
 PKG_PARENT = Path(__file__).resolve().parents[1]  # on the children's PYTHONPATH: they import this moe_offload
 CACHE = Path(".cache") / "bench"  # in the caller's directory, like --out
@@ -91,11 +92,6 @@ def summarize(values) -> dict:
 
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
-
-
-def budget_bytes(pct: float, backbone: int, experts: int) -> int:
-    """--memory for a budget given as a percentage of the expert bytes: backbone + pct % of the experts."""
-    return backbone + int(experts * pct / 100)
 
 
 BUDGET_BASES = {"f16": 16, "q4": 4}  # --budgets prefix -> bits of the model its percentages refer to
@@ -250,107 +246,6 @@ def goal_rows(rows: list[dict], limits: dict) -> list[dict]:
             v = ratio(mine, other)
             out.append({"budget": label, "us": us["config"], "goal": what, "target": target, "measured": v,
                         "met": None if v is None else v >= target})
-    return out
-
-
-# ---- this machine --------------------------------------------------------------------------------------
-
-
-def measure_ram_read(threads: int, nbytes: int = 512 * MiB, repeat: int = 9) -> dict:
-    """RAM read bytes/s of torch sums over an fp32 buffer far larger than the caches: best and median of
-    `repeat` (on a shared machine the best is the capability, the median what a run saw)."""
-    import torch
-
-    torch.set_num_threads(threads)
-    x = torch.ones(nbytes // 4, dtype=torch.float32)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t0)
-    return {"best": nbytes / min(times), "median": nbytes / statistics.median(times)}
-
-
-def measure_gemv(threads: int, dtype: str, rows: int, cols: int, total: int = 384 * MiB, repeat: int = 5) -> dict:
-    """Weight bytes/s of decode GEMVs (x [1, cols] times W [rows, cols]) at `dtype` over distinct matrices
-    totalling `total` bytes (beyond the caches, as a decode step streams them): what torch's kernel reaches
-    here, the practical ceiling below the RAM bandwidth."""
-    import torch
-    import torch.nn.functional as F
-
-    torch.set_num_threads(threads)
-    dt = getattr(torch, dtype)
-    one = rows * cols * dt.itemsize
-    ws = [torch.full((rows, cols), 0.01, dtype=dt) for _ in range(max(2, total // one))]
-    x = torch.full((1, cols), 0.5, dtype=dt)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        for w in ws:
-            F.linear(x, w)
-        times.append(time.perf_counter() - t0)
-    n = one * len(ws)
-    return {"best": n / min(times), "median": n / statistics.median(times)}
-
-
-def measure_disk(directory: Path, nbytes: int, chunk: int = 8 * MiB, streams: int = 4) -> dict[str, float]:
-    """Cold read bytes/s of a fresh `nbytes` file on `directory`'s filesystem (written, fsync'd, dropped from the
-    page cache before each method): O_DIRECT in `chunk` reads one at a time, O_DIRECT with `streams` reads in
-    flight, and buffered reads (kernel readahead). The best is the disk's limit here."""
-    import mmap
-    import tempfile
-    from concurrent.futures import ThreadPoolExecutor
-
-    from .utils import drop_page_cache
-
-    nbytes = max(chunk, nbytes // chunk * chunk)
-    fd, path = tempfile.mkstemp(prefix=".moe-offload-bench-disk-", dir=str(directory))
-    out = {}
-    try:
-        block = os.urandom(chunk)
-        for _ in range(nbytes // chunk):
-            os.write(fd, block)
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        offsets = list(range(0, nbytes, chunk))
-
-        def timed(flags: int, workers: int) -> float:
-            drop_page_cache(path, sync=True)
-            f = os.open(path, os.O_RDONLY | flags)
-            bufs = [mmap.mmap(-1, chunk) for _ in range(workers)]  # page-aligned, as O_DIRECT needs
-            try:
-                def read(i_off):
-                    i, off = i_off
-                    return os.preadv(f, [bufs[i % workers]], off)
-
-                t0 = time.perf_counter()
-                if workers == 1:
-                    done = sum(os.preadv(f, [bufs[0]], off) for off in offsets)
-                else:
-                    with ThreadPoolExecutor(workers) as ex:
-                        done = sum(ex.map(read, enumerate(offsets)))
-                return done / (time.perf_counter() - t0)
-            finally:
-                os.close(f)
-                for b in bufs:
-                    b.close()
-
-        direct = getattr(os, "O_DIRECT", 0)
-        for name, flags, workers in ((f"O_DIRECT {chunk // MiB} MiB reads", direct, 1),
-                                     (f"O_DIRECT {streams} x {chunk // MiB} MiB reads in flight", direct, streams),
-                                     (f"buffered {chunk // MiB} MiB reads (readahead)", 0, 1)):
-            if flags == 0 and name.startswith("O_DIRECT"):
-                continue
-            try:
-                out[name] = timed(flags, workers)
-            except OSError:  # O_DIRECT refused by this filesystem
-                pass
-        drop_page_cache(path, sync=True)
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        os.unlink(path)
     return out
 
 
@@ -737,14 +632,6 @@ def model_sizes(store_path: Path, dtype: str, expert_bytes: int | None = None) -
                  expert=expert_bytes or round(sum(spans) / len(spans)),
                  moe_layers=len(store.moe_layers), n_experts=store.n_experts, top_k=store.top_k,
                  kv_per_token=s.kv_bytes(dt))
-
-
-def prompts_for(vocab: int, n_tokens: int, count: int) -> list[list[int]]:
-    """`count` fixed prompts (seeds 0..count-1) of random ids in [3, vocab): the same for every system."""
-    import numpy as np
-
-    lo = 3 if vocab > 3 else 0
-    return [np.random.default_rng(seed).integers(lo, vocab, n_tokens).tolist() for seed in range(count)]
 
 
 @dataclass
@@ -1368,6 +1255,8 @@ def run_bench(a) -> dict:
     prompts = prompts_for(vocab, a.prompt_tokens, a.repeat + 1)
 
     # limits: this machine's bandwidths
+    from .hardware import measure_disk, measure_gemv, measure_ram_read
+
     print("bench: measuring RAM and cold disk read bandwidth", file=sys.stderr)
     ram = measure_ram_read(a.threads, nbytes=(64 if a.quick else 512) * MiB)
     ram_bw = ram["best"]
@@ -1610,7 +1499,7 @@ def run(a) -> int:
     if a.concurrency:
         from .concurrency import cmd_concurrency
 
-        return cmd_concurrency(a)
+        return cmd_concurrency(a, prepare)
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: children killed, cgroups removed

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from .errors import UsageError
+from .workload import budget_bytes, prompts_for
 
 
 def run_streams(engine, prompts: list[list[int]], new_tokens: int, batched: bool) -> dict:
@@ -86,11 +87,11 @@ def parse_levels(text: str) -> list[int]:
     return levels
 
 
-def cmd_concurrency(a) -> int:
-    """The bench's --concurrency mode (bench.py parses the shared flags: model, budgets, dtype, tokens)."""
+def cmd_concurrency(a, prepare) -> int:
+    """The bench's --concurrency mode (bench.py parses the shared flags: model, budgets, dtype, tokens, and
+    passes `prepare`: a -> the prepared model, its store and sizes)."""
     import torch
 
-    from .bench import budget_bytes, prepare, prompts_for
     from .runtime.load import load
 
     levels = parse_levels(a.concurrency)

@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import mmap
 import os
+import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from .errors import UsageError
-from .utils import best_time
+from .utils import best_time, drop_page_cache
 
 DEVICE_RESERVE = {"cpu": 0, "cuda": 64 << 20}
 
 
-GiB = 1 << 30
+MiB, GiB = 1 << 20, 1 << 30
 GB = 1e9
 
 # ---- hardware profiles -----------------------------------------------------------------------------------
@@ -143,24 +145,61 @@ def get_profile(name: str | HardwareProfile, **measure_kw) -> HardwareProfile:
     return PROFILES[name]
 
 
-def measure_disk_read(directory: str | None = None, nbytes: int = 128 << 20, chunk: int = 8 << 20,
-                      streams: int = 1) -> tuple[float, str]:
-    """Cold read bandwidth of a fresh temp file: written, fsync'd, dropped from the page cache with
-    POSIX_FADV_DONTNEED, then read with O_DIRECT (or buffered after the drop where O_DIRECT is refused) in
-    `chunk`-byte preadv calls, `streams` at a time (threads, each into its own page-aligned buffer, reused: the
-    way the engine's loader reads experts). Returns (bytes/s, method)."""
+# ---- probes: disk, RAM, CPU GEMV ----------------------------------------------------------------------------
+# One implementation per figure: the simulator's and planner's `this-machine` profile and bench's limits both
+# time the same code.
+
+
+def _timings(fn, repeat: int) -> list[float]:
+    """Seconds of each of `repeat` calls of `fn`."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _rates(nbytes: float, times: list[float]) -> dict:
+    """bytes/s at the fastest and at the median time (on a shared machine the best is the capability, the
+    median what a run saw)."""
+    return {"best": nbytes / min(times), "median": nbytes / statistics.median(times)}
+
+
+@contextmanager
+def cold_file(directory, nbytes: int, chunk: int, prefix: str = ".moe-offload-diskbw-"):
+    """A fresh temp file of `nbytes` random bytes (written in `chunk` blocks, fsync'd) on `directory`'s
+    filesystem, removed on exit. Yields its path."""
+    block = os.urandom(chunk)
+    fd, path = tempfile.mkstemp(prefix=prefix, dir=None if directory is None else str(directory))
+    try:
+        try:
+            for _ in range(nbytes // chunk):
+                os.write(fd, block)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        yield path
+    finally:
+        os.unlink(path)
+
+
+def read_cold(path: str, nbytes: int, chunk: int, streams: int = 1, direct: bool = True) -> float:
+    """Cold read bytes/s of `path`'s first `nbytes`: its pages dropped from the page cache (fsync, then
+    POSIX_FADV_DONTNEED), then `chunk`-byte preadv calls, `streams` in flight (threads), each into its own
+    page-aligned buffer, faulted in and reused (the way the engine's loader reads experts). `direct`: O_DIRECT,
+    OSError where the platform or the filesystem refuses it; else buffered reads (kernel readahead)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    chunk = -(-chunk // 4096) * 4096
-    nbytes = max(chunk * streams, nbytes // chunk * chunk)
-    block = os.urandom(chunk)
-    fd_w, path = tempfile.mkstemp(prefix=".moe-offload-diskbw-", dir=directory)
+    if direct and not hasattr(os, "O_DIRECT"):
+        raise OSError("no O_DIRECT on this platform")
+    drop_page_cache(path, sync=True)
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
     bufs = [mmap.mmap(-1, chunk) for _ in range(streams)]  # page-aligned, as O_DIRECT needs
-    for b in bufs:
-        b.write(block)  # fault the pages in now, as a reused read buffer has them
-    offsets = range(0, nbytes, chunk)
-
-    def read_all(fd: int) -> float:
+    try:
+        for b in bufs:
+            b.write(b"\1" * chunk)  # fault the pages in now, as a reused read buffer has them
+        offsets = range(0, nbytes, chunk)
         t0 = time.perf_counter()
         if streams == 1:
             done = sum(os.preadv(fd, [bufs[0]], off) for off in offsets)
@@ -168,63 +207,102 @@ def measure_disk_read(directory: str | None = None, nbytes: int = 128 << 20, chu
             with ThreadPoolExecutor(streams) as ex:
                 done = sum(ex.map(lambda io: os.preadv(fd, [bufs[io[0] % streams]], io[1]), enumerate(offsets)))
         return done / (time.perf_counter() - t0)
-
-    try:
-        for _ in range(nbytes // chunk):
-            os.write(fd_w, block)
-        os.fsync(fd_w)
-        os.posix_fadvise(fd_w, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd_w)
-        fd_w = -1
-        method, fd = "buffered after POSIX_FADV_DONTNEED", None
-        if hasattr(os, "O_DIRECT"):
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-                method = "O_DIRECT"
-            except OSError:
-                fd = None
-        if fd is None:
-            fd = os.open(path, os.O_RDONLY)
-        try:
-            try:
-                bw = read_all(fd)
-            except OSError:  # O_DIRECT refused at the first read (EINVAL): fall back to buffered
-                os.close(fd)
-                fd, method = os.open(path, os.O_RDONLY), "buffered after POSIX_FADV_DONTNEED"
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                bw = read_all(fd)
-        finally:
-            os.close(fd)
-        return bw, method + (f", {chunk / 2**20:.1f} MiB reads" + (f" x{streams} in flight" if streams > 1 else ""))
     finally:
+        os.close(fd)
         for b in bufs:
             b.close()
-        if fd_w >= 0:
-            os.close(fd_w)
-        os.unlink(path)
+
+
+def measure_disk_read(directory: str | None = None, nbytes: int = 128 << 20, chunk: int = 8 << 20,
+                      streams: int = 1) -> tuple[float, str]:
+    """Cold read bandwidth of a fresh temp file (cold_file, read_cold): O_DIRECT, or buffered after the page
+    cache drop where O_DIRECT is refused, in `chunk`-byte reads (rounded up to whole pages), `streams` in flight.
+    Returns (bytes/s, method)."""
+    chunk = -(-chunk // 4096) * 4096
+    nbytes = max(chunk * streams, nbytes // chunk * chunk)
+    with cold_file(directory, nbytes, chunk) as path:
+        try:
+            bw, method = read_cold(path, nbytes, chunk, streams, direct=True), "O_DIRECT"
+        except OSError:  # O_DIRECT refused at open or at the first read (EINVAL): buffered
+            bw, method = read_cold(path, nbytes, chunk, streams, direct=False), "buffered after POSIX_FADV_DONTNEED"
+    return bw, method + (f", {chunk / 2**20:.1f} MiB reads" + (f" x{streams} in flight" if streams > 1 else ""))
+
+
+def measure_disk(directory, nbytes: int, chunk: int = 8 * MiB, streams: int = 4) -> dict[str, float]:
+    """Cold read bytes/s of a fresh `nbytes` file on `directory`'s filesystem (cold_file; read_cold drops it
+    from the page cache before each method), by method: O_DIRECT in `chunk` reads one at a time, O_DIRECT with
+    `streams` reads in flight, and buffered reads (kernel readahead); an O_DIRECT method this filesystem refuses
+    is left out. The best is the disk's limit here."""
+    nbytes = max(chunk, nbytes // chunk * chunk)
+    out = {}
+    with cold_file(directory, nbytes, chunk, prefix=".moe-offload-bench-disk-") as path:
+        for name, direct, workers in ((f"O_DIRECT {chunk // MiB} MiB reads", True, 1),
+                                      (f"O_DIRECT {streams} x {chunk // MiB} MiB reads in flight", True, streams),
+                                      (f"buffered {chunk // MiB} MiB reads (readahead)", False, 1)):
+            try:
+                out[name] = read_cold(path, nbytes, chunk, workers, direct)
+            except OSError:  # O_DIRECT refused by this filesystem
+                pass
+    return out
+
+
+def measure_ram_read(threads: int | None, nbytes: int = 512 * MiB, repeat: int = 9) -> dict:
+    """RAM read bytes/s of torch sums over an fp32 buffer far larger than the caches: {best, median} of
+    `repeat`. `threads`: torch's thread count to set first (None: as it is)."""
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    return _rates(x.numel() * 4, _timings(lambda: x.sum(), repeat))
+
+
+def _gemv_weights(dtype: str, rows: int, cols: int, total: int) -> list:
+    """Distinct [rows, cols] matrices of `dtype` totalling `total` bytes (at least 2): beyond the caches, as a
+    decode step streams them."""
+    import torch
+
+    dt = getattr(torch, dtype)
+    return [torch.full((rows, cols), 0.01, dtype=dt) for _ in range(max(2, total // (rows * cols * dt.itemsize)))]
+
+
+def _matmul_times(ws: list, m: int, repeat: int) -> list[float]:
+    """Seconds of each of `repeat` passes of x [m, cols] times every W [rows, cols] of `ws`."""
+    import torch.nn.functional as F
+
+    x = ws[0].new_full((m, ws[0].shape[1]), 0.5)
+    return _timings(lambda: [F.linear(x, w) for w in ws], repeat)
+
+
+def measure_gemv(threads: int | None, dtype: str, rows: int, cols: int, total: int = 384 * MiB,
+                 repeat: int = 5) -> dict:
+    """Weight bytes/s of decode GEMVs (x [1, cols] times W [rows, cols]) at `dtype` over distinct matrices
+    totalling `total` bytes (_gemv_weights): what torch's kernel reaches here, the practical ceiling below the
+    RAM bandwidth. {best, median} of `repeat`; `threads` as in measure_ram_read."""
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    ws = _gemv_weights(dtype, rows, cols, total)
+    return _rates(sum(w.numel() * w.element_size() for w in ws), _matmul_times(ws, 1, repeat))
 
 
 _GEMV_K = 8192
 
 
 def _ram_read_bw(nbytes: int) -> float:
-    import torch
-
-    x = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
-    return x.numel() * 4 / best_time(lambda: x.sum(), 3)
+    return measure_ram_read(None, nbytes, 3)["best"]
 
 
 def _cpu_gemv(nbytes: int, dtype: str = "bfloat16") -> tuple[float, float]:
-    """(bytes/s of a 1 x K GEMV, FLOP/s of a 64 x K GEMM) over `nbytes` of `dtype` weights."""
+    """(bytes/s of a 1 x K GEMV, FLOP/s of a 64 x K GEMM) over `nbytes` of `dtype` weights (two K-wide
+    matrices, as measure_gemv times them)."""
     import torch
-    import torch.nn.functional as F
 
-    dt = getattr(torch, dtype)
-    w = torch.empty(nbytes // dt.itemsize // _GEMV_K, _GEMV_K, dtype=dt).fill_(0.01)
-    v = torch.full((1, _GEMV_K), 0.5, dtype=dt)
-    m = torch.full((64, _GEMV_K), 0.5, dtype=dt)
-    return (w.numel() * dt.itemsize / best_time(lambda: F.linear(v, w), 5),
-            2 * 64 * w.numel() / best_time(lambda: F.linear(m, w), 2))
+    rows = max(1, nbytes // getattr(torch, dtype).itemsize // _GEMV_K // 2)
+    ws = _gemv_weights(dtype, rows, _GEMV_K, nbytes)
+    n = sum(w.numel() for w in ws)
+    return (n * ws[0].element_size() / min(_matmul_times(ws, 1, 5)), 2 * 64 * n / min(_matmul_times(ws, 64, 2)))
 
 
 def _cuda_figures(nbytes: int) -> tuple[float, float, float]:

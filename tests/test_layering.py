@@ -11,9 +11,6 @@ import moe_offload
 
 ROOT = Path(moe_offload.__file__).resolve().parent
 PKG = "moe_offload"
-# `bench --concurrency` dispatches to concurrency.py, which reuses bench's helpers: the bench command's own
-# knot, outside the library's layers; to go when the command table in cli.py names concurrency itself
-KNOWN_CYCLES = [[f"{PKG}.bench", f"{PKG}.concurrency"]]
 
 
 def modules(root: Path = ROOT) -> dict[str, Path]:
@@ -113,7 +110,7 @@ def test_imports_inside_functions_count(tmp_path):
 
 
 def test_no_import_cycle():
-    found = [c for c in cycles(graph()) if c not in KNOWN_CYCLES]
+    found = cycles(graph())
     assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
 
 
@@ -122,3 +119,12 @@ def test_the_store_imports_nothing_above_it():
     bad = sorted(f"{m} -> {t}" for m, ts in graph().items() if m.startswith(f"{PKG}.store")
                  for t in ts if t.startswith(above))
     assert not bad, "store/ imports from above it: " + ", ".join(bad)
+
+
+def test_the_machine_probes_and_the_bench_workload_sit_below_their_readers():
+    g = graph()
+    above = tuple(f"{PKG}.{m}" for m in ("bench", "concurrency", "sim", "plan", "store", "runtime", "cli",
+                                         "__main__", "autoconf"))
+    bad = sorted(f"{m} -> {t}" for m in (f"{PKG}.hardware", f"{PKG}.workload") for t in g[m] if t.startswith(above))
+    assert not bad, "imports from above: " + ", ".join(bad)
+    assert f"{PKG}.bench" not in g[f"{PKG}.concurrency"]

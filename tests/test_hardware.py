@@ -1,0 +1,65 @@
+"""The machine probes in hardware.py: one implementation per figure, shared by the simulator's and planner's
+`this-machine` profile and by bench's limits."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from moe_offload import hardware
+from moe_offload.hardware import measure_disk, measure_disk_read, measure_gemv, measure_ram_read, read_cold
+
+MiB = 1 << 20
+
+
+def test_bench_disk_methods_and_their_labels(tmp_path):
+    out = measure_disk(tmp_path, 4 * MiB, chunk=MiB, streams=2)
+    labels = ["O_DIRECT 1 MiB reads", "O_DIRECT 2 x 1 MiB reads in flight", "buffered 1 MiB reads (readahead)"]
+    assert labels[2] in out and set(out) <= set(labels) and all(v > 0 for v in out.values())
+    assert not list(tmp_path.iterdir())  # the temp file is gone
+
+
+def test_both_disk_probes_time_the_same_cold_reader(tmp_path, monkeypatch):
+    calls = []
+
+    def spy(path, nbytes, chunk, streams=1, direct=True):
+        calls.append((os.path.getsize(path), nbytes, chunk, streams, direct))
+        return 1.0
+
+    monkeypatch.setattr(hardware, "read_cold", spy)
+    assert measure_disk_read(str(tmp_path), nbytes=3 * MiB, chunk=MiB, streams=2) == (
+        1.0, "O_DIRECT, 1.0 MiB reads x2 in flight")
+    assert calls == [(3 * MiB, 3 * MiB, MiB, 2, True)]
+    calls.clear()
+    assert measure_disk(tmp_path, 2 * MiB, chunk=MiB, streams=3) == {
+        "O_DIRECT 1 MiB reads": 1.0, "O_DIRECT 3 x 1 MiB reads in flight": 1.0,
+        "buffered 1 MiB reads (readahead)": 1.0}
+    assert calls == [(2 * MiB, 2 * MiB, MiB, 1, True), (2 * MiB, 2 * MiB, MiB, 3, True),
+                     (2 * MiB, 2 * MiB, MiB, 1, False)]
+
+
+def test_disk_read_falls_back_to_buffered_where_o_direct_is_refused(tmp_path, monkeypatch):
+    real = read_cold
+
+    def refuse_direct(path, nbytes, chunk, streams=1, direct=True):
+        if direct:
+            raise OSError(22, "Invalid argument")
+        return real(path, nbytes, chunk, streams, direct)
+
+    monkeypatch.setattr(hardware, "read_cold", refuse_direct)
+    bw, method = measure_disk_read(str(tmp_path), nbytes=2 * MiB, chunk=MiB)
+    assert bw > 0 and method == "buffered after POSIX_FADV_DONTNEED, 1.0 MiB reads"
+    assert list(measure_disk(tmp_path, 2 * MiB, chunk=MiB)) == ["buffered 1 MiB reads (readahead)"]
+    assert not list(tmp_path.iterdir())
+
+
+def test_ram_and_gemv_probes_give_best_and_median():
+    threads = torch.get_num_threads()
+    ram = measure_ram_read(None, nbytes=4 * MiB, repeat=3)
+    gemv = measure_gemv(None, "float32", 64, 256, total=MiB, repeat=3)
+    assert torch.get_num_threads() == threads  # None leaves torch's threads alone
+    for r in (ram, gemv):
+        assert set(r) == {"best", "median"} and r["best"] >= r["median"] > 0
+    bw, flops = hardware._cpu_gemv(MiB, "float32")
+    assert bw > 0 and flops > 0
