@@ -62,7 +62,7 @@ def main() -> int:
     p.add_argument("--dtype", default="float16")
     p.add_argument("--top", type=int, default=15)
     a = p.parse_args()
-    from moe_offload.runtime.engine import load
+    from moe_offload.runtime.load import load
     from moe_offload.utils import parse_size
 
     torch.set_num_threads(a.threads)
