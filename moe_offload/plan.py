@@ -15,7 +15,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .costmodel import BITS, cpu_compute_bits, miss_cost, quant_bytes
+from .costmodel import BITS, cpu_compute_bits, miss_cost
 from .errors import MoeError, UsageError
 from .hub import resolve_model
 from .models.sizes import KV_BYTES, ModelSizes, model_sizes  # noqa: F401  (the planner's sizes, re-exported)

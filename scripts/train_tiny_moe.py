@@ -604,7 +604,7 @@ def model_card(r: dict, args, cfg) -> str:
     for name, shape, dt in r["tensors"]:
         A(f"| `{name}` | {shape} | {dt} |")
     A("")
-    A(f"Mixtral naming: per expert `w1` = gate projection, `w3` = up projection, `w2` = down projection "
+    A("Mixtral naming: per expert `w1` = gate projection, `w3` = up projection, `w2` = down projection "
       "(`down(silu(w1 x) * w3 x)`); `block_sparse_moe.gate` is the router (softmax over experts, top-k, "
       "renormalised). The saved `config.json` has `output_router_logits: false` (inference default); "
       "training added the Switch/Mixtral load-balancing loss with the coefficient above, computed per layer and "

@@ -181,7 +181,7 @@ def test_gpt_oss_mxfp4_experts_dequantize_exactly(family, tmp_path):
 
     from moe_offload.gguf_export import StoreSource
 
-    src, I = StoreSource(store), store.expert_shape.intermediate
+    src = StoreSource(store)
     for (layer, e) in list(store.entries)[:6]:
         parts = src.expert_parts(layer, e)
         for p in ("gate", "up", "down"):
