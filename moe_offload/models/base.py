@@ -86,8 +86,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     if step >= N:
         return F.linear(xf, w.float(), None if b is None else b.float()).to(x.dtype)
     y = x.new_empty(*x.shape[:-1], N)
+    wf = torch.empty(step, K)  # one fp32 block, reused: no heap churn of per-block temporaries
     for r in range(0, N, step):
-        y[..., r:r + step] = F.linear(xf, w[r:r + step].float(), None if b is None else b[r:r + step].float())
+        n = min(step, N - r)
+        wf[:n].copy_(w[r:r + n])
+        y[..., r:r + n] = F.linear(xf, wf[:n], None if b is None else b[r:r + n].float())
     return y
 
 
