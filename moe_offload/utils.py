@@ -90,16 +90,28 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     os.replace(tmp, path)
 
 
+def proc_status_bytes(key: str) -> int | None:
+    """A byte figure of this process from /proc/self/status (VmRSS, VmHWM); None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(x.split()[1]) * 1024 for x in f if x.startswith(key + ":")), None)
+    except OSError:
+        return None
+
+
+def reset_peak_rss() -> int:
+    """Linux: VmHWM := VmRSS (clear_refs 5): a later peak_rss_bytes() is the peak from here. Returns VmRSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return proc_status_bytes("VmRSS")
+
+
 def peak_rss_bytes() -> int:
     """Peak RSS of this process. Linux: VmHWM, because ru_maxrss survives exec and so reports the parent's
     RSS at fork time for a child of a big process (a test runner, a server)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    hwm = proc_status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

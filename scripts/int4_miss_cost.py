@@ -27,19 +27,17 @@ import torch
 from moe_offload.experts import ExpertShape
 from moe_offload.quant.codec import HQQCodec
 from moe_offload.store.cache import unit_bytes
+from moe_offload.utils import proc_status_bytes, reset_peak_rss
 
 
 def status(key: str) -> float:
     """/proc/self/status `key` in MiB (VmRSS, VmHWM)."""
-    with open("/proc/self/status") as f:
-        return next(int(x.split()[1]) for x in f if x.startswith(key + ":")) / 1024
+    return proc_status_bytes(key) / 2**20
 
 
 def reset_peak() -> float:
-    """VmHWM := VmRSS (Linux clear_refs 5); returns that RSS in MiB."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return status("VmRSS")
+    """VmHWM := VmRSS; returns that RSS in MiB."""
+    return reset_peak_rss() / 2**20
 
 
 def main() -> None:

@@ -35,10 +35,7 @@ IN_FLIGHT = 2
 CHILD = r"""
 import contextlib, io, json, sys
 from moe_offload.cli import main
-
-def status(key):
-    with open("/proc/self/status") as f:
-        return next(int(x.split()[1]) * 1024 for x in f if x.startswith(key + ":"))
+from moe_offload.utils import peak_rss_bytes, reset_peak_rss
 
 def generate(model, memory, ids, n):
     buf = io.StringIO()
@@ -49,11 +46,9 @@ def generate(model, memory, ids, n):
 
 warm, big, memory = sys.argv[1:4]
 generate(warm, "60%", "1,2,3,4", 2)
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # VmHWM := VmRSS
-base = status("VmRSS")
+base = reset_peak_rss()  # VmHWM := VmRSS
 s = generate(big, memory, ",".join(str(3 + i * 7 % 500) for i in range(64)), 4)
-print(json.dumps({"base": base, "peak": status("VmHWM"), "resident": s["resident_weight_bytes"],
+print(json.dumps({"base": base, "peak": peak_rss_bytes(), "resident": s["resident_weight_bytes"],
                   "misses": s["expert_misses"]}))
 """
 
