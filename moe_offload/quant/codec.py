@@ -39,7 +39,7 @@ from ..experts import GLUS, ExpertShape
 from ..models.base import ACTIVATIONS, linear
 from . import lowrank
 from .hqq import META_BLOCK, decode_meta, group_size_for, importance_weights, quantize
-from .kernels import LAYOUTS, LEGACY_LAYOUT, PackedMatrix, host_layout, make_linear
+from .kernels import LAYOUTS, LEGACY_LAYOUT, PackedMatrix, compute_layout, make_linear
 from .pack import packed_nbytes
 
 ALIGN = 64
@@ -286,7 +286,7 @@ class HQQCodec:
         pms = self.packed(blob, shape)
         lins = [make_linear(pm, self.kernel, self.dense_rows) for pm in pms[:2]]
         for pm in pms[2:]:  # low-rank factors
-            if self.spec["bits"] < 4 or self.order != host_layout():  # the base holds copies (expanded or
+            if self.spec["bits"] < 4 or self.order != compute_layout():  # the base holds copies (expanded or
                 # reordered), so views would keep the blob alive
                 pm = PackedMatrix(pm.packed.clone(), pm.sz.clone(), pm.bits, pm.N, pm.K)  # for small factors
             lin = make_linear(pm, self.kernel, self.dense_rows)

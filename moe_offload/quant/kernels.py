@@ -31,13 +31,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .hqq import Quantized, affine_, centre
 from .pack import nibbles, pack, unpack
 
 INT4_GROUPS = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 # Above this many rows, dequantise once + dense GEMM beats the kernel (the crossovers of the run above:
 # int4 between M=64 and 256, int8 between 64 and 256 but nearer 64).
-DENSE_ROWS = {"int4pack": 192, "int8pack": 96}
+DENSE_ROWS = {"int4pack": 192, "int8pack": 96, "native4": 192}
 
 
 # ---- the int4pack nibble orders -------------------------------------------------------------------------
@@ -48,12 +49,21 @@ DENSE_ROWS = {"int4pack": 192, "int8pack": 96}
 #   "p32" (no SIMD)   B = 32: byte (k, j) holds rows 2j and 2j + 1
 # and the tail (16/32/48 rows) pairs rows n, n + 1 at byte (k, n/2). Stores record theirs in the codec spec
 # ("layout"); one without the field holds "b64", the only order written before the field existed.
-LAYOUTS = {"b64": 64, "b32": 32, "p32": 32}
+# The native kernel's order (quant/native/q4.c) is row-major instead:
+#   "r64"             each row in chunks of 64 codes: byte j of a chunk holds codes j (low) and j + 32 (high), so
+#                     one 32-byte load unpacks to two 32-code blocks in natural order; a last chunk of 32 codes
+#                     (K ≡ 32 mod 64) holds codes j and j + 16. Rows are independent: any N, K % 32 == 0.
+LAYOUTS = {"b64": 64, "b32": 32, "p32": 32, "r64": 64}
+TORCH_LAYOUTS = ("b64", "b32", "p32")
+NATIVE_LAYOUT = "r64"
 LEGACY_LAYOUT = "b64"
 
 
-def int4pack_ordered(N: int, K: int, bits: int) -> bool:
-    """Codes of b <= 4 are stored in an int4pack order when the kernel's N % 16 rule allows it."""
+def int4pack_ordered(N: int, K: int, bits: int, layout: str = LEGACY_LAYOUT) -> bool:
+    """Codes of b <= 4 are stored in `layout`'s order when its rule allows (int4pack: N % 16 == 0; r64:
+    K % 32 == 0); row-major otherwise."""
+    if layout == NATIVE_LAYOUT:
+        return bits <= 4 and K % 32 == 0
     return bits <= 4 and N % 16 == 0 and K % 2 == 0
 
 
@@ -67,6 +77,10 @@ def int4pack_order(codes: torch.Tensor, layout: str = LEGACY_LAYOUT) -> torch.Te
     """codes [N, K] -> flat stream r such that pack(r, 4) is what a CPU of `layout` converts codes to."""
     B = _check(layout)
     N, K = codes.shape
+    if layout == NATIVE_LAYOUT:  # [N, chunk, lh, j] -> [N, chunk, j, lh]
+        full = codes[:, : K // 64 * 64].reshape(N, -1, 2, 32).transpose(-1, -2)
+        tail = codes[:, K // 64 * 64:].reshape(N, -1, 2, 16).transpose(-1, -2)
+        return torch.cat([full.reshape(N, -1), tail.reshape(N, -1)], 1).reshape(-1)
     nb = N // B
     if layout == "p32":
         full = codes[: nb * B].reshape(nb, B // 2, 2, K).permute(0, 3, 1, 2)  # [NB, K, j, lh]
@@ -79,6 +93,11 @@ def int4pack_order(codes: torch.Tensor, layout: str = LEGACY_LAYOUT) -> torch.Te
 def int4pack_unorder(stream: torch.Tensor, N: int, K: int, layout: str = LEGACY_LAYOUT) -> torch.Tensor:
     """Inverse of `int4pack_order`: flat stream -> codes [N, K]."""
     B = _check(layout)
+    if layout == NATIVE_LAYOUT:
+        r = stream[: N * K].reshape(N, K)
+        full = r[:, : K // 64 * 64].reshape(N, -1, 32, 2).transpose(-1, -2)
+        tail = r[:, K // 64 * 64:].reshape(N, -1, 16, 2).transpose(-1, -2)
+        return torch.cat([full.reshape(N, -1), tail.reshape(N, -1)], 1)
     nb = N // B
     t = nb * B * K
     if layout == "p32":
@@ -101,19 +120,29 @@ def host_layout() -> str | None:
     """The order this torch's CPU int4 kernel reads (checked once on a probe); None if it is none of ours.
     (ATEN_CPU_CAPABILITY=default|avx2|avx512 picks torch's CPU build, hence the order, per process.)"""
     try:
-        return next((lay for lay in LAYOUTS if _probe(lay)), None)
+        return next((lay for lay in TORCH_LAYOUTS if _probe(lay)), None)
     except (RuntimeError, AttributeError):
         return None
 
 
+def native_available() -> bool:
+    """The native AVX2 kernel is compiled and loaded (quant/native: else torch's int4pack path)."""
+    return native.lib() is not None
+
+
+def compute_layout() -> str | None:
+    """The order this machine's 4-bit kernel reads: "r64" with the native kernel, else torch's (`host_layout`)."""
+    return NATIVE_LAYOUT if native_available() else host_layout()
+
+
 def write_layout() -> str:
-    """The order a new store's 4-bit codes are written in: this CPU's, so that decoding them is a view;
-    MOE_OFFLOAD_INT4_LAYOUT=<layout> writes another (tests: the converting path on any machine)."""
+    """The order a new store's 4-bit codes are written in: this machine's kernel's, so that decoding them is a
+    view; MOE_OFFLOAD_INT4_LAYOUT=<layout> writes another (tests: the converting path on any machine)."""
     forced = os.environ.get("MOE_OFFLOAD_INT4_LAYOUT")
     if forced:
         _check(forced)
         return forced
-    return host_layout() or LEGACY_LAYOUT
+    return compute_layout() or LEGACY_LAYOUT
 
 
 SLAB = 1 << 18  # bytes of nibbles reordered at a time: temporaries stay small and are reused
@@ -159,6 +188,17 @@ def relayout(nib: torch.Tensor, N: int, K: int, src: str, dst: str) -> torch.Ten
     return out
 
 
+def nibbles_in(pm: PackedMatrix, dst: str) -> torch.Tensor:
+    """pm's b <= 4 codes as a nibble stream [N*K/2] in order `dst`: a view of pm.packed when it is one already
+    (4-bit, stored in `dst`), else a new stream (2/3-bit codes expanded, reordered once)."""
+    N, K = pm.N, pm.K
+    nib = nibbles(pm.packed, pm.bits, N * K)
+    if pm.ordered and int4pack_ordered(N, K, 4, dst):
+        return nib if pm.layout == dst else relayout(nib, N, K, pm.layout, dst)
+    c = pm.codes()  # a shape one of the two orders does not allow: through row-major codes (small matrices)
+    return pack(int4pack_order(c, dst) if int4pack_ordered(N, K, 4, dst) else c, 4)
+
+
 def _unorder_tail(nib: torch.Tensor, n: int, K: int, layout: str) -> torch.Tensor:
     c = torch.stack([nib & 15, nib >> 4], -1).view(-1)
     return int4pack_unorder(c, n, K, layout)
@@ -182,11 +222,16 @@ class PackedMatrix:
     def group_size(self) -> int:
         return self.K // self.sz.shape[0]
 
+    @property
+    def ordered(self) -> bool:
+        """The codes are in `layout`'s order (else row-major: a shape the order does not allow, or 8-bit)."""
+        return int4pack_ordered(self.N, self.K, self.bits, self.layout)
+
     @classmethod
     def from_quantized(cls, q: Quantized, layout: str = LEGACY_LAYOUT) -> PackedMatrix:
         N, K = q.codes.shape
         c = q.codes
-        if int4pack_ordered(N, K, q.bits):
+        if int4pack_ordered(N, K, q.bits, layout):
             c = int4pack_order(c, layout)
         elif q.bits == 8:
             c = c ^ 0x80  # int8 two's complement of q − 128
@@ -196,7 +241,7 @@ class PackedMatrix:
         """uint8 [N, K] in row-major order (works on any device)."""
         n = self.N * self.K
         c = unpack(self.packed, self.bits, n)
-        if int4pack_ordered(self.N, self.K, self.bits):
+        if self.ordered:
             return int4pack_unorder(c, self.N, self.K, self.layout)
         if self.bits == 8:
             c = c ^ 0x80
@@ -215,7 +260,7 @@ class PackedMatrix:
         end = start + out.shape[0]
         s = self.sz[:, start:end, 0].t().float()[..., None]  # [n, G, 1] for rows start .. end
         m0 = self.sz[:, start:end, 1].t().float()[..., None] - centre(self.bits) * s
-        if int4pack_ordered(N, K, self.bits) and self.layout != "p32":  # (p32: pairs; below)
+        if self.ordered and self.layout != "p32":  # (p32: pairs; below)
             rows_of = self._ordered_rows(nibbles(self.packed, self.bits, N * K))
         elif self.bits == 8:
             rows_of = lambda r, n: self.packed[r * K:(r + n) * K].view(n, K) ^ 0x80  # noqa: E731
@@ -234,6 +279,10 @@ class PackedMatrix:
     def _ordered_rows(self, nib: torch.Tensor):
         """rows_of(r, n) for the int4pack order: unpack + un-permute in one strided pass per nibble half."""
         N, K, B = self.N, self.K, LAYOUTS[self.layout]
+        if self.layout == NATIVE_LAYOUT:  # row-major: a row range is a byte range
+            return lambda r, n: int4pack_unorder(torch.stack([nib[r * K // 2:(r + n) * K // 2] & 15,
+                                                              nib[r * K // 2:(r + n) * K // 2] >> 4], -1).view(-1),
+                                                 n, K, NATIVE_LAYOUT)
         full = N // B * B
         blocks = nib[: full * K // 2].view(-1, K, B // 2).permute(0, 2, 1)  # [NB, j, K]
         tail: list[torch.Tensor] = []
@@ -304,9 +353,7 @@ class Int4Linear(DequantLinear):
             self.sz = pm.sz.contiguous()
             super().__init__(pm)
             return
-        nib = nibbles(pm.packed, pm.bits, pm.N * pm.K)
-        if pm.layout != host:
-            nib = relayout(nib, pm.N, pm.K, pm.layout, host)
+        nib = nibbles_in(pm, host)
         sz = pm.sz.contiguous()
         if not _shares(nib, pm.packed) and _shares(sz, pm.packed):
             sz = sz.clone()
@@ -322,6 +369,46 @@ class Int4Linear(DequantLinear):
             return super().__call__(x)
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         return mm(x.to(torch.bfloat16), self.w, self.pm.group_size, self.sz).to(x.dtype)
+
+
+class NativeQ4Linear(DequantLinear):
+    """The native AVX2 kernel (quant/native/q4.c) for b <= 4, over nibbles in its row-major order "r64": 4-bit
+    codes stored in that order are a view of the stored bytes; other orders and 2/3-bit codes become one new
+    r64 stream that replaces them (as in Int4Linear). The activations are rounded to int8 per group inside
+    the kernel (as llama.cpp's Q8 activations): outputs differ from the fp32 dequantised reference by that
+    rounding, ~0.6 % relative on Gaussian data (tests/test_native_q4.py). Prefill rows (> dense_rows) take
+    the dequantise + dense path."""
+
+    kind = "native4"
+
+    def __init__(self, pm: PackedMatrix, dense_rows: int | None = None):
+        self.dense_rows = DENSE_ROWS["native4"] if dense_rows is None else dense_rows
+        self.lib = native.lib()
+        nib = nibbles_in(pm, NATIVE_LAYOUT)
+        sz = pm.sz.contiguous()
+        if not _shares(nib, pm.packed) and _shares(sz, pm.packed):
+            sz = sz.clone()
+        self.w, self.sz = nib, sz
+        super().__init__(PackedMatrix(nib, sz, 4, pm.N, pm.K, NATIVE_LAYOUT))
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes  # self.w, self.sz are pm's tensors
+
+    def __call__(self, x):  # [M, K] -> [M, N]
+        M = x.shape[0]
+        if M > self.dense_rows or M == 0:
+            return super().__call__(x)
+        pm = self.pm
+        xc = x if x.dtype in (torch.bfloat16, torch.float32) else x.float()
+        xc = xc.contiguous()
+        y = torch.empty(M, pm.N, dtype=xc.dtype)
+        rc = self.lib.q4_mm(xc.data_ptr(), y.data_ptr(), int(xc.dtype == torch.bfloat16), M, pm.N, pm.K,
+                            pm.group_size, self.w.data_ptr(), self.sz.data_ptr(), 2 * pm.N, 2,
+                            torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"native q4 kernel refused {pm.N}x{pm.K} g{pm.group_size} (code {rc})")
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -352,10 +439,17 @@ def _has(op: str) -> bool:
     return hasattr(torch.ops.aten, op)
 
 
+def native_ok(K: int, g: int) -> bool:
+    """Shapes q4.c takes: K % 32 == 0, groups of 32 or a multiple of 64 up to 256."""
+    return K % 32 == 0 and K % g == 0 and (g == 32 or (g % 64 == 0 and g <= 256))
+
+
 def kernel_for(pm: PackedMatrix, device: torch.device) -> str:
-    """The fastest path this matrix can take on `device`: int4pack, int8pack or dense."""
+    """The fastest path this matrix can take on `device`: native4, int4pack, int8pack or dense."""
     if device.type != "cpu":
         return "dense"
+    if pm.bits <= 4 and native_ok(pm.K, pm.group_size) and native_available():
+        return "native4"
     if pm.bits <= 4 and pm.group_size in INT4_GROUPS and pm.N % 16 == 0:
         return "int4pack" if _has("_weight_int4pack_mm_for_cpu") else "dense"
     if pm.bits == 8 and pm.group_size == pm.K and pm.K % 16 == 0 and _has("_weight_int8pack_mm"):
@@ -366,11 +460,13 @@ def kernel_for(pm: PackedMatrix, device: torch.device) -> str:
 def make_linear(pm: PackedMatrix, kernel: str = "auto", dense_rows: int | None = None):
     """A callable for `pm` (already on its device). kernel: auto | dense. dense_rows: see DENSE_ROWS."""
     k = kernel_for(pm, pm.packed.device) if kernel == "auto" else kernel
+    if k == "native4":
+        return NativeQ4Linear(pm, dense_rows or DENSE_ROWS[k])
     if k == "int4pack":
         return Int4Linear(pm, dense_rows or DENSE_ROWS[k])
     if k == "int8pack":
         return Int8Linear(pm, dense_rows or DENSE_ROWS[k])
     if k == "dense":
         return DequantLinear(pm)
-    raise ValueError(f"unknown kernel {kernel!r}: auto or dense")
+    raise ValueError(f"unknown kernel {kernel!r}: auto, dense, native4, int4pack or int8pack")
 

@@ -1,0 +1,105 @@
+"""The native 4-bit kernel (q4.c), compiled on first use with the system C compiler and loaded with ctypes.
+
+    lib() -> the loaded library, or None: MOE_OFFLOAD_NATIVE=0, no AVX2/FMA/F16C, no compiler, or it failed
+             (then kernels.py keeps torch's int4pack path; the reason is logged at debug level only)
+
+The shared object is cached per user in $MOE_OFFLOAD_NATIVE_CACHE, else $XDG_CACHE_HOME/moe-offload/native or
+~/.cache/moe-offload/native, named by a hash of the source, the flags and the compiler's version, and written
+under a temporary name then renamed, so concurrent processes never load a half-written file. $CC picks the
+compiler (default cc). ctypes releases the GIL during the call; threads come from the kernel's OpenMP (with
+torch imported first, its libgomp, so one pool).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import tempfile
+from pathlib import Path
+
+from ...cpuinfo import capabilities, parse_cpuinfo
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("q4.c")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
+VERSION = 1  # q4_version() of the source this module's signatures match
+
+
+def enabled() -> bool:
+    return os.environ.get("MOE_OFFLOAD_NATIVE", "1") != "0"
+
+
+def lib() -> ctypes.CDLL | None:
+    """The kernel library, or None (see the module doc). Cheap after the first call per compiler."""
+    if not enabled():
+        return None
+    return _load(os.environ.get("CC", "cc"))
+
+
+def cache_dir() -> Path:
+    if os.environ.get("MOE_OFFLOAD_NATIVE_CACHE"):
+        return Path(os.environ["MOE_OFFLOAD_NATIVE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "moe-offload" / "native"
+
+
+@functools.cache
+def cpu_ok() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        caps = capabilities(parse_cpuinfo(Path("/proc/cpuinfo").read_text(errors="replace"))["flags"])
+    except OSError:
+        return False
+    return caps["avx2"] and caps["fma"] and caps["f16c"]
+
+
+@functools.cache
+def _load(cc: str) -> ctypes.CDLL | None:
+    if not cpu_ok():
+        log.debug("native q4: this CPU lacks AVX2/FMA/F16C; torch's int4 kernel is used")
+        return None
+    try:
+        path = _build(cc)
+        so = ctypes.CDLL(str(path))
+        if so.q4_version() != VERSION:
+            raise OSError(f"{path} is version {so.q4_version()}, expected {VERSION}")
+    except (OSError, subprocess.SubprocessError, ValueError) as e:
+        log.debug("native q4: unavailable (%s); torch's int4 kernel is used", e)
+        return None
+    vp, i, l = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+    so.q4_mm.argtypes = [vp, vp, i, i, i, i, i, vp, vp, l, l, i]
+    so.q4_mm.restype = i
+    return so
+
+
+def _build(cc: str) -> Path:
+    """Compile q4.c (once per source, flags and compiler) into the cache; returns the .so's path."""
+    cmd = shlex.split(cc)
+    ver = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=30)
+    if ver.returncode:
+        raise OSError(f"{cc} --version failed")
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + repr(FLAGS).encode() + ver.stdout.encode()).hexdigest()[:16]
+    out = cache_dir() / f"q4-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([*cmd, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        if r.returncode:
+            raise OSError(f"{cc} failed: {r.stderr.strip()[-500:]}")
+        os.replace(tmp, out)  # atomic: a concurrent build of the same key writes identical bytes
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out

@@ -1,0 +1,185 @@
+/* moe-offload native 4-bit matmul for small M on AVX2 + FMA (kernels.py: NativeQ4Linear, layout "r64").
+ *
+ *   y [M, N] = x [M, K] @ W^T,   W[n, k] = q[n, k]·s[g, n] + m0[g, n],   m0 = m − 8·s,   g = k / gs
+ *
+ * Weights: codes q < 16, row-major, each row in chunks of 64 codes: byte j of a chunk holds codes j (low nibble)
+ * and j + 32 (high nibble), so one 32-byte load is two 32-code blocks in natural order; a last chunk of 32 codes
+ * (K ≡ 32 mod 64) holds codes j and j + 16 in its byte j. Scales and offsets sz: bf16 (s, m) pairs at
+ * sz[g·sg + n·sn] (kernels.py passes torch's [G, N, 2] with sg = 2N, sn = 2).
+ * Activations: each row of x is quantized once per call to int8 per group (scale amax/127, round to nearest),
+ * shared by all N rows (x̂ = dx·xq). Per group:
+ *   y += s·dx·Σ q·xq   (maddubs: unsigned codes × signed int8, int16 sums of ≤ 8 blocks stay below 2^15)
+ *      + m0·Σ x̂
+ * Threads: the N rows are split over `nthreads` (OpenMP; the process's libgomp, torch's own when loaded).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float bf2f(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f2bf(float f) { /* round to nearest even, as torch's .to(bfloat16) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float hsum(__m256 v) {
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    a = _mm_add_ss(a, _mm_movehdup_ps(a));
+    return _mm_cvtss_f32(a);
+}
+
+/* one row x [K] (fp32 or bf16) -> xq [K] int8, dx [G] scales, xs [G] = dx·Σ xq: the offset term uses the same
+ * rounded x as the codes' term, so the error is Σ W·(x̂ − x) (W centred), not Σ q·s·(x̂ − x) (W − m0, large) */
+static void quantize_row(const void *x, int bf16, int K, int gs, int8_t *xq, float *dx, float *xs) {
+    float buf[256];
+    for (int g0 = 0; g0 < K; g0 += gs) {
+        const float *f;
+        if (bf16) {
+            const uint16_t *h = (const uint16_t *)x + g0;
+            for (int k = 0; k < gs; k++) buf[k] = bf2f(h[k]);
+            f = buf;
+        } else {
+            f = (const float *)x + g0;
+        }
+        float amax = 0.f;
+        for (int k = 0; k < gs; k++) {
+            float a = fabsf(f[k]);
+            amax = a > amax ? a : amax;
+        }
+        float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+        int sum = 0;
+        for (int k = 0; k < gs; k++) {
+            xq[g0 + k] = (int8_t)lrintf(f[k] * id);
+            sum += xq[g0 + k];
+        }
+        dx[g0 / gs] = d;
+        xs[g0 / gs] = d * (float)sum;
+    }
+}
+
+/* One weight row · MB ≤ 4 quantized activation rows (xq, dx, xs of row i at i·K, i·G): each 32-byte chunk of
+ * codes is loaded and unpacked once for all MB rows. gs a multiple of 64 (≤ 256), or 32. */
+static inline __attribute__((always_inline)) void dot_rows(const uint8_t *w, const uint16_t *sz, long sg, int K,
+                                                           int gs, const int8_t *xq, const float *dx,
+                                                           const float *xs, int G, const int MB, float *out) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    __m256 acc[4];
+    float macc[4];
+    for (int i = 0; i < MB; i++) acc[i] = _mm256_setzero_ps(), macc[i] = 0.f;
+    if (gs == 32) {
+        const int C = K / 64;
+        for (int c = 0; c <= C; c++) {
+            __m256i lo, hi;
+            if (c < C) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(w + 32 * c));
+                lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            } else if (K % 64) { /* the last 32 codes: byte j holds codes j and j + 16 */
+                __m128i v = _mm_loadu_si128((const __m128i *)(w + 32 * C)), m4h = _mm_set1_epi8(0x0f);
+                lo = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m4h), _mm_and_si128(v, m4h));
+                hi = _mm256_setzero_si256();
+            } else {
+                break;
+            }
+            const int g = 2 * c, two = c < C;
+            const float s0 = bf2f(sz[g * sg]), m0 = bf2f(sz[g * sg + 1]) - 8.f * s0;
+            const float s1 = two ? bf2f(sz[(g + 1) * sg]) : 0.f;
+            const float m1 = two ? bf2f(sz[(g + 1) * sg + 1]) - 8.f * s1 : 0.f;
+            for (int i = 0; i < MB; i++) {
+                const int8_t *x = xq + (size_t)i * K + 64 * c;
+                const float *d = dx + (size_t)i * G, *t = xs + (size_t)i * G;
+                __m256i i0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x)), ones);
+                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(s0 * d[g]), _mm256_cvtepi32_ps(i0), acc[i]);
+                macc[i] += m0 * t[g];
+                if (two) {
+                    __m256i i1 = _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 32))), ones);
+                    acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(s1 * d[g + 1]), _mm256_cvtepi32_ps(i1), acc[i]);
+                    macc[i] += m1 * t[g + 1];
+                }
+            }
+        }
+    } else {
+        const int cpg = gs / 64;
+        for (int g = 0; g < G; g++) {
+            __m256i s16[4];
+            for (int i = 0; i < MB; i++) s16[i] = _mm256_setzero_si256();
+            for (int c = 0; c < cpg; c++) {
+                const int o = g * cpg + c;
+                __m256i v = _mm256_loadu_si256((const __m256i *)(w + 32 * o));
+                __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                for (int i = 0; i < MB; i++) {
+                    const int8_t *x = xq + (size_t)i * K + 64 * o;
+                    __m256i p0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x));
+                    __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 32)));
+                    s16[i] = _mm256_add_epi16(s16[i], _mm256_add_epi16(p0, p1));
+                }
+            }
+            const float s = bf2f(sz[g * sg]), m0 = bf2f(sz[g * sg + 1]) - 8.f * s;
+            for (int i = 0; i < MB; i++) {
+                __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[i], ones));
+                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(s * dx[(size_t)i * G + g]), f, acc[i]);
+                macc[i] += m0 * xs[(size_t)i * G + g];
+            }
+        }
+    }
+    for (int i = 0; i < MB; i++) out[i] = hsum(acc[i]) + macc[i];
+}
+
+int q4_version(void) { return 1; }
+
+/* y [M, N] = x [M, K] @ W^T. xbf16: x and y are bf16 (else fp32). Returns 0, or -1 for a shape it refuses. */
+int q4_mm(const void *x, void *y, int xbf16, int M, int N, int K, int gs, const uint8_t *w, const uint16_t *sz,
+          long sg, long sn, int nthreads) {
+    if (K % 32 || gs % 32 || K % gs || gs > 256 || (gs % 64 && gs != 32) || M < 1) return -1;
+    const int G = K / gs;
+    int8_t *xq = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
+    float *dx = malloc(sizeof(float) * 2 * (size_t)M * G);
+    if (!xq || !dx) {
+        free(xq);
+        free(dx);
+        return -2;
+    }
+    float *xs = dx + (size_t)M * G;
+    const size_t esz = xbf16 ? 2 : 4;
+    for (int i = 0; i < M; i++)
+        quantize_row((const char *)x + esz * (size_t)i * K, xbf16, K, gs, xq + (size_t)i * K, dx + (size_t)i * G,
+                     xs + (size_t)i * G);
+    const size_t rb = (size_t)K / 2;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *wr = w + rb * n;
+        const uint16_t *sr = sz + sn * n;
+        for (int i0 = 0; i0 < M; i0 += 4) { /* the row's codes stay in L1 across the blocks of 4 x rows */
+            const int8_t *q = xq + (size_t)i0 * K;
+            const float *d = dx + (size_t)i0 * G, *s = xs + (size_t)i0 * G;
+            float r[4];
+            switch (M - i0 < 4 ? M - i0 : 4) {
+            case 1: dot_rows(wr, sr, sg, K, gs, q, d, s, G, 1, r); break;
+            case 2: dot_rows(wr, sr, sg, K, gs, q, d, s, G, 2, r); break;
+            case 3: dot_rows(wr, sr, sg, K, gs, q, d, s, G, 3, r); break;
+            default: dot_rows(wr, sr, sg, K, gs, q, d, s, G, 4, r);
+            }
+            for (int i = i0; i < M && i < i0 + 4; i++) {
+                if (xbf16)
+                    ((uint16_t *)y)[(size_t)i * N + n] = f2bf(r[i - i0]);
+                else
+                    ((float *)y)[(size_t)i * N + n] = r[i - i0];
+            }
+        }
+    }
+    free(xq);
+    free(dx);
+    return 0;
+}
