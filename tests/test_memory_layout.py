@@ -28,6 +28,12 @@ SHAPE = ExpertShape(352, 256)
 pytestmark = pytest.mark.skipif(host_layout() is None, reason="this torch's int4 order is none of ours")
 
 
+@pytest.fixture(autouse=True)
+def torch_int4(monkeypatch):
+    """This file tests torch's int4pack path (and its orders); tests/test_native_q4.py the native kernel's."""
+    monkeypatch.setenv("MOE_OFFLOAD_NATIVE", "0")
+
+
 def weights(seed=0):
     g = torch.Generator().manual_seed(seed)
     D, I = SHAPE.hidden, SHAPE.intermediate
@@ -153,7 +159,7 @@ print(torch.backends.cpu.get_cpu_capability(), host_layout())
 
 
 def test_torchs_no_simd_build_reads_p32_natively_and_converts_the_others(child_env):
-    env = {**child_env, "ATEN_CPU_CAPABILITY": "default"}
+    env = {**child_env, "ATEN_CPU_CAPABILITY": "default", "MOE_OFFLOAD_NATIVE": "0"}
     r = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["DEFAULT", "p32"]

@@ -191,8 +191,17 @@ CASES = [  # bits, group, N, K, the kernel auto picks on CPU
 ]
 
 
+@pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize("bits,group,N,K,kind", CASES)
-def test_kernels_match_the_dequantised_reference(bits, group, N, K, kind):
+def test_kernels_match_the_dequantised_reference(bits, group, N, K, kind, native, monkeypatch):
+    """native: the native kernel (quant/native) where it loads and takes the shape, else torch's int4pack."""
+    from moe_offload.quant.kernels import native_available, native_ok
+
+    monkeypatch.setenv("MOE_OFFLOAD_NATIVE", "1" if native else "0")
+    if native and bits <= 4 and native_ok(K, group):  # (any N: its order is row-major)
+        if not native_available():
+            pytest.skip("the native kernel is not available here")
+        kind = "native4"
     W = torch.randn(N, K, generator=gen(N + K))
     q = hqq.quantize(W, bits, group)
     pm = PackedMatrix.from_quantized(q)
@@ -213,11 +222,12 @@ def test_kernels_match_the_dequantised_reference(bits, group, N, K, kind):
 
 
 @pytest.mark.parametrize("bits", [3, 4])
-def test_int4_kernel_on_codes_of_another_cpus_layout_converts_and_agrees(bits):
+def test_int4_kernel_on_codes_of_another_cpus_layout_converts_and_agrees(bits, monkeypatch):
     """Codes stored in another CPU build's int4 order: the unit reorders them into this CPU's, same numbers,
     and keeps only the reordered copy (tests/test_memory_layout.py: every order, and the blob's bytes)."""
     if host_layout() is None:
         pytest.skip("this torch's int4 order is none of ours")
+    monkeypatch.setenv("MOE_OFFLOAD_NATIVE", "0")  # torch's path (tests/test_native_q4.py: the native one)
     W = torch.randn(80, 128, generator=gen(12))
     q = hqq.quantize(W, bits, 64)
     native = make_linear(PackedMatrix.from_quantized(q, host_layout()))
