@@ -43,29 +43,52 @@ static inline float hsum(__m256 v) {
 /* one row x [K] (fp32 or bf16) -> xq [K] int8, dx [G] scales, xs [G] = dx·Σ xq: the offset term uses the same
  * rounded x as the codes' term, so the error is Σ W·(x̂ − x) (W centred), not Σ q·s·(x̂ − x) (W − m0, large) */
 static void quantize_row(const void *x, int bf16, int K, int gs, int8_t *xq, float *dx, float *xs) {
-    float buf[256];
-    for (int g0 = 0; g0 < K; g0 += gs) {
-        const float *f;
-        if (bf16) {
-            const uint16_t *h = (const uint16_t *)x + g0;
-            for (int k = 0; k < gs; k++) buf[k] = bf2f(h[k]);
-            f = buf;
-        } else {
-            f = (const float *)x + g0;
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    for (int g0 = 0; g0 < K; g0 += gs) { /* gs is a multiple of 32 */
+        __m256 f[8];                     /* up to 256 values of one group, 8 per register, 4 registers a pass */
+        __m256 mx = _mm256_setzero_ps();
+        for (int k = 0; k < gs; k += 8) {
+            __m256 v;
+            if (bf16)
+                v = _mm256_castsi256_ps(_mm256_slli_epi32(
+                    _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + g0 + k))), 16));
+            else
+                v = _mm256_loadu_ps((const float *)x + g0 + k);
+            if (gs <= 64) f[k / 8] = v;
+            mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v));
         }
-        float amax = 0.f;
-        for (int k = 0; k < gs; k++) {
-            float a = fabsf(f[k]);
-            amax = a > amax ? a : amax;
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        const float amax = _mm_cvtss_f32(m), d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+        const __m256 vid = _mm256_set1_ps(id);
+        __m256i isum = _mm256_setzero_si256();
+        for (int k = 0; k < gs; k += 32) {
+            __m256i q[4];
+            for (int j = 0; j < 4; j++) {
+                __m256 v;
+                if (gs <= 64)
+                    v = f[k / 8 + j];
+                else if (bf16)
+                    v = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(
+                                                                  (const __m128i *)((const uint16_t *)x + g0 + k + 8 * j))),
+                                                              16));
+                else
+                    v = _mm256_loadu_ps((const float *)x + g0 + k + 8 * j);
+                q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v, vid)); /* round to nearest even (MXCSR default) */
+                isum = _mm256_add_epi32(isum, q[j]);
+            }
+            /* packs work per 128-bit lane: [q0 q1 | ..] -> fix the order with one permute */
+            __m256i p16a = _mm256_packs_epi32(q[0], q[1]), p16b = _mm256_packs_epi32(q[2], q[3]);
+            __m256i p8 = _mm256_packs_epi16(p16a, p16b);
+            p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256((__m256i *)(xq + g0 + k), p8);
         }
-        float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
-        int sum = 0;
-        for (int k = 0; k < gs; k++) {
-            xq[g0 + k] = (int8_t)lrintf(f[k] * id);
-            sum += xq[g0 + k];
-        }
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(isum), _mm256_extracti128_si256(isum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
         dx[g0 / gs] = d;
-        xs[g0 / gs] = d * (float)sum;
+        xs[g0 / gs] = d * (float)_mm_cvtsi128_si32(s4);
     }
 }
 
