@@ -160,6 +160,98 @@ static inline __attribute__((always_inline)) void dot_rows(const uint8_t *w, con
     for (int i = 0; i < MB; i++) out[i] = hsum(acc[i]) + macc[i];
 }
 
+/* M = 1, four weight rows n..n+3 at once (decode): the activation block is loaded once for the four, and their
+ * (s, m) pairs of one group are one 16-byte load (sz rows adjacent: sn = 2), so the per-group scale work is
+ * vector work shared by four rows instead of scalar work per row. */
+static inline __attribute__((always_inline)) void dot4_m1(const uint8_t *w, size_t rb, const uint16_t *sz, long sg,
+                                                          int K, int gs, const int8_t *xq, const float *dx,
+                                                          const float *xs, int G, float *out) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const __m128i hi16 = _mm_set1_epi32((int)0xffff0000u);
+    const __m128 eight = _mm_set1_ps(8.f);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    __m128 macc = _mm_setzero_ps();
+    const uint8_t *w0 = w, *w1 = w + rb, *w2 = w + 2 * rb, *w3 = w + 3 * rb;
+#define Q4_META(g)                                                                                                 \
+    __m128i u = _mm_loadu_si128((const __m128i *)(sz + (size_t)(g) * sg));                                         \
+    __m128 s = _mm_castsi128_ps(_mm_slli_epi32(u, 16)), m = _mm_castsi128_ps(_mm_and_si128(u, hi16));              \
+    __m128 sd = _mm_mul_ps(s, _mm_set1_ps(dx[g]));                                                                 \
+    macc = _mm_fmadd_ps(_mm_fnmadd_ps(eight, s, m), _mm_set1_ps(xs[g]), macc);
+#define Q4_ACC(a, i, lane)                                                                                         \
+    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(i, ones)),                                            \
+                        _mm256_broadcastss_ps(_mm_shuffle_ps(sd, sd, lane)), a);
+    if (gs == 32) {
+        for (int c = 0; c < K / 64; c++) {
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + 64 * c));
+            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + 64 * c + 32));
+            __m256i l[4], h[4];
+            const uint8_t *ws[4] = {w0, w1, w2, w3};
+            for (int r = 0; r < 4; r++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(ws[r] + 32 * c));
+                l[r] = _mm256_maddubs_epi16(_mm256_and_si256(v, m4), x0);
+                h[r] = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), x1);
+            }
+            {
+                Q4_META(2 * c)
+                Q4_ACC(a0, l[0], 0x00) Q4_ACC(a1, l[1], 0x55) Q4_ACC(a2, l[2], 0xaa) Q4_ACC(a3, l[3], 0xff)
+            }
+            {
+                Q4_META(2 * c + 1)
+                Q4_ACC(a0, h[0], 0x00) Q4_ACC(a1, h[1], 0x55) Q4_ACC(a2, h[2], 0xaa) Q4_ACC(a3, h[3], 0xff)
+            }
+        }
+        if (K % 64) {
+            const int c = K / 64;
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + 64 * c));
+            const __m128i m4h = _mm_set1_epi8(0x0f);
+            __m256i l[4];
+            const uint8_t *ws[4] = {w0, w1, w2, w3};
+            for (int r = 0; r < 4; r++) {
+                __m128i v = _mm_loadu_si128((const __m128i *)(ws[r] + 32 * c));
+                __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m4h), _mm_and_si128(v, m4h));
+                l[r] = _mm256_maddubs_epi16(q, x0);
+            }
+            Q4_META(2 * c)
+            Q4_ACC(a0, l[0], 0x00) Q4_ACC(a1, l[1], 0x55) Q4_ACC(a2, l[2], 0xaa) Q4_ACC(a3, l[3], 0xff)
+        }
+    } else {
+        const int cpg = gs / 64;
+        for (int g = 0; g < G; g++) {
+            __m256i t0 = _mm256_setzero_si256(), t1 = t0, t2 = t0, t3 = t0;
+            for (int c = g * cpg; c < (g + 1) * cpg; c++) {
+                const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + 64 * c));
+                const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + 64 * c + 32));
+#define Q4_ROW(t, wr)                                                                                              \
+    {                                                                                                              \
+        __m256i v = _mm256_loadu_si256((const __m256i *)(wr + 32 * c));                                            \
+        t = _mm256_add_epi16(t, _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v, m4), x0),                \
+                                                 _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), \
+                                                                      x1)));                                       \
+    }
+                Q4_ROW(t0, w0) Q4_ROW(t1, w1) Q4_ROW(t2, w2) Q4_ROW(t3, w3)
+#undef Q4_ROW
+            }
+            Q4_META(g)
+            Q4_ACC(a0, t0, 0x00) Q4_ACC(a1, t1, 0x55) Q4_ACC(a2, t2, 0xaa) Q4_ACC(a3, t3, 0xff)
+        }
+    }
+#undef Q4_META
+#undef Q4_ACC
+    float mm[4];
+    _mm_storeu_ps(mm, macc);
+    out[0] = hsum(a0) + mm[0];
+    out[1] = hsum(a1) + mm[1];
+    out[2] = hsum(a2) + mm[2];
+    out[3] = hsum(a3) + mm[3];
+}
+
+static inline void store_y(void *y, int xbf16, size_t i, float v) {
+    if (xbf16)
+        ((uint16_t *)y)[i] = f2bf(v);
+    else
+        ((float *)y)[i] = v;
+}
+
 int q4_version(void) { return 1; }
 
 /* y [M, N] = x [M, K] @ W^T. xbf16: x and y are bf16 (else fp32). Returns 0, or -1 for a shape it refuses. */
@@ -180,8 +272,17 @@ int q4_mm(const void *x, void *y, int xbf16, int M, int N, int K, int gs, const 
         quantize_row((const char *)x + esz * (size_t)i * K, xbf16, K, gs, xq + (size_t)i * K, dx + (size_t)i * G,
                      xs + (size_t)i * G);
     const size_t rb = (size_t)K / 2;
+    const int tiles = M == 1 && sn == 2 ? N / 4 : 0; /* decode: four rows at a time; the rest one by one */
+    const int rows = N - 4 * tiles, units = tiles + rows;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
-    for (int n = 0; n < N; n++) {
+    for (int t = 0; t < units; t++) {
+        if (t < tiles) {
+            float r[4];
+            dot4_m1(w + rb * 4 * t, rb, sz + 8 * (size_t)t, sg, K, gs, xq, dx, xs, G, r);
+            for (int j = 0; j < 4; j++) store_y(y, xbf16, 4 * (size_t)t + j, r[j]);
+            continue;
+        }
+        const int n = 4 * tiles + (t - tiles);
         const uint8_t *wr = w + rb * n;
         const uint16_t *sr = sz + sn * n;
         for (int i0 = 0; i0 < M; i0 += 4) { /* the row's codes stay in L1 across the blocks of 4 x rows */
@@ -194,12 +295,7 @@ int q4_mm(const void *x, void *y, int xbf16, int M, int N, int K, int gs, const 
             case 3: dot_rows(wr, sr, sg, K, gs, q, d, s, G, 3, r); break;
             default: dot_rows(wr, sr, sg, K, gs, q, d, s, G, 4, r);
             }
-            for (int i = i0; i < M && i < i0 + 4; i++) {
-                if (xbf16)
-                    ((uint16_t *)y)[(size_t)i * N + n] = f2bf(r[i - i0]);
-                else
-                    ((float *)y)[(size_t)i * N + n] = r[i - i0];
-            }
+            for (int i = i0; i < M && i < i0 + 4; i++) store_y(y, xbf16, (size_t)i * N + n, r[i - i0]);
         }
     }
     free(xq);
