@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("q4.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
-VERSION = 1  # q4_version() of the source this module's signatures match
+VERSION = 2  # q4_version() of the source this module's signatures match
 
 
 def enabled() -> bool:
@@ -77,6 +77,8 @@ def _load(cc: str) -> ctypes.CDLL | None:
     vp, i, l = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     so.q4_mm.argtypes = [vp, vp, i, i, i, i, i, vp, vp, l, l, i]
     so.q4_mm.restype = i
+    so.q4_to_r64.argtypes = [vp, vp, i, i, i, i, i]
+    so.q4_to_r64.restype = i
     return so
 
 

@@ -252,7 +252,40 @@ static inline void store_y(void *y, int xbf16, size_t i, float v) {
         ((float *)y)[i] = v;
 }
 
-int q4_version(void) { return 1; }
+/* Nibble orders -> r64 (kernels.LAYOUTS): torch's int4pack orders are blocks of B rows stored k-major, byte
+ * (k, j) of a block holding rows j and j + B/2 ("b64", "b32": halves) or rows 2j and 2j + 1 ("p32": pairs),
+ * then the N mod B tail rows as pairs. One pass per block; the block's r64 rows (B·K/2 bytes) stay in cache. */
+static void block_to_r64(const uint8_t *src, uint8_t *dst, int rows, int K, int pairs) {
+    const int h = rows / 2, C = K / 64;
+    for (int k = 0; k < K; k++) {
+        const int c = k / 64, p = k % 64, half = c < C ? 32 : 16;
+        const size_t at = (size_t)c * 32 + p % half;
+        const int sh = p / half ? 4 : 0;
+        const uint8_t *b = src + (size_t)k * h;
+        for (int j = 0; j < h; j++) {
+            const int r0 = pairs ? 2 * j : j, r1 = pairs ? 2 * j + 1 : j + h;
+            dst[(size_t)r0 * (K / 2) + at] |= (uint8_t)((b[j] & 15) << sh);
+            dst[(size_t)r1 * (K / 2) + at] |= (uint8_t)((b[j] >> 4) << sh);
+        }
+    }
+}
+
+/* src [N·K/2] in a torch order with blocks of B rows (pairs: p32) -> dst [N·K/2], zero-filled by the caller */
+int q4_to_r64(const uint8_t *src, uint8_t *dst, int N, int K, int B, int pairs, int nthreads) {
+    if (K % 32 || N % 2 || B % 2) return -1;
+    const int nb = N / B, tail = N - nb * B;
+    const size_t rb = (size_t)K / 2;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    for (int b = 0; b <= nb; b++) {
+        if (b < nb)
+            block_to_r64(src + (size_t)b * B * rb, dst + (size_t)b * B * rb, B, K, pairs);
+        else if (tail)
+            block_to_r64(src + (size_t)nb * B * rb, dst + (size_t)nb * B * rb, tail, K, 1);
+    }
+    return 0;
+}
+
+int q4_version(void) { return 2; }
 
 /* y [M, N] = x [M, K] @ W^T. xbf16: x and y are bf16 (else fp32). Returns 0, or -1 for a shape it refuses. */
 int q4_mm(const void *x, void *y, int xbf16, int M, int N, int K, int gs, const uint8_t *w, const uint16_t *sz,
