@@ -24,6 +24,7 @@ Shape legend: M rows of activations, N output rows, K inputs, g group size, G = 
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 from dataclasses import dataclass
@@ -399,6 +400,9 @@ class NativeQ4Linear(DequantLinear):
             sz = sz.clone()
         self.w, self.sz = nib, sz
         super().__init__(PackedMatrix(nib, sz, 4, pm.N, pm.K, NATIVE_LAYOUT))
+        self.N, self.call = pm.N, self.lib.q4_call  # the call's fixed arguments, bound once
+        self.args = ctypes.byref(native.Matrix(nib.data_ptr(), sz.data_ptr(), 2 * pm.N, 2, pm.N, pm.K,
+                                               self.pm.group_size))
 
     @property
     def nbytes(self) -> int:
@@ -408,16 +412,14 @@ class NativeQ4Linear(DequantLinear):
         M = x.shape[0]
         if M > self.dense_rows or M == 0:
             return super().__call__(x)
-        pm = self.pm
-        xc = x if x.dtype in (torch.bfloat16, torch.float32) else x.float()
-        xc = xc.contiguous()
-        y = torch.empty(M, pm.N, dtype=xc.dtype)
-        rc = self.lib.q4_mm(xc.data_ptr(), y.data_ptr(), int(xc.dtype == torch.bfloat16), M, pm.N, pm.K,
-                            pm.group_size, self.w.data_ptr(), self.sz.data_ptr(), 2 * pm.N, 2,
-                            torch.get_num_threads())
+        dt = x.dtype
+        xc = x.contiguous() if dt is torch.bfloat16 or dt is torch.float32 else x.float().contiguous()
+        y = xc.new_empty(M, self.N)
+        rc = self.call(xc.data_ptr(), y.data_ptr(), xc.dtype is torch.bfloat16, M, self.args,
+                       torch.get_num_threads())
         if rc:
-            raise RuntimeError(f"native q4 kernel refused {pm.N}x{pm.K} g{pm.group_size} (code {rc})")
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+            raise RuntimeError(f"native q4 kernel refused {self.N}x{self.pm.K} g{self.pm.group_size} (code {rc})")
+        return y if y.dtype is dt else y.to(dt)
 
 
 def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:

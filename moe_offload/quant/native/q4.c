@@ -252,6 +252,21 @@ static inline void store_y(void *y, int xbf16, size_t i, float v) {
         ((float *)y)[i] = v;
 }
 
+/* A matrix's fixed arguments, set once per unit (kernels.py), so a call passes 6 arguments through ctypes */
+typedef struct {
+    const uint8_t *w;
+    const uint16_t *sz;
+    long sg, sn;
+    int N, K, gs;
+} q4_matrix;
+
+int q4_mm(const void *x, void *y, int xbf16, int M, int N, int K, int gs, const uint8_t *w, const uint16_t *sz,
+          long sg, long sn, int nthreads);
+
+int q4_call(const void *x, void *y, int xbf16, int M, const q4_matrix *m, int nthreads) {
+    return q4_mm(x, y, xbf16, M, m->N, m->K, m->gs, m->w, m->sz, m->sg, m->sn, nthreads);
+}
+
 /* Nibble orders -> r64 (kernels.LAYOUTS): torch's int4pack orders are blocks of B rows stored k-major, byte
  * (k, j) of a block holding rows j and j + B/2 ("b64", "b32": halves) or rows 2j and 2j + 1 ("p32": pairs),
  * then the N mod B tail rows as pairs. One pass per block; the block's r64 rows (B·K/2 bytes) stay in cache. */
@@ -285,7 +300,7 @@ int q4_to_r64(const uint8_t *src, uint8_t *dst, int N, int K, int B, int pairs, 
     return 0;
 }
 
-int q4_version(void) { return 2; }
+int q4_version(void) { return 3; }
 
 /* y [M, N] = x [M, K] @ W^T. xbf16: x and y are bf16 (else fp32). Returns 0, or -1 for a shape it refuses. */
 int q4_mm(const void *x, void *y, int xbf16, int M, int N, int K, int gs, const uint8_t *w, const uint16_t *sz,
