@@ -37,7 +37,7 @@ from pathlib import Path
 
 from .errors import MoeError, UsageError
 from .progress import Progress, add_quiet_arg
-from .workload import budget_bytes, prompts_for  # noqa: F401 (bench.budget_bytes, bench.prompts_for)
+from .workload import budget_bytes, kv_tokens, prompts_for  # noqa: F401 (bench.budget_bytes, bench.prompts_for)
 
 PKG_PARENT = Path(__file__).resolve().parents[1]  # on the children's PYTHONPATH: they import this moe_offload
 CACHE = Path(".cache") / "bench"  # in the caller's directory, like --out
@@ -1248,7 +1248,9 @@ def run_bench(a) -> dict:
     if a.memory:
         budgets, bits_of = memory_budgets([parse_size(m) for m in a.memory], by_bits, a.us_bits)
     else:
-        budgets = [(budget_label(b, p), p, budget_bytes(p, by_bits[b].backbone, by_bits[b].experts))
+        kv_tok = kv_tokens(a.prompt_tokens, a.new_tokens + 1)  # child_us asks new_tokens + 1
+        budgets = [(budget_label(b, p), p, budget_bytes(p, by_bits[b].backbone, by_bits[b].experts,
+                                                        by_bits[b].kv_per_token * kv_tok))
                    for b, p in a.budgets]
         bits_of = {budget_label(b, p): b for b, p in a.budgets}
     vocab = prep["config"]["vocab_size"]

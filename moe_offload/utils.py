@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import mmap
 import os
 import re
 import time
@@ -152,6 +154,34 @@ def drop_page_cache(paths: str | os.PathLike | Iterable[str | os.PathLike], sync
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now; non-destructive (file pages re-read, anonymous kept)
+
+
+@functools.cache
+def _libc():
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def page_out(t: torch.Tensor) -> None:
+    """Give back the pages behind a CPU tensor that views a mapped file (a safetensors tensor, once copied):
+    they leave this process's RSS and the page cache now instead of when the file is closed. Harmless on
+    other memory (anonymous pages without swap stay; nothing is zeroed); a no-op where madvise refuses."""
+    libc = _libc()
+    if libc is None or t.device.type != "cpu" or t.nbytes == 0:
+        return
+    page = mmap.PAGESIZE
+    start = t.data_ptr() // page * page
+    end = -(-(t.data_ptr() + t.nbytes) // page) * page
+    libc.madvise(start, end - start, MADV_PAGEOUT)
 
 
 def tensor_bytes(tensors: Mapping[str, torch.Tensor] | Iterable[torch.Tensor]) -> int:

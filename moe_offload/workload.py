@@ -4,9 +4,23 @@ fixed prompts. Below bench.py and concurrency.py, which both read it."""
 from __future__ import annotations
 
 
-def budget_bytes(pct: float, backbone: int, experts: int) -> int:
-    """--memory for a budget given as a percentage of the expert bytes: backbone + pct % of the experts."""
-    return backbone + int(experts * pct / 100)
+def budget_bytes(pct: float, backbone: int, experts: int, kv: int = 0) -> int:
+    """--memory for a budget given as a percentage of the expert bytes: backbone + pct % of the experts + `kv`,
+    the KV cache the run holds (--memory bounds weights and KV caches: without it, "100 %" evicts an expert
+    for the KV cache's bytes)."""
+    return backbone + int(experts * pct / 100) + kv
+
+
+def kv_tokens(prompt: int, max_new: int, chunk: int | None = None) -> int:
+    """Tokens of KV cache the engine holds for one `prompt`-token request of `max_new` new tokens: it
+    allocates prompt + min(max_new, KV_CHUNK), then grows by max(KV_CHUNK, ×2), never past prompt + max_new
+    (runtime/engine.py)."""
+    if chunk is None:
+        from .runtime.engine import KV_CHUNK as chunk
+    have, need = prompt + max(min(max_new, chunk), 1), prompt + max_new - 1  # the last token is not fed
+    while have < need:
+        have = min(prompt + max_new, max(have + chunk, 2 * have))
+    return have
 
 
 def prompts_for(vocab: int, n_tokens: int, count: int) -> list[list[int]]:

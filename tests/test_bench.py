@@ -330,7 +330,8 @@ def test_bench_quick_smoke(tiny_checkpoint, tmp_path, child_env):
     hf100 = next(r for r in res["rows"] if r["label"] == "100 %" and r["system"] == "hf")
     assert hf100["same_tokens"] == res["new_tokens"] + 1  # the same model, greedy: the same tokens
     s = res["sizes"]
-    assert res["budgets"][1]["memory"] == s["backbone"] + s["experts"] // 2
+    kv = s["kv_per_token"] * bench.kv_tokens(res["prompt_tokens"], res["new_tokens"] + 1)  # the run's KV cache
+    assert kv > 0 and res["budgets"][1]["memory"] == s["backbone"] + s["experts"] // 2 + kv
     assert set(res["replay"]) >= {"lru", "opt"}
     # everything fits: no policy evicts, only first uses miss, so every policy equals the optimum
     assert {d["100.0"] for d in res["replay"].values()} == {res["replay"]["opt"]["100.0"]}

@@ -11,6 +11,7 @@ import torch
 
 from moe_offload import bench, cpuinfo
 from moe_offload.bench import Sizes, budget_bytes, goal_rows, parse_budgets
+from moe_offload.workload import kv_tokens
 from moe_offload.errors import UsageError
 
 # ---- the shape table ------------------------------------------------------------------------------------
@@ -215,8 +216,9 @@ def test_bench_quick_q4_budgets(tiny_checkpoint, tmp_path, child_env):
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     q = res["sizes_q"]["4"]
     assert [(b["label"], b["bits"]) for b in res["budgets"]] == [("q4 100 %", 4), ("q4 50 %", 4)]
-    assert res["budgets"][0]["memory"] == q["backbone"] + q["experts"]
-    assert res["budgets"][1]["memory"] == q["backbone"] + q["experts"] // 2
+    kv = q["kv_per_token"] * kv_tokens(res["prompt_tokens"], res["new_tokens"] + 1)  # the run's KV cache
+    assert kv > 0 and res["budgets"][0]["memory"] == q["backbone"] + q["experts"] + kv
+    assert res["budgets"][1]["memory"] == q["backbone"] + q["experts"] // 2 + kv
     assert q["experts"] < res["sizes"]["experts"] / 2  # 4-bit experts (page-rounded) against the 16-bit sizes
     assert not list((tmp_path / "cache").rglob("store-float16"))  # no 16-bit store was needed
     assert [r["config"] for r in res["rows"]] == ["us-lru-q4", "us-lru-q4"] and all(r["ok"] for r in res["rows"])

@@ -2,7 +2,7 @@
 and zero per group, over the expert's weight count) against the codec's real blob layout (quant/codec.py:
 per-matrix sections, 64-byte aligned). They are the same bytes for the HQQ spec with fp16 meta whenever the group
 divides both input dims and every section fills whole 64-byte lines, which holds for released models; the
-default spec (8-bit meta for 2/3/4 bits) stores less than the planner counts."""
+default spec for 2/3 bits (8-bit meta) stores less than the planner counts; 4-bit's default stores bf16 meta."""
 
 import pytest
 import torch
@@ -33,5 +33,9 @@ def test_planner_16_bit_bytes_equal_the_dense_codec(name):
 def test_where_the_two_byte_models_part():
     shape = ExpertShape(96, 40, "silu")  # g64 does not divide 40 or 96: the codec takes groups of 40 and 48
     assert HQQCodec({"bits": 4, "group_size": 64, "meta_bits": 16}).nbytes(shape) != quant_bytes(3 * 96 * 40, 4)
-    D, I = SHAPES["mixtral-8x7b"]  # the default 4-bit spec keeps 8-bit meta: fewer bytes than the plan counts
-    assert HQQCodec({"bits": 4}).nbytes(ExpertShape(D, I, "silu")) < quant_bytes(3 * D * I, 4, 64)
+    D, I = SHAPES["mixtral-8x7b"]  # the default 2/3-bit specs keep 8-bit meta: fewer bytes than the plan counts
+    for bits, g in ((2, 32), (3, 64)):
+        assert HQQCodec({"bits": bits}).nbytes(ExpertShape(D, I, "silu")) < quant_bytes(3 * D * I, bits, g)
+    # the default 4-bit spec stores the int4 kernel's bf16 meta (a loaded unit is a view of its blob): the
+    # plan's bytes exactly
+    assert HQQCodec({"bits": 4}).nbytes(ExpertShape(D, I, "silu")) == quant_bytes(3 * D * I, 4, 64)

@@ -90,3 +90,55 @@ def test_peak_rss_of_generate_stays_within_the_resident_weights(stores, bits, ch
     limit = m["resident"] * 1.05 + IN_FLIGHT * max(e.span for e in entries.values()) + SLACK
     assert grew <= limit, (f"{bits}-bit: peak RSS rose {grew / MiB:.0f} MiB for "
                            f"{m['resident'] / MiB:.0f} MiB of resident weights (limit {limit / MiB:.0f} MiB)")
+
+
+# ---- the backbone: loaded once, and no import that a model never needed (issue 16) --------------------------
+
+@pytest.fixture(scope="module")
+def wide_vocab(tmp_path_factory, tiny_checkpoint):
+    """A store whose weights are mostly backbone, as at Mixtral width (a 32000 × 1024 embedding and lm_head:
+    125 of its 130 MiB backbone), and the tiny store that warms a child up."""
+    from moe_offload.cli import main
+
+    root = tmp_path_factory.mktemp("wide")
+    hf = tiny.make_checkpoint(root / "hf", "mixtral_gqa", dtype="bfloat16", vocab_size=32000, hidden_size=1024,
+                              intermediate_size=256, num_attention_heads=8, num_key_value_heads=2,
+                              num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=1)
+    for name, src in (("wide", hf), ("warm", tiny_checkpoint("mixtral_gqa"))):
+        assert main(["convert", "--model", str(src), "--out", str(root / name), "--quiet"]) == 0
+    return root / "wide", root / "warm"
+
+
+def test_loading_holds_the_backbone_once(wide_vocab, child_env):
+    """Peak RSS over the warmed-up baseline <= the resident weights + one backbone tensor + SLACK. The backbone is
+    copied out of the mapped safetensors file tensor by tensor; each tensor's file pages are given back once it
+    is copied (utils.page_out): before, the whole mapped file stayed in RSS until the load ended, so the load
+    peaked at twice the backbone (at Mixtral-8x7B-L4: 2000 MiB against 1874 after, scripts/rss_phases.py)."""
+    from moe_offload.store.format import open_store
+
+    store, warm = wide_vocab
+    m = peak_over_resident(store, warm, "100%", child_env)
+    biggest = 32000 * 1024 * 2  # the embedding / lm_head, bf16
+    grew = m["peak"] - m["base"]
+    limit = m["resident"] + biggest + SLACK
+    assert m["resident"] >= sum(e.span for e in open_store(store).entries.values())
+    assert grew <= limit, f"peak RSS rose {grew / MiB:.0f} MiB for {m['resident'] / MiB:.0f} MiB of weights " \
+                          f"(limit {limit / MiB:.0f} MiB)"
+
+
+IMPORTS = r"""
+import sys
+from moe_offload.runtime.load import load
+e = load(sys.argv[1], device="cpu", memory="60%")
+e.generate(prompt_ids=list(range(3, 40)), max_new_tokens=3, temperature=0.0)
+print(sorted(m for m in ("torch._dynamo", "sympy") if m in sys.modules))
+"""
+
+
+def test_loading_and_generating_import_neither_dynamo_nor_sympy(wide_vocab, child_env):
+    """Building the model on the meta device ran nn.Embedding's random init and the RoPE tables through
+    torch._refs, which imports torch._dynamo and sympy: 66 MiB of RSS in every process (scripts/rss_phases.py)."""
+    r = subprocess.run([sys.executable, "-c", IMPORTS, str(wide_vocab[0])], capture_output=True, text=True,
+                       env=child_env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]"

@@ -279,10 +279,13 @@ def test_codec_nbytes_is_exact_and_bits_per_weight():
     shape = ExpertShape(4096, 14336)
     n = 3 * 4096 * 14336
     bpw = {b: 8 * HQQCodec({"bits": b}).nbytes(shape) / n for b in (2, 3, 4, 8)}
-    # codes + meta: b + 17/g with 8-bit meta (2: g32, 3/4: g64); 8-bit: one bf16 (s, m) per row
-    for b, g in ((2, 32), (3, 64), (4, 64)):
+    # codes + meta: b + 17/g with 8-bit meta (2: g32, 3: g64, 4: g64 when asked); 8-bit: one bf16 (s, m) per
+    # row; 4-bit's default: bf16 (s, m) per group of 64, the int4 kernel's own meta
+    for b, g in ((2, 32), (3, 64)):
         assert abs(bpw[b] - (b + 17 / g)) < 1e-3
+    assert abs(8 * HQQCodec({"bits": 4, "meta_bits": 8}).nbytes(shape) / n - (4 + 17 / 64)) < 1e-3
     assert abs(bpw[8] - 8) < 0.01
+    assert abs(bpw[4] - 4.5) < 1e-3
     assert abs(8 * HQQCodec({"bits": 4, "meta_bits": 16}).nbytes(shape) / n - 4.5) < 1e-3
 
 

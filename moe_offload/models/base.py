@@ -430,7 +430,10 @@ class DecoderLayer(nn.Module):
 class Inner(nn.Module):
     def __init__(self, args, layers: list[DecoderLayer]):
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        # _weight: no random init. Under torch.device("meta") (build) nn.Embedding's normal_ runs through
+        # torch._refs and imports torch._dynamo and sympy: 66 MiB of RSS for nothing (scripts/rss_phases.py)
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size,
+                                         _weight=torch.empty(args.vocab_size, args.hidden_size))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -470,7 +473,13 @@ class CausalLM(FamilyHooks, nn.Module):
         self.tie = bool(getattr(args, "tie_word_embeddings", False))
         if not self.tie:
             self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
-        self.init_rope(None)
+        if torch.empty(0).is_meta:  # built on meta (runtime/engine.build_model calls init_rope again after the
+            # weights): the tables are computed on the CPU and moved to meta, since computing them on meta runs
+            # torch._refs, which imports torch._dynamo and sympy (66 MiB of RSS, scripts/rss_phases.py)
+            with torch.device("cpu"):
+                self.init_rope("meta")
+        else:
+            self.init_rope(None)
 
     def init_rope(self, device) -> None:
         """RoPE tables in fp32; called again after loading weights onto a model built on `meta`."""

@@ -19,9 +19,12 @@ Blob layout (every section starts on a 64-byte boundary; the blob is padded to 6
     biases (experts with biases, gpt-oss): gate | up | down biases, fp32 [2I + D], kept exact
 
 The group size is per matrix: the largest divisor of its input dim K not above `group_size` (0: whole row).
-Defaults: 2-bit g32, 3/4-bit g64 with 8-bit meta, 8-bit one group per row with bf16 meta: 2.53 / 3.27 /
-4.27 / 8.01 bits per weight (hqq.py). `decode` picks the kernel per matrix and device (kernels.py); the
-unit's `nbytes` is what it holds resident. On CPU a 2/3-bit unit holds its codes expanded to nibbles plus
+Defaults: 2-bit g32 and 3-bit g64 with 8-bit meta, 4-bit g64 and 8-bit one group per row with bf16 meta:
+2.53 / 3.27 / 4.5 / 8.01 bits per weight (hqq.py). 4-bit stores bf16 meta because that is what the int4pack
+kernel reads: a loaded 4-bit unit is then a view of its stored bytes and holds nothing else (8-bit meta,
+0.23 bits/weight less on disk, was expanded to bf16 at every load beside the blob that stays referenced:
+1.12× the stored bytes resident, issue 16; `python scripts/unit_bytes.py STORE` shows it per expert).
+`decode` picks the kernel per matrix and device (kernels.py); the unit's `nbytes` is what it holds resident. On CPU a 2/3-bit unit holds its codes expanded to nibbles plus
 bf16 meta, i.e. as much as a 4-bit unit (more for 2-bit g32: 35.0 vs 31.5 MiB per 14336×4096 matrix,
 quant/bench.py): 2/3 bits save disk and transfer, not cache RAM.
 
@@ -44,7 +47,7 @@ from .pack import packed_nbytes
 
 ALIGN = 64
 DEFAULT_GROUP = {2: 32, 3: 64, 4: 64, 8: 0}  # 0: one group per row (what the int8 kernel takes)
-DEFAULT_META = {2: 8, 3: 8, 4: 8, 8: 16}
+DEFAULT_META = {2: 8, 3: 8, 4: 16, 8: 16}  # 4: the int4 kernel's own meta, loaded as a view
 FACTOR = {"bits": 8, "group_size": 0, "meta_bits": 16}  # how low-rank factors are stored
 
 

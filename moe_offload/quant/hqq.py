@@ -35,8 +35,10 @@ Meta-data (s, z per group) is stored in one of two ways — the choice decides b
                 `scales_and_zeros` (c is the code centre: 8 for b <= 4, 128 for b = 8); b + 32/g bits/weight
   meta_bits=8   s and z each as 8-bit codes, RTN in blocks of 128 consecutive values of the [G, N] array
                 with an fp32 (min, step) per block (the paper's "meta-data quantization");
-                b + 2·(8 + 64/128)/g = b + 17/g bits/weight. The default for b <= 4: it changed no error
-                above in the 4th digit (tests assert < 1 %), and saves 0.23 bits/weight at g64.
+                b + 2·(8 + 64/128)/g = b + 17/g bits/weight. The codec's default for 2/3 bits (their
+                codes are expanded at load anyway): it changed no error above in the 4th digit (tests
+                assert < 1 %), and saves 0.23 bits/weight at g64. 4-bit experts store meta_bits=16 (the
+                table's 4.27 is this 8-bit meta): loaded, they are views of the stored bytes (codec.py).
 Either way the weight the runtime sees is w = (q − c)·s + m with bf16 s and m, and the codes are re-rounded
 against exactly those values (`requantize`), so codes and stored meta are always consistent.
 

@@ -16,7 +16,7 @@ from ..errors import MoeError, UsageError
 from ..experts import LocalExperts, expert_unit
 from ..models import build, get_module
 from ..models.base import Packed
-from ..utils import peak_rss_bytes
+from ..utils import page_out, peak_rss_bytes
 from .sampling import recent, sample
 from .tokenizer import Tokenizer
 
@@ -69,6 +69,7 @@ def build_model(config: dict, source, device: torch.device, dtype: torch.dtype, 
     for k in model.state_dict():
         t = source.get(k)  # fp32 keys in fp32, quantized codes and meta as stored, the rest in `dtype`
         state[k] = t.to(device=device, dtype=model.backbone_dtype(k, t.dtype, dtype), copy=True)
+        page_out(t)  # the mapped file's pages now, not at the end: the load held the backbone twice
     model.load_state_dict(state, assign=True, strict=True)
     model.init_rope(device)
     return args, model.eval()

@@ -1,0 +1,84 @@
+"""A cached 4-bit expert holds exactly its stored bytes, so a budget of the store's bytes holds every expert
+(issue 16: a 4-bit expert counted 1.12× its blob in resident_weight_bytes — its 8-bit scales and zeros were
+expanded to the int4 kernel's bf16 pairs beside the blob that stayed referenced — and "q4 100 %" held 28 of
+32 Mixtral experts)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_offload.quant.kernels import host_layout
+
+pytestmark = pytest.mark.skipif(host_layout() is None, reason="this torch's int4 order is none of ours")
+
+# hidden 128, 4 experts of width 192: g64 divides both input dims, the int4 kernel takes every matrix
+SHAPE = dict(hidden_size=128, intermediate_size=192, num_attention_heads=4, vocab_size=256,
+             max_position_embeddings=1024)
+
+
+@pytest.fixture(scope="module")
+def q4_store(tmp_path_factory):
+    from moe_offload.cli import main
+    from moe_offload.store.format import open_store
+    from tests import tiny
+
+    root = tmp_path_factory.mktemp("q4")
+    hf = tiny.make_checkpoint(root / "hf", "mixtral_gqa", dtype="bfloat16", **SHAPE)
+    assert main(["quantize", "--model", str(hf), "--out", str(root / "q4"), "--expert-bits", "4",
+                 "--quantizer", "rtn", "--quiet"]) == 0  # the defaults of `quantize --expert-bits 4`
+    return open_store(root / "q4")
+
+
+def test_a_loaded_4bit_unit_holds_exactly_its_stored_bytes(q4_store):
+    from moe_offload.codecs import make_codec
+    from moe_offload.store.cache import footprints, storage_bytes, unit_bytes
+    from moe_offload.store.tiers import DiskTier
+
+    disk = DiskTier(q4_store.experts_path, pinned=False, verify="always")
+    try:
+        for e in q4_store.entries.values():
+            buf = disk.read(e)  # the cache's read: a page-aligned buffer of e.span bytes
+            unit = make_codec(e.codec).decode(buf[:e.nbytes], q4_store.expert_shape, q4_store.dtype)
+            assert unit.kinds == ("int4pack", "int4pack")
+            tensors = unit.tensors()
+            assert {t.untyped_storage().data_ptr() for t in tensors} == {buf.untyped_storage().data_ptr()}
+            assert storage_bytes(tensors) == unit_bytes(unit) == e.span  # no copy beside the stored bytes
+    finally:
+        disk.close()
+    foot = footprints(q4_store, torch.device("cpu"), q4_store.dtype)
+    assert all(foot[k].resident == foot[k].load == e.span for k, e in q4_store.entries.items())
+
+
+def test_a_budget_of_the_stored_bytes_holds_every_4bit_expert(q4_store):
+    """--memory = backbone + every expert's stored span + the KV cache of the run: after a warm-up that
+    touches every expert, generating misses none and the resident weights are exactly those bytes."""
+    from moe_offload.runtime.engine import kv_bytes_per_token
+    from moe_offload.runtime.load import load
+    from moe_offload.workload import kv_tokens
+
+    spans = sum(e.span for e in q4_store.entries.values())
+    probe = load(q4_store.path, device="cpu")  # everything resident: the backbone's and KV's bytes
+    backbone = probe.info["backbone_bytes"]
+    kv = kv_bytes_per_token(probe.model, probe.dtype) * kv_tokens(32, 9)
+    del probe
+    engine = load(q4_store.path, device="cpu", memory=backbone + spans + kv)
+    warm = list(range(3, 35))  # 32 tokens × 2 layers × top-2 of 4 experts: every expert is used
+    engine.generate(prompt_ids=warm, max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    assert len(engine.expert_cache.resident) == len(q4_store.entries)
+    s = engine.generate(prompt_ids=warm[::-1], max_new_tokens=8, temperature=0.0, ignore_eos=True).stats
+    assert s["expert_misses"] == 0 and s["evictions"] == 0 and s["expert_hits"] > 0
+    assert s["resident_weight_bytes"] == backbone + spans
+
+
+@pytest.mark.parametrize("prompt,new", [(32, 9), (5, 300)])
+def test_kv_tokens_is_the_kv_cache_the_engine_holds(q4_store, prompt, new):
+    """The bench adds this KV cache to every budget (workload.kv_tokens mirrors the engine's growth rule)."""
+    from moe_offload.runtime.load import load
+    from moe_offload.workload import kv_tokens
+
+    engine = load(q4_store.path, device="cpu", memory="100%")
+    r = engine.generate(prompt_ids=list(range(3, 3 + prompt)), max_new_tokens=new, temperature=0.0,
+                        ignore_eos=True)
+    assert len(r.token_ids) == new
+    assert r.stats["kv_cache_bytes_peak"] == engine.kv_bytes_per_token * kv_tokens(prompt, new)
