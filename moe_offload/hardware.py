@@ -430,14 +430,15 @@ def expert_units(hidden: int, intermediate: int, bits: int = 16, dtype: str = "f
 
 
 def expert_call_seconds(hidden: int, intermediate: int, bits: int = 16, dtype: str = "float16",
-                        total: int = 96 << 20, device: str = "cpu", repeat: int = 5) -> float:
+                        total: int = 96 << 20, device: str = "cpu", repeat: int = 5, max_units: int = 512) -> float:
     """Seconds of one decode call (M = 1) of an expert at these widths and bits, through the unit and kernel
     the engine runs (`expert_units`), cycling through enough experts that their weights come from RAM, not
-    cache: what a token pays per expert it uses, kernel and call overhead together. Best of `repeat` passes."""
+    cache (at most `max_units` of them: tiny experts stay tiny), what a token pays per expert it uses, kernel and
+    call overhead together. Best of `repeat` passes."""
     import torch
 
     probe, one = expert_units(hidden, intermediate, bits, dtype, 1, device)
-    n = max(2, -(-total // one))
+    n = min(max_units, max(2, -(-total // one)))
     units = probe + expert_units(hidden, intermediate, bits, dtype, n - 1, device)[0]
     x = torch.full((1, hidden), 0.5, dtype=getattr(torch, dtype), device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

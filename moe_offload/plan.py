@@ -43,8 +43,11 @@ def known_configs() -> dict[str, dict]:
 def read_model_config(path: str | Path) -> tuple[dict, str]:
     """config.json of an HF folder, a config.json file itself, or the config inside a store's manifest.json;
     or a name of `known_configs` (mixtral-8x7b, qwen3-30b-a3b, ...) when no such path exists."""
-    if isinstance(path, str) and not Path(path).exists() and path.lower() in known_configs():
-        return known_configs()[path.lower()], path.lower()
+    if isinstance(path, str) and not Path(path).exists():
+        known = {k.lower(): (k, v) for k, v in known_configs().items()}
+        if path.lower() in known:
+            name, cfg = known[path.lower()]
+            return cfg, name
     path = resolve_model(path)  # org/name: the local HF cache
     if path.suffix.lower() == ".gguf" and path.is_file():  # the config from a GGUF's metadata
         from .gguf_import import read_config
@@ -61,7 +64,8 @@ def read_model_config(path: str | Path) -> tuple[dict, str]:
                 d = d["config"]
             name = (path.parent if path.is_file() else path).name or str(path)
             return d, name
-    raise UsageError(f"--model {path}: no config.json (give a Hugging Face model folder, its config.json, or a store)")
+    raise UsageError(f"--model {path}: no config.json (give a Hugging Face model folder, its config.json, a store, "
+                     f"or one of {', '.join(known_configs())})")
 
 
 # ---- the plan ----------------------------------------------------------------------------------------------
@@ -476,31 +480,36 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object")
 
 
-def _measured(a, cfg: dict, sizes: ModelSizes) -> tuple[HardwareProfile, dict]:
-    """This machine measured for this model (the engine's dtype, its loader's reads of one 4-bit expert, two in
-    flight), the given sizes and bandwidths overriding; and make_plan's exact-bytes keywords."""
-    import torch
-
-    from .hardware import measure_this_machine
+def engine_footprint(cfg: dict, group_size: int = 64, dtype: str = "float16"):
+    """make_plan's `footprint` for `cfg`'s experts on a CPU: engine_expert_bytes, once per precision."""
     from .sim import expert_dims
 
-    if a.threads is not None:
-        if a.threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {a.threads}")
-        torch.set_num_threads(a.threads)
     D, I = expert_dims(cfg)
     memo: dict[int, tuple[int, int] | None] = {}
 
     def footprint(bits: int):
         if bits not in memo:
-            memo[bits] = engine_expert_bytes(D, I, bits, a.group_size, a.dtype)
+            memo[bits] = engine_expert_bytes(D, I, bits, group_size, dtype)
         return memo[bits]
 
+    return footprint
+
+
+def _measured(a, sizes: ModelSizes, footprint) -> HardwareProfile:
+    """This machine measured for this model: the engine's dtype, its loader's reads (one 4-bit expert, two in
+    flight)."""
+    import torch
+
+    from .hardware import measure_this_machine
+
+    if a.threads is not None:
+        if a.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {a.threads}")
+        torch.set_num_threads(a.threads)
     one = (footprint(4) or (sizes.expert_bytes(4, a.group_size),))[0]
     streams = 2  # the loader's workers
-    hw = measure_this_machine(dtype=a.dtype, read_bytes=one, read_streams=streams,
-                              disk_bytes=max(128 << 20, 2 * streams * one))
-    return hw, {"footprint": footprint}
+    return measure_this_machine(dtype=a.dtype, read_bytes=one, read_streams=streams,
+                                disk_bytes=max(128 << 20, 2 * streams * one))
 
 
 def run(a) -> int:
@@ -514,17 +523,15 @@ def run(a) -> int:
     sizes = model_sizes(cfg)
     vram, ram = parse_size(a.vram), parse_size(a.ram)
     measure = a.hardware == THIS_MACHINE or (a.hardware is None and vram is None and ram is None)
-    exact: dict = {}
-    hardware = a.hardware
-    if measure:
-        hardware, exact = _measured(a, cfg, sizes)
+    footprint = engine_footprint(cfg, a.group_size, a.dtype)
+    hardware = _measured(a, sizes, footprint) if measure else a.hardware
     hw = resolve_hardware(hardware, vram=vram, ram=ram,
                           disk_bw=parse_gbs(a.disk_bw, "--disk-bw"), device_bw=parse_gbs(a.device_bw, "--device-bw"),
                           link_bw=parse_gbs(a.link_bw, "--link-bw"), cpu_bw=parse_gbs(a.cpu_bw, "--cpu-bw"))
     trace = load_trace(a.trace) if a.trace else None
     kw = dict(model=name, context=a.context, expert_bits=a.expert_bits, min_bits=a.min_bits,
-              group_size=a.group_size, policy=a.cache_policy, trace=trace,
-              embed_bytes=sizes.embed_params * 2, **exact)
+              group_size=a.group_size, policy=a.cache_policy, trace=trace, embed_bytes=sizes.embed_params * 2,
+              footprint=footprint if hw.device == "cpu" else None)  # the CPU engine's exact expert bytes
     try:
         if measure:  # time this model's expert calls at the precision the plan picks, then predict with them
             first = make_plan(sizes, hw, predict=False, **kw)
