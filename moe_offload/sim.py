@@ -526,18 +526,28 @@ def run(a) -> int:
         raise UsageError("simulate: give --trace FILE (or --hardware list)")
     trace = load_trace(a.trace)
     embed_bytes = 0
+    exact: dict = {}
     if a.read_streams < 1 or (a.threads is not None and a.threads < 1):
         raise UsageError("--read-streams and --threads must be >= 1")
+    config = (trace.meta or {}).get("config")
+    if config and a.expert_bits is not None and a.expert_bits < 16:  # re-priced: the engine's own bytes
+        from .models.sizes import model_sizes
+        from .plan import engine_expert_bytes
+
+        if trace.expert_params is None:
+            trace = replace(trace, expert_params=model_sizes(config).expert_params)
+        e = engine_expert_bytes(*expert_dims(config), a.expert_bits, a.group_size, a.dtype)
+        if e is not None:
+            exact = {"stored_bytes": e[0], "computed_bytes_each": e[1]}
     if a.hardware == THIS_MACHINE:  # measured the way this trace's model would run here
         import torch
 
         if a.threads:
             torch.set_num_threads(a.threads)
         sizes = np.asarray(trace.expert_bytes)
-        one = int(sizes.mean())
+        one = exact.get("stored_bytes") or int(sizes.mean())
         hw = measure_this_machine(dtype=a.dtype, read_bytes=one, read_streams=a.read_streams,
                                   disk_bytes=max(128 << 20, 4 * a.read_streams * one))
-        config = (trace.meta or {}).get("config")
         if config:  # the trace names its model: time its expert shapes and its per-token fixed cost here
             try:
                 hw, embed_bytes = calibrate(hw, config, a.dtype, a.expert_bits, a.group_size)
@@ -551,7 +561,7 @@ def run(a) -> int:
     r = simulate(trace, hw, memory=parse_size(a.memory), host_memory=parse_size(a.host_memory),
                  policy=a.cache_policy, expert_bits=a.expert_bits, group_size=a.group_size, context=a.context,
                  warmup=warmup, cpu_misses=a.cpu_misses, backbone_bytes=parse_size(a.backbone_bytes),
-                 embed_bytes=embed_bytes)
+                 embed_bytes=embed_bytes, **exact)
     if a.json:
         print(json.dumps(r.to_dict()))
     else:
