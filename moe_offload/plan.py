@@ -364,10 +364,10 @@ def engine_expert_bytes(hidden: int, intermediate: int, bits: int, group_size: i
 
 
 def quantize_rate(hidden: int, intermediate: int, bits: int = 4, quantizer: str = "hqq", group_size: int = 64,
-                  budget_s: float = 1.0, max_bytes: int = 32 << 20) -> dict:
+                  budget_s: float = 0.75, max_bytes: int = 32 << 20) -> dict:
     """bf16 expert bytes/s that `quantize` encodes here: a slice of one expert (gate, up [i, hidden] and down
     [hidden, i], i <= intermediate, a multiple of 64, sized from a first small encode to take about `budget_s`
-    and hold at most `max_bytes` of bf16 weights)
+    and hold at most `max_bytes` of bf16 weights; the faster of two encodes where time allows)
     encoded by the store's codec with `quantizer` (what `moe-offload quantize` runs per expert; the low-rank
     correction off). Returns {rate, rows, seconds, bytes}."""
     import time
@@ -396,8 +396,12 @@ def quantize_rate(hidden: int, intermediate: int, bits: int = 4, quantizer: str 
     rows = min(intermediate, cap, max(step, int(budget_s / max(per_row, 1e-9)) // step * step))
     if rows > first:
         t = encode(rows)
+        if t < 1.5 * budget_s:  # best of two: a shared machine's worst moments left out
+            t = min(t, encode(rows))
     else:
         rows = first
+        if t < budget_s:
+            t = min(t, encode(first))
     nbytes = 3 * hidden * rows * 2
     return {"rate": nbytes / t, "rows": rows, "seconds": t, "bytes": nbytes}
 

@@ -13,9 +13,9 @@ footprint, `plan.engine_expert_bytes`) and this time model:
               + missed stored bytes / the loader's disk rate            (serial: these rows ran without prefetch)
 
 Figures, each from the run's results.json where the bench recorded it (`limits`: gemv_bw, expert_call_s,
-token_overhead_s, disk_loader_bw), else probed now on this machine and scaled to the run by the ratio of the
-float16 GEMV probe then and now (the same `measure_gemv` call), the disk by the ratio of the run's 8 MiB
-O_DIRECT probe to the same probe now: one machine, two moments, compared as ratios. The script prints the
+token_overhead_s, disk_loader_bw; the disk otherwise from the run's probe with several O_DIRECT reads in flight,
+as the loader's workers read), else probed now on this machine and scaled to the run by the ratio of the
+float16 GEMV probe then and now (the same `measure_gemv` call): one machine, two moments, compared as ratios. The script prints the
 figures it used, the prediction, the measurement, their ratio, and whether the prediction is within 25 %.
 """
 
@@ -58,14 +58,14 @@ def run_figures(limits: dict, now: dict | None) -> dict:
             out[key], basis[key] = now[key] * speed, f"now x {speed:.2f}"
         else:
             out[key], basis[key] = None, "missing"
-    disk_run = (limits.get("disk_read_bw_by_method") or {}).get(DISK_KEY) or limits.get("disk_read_bw")
+    by_method = limits.get("disk_read_bw_by_method") or {}
+    in_flight = next((v for k, v in by_method.items() if k.startswith("O_DIRECT") and "in flight" in k), None)
     if limits.get("disk_loader_bw") is not None:
         out["disk_bw"], basis["disk_bw"] = limits["disk_loader_bw"], "run"
-    elif now is not None and disk_run:
-        f = disk_run / now["disk_single_bw"]
-        out["disk_bw"], basis["disk_bw"] = now["disk_loader_bw"] * f, f"now x {f:.2f}"
+    elif in_flight:  # the loader keeps several reads in flight (its workers): the run's probe of that
+        out["disk_bw"], basis["disk_bw"] = in_flight, "run, reads in flight"
     else:
-        out["disk_bw"], basis["disk_bw"] = disk_run, "run (single stream)"
+        out["disk_bw"], basis["disk_bw"] = by_method.get(DISK_KEY) or limits.get("disk_read_bw"), "run, one stream"
     out["basis"] = basis
     return out
 
@@ -73,22 +73,19 @@ def run_figures(limits: dict, now: dict | None) -> dict:
 # ---- probes now ---------------------------------------------------------------------------------------------
 
 
-def probe_now(config: dict, bits: int, dtype: str, threads: int, stored: int) -> dict:
+def probe_now(config: dict, bits: int, dtype: str, threads: int) -> dict:
     """This machine now: the bench's float16 GEMV probe, one expert call at `bits`, the per-token overhead at
-    toy widths, the disk's 8 MiB single-stream probe and the loader's reads (one `stored`-byte expert, two in
-    flight)."""
+    toy widths."""
     import torch
 
-    from moe_offload.hardware import expert_call_seconds, measure_disk_read, measure_gemv, measure_token_overhead
+    from moe_offload.hardware import expert_call_seconds, measure_gemv, measure_token_overhead
     from moe_offload.sim import expert_dims
 
     torch.set_num_threads(threads)
     D, I = expert_dims(config)
     return {"gemv_bw": measure_gemv(threads, dtype, 2 * I, D)["best"],
             "expert_call_s": expert_call_seconds(D, I, min(bits, 16), dtype),
-            "token_overhead_s": measure_token_overhead(config, dtype),
-            "disk_single_bw": measure_disk_read(None, 256 << 20, 8 << 20, 1)[0],
-            "disk_loader_bw": measure_disk_read(None, max(256 << 20, 4 * stored), stored, 2)[0]}
+            "token_overhead_s": measure_token_overhead(config, dtype)}
 
 
 # ---- prediction -----------------------------------------------------------------------------------------------
@@ -143,11 +140,11 @@ def validate(folder: Path, threads: int | None, probe: bool, cache: dict) -> lis
         stored = z["expert"]
         exact = engine_expert_bytes(D, I, bits, 64, dtype) if bits < 16 else None
         resident = exact[1] if exact else stored
-        key = (bits, th, stored)
+        key = (bits, th)
         now = None
-        if probe and any(limits.get(k) is None for k in ("expert_call_s", "token_overhead_s", "disk_loader_bw")):
+        if probe and any(limits.get(k) is None for k in ("expert_call_s", "token_overhead_s")):
             if key not in cache:
-                cache[key] = probe_now(config, bits, dtype, th, stored)
+                cache[key] = probe_now(config, bits, dtype, th)
             now = cache[key]
         fig = {**run_figures(limits, now), "dims": (D, I)}
         prefetch = (row.get("info") or {}).get("prefetch", "none") not in ("none", None)
