@@ -61,6 +61,8 @@ class HardwareProfile:
     token_overhead_s: float = 0.0  # fixed time per decode token beyond streaming weights (dispatch, small ops)
     expert_call_s: float = 0.0  # one expert call at the model's shapes and precision, the engine's own unit and
     # kernel (expert_call_seconds); 0: unknown, expert bytes are timed at device_bw
+    miss_cpu_s: float = 0.0  # CPU time per expert read from disk beyond the read: the codec's decode of the blob
+    # into a callable unit (expert_decode_seconds; 4-bit: the 8-bit meta expanded to the kernel's bf16 scales)
     device_reserve: int = 0  # device bytes not available for weights
     host_reserve: int = 0  # host bytes not available for experts
     sources: str = ""
@@ -449,6 +451,33 @@ def expert_call_seconds(hidden: int, intermediate: int, bits: int = 16, dtype: s
 
     run()  # first touch
     return best_time(run, repeat, sync) / n
+
+
+def expert_decode_seconds(hidden: int, intermediate: int, bits: int = 16, dtype: str = "float16",
+                          repeat: int = 3) -> float:
+    """CPU seconds to turn one stored expert (its bytes already in RAM) into the callable unit the engine
+    caches: what every miss pays besides the read (`HQQCodec.decode` through make_linear for b < 16; dense 16-bit
+    units are views, ~0). Median of `repeat`, after one untimed decode."""
+    import torch
+
+    from .experts import ExpertShape
+
+    dt = getattr(torch, dtype)
+    shape = ExpertShape(hidden, intermediate)
+    if bits >= 16:
+        from .experts import DenseCodec
+
+        codec = DenseCodec(dt)
+    else:
+        from .quant.codec import HQQCodec
+        from .quant.kernels import write_layout
+
+        codec = HQQCodec({"name": "hqq", "bits": bits, "quantizer": "rtn",
+                          **({"layout": write_layout()} if bits <= 4 else {})})
+    blob = torch.zeros(codec.nbytes(shape), dtype=torch.uint8)
+    codec.decode(blob, shape, dt)
+    times = _timings(lambda: codec.decode(blob, shape, dt), repeat)
+    return statistics.median(times)
 
 
 def measure_this_machine(disk_dir: str | None = None, ram_bytes: int = 256 << 20, disk_bytes: int = 128 << 20,

@@ -315,8 +315,8 @@ def format_plan(p: Plan) -> str:
             T = max(1, q.tokens)
             out.append(f"  per token: experts {1e3 * q.t_experts / T:.1f} ms, backbone + overhead "
                        f"{1e3 * (q.t_device - q.t_experts) / T:.1f} ms ({q.backbone_read_bytes / 1e6:.0f} MB read, "
-                       f"the embedding table aside), disk {1e3 * q.t_disk / T:.1f} ms "
-                       f"({q.disk_bytes / T / 1e6:.0f} MB)")
+                       f"the embedding table aside), misses {1e3 * q.t_disk / T:.1f} ms "
+                       f"({q.disk_bytes / T / 1e6:.0f} MB read from disk, each blob decoded into its unit)")
     if p.quantize:
         q = p.quantize
         out.append(f"quantize here (moe-offload quantize --expert-bits {q['bits']} --quantizer {q['quantizer']}): "

@@ -311,7 +311,8 @@ def simulate(trace: Trace, hw: HardwareProfile, *, memory: int | None = None, ho
     cpu_misses: (GPU) pin the most used experts on the device and compute every miss on the CPU from RAM.
     embed_bytes: the embedding table's bytes within the backbone: held, but a token reads one row of it, so
     they are not streamed per token. With `hw.expert_call_s` set (the engine's unit timed at the model's shapes
-    and precision) every expert use costs that, else its bytes at `hw.device_bw`.
+    and precision) every expert use costs that, else its bytes at `hw.device_bw`. Every disk read also costs
+    `hw.miss_cpu_s` (decoding the blob into a unit), on the miss path with the read.
     stored_bytes / computed_bytes_each (with expert_bits): one expert's bytes as stored and as the CPU holds and
     computes it, where the engine's exact figures are known (default: costmodel.quant_bytes).
     """
@@ -394,7 +395,7 @@ def simulate(trace: Trace, hw: HardwareProfile, *, memory: int | None = None, ho
         if not cpu_device:
             t_link = link_bytes / hw.link_bw + dev.misses * hw.link_latency_s
     t_device += t_experts
-    t_disk = (disk_bytes / hw.disk_bw + disk.misses * hw.disk_latency_s) if disk.misses else 0.0
+    t_disk = (disk_bytes / hw.disk_bw + disk.misses * (hw.disk_latency_s + hw.miss_cpu_s)) if disk.misses else 0.0
     if disk.misses and not hw.has_disk:
         raise MoeError(f"{disk.misses} expert reads from disk but hardware {hw.name!r} has no disk bandwidth")
 
@@ -469,6 +470,12 @@ def calibrate(hw: HardwareProfile, config: dict, dtype: str = "float16", bits: i
         hw = replace(hw, expert_call_s=call)
         src += (f"; one {kb}-bit expert call at D={D} I={I} (the engine's unit, make_linear's kernel) "
                 f"{1e3 * call:.2f} ms")
+        if dev == "cpu":
+            from .hardware import expert_decode_seconds
+
+            dec = expert_decode_seconds(D, I, bits, dtype)
+            hw = replace(hw, miss_cpu_s=dec)
+            src += f"; decoding a missed {bits}-bit expert into its unit {1e3 * dec:.2f} ms"
     else:
         bw = expert_gemv_bw(D, I, dtype, device=dev)  # on CUDA: the GPU's own GEMV, not the CPU's
         hw = replace(hw, device_bw=bw, cpu_bw=bw if dev == "cpu" else hw.cpu_bw)

@@ -10,10 +10,11 @@ footprint, `plan.engine_expert_bytes`) and this time model:
 
     per token = backbone bytes read (the embedding table aside) / float16 GEMV rate + per-token overhead
               + expert uses x one expert call (the engine's unit and kernel at the model's shapes and bits)
-              + missed stored bytes / the loader's disk rate            (serial: these rows ran without prefetch)
+              + misses x (stored bytes / the loader's disk rate + decoding the blob into a unit)
+                                                                        (serial: these rows ran without prefetch)
 
 Figures, each from the run's results.json where the bench recorded it (`limits`: gemv_bw, expert_call_s,
-token_overhead_s, disk_loader_bw; the disk otherwise from the run's probe with several O_DIRECT reads in flight,
+token_overhead_s, miss_cpu_s, disk_loader_bw; the disk otherwise from the run's probe with several O_DIRECT reads in flight,
 as the loader's workers read), else probed now on this machine and scaled to the run by the ratio of the
 float16 GEMV probe then and now (the same `measure_gemv` call): one machine, two moments, compared as ratios. The script prints the
 figures it used, the prediction, the measurement, their ratio, and whether the prediction is within 25 %.
@@ -51,7 +52,7 @@ def run_figures(limits: dict, now: dict | None) -> dict:
     speed = None
     if now is not None:
         speed = now["gemv_bw"] / limits["gemv_bw"]  # > 1: this machine is faster now than in the run
-    for key in ("expert_call_s", "token_overhead_s"):
+    for key in ("expert_call_s", "token_overhead_s", "miss_cpu_s"):
         if limits.get(key) is not None:
             out[key], basis[key] = limits[key], "run"
         elif now is not None:
@@ -78,14 +79,16 @@ def probe_now(config: dict, bits: int, dtype: str, threads: int) -> dict:
     toy widths."""
     import torch
 
-    from moe_offload.hardware import expert_call_seconds, measure_gemv, measure_token_overhead
+    from moe_offload.hardware import (expert_call_seconds, expert_decode_seconds, measure_gemv,
+                                      measure_token_overhead)
     from moe_offload.sim import expert_dims
 
     torch.set_num_threads(threads)
     D, I = expert_dims(config)
     return {"gemv_bw": measure_gemv(threads, dtype, 2 * I, D)["best"],
             "expert_call_s": expert_call_seconds(D, I, min(bits, 16), dtype),
-            "token_overhead_s": measure_token_overhead(config, dtype)}
+            "token_overhead_s": measure_token_overhead(config, dtype),
+            "miss_cpu_s": expert_decode_seconds(D, I, min(bits, 16), dtype)}
 
 
 # ---- prediction -----------------------------------------------------------------------------------------------
@@ -100,7 +103,8 @@ def predict_round(trace, fig: dict, *, memory: int, policy: str, bits: int, stor
     hw = HardwareProfile(name="bench run", description="", device="cpu", device_bytes=1 << 50, host_bytes=0,
                          link_bw=0.0, host_bw=fig["gemv_bw"], disk_bw=fig["disk_bw"], device_bw=fig["gemv_bw"],
                          cpu_bw=fig["gemv_bw"], cpu_flops=1e12, device_flops=1e12, link_latency_s=0.0,
-                         token_overhead_s=fig["token_overhead_s"] or 0.0, expert_call_s=fig["expert_call_s"] or 0.0)
+                         token_overhead_s=fig["token_overhead_s"] or 0.0, expert_call_s=fig["expert_call_s"] or 0.0,
+                         miss_cpu_s=fig.get("miss_cpu_s") or 0.0)
     D, I = fig["dims"]
     trace = replace(trace, expert_params=3 * D * I)
     r = simulate(trace, hw, memory=memory, policy=policy, expert_bits=bits if bits < 16 else None,
@@ -142,7 +146,7 @@ def validate(folder: Path, threads: int | None, probe: bool, cache: dict) -> lis
         resident = exact[1] if exact else stored
         key = (bits, th)
         now = None
-        if probe and any(limits.get(k) is None for k in ("expert_call_s", "token_overhead_s")):
+        if probe and any(limits.get(k) is None for k in ("expert_call_s", "token_overhead_s", "miss_cpu_s")):
             if key not in cache:
                 cache[key] = probe_now(config, bits, dtype, th)
             now = cache[key]
@@ -170,14 +174,15 @@ def _f(v, fmt="{:.2f}"):
 
 def table(rows: list[dict]) -> str:
     lines = ["| run | threads | budget | predicted tok/s | measured tok/s | measured ÷ predicted | within 25 % | "
-             "hit rate pred / meas | ms/token: experts, backbone + overhead, disk (predicted) | figures |",
+             "hit rate pred / meas | ms/token predicted: experts, backbone + overhead, misses (read + decode) | figures |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = r.get("figures") or {}
         b = f.get("basis") or {}
         figs = (f"GEMV {_f(f.get('gemv_bw') and f['gemv_bw'] / 1e9, '{:.1f}')} GB/s ({b.get('gemv_bw', '-')}); "
                 f"expert call {_f(f.get('expert_call_s') and 1e3 * f['expert_call_s'], '{:.1f}')} ms "
-                f"({b.get('expert_call_s', '-')}); overhead {_f(f.get('token_overhead_s') and 1e3 * f['token_overhead_s'], '{:.1f}')} ms "
+                f"({b.get('expert_call_s', '-')}); decode per miss {_f(f.get('miss_cpu_s') and 1e3 * f['miss_cpu_s'], '{:.1f}')} ms "
+                f"({b.get('miss_cpu_s', '-')}); overhead {_f(f.get('token_overhead_s') and 1e3 * f['token_overhead_s'], '{:.1f}')} ms "
                 f"({b.get('token_overhead_s', '-')}); disk {_f(f.get('disk_bw') and f['disk_bw'] / 1e9)} GB/s "
                 f"({b.get('disk_bw', '-')})") if f else r.get("note", "")
         within = {True: "yes", False: "**no**", None: "-"}[r.get("within")]

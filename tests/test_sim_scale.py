@@ -38,6 +38,9 @@ def test_expert_calls_and_the_embedding_table_by_hand():
     assert r.t_device == pytest.approx(4 * 30 / 1000 + 4.0) and r.t_disk == pytest.approx(60.0)
     # without a call time the uses are bytes at device_bw, as before
     assert simulate(tr, CPU, memory=250, policy="lru").t_experts == pytest.approx(8 * 100 / 1000)
+    # decoding each missed blob into its unit: on the miss path, with the read
+    r = simulate(tr, replace(CPU, miss_cpu_s=2.0), memory=250, policy="lru")
+    assert r.t_disk == pytest.approx(60.0 + 6 * 2.0) and r.tok_s_serial == pytest.approx(4 / (r.t_device + 72.0))
 
 
 def test_exact_engine_bytes_override_the_formula():
@@ -56,9 +59,10 @@ def test_compare_and_figures_scaled_to_the_run():
     assert v.compare(4.90, 5.08)["within"] is True and v.compare(None, 1.0)["within"] is None
     limits = {"gemv_bw": 10e9, "disk_read_bw_by_method": {v.DISK_KEY: 2e9, "O_DIRECT 4 x 8 MiB reads in flight": 1.5e9,
                                                            "buffered 8 MiB reads (readahead)": 3e9}}
-    now = {"gemv_bw": 5e9, "expert_call_s": 0.04, "token_overhead_s": 0.01}
+    now = {"gemv_bw": 5e9, "expert_call_s": 0.04, "token_overhead_s": 0.01, "miss_cpu_s": 0.06}
     f = v.run_figures(limits, now)  # the machine is half as fast now: the run's times are half of now's
     assert f["expert_call_s"] == pytest.approx(0.02) and f["token_overhead_s"] == pytest.approx(0.005)
+    assert f["miss_cpu_s"] == pytest.approx(0.03)
     assert f["basis"]["expert_call_s"] == "now x 0.50"
     assert f["disk_bw"] == 1.5e9  # the loader's reads are concurrent: the run's probe with reads in flight
     del limits["disk_read_bw_by_method"]["O_DIRECT 4 x 8 MiB reads in flight"]
@@ -116,5 +120,5 @@ def test_calibrate_times_a_4_bit_expert_call_through_the_engine_unit():
     torch.set_num_threads(1)
     hw, embed = calibrate(CPU, TINY, "float32", bits=4)
     assert embed == 100 * 128 * 4  # the table in the compute dtype
-    assert 0 < hw.expert_call_s < 1 and 0 < hw.token_overhead_s < 5
+    assert 0 < hw.expert_call_s < 1 and 0 < hw.token_overhead_s < 5 and 0 < hw.miss_cpu_s < 1
     assert "4-bit expert call at D=128 I=64" in hw.sources
