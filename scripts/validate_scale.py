@@ -2,7 +2,7 @@
 more `moe-offload bench --out` folders (results.json, and the trace-roundN.npz routing each round recorded).
 
     PYTHONPATH=. python scripts/validate_scale.py docs/bench/mixtral-8x7b-L4-q4 docs/bench/mixtral-8x7b-L4-q4-resident
-        [--threads N] [--no-probe] [--json OUT]
+        [--threads N] [--no-probe] [--json OUT] [--without expert-call,embed,decode,disk-one-stream]
 
 Per row and round the recorded trace is replayed through `sim.simulate` (the runtime's cache-policy code) at the
 row's `--memory`, with the engine's own expert bytes (stored: the run's 4-bit span; held: the codec's unit
@@ -116,7 +116,28 @@ def predict_round(trace, fig: dict, *, memory: int, policy: str, bits: int, stor
             "ms_disk": 1e3 * r.t_disk / T}
 
 
-def validate(folder: Path, threads: int | None, probe: bool, cache: dict) -> list[dict]:
+ABLATIONS = {  # the time model without one of its real-width terms (what it was before them)
+    "expert-call": "expert bytes at the float16 GEMV rate instead of the engine's expert call",
+    "embed": "the embedding table streamed every token",
+    "decode": "no decode of a missed blob",
+    "disk-one-stream": "the single-stream disk probe",
+}
+
+
+def ablate(fig: dict, limits: dict, embed: int, without: set[str]) -> tuple[dict, int]:
+    """`fig` and the embedding bytes with the terms in `without` taken out (ABLATIONS)."""
+    fig = dict(fig)
+    if "expert-call" in without:
+        fig["expert_call_s"] = None
+    if "decode" in without:
+        fig["miss_cpu_s"] = None
+    if "disk-one-stream" in without:
+        fig["disk_bw"] = (limits.get("disk_read_bw_by_method") or {}).get(DISK_KEY) or limits.get("disk_read_bw")
+    return fig, 0 if "embed" in without else embed
+
+
+def validate(folder: Path, threads: int | None, probe: bool, cache: dict, without: set[str] = frozenset()
+             ) -> list[dict]:
     from moe_offload.models.sizes import model_sizes
     from moe_offload.plan import engine_expert_bytes
     from moe_offload.sim import expert_dims, load_trace
@@ -150,11 +171,11 @@ def validate(folder: Path, threads: int | None, probe: bool, cache: dict) -> lis
             if key not in cache:
                 cache[key] = probe_now(config, bits, dtype, th)
             now = cache[key]
-        fig = {**run_figures(limits, now), "dims": (D, I)}
+        fig, embed = ablate({**run_figures(limits, now), "dims": (D, I)}, limits, z["embed"], without)
         prefetch = (row.get("info") or {}).get("prefetch", "none") not in ("none", None)
         preds = [predict_round(tr, fig, memory=row["memory"], policy=row.get("policy") or "lru", bits=bits,
                                stored=stored, resident=resident, backbone=z["backbone"],
-                               embed=z["embed"], warmup=int(tr.meta.get("warmup_tokens") or 0), prefetch=prefetch)
+                               embed=embed, warmup=int(tr.meta.get("warmup_tokens") or 0), prefetch=prefetch)
                  for tr in trs]
         pred = {k: statistics.median(p[k] for p in preds) for k in preds[0]}
         s = row["summary"]
@@ -200,14 +221,20 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="threads for the probes now (default: the run's)")
     p.add_argument("--no-probe", action="store_true", help="use only what results.json recorded")
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--without", default="", help="comma list of terms to leave out: " + ", ".join(
+        f"{k} ({v})" for k, v in ABLATIONS.items()))
     a = p.parse_args(argv)
+    without = {w for w in a.without.split(",") if w}
+    if without - set(ABLATIONS):
+        print(f"error: --without takes {', '.join(ABLATIONS)}, got {a.without!r}", file=sys.stderr)
+        return 2
     rows, cache = [], {}
     for folder in a.folders:
         path = Path(folder)
         if not (path / "results.json").is_file():
             print(f"error: {path}: no results.json", file=sys.stderr)
             return 2
-        rows += validate(path, a.threads, not a.no_probe, cache)
+        rows += validate(path, a.threads, not a.no_probe, cache, without)
     print(table(rows))
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1, default=str))

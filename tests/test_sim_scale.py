@@ -122,3 +122,12 @@ def test_calibrate_times_a_4_bit_expert_call_through_the_engine_unit():
     assert embed == 100 * 128 * 4  # the table in the compute dtype
     assert 0 < hw.expert_call_s < 1 and 0 < hw.token_overhead_s < 5 and 0 < hw.miss_cpu_s < 1
     assert "4-bit expert call at D=128 I=64" in hw.sources
+
+
+def test_validation_without_a_term_is_the_older_model(tmp_path):
+    v = load_script()
+    folder = bench_folder(tmp_path)
+    # without the expert call: 4 uses x 1000 bytes at 1e6 B/s = 4 ms instead of 40; without embed: 5 ms of backbone
+    r = v.validate(folder, None, probe=False, cache={}, without={"expert-call", "embed"})[0]
+    assert r["predicted_tok_s"] == pytest.approx(1 / (0.005 + 0.002 + 0.004))
+    assert v.main([str(folder), "--no-probe", "--without", "nope"]) == 2
