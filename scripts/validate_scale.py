@@ -2,7 +2,7 @@
 more `moe-offload bench --out` folders (results.json, and the trace-roundN.npz routing each round recorded).
 
     PYTHONPATH=. python scripts/validate_scale.py docs/bench/mixtral-8x7b-L4-q4 docs/bench/mixtral-8x7b-L4-q4-resident
-        [--threads N] [--no-probe] [--json OUT] [--without expert-call,embed,decode,disk-one-stream]
+        [--threads N] [--no-probe] [--json OUT] [--without expert-call,embed,decode,disk-one-stream] [--ablations]
 
 Per row and round the recorded trace is replayed through `sim.simulate` (the runtime's cache-policy code) at the
 row's `--memory`, with the engine's own expert bytes (stored: the run's 4-bit span; held: the codec's unit
@@ -223,21 +223,29 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--without", default="", help="comma list of terms to leave out: " + ", ".join(
         f"{k} ({v})" for k, v in ABLATIONS.items()))
+    p.add_argument("--ablations", action="store_true", help="also each term left out in turn, and all of them, "
+                                                               "with the same probes")
     a = p.parse_args(argv)
     without = {w for w in a.without.split(",") if w}
     if without - set(ABLATIONS):
         print(f"error: --without takes {', '.join(ABLATIONS)}, got {a.without!r}", file=sys.stderr)
         return 2
-    rows, cache = [], {}
     for folder in a.folders:
-        path = Path(folder)
-        if not (path / "results.json").is_file():
-            print(f"error: {path}: no results.json", file=sys.stderr)
+        if not (Path(folder) / "results.json").is_file():
+            print(f"error: {folder}: no results.json", file=sys.stderr)
             return 2
-        rows += validate(path, a.threads, not a.no_probe, cache, without)
-    print(table(rows))
+    variants = [without]
+    if a.ablations:  # the same probes for every variant: the differences are the terms, not the machine
+        variants = [set(), *({t} for t in ABLATIONS), set(ABLATIONS)]
+    cache, out = {}, []
+    for w in variants:
+        rows = [r for folder in a.folders for r in validate(Path(folder), a.threads, not a.no_probe, cache, w)]
+        if len(variants) > 1:
+            print(f"\nwithout: {', '.join(sorted(w)) or 'nothing (the full model)'}")
+        print(table(rows))
+        out.append({"without": sorted(w), "rows": rows})
     if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=1, default=str))
+        Path(a.json).write_text(json.dumps(out[0]["rows"] if len(out) == 1 else out, indent=1, default=str))
     return 0
 
 
