@@ -5,7 +5,8 @@ arithmetic that makes them impossible.
 
 Rule: quantize first, offload only what still does not fit. The experts take the highest precision at which
 all of them fit in device + host memory; only when none does are experts streamed from disk, then at the
-lowest precision allowed (fewest bytes per read).
+lowest precision allowed (fewest bytes per read). `moe-offload plan` on this machine then times each streamed
+precision (2/3/4-bit) with its own probes and keeps the one predicted fastest (`best_streamed`).
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ def make_plan(sizes: ModelSizes, hw: HardwareProfile, *, model: str = "model", c
     elif hw.has_disk:
         plan.expert_bits = min(candidates)
         plan.notes.append(f"no allowed precision fits in device + host: experts stream from disk at "
-                          f"{plan.expert_bits}-bit (the fewest bytes per read)")
+                          f"{plan.expert_bits}-bit" + (" (the fewest bytes per read)" if expert_bits is None else ""))
     else:
         b = min(candidates)
         r = by_bits[b]
@@ -484,6 +485,24 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object")
 
 
+def best_streamed(plan: Plan, sizes: ModelSizes, kw: dict, bits: list[int], profile_for) -> Plan:
+    """When experts stream from disk, the precision among `bits` with the best predicted serial decode, each
+    timed with its own probes (`profile_for(b)`: a 2-bit miss decodes its codes into int4 nibbles, which can cost
+    more than the read it saves). Keeps `plan` unless another precision is predicted faster; a note says which."""
+    if [b for b in bits if b != plan.expert_bits] == []:
+        return plan
+    plans = {b: make_plan(sizes, profile_for(b), **{**kw, "expert_bits": b})
+             for b in dict.fromkeys([plan.expert_bits, *bits])}
+    tok_s = {b: p.prediction.tok_s_serial for b, p in plans.items() if p.prediction}
+    best = max(tok_s, key=tok_s.get)
+    chosen = plans[best]
+    chosen.notes.append("streamed precision by predicted decode here: " + ", ".join(
+        f"{b}-bit {t:.3f} tok/s" for b, t in sorted(tok_s.items(), reverse=True))
+        + (f" -> {best}-bit" + (f" (the rule 'fewest bytes per read' alone gives {plan.expert_bits}-bit)"
+                                if best != plan.expert_bits else "")))
+    return chosen
+
+
 def engine_footprint(cfg: dict, group_size: int = 64, dtype: str = "float16"):
     """make_plan's `footprint` for `cfg`'s experts on a CPU: engine_expert_bytes, once per precision."""
     from .sim import expert_dims
@@ -541,8 +560,13 @@ def run(a) -> int:
             first = make_plan(sizes, hw, predict=False, **kw)
             from .sim import calibrate
 
-            hw, kw["embed_bytes"] = calibrate(hw, cfg, a.dtype, first.expert_bits, a.group_size)
+            memo: dict = {}
+            base = hw
+            hw, kw["embed_bytes"] = calibrate(base, cfg, a.dtype, first.expert_bits, a.group_size, memo)
         plan = make_plan(sizes, hw, **kw)
+        if measure and a.expert_bits is None and plan.prediction and plan.row.on_disk:
+            plan = best_streamed(plan, sizes, kw, [b for b in (4, 3, 2) if b >= a.min_bits],
+                                 lambda b: calibrate(base, cfg, a.dtype, b, a.group_size, memo)[0])
     except PlanRefused as e:
         print(json.dumps(e.plan.to_dict()) if a.json else format_plan(e.plan))
         raise

@@ -446,19 +446,26 @@ def expert_dims(config: dict) -> tuple[int, int]:
 
 
 def calibrate(hw: HardwareProfile, config: dict, dtype: str = "float16", bits: int | None = None,
-              group_size: int = 64) -> tuple[HardwareProfile, int]:
+              group_size: int = 64, memo: dict | None = None) -> tuple[HardwareProfile, int]:
     """`hw` (a measured profile) timed for `config`'s model here: the expert GEMV bytes/s at its shapes
     (`expert_gemv_bw`, 16-bit) or, for `bits` < 16, one expert call through the engine's quantized unit and
     kernel (`expert_call_seconds`: the 4-bit codec's `make_linear`, call overhead included); the per-token
     overhead of the architecture at toy widths. Returns (profile, bytes of the embedding table in `dtype`, of
-    which a token reads one row)."""
+    which a token reads one row). `memo`: a dict kept between calls for one model, so each probe runs once."""
     import torch
 
     from .models.sizes import model_sizes
 
+    memo = {} if memo is None else memo
+
+    def once(key, fn):
+        if key not in memo:
+            memo[key] = fn()
+        return memo[key]
+
     D, I = expert_dims(config)
     dev = hw.device
-    over = measure_token_overhead(config, dtype, device=dev)
+    over = once("overhead", lambda: measure_token_overhead(config, dtype, device=dev))
     embed = model_sizes(config).embed_params * getattr(torch, dtype).itemsize
     src = hw.sources
     if bits is not None and bits < 16:
@@ -466,18 +473,18 @@ def calibrate(hw: HardwareProfile, config: dict, dtype: str = "float16", bits: i
         from .hardware import expert_call_seconds
 
         kb = cpu_compute_bits(bits) if dev == "cpu" else bits
-        call = expert_call_seconds(D, I, kb, dtype, device=dev)
+        call = once(("call", kb), lambda: expert_call_seconds(D, I, kb, dtype, device=dev))
         hw = replace(hw, expert_call_s=call)
         src += (f"; one {kb}-bit expert call at D={D} I={I} (the engine's unit, make_linear's kernel) "
                 f"{1e3 * call:.2f} ms")
         if dev == "cpu":
             from .hardware import expert_decode_seconds
 
-            dec = expert_decode_seconds(D, I, bits, dtype)
+            dec = once(("decode", bits), lambda: expert_decode_seconds(D, I, bits, dtype))
             hw = replace(hw, miss_cpu_s=dec)
             src += f"; decoding a missed {bits}-bit expert into its unit {1e3 * dec:.2f} ms"
     else:
-        bw = expert_gemv_bw(D, I, dtype, device=dev)  # on CUDA: the GPU's own GEMV, not the CPU's
+        bw = once("gemv", lambda: expert_gemv_bw(D, I, dtype, device=dev))  # CUDA: the GPU's GEMV, not the CPU's
         hw = replace(hw, device_bw=bw, cpu_bw=bw if dev == "cpu" else hw.cpu_bw)
         src += f"; expert GEMV at D={D} I={I} {bw / GB:.1f} GB/s"
     src += f"; per-token overhead {1e3 * over:.2f} ms (the architecture at toy widths)"

@@ -134,3 +134,19 @@ def test_cli_plan_by_name_on_a_profile(capsys):
     assert main(["plan", "--model", "no-such-model", "--hardware", "laptop-16gb-cpu"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "mixtral-8x7b" in err
+
+
+def test_streamed_precision_by_predicted_decode():
+    from moe_offload.plan import best_streamed
+
+    s = model_sizes(read_model_config("mixtral-8x7b")[0])
+    kw = dict(model="mixtral-8x7b", footprint=mixtral_footprint, trace_tokens=8, warmup=2)
+    p = make_plan(s, CPU16, **kw)
+    assert p.expert_bits == 2 and p.row.on_disk  # the rule: the fewest bytes per read
+    # a 2-bit miss decodes its codes into int4 nibbles: at 1 s per miss against 0.03 s at 4-bit, 4-bit wins
+    slow2 = {2: 1.0, 3: 1.0, 4: 0.03}
+    best = best_streamed(p, s, kw, [4, 3, 2], lambda b: replace(CPU16, miss_cpu_s=slow2[b]))
+    assert best.expert_bits == 4 and "-> 4-bit (the rule 'fewest bytes per read' alone gives 2-bit)" in best.notes[-1]
+    # with decoding free, the fewer bytes read win and the plan is kept
+    same = best_streamed(p, s, kw, [4, 3, 2], lambda b: CPU16)
+    assert same.expert_bits == 2 and same.notes[-1].endswith("-> 2-bit")
