@@ -59,6 +59,10 @@ class HardwareProfile:
     link_latency_s: float = 10e-6  # fixed cost per expert copy over the link (launch, DMA setup)
     disk_latency_s: float = 100e-6  # fixed cost per expert read from disk (NVMe request latency)
     token_overhead_s: float = 0.0  # fixed time per decode token beyond streaming weights (dispatch, small ops)
+    expert_call_s: float = 0.0  # one expert call at the model's shapes and precision, the engine's own unit and
+    # kernel (expert_call_seconds); 0: unknown, expert bytes are timed at device_bw
+    miss_cpu_s: float = 0.0  # CPU time per expert read from disk beyond the read: the codec's decode of the blob
+    # into a callable unit (expert_decode_seconds; 4-bit: the 8-bit meta expanded to the kernel's bf16 scales)
     device_reserve: int = 0  # device bytes not available for weights
     host_reserve: int = 0  # host bytes not available for experts
     sources: str = ""
@@ -402,6 +406,78 @@ def expert_gemv_bw(hidden: int, intermediate: int, dtype: str = "bfloat16", tota
             unit(x)
 
     return n * one / best_time(run, 5, torch.cuda.synchronize if dev.type == "cuda" else (lambda: None))
+
+
+def expert_units(hidden: int, intermediate: int, bits: int = 16, dtype: str = "float16", n: int = 2,
+                 device: str = "cpu") -> tuple[list, int]:
+    """`n` distinct expert units as the engine decodes them from a store (16-bit: `DenseExpert`; b < 16: the
+    4-bit store's codec, `HQQCodec.decode`, whose `make_linear` picks this machine's kernel), over zero
+    weights; and the bytes one of them occupies as stored."""
+    import torch
+
+    from .experts import DenseExpert, ExpertShape
+
+    dt, dev = getattr(torch, dtype), torch.device(device)
+    if bits >= 16:
+        one = 3 * hidden * intermediate * dt.itemsize
+        return [DenseExpert(torch.full((2 * intermediate, hidden), 0.01, dtype=dt, device=dev),
+                            torch.full((hidden, intermediate), 0.01, dtype=dt, device=dev)) for _ in range(n)], one
+    from .quant.codec import HQQCodec
+    from .quant.kernels import write_layout
+
+    spec = {"name": "hqq", "bits": bits, "quantizer": "rtn", **({"layout": write_layout()} if bits <= 4 else {})}
+    codec, shape = HQQCodec(spec), ExpertShape(hidden, intermediate)
+    one = codec.nbytes(shape)
+    return [codec.decode(torch.zeros(one, dtype=torch.uint8, device=dev), shape, dt) for _ in range(n)], one
+
+
+def expert_call_seconds(hidden: int, intermediate: int, bits: int = 16, dtype: str = "float16",
+                        total: int = 96 << 20, device: str = "cpu", repeat: int = 5, max_units: int = 512) -> float:
+    """Seconds of one decode call (M = 1) of an expert at these widths and bits, through the unit and kernel
+    the engine runs (`expert_units`), cycling through enough experts that their weights come from RAM, not
+    cache (at most `max_units` of them: tiny experts stay tiny), what a token pays per expert it uses, kernel and
+    call overhead together. Best of `repeat` passes."""
+    import torch
+
+    probe, one = expert_units(hidden, intermediate, bits, dtype, 1, device)
+    n = min(max_units, max(2, -(-total // one)))
+    units = probe + expert_units(hidden, intermediate, bits, dtype, n - 1, device)[0]
+    x = torch.full((1, hidden), 0.5, dtype=getattr(torch, dtype), device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def run():
+        for unit in units:
+            unit(x)
+
+    run()  # first touch
+    return best_time(run, repeat, sync) / n
+
+
+def expert_decode_seconds(hidden: int, intermediate: int, bits: int = 16, dtype: str = "float16",
+                          repeat: int = 3) -> float:
+    """CPU seconds to turn one stored expert (its bytes already in RAM) into the callable unit the engine
+    caches: what every miss pays besides the read (`HQQCodec.decode` through make_linear for b < 16; dense 16-bit
+    units are views, ~0). Median of `repeat`, after one untimed decode."""
+    import torch
+
+    from .experts import ExpertShape
+
+    dt = getattr(torch, dtype)
+    shape = ExpertShape(hidden, intermediate)
+    if bits >= 16:
+        from .experts import DenseCodec
+
+        codec = DenseCodec(dt)
+    else:
+        from .quant.codec import HQQCodec
+        from .quant.kernels import write_layout
+
+        codec = HQQCodec({"name": "hqq", "bits": bits, "quantizer": "rtn",
+                          **({"layout": write_layout()} if bits <= 4 else {})})
+    blob = torch.zeros(codec.nbytes(shape), dtype=torch.uint8)
+    codec.decode(blob, shape, dt)
+    times = _timings(lambda: codec.decode(blob, shape, dt), repeat)
+    return statistics.median(times)
 
 
 def measure_this_machine(disk_dir: str | None = None, ram_bytes: int = 256 << 20, disk_bytes: int = 128 << 20,

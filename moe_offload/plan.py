@@ -5,13 +5,15 @@ arithmetic that makes them impossible.
 
 Rule: quantize first, offload only what still does not fit. The experts take the highest precision at which
 all of them fit in device + host memory; only when none does are experts streamed from disk, then at the
-lowest precision allowed (fewest bytes per read).
+lowest precision allowed (fewest bytes per read). `moe-offload plan` on this machine then times each streamed
+precision (2/3/4-bit) with its own probes and keeps the one predicted fastest (`best_streamed`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -30,8 +32,23 @@ BACKBONE_BITS = (16, 8, 4)  # attention, dense MLPs and shared experts; embeddin
 # ---- sizes from config.json: models/sizes.py (ModelSizes, model_sizes) ------------------------------------
 
 
+def known_configs() -> dict[str, dict]:
+    """Models the planner knows by name, config only (no download, no weights): the published config.json of
+    Mixtral-8x7B and Qwen3-30B-A3B with all their layers, and bench's real-width builds with fewer layers."""
+    from .bench import MIXTRAL_8X7B, QWEN3_30B_A3B, STREAMED, synthetic_config
+
+    return {"mixtral-8x7b": dict(MIXTRAL_8X7B), "qwen3-30b-a3b": dict(QWEN3_30B_A3B),
+            **{name: synthetic_config(name) for name in STREAMED}}
+
+
 def read_model_config(path: str | Path) -> tuple[dict, str]:
-    """config.json of an HF folder, a config.json file itself, or the config inside a store's manifest.json."""
+    """config.json of an HF folder, a config.json file itself, or the config inside a store's manifest.json;
+    or a name of `known_configs` (mixtral-8x7b, qwen3-30b-a3b, ...) when no such path exists."""
+    if isinstance(path, str) and not Path(path).exists():
+        known = {k.lower(): (k, v) for k, v in known_configs().items()}
+        if path.lower() in known:
+            name, cfg = known[path.lower()]
+            return cfg, name
     path = resolve_model(path)  # org/name: the local HF cache
     if path.suffix.lower() == ".gguf" and path.is_file():  # the config from a GGUF's metadata
         from .gguf_import import read_config
@@ -48,7 +65,8 @@ def read_model_config(path: str | Path) -> tuple[dict, str]:
                 d = d["config"]
             name = (path.parent if path.is_file() else path).name or str(path)
             return d, name
-    raise UsageError(f"--model {path}: no config.json (give a Hugging Face model folder, its config.json, or a store)")
+    raise UsageError(f"--model {path}: no config.json (give a Hugging Face model folder, its config.json, a store, "
+                     f"or one of {', '.join(known_configs())})")
 
 
 # ---- the plan ----------------------------------------------------------------------------------------------
@@ -96,6 +114,7 @@ class Plan:
     feasible: bool = True
     reason: str | None = None
     notes: list[str] = field(default_factory=list)
+    quantize: dict | None = None  # the estimated `quantize` time here (plan's CLI on this machine)
 
     @property
     def row(self) -> Row | None:
@@ -125,7 +144,8 @@ class Plan:
             "recommended": self.recommendation() if self.feasible else None,
             "cpu_miss_cost": self.cpu_miss_cost,
             "prediction": self.prediction.to_dict() if self.prediction else None,
-            "trace": self.trace_source, "notes": self.notes,
+            "trace": self.trace_source, "notes": self.notes, "quantize": self.quantize,
+            "hardware_sources": hw.sources,
         }
         return d
 
@@ -143,8 +163,12 @@ def _gb(n: float) -> str:
 def make_plan(sizes: ModelSizes, hw: HardwareProfile, *, model: str = "model", context: int = 4096,
               expert_bits: int | None = None, min_bits: int = 2, group_size: int = 64, policy: str = "lru",
               trace: Trace | None = None, trace_tokens: int = 256, warmup: int = 64, zipf_s: float = 0.8,
-              seed: int = 0, predict: bool = True) -> Plan:
-    """Plan `sizes` on `hw`; raises PlanRefused (a MoeError carrying the plan) when it cannot run."""
+              seed: int = 0, predict: bool = True, footprint=None, embed_bytes: int = 0) -> Plan:
+    """Plan `sizes` on `hw`; raises PlanRefused (a MoeError carrying the plan) when it cannot run.
+
+    footprint(bits) -> (stored, resident) | None: one expert's bytes as the engine stores and holds it at
+    `bits` (`engine_expert_bytes`); None or a None answer: the arithmetic of costmodel.quant_bytes.
+    embed_bytes: the embedding table's bytes in the backbone (held, not streamed per token)."""
     if context < 0:
         raise UsageError(f"--context must be >= 0 tokens, got {context}")
     if expert_bits is not None and expert_bits not in BITS:
@@ -183,6 +207,9 @@ def make_plan(sizes: ModelSizes, hw: HardwareProfile, *, model: str = "model", c
     N = sizes.n_routed
     for b in BITS:
         stored, resident = sizes.expert_bytes(b, group_size), sizes.expert_bytes(res_bits(b), group_size)
+        exact = footprint(b) if footprint is not None else None
+        if exact is not None:
+            stored, resident = exact
         n_dev = min(N, dev_free // resident)
         n_host = min(N - n_dev, host // stored)
         plan.rows.append(Row(b, stored, resident, N * stored, n_dev, n_host, N - n_dev - n_host))
@@ -193,7 +220,7 @@ def make_plan(sizes: ModelSizes, hw: HardwareProfile, *, model: str = "model", c
     elif hw.has_disk:
         plan.expert_bits = min(candidates)
         plan.notes.append(f"no allowed precision fits in device + host: experts stream from disk at "
-                          f"{plan.expert_bits}-bit (the fewest bytes per read)")
+                          f"{plan.expert_bits}-bit" + (" (the fewest bytes per read)" if expert_bits is None else ""))
     else:
         b = min(candidates)
         r = by_bits[b]
@@ -235,7 +262,8 @@ def make_plan(sizes: ModelSizes, hw: HardwareProfile, *, model: str = "model", c
         plan.prediction = simulate(trace, hw, memory=plan.memory, host_memory=0 if cpu else (plan.host_memory or 0),
                                    policy=policy, expert_bits=r.bits, group_size=group_size, context=context,
                                    warmup=warmup, cpu_misses=plan.cpu_misses, backbone_bytes=plan.backbone_bytes,
-                                   kv_bytes_per_token=sizes.kv_bytes_per_token)
+                                   kv_bytes_per_token=sizes.kv_bytes_per_token, embed_bytes=embed_bytes,
+                                   stored_bytes=r.expert_bytes, computed_bytes_each=r.resident_bytes if cpu else None)
     elif predict:
         plan.notes.append("no tok/s prediction: the hardware's bandwidths are unknown (give --hardware PROFILE, or "
                           "--device-bw and --link-bw)")
@@ -285,8 +313,105 @@ def format_plan(p: Plan) -> str:
             out.append(f"predicted decode ({p.trace_source}): device hit rate {q.hit_rate:.3f}, "
                        f"{q.tok_s_serial:.2f} tok/s serial .. {q.tok_s_overlap:.2f} tok/s with transfers hidden "
                        f"(bound by {q.bound})")
+            T = max(1, q.tokens)
+            out.append(f"  per token: experts {1e3 * q.t_experts / T:.1f} ms, backbone + overhead "
+                       f"{1e3 * (q.t_device - q.t_experts) / T:.1f} ms ({q.backbone_read_bytes / 1e6:.0f} MB read, "
+                       f"the embedding table aside), misses {1e3 * q.t_disk / T:.1f} ms "
+                       f"({q.disk_bytes / T / 1e6:.0f} MB read from disk, each blob decoded into its unit)")
+    if p.quantize:
+        q = p.quantize
+        out.append(f"quantize here (moe-offload quantize --expert-bits {q['bits']} --quantizer {q['quantizer']}): "
+                   f"at least ~{q['seconds'] / 60:.0f} min for {q['expert_bytes'] / GB:.1f} GB of bf16 expert weights at "
+                   f"{q['rate'] / 1e6:.1f} MB/s, + {q['read_seconds'] / 60:.1f} min reading them at "
+                   f"{q['read_bw'] / GB:.2f} GB/s")
+        out.append(f"  basis: {q['basis']}")
+    if hw.sources and hw.name == THIS_MACHINE:
+        out.append(f"measured: {hw.sources}")
     out += [f"note: {n}" for n in p.notes]
     return "\n".join(out)
+
+
+# ---- the engine's own bytes and this machine's quantizing rate (weights unread) -----------------------------
+
+PAGE = 4096  # a stored expert is read into a page-aligned buffer of its whole pages
+
+
+def engine_expert_bytes(hidden: int, intermediate: int, bits: int, group_size: int = 64,
+                        dtype: str = "float16") -> tuple[int, int] | None:
+    """One expert at `bits` as the engine stores it (the 4-bit store's codec, page-rounded span) and as its CPU
+    cache holds it (`store.cache.unit_bytes` of the unit `HQQCodec.decode` makes from zeros, the kernel
+    `make_linear` picks here: e.g. a 4-bit expert keeps its read buffer plus bf16 scales and zeros, ~1.12x
+    the stored bytes). None for 8/16-bit (costmodel's arithmetic holds there) or a group size the codec refuses."""
+    if bits >= 8:
+        return None
+    import torch
+
+    from .experts import ExpertShape
+    from .quant.codec import HQQCodec
+    from .quant.kernels import write_layout
+    from .store.cache import unit_bytes
+
+    try:
+        codec = HQQCodec({"name": "hqq", "bits": bits, "group_size": group_size, "quantizer": "rtn",
+                          **({"layout": write_layout()} if bits <= 4 else {})})
+        shape = ExpertShape(hidden, intermediate)
+        n = codec.nbytes(shape)
+        span = -(-n // PAGE) * PAGE
+        buf = torch.zeros(span, dtype=torch.uint8)
+        unit = codec.decode(buf[:n], shape, getattr(torch, dtype))
+    except (MoeError, ValueError, RuntimeError):
+        return None
+    return span, unit_bytes(unit)
+
+
+def quantize_rate(hidden: int, intermediate: int, bits: int = 4, quantizer: str = "hqq", group_size: int = 64,
+                  budget_s: float = 0.75, max_bytes: int = 32 << 20) -> dict:
+    """bf16 expert bytes/s that `quantize` encodes here: a slice of one expert (gate, up [i, hidden] and down
+    [hidden, i], i <= intermediate, a multiple of 64, sized from a first small encode to take about `budget_s`
+    and hold at most `max_bytes` of bf16 weights; the faster of two encodes where time allows)
+    encoded by the store's codec with `quantizer` (what `moe-offload quantize` runs per expert; the low-rank
+    correction off). Returns {rate, rows, seconds, bytes}."""
+    import time
+
+    import torch
+
+    from .quant.codec import HQQCodec
+    from .quant.kernels import write_layout
+
+    codec = HQQCodec({"name": "hqq", "bits": bits, "group_size": group_size, "quantizer": quantizer,
+                      **({"layout": write_layout()} if bits <= 4 else {})})
+    gen = torch.Generator().manual_seed(0)
+
+    def encode(i: int) -> float:
+        gate, up = (torch.randn(i, hidden, generator=gen).mul_(0.02).to(torch.bfloat16) for _ in range(2))
+        down = torch.randn(hidden, i, generator=gen).mul_(0.02).to(torch.bfloat16)
+        t0 = time.perf_counter()
+        codec.encode(gate, up, down)
+        return time.perf_counter() - t0
+
+    step = 64
+    first = min(intermediate, step)
+    t = encode(first)  # also warms the code paths
+    per_row = t / first
+    cap = max(step, max_bytes // (6 * hidden) // step * step)
+    rows = min(intermediate, cap, max(step, int(budget_s / max(per_row, 1e-9)) // step * step))
+    if rows > first:
+        t = encode(rows)
+        if t < 1.5 * budget_s:  # best of two: a shared machine's worst moments left out
+            t = min(t, encode(rows))
+    else:
+        rows = first
+        if t < budget_s:
+            t = min(t, encode(first))
+    nbytes = 3 * hidden * rows * 2
+    return {"rate": nbytes / t, "rows": rows, "seconds": t, "bytes": nbytes}
+
+
+def quantize_seconds(sizes: ModelSizes, rate: float, read_bw: float = 0.0) -> float:
+    """Seconds `quantize` needs for every routed expert of `sizes` (its bf16 bytes at `rate` bytes/s), plus
+    reading them once at `read_bw` (0: not counted)."""
+    src = 2 * sizes.routed_params
+    return src / rate + (src / read_bw if read_bw > 0 else 0.0)
 
 
 def _custom_profile(vram: int | None, ram: int) -> HardwareProfile:
@@ -352,7 +477,62 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=64, help="quantization group size")
     p.add_argument("--cache-policy", default="lru", help=f"{', '.join(POLICIES)} or opt")
     p.add_argument("--trace", default=None, help="recorded routing trace for the hit rate (default: synthetic Zipf)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"],
+                   help="this-machine: the engine's compute dtype its probes run in (default float16)")
+    p.add_argument("--threads", type=int, default=None, help="this-machine: torch threads for the probes")
+    p.add_argument("--quantizer", default="hqq", choices=["hqq", "rtn"],
+                   help="this-machine: the quantizer whose rate the `quantize` estimate probes (quantize's default: hqq)")
     p.add_argument("--json", action="store_true", help="one JSON object")
+
+
+def best_streamed(plan: Plan, sizes: ModelSizes, kw: dict, bits: list[int], profile_for) -> Plan:
+    """When experts stream from disk, the precision among `bits` with the best predicted serial decode, each
+    timed with its own probes (`profile_for(b)`: a 2-bit miss decodes its codes into int4 nibbles, which can cost
+    more than the read it saves). Keeps `plan` unless another precision is predicted faster; a note says which."""
+    if [b for b in bits if b != plan.expert_bits] == []:
+        return plan
+    plans = {b: make_plan(sizes, profile_for(b), **{**kw, "expert_bits": b})
+             for b in dict.fromkeys([plan.expert_bits, *bits])}
+    tok_s = {b: p.prediction.tok_s_serial for b, p in plans.items() if p.prediction}
+    best = max(tok_s, key=tok_s.get)
+    chosen = plans[best]
+    chosen.notes.append("streamed precision by predicted decode here: " + ", ".join(
+        f"{b}-bit {t:.3f} tok/s" for b, t in sorted(tok_s.items(), reverse=True))
+        + (f" -> {best}-bit" + (f" (the rule 'fewest bytes per read' alone gives {plan.expert_bits}-bit)"
+                                if best != plan.expert_bits else "")))
+    return chosen
+
+
+def engine_footprint(cfg: dict, group_size: int = 64, dtype: str = "float16"):
+    """make_plan's `footprint` for `cfg`'s experts on a CPU: engine_expert_bytes, once per precision."""
+    from .sim import expert_dims
+
+    D, I = expert_dims(cfg)
+    memo: dict[int, tuple[int, int] | None] = {}
+
+    def footprint(bits: int):
+        if bits not in memo:
+            memo[bits] = engine_expert_bytes(D, I, bits, group_size, dtype)
+        return memo[bits]
+
+    return footprint
+
+
+def _measured(a, sizes: ModelSizes, footprint) -> HardwareProfile:
+    """This machine measured for this model: the engine's dtype, its loader's reads (one 4-bit expert, two in
+    flight)."""
+    import torch
+
+    from .hardware import measure_this_machine
+
+    if a.threads is not None:
+        if a.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {a.threads}")
+        torch.set_num_threads(a.threads)
+    one = (footprint(4) or (sizes.expert_bytes(4, a.group_size),))[0]
+    streams = 2  # the loader's workers
+    return measure_this_machine(dtype=a.dtype, read_bytes=one, read_streams=streams,
+                                disk_bytes=max(128 << 20, 2 * streams * one))
 
 
 def run(a) -> int:
@@ -360,17 +540,52 @@ def run(a) -> int:
         print(format_profiles(list(PROFILES.values())))
         return 0
     if a.model is None:
-        raise UsageError("plan: give --model FOLDER (or --hardware list)")
+        raise UsageError("plan: give --model FOLDER or a known name (" + ", ".join(known_configs())
+                         + "), or --hardware list")
     cfg, name = read_model_config(a.model)
-    hw = resolve_hardware(a.hardware, vram=parse_size(a.vram), ram=parse_size(a.ram),
+    sizes = model_sizes(cfg)
+    vram, ram = parse_size(a.vram), parse_size(a.ram)
+    measure = a.hardware == THIS_MACHINE or (a.hardware is None and vram is None and ram is None)
+    footprint = engine_footprint(cfg, a.group_size, a.dtype)
+    hardware = _measured(a, sizes, footprint) if measure else a.hardware
+    hw = resolve_hardware(hardware, vram=vram, ram=ram,
                           disk_bw=parse_gbs(a.disk_bw, "--disk-bw"), device_bw=parse_gbs(a.device_bw, "--device-bw"),
                           link_bw=parse_gbs(a.link_bw, "--link-bw"), cpu_bw=parse_gbs(a.cpu_bw, "--cpu-bw"))
     trace = load_trace(a.trace) if a.trace else None
+    kw = dict(model=name, context=a.context, expert_bits=a.expert_bits, min_bits=a.min_bits,
+              group_size=a.group_size, policy=a.cache_policy, trace=trace, embed_bytes=sizes.embed_params * 2,
+              footprint=footprint if hw.device == "cpu" else None)  # the CPU engine's exact expert bytes
     try:
-        plan = make_plan(model_sizes(cfg), hw, model=name, context=a.context, expert_bits=a.expert_bits,
-                         min_bits=a.min_bits, group_size=a.group_size, policy=a.cache_policy, trace=trace)
+        if measure:  # time this model's expert calls at the precision the plan picks, then predict with them
+            first = make_plan(sizes, hw, predict=False, **kw)
+            from .sim import calibrate
+
+            memo: dict = {}
+            base = hw
+            hw, kw["embed_bytes"] = calibrate(base, cfg, a.dtype, first.expert_bits, a.group_size, memo)
+        plan = make_plan(sizes, hw, **kw)
+        if measure and a.expert_bits is None and plan.prediction and plan.row.on_disk:
+            plan = best_streamed(plan, sizes, kw, [b for b in (4, 3, 2) if b >= a.min_bits],
+                                 lambda b: calibrate(base, cfg, a.dtype, b, a.group_size, memo)[0])
     except PlanRefused as e:
         print(json.dumps(e.plan.to_dict()) if a.json else format_plan(e.plan))
         raise
+    if measure and plan.expert_bits < 16:
+        import torch
+
+        from .sim import expert_dims
+
+        D, I = expert_dims(cfg)
+        probe = quantize_rate(D, I, plan.expert_bits, a.quantizer, a.group_size)
+        read = quantize_seconds(sizes, math.inf, hw.disk_bw) if hw.disk_bw > 0 else 0.0
+        plan.quantize = {
+            "bits": plan.expert_bits, "quantizer": a.quantizer, "rate": probe["rate"],
+            "expert_bytes": 2 * sizes.routed_params, "seconds": quantize_seconds(sizes, probe["rate"]),
+            "read_bw": hw.disk_bw, "read_seconds": read, "probe": probe,
+            "basis": (f"{a.quantizer} encoded one {D} x {probe['rows']} slice of an expert "
+                      f"({probe['bytes'] / 1e6:.1f} MB of bf16 weights, gate, up and down) at {plan.expert_bits}-bit "
+                      f"g{a.group_size} in {probe['seconds']:.2f} s on {torch.get_num_threads()} threads, scaled by "
+                      f"the model's {sizes.n_routed} experts' bytes; the codec's compute only, a lower bound: whole "
+                      "`quantize` runs of Mixtral-8x7B's widths took 2-2.8x this (docs/simulator.md)")}
     print(json.dumps(plan.to_dict()) if a.json else format_plan(plan))
     return 0

@@ -217,6 +217,8 @@ class SimResult:
     t_link: float
     t_disk: float
     prefetch_recall: float | None = None  # share of used experts the trace's predictor proposed
+    t_experts: float = 0.0  # the expert calls' part of t_device
+    backbone_read_bytes: int = 0  # backbone bytes one token streams (the embedding table aside: one row)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -299,13 +301,20 @@ def _static_hot(trace: Trace, sizes, capacity: int, warmup: int) -> tuple[set, _
 def simulate(trace: Trace, hw: HardwareProfile, *, memory: int | None = None, host_memory: int | None = None,
              policy: str = "lru", expert_bits: int | None = None, group_size: int = 64, context: int = 0,
              warmup: int = 0, cpu_misses: bool = False, backbone_bytes: int | None = None,
-             kv_bytes_per_token: int | None = None) -> SimResult:
+             kv_bytes_per_token: int | None = None, embed_bytes: int = 0, stored_bytes: int | None = None,
+             computed_bytes_each: int | None = None) -> SimResult:
     """Replay `trace` on `hw` and apply the time model (docs/simulator.md).
 
     memory: device bytes for weights (backbone + expert cache), default the device's usable bytes minus the
     KV cache. host_memory: host RAM bytes for experts (GPU machines), default the usable host RAM.
     expert_bits: re-price experts at these bits from the trace's expert_params (default: the trace's bytes).
     cpu_misses: (GPU) pin the most used experts on the device and compute every miss on the CPU from RAM.
+    embed_bytes: the embedding table's bytes within the backbone: held, but a token reads one row of it, so
+    they are not streamed per token. With `hw.expert_call_s` set (the engine's unit timed at the model's shapes
+    and precision) every expert use costs that, else its bytes at `hw.device_bw`. Every disk read also costs
+    `hw.miss_cpu_s` (decoding the blob into a unit), on the miss path with the read.
+    stored_bytes / computed_bytes_each (with expert_bits): one expert's bytes as stored and as the CPU holds and
+    computes it, where the engine's exact figures are known (default: costmodel.quant_bytes).
     """
     if policy != "opt" and policy not in POLICIES:
         raise UsageError(f"unknown cache policy {policy!r}; choose one of: {', '.join([*POLICIES, 'opt'])}")
@@ -318,9 +327,9 @@ def simulate(trace: Trace, hw: HardwareProfile, *, memory: int | None = None, ho
     if expert_bits is not None:
         if trace.expert_params is None:
             raise UsageError("--expert-bits needs expert_params in the trace (weights per expert); this trace has none")
-        stored = quant_bytes(trace.expert_params, expert_bits, group_size)
+        stored = stored_bytes or quant_bytes(trace.expert_params, expert_bits, group_size)
         # a CPU computes 2/3-bit experts expanded to 4-bit: that is what sits in its memory and what it reads
-        computed = quant_bytes(trace.expert_params, cpu_compute_bits(expert_bits), group_size)
+        computed = computed_bytes_each or quant_bytes(trace.expert_params, cpu_compute_bits(expert_bits), group_size)
         resident = computed if cpu_device else stored
         resident_fn = lambda k: resident
         all_bytes = resident * len(trace.layers) * trace.n_experts
@@ -371,19 +380,22 @@ def simulate(trace: Trace, hw: HardwareProfile, *, memory: int | None = None, ho
     accesses = dev.hits + dev.misses
     entries = trace.entries(warmup)
     computed_bytes = sum(resident_fn(k) for entry in entries for k in dict.fromkeys(entry))
-    t_device = T * ((backbone + kv_total) / hw.device_bw + hw.token_overhead_s)
+    uses = sum(len(dict.fromkeys(entry)) for entry in entries)
+    backbone_read = max(0, backbone - embed_bytes)
+    t_device = T * ((backbone_read + kv_total) / hw.device_bw + hw.token_overhead_s)
     t_cpu = t_link = 0.0
     if cpu_misses:
         miss_read = dev.miss_bytes if expert_bits is None else dev.misses * computed
-        t_device += (computed_bytes - dev.miss_bytes) / hw.device_bw
+        t_experts = (computed_bytes - dev.miss_bytes) / hw.device_bw
         t_cpu = miss_read / hw.cpu_bw
         link_bytes = 0
     else:
-        t_device += computed_bytes / hw.device_bw
+        t_experts = uses * hw.expert_call_s if hw.expert_call_s > 0 else computed_bytes / hw.device_bw
         link_bytes = 0 if cpu_device else dev.miss_bytes
         if not cpu_device:
             t_link = link_bytes / hw.link_bw + dev.misses * hw.link_latency_s
-    t_disk = (disk_bytes / hw.disk_bw + disk.misses * hw.disk_latency_s) if disk.misses else 0.0
+    t_device += t_experts
+    t_disk = (disk_bytes / hw.disk_bw + disk.misses * (hw.disk_latency_s + hw.miss_cpu_s)) if disk.misses else 0.0
     if disk.misses and not hw.has_disk:
         raise MoeError(f"{disk.misses} expert reads from disk but hardware {hw.name!r} has no disk bandwidth")
 
@@ -396,7 +408,8 @@ def simulate(trace: Trace, hw: HardwareProfile, *, memory: int | None = None, ho
                      accesses=accesses, hits=dev.hits, misses=dev.misses, disk_reads=disk.misses,
                      link_bytes=link_bytes, disk_bytes=disk_bytes, expert_capacity=capacity, host_capacity=host_cap,
                      backbone_bytes=backbone, cpu_misses=cpu_misses, t_device=t_device, t_cpu=t_cpu, t_link=t_link,
-                     t_disk=t_disk, prefetch_recall=recall, notes=notes)
+                     t_disk=t_disk, prefetch_recall=recall, t_experts=t_experts, backbone_read_bytes=backbone_read,
+                     notes=notes)
 
 
 def format_result(r: SimResult) -> str:
@@ -406,7 +419,8 @@ def format_result(r: SimResult) -> str:
         f"backbone {r.backbone_bytes / GB:.3f} GB",
         f"hit rate {r.hit_rate:.4f} ({r.hits} hits, {r.misses} misses of {r.accesses}); {r.disk_reads} reads from "
         f"disk ({r.disk_bytes / GB:.3f} GB), {r.link_bytes / GB:.3f} GB over the link",
-        f"time per token: device {1e3 * r.t_device / r.tokens:.2f} ms (overhead included), CPU {1e3 * r.t_cpu / r.tokens:.2f} ms, "
+        f"time per token: device {1e3 * r.t_device / r.tokens:.2f} ms (experts {1e3 * r.t_experts / r.tokens:.2f}, "
+        f"overhead included), CPU {1e3 * r.t_cpu / r.tokens:.2f} ms, "
         f"link {1e3 * r.t_link / r.tokens:.2f} ms, disk {1e3 * r.t_disk / r.tokens:.2f} ms",
         f"predicted decode: {r.tok_s_serial:.2f} tok/s serial (no prefetch) .. {r.tok_s_overlap:.2f} tok/s with "
         f"transfers fully hidden (prefetch; bound by {r.bound})",
@@ -415,6 +429,66 @@ def format_result(r: SimResult) -> str:
         lines.append(f"trace predictor recall {r.prefetch_recall:.3f}")
     lines += [f"note: {n}" for n in r.notes]
     return "\n".join(lines)
+
+
+# ---- this machine, timed at a model's shapes -----------------------------------------------------------------
+
+
+def expert_dims(config: dict) -> tuple[int, int]:
+    """(hidden, intermediate) of one routed expert of `config`'s model (built on the meta device)."""
+    import torch
+
+    from .models import build
+
+    with torch.device("meta"):
+        _, skel = build({k: v for k, v in config.items() if k not in ("rope_scaling", "rope_parameters")})
+    return skel.expert_shape.hidden, skel.expert_shape.intermediate
+
+
+def calibrate(hw: HardwareProfile, config: dict, dtype: str = "float16", bits: int | None = None,
+              group_size: int = 64, memo: dict | None = None) -> tuple[HardwareProfile, int]:
+    """`hw` (a measured profile) timed for `config`'s model here: the expert GEMV bytes/s at its shapes
+    (`expert_gemv_bw`, 16-bit) or, for `bits` < 16, one expert call through the engine's quantized unit and
+    kernel (`expert_call_seconds`: the 4-bit codec's `make_linear`, call overhead included); the per-token
+    overhead of the architecture at toy widths. Returns (profile, bytes of the embedding table in `dtype`, of
+    which a token reads one row). `memo`: a dict kept between calls for one model, so each probe runs once."""
+    import torch
+
+    from .models.sizes import model_sizes
+
+    memo = {} if memo is None else memo
+
+    def once(key, fn):
+        if key not in memo:
+            memo[key] = fn()
+        return memo[key]
+
+    D, I = expert_dims(config)
+    dev = hw.device
+    over = once("overhead", lambda: measure_token_overhead(config, dtype, device=dev))
+    embed = model_sizes(config).embed_params * getattr(torch, dtype).itemsize
+    src = hw.sources
+    if bits is not None and bits < 16:
+        from .costmodel import cpu_compute_bits
+        from .hardware import expert_call_seconds
+
+        kb = cpu_compute_bits(bits) if dev == "cpu" else bits
+        call = once(("call", kb), lambda: expert_call_seconds(D, I, kb, dtype, device=dev))
+        hw = replace(hw, expert_call_s=call)
+        src += (f"; one {kb}-bit expert call at D={D} I={I} (the engine's unit, make_linear's kernel) "
+                f"{1e3 * call:.2f} ms")
+        if dev == "cpu":
+            from .hardware import expert_decode_seconds
+
+            dec = once(("decode", bits), lambda: expert_decode_seconds(D, I, bits, dtype))
+            hw = replace(hw, miss_cpu_s=dec)
+            src += f"; decoding a missed {bits}-bit expert into its unit {1e3 * dec:.2f} ms"
+    else:
+        bw = once("gemv", lambda: expert_gemv_bw(D, I, dtype, device=dev))  # CUDA: the GPU's GEMV, not the CPU's
+        hw = replace(hw, device_bw=bw, cpu_bw=bw if dev == "cpu" else hw.cpu_bw)
+        src += f"; expert GEMV at D={D} I={I} {bw / GB:.1f} GB/s"
+    src += f"; per-token overhead {1e3 * over:.2f} ms (the architecture at toy widths)"
+    return replace(hw, token_overhead_s=over, sources=src), embed
 
 
 # ---- command line ------------------------------------------------------------------------------------------
@@ -465,36 +539,34 @@ def run(a) -> int:
     if a.trace is None:
         raise UsageError("simulate: give --trace FILE (or --hardware list)")
     trace = load_trace(a.trace)
+    embed_bytes = 0
+    exact: dict = {}
     if a.read_streams < 1 or (a.threads is not None and a.threads < 1):
         raise UsageError("--read-streams and --threads must be >= 1")
+    config = (trace.meta or {}).get("config")
+    if config and a.expert_bits is not None and a.expert_bits < 16:  # re-priced: the engine's own bytes
+        from .models.sizes import model_sizes
+        from .plan import engine_expert_bytes
+
+        if trace.expert_params is None:
+            trace = replace(trace, expert_params=model_sizes(config).expert_params)
+        e = engine_expert_bytes(*expert_dims(config), a.expert_bits, a.group_size, a.dtype)
+        if e is not None:
+            exact = {"stored_bytes": e[0], "computed_bytes_each": e[1]}
     if a.hardware == THIS_MACHINE:  # measured the way this trace's model would run here
         import torch
 
         if a.threads:
             torch.set_num_threads(a.threads)
         sizes = np.asarray(trace.expert_bytes)
-        one = int(sizes.mean())
+        one = exact.get("stored_bytes") or int(sizes.mean())
         hw = measure_this_machine(dtype=a.dtype, read_bytes=one, read_streams=a.read_streams,
                                   disk_bytes=max(128 << 20, 4 * a.read_streams * one))
-        config = (trace.meta or {}).get("config")
         if config:  # the trace names its model: time its expert shapes and its per-token fixed cost here
             try:
-                from .models import build
-
-                with torch.device("meta"):
-                    _, skel = build(config)
-                shape = skel.expert_shape
-                # on CUDA: the GPU's own GEMV and per-token launch cost, not the CPU's
-                bw = expert_gemv_bw(shape.hidden, shape.intermediate, a.dtype, device=hw.device)
-                over = measure_token_overhead(config, a.dtype, device=hw.device)
+                hw, embed_bytes = calibrate(hw, config, a.dtype, a.expert_bits, a.group_size)
             except Exception as e:  # an architecture the toy build cannot shrink: keep the generic profile
                 print(f"simulate: note: per-token overhead not measured ({type(e).__name__}: {e})", file=sys.stderr)
-            else:
-                cpu_bw = bw if hw.device == "cpu" else hw.cpu_bw  # on CUDA the CPU GEMV stays the CPU's
-                hw = replace(hw, device_bw=bw, cpu_bw=cpu_bw, token_overhead_s=over,
-                             sources=hw.sources + f"; expert GEMV at D={shape.hidden} I={shape.intermediate} "
-                             f"{bw / GB:.1f} GB/s; per-token overhead {1e3 * over:.2f} ms (the architecture at "
-                             f"toy widths)")
     else:
         hw = get_profile(a.hardware)
     if a.disk_bw is not None:
@@ -502,7 +574,8 @@ def run(a) -> int:
     warmup = min(64, trace.tokens // 4) if a.warmup is None else a.warmup
     r = simulate(trace, hw, memory=parse_size(a.memory), host_memory=parse_size(a.host_memory),
                  policy=a.cache_policy, expert_bits=a.expert_bits, group_size=a.group_size, context=a.context,
-                 warmup=warmup, cpu_misses=a.cpu_misses, backbone_bytes=parse_size(a.backbone_bytes))
+                 warmup=warmup, cpu_misses=a.cpu_misses, backbone_bytes=parse_size(a.backbone_bytes),
+                 embed_bytes=embed_bytes, **exact)
     if a.json:
         print(json.dumps(r.to_dict()))
     else:
