@@ -1115,6 +1115,17 @@ def markdown(res: dict) -> str:
 
 
 X_LABEL = "memory budget: backbone + this % of the 16-bit expert bytes"
+X_LABELS = {4: "memory budget: the 4-bit model's backbone + this % of its 4-bit expert bytes",
+            "gguf": "memory budget: the converted store's backbone + this % of its expert bytes"}
+
+
+def budget_base(res: dict) -> int | str:
+    """What a row's budget % counts: 16 / 4 (the 16- or 4-bit model's bytes; mixed budgets count as 16 on one
+    axis, as before) or "gguf" (the store converted from a GGUF file: its codes as kept, its dense parts)."""
+    if str(res.get("hf", "")).lower().endswith(".gguf"):
+        return "gguf"
+    bits = {b.get("bits", 16) for b in res.get("budgets") or []}
+    return 4 if bits == {4} else 16
 
 
 def series_label(r: dict) -> str:
@@ -1148,7 +1159,9 @@ def plot_data(res: dict) -> dict:
     replay = {pol: sorted((float(p), v) for p, v in d.items() if v is not None)
               for pol, d in (res.get("replay") or {}).items()}
     ticks = sorted({x for pts in speed.values() for x, *_ in pts})
-    return {"x_label": X_LABEL, "x_ticks": ticks, "x_lim": (0.0, 105.0),
+    base = budget_base(res)
+    return {"x_label": X_LABELS.get(base, X_LABEL), "x_ticks": ticks,
+            "limit_label": f"bandwidth limit ({'16-bit' if base == 16 else '4-bit' if base == 4 else 'store'} bytes)", "x_lim": (0.0, 105.0),
             "speed": {k: sorted(v) for k, v in speed.items()}, "limit": limit,
             "hits": {k: sorted(v) for k, v in hits.items()}, "replay": replay}
 
@@ -1188,7 +1201,7 @@ def plots(res: dict, out: Path) -> list[str]:
     for name, pts in d["speed"].items():
         _errorbar(ax, pts, label=name)
     if d["limit"]:
-        ax.plot(*zip(*d["limit"]), "k--", label="bandwidth limit (16-bit bytes)")
+        ax.plot(*zip(*d["limit"]), "k--", label=d["limit_label"])
     ax.set_yscale("log")
     made.append(finish(ax, fig, "tok_s_vs_budget.png", "decode speed vs memory budget",
                        "decode tok/s: median, bars min-max of the prompts"))

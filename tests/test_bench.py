@@ -155,6 +155,19 @@ def test_plot_data_one_series_per_store_with_ranges_on_one_x_axis():
     assert d["x_ticks"] == [50.0, 100.0] and "% of the 16-bit expert bytes" in d["x_label"]
 
 
+def test_plot_axis_says_which_model_a_budget_percentage_counts():
+    rows = [_measured("q4 50 %", 50.0, "us-lru-q4", [8.0], bits=4, hits=[(10, 0)])]
+    res = {"rows": rows, "limits": {"per_budget": {"q4 50 %": {"pct": 50.0, "tok_s": 8.0}}},
+           "budgets": [{"label": "q4 50 %", "pct": 50.0, "bits": 4}]}
+    d = bench.plot_data(res)
+    assert "4-bit expert bytes" in d["x_label"] and "16-bit" not in d["x_label"]
+    assert d["limit_label"] == "bandwidth limit (4-bit bytes)"
+    d = bench.plot_data({**res, "hf": "/x/model-q4_k_m.gguf", "budgets": [{"label": "900 MiB", "bits": 16}]})
+    assert "converted store" in d["x_label"] and d["limit_label"] == "bandwidth limit (store bytes)"
+    res["budgets"].append({"label": "50 %", "pct": 50.0, "bits": 16})  # mixed: the 16-bit axis, as before
+    assert "16-bit expert bytes" in bench.plot_data(res)["x_label"]
+
+
 def test_plots_render_with_the_same_x_axis(tmp_path):
     pytest.importorskip("matplotlib")
     rows = [_measured("50 %", 50.0, "us-lru", [4.0, 5.0, 7.0], hits=[(6, 4)] * 3),
