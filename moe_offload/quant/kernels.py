@@ -1,6 +1,12 @@
 """Matmul over quantized weights, per device: y [M, N] = x [M, K] @ W^T with W = (q − c)·s + m.
 
 CPU, batch-1 decode (M <= dense_rows):
+  b <= 4   native4: quant/native/q4.c, an AVX2+FMA kernel compiled on first use (cc, cached per user) and
+           called through ctypes; codes in its row-major order "r64" (what quantize writes where it loads), the
+           activations rounded to int8 per group inside (llama.cpp's Q8 approach: ~0.6 % relative output
+           error on Gaussian data, perplexity in docs/quality.md). 2-4.5x torch's int4pack at M = 1
+           (`scripts/native_q4_bench.py`, docs/perf.md). Used when it loads; MOE_OFFLOAD_NATIVE=0, no AVX2/FMA,
+           no compiler or a failed build: silently the torch kernel below (a debug log line says why).
   b <= 4   torch.ops.aten._weight_int4pack_mm_for_cpu (bf16 activations; other dtypes are converted in and
            out, as fp32/fp16 activations run the kernel 30× slower). 2/3-bit codes are < 8, so they fit the
            int4 layout unchanged: the compact bit planes are expanded to nibbles once, when the unit is made.
