@@ -80,19 +80,20 @@ def test_native_kernel_matches_the_reference_up_to_activation_rounding(N, K, g, 
 
 @needs_native
 def test_native_kernel_is_deterministic_across_threads_and_prefill_takes_the_dense_path():
-    W = torch.randn(200, 256, generator=gen(5))
+    W = torch.randn(1100, 512, generator=gen(5))  # 275 KiB of codes: past q4.c's one-thread size
     q = hqq.quantize(W, 4, 64)
     lin = make_linear(PackedMatrix.from_quantized(q, NATIVE_LAYOUT), dense_rows=8)
-    x = torch.randn(9, 256, generator=gen(6))
+    x = torch.randn(9, 512, generator=gen(6))
     before = torch.get_num_threads()
     try:
         outs = []
         for t in (1, 2):
             torch.set_num_threads(t)
-            outs.append(lin(x[:8]))
+            outs += [lin(x[:1]), lin(x[:8])]
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(outs[0], outs[1])  # rows are split over threads, each row summed by one
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])  # rows split over threads, each
+    # row summed by one thread in a fixed order
     assert rel(lin(x), x @ q.dequantize().t()) < 1e-6  # 9 > dense_rows: dequantise + dense GEMM
 
 

@@ -18,6 +18,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#define Q4_PARALLEL_BYTES (256u << 10) /* code bytes × rows below which one thread does the call */
+
 static inline float bf2f(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
@@ -320,6 +322,9 @@ int q4_mm(const void *x, void *y, int xbf16, int M, int N, int K, int gs, const 
         quantize_row((const char *)x + esz * (size_t)i * K, xbf16, K, gs, xq + (size_t)i * K, dx + (size_t)i * G,
                      xs + (size_t)i * G);
     const size_t rb = (size_t)K / 2;
+    /* small calls stay on the caller's thread: a fork/join costs more than they do (and on a busy machine a
+     * descheduled second thread stalls the call for a whole time slice) */
+    if ((size_t)N * rb * (size_t)M < Q4_PARALLEL_BYTES) nthreads = 1;
     const int tiles = M == 1 && sn == 2 ? N / 4 : 0; /* decode: four rows at a time; the rest one by one */
     const int rows = N - 4 * tiles, units = tiles + rows;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
