@@ -75,7 +75,9 @@ def test_native_kernel_matches_the_reference_up_to_activation_rounding(N, K, g, 
         yb = lin(x.to(torch.bfloat16))
         assert yb.dtype == torch.bfloat16
         assert rel(yb, rounded(x.to(torch.bfloat16), g) @ ref.t()) < 8e-3  # + bf16 output rounding
-        assert torch.equal(lin(x.half()), lin(x.half().float()).half())  # other dtypes go through fp32
+        yh = lin(x.half())  # fp16 in and out, rounded once (as torch's .to(float16))
+        assert yh.dtype == torch.float16 and torch.equal(yh, lin(x.half().float()).half())
+        assert torch.equal(lin(x.double()), lin(x).double())  # other dtypes go through fp32
 
 
 @needs_native

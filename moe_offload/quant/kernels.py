@@ -387,6 +387,9 @@ class Int4Linear(DequantLinear):
         return mm(x.to(torch.bfloat16), self.w, self.pm.group_size, self.sz).to(x.dtype)
 
 
+NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # q4.c's Q4_F32, Q4_BF16, Q4_F16
+
+
 class NativeQ4Linear(DequantLinear):
     """The native AVX2 kernel (quant/native/q4.c) for b <= 4, over nibbles in its row-major order "r64": 4-bit
     codes stored in that order are a view of the stored bytes; other orders and 2/3-bit codes become one new
@@ -419,10 +422,10 @@ class NativeQ4Linear(DequantLinear):
         if M > self.dense_rows or M == 0:
             return super().__call__(x)
         dt = x.dtype
-        xc = x.contiguous() if dt is torch.bfloat16 or dt is torch.float32 else x.float().contiguous()
+        code = NATIVE_DTYPES.get(dt)
+        xc = x.contiguous() if code is not None else x.float().contiguous()
         y = xc.new_empty(M, self.N)
-        rc = self.call(xc.data_ptr(), y.data_ptr(), xc.dtype is torch.bfloat16, M, self.args,
-                       torch.get_num_threads())
+        rc = self.call(xc.data_ptr(), y.data_ptr(), code or 0, M, self.args, torch.get_num_threads())
         if rc:
             raise RuntimeError(f"native q4 kernel refused {self.N}x{self.pm.K} g{self.pm.group_size} (code {rc})")
         return y if y.dtype is dt else y.to(dt)

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("q4.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
-VERSION = 3  # q4_version() of the source this module's signatures match
+VERSION = 4  # q4_version() of the source this module's signatures match
 
 
 class Matrix(ctypes.Structure):
