@@ -9,7 +9,8 @@ Per shape (N×K, 4-bit codes, bf16 activations as the engine's compute dtype), r
 ms per call of each system and GB/s of 4-bit code bytes (N·K/2 / time), and the median CPU ms per call (the
 process's CPU time: what a call costs without the time it sat descheduled on a busy machine). The two systems
 are interleaved call by call (the machine is shared and noisy), so the ratios torch/native of one row are
-measured under the same load. --overhead adds a 32×64 matrix: the fixed cost per call (ctypes, activation rounding, allocation).
+measured under the same load. --overhead adds a 32×64 matrix: the fixed cost per call (ctypes, activation
+rounding, allocation).
 The matrices are random (RTN, bf16 meta): the kernels' speed does not depend on the values.
 --errors: instead of timings, each system's output error against the fp32 reference x @ W_deq^T (W_deq the
 dequantised fp32 weights: what both kernels approximate) over --rows rows of Gaussian and of heavy-tailed
@@ -27,7 +28,14 @@ import time
 import torch
 
 from moe_offload.quant.hqq import quantize
-from moe_offload.quant.kernels import NATIVE_LAYOUT, Int4Linear, NativeQ4Linear, PackedMatrix, host_layout, native_available
+from moe_offload.quant.kernels import (
+    NATIVE_LAYOUT,
+    Int4Linear,
+    NativeQ4Linear,
+    PackedMatrix,
+    host_layout,
+    native_available,
+)
 
 
 def shape_list(text: str) -> list[tuple[int, int]]:
@@ -54,7 +62,8 @@ def bench(fns: dict, reps: int) -> tuple[dict[str, float], dict[str, float]]:
 def errors(shapes: list[tuple[int, int]], M: int, group: int) -> int:
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)  # (torch.distributions draws from the global generator)
-    print(f"{'N x K':>12} {'x':>9} {'torch rel':>10} {'native rel':>10} {'torch max/rms':>13} {'native max/rms':>14}")
+    print(f"{'N x K':>12} {'x':>9} {'torch rel':>10} {'native rel':>10} {'torch max/rms':>13} "
+          f"{'native max/rms':>14}")
     for N, K in shapes:
         q = quantize(torch.randn(N, K, generator=g), 4, group, 16, "rtn")
         lins = {"torch": Int4Linear(PackedMatrix.from_quantized(q, host_layout()), dense_rows=M),
@@ -67,8 +76,8 @@ def errors(shapes: list[tuple[int, int]], M: int, group: int) -> int:
             e = {k: lin(x.to(torch.bfloat16)).float() - ref for k, lin in lins.items()}
             rel = {k: float(v.norm() / ref.norm()) for k, v in e.items()}
             mx = {k: float(v.abs().max() / rms) for k, v in e.items()}
-            print(f"{N:>6}x{K:<5} {name:>9} {rel['torch']:>10.5f} {rel['native']:>10.5f} {mx['torch']:>13.4f} "
-                  f"{mx['native']:>14.4f}", flush=True)
+            print(f"{N:>6}x{K:<5} {name:>9} {rel['torch']:>10.5f} {rel['native']:>10.5f} "
+                  f"{mx['torch']:>13.4f} {mx['native']:>14.4f}", flush=True)
     return 0
 
 
@@ -84,7 +93,8 @@ def main(argv=None) -> int:
     ap.add_argument("--errors", action="store_true")
     a = ap.parse_args(argv)
     if not native_available() or host_layout() is None:
-        print("needs both the native kernel (a C compiler, AVX2+FMA) and torch's int4pack kernel", file=sys.stderr)
+        print("needs both the native kernel (a C compiler, AVX2+FMA) and torch's int4pack kernel",
+              file=sys.stderr)
         return 2
     if a.errors:
         return errors(shape_list(a.shapes), int(a.rows.split(",")[-1]), a.group)
@@ -116,7 +126,8 @@ def main(argv=None) -> int:
                 out.append(r)
                 print(f"{N:>6}x{K:<5} {M:>3} {t:>3} {r['torch_ms']:>9.3f} {r['native_ms']:>9.3f} "
                       f"{r['torch_gbps']:>10.2f} {r['native_gbps']:>11.2f} {r['speedup']:>7.2f}x "
-                      f"{r['torch_cpu_ms']:>9.3f} {r['native_cpu_ms']:>9.3f} {r['cpu_speedup']:>7.2f}x", flush=True)
+                      f"{r['torch_cpu_ms']:>9.3f} {r['native_cpu_ms']:>9.3f} {r['cpu_speedup']:>7.2f}x",
+                      flush=True)
     torch.set_num_threads(before)
     if a.json:
         with open(a.json, "w") as f:

@@ -123,7 +123,8 @@ def test_native_off_or_no_compiler_falls_back_to_torch(monkeypatch, tmp_path):
     q = hqq.quantize(W, 4, 64)
     x = torch.randn(2, 128, generator=gen(8))
     bogus = tmp_path / "bogus-cc"
-    bogus.write_text("#!/bin/sh\n[ \"$1\" = --version ] && { echo bogus 1.0; exit 0; }\necho broken >&2; exit 1\n")
+    bogus.write_text("#!/bin/sh\n[ \"$1\" = --version ] && { echo bogus 1.0; exit 0; }\n"
+                     "echo broken >&2; exit 1\n")
     bogus.chmod(bogus.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("MOE_OFFLOAD_NATIVE_CACHE", str(tmp_path / "cache"))
     for env in ({"MOE_OFFLOAD_NATIVE": "0"}, {"CC": "false"}, {"CC": str(tmp_path / "no-such-cc")},
@@ -159,7 +160,7 @@ def test_a_native_4bit_unit_holds_the_blob_once_and_every_order_agrees(meta_bits
         views = [t for t in tensors if t.untyped_storage().data_ptr() == blob.untyped_storage().data_ptr()]
         meta = sum(pm.sz.numel() * 2 for pm in codec.packed(blob, shape))
         codes = sum(pm.N * pm.K // 2 for pm in codec.packed(blob, shape))
-        if layout == NATIVE_LAYOUT:  # a view of the blob: resident bytes == stored bytes (+ decoded 8-bit meta)
+        if layout == NATIVE_LAYOUT:  # a view of the blob: resident == stored bytes (+ decoded 8-bit meta)
             assert views and storage_bytes(tensors) == blob.numel() + (meta if meta_bits == 8 else 0)
         else:  # reordered once: the codes' copy and the meta, nothing of the blob
             assert not views and storage_bytes(tensors) == codes + meta

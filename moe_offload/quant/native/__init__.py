@@ -106,7 +106,8 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([*cmd, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([*cmd, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                           timeout=120)
         if r.returncode:
             raise OSError(f"{cc} failed: {r.stderr.strip()[-500:]}")
         os.replace(tmp, out)  # atomic: a concurrent build of the same key writes identical bytes
