@@ -173,3 +173,18 @@ def test_a_native_4bit_unit_holds_the_blob_once_and_every_order_agrees(meta_bits
 def test_quantize_writes_r64_when_the_native_kernel_loads(monkeypatch):
     monkeypatch.delenv("MOE_OFFLOAD_INT4_LAYOUT", raising=False)
     assert write_layout() == NATIVE_LAYOUT
+
+
+@needs_native
+def test_concurrent_first_builds_share_one_cached_library(tmp_path, child_env):
+    """Two processes compiling into an empty cache at once: both load a kernel, one .so, no temporary left."""
+    import subprocess
+    import sys
+
+    env = {**child_env, "MOE_OFFLOAD_NATIVE_CACHE": str(tmp_path)}
+    code = "from moe_offload.quant import native; assert native.lib() is not None; print('ok')"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 and o.strip() == "ok" for p, (o, _) in zip(procs, outs)), outs
+    assert len(list(tmp_path.glob("q4-*.so"))) == 1 and not list(tmp_path.glob("*.tmp"))
