@@ -183,8 +183,8 @@ def test_concurrent_first_builds_share_one_cached_library(tmp_path, child_env):
 
     env = {**child_env, "MOE_OFFLOAD_NATIVE_CACHE": str(tmp_path)}
     code = "from moe_offload.quant import native; assert native.lib() is not None; print('ok')"
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 and o.strip() == "ok" for p, (o, _) in zip(procs, outs)), outs
     assert len(list(tmp_path.glob("q4-*.so"))) == 1 and not list(tmp_path.glob("*.tmp"))
