@@ -3,12 +3,18 @@ one matrix at a time, at Mixtral-8x7B's and Qwen3-30B-A3B's expert widths.
 
     PYTHONPATH=. python scripts/native_q4_bench.py [--shapes 14336x4096,4096x14336,768x2048,2048x768]
         [--rows 1,4,16] [--threads 1,2] [--group 64] [--reps 15] [--overhead] [--json out.json]
+    PYTHONPATH=. python scripts/native_q4_bench.py --errors [--shapes ...] [--rows 16]
 
 Per shape (N×K, 4-bit codes, bf16 activations as the engine's compute dtype), rows M and threads: the median
-ms per call of each system and GB/s of 4-bit code bytes (N·K/2 / time). The two systems are interleaved call
-by call (the machine is shared and noisy), so the ratio torch/native of one row is measured under the same
-load. --overhead adds a 32×64 matrix: the fixed cost per call (ctypes, activation rounding, allocation).
+ms per call of each system and GB/s of 4-bit code bytes (N·K/2 / time), and the median CPU ms per call (the
+process's CPU time: what a call costs without the time it sat descheduled on a busy machine). The two systems
+are interleaved call by call (the machine is shared and noisy), so the ratios torch/native of one row are
+measured under the same load. --overhead adds a 32×64 matrix: the fixed cost per call (ctypes, activation
+rounding, allocation).
 The matrices are random (RTN, bf16 meta): the kernels' speed does not depend on the values.
+--errors: instead of timings, each system's output error against the fp32 reference x @ W_deq^T (W_deq the
+dequantised fp32 weights: what both kernels approximate) over --rows rows of Gaussian and of heavy-tailed
+(Student-t, 3 dof) activations: relative Frobenius error, and the largest |error| over the reference's RMS.
 """
 
 from __future__ import annotations
@@ -22,24 +28,57 @@ import time
 import torch
 
 from moe_offload.quant.hqq import quantize
-from moe_offload.quant.kernels import NATIVE_LAYOUT, Int4Linear, NativeQ4Linear, PackedMatrix, host_layout, native_available
+from moe_offload.quant.kernels import (
+    NATIVE_LAYOUT,
+    Int4Linear,
+    NativeQ4Linear,
+    PackedMatrix,
+    host_layout,
+    native_available,
+)
 
 
 def shape_list(text: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in s.split("x")) for s in text.split(",") if s]
 
 
-def bench(fns: dict, reps: int) -> dict[str, float]:
-    """Median seconds per call of each fn, interleaved call by call after a warm-up."""
-    times = {k: [] for k in fns}
+def bench(fns: dict, reps: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall and CPU seconds per call of each fn, interleaved call by call after a warm-up. CPU time is
+    the process's (all its threads, spinning ones included): on a shared machine it leaves out the time the
+    call spent descheduled, which wall time counts."""
+    wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
     for fn in fns.values():
         fn()
     for _ in range(reps):
         for k, fn in fns.items():
-            t = time.perf_counter()
+            c, t = time.process_time(), time.perf_counter()
             fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+            wall[k].append(time.perf_counter() - t)
+            cpu[k].append(time.process_time() - c)
+    med = lambda d: {k: statistics.median(v) for k, v in d.items()}  # noqa: E731
+    return med(wall), med(cpu)
+
+
+def errors(shapes: list[tuple[int, int]], M: int, group: int) -> int:
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # (torch.distributions draws from the global generator)
+    print(f"{'N x K':>12} {'x':>9} {'torch rel':>10} {'native rel':>10} {'torch max/rms':>13} "
+          f"{'native max/rms':>14}")
+    for N, K in shapes:
+        q = quantize(torch.randn(N, K, generator=g), 4, group, 16, "rtn")
+        lins = {"torch": Int4Linear(PackedMatrix.from_quantized(q, host_layout()), dense_rows=M),
+                "native": NativeQ4Linear(PackedMatrix.from_quantized(q, NATIVE_LAYOUT), dense_rows=M)}
+        W = q.dequantize()
+        for name, x in (("gaussian", torch.randn(M, K, generator=g)),
+                        ("student-t", torch.distributions.StudentT(3.0).sample((M, K)))):
+            ref = x @ W.t()
+            rms = ref.pow(2).mean().sqrt()
+            e = {k: lin(x.to(torch.bfloat16)).float() - ref for k, lin in lins.items()}
+            rel = {k: float(v.norm() / ref.norm()) for k, v in e.items()}
+            mx = {k: float(v.abs().max() / rms) for k, v in e.items()}
+            print(f"{N:>6}x{K:<5} {name:>9} {rel['torch']:>10.5f} {rel['native']:>10.5f} "
+                  f"{mx['torch']:>13.4f} {mx['native']:>14.4f}", flush=True)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -51,10 +90,14 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--overhead", action="store_true")
     ap.add_argument("--json")
+    ap.add_argument("--errors", action="store_true")
     a = ap.parse_args(argv)
     if not native_available() or host_layout() is None:
-        print("needs both the native kernel (a C compiler, AVX2+FMA) and torch's int4pack kernel", file=sys.stderr)
+        print("needs both the native kernel (a C compiler, AVX2+FMA) and torch's int4pack kernel",
+              file=sys.stderr)
         return 2
+    if a.errors:
+        return errors(shape_list(a.shapes), int(a.rows.split(",")[-1]), a.group)
     shapes = shape_list(a.shapes) + ([(32, 64)] if a.overhead else [])
     rows = [int(r) for r in a.rows.split(",")]
     threads = [int(t) for t in a.threads.split(",")]
@@ -62,7 +105,7 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
     out = []
     print(f"{'N x K':>12} {'M':>3} {'thr':>3} {'torch ms':>9} {'native ms':>9} {'torch GB/s':>10} "
-          f"{'native GB/s':>11} {'speed-up':>8}", flush=True)
+          f"{'native GB/s':>11} {'speed-up':>8} {'torch cpu':>9} {'native cpu':>9} {'cpu ×':>8}", flush=True)
     for N, K in shapes:
         q = quantize(torch.randn(N, K, generator=g), 4, a.group, 16, "rtn")
         lins = {"torch": Int4Linear(PackedMatrix.from_quantized(q, host_layout()), dense_rows=max(rows)),
@@ -73,14 +116,18 @@ def main(argv=None) -> int:
             x = torch.randn(M, K, generator=g).to(torch.bfloat16)
             for t in threads:
                 torch.set_num_threads(t)
-                med = bench({k: (lambda lin=lin: lin(x)) for k, lin in lins.items()}, a.reps)
+                med, cpu = bench({k: (lambda lin=lin: lin(x)) for k, lin in lins.items()}, a.reps)
                 r = {"N": N, "K": K, "M": M, "threads": t, "group": a.group,
                      **{f"{k}_ms": 1e3 * v for k, v in med.items()},
                      **{f"{k}_gbps": nbytes / v / 1e9 for k, v in med.items()},
-                     "speedup": med["torch"] / med["native"]}
+                     "speedup": med["torch"] / med["native"],
+                     **{f"{k}_cpu_ms": 1e3 * v for k, v in cpu.items()},
+                     "cpu_speedup": cpu["torch"] / max(cpu["native"], 1e-9)}
                 out.append(r)
                 print(f"{N:>6}x{K:<5} {M:>3} {t:>3} {r['torch_ms']:>9.3f} {r['native_ms']:>9.3f} "
-                      f"{r['torch_gbps']:>10.2f} {r['native_gbps']:>11.2f} {r['speedup']:>7.2f}x", flush=True)
+                      f"{r['torch_gbps']:>10.2f} {r['native_gbps']:>11.2f} {r['speedup']:>7.2f}x "
+                      f"{r['torch_cpu_ms']:>9.3f} {r['native_cpu_ms']:>9.3f} {r['cpu_speedup']:>7.2f}x",
+                      flush=True)
     torch.set_num_threads(before)
     if a.json:
         with open(a.json, "w") as f:

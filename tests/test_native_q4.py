@@ -75,24 +75,27 @@ def test_native_kernel_matches_the_reference_up_to_activation_rounding(N, K, g, 
         yb = lin(x.to(torch.bfloat16))
         assert yb.dtype == torch.bfloat16
         assert rel(yb, rounded(x.to(torch.bfloat16), g) @ ref.t()) < 8e-3  # + bf16 output rounding
-        assert torch.equal(lin(x.half()), lin(x.half().float()).half())  # other dtypes go through fp32
+        yh = lin(x.half())  # fp16 in and out, rounded once (as torch's .to(float16))
+        assert yh.dtype == torch.float16 and torch.equal(yh, lin(x.half().float()).half())
+        assert torch.equal(lin(x.double()), lin(x).double())  # other dtypes go through fp32
 
 
 @needs_native
 def test_native_kernel_is_deterministic_across_threads_and_prefill_takes_the_dense_path():
-    W = torch.randn(200, 256, generator=gen(5))
+    W = torch.randn(1100, 512, generator=gen(5))  # 275 KiB of codes: past q4.c's one-thread size
     q = hqq.quantize(W, 4, 64)
     lin = make_linear(PackedMatrix.from_quantized(q, NATIVE_LAYOUT), dense_rows=8)
-    x = torch.randn(9, 256, generator=gen(6))
+    x = torch.randn(9, 512, generator=gen(6))
     before = torch.get_num_threads()
     try:
         outs = []
         for t in (1, 2):
             torch.set_num_threads(t)
-            outs.append(lin(x[:8]))
+            outs += [lin(x[:1]), lin(x[:8])]
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(outs[0], outs[1])  # rows are split over threads, each row summed by one
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])  # rows split over threads, each
+    # row summed by one thread in a fixed order
     assert rel(lin(x), x @ q.dequantize().t()) < 1e-6  # 9 > dense_rows: dequantise + dense GEMM
 
 
@@ -120,7 +123,8 @@ def test_native_off_or_no_compiler_falls_back_to_torch(monkeypatch, tmp_path):
     q = hqq.quantize(W, 4, 64)
     x = torch.randn(2, 128, generator=gen(8))
     bogus = tmp_path / "bogus-cc"
-    bogus.write_text("#!/bin/sh\n[ \"$1\" = --version ] && { echo bogus 1.0; exit 0; }\necho broken >&2; exit 1\n")
+    bogus.write_text("#!/bin/sh\n[ \"$1\" = --version ] && { echo bogus 1.0; exit 0; }\n"
+                     "echo broken >&2; exit 1\n")
     bogus.chmod(bogus.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("MOE_OFFLOAD_NATIVE_CACHE", str(tmp_path / "cache"))
     for env in ({"MOE_OFFLOAD_NATIVE": "0"}, {"CC": "false"}, {"CC": str(tmp_path / "no-such-cc")},
@@ -156,7 +160,7 @@ def test_a_native_4bit_unit_holds_the_blob_once_and_every_order_agrees(meta_bits
         views = [t for t in tensors if t.untyped_storage().data_ptr() == blob.untyped_storage().data_ptr()]
         meta = sum(pm.sz.numel() * 2 for pm in codec.packed(blob, shape))
         codes = sum(pm.N * pm.K // 2 for pm in codec.packed(blob, shape))
-        if layout == NATIVE_LAYOUT:  # a view of the blob: resident bytes == stored bytes (+ decoded 8-bit meta)
+        if layout == NATIVE_LAYOUT:  # a view of the blob: resident == stored bytes (+ decoded 8-bit meta)
             assert views and storage_bytes(tensors) == blob.numel() + (meta if meta_bits == 8 else 0)
         else:  # reordered once: the codes' copy and the meta, nothing of the blob
             assert not views and storage_bytes(tensors) == codes + meta
@@ -169,3 +173,18 @@ def test_a_native_4bit_unit_holds_the_blob_once_and_every_order_agrees(meta_bits
 def test_quantize_writes_r64_when_the_native_kernel_loads(monkeypatch):
     monkeypatch.delenv("MOE_OFFLOAD_INT4_LAYOUT", raising=False)
     assert write_layout() == NATIVE_LAYOUT
+
+
+@needs_native
+def test_concurrent_first_builds_share_one_cached_library(tmp_path, child_env):
+    """Two processes compiling into an empty cache at once: both load a kernel, one .so, no temporary left."""
+    import subprocess
+    import sys
+
+    env = {**child_env, "MOE_OFFLOAD_NATIVE_CACHE": str(tmp_path)}
+    code = "from moe_offload.quant import native; assert native.lib() is not None; print('ok')"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 and o.strip() == "ok" for p, (o, _) in zip(procs, outs)), outs
+    assert len(list(tmp_path.glob("q4-*.so"))) == 1 and not list(tmp_path.glob("*.tmp"))

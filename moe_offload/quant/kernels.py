@@ -1,6 +1,13 @@
 """Matmul over quantized weights, per device: y [M, N] = x [M, K] @ W^T with W = (q − c)·s + m.
 
 CPU, batch-1 decode (M <= dense_rows):
+  b <= 4   native4: quant/native/q4.c, an AVX2+FMA kernel compiled on first use (cc, cached per user)
+           and called through ctypes; codes in its row-major order "r64" (what quantize writes where it
+           loads), the activations rounded to int8 per group inside (llama.cpp's Q8 approach: ~0.6 %
+           relative output error on Gaussian data, perplexity in docs/quality.md). 1.3-3.3x torch's int4pack
+           at M = 1 on the busy box (`scripts/native_q4_bench.py`, docs/perf.md). Used when it loads;
+           MOE_OFFLOAD_NATIVE=0, no AVX2/FMA, no compiler or a failed build: silently the torch kernel
+           below (a debug log line says why).
   b <= 4   torch.ops.aten._weight_int4pack_mm_for_cpu (bf16 activations; other dtypes are converted in and
            out, as fp32/fp16 activations run the kernel 30× slower). 2/3-bit codes are < 8, so they fit the
            int4 layout unchanged: the compact bit planes are expanded to nibbles once, when the unit is made.
@@ -51,9 +58,10 @@ DENSE_ROWS = {"int4pack": 192, "int8pack": 96, "native4": 192}
 # and the tail (16/32/48 rows) pairs rows n, n + 1 at byte (k, n/2). Stores record theirs in the codec spec
 # ("layout"); one without the field holds "b64", the only order written before the field existed.
 # The native kernel's order (quant/native/q4.c) is row-major instead:
-#   "r64"             each row in chunks of 64 codes: byte j of a chunk holds codes j (low) and j + 32 (high), so
-#                     one 32-byte load unpacks to two 32-code blocks in natural order; a last chunk of 32 codes
-#                     (K ≡ 32 mod 64) holds codes j and j + 16. Rows are independent: any N, K % 32 == 0.
+#   "r64"             each row in chunks of 64 codes: byte j of a chunk holds codes j (low) and j + 32
+#                     (high), so one 32-byte load unpacks to two 32-code blocks in natural order; a last
+#                     chunk of 32 codes (K ≡ 32 mod 64) holds codes j and j + 16. Rows are independent: any
+#                     N, K % 32 == 0.
 LAYOUTS = {"b64": 64, "b32": 32, "p32": 32, "r64": 64}
 TORCH_LAYOUTS = ("b64", "b32", "p32")
 NATIVE_LAYOUT = "r64"
@@ -132,7 +140,8 @@ def native_available() -> bool:
 
 
 def compute_layout() -> str | None:
-    """The order this machine's 4-bit kernel reads: "r64" with the native kernel, else torch's (`host_layout`)."""
+    """The order this machine's 4-bit kernel reads: "r64" with the native kernel, else torch's
+    (`host_layout`)."""
     return NATIVE_LAYOUT if native_available() else host_layout()
 
 
@@ -200,8 +209,8 @@ def nibbles_in(pm: PackedMatrix, dst: str) -> torch.Tensor:
         so = native.lib() if dst == NATIVE_LAYOUT else None
         if so is not None:  # torch's orders -> r64 in one C pass (the torch slabs below take ~20× longer)
             out = torch.zeros(N * K // 2, dtype=torch.uint8)
-            rc = so.q4_to_r64(nib.data_ptr(), out.data_ptr(), N, K, LAYOUTS[pm.layout], int(pm.layout == "p32"),
-                              torch.get_num_threads())
+            rc = so.q4_to_r64(nib.data_ptr(), out.data_ptr(), N, K, LAYOUTS[pm.layout],
+                              int(pm.layout == "p32"), torch.get_num_threads())
             if rc == 0:
                 return out
         return relayout(nib, N, K, pm.layout, dst)
@@ -290,9 +299,11 @@ class PackedMatrix:
         """rows_of(r, n) for the int4pack order: unpack + un-permute in one strided pass per nibble half."""
         N, K, B = self.N, self.K, LAYOUTS[self.layout]
         if self.layout == NATIVE_LAYOUT:  # row-major: a row range is a byte range
-            return lambda r, n: int4pack_unorder(torch.stack([nib[r * K // 2:(r + n) * K // 2] & 15,
-                                                              nib[r * K // 2:(r + n) * K // 2] >> 4], -1).view(-1),
-                                                 n, K, NATIVE_LAYOUT)
+            def rows_r64(r: int, n: int) -> torch.Tensor:
+                b = nib[r * K // 2:(r + n) * K // 2]
+                return int4pack_unorder(torch.stack([b & 15, b >> 4], -1).view(-1), n, K, NATIVE_LAYOUT)
+
+            return rows_r64
         full = N // B * B
         blocks = nib[: full * K // 2].view(-1, K, B // 2).permute(0, 2, 1)  # [NB, j, K]
         tail: list[torch.Tensor] = []
@@ -381,6 +392,9 @@ class Int4Linear(DequantLinear):
         return mm(x.to(torch.bfloat16), self.w, self.pm.group_size, self.sz).to(x.dtype)
 
 
+NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # q4.c's Q4_F32, Q4_BF16, Q4_F16
+
+
 class NativeQ4Linear(DequantLinear):
     """The native AVX2 kernel (quant/native/q4.c) for b <= 4, over nibbles in its row-major order "r64": 4-bit
     codes stored in that order are a view of the stored bytes; other orders and 2/3-bit codes become one new
@@ -413,12 +427,13 @@ class NativeQ4Linear(DequantLinear):
         if M > self.dense_rows or M == 0:
             return super().__call__(x)
         dt = x.dtype
-        xc = x.contiguous() if dt is torch.bfloat16 or dt is torch.float32 else x.float().contiguous()
+        code = NATIVE_DTYPES.get(dt)
+        xc = x.contiguous() if code is not None else x.float().contiguous()
         y = xc.new_empty(M, self.N)
-        rc = self.call(xc.data_ptr(), y.data_ptr(), xc.dtype is torch.bfloat16, M, self.args,
-                       torch.get_num_threads())
+        rc = self.call(xc.data_ptr(), y.data_ptr(), code or 0, M, self.args, torch.get_num_threads())
         if rc:
-            raise RuntimeError(f"native q4 kernel refused {self.N}x{self.pm.K} g{self.pm.group_size} (code {rc})")
+            pm = self.pm
+            raise RuntimeError(f"native q4 kernel refused {pm.N}x{pm.K} g{pm.group_size} (code {rc})")
         return y if y.dtype is dt else y.to(dt)
 
 

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("q4.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
-VERSION = 3  # q4_version() of the source this module's signatures match
+VERSION = 4  # q4_version() of the source this module's signatures match
 
 
 class Matrix(ctypes.Structure):
@@ -106,7 +106,8 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([*cmd, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([*cmd, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                           timeout=120)
         if r.returncode:
             raise OSError(f"{cc} failed: {r.stderr.strip()[-500:]}")
         os.replace(tmp, out)  # atomic: a concurrent build of the same key writes identical bytes

@@ -18,6 +18,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+enum { Q4_F32 = 0, Q4_BF16 = 1, Q4_F16 = 2 }; /* activation dtypes (kernels.py: DTYPES) */
+#define Q4_PARALLEL_BYTES (256u << 10) /* code bytes × rows below which one thread does the call */
+
 static inline float bf2f(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
@@ -40,20 +43,24 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(a);
 }
 
-/* one row x [K] (fp32 or bf16) -> xq [K] int8, dx [G] scales, xs [G] = dx·Σ xq: the offset term uses the same
+/* 8 activations as fp32 from x of dtype dt (Q4_F32, Q4_BF16, Q4_F16) */
+static inline __m256 load8(const void *x, int dt, size_t i) {
+    if (dt == Q4_BF16)
+        return _mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + i))), 16));
+    if (dt == Q4_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + i)));
+    return _mm256_loadu_ps((const float *)x + i);
+}
+
+/* one row x [K] (fp32, bf16 or fp16) -> xq [K] int8, dx [G] scales, xs [G] = dx·Σ xq: the offset term uses the same
  * rounded x as the codes' term, so the error is Σ W·(x̂ − x) (W centred), not Σ q·s·(x̂ − x) (W − m0, large) */
-static void quantize_row(const void *x, int bf16, int K, int gs, int8_t *xq, float *dx, float *xs) {
+static void quantize_row(const void *x, int dt, int K, int gs, int8_t *xq, float *dx, float *xs) {
     const __m256 sign = _mm256_set1_ps(-0.f);
     for (int g0 = 0; g0 < K; g0 += gs) { /* gs is a multiple of 32 */
         __m256 f[8];                     /* up to 256 values of one group, 8 per register, 4 registers a pass */
         __m256 mx = _mm256_setzero_ps();
         for (int k = 0; k < gs; k += 8) {
-            __m256 v;
-            if (bf16)
-                v = _mm256_castsi256_ps(_mm256_slli_epi32(
-                    _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + g0 + k))), 16));
-            else
-                v = _mm256_loadu_ps((const float *)x + g0 + k);
+            __m256 v = load8(x, dt, g0 + k);
             if (gs <= 64) f[k / 8] = v;
             mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v));
         }
@@ -66,15 +73,7 @@ static void quantize_row(const void *x, int bf16, int K, int gs, int8_t *xq, flo
         for (int k = 0; k < gs; k += 32) {
             __m256i q[4];
             for (int j = 0; j < 4; j++) {
-                __m256 v;
-                if (gs <= 64)
-                    v = f[k / 8 + j];
-                else if (bf16)
-                    v = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(
-                                                                  (const __m128i *)((const uint16_t *)x + g0 + k + 8 * j))),
-                                                              16));
-                else
-                    v = _mm256_loadu_ps((const float *)x + g0 + k + 8 * j);
+                __m256 v = gs <= 64 ? f[k / 8 + j] : load8(x, dt, g0 + k + 8 * j);
                 q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v, vid)); /* round to nearest even (MXCSR default) */
                 isum = _mm256_add_epi32(isum, q[j]);
             }
@@ -245,9 +244,11 @@ static inline __attribute__((always_inline)) void dot4_m1(const uint8_t *w, size
     out[3] = hsum(a3) + mm[3];
 }
 
-static inline void store_y(void *y, int xbf16, size_t i, float v) {
-    if (xbf16)
+static inline void store_y(void *y, int dt, size_t i, float v) {
+    if (dt == Q4_BF16)
         ((uint16_t *)y)[i] = f2bf(v);
+    else if (dt == Q4_F16)
+        ((uint16_t *)y)[i] = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT); /* as torch's .to(float16) */
     else
         ((float *)y)[i] = v;
 }
@@ -260,11 +261,11 @@ typedef struct {
     int N, K, gs;
 } q4_matrix;
 
-int q4_mm(const void *x, void *y, int xbf16, int M, int N, int K, int gs, const uint8_t *w, const uint16_t *sz,
+int q4_mm(const void *x, void *y, int xdt, int M, int N, int K, int gs, const uint8_t *w, const uint16_t *sz,
           long sg, long sn, int nthreads);
 
-int q4_call(const void *x, void *y, int xbf16, int M, const q4_matrix *m, int nthreads) {
-    return q4_mm(x, y, xbf16, M, m->N, m->K, m->gs, m->w, m->sz, m->sg, m->sn, nthreads);
+int q4_call(const void *x, void *y, int xdt, int M, const q4_matrix *m, int nthreads) {
+    return q4_mm(x, y, xdt, M, m->N, m->K, m->gs, m->w, m->sz, m->sg, m->sn, nthreads);
 }
 
 /* Nibble orders -> r64 (kernels.LAYOUTS): torch's int4pack orders are blocks of B rows stored k-major, byte
@@ -300,10 +301,10 @@ int q4_to_r64(const uint8_t *src, uint8_t *dst, int N, int K, int B, int pairs, 
     return 0;
 }
 
-int q4_version(void) { return 3; }
+int q4_version(void) { return 4; }
 
-/* y [M, N] = x [M, K] @ W^T. xbf16: x and y are bf16 (else fp32). Returns 0, or -1 for a shape it refuses. */
-int q4_mm(const void *x, void *y, int xbf16, int M, int N, int K, int gs, const uint8_t *w, const uint16_t *sz,
+/* y [M, N] = x [M, K] @ W^T; x and y of dtype xdt (Q4_F32, Q4_BF16, Q4_F16). Returns 0, or -1 for a shape it refuses. */
+int q4_mm(const void *x, void *y, int xdt, int M, int N, int K, int gs, const uint8_t *w, const uint16_t *sz,
           long sg, long sn, int nthreads) {
     if (K % 32 || gs % 32 || K % gs || gs > 256 || (gs % 64 && gs != 32) || M < 1) return -1;
     const int G = K / gs;
@@ -315,11 +316,14 @@ int q4_mm(const void *x, void *y, int xbf16, int M, int N, int K, int gs, const 
         return -2;
     }
     float *xs = dx + (size_t)M * G;
-    const size_t esz = xbf16 ? 2 : 4;
+    const size_t esz = xdt == Q4_F32 ? 4 : 2;
     for (int i = 0; i < M; i++)
-        quantize_row((const char *)x + esz * (size_t)i * K, xbf16, K, gs, xq + (size_t)i * K, dx + (size_t)i * G,
+        quantize_row((const char *)x + esz * (size_t)i * K, xdt, K, gs, xq + (size_t)i * K, dx + (size_t)i * G,
                      xs + (size_t)i * G);
     const size_t rb = (size_t)K / 2;
+    /* small calls stay on the caller's thread: a fork/join costs more than they do (and on a busy machine a
+     * descheduled second thread stalls the call for a whole time slice) */
+    if ((size_t)N * rb * (size_t)M < Q4_PARALLEL_BYTES) nthreads = 1;
     const int tiles = M == 1 && sn == 2 ? N / 4 : 0; /* decode: four rows at a time; the rest one by one */
     const int rows = N - 4 * tiles, units = tiles + rows;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
@@ -327,7 +331,7 @@ int q4_mm(const void *x, void *y, int xbf16, int M, int N, int K, int gs, const 
         if (t < tiles) {
             float r[4];
             dot4_m1(w + rb * 4 * t, rb, sz + 8 * (size_t)t, sg, K, gs, xq, dx, xs, G, r);
-            for (int j = 0; j < 4; j++) store_y(y, xbf16, 4 * (size_t)t + j, r[j]);
+            for (int j = 0; j < 4; j++) store_y(y, xdt, 4 * (size_t)t + j, r[j]);
             continue;
         }
         const int n = 4 * tiles + (t - tiles);
@@ -343,7 +347,7 @@ int q4_mm(const void *x, void *y, int xbf16, int M, int N, int K, int gs, const 
             case 3: dot_rows(wr, sr, sg, K, gs, q, d, s, G, 3, r); break;
             default: dot_rows(wr, sr, sg, K, gs, q, d, s, G, 4, r);
             }
-            for (int i = i0; i < M && i < i0 + 4; i++) store_y(y, xbf16, (size_t)i * N + n, r[i - i0]);
+            for (int i = i0; i < M && i < i0 + 4; i++) store_y(y, xdt, (size_t)i * N + n, r[i - i0]);
         }
     }
     free(xq);
