@@ -88,6 +88,8 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike, *, expert_bits: i
         raise UsageError("--lowrank auto is not offered to --plan-error layer")
     if lowrank == "auto" and expert_bits != "mixed":
         raise UsageError("--lowrank auto offers options to the mixed plan: use it with --expert-bits mixed")
+    if head_bits not in (4, 8, 16):
+        raise UsageError(f"head bits must be 4, 8 or 16, got {head_bits!r}")
     if act_aware not in ACT_AWARE:
         raise UsageError(f"act_aware must be one of {', '.join(ACT_AWARE)}, got {act_aware!r}")
     for path in (stats, calib):
@@ -127,16 +129,15 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike, *, expert_bits: i
         codec = codecs[json.dumps(chosen[layer, e], sort_keys=True)]
         return _Encoder(codec, xs.get((layer, e)), ckpt.shape, errors, aware)
 
-    if head_bits not in (4, 8, 16):
-        raise UsageError(f"head bits must be 4, 8 or 16, got {head_bits!r}")
     views = []
     for fn, bits in ((attention_view, attn_bits), (head_view, head_bits)):
         if bits < 16:
             group = DEFAULT_GROUP[bits] if bits == 8 or group_size is None else group_size
             views.append(fn(ckpt.model, bits, group))
     view = chain(views) if views else None
-    summary = {"expert_bits": expert_bits, "attn_bits": attn_bits, "head_bits": head_bits, "group_size": group_size,
-               "quantizer": quantizer, "act_aware": aware, "lowrank": lowrank, "budget": budget,
+    summary = {"expert_bits": expert_bits, "attn_bits": attn_bits, "head_bits": head_bits,
+               "group_size": group_size, "quantizer": quantizer, "act_aware": aware, "lowrank": lowrank,
+               "budget": budget,
                "calibration_tokens": calib_tokens if calib else 0,
                "plan_error": plan_error if expert_bits == "mixed" else None}
     with Progress("quantize", unit="experts", quiet=quiet) as bar:
