@@ -156,7 +156,7 @@ def drop_page_cache(paths: str | os.PathLike | Iterable[str | os.PathLike], sync
             os.close(fd)
 
 
-MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now; non-destructive (file pages re-read, anonymous kept)
+MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now; non-destructive (file pages are read again if used)
 
 
 @functools.cache
@@ -171,12 +171,27 @@ def _libc():
         return None
 
 
+def _maps_file(addr: int) -> bool:
+    """Does `addr` lie in a mapping of a file (/proc/self/maps: an inode and a path)?"""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                span, _, _, _, inode, *path = line.split(maxsplit=5)
+                lo, hi = (int(x, 16) for x in span.split("-"))
+                if lo <= addr < hi:
+                    return inode != "0" and bool(path) and not path[0].startswith("[")
+    except (OSError, ValueError):
+        pass
+    return False
+
+
 def page_out(t: torch.Tensor) -> None:
     """Give back the pages behind a CPU tensor that views a mapped file (a safetensors tensor, once copied):
-    they leave this process's RSS and the page cache now instead of when the file is closed. Harmless on
-    other memory (anonymous pages without swap stay; nothing is zeroed); a no-op where madvise refuses."""
+    they leave this process's RSS and the page cache now instead of when the file is closed. Anything else
+    (a converted copy: anonymous memory, which would go to swap) is left alone; a no-op where madvise
+    refuses."""
     libc = _libc()
-    if libc is None or t.device.type != "cpu" or t.nbytes == 0:
+    if libc is None or t.device.type != "cpu" or t.nbytes == 0 or not _maps_file(t.data_ptr()):
         return
     page = mmap.PAGESIZE
     start = t.data_ptr() // page * page

@@ -50,7 +50,8 @@ def main() -> None:
         s = status()
         rows.append({"phase": name, **s, **extra})
         print(f"{name:24s} " + " ".join(f"{k} {v / MiB:7.1f}" for k, v in s.items())
-              + "".join(f" {k} {v / MiB:.1f}" if isinstance(v, int) else f" {k} {v}" for k, v in extra.items()),
+              + "".join(f" {k} {v / MiB:.1f}" if k in ("backbone", "resident") else f" {k} {v}"
+                        for k, v in extra.items()),
               flush=True)
 
     phase("start")

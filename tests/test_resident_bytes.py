@@ -82,3 +82,32 @@ def test_kv_tokens_is_the_kv_cache_the_engine_holds(q4_store, prompt, new):
                         ignore_eos=True)
     assert len(r.token_ids) == new
     assert r.stats["kv_cache_bytes_peak"] == engine.kv_bytes_per_token * kv_tokens(prompt, new)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_head_bits_store_lm_head_quantized_counted_and_the_same_tokens_offloaded(q4_store, bits, tmp_path):
+    """quantize --head-bits: lm_head stored as codes + bf16 meta (like --attn-bits), counted in the backbone
+    bytes the budget holds; resident and offloaded runs of the store give the same tokens."""
+    from moe_offload.cli import main
+    from moe_offload.quant.backbone import QuantLinear
+    from moe_offload.runtime.load import load
+
+    hf = q4_store.path.parent / "hf"
+    out = tmp_path / f"h{bits}"
+    assert main(["quantize", "--model", str(hf), "--out", str(out), "--expert-bits", "4", "--quantizer", "rtn",
+                 "--head-bits", str(bits), "--quiet"]) == 0
+    full = load(out, device="cpu")
+    head = full.model.lm_head
+    assert isinstance(head, QuantLinear) and head.bits == bits
+    ref = load(q4_store.path, device="cpu")  # the same store with a 16-bit lm_head
+    V, D = ref.model.lm_head.weight.shape
+    saved = V * D * ref.model.lm_head.weight.element_size() - head.qweight.nbytes - head.qsz.nbytes
+    assert saved > 0 and full.info["backbone_bytes"] == ref.info["backbone_bytes"] - saved
+    ids = list(range(3, 30))
+    a = full.generate(prompt_ids=ids, max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    off = load(out, device="cpu", memory="60%")
+    b = off.generate(prompt_ids=ids, max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    assert a.token_ids == b.token_ids and b.stats["evictions"] > 0
+    assert b.stats["resident_weight_bytes"] <= off.info["memory"]
+    err = (full.logits(ids) - ref.logits(ids)).norm() / ref.logits(ids).norm()
+    assert err < {8: 0.02, 4: 0.2}[bits]

@@ -2,7 +2,7 @@
 the flags of quant.writer.quantize(), its Python API.
 
     moe-offload quantize --model HF_DIR --out STORE [--expert-bits 2|3|4|8|mixed] [--budget SIZE]
-                         [--attn-bits 4|8|16] [--group-size N] [--lowrank auto|off]
+                         [--attn-bits 4|8|16] [--head-bits 4|8|16] [--group-size N] [--lowrank auto|off]
                          [--stats routing_stats.json] [--calib TEXT] [--act-aware auto|on|off]
                          [--quantizer hqq|rtn]
 
@@ -20,9 +20,9 @@ minimise its weight error weighted per input column by the second moment of the 
 calibration text (hqq.importance_weights; uniform and mixed bits alike, same format and kernels). The mixed
 plan then fits on the even calibration rows of an expert and measures on the odd ones (mixed.error_curve).
 The chosen experts are encoded again while the store is written (HQQ is deterministic, so the bytes are the
-ones measured). Routers, norms, embeddings, lm_head, shared experts and dense MLPs stay in the store dtype;
-attention projections are quantized when --attn-bits < 16 (quant/backbone.py). Expert biases (gpt-oss) are
-kept exact (fp32) in each expert's blob beside its quantized weights.
+ones measured). Routers, norms, embeddings, shared experts and dense MLPs stay in the store dtype;
+attention projections are quantized when --attn-bits < 16, lm_head when --head-bits < 16 (quant/backbone.py).
+Expert biases (gpt-oss) are kept exact (fp32) in each expert's blob beside its quantized weights.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ def add_args(p):
                    help="bytes for all routed experts with --expert-bits mixed, e.g. 20GiB")
     p.add_argument("--attn-bits", type=int, default=16, choices=[4, 8, 16],
                    help="16 keeps attention unquantized")
+    p.add_argument("--head-bits", type=int, default=16, choices=[4, 8, 16],
+                   help="lm_head: 16 keeps it unquantized; 8 (one group per row) or 4 (groups of --group-size, "
+                        "default 64) store it like the attention linears (a tied lm_head stays the embedding)")
     p.add_argument("--group-size", type=int, default=None,
                    help="group of 2/3/4-bit weights (default: 2-bit 32, 3/4-bit 64; mixed: the plan picks "
                         "from MENU); 8-bit: one per row")
@@ -84,7 +87,7 @@ def run(a) -> int:
         print(plan.format(detail=a.plan_detail))
 
     r = quantize(a.model, a.out, expert_bits=a.expert_bits, budget=a.budget, attn_bits=a.attn_bits,
-                 group_size=a.group_size, lowrank=a.lowrank, stats=a.stats, calib=a.calib,
+                 head_bits=a.head_bits, group_size=a.group_size, lowrank=a.lowrank, stats=a.stats, calib=a.calib,
                  calib_tokens=a.calib_tokens, calib_rows=a.calib_rows, quantizer=a.quantizer,
                  act_aware=a.act_aware, dtype=a.dtype, overwrite=a.overwrite, plan_error=a.plan_error,
                  quiet=a.quiet, log=lambda m: print(m, file=sys.stderr), on_plan=show)
@@ -92,6 +95,7 @@ def run(a) -> int:
     backbone = (store.path / "backbone.safetensors").stat().st_size
     mix = " ".join(f"{n}×{k}" for k, n in sorted(r.mix().items()))
     print(f"quantized {len(store.entries)} experts ({mix}, {mib(store.expert_bytes)}, mean error "
-          f"{r.mean_error:.4f}) + backbone {mib(backbone)} (attention {a.attn_bits}-bit) in "
+          f"{r.mean_error:.4f}) + backbone {mib(backbone)} (attention {a.attn_bits}-bit, lm_head "
+          f"{a.head_bits}-bit) in "
           f"{r.seconds:.1f} s -> {store.path}")
     return 0

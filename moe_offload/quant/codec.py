@@ -24,9 +24,10 @@ Defaults: 2-bit g32 and 3-bit g64 with 8-bit meta, 4-bit g64 and 8-bit one group
 kernel reads: a loaded 4-bit unit is then a view of its stored bytes and holds nothing else (8-bit meta,
 0.23 bits/weight less on disk, was expanded to bf16 at every load beside the blob that stays referenced:
 1.12× the stored bytes resident, issue 16; `python scripts/unit_bytes.py STORE` shows it per expert).
-`decode` picks the kernel per matrix and device (kernels.py); the unit's `nbytes` is what it holds resident. On CPU a 2/3-bit unit holds its codes expanded to nibbles plus
-bf16 meta, i.e. as much as a 4-bit unit (more for 2-bit g32: 35.0 vs 31.5 MiB per 14336×4096 matrix,
-quant/bench.py): 2/3 bits save disk and transfer, not cache RAM.
+`decode` picks the kernel per matrix and device (kernels.py); the unit's `nbytes` is what it holds resident.
+On CPU a 2/3-bit unit holds its codes expanded to nibbles plus bf16 meta, i.e. about as much as a 4-bit unit
+(more for 2-bit g32: 35.0 vs 31.5 MiB per 14336×4096 matrix, quant/bench.py, measured with 4-bit's former
+8-bit meta): 2/3 bits save disk and transfer, not cache RAM.
 
 Shape legend: D hidden, I expert intermediate, N output rows, K inputs, G groups per row, r rank.
 """

@@ -51,7 +51,8 @@ class _Encoder:
 
 
 def quantize(model: str | os.PathLike, out: str | os.PathLike, *, expert_bits: int | str = 4,
-             budget: int | str | None = None, attn_bits: int = 16, group_size: int | None = None,
+             budget: int | str | None = None, attn_bits: int = 16, head_bits: int = 16,
+             group_size: int | None = None,
              lowrank: str = "off", stats: str | os.PathLike | None = None,
              calib: str | os.PathLike | None = None, calib_tokens: int = 2048, calib_rows: int = 512,
              quantizer: str = "hqq", act_aware: str = "auto", dtype=None, overwrite: bool = False,
@@ -68,7 +69,7 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike, *, expert_bits: i
     from ..store.folders import check_out
     from ..store.format import convert
     from ..utils import parse_dtype, parse_size
-    from .backbone import attention_view
+    from .backbone import attention_view, chain, head_view
     from .codec import DEFAULT_GROUP
 
     t0 = time.perf_counter()
@@ -87,6 +88,8 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike, *, expert_bits: i
         raise UsageError("--lowrank auto is not offered to --plan-error layer")
     if lowrank == "auto" and expert_bits != "mixed":
         raise UsageError("--lowrank auto offers options to the mixed plan: use it with --expert-bits mixed")
+    if head_bits not in (4, 8, 16):
+        raise UsageError(f"head bits must be 4, 8 or 16, got {head_bits!r}")
     if act_aware not in ACT_AWARE:
         raise UsageError(f"act_aware must be one of {', '.join(ACT_AWARE)}, got {act_aware!r}")
     for path in (stats, calib):
@@ -126,12 +129,15 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike, *, expert_bits: i
         codec = codecs[json.dumps(chosen[layer, e], sort_keys=True)]
         return _Encoder(codec, xs.get((layer, e)), ckpt.shape, errors, aware)
 
-    view = None
-    if attn_bits < 16:
-        attn_group = DEFAULT_GROUP[attn_bits] if attn_bits == 8 or group_size is None else group_size
-        view = attention_view(ckpt.model, attn_bits, attn_group)
-    summary = {"expert_bits": expert_bits, "attn_bits": attn_bits, "group_size": group_size,
-               "quantizer": quantizer, "act_aware": aware, "lowrank": lowrank, "budget": budget,
+    views = []
+    for fn, bits in ((attention_view, attn_bits), (head_view, head_bits)):
+        if bits < 16:
+            group = DEFAULT_GROUP[bits] if bits == 8 or group_size is None else group_size
+            views.append(fn(ckpt.model, bits, group))
+    view = chain(views) if views else None
+    summary = {"expert_bits": expert_bits, "attn_bits": attn_bits, "head_bits": head_bits,
+               "group_size": group_size, "quantizer": quantizer, "act_aware": aware, "lowrank": lowrank,
+               "budget": budget,
                "calibration_tokens": calib_tokens if calib else 0,
                "plan_error": plan_error if expert_bits == "mixed" else None}
     with Progress("quantize", unit="experts", quiet=quiet) as bar:
