@@ -585,7 +585,7 @@ def run(a) -> int:
             "basis": (f"{a.quantizer} encoded one {D} x {probe['rows']} slice of an expert "
                       f"({probe['bytes'] / 1e6:.1f} MB of bf16 weights, gate, up and down) at {plan.expert_bits}-bit "
                       f"g{a.group_size} in {probe['seconds']:.2f} s on {torch.get_num_threads()} threads, scaled by "
-                      f"the model's {sizes.n_routed} experts' bytes; the codec's compute only, a lower bound: whole "
-                      "`quantize` runs of Mixtral-8x7B's widths took 2-2.8x this (docs/simulator.md)")}
+                      f"the model's {sizes.n_routed} experts' bytes; the codec's compute only: whole "
+                      "`quantize` runs of Mixtral-8x7B's widths took 2-2.8x a 2-thread probe's time (docs/simulator.md)")}
     print(json.dumps(plan.to_dict()) if a.json else format_plan(plan))
     return 0

@@ -445,6 +445,20 @@ def expert_dims(config: dict) -> tuple[int, int]:
     return skel.expert_shape.hidden, skel.expert_shape.intermediate
 
 
+def model_probes(config: dict, bits: int = 16, dtype: str = "float16", device: str = "cpu") -> dict:
+    """The model-specific figures of the time model, measured here now, under the names bench's `limits` and
+    scripts/validate_scale.py read: one expert call at `bits` (2/3-bit computed as int4 on a CPU), decoding a
+    missed blob into its unit, and the per-token overhead of the architecture at toy widths (seconds)."""
+    from .costmodel import cpu_compute_bits
+    from .hardware import expert_call_seconds, expert_decode_seconds
+
+    D, I = expert_dims(config)
+    kb = cpu_compute_bits(bits) if device == "cpu" else bits
+    return {"expert_call_s": expert_call_seconds(D, I, kb, dtype, device=device),
+            "miss_cpu_s": expert_decode_seconds(D, I, bits, dtype) if device == "cpu" else 0.0,
+            "token_overhead_s": measure_token_overhead(config, dtype, device=device)}
+
+
 def calibrate(hw: HardwareProfile, config: dict, dtype: str = "float16", bits: int | None = None,
               group_size: int = 64, memo: dict | None = None) -> tuple[HardwareProfile, int]:
     """`hw` (a measured profile) timed for `config`'s model here: the expert GEMV bytes/s at its shapes

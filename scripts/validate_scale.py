@@ -138,7 +138,6 @@ def ablate(fig: dict, limits: dict, embed: int, without: set[str]) -> tuple[dict
 
 def validate(folder: Path, threads: int | None, probe: bool, cache: dict, without: set[str] = frozenset()
              ) -> list[dict]:
-    from moe_offload.models.sizes import model_sizes
     from moe_offload.plan import engine_expert_bytes
     from moe_offload.sim import expert_dims, load_trace
 
@@ -165,7 +164,7 @@ def validate(folder: Path, threads: int | None, probe: bool, cache: dict, withou
         stored = z["expert"]
         exact = engine_expert_bytes(D, I, bits, 64, dtype) if bits < 16 else None
         resident = exact[1] if exact else stored
-        key = (bits, th)
+        key = (json.dumps(config, sort_keys=True), bits, th, dtype)  # probes once per model and precision
         now = None
         if probe and any(limits.get(k) is None for k in ("expert_call_s", "token_overhead_s", "miss_cpu_s")):
             if key not in cache:

@@ -131,3 +131,16 @@ def test_validation_without_a_term_is_the_older_model(tmp_path):
     r = v.validate(folder, None, probe=False, cache={}, without={"expert-call", "embed"})[0]
     assert r["predicted_tok_s"] == pytest.approx(1 / (0.005 + 0.002 + 0.004))
     assert v.main([str(folder), "--no-probe", "--without", "nope"]) == 2
+
+
+def test_model_probes_are_what_validate_scale_reads_from_a_run(tmp_path):
+    import torch
+
+    from moe_offload.sim import model_probes
+
+    torch.set_num_threads(1)
+    probes = model_probes(TINY, 4, "float32")
+    assert set(probes) == {"expert_call_s", "miss_cpu_s", "token_overhead_s"} and all(v > 0 for v in probes.values())
+    v = load_script()
+    f = v.run_figures({"gemv_bw": 1e9, **probes}, None)
+    assert all(f["basis"][k] == "run" for k in probes) and f["miss_cpu_s"] == probes["miss_cpu_s"]
