@@ -1128,12 +1128,13 @@ def budget_base(res: dict) -> int | str:
     return 4 if bits == {4} else 16
 
 
-def series_label(r: dict) -> str:
+def series_label(r: dict, gguf: bool = False) -> str:
     """One series per configuration; ours name the precision of their store (a 4-bit store fits ~4x more
-    experts in the same budget, so its points belong to a line of their own)."""
+    experts in the same budget, so its points belong to a line of their own), or that it was converted from the
+    GGUF file (its codes kept at the file's types)."""
     if r["system"] != "us":
         return r["config"]
-    return f"{r['config']} ({r.get('expert_bits', 16)}-bit store)"
+    return f"{r['config']} (" + ("store from the GGUF" if gguf else f"{r.get('expert_bits', 16)}-bit store") + ")"
 
 
 def _run_hit_rates(r: dict) -> list[float]:
@@ -1149,7 +1150,8 @@ def plot_data(res: dict) -> dict:
     for r in res["rows"]:
         if not r.get("ok") or r.get("budget_pct") is None:
             continue
-        x, d, name = float(r["budget_pct"]), r["summary"]["decode_tok_s"], series_label(r)
+        x, d = float(r["budget_pct"]), r["summary"]["decode_tok_s"]
+        name = series_label(r, budget_base(res) == "gguf")
         speed.setdefault(name, []).append((x, d["median"], d["min"], d["max"]))
         h, per = r["summary"].get("hit_rate"), _run_hit_rates(r)
         if r["system"] == "us" and h is not None:

@@ -164,6 +164,7 @@ def test_plot_axis_says_which_model_a_budget_percentage_counts():
     assert d["limit_label"] == "bandwidth limit (4-bit bytes)"
     d = bench.plot_data({**res, "hf": "/x/model-q4_k_m.gguf", "budgets": [{"label": "900 MiB", "bits": 16}]})
     assert "converted store" in d["x_label"] and d["limit_label"] == "bandwidth limit (store bytes)"
+    assert list(d["speed"]) == ["us-lru-q4 (store from the GGUF)"]
     res["budgets"].append({"label": "50 %", "pct": 50.0, "bits": 16})  # mixed: the 16-bit axis, as before
     assert "16-bit expert bytes" in bench.plot_data(res)["x_label"]
 
