@@ -324,14 +324,18 @@ int q4_mm(const void *x, void *y, int xdt, int M, int N, int K, int gs, const ui
     /* small calls stay on the caller's thread: a fork/join costs more than they do (and on a busy machine a
      * descheduled second thread stalls the call for a whole time slice) */
     if ((size_t)N * rb * (size_t)M < Q4_PARALLEL_BYTES) nthreads = 1;
-    const int tiles = M == 1 && sn == 2 ? N / 4 : 0; /* decode: four rows at a time; the rest one by one */
+    const int tiles = sn == 2 ? N / 4 : 0; /* four weight rows at a time (per activation row, the four rows'
+                                             * codes reused from L1/L2); the rest one by one */
     const int rows = N - 4 * tiles, units = tiles + rows;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
     for (int t = 0; t < units; t++) {
         if (t < tiles) {
-            float r[4];
-            dot4_m1(w + rb * 4 * t, rb, sz + 8 * (size_t)t, sg, K, gs, xq, dx, xs, G, r);
-            for (int j = 0; j < 4; j++) store_y(y, xdt, 4 * (size_t)t + j, r[j]);
+            for (int i = 0; i < M; i++) {
+                float r[4];
+                dot4_m1(w + rb * 4 * t, rb, sz + 8 * (size_t)t, sg, K, gs, xq + (size_t)i * K, dx + (size_t)i * G,
+                        xs + (size_t)i * G, G, r);
+                for (int j = 0; j < 4; j++) store_y(y, xdt, (size_t)i * N + 4 * (size_t)t + j, r[j]);
+            }
             continue;
         }
         const int n = 4 * tiles + (t - tiles);
