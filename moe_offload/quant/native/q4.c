@@ -92,7 +92,8 @@ static void quantize_row(const void *x, int dt, int K, int gs, int8_t *xq, float
 }
 
 /* One weight row · MB ≤ 4 quantized activation rows (xq, dx, xs of row i at i·K, i·G): each 32-byte chunk of
- * codes is loaded and unpacked once for all MB rows. gs a multiple of 64 (≤ 256), or 32. */
+ * codes is loaded and unpacked once for all MB rows. gs a multiple of 64 (≤ 256), or 32. Used for the N mod 4
+ * rows left after the four-row tiles (and for meta whose rows are not adjacent, sn != 2). */
 static inline __attribute__((always_inline)) void dot_rows(const uint8_t *w, const uint16_t *sz, long sg, int K,
                                                            int gs, const int8_t *xq, const float *dx,
                                                            const float *xs, int G, const int MB, float *out) {
@@ -159,9 +160,10 @@ static inline __attribute__((always_inline)) void dot_rows(const uint8_t *w, con
     for (int i = 0; i < MB; i++) out[i] = hsum(acc[i]) + macc[i];
 }
 
-/* M = 1, four weight rows n..n+3 at once (decode): the activation block is loaded once for the four, and their
- * (s, m) pairs of one group are one 16-byte load (sz rows adjacent: sn = 2), so the per-group scale work is
- * vector work shared by four rows instead of scalar work per row. */
+/* Four weight rows n..n+3 · one quantized activation row: the activation block is loaded once for the four, and
+ * their (s, m) pairs of one group are one 16-byte load (sz rows adjacent: sn = 2), so the per-group scale work
+ * is vector work shared by four rows instead of scalar work per row. For M > 1 it runs once per activation
+ * row while the four rows' codes (2·K bytes) stay in L1/L2. */
 static inline __attribute__((always_inline)) void dot4_m1(const uint8_t *w, size_t rb, const uint16_t *sz, long sg,
                                                           int K, int gs, const int8_t *xq, const float *dx,
                                                           const float *xs, int G, float *out) {
@@ -303,7 +305,8 @@ int q4_to_r64(const uint8_t *src, uint8_t *dst, int N, int K, int B, int pairs, 
 
 int q4_version(void) { return 4; }
 
-/* y [M, N] = x [M, K] @ W^T; x and y of dtype xdt (Q4_F32, Q4_BF16, Q4_F16). Returns 0, or -1 for a shape it refuses. */
+/* y [M, N] = x [M, K] @ W^T; x and y of dtype xdt (Q4_F32, Q4_BF16, Q4_F16). Returns 0; -1 for a shape it
+ * refuses, -2 when out of memory. */
 int q4_mm(const void *x, void *y, int xdt, int M, int N, int K, int gs, const uint8_t *w, const uint16_t *sz,
           long sg, long sn, int nthreads) {
     if (K % 32 || gs % 32 || K % gs || gs > 256 || (gs % 64 && gs != 32) || M < 1) return -1;
@@ -324,14 +327,18 @@ int q4_mm(const void *x, void *y, int xdt, int M, int N, int K, int gs, const ui
     /* small calls stay on the caller's thread: a fork/join costs more than they do (and on a busy machine a
      * descheduled second thread stalls the call for a whole time slice) */
     if ((size_t)N * rb * (size_t)M < Q4_PARALLEL_BYTES) nthreads = 1;
-    const int tiles = M == 1 && sn == 2 ? N / 4 : 0; /* decode: four rows at a time; the rest one by one */
+    const int tiles = sn == 2 ? N / 4 : 0; /* four weight rows at a time (per activation row, the four rows'
+                                             * codes reused from L1/L2); the rest one by one */
     const int rows = N - 4 * tiles, units = tiles + rows;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
     for (int t = 0; t < units; t++) {
         if (t < tiles) {
-            float r[4];
-            dot4_m1(w + rb * 4 * t, rb, sz + 8 * (size_t)t, sg, K, gs, xq, dx, xs, G, r);
-            for (int j = 0; j < 4; j++) store_y(y, xdt, 4 * (size_t)t + j, r[j]);
+            for (int i = 0; i < M; i++) {
+                float r[4];
+                dot4_m1(w + rb * 4 * t, rb, sz + 8 * (size_t)t, sg, K, gs, xq + (size_t)i * K, dx + (size_t)i * G,
+                        xs + (size_t)i * G, G, r);
+                for (int j = 0; j < 4; j++) store_y(y, xdt, (size_t)i * N + 4 * (size_t)t + j, r[j]);
+            }
             continue;
         }
         const int n = 4 * tiles + (t - tiles);
