@@ -20,6 +20,8 @@ from pathlib import Path
 from .costmodel import BITS, cpu_compute_bits, miss_cost
 from .errors import MoeError, UsageError
 from .hub import resolve_model
+from .models.known import known_configs  # noqa: F401  (models planned by name)
+from .store.cache import engine_expert_bytes  # noqa: F401  (re-exported: tests, scripts)
 from .models.sizes import KV_BYTES, ModelSizes, model_sizes  # noqa: F401  (the planner's sizes, re-exported)
 from .sim import (GB, GPU_RESERVE, PROFILES, THIS_MACHINE, HardwareProfile, SimResult, Trace, format_profiles,
                   get_profile, host_reserve_for, load_trace, parse_gbs, profile_names, simulate, synthetic_trace)
@@ -30,15 +32,6 @@ BACKBONE_BITS = (16, 8, 4)  # attention, dense MLPs and shared experts; embeddin
 
 
 # ---- sizes from config.json: models/sizes.py (ModelSizes, model_sizes) ------------------------------------
-
-
-def known_configs() -> dict[str, dict]:
-    """Models the planner knows by name, config only (no download, no weights): the published config.json of
-    Mixtral-8x7B and Qwen3-30B-A3B with all their layers, and bench's real-width builds with fewer layers."""
-    from .bench import MIXTRAL_8X7B, QWEN3_30B_A3B, STREAMED, synthetic_config
-
-    return {"mixtral-8x7b": dict(MIXTRAL_8X7B), "qwen3-30b-a3b": dict(QWEN3_30B_A3B),
-            **{name: synthetic_config(name) for name in STREAMED}}
 
 
 def read_model_config(path: str | Path) -> tuple[dict, str]:
@@ -332,37 +325,6 @@ def format_plan(p: Plan) -> str:
 
 
 # ---- the engine's own bytes and this machine's quantizing rate (weights unread) -----------------------------
-
-PAGE = 4096  # a stored expert is read into a page-aligned buffer of its whole pages
-
-
-def engine_expert_bytes(hidden: int, intermediate: int, bits: int, group_size: int = 64,
-                        dtype: str = "float16") -> tuple[int, int] | None:
-    """One expert at `bits` as the engine stores it (the 4-bit store's codec, page-rounded span) and as its CPU
-    cache holds it (`store.cache.unit_bytes` of the unit `HQQCodec.decode` makes from zeros, the kernel
-    `make_linear` picks here: e.g. a 4-bit expert keeps its read buffer plus bf16 scales and zeros, ~1.12x
-    the stored bytes). None for 8/16-bit (costmodel's arithmetic holds there) or a group size the codec refuses."""
-    if bits >= 8:
-        return None
-    import torch
-
-    from .experts import ExpertShape
-    from .quant.codec import HQQCodec
-    from .quant.kernels import write_layout
-    from .store.cache import unit_bytes
-
-    try:
-        codec = HQQCodec({"name": "hqq", "bits": bits, "group_size": group_size, "quantizer": "rtn",
-                          **({"layout": write_layout()} if bits <= 4 else {})})
-        shape = ExpertShape(hidden, intermediate)
-        n = codec.nbytes(shape)
-        span = -(-n // PAGE) * PAGE
-        buf = torch.zeros(span, dtype=torch.uint8)
-        unit = codec.decode(buf[:n], shape, getattr(torch, dtype))
-    except (MoeError, ValueError, RuntimeError):
-        return None
-    return span, unit_bytes(unit)
-
 
 def quantize_rate(hidden: int, intermediate: int, bits: int = 4, quantizer: str = "hqq", group_size: int = 64,
                   budget_s: float = 0.75, max_bytes: int = 32 << 20) -> dict:

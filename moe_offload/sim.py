@@ -560,7 +560,7 @@ def run(a) -> int:
     config = (trace.meta or {}).get("config")
     if config and a.expert_bits is not None and a.expert_bits < 16:  # re-priced: the engine's own bytes
         from .models.sizes import model_sizes
-        from .plan import engine_expert_bytes
+        from .store.cache import engine_expert_bytes
 
         if trace.expert_params is None:
             trace = replace(trace, expert_params=model_sizes(config).expert_params)

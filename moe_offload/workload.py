@@ -11,12 +11,13 @@ def budget_bytes(pct: float, backbone: int, experts: int, kv: int = 0) -> int:
     return backbone + int(experts * pct / 100) + kv
 
 
-def kv_tokens(prompt: int, max_new: int, chunk: int | None = None) -> int:
+KV_CHUNK = 256  # tokens a KV cache grows by at least: a request without max_tokens holds only what it uses
+
+
+def kv_tokens(prompt: int, max_new: int, chunk: int = KV_CHUNK) -> int:
     """Tokens of KV cache the engine holds for one `prompt`-token request of `max_new` new tokens: it
     allocates prompt + min(max_new, KV_CHUNK), then grows by max(KV_CHUNK, ×2), never past prompt + max_new
     (runtime/engine.py)."""
-    if chunk is None:
-        from .runtime.engine import KV_CHUNK as chunk
     have, need = prompt + max(min(max_new, chunk), 1), prompt + max_new - 1  # the last token is not fed
     while have < need:
         have = min(prompt + max_new, max(have + chunk, 2 * have))

@@ -17,6 +17,7 @@ from ..experts import LocalExperts, expert_unit
 from ..models import build, get_module
 from ..models.base import Packed
 from ..utils import page_out, peak_rss_bytes
+from ..workload import KV_CHUNK  # tokens a KV cache grows by at least (workload.kv_tokens counts the rule)
 from .sampling import recent, sample
 from .tokenizer import Tokenizer
 
@@ -91,9 +92,6 @@ def attach_local_experts(model, source, model_type: str, device, dtype) -> int:
 
 def is_store(path: Path) -> bool:
     return (path / "manifest.json").is_file()
-
-
-KV_CHUNK = 256  # tokens a KV cache grows by at least: a request without max_tokens holds only what it uses
 
 
 class Engine:

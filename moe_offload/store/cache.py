@@ -556,3 +556,31 @@ class OffloadedExperts:
         for hook in self.cache.hooks:
             hook.on_route(self.layer, hidden, top_k_index, top_k_weights, self.cache)
         return moe_dispatch(hidden, top_k_index, top_k_weights, partial(self.cache.fetch, self.layer))
+
+
+PAGE = 4096  # a stored expert is read into a page-aligned buffer of its whole pages
+
+
+def engine_expert_bytes(hidden: int, intermediate: int, bits: int, group_size: int = 64,
+                        dtype: str = "float16") -> tuple[int, int] | None:
+    """One expert at `bits` as the engine stores it (the 4-bit store's codec, page-rounded span) and as its CPU
+    cache holds it (`store.cache.unit_bytes` of the unit `HQQCodec.decode` makes from zeros, the kernel
+    `make_linear` picks here: a 4-bit expert with 16-bit meta is a view of its read buffer, 1.00x its stored
+    bytes; one with 8-bit meta also keeps its scales and zeros expanded to bf16). None for 8/16-bit (costmodel's arithmetic holds there) or a group size the codec refuses."""
+    if bits >= 8:
+        return None
+    from ..experts import ExpertShape
+    from ..quant.codec import HQQCodec
+    from ..quant.kernels import write_layout
+
+    try:
+        codec = HQQCodec({"name": "hqq", "bits": bits, "group_size": group_size, "quantizer": "rtn",
+                          **({"layout": write_layout()} if bits <= 4 else {})})
+        shape = ExpertShape(hidden, intermediate)
+        n = codec.nbytes(shape)
+        span = -(-n // PAGE) * PAGE
+        buf = torch.zeros(span, dtype=torch.uint8)
+        unit = codec.decode(buf[:n], shape, getattr(torch, dtype))
+    except (MoeError, ValueError, RuntimeError):
+        return None
+    return span, unit_bytes(unit)
