@@ -1253,6 +1253,15 @@ def run_bench(a) -> dict:
     inter = prep["config"].get("intermediate_size") or 1024
     gemv = measure_gemv(a.threads, a.dtype, 2 * inter, prep["config"]["hidden_size"])
     disk = measure_disk(prep["dir"], (32 if a.quick else 512) * MiB)
+    # the model's own figures of the time model (an expert call, a miss's decode, the per-token overhead), so a
+    # run validates from its own probes (scripts/validate_scale.py)
+    import torch
+
+    from .sim import model_probes
+
+    torch.set_num_threads(a.threads)
+    probe_bits = min(b for b, _ in a.budgets) if a.budgets else 16
+    probes = {**model_probes(prep["config"], probe_bits, a.dtype), "probe_bits": probe_bits}
     disk_method = max(disk, key=disk.get)
     disk_bw = disk[disk_method]
     context = a.prompt_tokens + a.new_tokens / 2
@@ -1347,7 +1356,7 @@ def run_bench(a) -> dict:
 
     limits = {"ram_read_bw": ram_bw, "ram_read_bw_median": ram["median"], "gemv_bw": gemv["best"],
               "gemv_bw_median": gemv["median"], "disk_read_bw": disk_bw, "disk_method": disk_method,
-              "disk_read_bw_by_method": disk, "threads": a.threads,
+              "disk_read_bw_by_method": disk, "threads": a.threads, **probes,
               "context_tokens": context, "touched_bytes_per_token": sizes.touched_per_token(context),
               "per_budget": {}}
     for label, pct, memory in budgets:

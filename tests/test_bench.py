@@ -333,6 +333,9 @@ def test_bench_quick_smoke(tiny_checkpoint, tmp_path, child_env):
     for key in ("model", "dtype", "sizes", "budgets", "limits", "rows", "goals", "replay", "trace", "prompts"):
         assert key in res, key
     assert [b["pct"] for b in res["budgets"]] == [100.0, 50.0]
+    # the model's own time-model figures (sim.model_probes), so scripts/validate_scale.py needs no probe later
+    assert res["limits"]["probe_bits"] == 16
+    assert all(res["limits"][k] > 0 for k in ("expert_call_s", "token_overhead_s")), res["limits"]
     assert {(r["label"], r["config"]) for r in res["rows"]} == {
         ("100 %", "us-lru"), ("100 %", "hf-eager"), ("50 %", "us-lru"), ("50 %", "hf-eager")}
     for row in res["rows"]:
