@@ -13,11 +13,18 @@ footprint, `plan.engine_expert_bytes`) and this time model:
               + misses x (stored bytes / the loader's disk rate + decoding the blob into a unit)
                                                                         (serial: these rows ran without prefetch)
 
+The replay starts warm, as the run did: the run decoded after a warm-up generation and its prompt's prefill,
+whose routing these traces do not hold, so each round's replay is primed (uncounted) with the round's own decode
+rows, the experts its prefill had made resident standing in for the prefill's (`sim.simulate(prime=)`).
+
 Figures, each from the run's results.json where the bench recorded it (`limits`: gemv_bw, expert_call_s,
 token_overhead_s, miss_cpu_s, disk_loader_bw; the disk otherwise from the run's probe with several O_DIRECT reads in flight,
-as the loader's workers read), else probed now on this machine and scaled to the run by the ratio of the
-float16 GEMV probe then and now (the same `measure_gemv` call): one machine, two moments, compared as ratios. The script prints the
-figures it used, the prediction, the measurement, their ratio, and whether the prediction is within 25 %.
+as the loader's workers read), else probed now on this machine and carried to the row by its CPU share: the
+decode is CPU work whose CPU seconds per token hold across load, so a probed time x (CPU cores the probes got /
+the cores the row's decode got, bench's `cpu_cores`), the GEMV rate / the same (`--without cpu-share`: the
+earlier scaling by the float16 GEMV probe's ratio then / now). The miss decode is timed with the run's codec
+(its stored bytes tell 8- from 16-bit metadata). The script prints the figures it used, the prediction, the
+measurement, their ratio, and whether the prediction is within 25 %.
 """
 
 from __future__ import annotations
