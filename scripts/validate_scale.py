@@ -19,10 +19,11 @@ rows, the experts its prefill had made resident standing in for the prefill's (`
 
 Figures, each from the run's results.json where the bench recorded it (`limits`: gemv_bw, expert_call_s,
 token_overhead_s, miss_cpu_s, disk_loader_bw; the disk otherwise from the run's probe with several O_DIRECT reads in flight,
-as the loader's workers read), else probed now on this machine and carried to the row by its CPU share: the
-decode is CPU work whose CPU seconds per token hold across load, so a probed time x (CPU cores the probes got /
-the cores the row's decode got, bench's `cpu_cores`), the GEMV rate / the same (`--without cpu-share`: the
-earlier scaling by the float16 GEMV probe's ratio then / now). The miss decode is timed with the run's codec
+as the loader's workers read), else probed now on this machine and scaled to the run by the ratio of the
+float16 GEMV probe then and now (the same `measure_gemv` call): one machine, two moments, compared as ratios.
+`--scale cpu-share` instead carries them to the row by its CPU share: a probed time x (CPU cores the probes got /
+the cores the row's decode got, bench's `cpu_cores`), the GEMV rate / the same (docs/simulator.md: unstable
+on a busy machine, as the probes' average share is not the share their best-of timings ran at). The miss decode is timed with the run's codec
 (its stored bytes tell 8- from 16-bit metadata). The script prints the figures it used, the prediction, the
 measurement, their ratio, and whether the prediction is within 25 %.
 """
@@ -62,7 +63,7 @@ def cpu_share_factor(now_cores: float | None, row_cores: float | None) -> float 
     return now_cores / row_cores
 
 
-def run_figures(limits: dict, now: dict | None, scale: str = "cpu-share", row_cores: float | None = None) -> dict:
+def run_figures(limits: dict, now: dict | None, scale: str = "gemv", row_cores: float | None = None) -> dict:
     """The time model's figures for one run: recorded ones from `limits`, the rest from probes taken `now`
     and carried over to the run. scale "cpu-share": every probed time x now_cores / row_cores and the GEMV
     rate (the backbone's) the same way (cpu_share_factor; compute is CPU work, the row got `row_cores`
@@ -177,8 +178,8 @@ ABLATIONS = {  # the time model without one of its real-width terms (what it was
     "decode": "no decode of a missed blob",
     "disk-one-stream": "the single-stream disk probe",
     "warm": "the replay from a cold cache (only the warm-up generation's decode before the counted tokens)",
-    "cpu-share": "probes now scaled by the float16 GEMV ratio then/now instead of the row's CPU share",
 }
+SCALES = ("gemv", "cpu-share")  # how probes taken now are carried to the run (run_figures)
 
 
 def ablate(fig: dict, limits: dict, embed: int, without: set[str]) -> tuple[dict, int]:
@@ -193,8 +194,8 @@ def ablate(fig: dict, limits: dict, embed: int, without: set[str]) -> tuple[dict
     return fig, 0 if "embed" in without else embed
 
 
-def validate(folder: Path, threads: int | None, probe: bool, cache: dict, without: set[str] = frozenset()
-             ) -> list[dict]:
+def validate(folder: Path, threads: int | None, probe: bool, cache: dict, without: set[str] = frozenset(),
+             scale: str = "gemv") -> list[dict]:
     from moe_offload.plan import engine_expert_bytes
     from moe_offload.sim import expert_dims, load_trace
 
@@ -233,7 +234,6 @@ def validate(folder: Path, threads: int | None, probe: bool, cache: dict, withou
                 cache[key] = probe_now(config, bits, dtype, th, stored)
             now = cache[key]
         s = row["summary"]
-        scale = "gemv" if "cpu-share" in without else "cpu-share"
         fig, embed = ablate({**run_figures(limits, now, scale, s.get("cpu_cores")), "dims": (D, I)}, limits,
                             z["embed"], without)
         prefetch = (row.get("info") or {}).get("prefetch", "none") not in ("none", None)
@@ -287,6 +287,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--without", default="", help="comma list of terms to leave out: " + ", ".join(
         f"{k} ({v})" for k, v in ABLATIONS.items()))
+    p.add_argument("--scale", choices=SCALES, default="gemv", help="carry probes taken now to the run by the "
+                   "float16 GEMV probe's ratio then / now (default) or by the row's CPU share (cores the probes got "
+                   "/ cores the row's decode got)")
     p.add_argument("--ablations", action="store_true", help="also each term left out in turn, and all of them, "
                                                                "with the same probes")
     a = p.parse_args(argv)
@@ -303,7 +306,7 @@ def main(argv=None) -> int:
         variants = [set(), *({t} for t in ABLATIONS), set(ABLATIONS)]
     cache, out = {}, []
     for w in variants:
-        rows = [r for folder in a.folders for r in validate(Path(folder), a.threads, not a.no_probe, cache, w)]
+        rows = [r for folder in a.folders for r in validate(Path(folder), a.threads, not a.no_probe, cache, w, a.scale)]
         if len(variants) > 1:
             print(f"\nwithout: {', '.join(sorted(w)) or 'nothing (the full model)'}")
         print(table(rows))

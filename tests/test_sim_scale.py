@@ -164,7 +164,7 @@ def test_a_primed_replay_starts_as_warm_as_the_run():
         simulate(tr, CPU, memory=850, prime=[[[9], [0]]])
 
 
-def test_figures_follow_the_rows_cpu_share_not_the_gemv_ratio():
+def test_the_cpu_share_scaling_ignores_the_gemv_ratio():
     v = load_script()
     now = {"gemv_bw": 5e9, "expert_call_s": 0.04, "token_overhead_s": 0.01, "miss_cpu_s": 0.06, "cpu_cores": 2.0}
     # the run's own GEMV probe (10 or 2 GB/s: a loaded moment) no longer scales the per-token overhead
