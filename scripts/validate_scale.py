@@ -147,7 +147,9 @@ def prime_rows(trace, warm: str):
     (the run decoded after a warm-up generation and the prompt's prefill, which these traces do not record:
     the experts its decode uses stand in for those the prefill made resident; exact where every used expert
     fits, an approximation of the order under a tight budget); "none": a cold start."""
-    return trace.experts if warm == "trace" else None
+    if warm != "trace" or trace.meta.get("prefill_rows"):  # a newer bench's trace holds the prefill's routing
+        return None
+    return trace.experts
 
 
 def predict_round(trace, fig: dict, *, memory: int, policy: str, bits: int, stored: int, resident: int,

@@ -205,3 +205,11 @@ def test_the_runs_codec_is_told_by_its_stored_bytes():
     assert v.run_meta_bits(4096, 14336, 4, 99_090_432) == 16
     assert v.run_meta_bits(2048, 768, 4, 2_519_040) == 8  # Qwen3-30B-A3B's: 2,515,968 bytes, aligned up
     assert v.run_meta_bits(2048, 768, 4, 12345) is None and v.run_meta_bits(2048, 768, 16, 2_519_040) is None
+
+
+def test_a_trace_with_the_prefills_routing_is_not_primed_again():
+    v = load_script()
+    tr = Trace(experts=TOKENS, n_experts=4, expert_bytes=100, meta={"prefill_rows": 2})
+    assert v.prime_rows(tr, "trace") is None
+    assert v.prime_rows(Trace(experts=TOKENS, n_experts=4, expert_bytes=100), "trace").shape == (4, 2, 1)
+    assert v.prime_rows(Trace(experts=TOKENS, n_experts=4, expert_bytes=100), "none") is None
