@@ -323,13 +323,13 @@ def child_us(spec: dict) -> dict:
     t0 = time.perf_counter()
     engine = load(spec["model"], device="cpu", dtype=spec["dtype"], memory=spec["memory"], **offload)
     load_s = time.perf_counter() - t0
-    log = RouteLog(decode_only=True)  # the experts of every single-token (decode) call
+    log = RouteLog()  # the experts of every call: the prompt's prefill, then one per decoded token
     attach(engine.model, log)
     cache = getattr(engine, "expert_cache", None)
     n = spec["new_tokens"]
     runs = []
     for ids in spec["prompts"]:
-        io0 = _read_bytes()
+        io0, mark0 = _read_bytes(), len(log.calls)
         it = engine.stream_generate(prompt_ids=ids, max_new_tokens=n + 1, ignore_eos=True, temperature=0.0)
         first = next(it)  # yielded after prefill: the first token comes from the prompt's logits
         pre = cache.stats() if cache is not None else None
@@ -344,7 +344,8 @@ def child_us(spec: dict) -> dict:
         run = {"prefill_tok_s": s["prefill_tokens_per_s"], "decode_tok_s": s["decode_tokens_per_s"],
                "prefill_s": s["prefill_seconds"], "decode_s": s["decode_seconds"], "tokens": tokens,
                "prefill_disk_read_bytes": _delta(io0, io1), "decode_disk_read_bytes": _delta(io1, io2),
-               "decode_cpu_s": c2 - c1, "routes": [(la, idx[0].tolist()) for la, idx, _ in log.calls[mark:]]}
+               "decode_cpu_s": c2 - c1, "routes": [(la, idx[0].tolist()) for la, idx, _ in log.calls[mark:]],
+               "prefill_routes": [(la, idx.tolist()) for la, idx, _ in log.calls[mark0:mark]]}
         if pre is not None:  # decode only: the counters at the end minus those after prefill
             for k in ("expert_hits", "expert_misses", "bytes_read_disk", "bytes_to_device", "stall_seconds"):
                 run[k.replace("expert_", "")] = s[k] - pre[k]
@@ -907,9 +908,26 @@ def configs_for(a, prep: dict, pct: float | None, memory: int, prompts, tag: str
     return out
 
 
+def prefill_rows(prefill_routes: list, layers: list[int]) -> list:
+    """A prompt's prefill routing [(layer, [[K ids] per prompt token])] (chunks in order) as trace rows, one per
+    prompt token, [] when a layer's calls do not cover the same tokens. The engine runs each layer on the whole
+    chunk at once; token-major rows are the same keys in a slightly different order."""
+    per = {la: [] for la in layers}
+    for la, rows in prefill_routes or []:
+        if la not in per:
+            return []
+        per[la] += rows
+    n = {len(v) for v in per.values()}
+    if len(n) != 1:
+        return []
+    return [[per[la][t] for la in layers] for t in range(n.pop())]
+
+
 def record_trace(prep: dict, runs: list[dict], path: Path, warmup_runs: int = 1) -> tuple[Path | None, int]:
     """The decode routing of `runs` (generations in order, the first `warmup_runs` of them warm-up) as a
-    simulator trace. Returns (path, warm-up tokens)."""
+    simulator trace, with the prefill routing of the warm-up runs and of the first measured one as uncounted
+    rows before its decode, so a replay starts as warm as the run (`meta.prefill_rows`; later prompts'
+    prefills are left out). Returns (path, warm-up tokens)."""
     import numpy as np
 
     from .sim import Trace, save_trace
@@ -917,8 +935,12 @@ def record_trace(prep: dict, runs: list[dict], path: Path, warmup_runs: int = 1)
 
     store = open_store(prep["store"])
     layers = list(store.moe_layers)
-    rows, warm = [], 0
+    rows, warm, n_pre = [], 0, 0
     for i, r in enumerate(runs):
+        if i <= warmup_runs:
+            pre = prefill_rows(r.get("prefill_routes"), layers)
+            rows += pre
+            warm, n_pre = warm + len(pre), n_pre + len(pre)
         routes = r.get("routes") or []
         if len(routes) % len(layers):
             return None, 0
@@ -936,6 +958,7 @@ def record_trace(prep: dict, runs: list[dict], path: Path, warmup_runs: int = 1)
                   n_layers=prep["config"].get("num_hidden_layers"), backbone_bytes=s.backbone,
                   kv_bytes_per_token=s.kv_per_token,
                   meta={"source": "moe-offload bench", "model": prep["name"], "warmup_tokens": warm,
+                        "prefill_rows": n_pre,
                         "config": prep["config"]})  # lets `simulate --hardware this-machine` time this architecture
     return save_trace(path, trace), warm
 
@@ -1253,6 +1276,15 @@ def run_bench(a) -> dict:
     inter = prep["config"].get("intermediate_size") or 1024
     gemv = measure_gemv(a.threads, a.dtype, 2 * inter, prep["config"]["hidden_size"])
     disk = measure_disk(prep["dir"], (32 if a.quick else 512) * MiB)
+    # the model's own figures of the time model (an expert call, a miss's decode, the per-token overhead), so a
+    # run validates from its own probes (scripts/validate_scale.py)
+    import torch
+
+    from .sim import model_probes
+
+    torch.set_num_threads(a.threads)
+    probe_bits = min(b for b, _ in a.budgets) if a.budgets else 16
+    probes = {**model_probes(prep["config"], probe_bits, a.dtype), "probe_bits": probe_bits}
     disk_method = max(disk, key=disk.get)
     disk_bw = disk[disk_method]
     context = a.prompt_tokens + a.new_tokens / 2
@@ -1328,10 +1360,10 @@ def run_bench(a) -> dict:
                                      "max_usage_bytes": max(c["max_usage_bytes"] for c in cgs),
                                      "failcnt": sum(c["failcnt"] for c in cgs), "oom_kill": sum(c["oom_kill"] for c in cgs)}
             if row["ok"]:
-                row["warmup"] = {k: v for k, v in allr[0][0].items() if k not in ("routes", "tokens")}
+                row["warmup"] = {k: v for k, v in allr[0][0].items() if k not in ("routes", "prefill_routes", "tokens")}
                 row["summary"] = summarize_runs(runs, a.new_tokens)
                 row["tokens"] = [r["tokens"] for r in runs]
-                row["runs"] = [{k: v for k, v in r.items() if k != "routes"} for r in runs]
+                row["runs"] = [{k: v for k, v in r.items() if k not in ("routes", "prefill_routes")} for r in runs]
                 if cfg.system == "us" and "trace_rounds" not in prep:
                     prep["trace_rounds"] = allr  # per round: [warm-up, measured...] with their routes
             rows.append(row)
@@ -1347,7 +1379,7 @@ def run_bench(a) -> dict:
 
     limits = {"ram_read_bw": ram_bw, "ram_read_bw_median": ram["median"], "gemv_bw": gemv["best"],
               "gemv_bw_median": gemv["median"], "disk_read_bw": disk_bw, "disk_method": disk_method,
-              "disk_read_bw_by_method": disk, "threads": a.threads,
+              "disk_read_bw_by_method": disk, "threads": a.threads, **probes,
               "context_tokens": context, "touched_bytes_per_token": sizes.touched_per_token(context),
               "per_budget": {}}
     for label, pct, memory in budgets:

@@ -454,10 +454,11 @@ def expert_call_seconds(hidden: int, intermediate: int, bits: int = 16, dtype: s
 
 
 def expert_decode_seconds(hidden: int, intermediate: int, bits: int = 16, dtype: str = "float16",
-                          repeat: int = 3) -> float:
+                          repeat: int = 3, meta_bits: int | None = None) -> float:
     """CPU seconds to turn one stored expert (its bytes already in RAM) into the callable unit the engine
     caches: what every miss pays besides the read (`HQQCodec.decode` through make_linear for b < 16; dense 16-bit
-    units are views, ~0). Median of `repeat`, after one untimed decode."""
+    units are views, ~0). meta_bits: the codec's scale/zero bits (default the codec's). Median of `repeat`, after
+    one untimed decode."""
     import torch
 
     from .experts import ExpertShape
@@ -473,7 +474,8 @@ def expert_decode_seconds(hidden: int, intermediate: int, bits: int = 16, dtype:
         from .quant.kernels import write_layout
 
         codec = HQQCodec({"name": "hqq", "bits": bits, "quantizer": "rtn",
-                          **({"layout": write_layout()} if bits <= 4 else {})})
+                          **({"layout": write_layout()} if bits <= 4 else {}),
+                          **({"meta_bits": meta_bits} if meta_bits else {})})
     blob = torch.zeros(codec.nbytes(shape), dtype=torch.uint8)
     codec.decode(blob, shape, dt)
     times = _timings(lambda: codec.decode(blob, shape, dt), repeat)

@@ -261,9 +261,10 @@ class _Counts:
     miss_bytes: int = 0
 
 
-def _replay_counts(trace: Trace, sizes, capacity: int, policy: str, warmup: int) -> _Counts:
-    """Hits / misses / bytes of the tokens after `warmup`, the cache starting empty before the warm-up.
-    Online policies are deterministic, so the warm-up's own counts (a prefix replay) are subtracted exactly;
+def _replay_counts(trace: Trace, sizes, capacity: int, policy: str, warmup: int, prime=()) -> _Counts:
+    """Hits / misses / bytes of the tokens after `warmup`, the cache starting empty before `prime` (entries
+    replayed first, uncounted: what the run touched before its recorded routing) and the warm-up.
+    Online policies are deterministic, so the prefix's own counts (a prefix replay) are subtracted exactly;
     for "opt" the subtraction is an approximation (the optimum on the prefix alone may differ)."""
 
     def run(entries):
@@ -271,10 +272,11 @@ def _replay_counts(trace: Trace, sizes, capacity: int, policy: str, warmup: int)
             return belady_opt(entries, sizes, capacity, trace.n_layers, trace.n_experts)
         return replay(entries, sizes, capacity, policy, trace.n_layers, trace.n_experts)
 
-    full = run(trace.entries())
+    prime = list(prime)
+    full = run(prime + trace.entries())
     c = _Counts(full.hits, full.misses, full.bytes_loaded)
-    if warmup:
-        pre = run(trace.entries(0, warmup))
+    if warmup or prime:
+        pre = run(prime + trace.entries(0, warmup))
         c = _Counts(c.hits - pre.hits, c.misses - pre.misses, c.miss_bytes - pre.bytes_loaded)
     return c
 
@@ -302,7 +304,7 @@ def simulate(trace: Trace, hw: HardwareProfile, *, memory: int | None = None, ho
              policy: str = "lru", expert_bits: int | None = None, group_size: int = 64, context: int = 0,
              warmup: int = 0, cpu_misses: bool = False, backbone_bytes: int | None = None,
              kv_bytes_per_token: int | None = None, embed_bytes: int = 0, stored_bytes: int | None = None,
-             computed_bytes_each: int | None = None) -> SimResult:
+             computed_bytes_each: int | None = None, prime: np.ndarray | None = None) -> SimResult:
     """Replay `trace` on `hw` and apply the time model (docs/simulator.md).
 
     memory: device bytes for weights (backbone + expert cache), default the device's usable bytes minus the
@@ -315,6 +317,8 @@ def simulate(trace: Trace, hw: HardwareProfile, *, memory: int | None = None, ho
     `hw.miss_cpu_s` (decoding the blob into a unit), on the miss path with the read.
     stored_bytes / computed_bytes_each (with expert_bits): one expert's bytes as stored and as the CPU holds and
     computes it, where the engine's exact figures are known (default: costmodel.quant_bytes).
+    prime: token rows [P, L, K] (the trace's layers) replayed into the cache before the trace, uncounted: the
+    routing a run did before the recorded one (its prefill), so the replay starts as warm as the run did.
     """
     if policy != "opt" and policy not in POLICIES:
         raise UsageError(f"unknown cache policy {policy!r}; choose one of: {', '.join([*POLICIES, 'opt'])}")
@@ -361,11 +365,17 @@ def simulate(trace: Trace, hw: HardwareProfile, *, memory: int | None = None, ho
     if cpu_misses and cpu_device:
         raise UsageError("--cpu-misses is for GPU machines; on a CPU-only machine every expert is computed on the CPU")
 
+    if prime is not None:
+        prime = np.asarray(prime, dtype=np.int64).reshape(-1, *trace.experts.shape[1:])
+        prime = Trace(experts=prime, n_experts=trace.n_experts, expert_bytes=trace.expert_bytes,
+                      layers=trace.layers, n_layers=trace.n_layers).entries()  # checks the ids
+    else:
+        prime = []
     # device tier
     if cpu_misses:
         _, dev = _static_hot(trace, resident_fn, capacity, warmup)
     else:
-        dev = _replay_counts(trace, resident_fn, capacity, policy, warmup)
+        dev = _replay_counts(trace, resident_fn, capacity, policy, warmup, prime)
     # disk tier: the host holds what the device evicts (exclusive tiers), so device + host act as one cache
     # of their combined size under the same policy; its misses are the disk reads.
     if cpu_device:
@@ -373,7 +383,7 @@ def simulate(trace: Trace, hw: HardwareProfile, *, memory: int | None = None, ho
     elif all_bytes <= capacity + host_cap:
         disk = _Counts()  # everything fits in device + host: loaded once, before decoding
     else:
-        disk = _replay_counts(trace, resident_fn, capacity + host_cap, policy, warmup)
+        disk = _replay_counts(trace, resident_fn, capacity + host_cap, policy, warmup, prime)
     disk_bytes = disk.misses * stored if expert_bits is not None else disk.miss_bytes  # disk holds stored bytes
 
     T = trace.tokens - warmup

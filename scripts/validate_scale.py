@@ -13,11 +13,19 @@ footprint, `plan.engine_expert_bytes`) and this time model:
               + misses x (stored bytes / the loader's disk rate + decoding the blob into a unit)
                                                                         (serial: these rows ran without prefetch)
 
+The replay starts warm, as the run did: the run decoded after a warm-up generation and its prompt's prefill,
+whose routing these traces do not hold, so each round's replay is primed (uncounted) with the round's own decode
+rows, the experts its prefill had made resident standing in for the prefill's (`sim.simulate(prime=)`).
+
 Figures, each from the run's results.json where the bench recorded it (`limits`: gemv_bw, expert_call_s,
 token_overhead_s, miss_cpu_s, disk_loader_bw; the disk otherwise from the run's probe with several O_DIRECT reads in flight,
 as the loader's workers read), else probed now on this machine and scaled to the run by the ratio of the
-float16 GEMV probe then and now (the same `measure_gemv` call): one machine, two moments, compared as ratios. The script prints the
-figures it used, the prediction, the measurement, their ratio, and whether the prediction is within 25 %.
+float16 GEMV probe then and now (the same `measure_gemv` call): one machine, two moments, compared as ratios.
+`--scale cpu-share` instead carries them to the row by its CPU share: a probed time x (CPU cores the probes got /
+the cores the row's decode got, bench's `cpu_cores`), the GEMV rate / the same (docs/simulator.md: unstable
+on a busy machine, as the probes' average share is not the share their best-of timings ran at). The miss decode is timed with the run's codec
+(its stored bytes tell 8- from 16-bit metadata). The script prints the figures it used, the prediction, the
+measurement, their ratio, and whether the prediction is within 25 %.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,19 +53,38 @@ def compare(predicted: float | None, measured: float | None, tolerance: float = 
     return {"ratio": measured / predicted, "error": err, "within": abs(err) <= tolerance}
 
 
-def run_figures(limits: dict, now: dict | None) -> dict:
+def cpu_share_factor(now_cores: float | None, row_cores: float | None) -> float | None:
+    """How much slower the row's CPU work ran than the probes now: CPU cores the probes got (CPU seconds per
+    wall second, all threads) over the cores the row's decode got (bench's `cpu_cores`). The decode's CPU
+    seconds per token hold steady across load (Qwen3 rows: 0.20-0.25 s at 0.85-1.66 cores); its wall time is
+    those over the cores it got. None when either is unknown."""
+    if not now_cores or not row_cores:
+        return None
+    return now_cores / row_cores
+
+
+def run_figures(limits: dict, now: dict | None, scale: str = "gemv", row_cores: float | None = None) -> dict:
     """The time model's figures for one run: recorded ones from `limits`, the rest from probes taken `now`
-    scaled to the run (times by gemv_now / gemv_run, the disk by disk_run / disk_now of the same 8 MiB probe).
-    Returns {gemv_bw, expert_call_s, token_overhead_s, disk_bw, basis: {figure: how}}."""
+    and carried over to the run. scale "cpu-share": every probed time x now_cores / row_cores and the GEMV
+    rate (the backbone's) the same way (cpu_share_factor; compute is CPU work, the row got `row_cores`
+    cores), the run's own GEMV probe kept where the factor is unknown; scale "gemv" (the earlier model):
+    times x gemv_now / gemv_run of the same float16 GEMV probe, the run's GEMV rate. The disk is the run's
+    probe either way. Returns {gemv_bw, expert_call_s, token_overhead_s, miss_cpu_s, disk_bw, basis}."""
     out, basis = {"gemv_bw": limits["gemv_bw"]}, {"gemv_bw": "run"}
-    speed = None
+    speed, how = None, None
     if now is not None:
-        speed = now["gemv_bw"] / limits["gemv_bw"]  # > 1: this machine is faster now than in the run
+        k = cpu_share_factor(now.get("cpu_cores"), row_cores) if scale == "cpu-share" else None
+        if k is not None:
+            speed, how = k, f"now x {k:.2f} cores now/row"  # times x k, rates / k
+            out["gemv_bw"], basis["gemv_bw"] = now["gemv_bw"] / k, f"now / {k:.2f} cores now/row"
+        else:
+            speed = now["gemv_bw"] / limits["gemv_bw"]  # > 1: this machine is faster now than in the run
+            how = f"now x {speed:.2f}"
     for key in ("expert_call_s", "token_overhead_s", "miss_cpu_s"):
         if limits.get(key) is not None:
             out[key], basis[key] = limits[key], "run"
         elif now is not None:
-            out[key], basis[key] = now[key] * speed, f"now x {speed:.2f}"
+            out[key], basis[key] = now[key] * speed, how
         else:
             out[key], basis[key] = None, "missing"
     by_method = limits.get("disk_read_bw_by_method") or {}
@@ -74,9 +102,25 @@ def run_figures(limits: dict, now: dict | None) -> dict:
 # ---- probes now ---------------------------------------------------------------------------------------------
 
 
-def probe_now(config: dict, bits: int, dtype: str, threads: int) -> dict:
+def run_meta_bits(D: int, I: int, bits: int, stored: int | None) -> int | None:
+    """The scale/zero bits of the codec whose blob is `stored` bytes (8 or 16; the default codec changed after
+    some runs, and an 8-bit-meta blob's decode expands its metadata, a 16-bit one's hardly costs), None if
+    neither matches."""
+    from moe_offload.experts import ExpertShape
+    from moe_offload.quant.codec import HQQCodec
+    from moe_offload.store.format import round_up
+
+    for mb in (8, 16):  # the bench's sizes count the blob with its 4096-byte alignment
+        codec = HQQCodec({"name": "hqq", "bits": bits, "quantizer": "rtn", "meta_bits": mb}) if bits < 16 else None
+        if codec and stored and stored in (codec.nbytes(ExpertShape(D, I)), round_up(codec.nbytes(ExpertShape(D, I)))):
+            return mb
+    return None
+
+
+def probe_now(config: dict, bits: int, dtype: str, threads: int, stored: int | None = None) -> dict:
     """This machine now: the bench's float16 GEMV probe, one expert call at `bits`, the per-token overhead at
-    toy widths."""
+    toy widths, the decode of a missed blob of the run's codec (the one `stored` bytes fit), and the CPU cores
+    the probes got (CPU seconds / wall seconds)."""
     import torch
 
     from moe_offload.hardware import (expert_call_seconds, expert_decode_seconds, measure_gemv,
@@ -85,17 +129,31 @@ def probe_now(config: dict, bits: int, dtype: str, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     D, I = expert_dims(config)
-    return {"gemv_bw": measure_gemv(threads, dtype, 2 * I, D)["best"],
-            "expert_call_s": expert_call_seconds(D, I, min(bits, 16), dtype),
-            "token_overhead_s": measure_token_overhead(config, dtype),
-            "miss_cpu_s": expert_decode_seconds(D, I, min(bits, 16), dtype)}
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = {"gemv_bw": measure_gemv(threads, dtype, 2 * I, D)["best"],
+           "expert_call_s": expert_call_seconds(D, I, min(bits, 16), dtype),
+           "token_overhead_s": measure_token_overhead(config, dtype),
+           "miss_cpu_s": expert_decode_seconds(D, I, min(bits, 16), dtype,
+                                               meta_bits=run_meta_bits(D, I, bits, stored))}
+    out["cpu_cores"] = (time.process_time() - c0) / (time.perf_counter() - t0)  # the cores the probes got
+    return out
 
 
 # ---- prediction -----------------------------------------------------------------------------------------------
 
 
+def prime_rows(trace, warm: str):
+    """What the replay replays, uncounted, before the recorded routing. "trace": the round's own decode rows
+    (the run decoded after a warm-up generation and the prompt's prefill, which these traces do not record:
+    the experts its decode uses stand in for those the prefill made resident; exact where every used expert
+    fits, an approximation of the order under a tight budget); "none": a cold start."""
+    if warm != "trace" or trace.meta.get("prefill_rows"):  # a newer bench's trace holds the prefill's routing
+        return None
+    return trace.experts
+
+
 def predict_round(trace, fig: dict, *, memory: int, policy: str, bits: int, stored: int, resident: int,
-                  backbone: int, embed: int, warmup: int, prefetch: bool = False) -> dict:
+                  backbone: int, embed: int, warmup: int, prefetch: bool = False, warm: str = "trace") -> dict:
     """sim.simulate of one recorded round with the figures of `run_figures`."""
     from moe_offload.hardware import HardwareProfile
     from moe_offload.sim import simulate
@@ -109,7 +167,7 @@ def predict_round(trace, fig: dict, *, memory: int, policy: str, bits: int, stor
     trace = replace(trace, expert_params=3 * D * I)
     r = simulate(trace, hw, memory=memory, policy=policy, expert_bits=bits if bits < 16 else None,
                  backbone_bytes=backbone, embed_bytes=embed, warmup=warmup, stored_bytes=stored,
-                 computed_bytes_each=resident)
+                 computed_bytes_each=resident, prime=prime_rows(trace, warm))
     T = r.tokens
     return {"tok_s": r.tok_s_overlap if prefetch else r.tok_s_serial, "hit_rate": r.hit_rate,
             "ms_experts": 1e3 * r.t_experts / T, "ms_backbone_overhead": 1e3 * (r.t_device - r.t_experts) / T,
@@ -121,7 +179,9 @@ ABLATIONS = {  # the time model without one of its real-width terms (what it was
     "embed": "the embedding table streamed every token",
     "decode": "no decode of a missed blob",
     "disk-one-stream": "the single-stream disk probe",
+    "warm": "the replay from a cold cache (only the warm-up generation's decode before the counted tokens)",
 }
+SCALES = ("gemv", "cpu-share")  # how probes taken now are carried to the run (run_figures)
 
 
 def ablate(fig: dict, limits: dict, embed: int, without: set[str]) -> tuple[dict, int]:
@@ -136,13 +196,14 @@ def ablate(fig: dict, limits: dict, embed: int, without: set[str]) -> tuple[dict
     return fig, 0 if "embed" in without else embed
 
 
-def validate(folder: Path, threads: int | None, probe: bool, cache: dict, without: set[str] = frozenset()
-             ) -> list[dict]:
+def validate(folder: Path, threads: int | None, probe: bool, cache: dict, without: set[str] = frozenset(),
+             scale: str = "gemv") -> list[dict]:
     from moe_offload.plan import engine_expert_bytes
     from moe_offload.sim import expert_dims, load_trace
 
     res = json.loads((folder / "results.json").read_text())
     limits, dtype = res["limits"], res.get("dtype", "float16")
+    probed_bits = limits.get("probe_bits")  # bench records sim.model_probes at one precision
     th = threads or res.get("threads") or 1
     traces = sorted(folder.glob("trace-round*.npz"))
     if not traces:
@@ -165,19 +226,25 @@ def validate(folder: Path, threads: int | None, probe: bool, cache: dict, withou
         exact = engine_expert_bytes(D, I, bits, 64, dtype) if bits < 16 else None
         resident = exact[1] if exact else stored
         key = (json.dumps(config, sort_keys=True), bits, th, dtype)  # probes once per model and precision
+        if probed_bits is not None and probed_bits != bits:  # the run's probes are of another precision
+            limits = {k: v for k, v in res["limits"].items() if k not in ("expert_call_s", "miss_cpu_s")}
+        else:
+            limits = res["limits"]
         now = None
         if probe and any(limits.get(k) is None for k in ("expert_call_s", "token_overhead_s", "miss_cpu_s")):
             if key not in cache:
-                cache[key] = probe_now(config, bits, dtype, th)
+                cache[key] = probe_now(config, bits, dtype, th, stored)
             now = cache[key]
-        fig, embed = ablate({**run_figures(limits, now), "dims": (D, I)}, limits, z["embed"], without)
+        s = row["summary"]
+        fig, embed = ablate({**run_figures(limits, now, scale, s.get("cpu_cores")), "dims": (D, I)}, limits,
+                            z["embed"], without)
         prefetch = (row.get("info") or {}).get("prefetch", "none") not in ("none", None)
         preds = [predict_round(tr, fig, memory=row["memory"], policy=row.get("policy") or "lru", bits=bits,
                                stored=stored, resident=resident, backbone=z["backbone"],
-                               embed=embed, warmup=int(tr.meta.get("warmup_tokens") or 0), prefetch=prefetch)
+                               embed=embed, warmup=int(tr.meta.get("warmup_tokens") or 0), prefetch=prefetch,
+                               warm="none" if "warm" in without else "trace")
                  for tr in trs]
         pred = {k: statistics.median(p[k] for p in preds) for k in preds[0]}
-        s = row["summary"]
         measured = s["decode_tok_s"]["median"]
         out.append({**base, "measured_tok_s": measured, "predicted_tok_s": pred["tok_s"],
                     "measured_hit_rate": s.get("hit_rate"), "predicted_hit_rate": pred["hit_rate"],
@@ -222,6 +289,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--without", default="", help="comma list of terms to leave out: " + ", ".join(
         f"{k} ({v})" for k, v in ABLATIONS.items()))
+    p.add_argument("--scale", choices=SCALES, default="gemv", help="carry probes taken now to the run by the "
+                   "float16 GEMV probe's ratio then / now (default) or by the row's CPU share (cores the probes got "
+                   "/ cores the row's decode got)")
     p.add_argument("--ablations", action="store_true", help="also each term left out in turn, and all of them, "
                                                                "with the same probes")
     a = p.parse_args(argv)
@@ -238,7 +308,7 @@ def main(argv=None) -> int:
         variants = [set(), *({t} for t in ABLATIONS), set(ABLATIONS)]
     cache, out = {}, []
     for w in variants:
-        rows = [r for folder in a.folders for r in validate(Path(folder), a.threads, not a.no_probe, cache, w)]
+        rows = [r for folder in a.folders for r in validate(Path(folder), a.threads, not a.no_probe, cache, w, a.scale)]
         if len(variants) > 1:
             print(f"\nwithout: {', '.join(sorted(w)) or 'nothing (the full model)'}")
         print(table(rows))

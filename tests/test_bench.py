@@ -333,6 +333,17 @@ def test_bench_quick_smoke(tiny_checkpoint, tmp_path, child_env):
     for key in ("model", "dtype", "sizes", "budgets", "limits", "rows", "goals", "replay", "trace", "prompts"):
         assert key in res, key
     assert [b["pct"] for b in res["budgets"]] == [100.0, 50.0]
+    # the model's own time-model figures (sim.model_probes), so scripts/validate_scale.py needs no probe later
+    assert res["limits"]["probe_bits"] == 16
+    # each round's trace holds the warm-up's and the measured prompt's prefill routing, uncounted, before its
+    # decode: a replay starts as warm as the run (one row per prompt token)
+    from moe_offload.sim import load_trace
+
+    tr = load_trace(out / "trace-round1.npz")
+    n_prompt = len(res["prompts"][0])
+    assert tr.meta["prefill_rows"] == 2 * n_prompt and 2 * n_prompt < tr.meta["warmup_tokens"] < tr.tokens
+    assert "prefill_routes" not in res["rows"][0]["runs"][0]
+    assert all(res["limits"][k] > 0 for k in ("expert_call_s", "token_overhead_s")), res["limits"]
     assert {(r["label"], r["config"]) for r in res["rows"]} == {
         ("100 %", "us-lru"), ("100 %", "hf-eager"), ("50 %", "us-lru"), ("50 %", "hf-eager")}
     for row in res["rows"]:
@@ -351,3 +362,13 @@ def test_bench_quick_smoke(tiny_checkpoint, tmp_path, child_env):
     assert {d["100.0"] for d in res["replay"].values()} == {res["replay"]["opt"]["100.0"]}
     assert (out / "trace.npz").is_file() and (out / "results.md").is_file()
     assert "| 50 % | us-lru |" in (out / "results.md").read_text()
+
+
+def test_prefill_rows_one_per_prompt_token_across_chunks():
+    from moe_offload.bench import prefill_rows
+
+    # layers 1 and 3, a 3-token prompt prefilled in two chunks (2 + 1 tokens), top-2
+    calls = [(1, [[0, 1], [2, 3]]), (3, [[4, 5], [6, 7]]), (1, [[1, 2]]), (3, [[5, 6]])]
+    assert prefill_rows(calls, [1, 3]) == [[[0, 1], [4, 5]], [[2, 3], [6, 7]], [[1, 2], [5, 6]]]
+    assert prefill_rows(calls[:3], [1, 3]) == []  # layer 3 lacks the last chunk: nothing rather than wrong rows
+    assert prefill_rows([(2, [[0, 1]])], [1, 3]) == [] and prefill_rows(None, [1, 3]) == []

@@ -144,3 +144,72 @@ def test_model_probes_are_what_validate_scale_reads_from_a_run(tmp_path):
     v = load_script()
     f = v.run_figures({"gemv_bw": 1e9, **probes}, None)
     assert all(f["basis"][k] == "run" for k in probes) and f["miss_cpu_s"] == probes["miss_cpu_s"]
+
+
+def test_a_primed_replay_starts_as_warm_as_the_run():
+    # every expert fits (memory 50 + 8 x 100): cold, the first use of each of the 4 (layer, expert) keys misses
+    tr = Trace(experts=TOKENS, n_experts=4, expert_bytes=100, backbone_bytes=50)
+    cold = simulate(tr, CPU, memory=850, policy="lru")
+    assert (cold.hits, cold.misses) == (4, 4)
+    # primed with routing the run did before the recorded tokens (its prefill): nothing left to miss
+    warm = simulate(tr, CPU, memory=850, policy="lru", prime=[[[1], [2]], [[0], [1]]])
+    assert (warm.hits, warm.misses, warm.tokens) == (8, 0, 4) and warm.t_disk == 0
+    # under a tight budget the prime is exactly a prefix: the same counts as the doubled trace after T tokens
+    doubled = Trace(experts=TOKENS + TOKENS, n_experts=4, expert_bytes=100, backbone_bytes=50)
+    ref = simulate(doubled, CPU, memory=250, policy="lru", warmup=4)
+    got = simulate(tr, CPU, memory=250, policy="lru", prime=TOKENS)
+    assert (got.hits, got.misses, got.disk_bytes) == (ref.hits, ref.misses, ref.disk_bytes)
+    assert got.hits != simulate(tr, CPU, memory=250, policy="lru").hits  # the prime changed the state
+    with pytest.raises(Exception, match="expert ids"):
+        simulate(tr, CPU, memory=850, prime=[[[9], [0]]])
+
+
+def test_the_cpu_share_scaling_ignores_the_gemv_ratio():
+    v = load_script()
+    now = {"gemv_bw": 5e9, "expert_call_s": 0.04, "token_overhead_s": 0.01, "miss_cpu_s": 0.06, "cpu_cores": 2.0}
+    # the run's own GEMV probe (10 or 2 GB/s: a loaded moment) no longer scales the per-token overhead
+    a = v.run_figures({"gemv_bw": 10e9}, now, "cpu-share", row_cores=1.0)
+    b = v.run_figures({"gemv_bw": 2e9}, now, "cpu-share", row_cores=1.0)
+    assert a["token_overhead_s"] == b["token_overhead_s"] == pytest.approx(0.02)  # half the cores: twice the time
+    assert a["expert_call_s"] == pytest.approx(0.08) and a["miss_cpu_s"] == pytest.approx(0.12)
+    assert a["gemv_bw"] == pytest.approx(2.5e9) and a["basis"]["token_overhead_s"] == "now x 2.00 cores now/row"
+    # the earlier model, kept as the ablation: times x the GEMV ratio
+    g = v.run_figures({"gemv_bw": 10e9}, now, "gemv", row_cores=1.0)
+    assert g["token_overhead_s"] == pytest.approx(0.005) and g["gemv_bw"] == 10e9
+    # unknown share (an older bench row): the GEMV ratio, said so
+    assert v.run_figures({"gemv_bw": 10e9}, now, "cpu-share", row_cores=None)["basis"]["expert_call_s"] == "now x 0.50"
+    assert v.cpu_share_factor(1.0, 0.5) == 2.0 and v.cpu_share_factor(None, 1.0) is None
+
+
+def test_validation_replays_warm_by_default(tmp_path):
+    v = load_script()
+    folder = bench_folder(tmp_path)
+    # the warm-up token uses experts (0, 1) of layer 0 only; the measured tokens use both layers' 4 keys, which the
+    # run's prefill had made resident (measured hit rate 1.0): a cold replay misses 2 of them
+    experts = np.array([[[0, 1], [0, 1]], [[0, 1], [1, 0]], [[1, 0], [1, 0]], [[0, 1], [0, 1]]])
+    experts[0, 1] = [0, 0]  # layer 1 of the warm-up token: expert 0 only (top-2 of one expert: one key)
+    save_trace(folder / "trace-round1.npz",
+               Trace(experts=experts, n_experts=2, expert_bytes=1000, backbone_bytes=5000, n_layers=2,
+                     meta={"warmup_tokens": 1, "config": TINY}))
+    warm = v.validate(folder, None, probe=False, cache={})[0]
+    cold = v.validate(folder, None, probe=False, cache={}, without={"warm"})[0]
+    assert warm["predicted_hit_rate"] == 1.0 == warm["measured_hit_rate"]
+    assert cold["predicted_hit_rate"] == pytest.approx(11 / 12)  # 12 uses after the warm-up, layer 1's expert 1 missed
+
+
+def test_the_runs_codec_is_told_by_its_stored_bytes():
+    # the probe of a miss's decode must time the codec the run stored (8-bit scales/zeros expand on decode;
+    # the later 16-bit default hardly costs): the bench's sizes count the 4096-aligned blob
+    v = load_script()
+    assert v.run_meta_bits(4096, 14336, 4, 93_929_472) == 8  # Mixtral-8x7B's expert in the real-width runs
+    assert v.run_meta_bits(4096, 14336, 4, 99_090_432) == 16
+    assert v.run_meta_bits(2048, 768, 4, 2_519_040) == 8  # Qwen3-30B-A3B's: 2,515,968 bytes, aligned up
+    assert v.run_meta_bits(2048, 768, 4, 12345) is None and v.run_meta_bits(2048, 768, 16, 2_519_040) is None
+
+
+def test_a_trace_with_the_prefills_routing_is_not_primed_again():
+    v = load_script()
+    tr = Trace(experts=TOKENS, n_experts=4, expert_bytes=100, meta={"prefill_rows": 2})
+    assert v.prime_rows(tr, "trace") is None
+    assert v.prime_rows(Trace(experts=TOKENS, n_experts=4, expert_bytes=100), "trace").shape == (4, 2, 1)
+    assert v.prime_rows(Trace(experts=TOKENS, n_experts=4, expert_bytes=100), "none") is None
