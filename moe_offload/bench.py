@@ -737,6 +737,21 @@ def _store_is_fresh(path: Path, dtype: str, stamp: float) -> bool:
         return False
 
 
+def quantized_store_name(dtype: str, bits: int, quantizer: str, backbone_bits: int = 16) -> str:
+    """The cache's folder for our `bits`-bit store (attention and lm_head at `backbone_bits`)."""
+    return (f"store-{dtype}-q{bits}" + ("" if quantizer == "hqq" else f"-{quantizer}")
+            + ("" if backbone_bits == 16 else f"-bb{backbone_bits}"))
+
+
+def quantize_args(hf, out, bits: int, dtype: str, quantizer: str, backbone_bits: int = 16) -> list[str]:
+    """`moe-offload quantize` arguments for the bench's store: experts at `bits`; attention and lm_head 16-bit,
+    or codes at `backbone_bits` (--us-backbone-bits: how llama.cpp's Q4_0 / Q4_K_M files hold them)."""
+    head = ["--head-bits", str(backbone_bits)] if backbone_bits < 16 else []
+    return ["quantize", "--model", str(hf), "--out", str(out), "--expert-bits", str(bits),
+            "--attn-bits", str(backbone_bits), *head, "--dtype", dtype, "--quantizer", quantizer,
+            "--overwrite", "--quiet"]
+
+
 def prepare(a) -> dict:
     """The HF folder, our store at the benchmark dtype, and the sizes."""
     from .store.format import convert
@@ -776,11 +791,10 @@ def prepare(a) -> dict:
     qbits = {b for b in getattr(a, "us_bits", [16]) if b != 16} | {b for b, _ in budgets if b != 16}
     quantizer = getattr(a, "quantizer", "hqq")
     for bits in sorted(qbits):
-        q = d / (f"store-{a.dtype}-q{bits}" + ("" if quantizer == "hqq" else f"-{quantizer}"))
+        bb = getattr(a, "us_backbone_bits", 16)
+        q = d / quantized_store_name(a.dtype, bits, quantizer, bb)
         if not _store_is_fresh(q, a.dtype, stamp):
-            cmd = [sys.executable, "-m", "moe_offload.cli", "quantize", "--model", str(hf), "--out", str(q),
-                   "--expert-bits", str(bits), "--attn-bits", "16", "--dtype", a.dtype, "--quantizer", quantizer,
-                   "--overwrite", "--quiet"]
+            cmd = [sys.executable, "-m", "moe_offload.cli", *quantize_args(hf, q, bits, a.dtype, quantizer, bb)]
             print(f"bench: {' '.join(['moe-offload', *cmd[3:]])}", file=sys.stderr)
             t0 = time.perf_counter()
             r = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
@@ -1475,6 +1489,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-policy", default="lru", help="our expert cache policy (comma list: one row each)")
     p.add_argument("--prefetch", default="none", help="our prefetcher: comma list of none, lookahead, shadow, "
                                                        "auto (one row each)")
+    p.add_argument("--us-backbone-bits", type=int, default=16, choices=[16, 8, 4],
+                   help="our quantized stores' attention and lm_head (quantize --attn-bits/--head-bits): 16, or "
+                        "8/4 as llama.cpp's files hold them")
     p.add_argument("--us-bits", default="16", help="our experts' bits: comma list of 16 (the store as converted) "
                                                    "and 4 (a 4-bit HQQ store made by `moe-offload quantize`)")
     p.add_argument("--quantizer", default="hqq", choices=["hqq", "rtn"],

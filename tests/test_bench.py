@@ -372,3 +372,23 @@ def test_prefill_rows_one_per_prompt_token_across_chunks():
     assert prefill_rows(calls, [1, 3]) == [[[0, 1], [4, 5]], [[2, 3], [6, 7]], [[1, 2], [5, 6]]]
     assert prefill_rows(calls[:3], [1, 3]) == []  # layer 3 lacks the last chunk: nothing rather than wrong rows
     assert prefill_rows([(2, [[0, 1]])], [1, 3]) == [] and prefill_rows(None, [1, 3]) == []
+
+
+def test_bench_can_quantize_attention_and_lm_head_like_llamacpps_files(tiny_checkpoint, tmp_path):
+    """--us-backbone-bits 8: the bench's 4-bit store holds attention and lm_head as 8-bit codes (llama.cpp's
+    Q4_0 file holds them at 4-6 bits), in its own cache folder; the default stays 16-bit."""
+    from moe_offload.cli import main
+    from moe_offload.store.format import open_store
+
+    hf = tiny_checkpoint("mixtral_gqa")
+    assert bench.quantized_store_name("float16", 4, "rtn") == "store-float16-q4-rtn"
+    assert bench.quantized_store_name("float16", 4, "rtn", 8) == "store-float16-q4-rtn-bb8"
+    assert "--head-bits" not in bench.quantize_args(hf, tmp_path / "x", 4, "float16", "rtn")
+    sizes = {}
+    for bb in (16, 8):
+        out = tmp_path / bench.quantized_store_name("float16", 4, "rtn", bb)
+        assert main(bench.quantize_args(hf, out, 4, "float16", "rtn", bb)) == 0
+        q = open_store(out).manifest["quantization"]
+        assert (str(q["expert_bits"]), q["attn_bits"], q["head_bits"]) == ("4", bb, bb)
+        sizes[bb] = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
+    assert sizes[8] < sizes[16]  # the backbone's bytes shrink
