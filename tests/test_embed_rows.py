@@ -109,3 +109,31 @@ def test_the_library_refuses_an_unknown_mode_in_one_line():
 
     with pytest.raises(UsageError, match="--embed-rows must be one of resident, auto, disk"):
         OffloadConfig.parse(torch.device("cpu"), None, embed_rows="mmap")
+
+
+def test_a_table_stored_quantized_or_not_as_floats_stays_resident():
+    from moe_offload.errors import UsageError
+    from moe_offload.store.rows import KEY, choose, why_resident
+
+    class Source:  # SafetensorsFolder's surface that why_resident reads
+        def __init__(self, dtypes):
+            self.dtypes, self.key_to_shard = dtypes, dict.fromkeys(dtypes, "backbone.safetensors")
+
+        def keys(self):
+            return list(self.dtypes)
+
+        def dtype_of(self, name):
+            return self.dtypes[name]
+
+    quantized = Source({"model.embed_tokens.qweight": "U8", "model.embed_tokens.qsz": "BF16"})
+    codes = Source({KEY: "I8"})
+    for src, said in ((quantized, "stored quantized"), (codes, "stored as I8")):
+        why = why_resident(src, tied=False)
+        assert said in why
+        assert choose("auto", 10**6, 10**6, why) is False
+        with pytest.raises(UsageError, match=f"--embed-rows disk: .*{said}"):
+            choose("disk", 10**6, 10**6, why)
+    assert why_resident(Source({KEY: "BF16"}), tied=False) is None
+    assert choose("auto", 100 * 10**6, 10**6, None) is False  # 1 % of the budget: the table stays
+    assert choose("auto", 10 * 10**6, 10**6, None) is True  # 10 %
+    assert choose("resident", 10**6, 10**6, None) is False
