@@ -6,7 +6,8 @@ store/rows.DiskEmbedding on the same backbone file, rounds alternating A/B so th
                                                        [--rounds 3] [--threads 2]
 
 Give a --memory that holds every expert after the first round (the warm-up, not counted), so both arms decode
-without misses. Prints one line per round and a JSON line: decode tok/s per arm, disk/resident ratio, tokens equal.
+without misses. Prints one line per round and a JSON line: decode tok/s per arm, disk/resident ratio, the
+embedding lookup alone (µs per decode token) per arm, tokens equal.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 
 import torch
 
@@ -50,8 +52,16 @@ def main() -> None:
                 print(f"round {r} {name:8s} decode {out.stats['decode_tokens_per_s']:.2f} tok/s "
                       f"misses {out.stats.get('expert_misses')}", flush=True)
     med = {k: statistics.median(v) for k, v in speed.items()}
+    lookup = {}  # one decode token's embedding alone: microseconds per call, 2000 random ids
+    probe = [torch.tensor([[t]]) for t in prompts_for(engine.args.vocab_size, 2000, 1)[0]]
+    for name, module in arms.items():
+        t0 = time.perf_counter()
+        for t in probe:
+            module(t)
+        lookup[name] = (time.perf_counter() - t0) / len(probe) * 1e6
     print(json.dumps({"decode_tok_s": med, "ratio_disk_over_resident": med["disk"] / med["resident"],
-                      "tokens_equal": tokens["disk"] == tokens["resident"], "table_bytes": table.weight.nbytes}))
+                      "embed_us_per_token": lookup, "tokens_equal": tokens["disk"] == tokens["resident"],
+                      "table_bytes": table.weight.nbytes}))
 
 
 if __name__ == "__main__":
