@@ -137,3 +137,16 @@ def test_a_table_stored_quantized_or_not_as_floats_stays_resident():
     assert choose("auto", 100 * 10**6, 10**6, None) is False  # 1 % of the budget: the table stays
     assert choose("auto", 10 * 10**6, 10**6, None) is True  # 10 %
     assert choose("resident", 10**6, 10**6, None) is False
+
+
+def test_an_hf_folder_stays_resident_unless_rows_are_asked_for(stores, tmp_path, monkeypatch):
+    """resident / auto without a budget change nothing on an HF folder (no store is made for them); disk reads
+    the rows from the store the folder converts into, like every offload option."""
+    from moe_offload.runtime.load import load
+
+    monkeypatch.setenv("MOE_OFFLOAD_CACHE", str(tmp_path / "cache"))  # the converted store: not in ~/.cache
+    hf = stores["mixtral_gqa"].parent / "mixtral_gqa"
+    for mode in ("resident", "auto"):
+        assert load(hf, device="cpu", embed_rows=mode).info["format"] == "hf"
+    e = load(hf, device="cpu", embed_rows="disk")
+    assert e.info["format"] == "store" and e.info["embed_rows"] == "disk"

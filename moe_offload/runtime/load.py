@@ -143,7 +143,7 @@ def load(path: str | Path | None = None, device: str | None = None, dtype: str |
         raise MoeError(f"model path {path} is not a folder")
     dev = pick_device(device)
     offloaded = config is not None or is_store(path) or memory is not None or any(
-        v is not None for v in offload.values())
+        v is not None for k, v in offload.items() if not (k == "embed_rows" and v != "disk"))  # rows: a store's
     if config is None:
         memory = parse_memory(memory)  # bytes, a Share of the model ('25%', resolved by the store) or 'auto'
         config = OffloadConfig.parse(dev, memory, **offload) if offloaded else OffloadConfig()
