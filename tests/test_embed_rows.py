@@ -48,6 +48,8 @@ def test_rows_on_demand_give_the_resident_tokens_and_leave_the_table_out_of_the_
     assert res.info["backbone_bytes"] - disk.info["backbone_bytes"] == table.nbytes
     assert a.stats["resident_weight_bytes"] - b.stats["resident_weight_bytes"] == table.nbytes
     assert not any("embed_tokens" in k for k in disk.model.state_dict())
+    with open("/proc/self/maps") as f:  # positioned reads, never a mapping (mapped pages would count as RSS)
+        assert str(stores[spec] / "backbone.safetensors") not in f.read()
     rows = emb(torch.tensor([IDS, IDS[::-1]]))  # [B, T, D], bit-equal to the table's rows
     assert rows.shape == (2, len(IDS), table.shape[1]) and rows.dtype == table.dtype
     assert torch.equal(rows, table[torch.tensor([IDS, IDS[::-1]])])

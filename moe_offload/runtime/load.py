@@ -191,6 +191,7 @@ def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, 
     rows = embed_rows(c, source, store.config, dt)
     args, model = build_model(store.config, source, device, dt, expert_keys=False,
                               embed_rows=store.path / BACKBONE if rows else None)
+    del source  # its mapping closed, so the page cache below can let go of the file
     check_layout(store, model)
     ctx_size = check_ctx_size(ctx_size, model.max_len)
     drop_page_cache(store.path / BACKBONE)  # the backbone now lives in our tensors only
