@@ -99,6 +99,10 @@ def add_model_args(p: argparse.ArgumentParser, chat_template: bool = False) -> N
     p.add_argument("--verify-reads", default=None, choices=["first", "always"],
                    help="check expert reads against the store's crc32: each expert's first read (default) or "
                         "every read (~6 ms of CPU per 22 MB)")
+    p.add_argument("--embed-rows", default=None, choices=["resident", "auto", "disk"],
+                   help="disk: read the embedding rows a token needs from the store instead of holding the "
+                        "table; auto: so when a --memory size is given and the table is over 5%% of it "
+                        "(default resident; a tied table stays resident)")
     p.add_argument("--auto", action="store_true",
                    help="let the planner pick --memory/--host-memory/--prefetch/--cpu-misses/--cache-policy")
     p.add_argument("--hardware", default=None,

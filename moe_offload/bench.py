@@ -320,6 +320,8 @@ def child_us(spec: dict) -> dict:
     offload = {"cache_policy": spec.get("policy")}
     if spec.get("prefetch"):
         offload["prefetch"] = spec["prefetch"]
+    if spec.get("embed_rows"):
+        offload["embed_rows"] = spec["embed_rows"]
     t0 = time.perf_counter()
     engine = load(spec["model"], device="cpu", dtype=spec["dtype"], memory=spec["memory"], **offload)
     load_s = time.perf_counter() - t0
@@ -895,6 +897,7 @@ _GGUF_FILE_TYPES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 8: "q5_
 
 def configs_for(a, prep: dict, pct: float | None, memory: int, prompts, tag: str) -> list[Config]:
     base = {"dtype": a.dtype, "threads": a.threads, "prompts": prompts, "new_tokens": a.new_tokens, "memory": memory}
+    rows = getattr(a, "embed_rows", "resident")
     out = []
     for bits in a.us_bits:
         store = prep["store"] if bits == 16 else prep["quantized"][bits]
@@ -904,6 +907,8 @@ def configs_for(a, prep: dict, pct: float | None, memory: int, prompts, tag: str
                 spec = {**base, "system": "us", "model": str(store), "policy": policy, "prefetch": pf,
                         "expert_bits": bits}
                 name = f"us-{policy}" + (f"-q{bits}" if bits != 16 else "") + (f"+prefetch-{pf}" if pf else "")
+                if rows != "resident":  # resident rows keep their spec and name as before the flag
+                    spec["embed_rows"], name = rows, name + f"+embed-rows-{rows}"
                 out.append(Config("us", name, spec, [store]))
     if "hf" in a.peers:
         for impl in a.hf_impls:
@@ -1492,6 +1497,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--us-backbone-bits", type=int, default=16, choices=[16, 8, 4],
                    help="our quantized stores' attention and lm_head (quantize --attn-bits/--head-bits): 16, or "
                         "8/4 as llama.cpp's files hold them")
+    p.add_argument("--embed-rows", default="resident", choices=["resident", "auto", "disk"],
+                   help="our embedding table: resident, or its rows read from the store per token (disk; auto: "
+                        "when over 5%% of the budget)")
     p.add_argument("--us-bits", default="16", help="our experts' bits: comma list of 16 (the store as converted) "
                                                    "and 4 (a 4-bit HQQ store made by `moe-offload quantize`)")
     p.add_argument("--quantizer", default="hqq", choices=["hqq", "rtn"],

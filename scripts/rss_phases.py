@@ -5,6 +5,7 @@ bench runs them (the first is the warm-up) — and the peak, against resident_we
 
     PYTHONPATH=. python scripts/rss_phases.py STORE [--memory 3GiB] [--prompt-tokens 16] [--new-tokens 16]
                                                     [--prompts 3] [--threads 2] [--trim]
+                                                    [--embed-rows resident|auto|disk]
 
 --trim calls glibc's malloc_trim(0) after each phase (what the heap holds free but not given back).
 Prints one line per phase (MiB) and a JSON line at the end.
@@ -40,6 +41,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--trim", action="store_true")
+    p.add_argument("--embed-rows", default=None, choices=["resident", "auto", "disk"])
     a = p.parse_args()
     libc = ctypes.CDLL("libc.so.6")
     rows = []
@@ -64,14 +66,15 @@ def main() -> None:
 
     phase("import moe_offload")
     t0 = time.perf_counter()
-    engine = load(a.store, device="cpu", memory=a.memory)
+    engine = load(a.store, device="cpu", memory=a.memory, embed_rows=a.embed_rows)
     info = engine.info
     phase("load", backbone=info["backbone_bytes"], load_s=round(time.perf_counter() - t0, 1))
     vocab = engine.args.vocab_size
     for i, ids in enumerate(prompts_for(vocab, a.prompt_tokens, a.prompts)):
         r = engine.generate(prompt_ids=ids, max_new_tokens=a.new_tokens + 1, ignore_eos=True, temperature=0.0)
         st = r.stats
-        phase(f"generate {i}", resident=st.get("resident_weight_bytes", 0), misses=st.get("expert_misses"))
+        phase(f"generate {i}", resident=st.get("resident_weight_bytes", 0), misses=st.get("expert_misses"),
+              decode_tok_s=round(st.get("decode_tokens_per_s", 0), 2))
     peak = max(r["VmHWM"] for r in rows)
     resident = max(r.get("resident", 0) for r in rows)
     print(json.dumps({"peak_rss": peak, "resident_weight_bytes": resident, "peak_minus_resident": peak - resident,

@@ -47,12 +47,23 @@ class GenerationResult:
     stats: dict = field(default_factory=dict)
 
 
-def build_model(config: dict, source, device: torch.device, dtype: torch.dtype, expert_keys: bool = True):
-    """Backbone from `source` (keys()/get()), strictly: every tensor used, none missing. Experts unattached."""
+def build_model(config: dict, source, device: torch.device, dtype: torch.dtype, expert_keys: bool = True,
+                embed_rows: Path | None = None):
+    """Backbone from `source` (keys()/get()), strictly: every tensor used, none missing. Experts unattached.
+    `embed_rows`: the safetensors file to read embedding rows from on demand (store/rows.py) instead of
+    holding the table (never read here)."""
     get_module(config.get("model_type"))  # unsupported type -> clear error before anything else
     with torch.device("meta"):
         args, model = build(config)
     have = set(source.keys())
+    if embed_rows is not None:
+        from ..store.rows import FLOATS, KEY, DiskEmbedding, why_resident
+
+        if why := why_resident(source, model.tie):
+            raise UsageError(f"--embed-rows disk: {why}; use --embed-rows resident or auto")
+        dt = model.backbone_dtype(KEY, FLOATS[source.dtype_of(KEY)], dtype)
+        model.model.embed_tokens = DiskEmbedding(embed_rows, KEY, dt, device)
+        have.discard(KEY)
     if any(k.endswith(".qweight") for k in have):  # quantized attention (moe-offload quantize --attn-bits)
         from ..quant.backbone import use_quantized_linears
 

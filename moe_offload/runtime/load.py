@@ -32,6 +32,10 @@ from ..store.cached import store_for
 from ..store.format import BACKBONE, open_store
 from ..store.open import check_layout, mib, min_memory
 from ..store.policies import POLICIES
+from ..store.rows import KEY as EMBED_KEY
+from ..store.rows import MODES as EMBED_MODES
+from ..store.rows import choose as choose_embed_rows
+from ..store.rows import why_resident
 from ..store.tiers import HostTier
 from ..utils import Share, drop_page_cache, parse_dtype, parse_memory, parse_size, pick_device
 from .engine import (DEFAULT_MODEL, Engine, _eos_ids, attach_local_experts, build_model, check_ctx_size,
@@ -41,7 +45,7 @@ from .tokenizer import Tokenizer
 DEFAULT_POLICY = "lru"
 VERIFY = ("first", "always")
 OPTIONS = ("host_memory", "cache_policy", "prefetch", "prefetch_depth", "prefetch_experts", "cpu_misses",
-           "miss_fallback", "fallback_threshold", "hardware", "verify_reads")
+           "miss_fallback", "fallback_threshold", "hardware", "verify_reads", "embed_rows")
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class OffloadConfig:
     fallback_threshold: float = misses.DEFAULT_THRESHOLD
     hardware: str | None = None  # a hardware profile for the miss cost model instead of measuring
     verify_reads: str = "first"
+    embed_rows: str = "resident"  # the embedding table held, or its rows read from the store (store/rows.py)
 
     @classmethod
     def parse(cls, device: torch.device, memory=None, **options) -> OffloadConfig:
@@ -92,8 +97,11 @@ class OffloadConfig:
         verify = o["verify_reads"] or "first"
         if verify not in VERIFY:
             raise UsageError(f"--verify-reads must be one of {', '.join(VERIFY)}, got {verify!r}")
+        embed_rows = o["embed_rows"] or "resident"
+        if embed_rows not in EMBED_MODES:
+            raise UsageError(f"--embed-rows must be one of {', '.join(EMBED_MODES)}, got {embed_rows!r}")
         return cls(memory, host, policy, prefetch, depth, o["prefetch_experts"], cpu_misses, fallback,
-                   threshold, o["hardware"], verify)
+                   threshold, o["hardware"], verify, embed_rows)
 
 
 def check_misses(cpu_misses: str | None, miss_fallback: str | None,
@@ -135,7 +143,7 @@ def load(path: str | Path | None = None, device: str | None = None, dtype: str |
         raise MoeError(f"model path {path} is not a folder")
     dev = pick_device(device)
     offloaded = config is not None or is_store(path) or memory is not None or any(
-        v is not None for v in offload.values())
+        v is not None for k, v in offload.items() if not (k == "embed_rows" and v != "disk"))  # rows: a store's
     if config is None:
         memory = parse_memory(memory)  # bytes, a Share of the model ('25%', resolved by the store) or 'auto'
         config = OffloadConfig.parse(dev, memory, **offload) if offloaded else OffloadConfig()
@@ -161,6 +169,17 @@ def open_resident(path: Path, device: torch.device, dtype: torch.dtype | None, c
                 eos_ids=_eos_ids(path, config, tokenizer), info=info, ctx_size=ctx_size)
 
 
+def embed_rows(c: OffloadConfig, source, config: dict, dtype: torch.dtype) -> bool:
+    """Read embedding rows from the store on demand (store/rows.py) instead of holding the table?"""
+    if c.embed_rows == "resident":
+        return False
+    table = 0
+    if EMBED_KEY in source.key_to_shard:
+        table = math.prod(source.shape_of(EMBED_KEY)) * dtype.itemsize
+    return choose_embed_rows(c.embed_rows, c.memory, table, why_resident(source, bool(config.get(
+        "tie_word_embeddings", False))))
+
+
 def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, config: OffloadConfig,
                    ctx_size: int | None = None) -> dict:
     """The backbone resident, the routed experts cached from the store: Engine's arguments."""
@@ -168,7 +187,11 @@ def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, 
     store = open_store(path) if is_store(path) else store_for(path, dtype)
     dt = dtype or store.dtype
     store.check_backbone()
-    args, model = build_model(store.config, store.backbone(), device, dt, expert_keys=False)
+    source = store.backbone()
+    rows = embed_rows(c, source, store.config, dt)
+    args, model = build_model(store.config, source, device, dt, expert_keys=False,
+                              embed_rows=store.path / BACKBONE if rows else None)
+    del source  # its mapping closed, so the page cache below can let go of the file
     check_layout(store, model)
     ctx_size = check_ctx_size(ctx_size, model.max_len)
     drop_page_cache(store.path / BACKBONE)  # the backbone now lives in our tensors only
@@ -231,7 +254,8 @@ def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, 
     info = {"format": "store", "store": str(store.path), "model_type": store.model_type,
             "expert_bytes": store.expert_bytes, "backbone_bytes": backbone, "memory": memory,
             "cache_capacity_bytes": capacity, "cache_policy": c.cache_policy, "host_memory": c.host_memory,
-            "disk_direct_io": cache.disk.direct, "prefetch": c.prefetch, "staging_bytes": cache.staging_bytes}
+            "disk_direct_io": cache.disk.direct, "prefetch": c.prefetch, "staging_bytes": cache.staging_bytes,
+            "embed_rows": "disk" if rows else "resident"}
     info.update(cpu_misses=c.cpu_misses, miss_fallback=c.miss_fallback, **misses.describe(router),
                 **numa_info)
     if stand:
