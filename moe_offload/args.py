@@ -76,6 +76,9 @@ def add_model_args(p: argparse.ArgumentParser, chat_template: bool = False) -> N
                    help="compute device (default: cuda when torch sees one, else cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--backbone-bits", default=None, choices=["auto", "16", "8"],
+                   help="--model FILE.gguf: its attention and lm_head as 8-bit codes where the file holds them "
+                        "quantized (auto, the default), always (8) or dequantized (16)")
     p.add_argument("--memory", default=None, type=checked(_memory),
                    help="weights allowed on the compute device: a size (512MiB, 2GiB), a share of the model "
                         "(25%%: the backbone + 25%% of the expert bytes) or auto (the planner's figure for "
@@ -142,12 +145,13 @@ def load_engine(a: argparse.Namespace):
     from .autoconf import auto_config, offload_options
 
     ctx = {"ctx_size": a.ctx_size} if getattr(a, "ctx_size", None) else {}
+    gguf = {"backbone_bits": a.backbone_bits} if getattr(a, "backbone_bits", None) else {}
     if getattr(a, "auto", False):  # the planner fills what the user left unset (--memory auto too); one line
-        engine = load(a.model, device=a.device, dtype=a.dtype, config=auto_config(a), **ctx)
+        engine = load(a.model, device=a.device, dtype=a.dtype, config=auto_config(a), **ctx, **gguf)
     else:
         memory = auto_memory(a) if a.memory == "auto" else a.memory
         engine = load(a.model, device=a.device, dtype=a.dtype, memory=memory, **offload_options(vars(a)),
-                      **ctx)
+                      **ctx, **gguf)
     if getattr(a, "chat_template", None):
         from .runtime.tokenizer import read_chat_template
 

@@ -868,7 +868,7 @@ def prepare_gguf(a) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     dtype = store_dtype(g)
     a.dtype = DTYPE_NAMES[dtype]
-    store = d / f"store-{a.dtype}"
+    store = d / f"store-{a.dtype}-backbone-auto"  # convert_gguf's default backbone_bits
     if not _store_is_fresh(store, a.dtype, st.st_mtime):
         print(f"bench: converting {path} into an expert store at {store}", file=sys.stderr)
         with Progress("bench: convert", unit="experts", quiet=getattr(a, "quiet", False)) as bar:

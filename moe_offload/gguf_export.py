@@ -287,9 +287,28 @@ class StoreSource:
         template, parts = EXPERT_NAMES.get(store.model_type, (None, {}))  # gpt-oss: expert_parts only
         self.experts = {template.format(layer=la, expert=e, part=parts[p]): (la, e, p)
                         for (la, e) in store.entries for p in parts} if template else {}
+        # backbone linears stored as codes (quantize --attn-bits, a GGUF's 8-bit attention): exported dequantized
+        self.coded = {k[: -len(".qweight")] for k in self.backbone.keys() if k.endswith(".qweight")}
 
     def keys(self) -> list[str]:
-        return [*self.backbone.keys(), *self.experts]
+        return [*(k for k in self.backbone.keys() if not k.endswith((".qweight", ".qsz"))),
+                *(f"{s}.weight" for s in sorted(self.coded)), *self.experts]
+
+    def _coded(self, stem: str):
+        """W [N, K] fp32 of a backbone linear stored as `<stem>.qweight` / `.qsz` (K from the model's shape)."""
+        import torch
+
+        from .models import build
+        from .quant.backbone import bits_of
+        from .quant.kernels import PackedMatrix
+
+        if not hasattr(self, "_shapes"):
+            with torch.device("meta"):
+                _, model = build(self.store.config)
+            self._shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        N, K = self._shapes[f"{stem}.weight"]
+        qw, qsz = self.backbone.get(f"{stem}.qweight"), self.backbone.get(f"{stem}.qsz")
+        return PackedMatrix(qw, qsz, bits_of(qw.numel(), N, K), N, K).dequantize()
 
     def _expert(self, layer: int, e: int) -> dict:
         import torch
@@ -345,6 +364,8 @@ class StoreSource:
         if name in self.experts:
             la, e, p = self.experts[name]
             return self._expert(la, e)[p]
+        if name.endswith(".weight") and name[: -len(".weight")] in self.coded:
+            return self._coded(name[: -len(".weight")])
         return self.backbone.get(name)
 
 

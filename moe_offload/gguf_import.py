@@ -13,7 +13,11 @@ at a time, and converted once into an expert store (cached like an HF folder, st
         Q4_0/Q4_1/Q4_K, Q8_0                 "gguf" codec (quant/ggml.py): the file's codes kept, scales bf16
         anything else (Q5_K, Q6_K, MXFP4..)  dequantized by gguf.quants.dequantize, stored dense
 Backbone tensors are dequantized to the store dtype (default: the file's float type; bfloat16 for
-quantized files, the int4 kernel's activation dtype).
+quantized files, the int4 kernel's activation dtype), except, with backbone_bits "auto" (the default) or 8,
+the attention linears and an untied lm_head that the file holds quantized (Q4_K, Q6_K, Q8_0, ...): those are
+stored as 8-bit codes with one bf16 scale/offset per row (quant/backbone.py, the codes `quantize --attn-bits 8
+--head-bits 8` writes; run by the int8 kernel), about the file's bytes instead of 2-4x them. The embedding
+table stays at the store dtype (one row read per token).
 
 Shape legend: E experts, N output rows, K inputs, D hidden, I expert intermediate.
 """
@@ -439,10 +443,40 @@ def expert_codec(g: GGUFModel, layer: int, dtype: torch.dtype):
     return GGUFCodec(spec), types
 
 
+BACKBONE_BITS = ("auto", "16", "8")
+
+
+def check_backbone_bits(bits) -> str:
+    """"auto" | "16" | "8" (ints accepted); anything else is a UsageError line."""
+    from .errors import UsageError
+
+    if str(bits) not in BACKBONE_BITS:
+        raise UsageError(f"backbone bits must be one of {', '.join(BACKBONE_BITS)}, got {bits!r}")
+    return str(bits)
+
+
+def quantized_backbone(g: GGUFModel, model, bits: str) -> list[str]:
+    """Checkpoint names of the backbone matrices to store as 8-bit codes: the attention linears and an untied
+    lm_head; with "auto" only those whose GGUF tensors (both halves of a split one) are quantized in the file,
+    with "8" all of them, with "16" none."""
+    from .quant.backbone import attention_linears
+
+    if bits == "16":
+        return []
+    names = [f"{n}.weight" for n in attention_linears(model)]
+    if not getattr(model, "tie", False):
+        names.append("lm_head.weight")
+    return [n for n in names if n in g.names and (bits == "8" or
+            all(g.type_name(t) not in FLOAT_TYPES for t in g.split.get(n) or (g.names[n],)))]
+
+
 def convert_gguf(path: str | os.PathLike | GGUFModel, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
-                 overwrite: bool = False, quiet: bool = False, progress: Progress | None = None):
+                 overwrite: bool = False, quiet: bool = False, progress: Progress | None = None,
+                 backbone_bits: int | str = "auto"):
     """GGUF file (or an opened one) -> store folder (store/format.py layout), one expert at a time; returns the
-    opened Store. Everything that can be refused is refused before anything is written."""
+    opened Store. Everything that can be refused is refused before anything is written. backbone_bits: "16"
+    dequantizes every backbone tensor to the store dtype; "auto" / "8" stores the attention linears and lm_head
+    that the file holds quantized as 8-bit codes (quantized_backbone)."""
     from .models import build
     from .store.format import (
         ALIGN,
@@ -458,6 +492,10 @@ def convert_gguf(path: str | os.PathLike | GGUFModel, out_dir: str | os.PathLike
         write_safetensors,
     )
 
+    from .quant.backbone import STORED_AS_IS, linears_view
+    from .quant.codec import DEFAULT_GROUP
+
+    backbone_bits = check_backbone_bits(backbone_bits)
     g = path if isinstance(path, GGUFModel) else open_gguf(path)
     config = gguf_config(g)
     check_types(g)
@@ -527,8 +565,12 @@ def convert_gguf(path: str | os.PathLike | GGUFModel, out_dir: str | os.PathLike
             os.fsync(f.fileno())
         drop_page_cache(tmp / EXPERTS)
         keep = model.fp32_keys
-        backbone_crc = write_safetensors(tmp / BACKBONE, [n for n in backbone if n in g.names or n not in ignore],
-                                         source, dt, keep)
+        names = [n for n in backbone if n in g.names or n not in ignore]
+        coded = quantized_backbone(g, model, backbone_bits)
+        bsource = source
+        if coded:  # 8-bit codes, one group per row: the int8 kernel's layout (quant/codec.py DEFAULT_GROUP)
+            bsource, names, keep = linears_view(coded, 8, DEFAULT_GROUP[8])(source, names, (*keep, *STORED_AS_IS))
+        backbone_crc = write_safetensors(tmp / BACKBONE, names, bsource, dt, keep)
         note = write_tokenizer(g, tmp)
         manifest = {
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "model_type": g.model_type, "dtype": DTYPE_NAMES[dt],
@@ -536,7 +578,8 @@ def convert_gguf(path: str | os.PathLike | GGUFModel, out_dir: str | os.PathLike
             "moe_layers": moe_layers, "n_experts": E, "top_k": model.top_k, "alignment": ALIGN,
             "experts": [asdict(e) for e in entries], "backbone_checksum": backbone_crc,
             "source": {"gguf": str(g.path.resolve()), "architecture": g.arch,
-                       "expert_types": {str(la): t for la, (_, t) in codecs.items()}},
+                       "expert_types": {str(la): t for la, (_, t) in codecs.items()},
+                       "backbone_bits": backbone_bits, "backbone_8bit": coded},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         umask = os.umask(0)
@@ -551,15 +594,16 @@ def is_gguf(path: str | os.PathLike | None) -> bool:
     return path is not None and Path(path).suffix.lower() == ".gguf" and Path(path).is_file()
 
 
-def store_for(path: str | os.PathLike, dtype: torch.dtype | None = None):
+def store_for(path: str | os.PathLike, dtype: torch.dtype | None = None, backbone_bits: int | str | None = None):
     """The store converted from a GGUF file, made once under the store cache; keyed by the file's resolved
-    path, size and mtime, and the dtype."""
+    path, size and mtime, the dtype and backbone_bits (None: "auto")."""
     from .store.format import open_store
     from .store.cached import cache_root
 
+    bits = check_backbone_bits("auto" if backbone_bits is None else backbone_bits)
     path = Path(path)
     st = path.stat()
-    key = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, DTYPE_NAMES.get(dtype), "gguf-1"])
+    key = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, DTYPE_NAMES.get(dtype), "gguf-2", bits])
     out = cache_root() / f"{path.stem}-gguf-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if out.is_dir():
         try:
@@ -570,7 +614,7 @@ def store_for(path: str | os.PathLike, dtype: torch.dtype | None = None):
     gguf_config(g)
     check_types(g)  # a bad file is refused before the "converting" line
     print(f"moe-offload: converting {path} into an expert store at {out} (once)", file=sys.stderr)
-    return convert_gguf(g, out, dtype, overwrite=True)
+    return convert_gguf(g, out, dtype, overwrite=True, backbone_bits=bits)
 
 
 def read_config(path: str | os.PathLike) -> tuple[dict, str]:

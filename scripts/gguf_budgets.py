@@ -42,8 +42,10 @@ def main() -> None:
         man = json.loads((Path(a.store) / "manifest.json").read_text())
         ex = sum(e["nbytes"] for e in man["experts"])
         bb = (Path(a.store) / "backbone.safetensors").stat().st_size
+        coded = len(man.get("source", {}).get("backbone_8bit") or [])
+        eight = f", {coded} matrices as 8-bit codes" if coded else ""
         print(f"store {a.store}: experts {ex / MiB:.1f} MiB ({ex / experts:.2f}x the file's), backbone "
-              f"{bb / MiB:.1f} MiB ({man['dtype']}; {bb / rest:.2f}x the file's other tensors)")
+              f"{bb / MiB:.1f} MiB ({man['dtype']}{eight}; {bb / rest:.2f}x the file's other tensors)")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ and the share of positions where both pick the same top-1 token.
 
 Token ids come from the tokenizer our store built from the file's vocabulary; both sides score every position
 of non-overlapping --window windows (Engine.perplexity's), no BOS added. Our side runs the store converted from
-the file (quantized experts kept as codes, backbone bfloat16 for quantized files), llama.cpp its CPU backend.
+the file (quantized experts kept as codes, backbone bfloat16 for quantized files but the
+quantized attention / lm_head, stored as 8-bit codes: convert_gguf backbone_bits "auto"), llama.cpp its CPU backend.
 """
 
 from __future__ import annotations

@@ -234,7 +234,7 @@ def test_mixed_file_keeps_each_tensors_type(family, tmp_path):
     _, f16 = family("qwen2_moe")
     kinds = {"ffn_down_exps": T.Q5_0, "exps": T.Q4_0, "attn": T.Q8_0}
     path = rewrite_gguf(f16, tmp_path / "mix.gguf", lambda n: next((q for k, q in kinds.items() if k in n), None))
-    store = convert_gguf(path, tmp_path / "store", quiet=True)
+    store = convert_gguf(path, tmp_path / "store", quiet=True, backbone_bits=16)  # (8-bit: test_gguf_backbone)
     spec = store.entries[(0, 0)].codec
     assert (spec["gate_up"], spec["down"]) == ("q4", "bfloat16")
     assert spec["source"] == {"gate": "Q4_0", "up": "Q4_0", "down": "Q5_0"}

@@ -127,16 +127,17 @@ def check_misses(cpu_misses: str | None, miss_fallback: str | None,
 
 def load(path: str | Path | None = None, device: str | None = None, dtype: str | torch.dtype | None = None,
          memory: str | int | None = None, ctx_size: int | None = None, config: OffloadConfig | None = None,
-         **offload) -> Engine:
+         backbone_bits: int | str | None = None, **offload) -> Engine:
     """Load an HF model folder or an expert store. `memory` (bytes, '2GiB', '25%') caps weights and KV caches
     on the device; `ctx_size` caps the context (prompt + new tokens) below the model's; further keywords
     (host_memory, cache_policy, prefetch, ...) go to the store. `config`: an OffloadConfig built already
-    (the planner's, `--auto`), instead of `memory` and the keywords."""
+    (the planner's, `--auto`), instead of `memory` and the keywords. `backbone_bits`: a GGUF file's conversion
+    (gguf_import.convert_gguf; None: "auto")."""
     path = resolve_model(path) if path is not None else DEFAULT_MODEL  # org/name: the local HF cache
     if path.suffix.lower() == ".gguf" and path.is_file():  # a GGUF file converts once into a cached store
         from ..gguf_import import store_for as gguf_store
 
-        path = gguf_store(path, parse_dtype(dtype)).path
+        path = gguf_store(path, parse_dtype(dtype), backbone_bits).path
     if not path.exists():
         raise MoeError(f"model path {path} does not exist")
     if not path.is_dir():
