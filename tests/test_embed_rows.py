@@ -152,3 +152,32 @@ def test_an_hf_folder_stays_resident_unless_rows_are_asked_for(stores, tmp_path,
         assert load(hf, device="cpu", embed_rows=mode).info["format"] == "hf"
     e = load(hf, device="cpu", embed_rows="disk")
     assert e.info["format"] == "store" and e.info["embed_rows"] == "disk"
+
+
+def test_a_budget_only_rows_on_demand_can_meet_says_so_and_runs_with_them(stores):
+    """--memory between the floor without the table and the floor with it: the refusal names --embed-rows disk
+    and its floor (one line), and with --embed-rows disk the same budget runs."""
+    from moe_offload.errors import MoeError
+    from moe_offload.runtime.load import load
+    from moe_offload.store.cache import footprints
+    from moe_offload.store.format import open_store
+    from moe_offload.store.open import mib  # the refusal's own formatting
+
+    path = stores["mixtral_gqa"]
+    store = open_store(path)
+    full = load(path, device="cpu")
+    table = full.model.model.embed_tokens.weight.nbytes
+    per = max(f.load for f in footprints(store, torch.device("cpu"), full.dtype).values())
+    need = full.info["backbone_bytes"] + store.top_k * per  # store/open.min_memory on a CPU, no -c
+    del full
+    memory = need - table // 2
+    with pytest.raises(MoeError) as e:
+        load(path, device="cpu", memory=memory)
+    msg = str(e.value)
+    assert "\n" not in msg and "--embed-rows disk" in msg and f"{mib(need - table)} is enough" in msg
+    engine = load(path, device="cpu", memory=memory, embed_rows="disk")
+    r = engine.generate(prompt_ids=IDS, max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    assert len(r.token_ids) >= 4 and r.stats["resident_weight_bytes"] <= memory
+    with pytest.raises(MoeError) as e:  # below even that floor: no hint
+        load(path, device="cpu", memory=need - table - 1)
+    assert "--embed-rows" not in str(e.value)

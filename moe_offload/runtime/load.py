@@ -190,6 +190,10 @@ def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, 
     store.check_backbone()
     source = store.backbone()
     rows = embed_rows(c, source, store.config, dt)
+    movable = 0  # bytes --embed-rows disk would take out of a budget that refuses the resident table
+    if not rows and c.embed_rows != "disk" and EMBED_KEY in source.key_to_shard and not why_resident(
+            source, bool(store.config.get("tie_word_embeddings", False))):
+        movable = math.prod(source.shape_of(EMBED_KEY)) * dt.itemsize
     args, model = build_model(store.config, source, device, dt, expert_keys=False,
                               embed_rows=store.path / BACKBONE if rows else None)
     del source  # its mapping closed, so the page cache below can let go of the file
@@ -217,7 +221,9 @@ def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, 
         if stand:
             arithmetic += f" (the backbone figure includes {mib(stand.nbytes)} of 2-bit stand-ins)"
         if memory < need:
-            raise MoeError(f"--memory {mib(memory)} is too small: {arithmetic}")
+            hint = (f"; with --embed-rows disk (the {mib(movable)} embedding table read by rows, not held) "
+                    f"{mib(need - movable)} is enough" if movable and memory >= need - movable else "")
+            raise MoeError(f"--memory {mib(memory)} is too small: {arithmetic}{hint}")
         capacity = memory - fixed - reserve
 
     # tiers: the host tier (CUDA), placed per NUMA node when the machine and the store's statistics allow
