@@ -17,7 +17,8 @@ from moe_offload.errors import UsageError
 from moe_offload.gguf_import import convert_gguf, open_gguf
 from moe_offload.quant.kernels import PackedMatrix
 from moe_offload.store.format import BACKBONE
-from tests.test_gguf import PROMPT, cli, family, rewrite_gguf  # noqa: F401  (family: the fixture)
+from tests.test_gguf import PROMPT, cli, rewrite_gguf
+from tests.test_gguf import family  # noqa: F401, F811  (a fixture the tests take by name)
 
 T = gguf.GGMLQuantizationType
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -52,7 +53,7 @@ def decoded(store, stem: str) -> torch.Tensor:
     return PackedMatrix(qw, qsz, 8, N, qw.numel() // N).dequantize().float()
 
 
-def test_quantized_backbone_becomes_8_bit_codes_and_16_keeps_bfloat16(family, tmp_path):
+def test_quantized_backbone_becomes_8_bit_codes_and_16_keeps_bfloat16(family, tmp_path):  # noqa: F811  (the imported fixture)
     hf, f16 = family("mixtral")
     path = quantized_file(f16, tmp_path / "q.gguf")
     auto = convert_gguf(path, tmp_path / "auto", quiet=True)
@@ -84,7 +85,7 @@ def test_quantized_backbone_becomes_8_bit_codes_and_16_keeps_bfloat16(family, tm
     assert torch.equal(old.backbone().get("model.layers.1.self_attn.v_proj.weight"), want)
 
 
-def test_8_bit_backbone_store_runs_the_same_tokens_resident_and_offloaded(family, tmp_path):
+def test_8_bit_backbone_store_runs_the_same_tokens_resident_and_offloaded(family, tmp_path):  # noqa: F811  (the imported fixture)
     _, f16 = family("mixtral")
     path = quantized_file(f16, tmp_path / "q.gguf")
     store = convert_gguf(path, tmp_path / "auto", quiet=True)
@@ -96,7 +97,7 @@ def test_8_bit_backbone_store_runs_the_same_tokens_resident_and_offloaded(family
     assert got.token_ids == want and got.stats["expert_misses"] > 0
 
 
-def test_model_gguf_cache_is_keyed_by_backbone_bits(family, tmp_path, capsys):
+def test_model_gguf_cache_is_keyed_by_backbone_bits(family, tmp_path, capsys):  # noqa: F811  (the imported fixture)
     _, f16 = family("mixtral")
     path = quantized_file(f16, tmp_path / "q.gguf")
     a = load(path)
@@ -111,7 +112,7 @@ def test_model_gguf_cache_is_keyed_by_backbone_bits(family, tmp_path, capsys):
     assert rc == 0 and "converting" not in err  # the --backbone-bits 16 store made above
 
 
-def test_float_file_keeps_its_backbone_unless_8_is_asked(family, tmp_path, capsys):
+def test_float_file_keeps_its_backbone_unless_8_is_asked(family, tmp_path, capsys):  # noqa: F811  (the imported fixture)
     hf, f16 = family("mixtral")
     auto = convert_gguf(f16, tmp_path / "auto", quiet=True)
     assert not any(k.endswith(".qweight") for k in backbone_keys(auto))
