@@ -6,14 +6,7 @@
 # writes OUT_PREFIX.result.json (the worker's result: peak_rss_bytes, resident_weight_bytes per run),
 # OUT_PREFIX.rss (the samples) and OUT_PREFIX.log.
 SPEC=$1 OUT=$2 PY=${3:-python} T=${4:-2}
-PYTHONPATH=$PWD OMP_NUM_THREADS=$T "$PY" -m moe_offload.bench --child "$SPEC" "$OUT.result.json" > "$OUT.log" 2>&1 &
-P=$!
-: > "$OUT.rss"
-while kill -0 $P 2>/dev/null; do
-  s=$(grep -E '^(VmRSS|RssAnon|RssFile|RssShmem)' /proc/$P/status 2>/dev/null | awk '{printf "%s %d ", $1, $2 / 1024}')
-  [ -n "$s" ] && echo "$(date +%s.%N | cut -c1-14) $s" >> "$OUT.rss"
-  sleep 0.5
-done
-wait $P
+PYTHONPATH=$PWD OMP_NUM_THREADS=$T scripts/rss_sample.sh "$OUT.rss" "$PY" -m moe_offload.bench --child "$SPEC" \
+  "$OUT.result.json" > "$OUT.log" 2>&1  # the sampler prints each kind's peak into the log
 echo "exit $?" >> "$OUT.log"
 tail -1 "$OUT.rss"
