@@ -374,10 +374,7 @@ class Int4Linear(DequantLinear):
             self.sz = pm.sz.contiguous()
             super().__init__(pm)
             return
-        nib = nibbles_in(pm, host)
-        sz = pm.sz.contiguous()
-        if not _shares(nib, pm.packed) and _shares(sz, pm.packed):
-            sz = sz.clone()
+        nib, sz = in_order(pm, host)
         self.w, self.sz = nib.view(pm.N, pm.K // 2), sz
         super().__init__(PackedMatrix(nib, sz, 4, pm.N, pm.K, host))  # codes < 8 are nibbles: same values
 
@@ -408,19 +405,12 @@ class NativeQ4Linear(DequantLinear):
     def __init__(self, pm: PackedMatrix, dense_rows: int | None = None):
         self.dense_rows = DENSE_ROWS["native4"] if dense_rows is None else dense_rows
         self.lib = native.lib()
-        nib = nibbles_in(pm, NATIVE_LAYOUT)
-        sz = pm.sz.contiguous()
-        if not _shares(nib, pm.packed) and _shares(sz, pm.packed):
-            sz = sz.clone()
+        nib, sz = in_order(pm, NATIVE_LAYOUT)
         self.w, self.sz = nib, sz
         super().__init__(PackedMatrix(nib, sz, 4, pm.N, pm.K, NATIVE_LAYOUT))
         self.N, self.call = pm.N, self.lib.q4_call  # the call's fixed arguments, bound once
         self.args = ctypes.byref(native.Matrix(nib.data_ptr(), sz.data_ptr(), 2 * pm.N, 2, pm.N, pm.K,
                                                self.pm.group_size))
-
-    @property
-    def nbytes(self) -> int:
-        return super().nbytes  # self.w, self.sz are pm's tensors
 
     def __call__(self, x):  # [M, K] -> [M, N]
         M = x.shape[0]
@@ -435,6 +425,16 @@ class NativeQ4Linear(DequantLinear):
             pm = self.pm
             raise RuntimeError(f"native q4 kernel refused {pm.N}x{pm.K} g{pm.group_size} (code {rc})")
         return y if y.dtype is dt else y.to(dt)
+
+
+def in_order(pm: PackedMatrix, dst: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nibbles, sz) a b <= 4 kernel keeps for pm in order `dst`: views of the stored bytes when they are in
+    that order already; else a new nibble stream, and sz copied out of the blob too, so the unit keeps no view
+    of it."""
+    nib, sz = nibbles_in(pm, dst), pm.sz.contiguous()
+    if not _shares(nib, pm.packed) and _shares(sz, pm.packed):
+        sz = sz.clone()
+    return nib, sz
 
 
 def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
