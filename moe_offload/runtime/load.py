@@ -143,8 +143,8 @@ def load(path: str | Path | None = None, device: str | None = None, dtype: str |
     if not path.is_dir():
         raise MoeError(f"model path {path} is not a folder")
     dev = pick_device(device)
-    offloaded = config is not None or is_store(path) or memory is not None or any(
-        v is not None for k, v in offload.items() if not (k == "embed_rows" and v != "disk"))  # rows: a store's
+    offloaded = config is not None or is_store(path) or memory is not None or any(  # (rows on demand need a
+        v is not None for k, v in offload.items() if not (k == "embed_rows" and v != "disk"))  # store's file)
     if config is None:
         memory = parse_memory(memory)  # bytes, a Share of the model ('25%', resolved by the store) or 'auto'
         config = OffloadConfig.parse(dev, memory, **offload) if offloaded else OffloadConfig()
@@ -170,15 +170,13 @@ def open_resident(path: Path, device: torch.device, dtype: torch.dtype | None, c
                 eos_ids=_eos_ids(path, config, tokenizer), info=info, ctx_size=ctx_size)
 
 
-def embed_rows(c: OffloadConfig, source, config: dict, dtype: torch.dtype) -> bool:
-    """Read embedding rows from the store on demand (store/rows.py) instead of holding the table?"""
-    if c.embed_rows == "resident":
-        return False
-    table = 0
-    if EMBED_KEY in source.key_to_shard:
-        table = math.prod(source.shape_of(EMBED_KEY)) * dtype.itemsize
-    return choose_embed_rows(c.embed_rows, c.memory, table, why_resident(source, bool(config.get(
-        "tie_word_embeddings", False))))
+def embed_rows(c: OffloadConfig, source, config: dict, dtype: torch.dtype) -> tuple[bool, int]:
+    """Read embedding rows from the store on demand (store/rows.py) instead of holding the table? And the
+    table's bytes that rows on demand could take out of the budget (0 when they cannot, or already do)."""
+    why = why_resident(source, bool(config.get("tie_word_embeddings", False)))
+    table = 0 if why else math.prod(source.shape_of(EMBED_KEY)) * dtype.itemsize
+    rows = c.embed_rows != "resident" and choose_embed_rows(c.embed_rows, c.memory, table, why)
+    return rows, 0 if rows else table
 
 
 def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, config: OffloadConfig,
@@ -189,11 +187,7 @@ def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, 
     dt = dtype or store.dtype
     store.check_backbone()
     source = store.backbone()
-    rows = embed_rows(c, source, store.config, dt)
-    movable = 0  # bytes --embed-rows disk would take out of a budget that refuses the resident table
-    if not rows and c.embed_rows != "disk" and EMBED_KEY in source.key_to_shard and not why_resident(
-            source, bool(store.config.get("tie_word_embeddings", False))):
-        movable = math.prod(source.shape_of(EMBED_KEY)) * dt.itemsize
+    rows, movable = embed_rows(c, source, store.config, dt)  # movable: what a refusal can offer (below)
     args, model = build_model(store.config, source, device, dt, expert_keys=False,
                               embed_rows=store.path / BACKBONE if rows else None)
     del source  # its mapping closed, so the page cache below can let go of the file
