@@ -422,11 +422,9 @@ def expert_units(hidden: int, intermediate: int, bits: int = 16, dtype: str = "f
         one = 3 * hidden * intermediate * dt.itemsize
         return [DenseExpert(torch.full((2 * intermediate, hidden), 0.01, dtype=dt, device=dev),
                             torch.full((hidden, intermediate), 0.01, dtype=dt, device=dev)) for _ in range(n)], one
-    from .quant.codec import HQQCodec
-    from .quant.kernels import write_layout
+    from .quant.codec import HQQCodec, expert_spec
 
-    spec = {"name": "hqq", "bits": bits, "quantizer": "rtn", **({"layout": write_layout()} if bits <= 4 else {})}
-    codec, shape = HQQCodec(spec), ExpertShape(hidden, intermediate)
+    codec, shape = HQQCodec(expert_spec(bits, quantizer="rtn")), ExpertShape(hidden, intermediate)
     one = codec.nbytes(shape)
     return [codec.decode(torch.zeros(one, dtype=torch.uint8, device=dev), shape, dt) for _ in range(n)], one
 
@@ -470,12 +468,9 @@ def expert_decode_seconds(hidden: int, intermediate: int, bits: int = 16, dtype:
 
         codec = DenseCodec(dt)
     else:
-        from .quant.codec import HQQCodec
-        from .quant.kernels import write_layout
+        from .quant.codec import HQQCodec, expert_spec
 
-        codec = HQQCodec({"name": "hqq", "bits": bits, "quantizer": "rtn",
-                          **({"layout": write_layout()} if bits <= 4 else {}),
-                          **({"meta_bits": meta_bits} if meta_bits else {})})
+        codec = HQQCodec(expert_spec(bits, quantizer="rtn", meta_bits=meta_bits))
     blob = torch.zeros(codec.nbytes(shape), dtype=torch.uint8)
     codec.decode(blob, shape, dt)
     times = _timings(lambda: codec.decode(blob, shape, dt), repeat)

@@ -337,11 +337,9 @@ def quantize_rate(hidden: int, intermediate: int, bits: int = 4, quantizer: str 
 
     import torch
 
-    from .quant.codec import HQQCodec
-    from .quant.kernels import write_layout
+    from .quant.codec import HQQCodec, expert_spec
 
-    codec = HQQCodec({"name": "hqq", "bits": bits, "group_size": group_size, "quantizer": quantizer,
-                      **({"layout": write_layout()} if bits <= 4 else {})})
+    codec = HQQCodec(expert_spec(bits, group_size, quantizer))
     gen = torch.Generator().manual_seed(0)
 
     def encode(i: int) -> float:

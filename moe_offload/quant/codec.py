@@ -43,7 +43,7 @@ from ..experts import GLUS, ExpertShape
 from ..models.base import ACTIVATIONS, linear
 from . import lowrank
 from .hqq import META_BLOCK, decode_meta, group_size_for, importance_weights, quantize
-from .kernels import LAYOUTS, LEGACY_LAYOUT, PackedMatrix, compute_layout, make_linear
+from .kernels import LAYOUTS, LEGACY_LAYOUT, PackedMatrix, compute_layout, make_linear, write_layout
 from .pack import packed_nbytes
 
 ALIGN = 64
@@ -161,6 +161,23 @@ def factor_linear(pm: PackedMatrix) -> DenseLinear:
     expert call take 316 µs instead of 68 µs at D=256, I=384 (docs/quality.md). Owned: keeps no view of the
     blob."""
     return DenseLinear(pm.dequantize(torch.float32), torch.float32)
+
+
+def expert_spec(bits: int, group_size: int | None = None, quantizer: str = "hqq", rank: int = 0,
+                meta_bits: int | None = None) -> dict:
+    """The hqq codec spec `quantize` writes for an expert at `bits` on this machine (every probe of an expert's
+    size, decode or call builds its codec from this). group_size applies to 2/3/4 bits (8-bit keeps one group
+    per row: the int8 kernel); None, like meta_bits None: the defaults (DEFAULT_GROUP, DEFAULT_META)."""
+    spec = {"name": "hqq", "bits": bits, "quantizer": quantizer}
+    if bits == 4:  # the codes in this machine's 4-bit kernel order (2/3-bit codes are expanded at load anyway)
+        spec["layout"] = write_layout()
+    if group_size is not None and bits < 8:
+        spec["group_size"] = group_size
+    if rank:
+        spec["rank"] = rank
+    if meta_bits:
+        spec["meta_bits"] = meta_bits
+    return spec
 
 
 class HQQCodec:

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import MoeError
+from .codec import expert_spec  # noqa: F401  (quant.mixed.expert_spec, as before)
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -234,20 +235,6 @@ PLAN_ERRORS = ("rel", "out", "nll", "layer")
 
 def silent(message: str) -> None:
     """The default `log`: says nothing."""
-
-
-def expert_spec(bits: int, group_size: int | None, quantizer: str, rank: int = 0) -> dict:
-    """The hqq codec spec; group_size applies to 2/3/4 bits (8-bit keeps one group per row: int8 kernel)."""
-    spec = {"name": "hqq", "bits": bits, "quantizer": quantizer}
-    if bits == 4:  # the codes in this CPU's int4 kernel order (2/3-bit codes are expanded at load anyway)
-        from .kernels import write_layout
-
-        spec["layout"] = write_layout()
-    if group_size is not None and bits < 8:
-        spec["group_size"] = group_size
-    if rank:
-        spec["rank"] = rank
-    return spec
 
 
 @dataclass

@@ -570,12 +570,10 @@ def engine_expert_bytes(hidden: int, intermediate: int, bits: int, group_size: i
     if bits >= 8:
         return None
     from ..experts import ExpertShape
-    from ..quant.codec import HQQCodec
-    from ..quant.kernels import write_layout
+    from ..quant.codec import HQQCodec, expert_spec
 
     try:
-        codec = HQQCodec({"name": "hqq", "bits": bits, "group_size": group_size, "quantizer": "rtn",
-                          **({"layout": write_layout()} if bits <= 4 else {})})
+        codec = HQQCodec(expert_spec(bits, group_size, "rtn"))
         shape = ExpertShape(hidden, intermediate)
         n = codec.nbytes(shape)
         span = -(-n // PAGE) * PAGE
