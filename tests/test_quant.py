@@ -776,3 +776,20 @@ def test_eval_table_shows_the_hit_rates_when_offloaded(tiny_checkpoint, tmp_path
     row = json.loads(out[3])
     assert 0.0 < row["score_hit_rate"] < 1.0 and 0.0 <= row["hit_rate"] < 1.0
     assert load(store.path, dtype="float32", memory=memory).expert_stats is not None
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_the_probes_codec_spec_is_the_one_quantize_writes(tiny_checkpoint, tmp_path, bits):
+    """hardware's call/decode probes, store/cache.engine_expert_bytes and plan.quantize_rate build their codec
+    from quant.codec.expert_spec: it must be what `quantize --expert-bits B --quantizer rtn` stores (before, the
+    probes wrote their own: 2/3-bit codes in the 4-bit kernel's order, 8-bit with groups of 64)."""
+    from moe_offload.cli import main
+    from moe_offload.quant.codec import HQQCodec, expert_spec
+    from moe_offload.store.format import open_store
+
+    hf = tiny_checkpoint("mixtral_gqa")
+    out = tmp_path / f"q{bits}"
+    assert main(["quantize", "--model", str(hf), "--out", str(out), "--expert-bits", str(bits),
+                 "--quantizer", "rtn", "--quiet"]) == 0
+    stored = {json.dumps(e.codec, sort_keys=True) for e in open_store(out).entries.values()}
+    assert stored == {json.dumps(HQQCodec(expert_spec(bits, quantizer="rtn")).spec, sort_keys=True)}
