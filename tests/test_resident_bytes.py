@@ -112,3 +112,35 @@ def test_head_bits_store_lm_head_quantized_counted_and_the_same_tokens_offloaded
     assert b.stats["resident_weight_bytes"] <= off.info["memory"]
     err = (full.logits(ids) - ref.logits(ids)).norm() / ref.logits(ids).norm()
     assert err < {8: 0.02, 4: 0.2}[bits]
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_a_4bit_backbone_linear_holds_one_copy_of_its_codes(native, monkeypatch):
+    """A 4-bit attention / lm_head QuantLinear is written in b64 order; a kernel that reads another order
+    (the native r64, or torch's b32 on AVX2) makes one new stream on first use, and the module keeps that one
+    only: every tensor its kernel reads is one of the module's buffers, its bytes are the stored bytes, and the
+    output is what a kernel over the stored order computes. (It held both copies before.)"""
+    import moe_offload.quant.native as native_mod
+    from moe_offload.quant import kernels
+    from moe_offload.quant.backbone import QuantLinear, quantize_weight
+
+    monkeypatch.setenv("MOE_OFFLOAD_NATIVE", native)
+    native_mod._load.cache_clear()
+    torch.manual_seed(0)
+    N, K = 96, 256
+    parts = quantize_weight(torch.randn(N, K), 4, 64)
+    q = QuantLinear(K, N, parts["qweight"].numel(), parts["qsz"].shape[0], bias=False)
+    q.load_state_dict(parts)
+    stored = parts["qweight"].nbytes + parts["qsz"].nbytes
+    x = torch.randn(3, K)
+    ref = kernels.make_linear(kernels.PackedMatrix(parts["qweight"], parts["qsz"], 4, N, K))(x)
+    y = q(x)
+    torch.testing.assert_close(y, ref)
+    mine = {b.untyped_storage().data_ptr() for b in q.buffers()}
+    assert {t.untyped_storage().data_ptr() for t in q._lin.tensors()} <= mine
+    assert sum(b.nbytes for b in q.buffers()) == stored and q.bits == 4
+    if q._lin.kind in ("native4", "int4pack") and q._lin.pm.layout != kernels.LEGACY_LAYOUT:
+        assert q.layout == q._lin.pm.layout  # adopted
+    lin = q._lin
+    torch.testing.assert_close(q(x), y)
+    assert q._lin is lin  # the adopted stream is not converted again

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .hqq import group_size_for, quantize
-from .kernels import PackedMatrix, make_linear
+from .kernels import LEGACY_LAYOUT, PackedMatrix, make_linear
 from .pack import packed_nbytes
 
 STORED_AS_IS = (".qweight", ".qsz")  # suffixes build_model must not cast to the compute dtype
@@ -51,6 +51,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("qsz", torch.empty(groups, out_features, 2, dtype=torch.bfloat16))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self._lin = None
+        self.layout = LEGACY_LAYOUT  # qweight's nibble order (quantize writes b64; the kernel's, once adopted)
 
     @property
     def bits(self) -> int:
@@ -59,10 +60,21 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lin = self._lin
         if lin is None or lin.pm.sz.data_ptr() != self.qsz.data_ptr():  # (re)built after loading or moving
-            pm = PackedMatrix(self.qweight, self.qsz, self.bits, self.out_features, self.in_features)
-            lin = self._lin = make_linear(pm)
+            lin = self._lin = self._build()
         y = lin(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def _build(self):
+        """The kernel for qweight. A 4-bit kernel that reads another nibble order (the native one's r64; the
+        file holds b64) makes one new stream: it becomes qweight, so the module holds one copy, not two."""
+        bits = self.bits
+        lin = make_linear(PackedMatrix(self.qweight, self.qsz, bits, self.out_features, self.in_features,
+                                       self.layout))
+        pm = lin.pm
+        if bits == 4 and pm.packed.numel() == self.qweight.numel() and \
+                pm.packed.untyped_storage().data_ptr() != self.qweight.untyped_storage().data_ptr():
+            self.qweight, self.qsz, self.layout = pm.packed, pm.sz, pm.layout
+        return lin
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
