@@ -188,3 +188,44 @@ def test_concurrent_first_builds_share_one_cached_library(tmp_path, child_env):
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 and o.strip() == "ok" for p, (o, _) in zip(procs, outs)), outs
     assert len(list(tmp_path.glob("q4-*.so"))) == 1 and not list(tmp_path.glob("*.tmp"))
+
+
+@needs_native
+@pytest.mark.parametrize("D,I,g", [(352, 256, 32), (256, 384, 64), (512, 128, 128)])
+def test_a_fused_expert_is_one_native_call_computing_down_silu_gate_times_up(D, I, g):
+    """A SwiGLU 4-bit expert of two native matrices runs as one call (q4.c's q4_expert) for the rows the kernel
+    takes: the same rounding of x and of the fp32 intermediate h = silu(g)·u as the two matrices' kernels see
+    them, so it equals that emulation to fp32 summation error; threads do not change it; prefill rows still take
+    the dequantise + dense path; an expert with biases or another activation keeps the unfused path."""
+    from moe_offload.quant.codec import QuantExpert, expert_spec
+
+    gn = gen(D + I)
+    gate, up, down = (torch.randn(I, D, generator=gn) * 0.05, torch.randn(I, D, generator=gn) * 0.05,
+                      torch.randn(D, I, generator=gn) * 0.05)
+    codec = HQQCodec({**expert_spec(4, g, "rtn"), "layout": NATIVE_LAYOUT})
+    unit = codec.decode(codec.encode(gate, up, down), ExpertShape(D, I), torch.float32)
+    assert isinstance(unit, QuantExpert) and unit.fused
+    Wgu, Wd = unit.gate_up.pm.dequantize(), unit.down.pm.dequantize()
+    for M in (1, 5):
+        x = torch.randn(M, D, generator=gen(M))
+        h = rounded(x, g) @ Wgu.t()
+        a = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
+        expect = rounded(a, g) @ Wd.t()
+        before = torch.get_num_threads()
+        try:
+            outs = []
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                outs.append(unit(x))
+        finally:
+            torch.set_num_threads(before)
+        assert torch.equal(outs[0], outs[1])
+        assert rel(outs[0], expect) < 1e-5
+        yh = unit(x.half())
+        assert yh.dtype == torch.float16 and torch.equal(yh, unit(x.half().float()).half())
+    big = torch.randn(unit.gate_up.dense_rows + 1, D, generator=gen(3))
+    dense = torch.nn.functional.linear
+    ref = dense(torch.nn.functional.silu(dense(big, Wgu[:I])) * dense(big, Wgu[I:]), Wd)
+    assert rel(unit(big), ref) < 1e-5  # past dense_rows: the unfused dequantise + dense path
+    gelu = codec.decode(codec.encode(gate, up, down), ExpertShape(D, I, act="gelu"), torch.float32)
+    assert not gelu.fused

@@ -43,7 +43,16 @@ from ..experts import GLUS, ExpertShape
 from ..models.base import ACTIVATIONS, linear
 from . import lowrank
 from .hqq import META_BLOCK, decode_meta, group_size_for, importance_weights, quantize
-from .kernels import LAYOUTS, LEGACY_LAYOUT, PackedMatrix, compute_layout, make_linear, write_layout
+from .kernels import (
+    LAYOUTS,
+    LEGACY_LAYOUT,
+    NativeQ4Linear,
+    PackedMatrix,
+    compute_layout,
+    fused_expert,
+    make_linear,
+    write_layout,
+)
 from .pack import packed_nbytes
 
 ALIGN = 64
@@ -85,12 +94,15 @@ class QuantExpert:
     """y = down(glu(gate x, up x)) over quantized linears (each x [n, K] -> [n, N] in x's dtype), plus the
     biases when the expert has them (gate_up_bias [2I], down_bias [D], fp32)."""
 
-    __slots__ = ("gate_up", "down", "glu", "gate_up_bias", "down_bias")
+    __slots__ = ("gate_up", "down", "glu", "gate_up_bias", "down_bias", "fused")
 
     def __init__(self, gate_up: Callable, down: Callable, act: str | ExpertShape = "silu",
                  gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None):
         self.gate_up, self.down, self.glu = gate_up, down, glu_of(act)
         self.gate_up_bias, self.down_bias = gate_up_bias, down_bias
+        name = act.act if isinstance(act, ExpertShape) else act
+        self.fused = (name == "silu" and gate_up_bias is None and down_bias is None
+                      and isinstance(gate_up, NativeQ4Linear) and isinstance(down, NativeQ4Linear))
 
     @property
     def nbytes(self) -> int:
@@ -105,6 +117,8 @@ class QuantExpert:
         return self.gate_up.kind, self.down.kind
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [n, D] -> [n, D]
+        if self.fused and 0 < x.shape[0] <= self.gate_up.dense_rows:
+            return fused_expert(self.gate_up, self.down, x)
         gu = self.gate_up(x)
         if self.gate_up_bias is not None:
             gu = gu + self.gate_up_bias.to(gu.dtype)

@@ -427,6 +427,22 @@ class NativeQ4Linear(DequantLinear):
         return y if y.dtype is dt else y.to(dt)
 
 
+def fused_expert(gate_up: NativeQ4Linear, down: NativeQ4Linear, x: torch.Tensor) -> torch.Tensor:
+    """y [M, D] = down(silu(g) * u), [g | u] = gate_up(x), in one native call (q4.c's q4_expert): one parallel
+    region for the three steps instead of two kernel calls and the Python ops between them (decode at Qwen3's
+    128 small experts runs 64 experts a token). The intermediate stays fp32 inside the call."""
+    dt = x.dtype
+    code = NATIVE_DTYPES.get(dt)
+    xc = x.contiguous() if code is not None else x.float().contiguous()
+    y = xc.new_empty(x.shape[0], down.N)
+    rc = gate_up.lib.q4_expert(xc.data_ptr(), y.data_ptr(), code or 0, x.shape[0], gate_up.args, down.args,
+                               torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"native q4 kernel refused the expert {gate_up.N}x{gate_up.K} / {down.N}x{down.K} "
+                           f"(code {rc})")
+    return y if y.dtype is dt else y.to(dt)
+
+
 def in_order(pm: PackedMatrix, dst: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(nibbles, sz) a b <= 4 kernel keeps for pm in order `dst`: views of the stored bytes when they are in
     that order already; else a new nibble stream, and sz copied out of the blob too, so the unit keeps no view

@@ -303,41 +303,26 @@ int q4_to_r64(const uint8_t *src, uint8_t *dst, int N, int K, int B, int pairs, 
     return 0;
 }
 
-int q4_version(void) { return 4; }
+int q4_version(void) { return 5; }
 
-/* y [M, N] = x [M, K] @ W^T; x and y of dtype xdt (Q4_F32, Q4_BF16, Q4_F16). Returns 0; -1 for a shape it
- * refuses, -2 when out of memory. */
-int q4_mm(const void *x, void *y, int xdt, int M, int N, int K, int gs, const uint8_t *w, const uint16_t *sz,
-          long sg, long sn, int nthreads) {
-    if (K % 32 || gs % 32 || K % gs || gs > 256 || (gs % 64 && gs != 32) || M < 1) return -1;
+/* The rows of y [M, N] = xq·W^T (activations quantized already) that this thread's share of the work units
+ * gives (an orphaned `omp for`: inside a parallel region the units are split over its threads, outside it one
+ * thread runs them all). y is of dtype ydt. */
+static void mm_quantized(const int8_t *xq, const float *dx, const float *xs, int M, int N, int K, int gs,
+                         const uint8_t *w, const uint16_t *sz, long sg, long sn, void *y, int ydt) {
     const int G = K / gs;
-    int8_t *xq = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
-    float *dx = malloc(sizeof(float) * 2 * (size_t)M * G);
-    if (!xq || !dx) {
-        free(xq);
-        free(dx);
-        return -2;
-    }
-    float *xs = dx + (size_t)M * G;
-    const size_t esz = xdt == Q4_F32 ? 4 : 2;
-    for (int i = 0; i < M; i++)
-        quantize_row((const char *)x + esz * (size_t)i * K, xdt, K, gs, xq + (size_t)i * K, dx + (size_t)i * G,
-                     xs + (size_t)i * G);
     const size_t rb = (size_t)K / 2;
-    /* small calls stay on the caller's thread: a fork/join costs more than they do (and on a busy machine a
-     * descheduled second thread stalls the call for a whole time slice) */
-    if ((size_t)N * rb * (size_t)M < Q4_PARALLEL_BYTES) nthreads = 1;
     const int tiles = sn == 2 ? N / 4 : 0; /* four weight rows at a time (per activation row, the four rows'
                                              * codes reused from L1/L2); the rest one by one */
     const int rows = N - 4 * tiles, units = tiles + rows;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+#pragma omp for schedule(static)
     for (int t = 0; t < units; t++) {
         if (t < tiles) {
             for (int i = 0; i < M; i++) {
                 float r[4];
                 dot4_m1(w + rb * 4 * t, rb, sz + 8 * (size_t)t, sg, K, gs, xq + (size_t)i * K, dx + (size_t)i * G,
                         xs + (size_t)i * G, G, r);
-                for (int j = 0; j < 4; j++) store_y(y, xdt, (size_t)i * N + 4 * (size_t)t + j, r[j]);
+                for (int j = 0; j < 4; j++) store_y(y, ydt, (size_t)i * N + 4 * (size_t)t + j, r[j]);
             }
             continue;
         }
@@ -354,10 +339,79 @@ int q4_mm(const void *x, void *y, int xdt, int M, int N, int K, int gs, const ui
             case 3: dot_rows(wr, sr, sg, K, gs, q, d, s, G, 3, r); break;
             default: dot_rows(wr, sr, sg, K, gs, q, d, s, G, 4, r);
             }
-            for (int i = i0; i < M && i < i0 + 4; i++) store_y(y, xdt, (size_t)i * N + n, r[i - i0]);
+            for (int i = i0; i < M && i < i0 + 4; i++) store_y(y, ydt, (size_t)i * N + n, r[i - i0]);
         }
     }
+}
+
+static int shape_ok(int K, int gs) { return !(K % 32 || gs % 32 || K % gs || gs > 256 || (gs % 64 && gs != 32)); }
+
+/* y [M, N] = x [M, K] @ W^T; x and y of dtype xdt (Q4_F32, Q4_BF16, Q4_F16). Returns 0; -1 for a shape it
+ * refuses, -2 when out of memory. */
+int q4_mm(const void *x, void *y, int xdt, int M, int N, int K, int gs, const uint8_t *w, const uint16_t *sz,
+          long sg, long sn, int nthreads) {
+    if (!shape_ok(K, gs) || M < 1) return -1;
+    const int G = K / gs;
+    int8_t *xq = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
+    float *dx = malloc(sizeof(float) * 2 * (size_t)M * G);
+    if (!xq || !dx) {
+        free(xq);
+        free(dx);
+        return -2;
+    }
+    float *xs = dx + (size_t)M * G;
+    const size_t esz = xdt == Q4_F32 ? 4 : 2;
+    for (int i = 0; i < M; i++)
+        quantize_row((const char *)x + esz * (size_t)i * K, xdt, K, gs, xq + (size_t)i * K, dx + (size_t)i * G,
+                     xs + (size_t)i * G);
+    /* small calls stay on the caller's thread: a fork/join costs more than they do (and on a busy machine a
+     * descheduled second thread stalls the call for a whole time slice) */
+    if ((size_t)N * K / 2 * (size_t)M < Q4_PARALLEL_BYTES) nthreads = 1;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    mm_quantized(xq, dx, xs, M, N, K, gs, w, sz, sg, sn, y, xdt);
     free(xq);
     free(dx);
+    return 0;
+}
+
+/* One SwiGLU expert in one call: y [M, D] = down(silu(g) * u), [g | u] = gate_up(x) [M, 2I], x and y of dtype
+ * xdt. gate_up (N = 2I, K = D) and down (N = D, K = I) as q4_call's matrices. The intermediate h stays fp32
+ * (no rounding to xdt between the matrices) and is rounded to int8 per group of down's, as any activation.
+ * One parallel region for the three steps (the work units of each split over its threads, a barrier between
+ * them), instead of a fork/join per matrix and the Python ops between. Returns as q4_mm. */
+int q4_expert(const void *x, void *y, int xdt, int M, const q4_matrix *gu, const q4_matrix *dn, int nthreads) {
+    const int D = gu->K, I2 = gu->N, I = I2 / 2;
+    if (!shape_ok(D, gu->gs) || !shape_ok(I, dn->gs) || I2 % 2 || dn->K != I || dn->N != D || M < 1) return -1;
+    const int G1 = D / gu->gs, G2 = I / dn->gs;
+    int8_t *xq = aligned_alloc(64, ((size_t)M * D + 63) / 64 * 64);
+    int8_t *hq = aligned_alloc(64, ((size_t)M * I + 63) / 64 * 64);
+    float *h = malloc(sizeof(float) * (size_t)M * I2);
+    float *dx = malloc(sizeof(float) * 2 * ((size_t)M * G1 + (size_t)M * G2));
+    if (!xq || !hq || !h || !dx) {
+        free(xq), free(hq), free(h), free(dx);
+        return -2;
+    }
+    float *xs = dx + (size_t)M * G1, *dh = xs + (size_t)M * G1, *hs = dh + (size_t)M * G2;
+    const size_t esz = xdt == Q4_F32 ? 4 : 2;
+    for (int i = 0; i < M; i++)
+        quantize_row((const char *)x + esz * (size_t)i * D, xdt, D, gu->gs, xq + (size_t)i * D,
+                     dx + (size_t)i * G1, xs + (size_t)i * G1);
+    if ((size_t)3 * I * D / 2 * (size_t)M < Q4_PARALLEL_BYTES) nthreads = 1;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        mm_quantized(xq, dx, xs, M, I2, D, gu->gs, gu->w, gu->sz, gu->sg, gu->sn, h, Q4_F32);
+        /* (the implicit barrier of the omp for: every row of h is written) */
+#pragma omp for schedule(static)
+        for (int i = 0; i < M; i++) {
+            float *r = h + (size_t)i * I2; /* r[j] = silu(g_j) * u_j, in place over the gate half */
+            for (int j = 0; j < I; j++) {
+                const float g = r[j];
+                r[j] = g / (1.f + expf(-g)) * r[I + j];
+            }
+            quantize_row(r, Q4_F32, I, dn->gs, hq + (size_t)i * I, dh + (size_t)i * G2, hs + (size_t)i * G2);
+        }
+        mm_quantized(hq, dh, hs, M, D, I, dn->gs, dn->w, dn->sz, dn->sg, dn->sn, y, xdt);
+    }
+    free(xq), free(hq), free(h), free(dx);
     return 0;
 }
