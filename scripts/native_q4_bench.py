@@ -4,6 +4,8 @@ one matrix at a time, at Mixtral-8x7B's and Qwen3-30B-A3B's expert widths.
     PYTHONPATH=. python scripts/native_q4_bench.py [--shapes 14336x4096,4096x14336,768x2048,2048x768]
         [--rows 1,4,16] [--threads 1,2] [--group 64] [--reps 15] [--overhead] [--json out.json]
     PYTHONPATH=. python scripts/native_q4_bench.py --errors [--shapes ...] [--rows 16]
+    PYTHONPATH=. python scripts/native_q4_bench.py --experts [--experts-shapes 2048x768,4096x14336]
+        [--rows 1,4] [--threads 1,2]
 
 Per shape (N×K, 4-bit codes, bf16 activations as the engine's compute dtype), rows M and threads: the median
 ms per call of each system and GB/s of 4-bit code bytes (N·K/2 / time), and the median CPU ms per call (the
@@ -11,6 +13,9 @@ process's CPU time: what a call costs without the time it sat descheduled on a b
 are interleaved call by call (the machine is shared and noisy), so the ratios torch/native of one row are
 measured under the same load. --overhead adds a 32×64 matrix: the fixed cost per call (ctypes, activation
 rounding, allocation).
+--experts: whole 4-bit SwiGLU experts (D×I: gate_up [2I, D], down [D, I]) as the engine decodes them, the
+fused native call (q4.c's q4_expert, one parallel region) against the same unit unfused (two kernel calls and
+the torch ops between), interleaved the same way.
 The matrices are random (RTN, bf16 meta): the kernels' speed does not depend on the values.
 --errors: instead of timings, each system's output error against the fp32 reference x @ W_deq^T (W_deq the
 dequantised fp32 weights: what both kernels approximate) over --rows rows of Gaussian and of heavy-tailed
@@ -81,6 +86,37 @@ def errors(shapes: list[tuple[int, int]], M: int, group: int) -> int:
     return 0
 
 
+def experts(shapes: list[tuple[int, int]], rows: list[int], threads: list[int], group: int, reps: int) -> int:
+    from moe_offload.experts import ExpertShape
+    from moe_offload.quant.codec import HQQCodec, expert_spec
+
+    g = torch.Generator().manual_seed(0)
+    print(f"{'D x I':>12} {'M':>3} {'thr':>3} {'unfused ms':>10} {'fused ms':>9} {'speed-up':>8} "
+          f"{'unfused cpu':>11} {'fused cpu':>9}", flush=True)
+    for D, I in shapes:
+        codec = HQQCodec({**expert_spec(4, group, "rtn"), "layout": NATIVE_LAYOUT})
+        w = [torch.randn(n, k, generator=g) * 0.02 for n, k in ((I, D), (I, D), (D, I))]
+        unit = codec.decode(codec.encode(*w), ExpertShape(D, I), torch.bfloat16)
+        del w
+        if not unit.fused:
+            print(f"{D}x{I}: no fused path here", file=sys.stderr)
+            return 2
+
+        def call(fused: bool, x):
+            unit.fused = fused
+            return unit(x)
+
+        for M in rows:
+            x = torch.randn(M, D, generator=g).to(torch.bfloat16)
+            for t in threads:
+                torch.set_num_threads(t)
+                med, cpu = bench({"unfused": lambda: call(False, x), "fused": lambda: call(True, x)}, reps)
+                print(f"{D:>6}x{I:<5} {M:>3} {t:>3} {1e3 * med['unfused']:>10.3f} {1e3 * med['fused']:>9.3f} "
+                      f"{med['unfused'] / med['fused']:>7.2f}x {1e3 * cpu['unfused']:>11.3f} "
+                      f"{1e3 * cpu['fused']:>9.3f}", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="14336x4096,4096x14336,768x2048,2048x768")
@@ -91,11 +127,16 @@ def main(argv=None) -> int:
     ap.add_argument("--overhead", action="store_true")
     ap.add_argument("--json")
     ap.add_argument("--errors", action="store_true")
+    ap.add_argument("--experts", action="store_true")
+    ap.add_argument("--experts-shapes", default="2048x768,4096x14336")
     a = ap.parse_args(argv)
     if not native_available() or host_layout() is None:
         print("needs both the native kernel (a C compiler, AVX2+FMA) and torch's int4pack kernel",
               file=sys.stderr)
         return 2
+    if a.experts:
+        return experts(shape_list(a.experts_shapes), [int(r) for r in a.rows.split(",")],
+                       [int(t) for t in a.threads.split(",")], a.group, a.reps)
     if a.errors:
         return errors(shape_list(a.shapes), int(a.rows.split(",")[-1]), a.group)
     shapes = shape_list(a.shapes) + ([(32, 64)] if a.overhead else [])
