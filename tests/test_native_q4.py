@@ -229,3 +229,29 @@ def test_a_fused_expert_is_one_native_call_computing_down_silu_gate_times_up(D, 
     assert rel(unit(big), ref) < 1e-5  # past dense_rows: the unfused dequantise + dense path
     gelu = codec.decode(codec.encode(gate, up, down), ExpertShape(D, I, act="gelu"), torch.float32)
     assert not gelu.fused
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dequantised_prefill_gemms_of_16bit_rows_run_in_fp32_on_a_cpu_without_half_gemms(dtype, monkeypatch):
+    """Past dense_rows a quantized matrix (a 4-bit attention projection or lm_head, an expert's prefill rows)
+    is dequantised and multiplied densely; with 16-bit activations on a CPU without native half GEMMs (AVX2:
+    fp16 GEMMs at 10 GFLOP/s against 47-73 in fp32) that GEMM runs in fp32 and is rounded once, as
+    models.base.linear does for 16-bit weights. (It ran in the activations' dtype before.)"""
+    from moe_offload.models import base
+    from moe_offload.quant import kernels
+
+    monkeypatch.setattr(base, "cpu_flags", lambda: frozenset())  # this CPU, as far as upcast() is concerned
+    seen = []
+    real = torch.nn.functional.linear
+    monkeypatch.setattr(kernels.F, "linear", lambda x, w, b=None: seen.append((x.dtype, w.dtype)) or real(x, w, b))
+    N, K = 600, 256  # 600 rows of fp32 weights = 600 KiB: two blocks of UPCAST_BLOCK
+    monkeypatch.setattr(kernels, "UPCAST_BLOCK", 512 * K)
+    q = hqq.quantize(torch.randn(N, K, generator=gen(11)), 4, 64)
+    lin = kernels.DequantLinear(PackedMatrix.from_quantized(q))
+    x = torch.randn(40, K, generator=gen(12)).to(dtype)
+    y = lin(x)
+    assert y.dtype == dtype and seen and all(s == (torch.float32, torch.float32) for s in seen) and len(seen) == 2
+    torch.testing.assert_close(y, (x.float() @ q.dequantize().t()).to(dtype))
+    seen.clear()
+    lin(x[:1])  # one row: no upcast
+    assert seen == [(dtype, dtype)]
