@@ -128,6 +128,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json")
     ap.add_argument("--errors", action="store_true")
     ap.add_argument("--experts", action="store_true")
+    ap.add_argument("--baseline", choices=["torch", "r64"], default="torch",
+                    help="what the native kernel (layout r64t) is compared with: torch's int4pack, or the native "
+                         "kernel over r64 (meta [G, N, 2] instead of tiles of 4 rows)")
     ap.add_argument("--experts-shapes", default="2048x768,4096x14336")
     a = ap.parse_args(argv)
     if not native_available() or host_layout() is None:
@@ -145,11 +148,15 @@ def main(argv=None) -> int:
     before = torch.get_num_threads()
     g = torch.Generator().manual_seed(0)
     out = []
+    if a.baseline == "r64":
+        print("baseline: the native kernel over r64 (columns 'torch'); 'native': over r64t")
     print(f"{'N x K':>12} {'M':>3} {'thr':>3} {'torch ms':>9} {'native ms':>9} {'torch GB/s':>10} "
           f"{'native GB/s':>11} {'speed-up':>8} {'torch cpu':>9} {'native cpu':>9} {'cpu ×':>8}", flush=True)
     for N, K in shapes:
         q = quantize(torch.randn(N, K, generator=g), 4, a.group, 16, "rtn")
-        lins = {"torch": Int4Linear(PackedMatrix.from_quantized(q, host_layout()), dense_rows=max(rows)),
+        base = (Int4Linear(PackedMatrix.from_quantized(q, host_layout()), dense_rows=max(rows)) if a.baseline == "torch"
+                else NativeQ4Linear(PackedMatrix.from_quantized(q, "r64"), dense_rows=max(rows)))
+        lins = {"torch": base,  # (the column says torch; with --baseline r64 it is the native kernel over r64)
                 "native": NativeQ4Linear(PackedMatrix.from_quantized(q, NATIVE_LAYOUT), dense_rows=max(rows))}
         del q
         nbytes = N * K // 2

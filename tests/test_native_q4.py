@@ -20,6 +20,7 @@ from moe_offload.quant.codec import HQQCodec
 from moe_offload.quant.kernels import (
     LAYOUTS,
     NATIVE_LAYOUT,
+    ROW_MAJOR,
     PackedMatrix,
     host_layout,
     int4pack_order,
@@ -160,7 +161,8 @@ def test_a_native_4bit_unit_holds_the_blob_once_and_every_order_agrees(meta_bits
         views = [t for t in tensors if t.untyped_storage().data_ptr() == blob.untyped_storage().data_ptr()]
         meta = sum(pm.sz.numel() * 2 for pm in codec.packed(blob, shape))
         codes = sum(pm.N * pm.K // 2 for pm in codec.packed(blob, shape))
-        if layout == NATIVE_LAYOUT:  # a view of the blob: resident == stored bytes (+ decoded 8-bit meta)
+        if layout in ROW_MAJOR:  # a view of the blob: resident == stored bytes (+ decoded 8-bit meta); r64's
+            # meta [G, N, 2] is read as it is (the kernel takes both orders), r64t's in tiles of 4 rows
             assert views and storage_bytes(tensors) == blob.numel() + (meta if meta_bits == 8 else 0)
         else:  # reordered once: the codes' copy and the meta, nothing of the blob
             assert not views and storage_bytes(tensors) == codes + meta
@@ -255,3 +257,29 @@ def test_dequantised_prefill_gemms_of_16bit_rows_run_in_fp32_on_a_cpu_without_ha
     seen.clear()
     lin(x[:1])  # one row: no upcast
     assert seen == [(dtype, dtype)]
+
+
+@pytest.mark.parametrize("N,K,g", [(96, 256, 64), (100, 128, 32), (37, 96, 32)])
+def test_r64t_holds_the_meta_in_tiles_of_four_rows_and_computes_what_r64_does(N, K, g):
+    """r64t: r64's nibbles, the bf16 meta [N/4, G, 4, 2] (N % 4 == 0; else [G, N, 2] as r64). Every reader
+    sees the same (s, m) through meta(); dequantise and the native kernel give r64's numbers exactly."""
+    q = hqq.quantize(torch.randn(N, K, generator=gen(N + K)), 4, g)
+    a, b = PackedMatrix.from_quantized(q, "r64"), PackedMatrix.from_quantized(q, "r64t")
+    assert torch.equal(a.packed, b.packed) and b.tiled == (N % 4 == 0) and b.groups == K // g
+    assert torch.equal(b.meta(), q.sz) and torch.equal(b.meta(8, 21), q.sz[:, 8:21])
+    if b.tiled:
+        assert b.sz.shape == (N // 4, K // g, 4, 2) and torch.equal(b.sz[1, 2, 3], q.sz[2, 7])
+    assert torch.equal(b.dequantize(), q.dequantize()) and torch.equal(b.dequantize(), a.dequantize())
+    if native_available():
+        la, lb = make_linear(a), make_linear(b)
+        assert lb.pm.tiled == b.tiled and lb.pm.sz.data_ptr() == b.sz.data_ptr()  # read where it is stored
+        for M in (1, 6):
+            x = torch.randn(M, K, generator=gen(M))
+            assert torch.equal(la(x), lb(x))
+    if host_layout() is not None and g in (32, 64) and N % 16 == 0:  # torch's int4pack reads [G, N, 2]
+        from moe_offload.quant.kernels import Int4Linear
+
+        x = torch.randn(2, K, generator=gen(1))
+        t = Int4Linear(b)
+        assert not t.pm.tiled and torch.equal(t.sz, q.sz)
+        assert rel(t(x), x @ q.dequantize().t()) < 1e-2

@@ -1,7 +1,8 @@
 """Quantized backbone linears (attention projections) stored in backbone.safetensors, self-describing:
 
     <module>.weight [N, K]   ->   <module>.qweight  uint8 packed codes (kernels.PackedMatrix layout)
-                                  <module>.qsz      bf16 [G, N, 2] scales and offsets (meta_bits=16)
+                                  <module>.qsz      bf16 [G, N, 2] scales and offsets (meta_bits=16; held
+                                                    in the kernel's order once adopted, see QuantLinear._build)
 
 K comes from the model, G from qsz, the bit width from the packed length, so no side table is needed. On
 load (runtime.engine.build_model) every module with a `.qweight` in the file becomes a QuantLinear, which

@@ -50,6 +50,7 @@ from .kernels import (
     PackedMatrix,
     compute_layout,
     fused_expert,
+    tiles_meta,
     make_linear,
     write_layout,
 )
@@ -76,6 +77,14 @@ def matrix_sections(N: int, K: int, bits: int, g: int, meta_bits: int) -> list[t
         secs += [("s8", G * N, torch.uint8, (G * N,)), ("z8", G * N, torch.uint8, (G * N,)),
                  ("s8_minstep", B * 8, torch.float32, (B, 2)), ("z8_minstep", B * 8, torch.float32, (B, 2))]
     return secs
+
+
+def stored_meta(t: dict[str, torch.Tensor], N: int, G: int, bits: int, layout: str) -> torch.Tensor:
+    """A matrix's meta as PackedMatrix holds it: bf16 meta stored in tiles of 4 rows (r64t) is a view
+    [N/4, G, 4, 2] of the stored bytes; otherwise [G, N, 2] (8-bit meta: decoded, in that order)."""
+    if "sm" in t and bits <= 4 and tiles_meta(layout, N):
+        return t["sm"].reshape(N // 4, G, 4, 2)
+    return decode_meta(t, N, G, bits)
 
 
 def glu_of(act: str | ExpertShape) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -284,7 +293,10 @@ class HQQCodec:
         layout, total = self.layout(ExpertShape(gate.shape[1], gate.shape[0], bias=bool(biases)))
         blob = torch.zeros(total, dtype=torch.uint8)
         for q, secs in zip(qs, layout):
-            tensors = {"codes": PackedMatrix.from_quantized(q, self.order).packed, **q.meta}
+            pm = PackedMatrix.from_quantized(q, self.order)
+            tensors = {"codes": pm.packed, **q.meta}
+            if "sm" in tensors:
+                tensors["sm"] = pm.sz  # (in tiles of 4 rows for r64t)
             for key, off, n, _, _ in secs:
                 t = tensors[key].contiguous().view(-1).view(torch.uint8)
                 assert t.numel() == n, (key, t.numel(), n)
@@ -311,7 +323,7 @@ class HQQCodec:
         pms = []
         for (_, N, K, b, g, _), secs in zip(self.matrices(shape), layout):
             t = {key: blob[off:off + n].view(dt).view(shp) for key, off, n, dt, shp in secs}
-            pms.append(PackedMatrix(t.pop("codes"), decode_meta(t, N, K // g, b), b, N, K, self.order))
+            pms.append(PackedMatrix(t.pop("codes"), stored_meta(t, N, K // g, b, self.order), b, N, K, self.order))
         return pms
 
     def decode(self, blob: torch.Tensor, shape: ExpertShape, dtype=torch.bfloat16) -> QuantExpert:

@@ -30,7 +30,7 @@ import torch
 from ..errors import MoeError
 from ..experts import ExpertShape
 from ..utils import DTYPES
-from .codec import ALIGN, DenseLinear, QuantExpert, matrix_sections
+from .codec import ALIGN, DenseLinear, QuantExpert, matrix_sections, stored_meta
 from .hqq import Quantized, quantize
 from .kernels import LAYOUTS, LEGACY_LAYOUT, PackedMatrix, make_linear
 
@@ -161,7 +161,8 @@ class GGUFCodec:
         blob = torch.zeros(total, dtype=torch.uint8)
         for m, secs, (_, N, K, fmt) in zip(mats, layout, self.matrices(shape)):
             if fmt in QUANT_FORMATS:
-                tensors = {"codes": PackedMatrix.from_quantized(m, self.order).packed, "sm": m.sz}
+                pm = PackedMatrix.from_quantized(m, self.order)
+                tensors = {"codes": pm.packed, "sm": pm.sz}  # (meta in tiles of 4 rows for r64t)
             else:
                 tensors = {"w": m.reshape(N, K).to(DTYPES[fmt])}
             for key, off, n, _, _ in secs:
@@ -198,7 +199,8 @@ class GGUFCodec:
         out = []
         for (_, N, K, fmt), secs in zip(self.matrices(shape), layout):
             t = {key: blob[off:off + n].view(dt).view(shp) for key, off, n, dt, shp in secs}
-            out.append(PackedMatrix(t["codes"], t["sm"], QUANT_FORMATS[fmt], N, K, self.order)
+            out.append(PackedMatrix(t["codes"], stored_meta(t, N, t["sm"].shape[0], QUANT_FORMATS[fmt], self.order),
+                                    QUANT_FORMATS[fmt], N, K, self.order)
                        if fmt in QUANT_FORMATS
                        else t["w"])
         return out
@@ -209,7 +211,8 @@ class GGUFCodec:
         I = shape.intermediate
         pm = self._views(blob, shape)[1 if part == "down" else 0]
         rows = slice(None) if part == "down" else slice(0, I) if part == "gate" else slice(I, 2 * I)
-        s, m = pm.sz[..., 0].t().float()[rows], pm.sz[..., 1].t().float()[rows]  # [N, G]
+        sz = pm.meta()
+        s, m = sz[..., 0].t().float()[rows], sz[..., 1].t().float()[rows]  # [N, G]
         if not isinstance(pm, PackedMatrix) or (m != 0).any():
             raise ValueError(f"{part} is not a zero-offset q4/q8 matrix")
         return ggml_blocks(type_name, pm.codes()[rows].numpy(), s.numpy())

@@ -63,16 +63,33 @@ DENSE_ROWS = {"int4pack": 192, "int8pack": 96, "native4": 192}
 #                     (high), so one 32-byte load unpacks to two 32-code blocks in natural order; a last
 #                     chunk of 32 codes (K ≡ 32 mod 64) holds codes j and j + 16. Rows are independent: any
 #                     N, K % 32 == 0.
-LAYOUTS = {"b64": 64, "b32": 32, "p32": 32, "r64": 64}
+#   "r64t"            r64's nibbles, and the bf16 meta in tiles of 4 rows, [N/4, G, 4, 2] instead of [G, N, 2]
+#                     (when N % 4 == 0): the kernel's four-row tile reads its meta as one stream, not one
+#                     16-byte load per group 2N·2 bytes apart (a page apart at Mixtral's 14336 rows; 1.3-1.6x
+#                     faster there, scripts/native_q4_bench.py). PackedMatrix.sz is then 4-D; `meta()` gives
+#                     the [G, n, 2] view every other reader wants.
+LAYOUTS = {"b64": 64, "b32": 32, "p32": 32, "r64": 64, "r64t": 64}
 TORCH_LAYOUTS = ("b64", "b32", "p32")
-NATIVE_LAYOUT = "r64"
+ROW_MAJOR = ("r64", "r64t")  # the same nibble order
+NATIVE_LAYOUT = "r64t"
 LEGACY_LAYOUT = "b64"
+
+
+def tiles_meta(layout: str, N: int) -> bool:
+    """Is the meta of an N-row matrix in `layout` stored in tiles of 4 rows?"""
+    return layout == "r64t" and N % 4 == 0
+
+
+def tile_meta(sz: torch.Tensor) -> torch.Tensor:
+    """sz [G, N, 2] -> a new [N/4, G, 4, 2] (N % 4 == 0)."""
+    G, N, _ = sz.shape
+    return sz.reshape(G, N // 4, 4, 2).permute(1, 0, 2, 3).contiguous()
 
 
 def int4pack_ordered(N: int, K: int, bits: int, layout: str = LEGACY_LAYOUT) -> bool:
     """Codes of b <= 4 are stored in `layout`'s order when its rule allows (int4pack: N % 16 == 0; r64:
     K % 32 == 0); row-major otherwise."""
-    if layout == NATIVE_LAYOUT:
+    if layout in ROW_MAJOR:
         return bits <= 4 and K % 32 == 0
     return bits <= 4 and N % 16 == 0 and K % 2 == 0
 
@@ -87,7 +104,7 @@ def int4pack_order(codes: torch.Tensor, layout: str = LEGACY_LAYOUT) -> torch.Te
     """codes [N, K] -> flat stream r such that pack(r, 4) is what a CPU of `layout` converts codes to."""
     B = _check(layout)
     N, K = codes.shape
-    if layout == NATIVE_LAYOUT:  # [N, chunk, lh, j] -> [N, chunk, j, lh]
+    if layout in ROW_MAJOR:  # [N, chunk, lh, j] -> [N, chunk, j, lh]
         full = codes[:, : K // 64 * 64].reshape(N, -1, 2, 32).transpose(-1, -2)
         tail = codes[:, K // 64 * 64:].reshape(N, -1, 2, 16).transpose(-1, -2)
         return torch.cat([full.reshape(N, -1), tail.reshape(N, -1)], 1).reshape(-1)
@@ -103,7 +120,7 @@ def int4pack_order(codes: torch.Tensor, layout: str = LEGACY_LAYOUT) -> torch.Te
 def int4pack_unorder(stream: torch.Tensor, N: int, K: int, layout: str = LEGACY_LAYOUT) -> torch.Tensor:
     """Inverse of `int4pack_order`: flat stream -> codes [N, K]."""
     B = _check(layout)
-    if layout == NATIVE_LAYOUT:
+    if layout in ROW_MAJOR:
         r = stream[: N * K].reshape(N, K)
         full = r[:, : K // 64 * 64].reshape(N, -1, 32, 2).transpose(-1, -2)
         tail = r[:, K // 64 * 64:].reshape(N, -1, 16, 2).transpose(-1, -2)
@@ -205,9 +222,9 @@ def nibbles_in(pm: PackedMatrix, dst: str) -> torch.Tensor:
     N, K = pm.N, pm.K
     nib = nibbles(pm.packed, pm.bits, N * K)
     if pm.ordered and int4pack_ordered(N, K, 4, dst):
-        if pm.layout == dst:
+        if pm.layout == dst or {pm.layout, dst} <= set(ROW_MAJOR):
             return nib
-        so = native.lib() if dst == NATIVE_LAYOUT else None
+        so = native.lib() if dst in ROW_MAJOR and pm.layout in TORCH_LAYOUTS else None
         if so is not None:  # torch's orders -> r64 in one C pass (the torch slabs below take ~20× longer)
             out = torch.zeros(N * K // 2, dtype=torch.uint8)
             rc = so.q4_to_r64(nib.data_ptr(), out.data_ptr(), N, K, LAYOUTS[pm.layout],
@@ -232,15 +249,32 @@ class PackedMatrix:
     row-major otherwise; 8-bit codes as int8 q − 128) and scales_and_zeros sz bf16 [G, N, 2]."""
 
     packed: torch.Tensor  # uint8 [packed_nbytes(N*K, bits)]
-    sz: torch.Tensor
+    sz: torch.Tensor  # bf16 [G, N, 2]; [N/4, G, 4, 2] when tiled (layout r64t)
     bits: int
     N: int
     K: int
     layout: str = LEGACY_LAYOUT
 
     @property
+    def tiled(self) -> bool:
+        return self.sz.dim() == 4
+
+    @property
+    def groups(self) -> int:
+        return self.sz.shape[1] if self.tiled else self.sz.shape[0]
+
+    @property
     def group_size(self) -> int:
-        return self.K // self.sz.shape[0]
+        return self.K // self.groups
+
+    def meta(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """(s, m) of rows start .. end as [G, n, 2]: a view of sz, or a copy of those rows when tiled."""
+        end = self.N if end is None else end
+        if not self.tiled:
+            return self.sz[:, start:end]
+        a, b = start // 4, -(-end // 4)
+        t = self.sz[a:b].permute(1, 0, 2, 3).reshape(self.groups, 4 * (b - a), 2)
+        return t[:, start - 4 * a:end - 4 * a]
 
     @property
     def ordered(self) -> bool:
@@ -250,12 +284,14 @@ class PackedMatrix:
     @classmethod
     def from_quantized(cls, q: Quantized, layout: str = LEGACY_LAYOUT) -> PackedMatrix:
         N, K = q.codes.shape
-        c = q.codes
+        c, sz = q.codes, q.sz
         if int4pack_ordered(N, K, q.bits, layout):
             c = int4pack_order(c, layout)
+            if tiles_meta(layout, N):
+                sz = tile_meta(sz)
         elif q.bits == 8:
             c = c ^ 0x80  # int8 two's complement of q − 128
-        return cls(pack(c, q.bits), q.sz, q.bits, N, K, layout)
+        return cls(pack(c, q.bits), sz, q.bits, N, K, layout)
 
     def codes(self) -> torch.Tensor:
         """uint8 [N, K] in row-major order (works on any device)."""
@@ -274,12 +310,13 @@ class PackedMatrix:
         out [n, K]: rows start .. start + n of W written there instead (start a multiple of 64)."""
         N, K, dev = self.N, self.K, self.packed.device
         rows = rows or (64 if dev.type == "cpu" else N)
-        G = self.sz.shape[0]
+        G = self.groups
         if out is None:
             out, start = torch.empty(N, K, dtype=dtype, device=dev), 0
         end = start + out.shape[0]
-        s = self.sz[:, start:end, 0].t().float()[..., None]  # [n, G, 1] for rows start .. end
-        m0 = self.sz[:, start:end, 1].t().float()[..., None] - centre(self.bits) * s
+        sz = self.meta(start, end)
+        s = sz[..., 0].t().float()[..., None]  # [n, G, 1] for rows start .. end
+        m0 = sz[..., 1].t().float()[..., None] - centre(self.bits) * s
         if self.ordered and self.layout != "p32":  # (p32: pairs; below)
             rows_of = self._ordered_rows(nibbles(self.packed, self.bits, N * K))
         elif self.bits == 8:
@@ -299,7 +336,7 @@ class PackedMatrix:
     def _ordered_rows(self, nib: torch.Tensor):
         """rows_of(r, n) for the int4pack order: unpack + un-permute in one strided pass per nibble half."""
         N, K, B = self.N, self.K, LAYOUTS[self.layout]
-        if self.layout == NATIVE_LAYOUT:  # row-major: a row range is a byte range
+        if self.layout in ROW_MAJOR:  # row-major: a row range is a byte range
             def rows_r64(r: int, n: int) -> torch.Tensor:
                 b = nib[r * K // 2:(r + n) * K // 2]
                 return int4pack_unorder(torch.stack([b & 15, b >> 4], -1).view(-1), n, K, NATIVE_LAYOUT)
@@ -379,7 +416,7 @@ class Int4Linear(DequantLinear):
         host = host_layout()
         if host is None:  # an order none of ours: torch converts, once; the codes stay for dequantize
             self.w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(pm.codes().to(torch.int32), 1)
-            self.sz = pm.sz.contiguous()
+            self.sz = pm.meta().contiguous()
             super().__init__(pm)
             return
         nib, sz = in_order(pm, host)
@@ -417,7 +454,9 @@ class NativeQ4Linear(DequantLinear):
         self.w, self.sz = nib, sz
         super().__init__(PackedMatrix(nib, sz, 4, pm.N, pm.K, NATIVE_LAYOUT))
         self.N, self.call = pm.N, self.lib.q4_call  # the call's fixed arguments, bound once
-        self.args = ctypes.byref(native.Matrix(nib.data_ptr(), sz.data_ptr(), 2 * pm.N, 2, pm.N, pm.K,
+        # meta strides (bf16 elements): per group sg, per row sn, per four-row tile st
+        sg, st = (8, 8 * self.pm.groups) if self.pm.tiled else (2 * pm.N, 8)
+        self.args = ctypes.byref(native.Matrix(nib.data_ptr(), sz.data_ptr(), sg, 2, st, pm.N, pm.K,
                                                self.pm.group_size))
 
     def __call__(self, x):  # [M, K] -> [M, N]
@@ -455,8 +494,11 @@ def in_order(pm: PackedMatrix, dst: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(nibbles, sz) a b <= 4 kernel keeps for pm in order `dst`: views of the stored bytes when they are in
     that order already; else a new nibble stream, and sz copied out of the blob too, so the unit keeps no view
     of it."""
-    nib, sz = nibbles_in(pm, dst), pm.sz.contiguous()
-    if not _shares(nib, pm.packed) and _shares(sz, pm.packed):
+    nib = nibbles_in(pm, dst)
+    if _shares(nib, pm.packed) and (dst in ROW_MAJOR or not pm.tiled):
+        return nib, pm.sz if dst in ROW_MAJOR else pm.sz.contiguous()  # the kernel reads both orders of meta
+    sz = tile_meta(pm.meta()) if tiles_meta(dst, pm.N) else pm.meta().contiguous()
+    if _shares(sz, pm.packed):
         sz = sz.clone()
     return nib, sz
 
@@ -474,8 +516,8 @@ class Int8Linear(DequantLinear):
         super().__init__(pm)
         self.dense_rows = dense_rows
         self.w = pm.packed[: pm.N * pm.K].view(torch.int8).view(pm.N, pm.K)
-        self.s = pm.sz[0, :, 0].contiguous()  # bf16 [N]
-        self.m = pm.sz[0, :, 1].float()  # [N]
+        self.s = pm.meta()[0, :, 0].contiguous()  # bf16 [N]
+        self.m = pm.meta()[0, :, 1].float()  # [N]
 
     def __call__(self, x):
         if x.shape[0] > self.dense_rows:

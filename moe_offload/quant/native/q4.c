@@ -4,8 +4,10 @@
  *
  * Weights: codes q < 16, row-major, each row in chunks of 64 codes: byte j of a chunk holds codes j (low nibble)
  * and j + 32 (high nibble), so one 32-byte load is two 32-code blocks in natural order; a last chunk of 32 codes
- * (K ≡ 32 mod 64) holds codes j and j + 16 in its byte j. Scales and offsets sz: bf16 (s, m) pairs at
- * sz[g·sg + n·sn] (kernels.py passes torch's [G, N, 2] with sg = 2N, sn = 2).
+ * (K ≡ 32 mod 64) holds codes j and j + 16 in its byte j. Scales and offsets sz: bf16 (s, m) pairs; those of
+ * the four-row tile t (rows 4t .. 4t + 3) for group g at sz[t·st + g·sg] (sn = 2: the four pairs adjacent).
+ * kernels.py passes [N/4, G, 4, 2] (layout r64t: st = 8G, sg = 8, the tile's meta one stream) or torch's
+ * [G, N, 2] (r64: st = 8, sg = 2N; rows past the last tile at sz[n·sn]).
  * Activations: each row of x is quantized once per call to int8 per group (scale amax/127, round to nearest),
  * shared by all N rows (x̂ = dx·xq). Per group:
  *   y += s·dx·Σ q·xq   (maddubs: unsigned codes × signed int8, int16 sums of ≤ 8 blocks stay below 2^15)
@@ -164,6 +166,16 @@ static inline __attribute__((always_inline)) void dot_rows(const uint8_t *w, con
  * their (s, m) pairs of one group are one 16-byte load (sz rows adjacent: sn = 2), so the per-group scale work
  * is vector work shared by four rows instead of scalar work per row. For M > 1 it runs once per activation
  * row while the four rows' codes (2·K bytes) stay in L1/L2. */
+/* Rows this far ahead are prefetched while a tile runs (two tiles: the hardware prefetcher does not follow four
+ * interleaved 2 KiB row streams well; +30-60 % at Mixtral's widths, scripts/native_q4_bench.py). */
+#define Q4_AHEAD 8
+#define Q4_PREFETCH(c)                                                                                             \
+    if (!((c)&1)) {                                                                                                \
+        _mm_prefetch((const char *)(w0 + Q4_AHEAD * rb + 32 * (c)), _MM_HINT_T0);                                  \
+        _mm_prefetch((const char *)(w1 + Q4_AHEAD * rb + 32 * (c)), _MM_HINT_T0);                                  \
+        _mm_prefetch((const char *)(w2 + Q4_AHEAD * rb + 32 * (c)), _MM_HINT_T0);                                  \
+        _mm_prefetch((const char *)(w3 + Q4_AHEAD * rb + 32 * (c)), _MM_HINT_T0);                                  \
+    }
 static inline __attribute__((always_inline)) void dot4_m1(const uint8_t *w, size_t rb, const uint16_t *sz, long sg,
                                                           int K, int gs, const int8_t *xq, const float *dx,
                                                           const float *xs, int G, float *out) {
@@ -183,6 +195,7 @@ static inline __attribute__((always_inline)) void dot4_m1(const uint8_t *w, size
                         _mm256_broadcastss_ps(_mm_shuffle_ps(sd, sd, lane)), a);
     if (gs == 32) {
         for (int c = 0; c < K / 64; c++) {
+            Q4_PREFETCH(c)
             const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + 64 * c));
             const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + 64 * c + 32));
             __m256i l[4], h[4];
@@ -220,6 +233,7 @@ static inline __attribute__((always_inline)) void dot4_m1(const uint8_t *w, size
         for (int g = 0; g < G; g++) {
             __m256i t0 = _mm256_setzero_si256(), t1 = t0, t2 = t0, t3 = t0;
             for (int c = g * cpg; c < (g + 1) * cpg; c++) {
+                Q4_PREFETCH(c)
                 const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + 64 * c));
                 const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + 64 * c + 32));
 #define Q4_ROW(t, wr)                                                                                              \
@@ -238,6 +252,7 @@ static inline __attribute__((always_inline)) void dot4_m1(const uint8_t *w, size
     }
 #undef Q4_META
 #undef Q4_ACC
+#undef Q4_PREFETCH
     float mm[4];
     _mm_storeu_ps(mm, macc);
     out[0] = hsum(a0) + mm[0];
@@ -259,15 +274,15 @@ static inline void store_y(void *y, int dt, size_t i, float v) {
 typedef struct {
     const uint8_t *w;
     const uint16_t *sz;
-    long sg, sn;
+    long sg, sn, st;
     int N, K, gs;
 } q4_matrix;
 
 int q4_mm(const void *x, void *y, int xdt, int M, int N, int K, int gs, const uint8_t *w, const uint16_t *sz,
-          long sg, long sn, int nthreads);
+          long sg, long sn, long st, int nthreads);
 
 int q4_call(const void *x, void *y, int xdt, int M, const q4_matrix *m, int nthreads) {
-    return q4_mm(x, y, xdt, M, m->N, m->K, m->gs, m->w, m->sz, m->sg, m->sn, nthreads);
+    return q4_mm(x, y, xdt, M, m->N, m->K, m->gs, m->w, m->sz, m->sg, m->sn, m->st, nthreads);
 }
 
 /* Nibble orders -> r64 (kernels.LAYOUTS): torch's int4pack orders are blocks of B rows stored k-major, byte
@@ -303,13 +318,13 @@ int q4_to_r64(const uint8_t *src, uint8_t *dst, int N, int K, int B, int pairs, 
     return 0;
 }
 
-int q4_version(void) { return 5; }
+int q4_version(void) { return 6; }
 
 /* The rows of y [M, N] = xq·W^T (activations quantized already) that this thread's share of the work units
  * gives (an orphaned `omp for`: inside a parallel region the units are split over its threads, outside it one
  * thread runs them all). y is of dtype ydt. */
 static void mm_quantized(const int8_t *xq, const float *dx, const float *xs, int M, int N, int K, int gs,
-                         const uint8_t *w, const uint16_t *sz, long sg, long sn, void *y, int ydt) {
+                         const uint8_t *w, const uint16_t *sz, long sg, long sn, long st, void *y, int ydt) {
     const int G = K / gs;
     const size_t rb = (size_t)K / 2;
     const int tiles = sn == 2 ? N / 4 : 0; /* four weight rows at a time (per activation row, the four rows'
@@ -320,7 +335,7 @@ static void mm_quantized(const int8_t *xq, const float *dx, const float *xs, int
         if (t < tiles) {
             for (int i = 0; i < M; i++) {
                 float r[4];
-                dot4_m1(w + rb * 4 * t, rb, sz + 8 * (size_t)t, sg, K, gs, xq + (size_t)i * K, dx + (size_t)i * G,
+                dot4_m1(w + rb * 4 * t, rb, sz + st * (size_t)t, sg, K, gs, xq + (size_t)i * K, dx + (size_t)i * G,
                         xs + (size_t)i * G, G, r);
                 for (int j = 0; j < 4; j++) store_y(y, ydt, (size_t)i * N + 4 * (size_t)t + j, r[j]);
             }
@@ -349,7 +364,7 @@ static int shape_ok(int K, int gs) { return !(K % 32 || gs % 32 || K % gs || gs 
 /* y [M, N] = x [M, K] @ W^T; x and y of dtype xdt (Q4_F32, Q4_BF16, Q4_F16). Returns 0; -1 for a shape it
  * refuses, -2 when out of memory. */
 int q4_mm(const void *x, void *y, int xdt, int M, int N, int K, int gs, const uint8_t *w, const uint16_t *sz,
-          long sg, long sn, int nthreads) {
+          long sg, long sn, long st, int nthreads) {
     if (!shape_ok(K, gs) || M < 1) return -1;
     const int G = K / gs;
     int8_t *xq = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
@@ -368,7 +383,7 @@ int q4_mm(const void *x, void *y, int xdt, int M, int N, int K, int gs, const ui
      * descheduled second thread stalls the call for a whole time slice) */
     if ((size_t)N * K / 2 * (size_t)M < Q4_PARALLEL_BYTES) nthreads = 1;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
-    mm_quantized(xq, dx, xs, M, N, K, gs, w, sz, sg, sn, y, xdt);
+    mm_quantized(xq, dx, xs, M, N, K, gs, w, sz, sg, sn, st, y, xdt);
     free(xq);
     free(dx);
     return 0;
@@ -399,7 +414,7 @@ int q4_expert(const void *x, void *y, int xdt, int M, const q4_matrix *gu, const
     if ((size_t)3 * I * D / 2 * (size_t)M < Q4_PARALLEL_BYTES) nthreads = 1;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-        mm_quantized(xq, dx, xs, M, I2, D, gu->gs, gu->w, gu->sz, gu->sg, gu->sn, h, Q4_F32);
+        mm_quantized(xq, dx, xs, M, I2, D, gu->gs, gu->w, gu->sz, gu->sg, gu->sn, gu->st, h, Q4_F32);
         /* (the implicit barrier of the omp for: every row of h is written) */
 #pragma omp for schedule(static)
         for (int i = 0; i < M; i++) {
@@ -410,7 +425,7 @@ int q4_expert(const void *x, void *y, int xdt, int M, const q4_matrix *gu, const
             }
             quantize_row(r, Q4_F32, I, dn->gs, hq + (size_t)i * I, dh + (size_t)i * G2, hs + (size_t)i * G2);
         }
-        mm_quantized(hq, dh, hs, M, D, I, dn->gs, dn->w, dn->sz, dn->sg, dn->sn, y, xdt);
+        mm_quantized(hq, dh, hs, M, D, I, dn->gs, dn->w, dn->sz, dn->sg, dn->sn, dn->st, y, xdt);
     }
     free(xq), free(hq), free(h), free(dx);
     return 0;
