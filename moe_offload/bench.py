@@ -730,13 +730,19 @@ def _gguf_for(prep: dict, type_: str, threads: int, log: Path) -> tuple[Path | N
 
 
 def _store_is_fresh(path: Path, dtype: str, stamp: float) -> bool:
-    """A readable store at `dtype`, written after the checkpoint's newest file (mtime `stamp`)."""
+    """A readable store at `dtype`, written after the checkpoint's newest file (mtime `stamp`), whose 4-bit
+    experts are in the order this machine's kernel reads (quantize writes kernels.write_layout(); a store of
+    another order is read by converting each expert once per load, which is not what the bench measures)."""
+    from .quant.kernels import write_layout
     from .store.format import open_store
 
     try:
-        return open_store(path).manifest["dtype"] == dtype and (path / "manifest.json").stat().st_mtime >= stamp
+        m = open_store(path).manifest
     except MoeError:
         return False
+    layouts = {e["codec"].get("layout") for e in m["experts"] if e.get("codec", {}).get("bits") == 4}
+    return (m["dtype"] == dtype and (path / "manifest.json").stat().st_mtime >= stamp
+            and layouts <= {write_layout()})  # (None: b64, the order before stores recorded one)
 
 
 def quantized_store_name(dtype: str, bits: int, quantizer: str, backbone_bits: int = 16) -> str:

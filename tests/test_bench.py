@@ -392,3 +392,26 @@ def test_bench_can_quantize_attention_and_lm_head_like_llamacpps_files(tiny_chec
         assert (str(q["expert_bits"]), q["attn_bits"], q["head_bits"]) == ("4", bb, bb)
         sizes[bb] = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
     assert sizes[8] < sizes[16]  # the backbone's bytes shrink
+
+
+def test_a_cached_4bit_store_in_another_kernel_order_is_requantized(tiny_checkpoint, tmp_path, monkeypatch):
+    """The bench reuses its quantized store only when its 4-bit experts are in the order this machine's kernel
+    reads (quantize writes kernels.write_layout()): a store of an older order (r64 before r64t, b64 before
+    either) is read by converting each expert at load, which is not what the bench means to measure."""
+    from moe_offload.cli import main
+    from moe_offload.quant.kernels import write_layout
+    from moe_offload.store.format import open_store
+
+    hf = tiny_checkpoint()
+    stamp = 0.0
+    for layout in ("b64", "r64", write_layout()):
+        out = tmp_path / layout
+        monkeypatch.setenv("MOE_OFFLOAD_INT4_LAYOUT", layout)
+        assert main(["quantize", "--model", str(hf), "--out", str(out), "--expert-bits", "4", "--quantizer", "rtn",
+                     "--quiet"]) == 0
+        monkeypatch.delenv("MOE_OFFLOAD_INT4_LAYOUT")
+        dtype = open_store(out).manifest["dtype"]
+        assert bench._store_is_fresh(out, dtype, stamp) == (layout == write_layout()), layout
+    out = tmp_path / "q8"
+    assert main(["quantize", "--model", str(hf), "--out", str(out), "--expert-bits", "8", "--quiet"]) == 0
+    assert bench._store_is_fresh(out, dtype, stamp)  # no 4-bit experts: no order to match
