@@ -599,11 +599,17 @@ def model_sizes(store_path: Path, dtype: str, expert_bytes: int | None = None) -
     from .models.sizes import model_sizes as count
     from .store.format import open_store
 
+    from .runtime.engine import backbone_bytes
+
     store = open_store(store_path)
     dt = getattr(torch, dtype)
     s = count(store.config)
     spans = [e.span for e in store.entries.values()]
-    return Sizes(backbone=s.resident_backbone_bytes(dt), embed=s.embed_params * dt.itemsize,
+    source = store.backbone()
+    # a store with quantized attention / lm_head holds fewer backbone bytes than the config's 16-bit count
+    quantized = any(k.endswith(".qweight") for k in source.keys())
+    backbone = backbone_bytes(store.config, source, dt) if quantized else s.resident_backbone_bytes(dt)
+    return Sizes(backbone=backbone, embed=s.embed_params * dt.itemsize,
                  hidden=store.config["hidden_size"], itemsize=dt.itemsize,
                  expert=expert_bytes or round(sum(spans) / len(spans)),
                  moe_layers=len(store.moe_layers), n_experts=store.n_experts, top_k=store.top_k,

@@ -415,3 +415,23 @@ def test_a_cached_4bit_store_in_another_kernel_order_is_requantized(tiny_checkpo
     out = tmp_path / "q8"
     assert main(["quantize", "--model", str(hf), "--out", str(out), "--expert-bits", "8", "--quiet"]) == 0
     assert bench._store_is_fresh(out, dtype, stamp)  # no 4-bit experts: no order to match
+
+
+@pytest.mark.parametrize("attn,head", [(16, 16), (4, 8), (8, 4)])
+def test_bench_sizes_count_the_backbone_the_engine_holds(tiny_checkpoint, tmp_path, attn, head):
+    """The bench's budgets and RAM limits use the store's backbone as the engine holds it: with quantized
+    attention / lm_head, their codes and meta, not the config's 16-bit count (which made q4 budgets larger and
+    the RAM limit lower than the run's real bytes)."""
+    from moe_offload.cli import main
+    from moe_offload.runtime.load import load
+    from moe_offload.store.format import open_store
+
+    out = tmp_path / "q"
+    args = ["--attn-bits", str(attn)] + (["--head-bits", str(head)] if head < 16 else [])
+    assert main(["quantize", "--model", str(tiny_checkpoint()), "--out", str(out), "--expert-bits", "4",
+                 "--quantizer", "rtn", *args, "--quiet"]) == 0
+    dtype = open_store(out).manifest["dtype"]
+    engine = load(out, device="cpu")
+    engine.generate(prompt_ids=[3, 4, 5], max_new_tokens=2, temperature=0.0, ignore_eos=True)  # kernels built
+    held = sum(t.numel() * t.element_size() for t in engine.model.state_dict().values())
+    assert bench.model_sizes(out, dtype).backbone == engine.info["backbone_bytes"] == held

@@ -87,6 +87,25 @@ def build_model(config: dict, source, device: torch.device, dtype: torch.dtype, 
     return args, model.eval()
 
 
+def backbone_bytes(config: dict, source, dtype: torch.dtype) -> int:
+    """The bytes build_model's backbone holds for `source` (quantized linears as stored, fp32 keys in fp32, the
+    rest in `dtype`), from the tensors' shapes only: built on the meta device, nothing read."""
+    with torch.device("meta"):
+        _, model = build(config)
+    if any(k.endswith(".qweight") for k in source.keys()):
+        from ..quant.backbone import use_quantized_linears
+
+        use_quantized_linears(model, source)
+    from ..store.format import _ST_NAMES
+
+    have = set(source.keys())
+    total = 0
+    for k, t in model.state_dict().items():
+        stored = _ST_NAMES.get(source.dtype_of(k), dtype) if k in have else dtype
+        total += t.numel() * model.backbone_dtype(k, stored, dtype).itemsize
+    return total
+
+
 def attach_local_experts(model, source, model_type: str, device, dtype) -> int:
     """All routed experts resident; returns their bytes."""
     nbytes = 0
