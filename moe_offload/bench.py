@@ -590,10 +590,10 @@ def build_synthetic(name: str, folder: Path) -> Path:
     return folder
 
 
-def model_sizes(store_path: Path, dtype: str, expert_bytes: int | None = None) -> Sizes:
+def model_sizes(store_path: Path, dtype: str, expert_bytes: int | None = None, as_stored: bool = True) -> Sizes:
     """Sizes from the store's manifest and the planner's counts of the model (models.sizes, as the engine holds
     it: the family's fp32 keys in fp32, its own KV cache); `expert_bytes` replaces the store's mean expert span
-    (the 16-bit sizes read from a quantized store)."""
+    (the 16-bit sizes read from a quantized store; with as_stored=False the backbone too is the 16-bit one)."""
     import torch
 
     from .models.sizes import model_sizes as count
@@ -607,7 +607,7 @@ def model_sizes(store_path: Path, dtype: str, expert_bytes: int | None = None) -
     spans = [e.span for e in store.entries.values()]
     source = store.backbone()
     # a store with quantized attention / lm_head holds fewer backbone bytes than the config's 16-bit count
-    quantized = any(k.endswith(".qweight") for k in source.keys())
+    quantized = as_stored and any(k.endswith(".qweight") for k in source.keys())
     backbone = backbone_bytes(store.config, source, dt) if quantized else s.resident_backbone_bytes(dt)
     return Sizes(backbone=backbone, embed=s.embed_params * dt.itemsize,
                  hidden=store.config["hidden_size"], itemsize=dt.itemsize,
@@ -828,7 +828,7 @@ def prepare(a) -> dict:
         bits = min(quantized)
         zq, itemsize = sizes_q[bits], 4 if a.dtype == "float32" else 2
         per_expert = _expert_param_bytes(hf, itemsize) // (zq.moe_layers * zq.n_experts)
-        sizes = model_sizes(quantized[bits], a.dtype, expert_bytes=_page(per_expert))
+        sizes = model_sizes(quantized[bits], a.dtype, expert_bytes=_page(per_expert), as_stored=False)
         store = quantized[bits]  # what traces and the concurrency mode read: the store that exists
     config = json.loads((hf / "config.json").read_text())
     from .cpuinfo import machine_info

@@ -435,3 +435,20 @@ def test_bench_sizes_count_the_backbone_the_engine_holds(tiny_checkpoint, tmp_pa
     engine.generate(prompt_ids=[3, 4, 5], max_new_tokens=2, temperature=0.0, ignore_eos=True)  # kernels built
     held = sum(t.numel() * t.element_size() for t in engine.model.state_dict().values())
     assert bench.model_sizes(out, dtype).backbone == engine.info["backbone_bytes"] == held
+
+
+def test_the_16bit_sizes_read_from_a_quantized_store_count_a_16bit_backbone(tiny_checkpoint, tmp_path):
+    """Without a 16-bit store the bench reads the 16-bit model's sizes from the quantized one: its backbone
+    must then be the 16-bit count too, not the quantized attention's bytes beside 16-bit experts."""
+    from moe_offload.cli import main
+    from moe_offload.models.sizes import model_sizes as count
+    from moe_offload.store.format import open_store
+
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(tiny_checkpoint()), "--out", str(out), "--expert-bits", "4",
+                 "--quantizer", "rtn", "--attn-bits", "4", "--quiet"]) == 0
+    st = open_store(out)
+    dtype = st.manifest["dtype"]
+    full = count(st.config).resident_backbone_bytes(getattr(torch, dtype))
+    assert bench.model_sizes(out, dtype, as_stored=False).backbone == full
+    assert bench.model_sizes(out, dtype).backbone < full
