@@ -106,6 +106,10 @@ def add_model_args(p: argparse.ArgumentParser, chat_template: bool = False) -> N
                    help="disk: read the embedding rows a token needs from the store instead of holding the "
                         "table; auto: so when a --memory size is given and the table is over 5%% of it "
                         "(default resident; a tied table stays resident)")
+    p.add_argument("--preload", default="auto", choices=["auto", "on", "off"],
+                   help="read every expert into the budget at load, as llama.cpp reads its whole file: auto "
+                        "(default) when the budget holds them all, so the first tokens do not miss; on: always "
+                        "(the first layers' experts are evicted again when it does not); off: on first use")
     p.add_argument("--auto", action="store_true",
                    help="let the planner pick --memory/--host-memory/--prefetch/--cpu-misses/--cache-policy")
     p.add_argument("--hardware", default=None,

@@ -317,13 +317,16 @@ def child_us(spec: dict) -> dict:
     from .runtime.load import load
 
     torch.set_num_threads(spec["threads"])
-    offload = {"cache_policy": spec.get("policy")}
+    offload = {"cache_policy": spec.get("policy"), "preload": "auto"}  # as the command line does
     if spec.get("prefetch"):
         offload["prefetch"] = spec["prefetch"]
     if spec.get("embed_rows"):
         offload["embed_rows"] = spec["embed_rows"]
+    n = spec["new_tokens"]
+    ctx = max(len(p) for p in spec["prompts"]) + n + 1  # the run's context (llama.cpp's -c): a budget that
+    # holds every expert and this context's KV cache reads them all at load (--preload auto)
     t0 = time.perf_counter()
-    engine = load(spec["model"], device="cpu", dtype=spec["dtype"], memory=spec["memory"], **offload)
+    engine = load(spec["model"], device="cpu", dtype=spec["dtype"], memory=spec["memory"], ctx_size=ctx, **offload)
     load_s = time.perf_counter() - t0
     log = RouteLog()  # the experts of every call: the prompt's prefill, then one per decoded token
     attach(engine.model, log)

@@ -283,3 +283,35 @@ def test_r64t_holds_the_meta_in_tiles_of_four_rows_and_computes_what_r64_does(N,
         t = Int4Linear(b)
         assert not t.pm.tiled and torch.equal(t.sz, q.sz)
         assert rel(t(x), x @ q.dequantize().t()) < 1e-2
+
+
+@needs_native
+@pytest.mark.parametrize("wdt", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("xdt", [torch.float32, torch.float16, torch.bfloat16])
+def test_native_16bit_gemv_is_the_fp32_dot_product_rounded_once(wdt, xdt):
+    """models.base.linear runs a few rows over 16-bit weights through q4.c's h16_mm: each output is the fp32
+    dot product of the row with x (as fp32), rounded once to x's dtype, the same for any thread count; more
+    rows, or a bias, go to torch."""
+    from moe_offload.models.base import NATIVE_ROWS, linear, native_gemv
+
+    for N, K in [(37, 100), (64, 256), (9, 7)]:  # tails: N % 4, K % 8
+        w = torch.randn(N, K, generator=gen(N)).to(wdt)
+        for M in (1, 3):
+            x = torch.randn(M, K, generator=gen(M + K)).to(xdt)
+            ref = (x.double() @ w.double().t())
+            before = torch.get_num_threads()
+            try:
+                outs = []
+                for t in (1, 2):
+                    torch.set_num_threads(t)
+                    outs.append(native_gemv(x, w))
+            finally:
+                torch.set_num_threads(before)
+            y = outs[0]
+            assert y is not None and y.dtype == xdt and torch.equal(y, outs[1])
+            torch.testing.assert_close(y.double(), ref.to(xdt).double(), rtol=2e-5 if xdt == torch.float32 else 1e-2,
+                                       atol=1e-4)
+            assert torch.equal(linear(x, w), y)
+    w = torch.randn(8, 16).half()
+    assert native_gemv(torch.randn(NATIVE_ROWS + 1, 16).half(), w) is None  # many rows: torch (or fp32 upcast)
+    assert native_gemv(torch.randn(1, 16).half(), w.t().contiguous().t()) is None  # not row-contiguous

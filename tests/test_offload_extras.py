@@ -327,3 +327,28 @@ def test_numa_places_the_hottest_experts_on_the_local_node(store, tmp_path):
     hottest = sorted(st.entries, key=lambda k: -freq[str(k[0])]["frequency"][k[1]])[:3]
     assert sorted(local) == sorted(hottest)
     assert misses.plan_numa(st, None, torch.device("cpu"), nodes)[1] is None  # no host tier: nothing to place
+
+
+def test_preload_reads_every_expert_at_load_when_the_budget_holds_them_and_their_context(store, reference):
+    """--preload auto (the command line's default): a budget that holds every expert and a full context's KV
+    cache reads them all at load, as llama.cpp reads its file, so the first generation does not miss; a budget
+    that does not, or --preload off (the library's default), loads on first use; on: always, evicting what
+    does not fit. The tokens are the same every way."""
+    full = load(store, dtype="float32", memory="100%", ctx_size=64)  # weights + this context's KV cache
+    assert full.info["preloaded_experts"] == 0  # the library's default: off
+    toks, st = greedy(full)
+    assert toks == reference and st["expert_misses"] > 0
+    auto = load(store, dtype="float32", memory="100%", ctx_size=64, preload="auto")
+    n = auto.info["preloaded_experts"]
+    assert n == len(open_store(store).entries)
+    toks, st = greedy(auto)
+    assert toks == reference and st["expert_misses"] == 0 and st["bytes_read_disk"] == 0
+    assert st["resident_bytes"] <= auto.info["memory"]
+    tight = load(store, dtype="float32", memory="60%", ctx_size=64, preload="auto")
+    assert tight.info["preloaded_experts"] == 0
+    on = load(store, dtype="float32", memory="60%", ctx_size=64, preload="on")
+    assert on.info["preloaded_experts"] == n
+    toks, st = greedy(on)
+    assert toks == reference and st["resident_bytes"] <= on.info["memory"]
+    with pytest.raises(UsageError, match="--preload"):
+        load(store, dtype="float32", memory="60%", preload="sometimes")

@@ -45,7 +45,8 @@ from .tokenizer import Tokenizer
 DEFAULT_POLICY = "lru"
 VERIFY = ("first", "always")
 OPTIONS = ("host_memory", "cache_policy", "prefetch", "prefetch_depth", "prefetch_experts", "cpu_misses",
-           "miss_fallback", "fallback_threshold", "hardware", "verify_reads", "embed_rows")
+           "miss_fallback", "fallback_threshold", "hardware", "verify_reads", "embed_rows", "preload")
+PRELOAD = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class OffloadConfig:
     hardware: str | None = None  # a hardware profile for the miss cost model instead of measuring
     verify_reads: str = "first"
     embed_rows: str = "resident"  # the embedding table held, or its rows read from the store (store/rows.py)
+    preload: str = "off"  # read every expert at load: on, off, or auto (when the budget holds them all)
 
     @classmethod
     def parse(cls, device: torch.device, memory=None, **options) -> OffloadConfig:
@@ -100,8 +102,11 @@ class OffloadConfig:
         embed_rows = o["embed_rows"] or "resident"
         if embed_rows not in EMBED_MODES:
             raise UsageError(f"--embed-rows must be one of {', '.join(EMBED_MODES)}, got {embed_rows!r}")
+        preload = o["preload"] or "off"  # (the command line's default is auto)
+        if preload not in PRELOAD:
+            raise UsageError(f"--preload must be one of {', '.join(PRELOAD)}, got {preload!r}")
         return cls(memory, host, policy, prefetch, depth, o["prefetch_experts"], cpu_misses, fallback,
-                   threshold, o["hardware"], verify, embed_rows)
+                   threshold, o["hardware"], verify, embed_rows, preload)
 
 
 def check_misses(cpu_misses: str | None, miss_fallback: str | None,
@@ -144,7 +149,8 @@ def load(path: str | Path | None = None, device: str | None = None, dtype: str |
         raise MoeError(f"model path {path} is not a folder")
     dev = pick_device(device)
     offloaded = config is not None or is_store(path) or memory is not None or any(  # (rows on demand need a
-        v is not None for k, v in offload.items() if not (k == "embed_rows" and v != "disk"))  # store's file)
+        v is not None for k, v in offload.items()  # store's file; preloading a resident model is a no-op)
+        if not (k == "embed_rows" and v != "disk") and k != "preload")
     if config is None:
         memory = parse_memory(memory)  # bytes, a Share of the model ('25%', resolved by the store) or 'auto'
         config = OffloadConfig.parse(dev, memory, **offload) if offloaded else OffloadConfig()
@@ -251,12 +257,14 @@ def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, 
                         prefetcher=prefetcher, router=router, foot=foot)
     for layer, moe in model.moe_blocks():
         moe.experts = OffloadedExperts(cache, layer)
+    full_kv = model.kv_bytes_per_token(dt) * (ctx_size or model.max_len)  # a whole context's KV cache
+    preloaded = cache.preload() if c.preload == "on" or (c.preload == "auto" and cache.fits_all(full_kv)) else 0
     tokenizer = Tokenizer(store.path) if (store.path / "tokenizer.json").is_file() else None
     info = {"format": "store", "store": str(store.path), "model_type": store.model_type,
             "expert_bytes": store.expert_bytes, "backbone_bytes": backbone, "memory": memory,
             "cache_capacity_bytes": capacity, "cache_policy": c.cache_policy, "host_memory": c.host_memory,
             "disk_direct_io": cache.disk.direct, "prefetch": c.prefetch, "staging_bytes": cache.staging_bytes,
-            "embed_rows": "disk" if rows else "resident"}
+            "embed_rows": "disk" if rows else "resident", "preloaded_experts": preloaded}
     info.update(cpu_misses=c.cpu_misses, miss_fallback=c.miss_fallback, **misses.describe(router),
                 **numa_info)
     if stand:

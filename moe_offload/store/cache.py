@@ -496,6 +496,25 @@ class ExpertCache:
             n += 1
         return n
 
+    # ---- preload ---------------------------------------------------------------------------------------
+    def fits_all(self, reserve: int = 0) -> bool:
+        """Every expert resident at once, with a load's slack and `reserve` bytes left (the KV cache a full
+        context needs, when it comes out of the budget): the budget is not a cache but the whole model."""
+        slack = max(0, max(f.load - f.resident for f in self.foot.values()))
+        held = sum(f.resident for f in self.foot.values())
+        return held + slack + (reserve if self.kv_in_budget else 0) <= self.capacity - self.staging_bytes
+
+    def preload(self) -> int:
+        """Read every expert into the cache now (the loader's reads in flight, layer by layer), as llama.cpp's
+        load reads its whole file: a budget that holds the model then serves the first tokens from memory
+        instead of missing on each expert's first use. Counters start from zero afterwards. -> experts read."""
+        n = 0
+        for layer in sorted({k[0] for k in self.entries}):
+            for _ in self.fetch(layer, sorted(e for (la, e) in self.entries if la == layer)):
+                n += 1
+        self.stats(reset=True)
+        return n
+
     # ---- stats -----------------------------------------------------------------------------------------
     def stats(self, reset: bool = False) -> dict:
         n = self.hits + self.misses

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("q4.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
-VERSION = 6  # q4_version() of the source this module's signatures match
+VERSION = 7  # q4_version() of the source this module's signatures match
 
 
 class Matrix(ctypes.Structure):
@@ -88,6 +88,8 @@ def _load(cc: str) -> ctypes.CDLL | None:
     so.q4_call.restype = i
     so.q4_expert.argtypes = [vp, vp, i, i, vp, vp, i]
     so.q4_expert.restype = i
+    so.h16_mm.argtypes = [vp, vp, i, i, i, i, vp, i, i]
+    so.h16_mm.restype = i
     so.q4_to_r64.argtypes = [vp, vp, i, i, i, i, i]
     so.q4_to_r64.restype = i
     return so
