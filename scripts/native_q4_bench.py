@@ -6,6 +6,7 @@ one matrix at a time, at Mixtral-8x7B's and Qwen3-30B-A3B's expert widths.
     PYTHONPATH=. python scripts/native_q4_bench.py --errors [--shapes ...] [--rows 16]
     PYTHONPATH=. python scripts/native_q4_bench.py --experts [--experts-shapes 2048x768,4096x14336]
         [--rows 1,4] [--threads 1,2]
+    PYTHONPATH=. python scripts/native_q4_bench.py --half [--shapes ...] [--cold 256] [--threads 1,2]
 
 Per shape (N×K, 4-bit codes, bf16 activations as the engine's compute dtype), rows M and threads: the median
 ms per call of each system and GB/s of 4-bit code bytes (N·K/2 / time), and the median CPU ms per call (the
@@ -13,6 +14,8 @@ process's CPU time: what a call costs without the time it sat descheduled on a b
 are interleaved call by call (the machine is shared and noisy), so the ratios torch/native of one row are
 measured under the same load. --overhead adds a 32×64 matrix: the fixed cost per call (ctypes, activation
 rounding, allocation).
+--half: 16-bit weights (float16 and bfloat16), torch's F.linear against the native GEMV (q4.c's h16_mm, what
+models.base.linear runs for a few rows), GB/s of 16-bit weight bytes.
 --experts: whole 4-bit SwiGLU experts (D×I: gate_up [2I, D], down [D, I]) as the engine decodes them, the
 fused native call (q4.c's q4_expert, one parallel region) against the same unit unfused (two kernel calls and
 the torch ops between), interleaved the same way.
@@ -117,6 +120,29 @@ def experts(shapes: list[tuple[int, int]], rows: list[int], threads: list[int], 
     return 0
 
 
+def half(shapes, rows, threads, reps: int, cold: int) -> int:
+    import torch.nn.functional as F
+
+    from moe_offload.models.base import native_gemv
+
+    g = torch.Generator().manual_seed(0)
+    print(f"{'N x K':>12} {'dtype':>8} {'M':>3} {'thr':>3} {'torch GB/s':>10} {'native GB/s':>11} {'speed-up':>8}")
+    for N, K in shapes:
+        for dt in (torch.float16, torch.bfloat16):
+            copies = max(1, (cold << 20) // (2 * N * K)) if cold else 1
+            ws = [(torch.randn(N, K, generator=g) * 0.02).to(dt) for _ in range(copies)]
+            for M in rows:
+                x = torch.randn(M, K, generator=g).to(dt)
+                for t in threads:
+                    torch.set_num_threads(t)
+                    med, _ = bench({"torch": lambda: [F.linear(x, w) for w in ws],
+                                    "native": lambda: [native_gemv(x, w) for w in ws]}, reps)
+                    gb = {k: 2 * N * K * copies / v / 1e9 for k, v in med.items()}
+                    print(f"{N:>6}x{K:<5} {str(dt)[6:]:>8} {M:>3} {t:>3} {gb['torch']:>10.2f} {gb['native']:>11.2f} "
+                          f"{med['torch'] / med['native']:>7.2f}x", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="14336x4096,4096x14336,768x2048,2048x768")
@@ -128,15 +154,23 @@ def main(argv=None) -> int:
     ap.add_argument("--json")
     ap.add_argument("--errors", action="store_true")
     ap.add_argument("--experts", action="store_true")
-    ap.add_argument("--baseline", choices=["torch", "r64"], default="torch",
-                    help="what the native kernel (layout r64t) is compared with: torch's int4pack, or the native "
-                         "kernel over r64 (meta [G, N, 2] instead of tiles of 4 rows)")
+    ap.add_argument("--half", action="store_true")
+    ap.add_argument("--baseline", choices=["torch", "r64", "r64t"], default="torch",
+                    help="what the native kernel (this machine's layout, r64i) is compared with: torch's int4pack, "
+                         "or the native kernel over r64 (row-major tiles, meta [G, N, 2]) or r64t (row-major "
+                         "tiles, meta in tiles)")
+    ap.add_argument("--cold", type=int, default=0, metavar="MIB",
+                    help="cycle each system over copies of the matrix filling MIB MiB, so every call reads its "
+                         "weights from RAM, not cache (decode's case)")
     ap.add_argument("--experts-shapes", default="2048x768,4096x14336")
     a = ap.parse_args(argv)
     if not native_available() or host_layout() is None:
         print("needs both the native kernel (a C compiler, AVX2+FMA) and torch's int4pack kernel",
               file=sys.stderr)
         return 2
+    if a.half:
+        return half(shape_list(a.shapes), [int(r) for r in a.rows.split(",")], [int(t) for t in a.threads.split(",")],
+                    a.reps, a.cold)
     if a.experts:
         return experts(shape_list(a.experts_shapes), [int(r) for r in a.rows.split(",")],
                        [int(t) for t in a.threads.split(",")], a.group, a.reps)
@@ -148,23 +182,37 @@ def main(argv=None) -> int:
     before = torch.get_num_threads()
     g = torch.Generator().manual_seed(0)
     out = []
-    if a.baseline == "r64":
-        print("baseline: the native kernel over r64 (columns 'torch'); 'native': over r64t")
+    if a.baseline != "torch":
+        print(f"baseline: the native kernel over {a.baseline} (columns 'torch'); 'native': over {NATIVE_LAYOUT}"
+              + (f"; each call on weights cycled over {a.cold} MiB (cold)" if a.cold else ""))
     print(f"{'N x K':>12} {'M':>3} {'thr':>3} {'torch ms':>9} {'native ms':>9} {'torch GB/s':>10} "
           f"{'native GB/s':>11} {'speed-up':>8} {'torch cpu':>9} {'native cpu':>9} {'cpu ×':>8}", flush=True)
     for N, K in shapes:
         q = quantize(torch.randn(N, K, generator=g), 4, a.group, 16, "rtn")
-        base = (Int4Linear(PackedMatrix.from_quantized(q, host_layout()), dense_rows=max(rows)) if a.baseline == "torch"
-                else NativeQ4Linear(PackedMatrix.from_quantized(q, "r64"), dense_rows=max(rows)))
-        lins = {"torch": base,  # (the column says torch; with --baseline r64 it is the native kernel over r64)
-                "native": NativeQ4Linear(PackedMatrix.from_quantized(q, NATIVE_LAYOUT), dense_rows=max(rows))}
+        def make(kind):
+            if kind == "torch":
+                return Int4Linear(PackedMatrix.from_quantized(q, host_layout()), dense_rows=max(rows))
+            pm = PackedMatrix.from_quantized(q, kind)
+            return NativeQ4Linear(PackedMatrix(pm.packed.clone(), pm.sz.clone(), 4, N, K, pm.layout),
+                                  dense_rows=max(rows), layout=kind)
+
+        copies = max(1, (a.cold << 20) // (N * K // 2)) if a.cold else 1
+        # (the column says torch; with --baseline r64 / r64t it is the native kernel over that layout)
+        sets = {"torch": [make(a.baseline) for _ in range(copies)],
+                "native": [make(NATIVE_LAYOUT) for _ in range(copies)]}
         del q
         nbytes = N * K // 2
         for M in rows:
             x = torch.randn(M, K, generator=g).to(torch.bfloat16)
             for t in threads:
                 torch.set_num_threads(t)
-                med, cpu = bench({k: (lambda lin=lin: lin(x)) for k, lin in lins.items()}, a.reps)
+                def cycle(lins):
+                    for lin in lins:
+                        lin(x)
+
+                med, cpu = bench({k: (lambda lins=lins: cycle(lins)) for k, lins in sets.items()}, a.reps)
+                med = {k: v / copies for k, v in med.items()}
+                cpu = {k: v / copies for k, v in cpu.items()}
                 r = {"N": N, "K": K, "M": M, "threads": t, "group": a.group,
                      **{f"{k}_ms": 1e3 * v for k, v in med.items()},
                      **{f"{k}_gbps": nbytes / v / 1e9 for k, v in med.items()},

@@ -2,7 +2,7 @@
 expert kernels, attention, routing, norms/elementwise and the rest; prefill profiled apart.
 
     PYTHONPATH=. python scripts/profile_decode.py STORE [--memory 4GiB] [--threads 2] [--prompt-tokens 16]
-        [--new-tokens 8] [--dtype float16] [--top 15]
+        [--new-tokens 8] [--dtype float16] [--top 15] [--preload auto|on|off]
 
 Prints per phase (prefill, decode): wall ms per token, the profiler's self-CPU ms per token by group, and the
 top ops by self CPU time. The groups are a reading aid: an op's name decides its group (GROUPS, first match).
@@ -71,6 +71,8 @@ def report(prof, tokens: int, wall: float, label: str, top: int) -> None:
         print(f"| {g} | {ms / tokens:.2f} | {100 * ms / total:.1f} % |")
     print(f"\ntop {top} ops by self CPU:\n")
     print(events.table(sort_by="self_cpu_time_total", row_limit=top))
+    print(f"\ntop {top} ops by calls:\n")
+    print(events.table(sort_by="count", row_limit=top))
 
 
 def main() -> int:
@@ -82,13 +84,14 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--dtype", default="float16")
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--preload", default="auto", choices=["auto", "on", "off"])
     a = p.parse_args()
     from moe_offload.runtime.load import load
     from moe_offload.utils import parse_size
 
     torch.set_num_threads(a.threads)
     label_native_calls()
-    engine = load(a.store, device="cpu", dtype=a.dtype, memory=parse_size(a.memory))
+    engine = load(a.store, device="cpu", dtype=a.dtype, memory=parse_size(a.memory), preload=a.preload)
     ids = list(range(3, 3 + a.prompt_tokens))
     engine.generate(prompt_ids=ids[:4], max_new_tokens=2, ignore_eos=True, temperature=0.0)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -161,9 +161,11 @@ def test_a_native_4bit_unit_holds_the_blob_once_and_every_order_agrees(meta_bits
         views = [t for t in tensors if t.untyped_storage().data_ptr() == blob.untyped_storage().data_ptr()]
         meta = sum(pm.sz.numel() * 2 for pm in codec.packed(blob, shape))
         codes = sum(pm.N * pm.K // 2 for pm in codec.packed(blob, shape))
-        if layout in ROW_MAJOR:  # a view of the blob: resident == stored bytes (+ decoded 8-bit meta); r64's
-            # meta [G, N, 2] is read as it is (the kernel takes both orders), r64t's in tiles of 4 rows
+        if layout == NATIVE_LAYOUT:  # a view of the blob: resident == stored bytes (+ decoded 8-bit meta)
             assert views and storage_bytes(tensors) == blob.numel() + (meta if meta_bits == 8 else 0)
+        elif layout in ROW_MAJOR:  # gate_up (K = 352: no whole 64-code chunks for r64i) is read as stored;
+            # down is interleaved into r64i once
+            assert views and storage_bytes(tensors) > blob.numel()
         else:  # reordered once: the codes' copy and the meta, nothing of the blob
             assert not views and storage_bytes(tensors) == codes + meta
         assert unit_bytes(unit, tensors) == storage_bytes(tensors)
@@ -259,20 +261,31 @@ def test_dequantised_prefill_gemms_of_16bit_rows_run_in_fp32_on_a_cpu_without_ha
     assert seen == [(dtype, dtype)]
 
 
-@pytest.mark.parametrize("N,K,g", [(96, 256, 64), (100, 128, 32), (37, 96, 32)])
-def test_r64t_holds_the_meta_in_tiles_of_four_rows_and_computes_what_r64_does(N, K, g):
-    """r64t: r64's nibbles, the bf16 meta [N/4, G, 4, 2] (N % 4 == 0; else [G, N, 2] as r64). Every reader
-    sees the same (s, m) through meta(); dequantise and the native kernel give r64's numbers exactly."""
+@pytest.mark.parametrize("layout", ["r64t", "r64i"])
+@pytest.mark.parametrize("N,K,g", [(96, 256, 64), (100, 128, 32), (37, 96, 32), (40, 96, 32)])
+def test_r64t_and_r64i_hold_the_meta_in_tiles_of_four_rows_and_compute_what_r64_does(N, K, g, layout):
+    """r64t: r64's nibbles, the bf16 meta [N/4, G, 4, 2] (N % 4 == 0; else [G, N, 2] as r64). r64i: r64t's meta
+    and each tile's rows interleaved by 32-byte chunk (N % 4 == 0 and K % 64 == 0; else held as r64t). Every
+    reader sees the same codes and (s, m) (codes(), meta()); dequantise and the native kernel give r64's
+    numbers exactly; the kernel reads the layout it computes in where it is stored."""
     q = hqq.quantize(torch.randn(N, K, generator=gen(N + K)), 4, g)
-    a, b = PackedMatrix.from_quantized(q, "r64"), PackedMatrix.from_quantized(q, "r64t")
-    assert torch.equal(a.packed, b.packed) and b.tiled == (N % 4 == 0) and b.groups == K // g
+    a, b = PackedMatrix.from_quantized(q, "r64"), PackedMatrix.from_quantized(q, layout)
+    il = layout == "r64i" and N % 4 == 0 and K % 64 == 0
+    assert b.layout == ("r64i" if il else "r64t") and torch.equal(b.codes(), q.codes)
+    assert torch.equal(a.packed, b.packed) != il and b.tiled == (N % 4 == 0) and b.groups == K // g
+    if il:  # chunk c of the tile's row r at 128·c + 32·r
+        assert torch.equal(b.packed[32:64], a.packed[K // 2:K // 2 + 32])
+        assert torch.equal(b.packed[128:160], a.packed[32:64])
     assert torch.equal(b.meta(), q.sz) and torch.equal(b.meta(8, 21), q.sz[:, 8:21])
     if b.tiled:
         assert b.sz.shape == (N // 4, K // g, 4, 2) and torch.equal(b.sz[1, 2, 3], q.sz[2, 7])
     assert torch.equal(b.dequantize(), q.dequantize()) and torch.equal(b.dequantize(), a.dequantize())
     if native_available():
         la, lb = make_linear(a), make_linear(b)
-        assert lb.pm.tiled == b.tiled and lb.pm.sz.data_ptr() == b.sz.data_ptr()  # read where it is stored
+        native = PackedMatrix(b.packed, b.sz, 4, N, K, NATIVE_LAYOUT).layout  # what the kernel reads here
+        assert lb.pm.tiled == b.tiled and lb.pm.layout == native
+        if b.layout == native:  # read where it is stored
+            assert lb.pm.sz.data_ptr() == b.sz.data_ptr() and lb.pm.packed.data_ptr() == b.packed.data_ptr()
         for M in (1, 6):
             x = torch.randn(M, K, generator=gen(M))
             assert torch.equal(la(x), lb(x))

@@ -68,16 +68,37 @@ DENSE_ROWS = {"int4pack": 192, "int8pack": 96, "native4": 192}
 #                     16-byte load per group 2N·2 bytes apart (a page apart at Mixtral's 14336 rows; 1.3-1.6x
 #                     faster there, scripts/native_q4_bench.py). PackedMatrix.sz is then 4-D; `meta()` gives
 #                     the [G, n, 2] view every other reader wants.
-LAYOUTS = {"b64": 64, "b32": 32, "p32": 32, "r64": 64, "r64t": 64}
+#   "r64i"            r64t's meta, and the nibbles of each tile of 4 rows interleaved by 32-byte chunk (chunk c
+#                     of the tile's row r at 128·c + 32·r): the kernel's tile reads one sequential stream instead
+#                     of four rows K/2 bytes apart, which a core's prefetchers follow (1.1-1.8x on cold weights
+#                     at Qwen3's and Mixtral's widths, scripts/native_q4_bench.py --cold). Needs N % 4 == 0 and
+#                     K % 64 == 0; a matrix of another shape is held in r64t (`effective_layout`).
+LAYOUTS = {"b64": 64, "b32": 32, "p32": 32, "r64": 64, "r64t": 64, "r64i": 64}
 TORCH_LAYOUTS = ("b64", "b32", "p32")
 ROW_MAJOR = ("r64", "r64t")  # the same nibble order
-NATIVE_LAYOUT = "r64t"
+NATIVE_LAYOUT = "r64i"
 LEGACY_LAYOUT = "b64"
+
+
+def effective_layout(layout: str, N: int, K: int) -> str:
+    """The order an N×K matrix is held in when `layout` is asked for (r64i needs whole tiles and chunks)."""
+    if layout == "r64i" and (N % 4 or K % 64):
+        return "r64t"
+    return layout
 
 
 def tiles_meta(layout: str, N: int) -> bool:
     """Is the meta of an N-row matrix in `layout` stored in tiles of 4 rows?"""
-    return layout == "r64t" and N % 4 == 0
+    return layout in ("r64t", "r64i") and N % 4 == 0
+
+
+def interleave(stream: torch.Tensor, N: int, K: int, unit: int) -> torch.Tensor:
+    """r64 rows -> r64i tiles: [N/4, 4, K/64, unit] -> [N/4, K/64, 4, unit] (unit: 64 codes, or 32 bytes)."""
+    return stream.reshape(N // 4, 4, K // 64, unit).transpose(1, 2).reshape(-1)
+
+
+def deinterleave(stream: torch.Tensor, N: int, K: int, unit: int) -> torch.Tensor:
+    return stream.reshape(N // 4, K // 64, 4, unit).transpose(1, 2).reshape(-1)
 
 
 def tile_meta(sz: torch.Tensor) -> torch.Tensor:
@@ -89,6 +110,8 @@ def tile_meta(sz: torch.Tensor) -> torch.Tensor:
 def int4pack_ordered(N: int, K: int, bits: int, layout: str = LEGACY_LAYOUT) -> bool:
     """Codes of b <= 4 are stored in `layout`'s order when its rule allows (int4pack: N % 16 == 0; r64:
     K % 32 == 0); row-major otherwise."""
+    if layout == "r64i":
+        return bits <= 4 and N % 4 == 0 and K % 64 == 0
     if layout in ROW_MAJOR:
         return bits <= 4 and K % 32 == 0
     return bits <= 4 and N % 16 == 0 and K % 2 == 0
@@ -104,6 +127,9 @@ def int4pack_order(codes: torch.Tensor, layout: str = LEGACY_LAYOUT) -> torch.Te
     """codes [N, K] -> flat stream r such that pack(r, 4) is what a CPU of `layout` converts codes to."""
     B = _check(layout)
     N, K = codes.shape
+    layout = effective_layout(layout, N, K)
+    if layout == "r64i":
+        return interleave(int4pack_order(codes, "r64"), N, K, 64)
     if layout in ROW_MAJOR:  # [N, chunk, lh, j] -> [N, chunk, j, lh]
         full = codes[:, : K // 64 * 64].reshape(N, -1, 2, 32).transpose(-1, -2)
         tail = codes[:, K // 64 * 64:].reshape(N, -1, 2, 16).transpose(-1, -2)
@@ -120,6 +146,9 @@ def int4pack_order(codes: torch.Tensor, layout: str = LEGACY_LAYOUT) -> torch.Te
 def int4pack_unorder(stream: torch.Tensor, N: int, K: int, layout: str = LEGACY_LAYOUT) -> torch.Tensor:
     """Inverse of `int4pack_order`: flat stream -> codes [N, K]."""
     B = _check(layout)
+    layout = effective_layout(layout, N, K)
+    if layout == "r64i":
+        return int4pack_unorder(deinterleave(stream[: N * K], N, K, 64), N, K, "r64")
     if layout in ROW_MAJOR:
         r = stream[: N * K].reshape(N, K)
         full = r[:, : K // 64 * 64].reshape(N, -1, 32, 2).transpose(-1, -2)
@@ -220,10 +249,15 @@ def nibbles_in(pm: PackedMatrix, dst: str) -> torch.Tensor:
     """pm's b <= 4 codes as a nibble stream [N*K/2] in order `dst`: a view of pm.packed when it is one already
     (4-bit, stored in `dst`), else a new stream (2/3-bit codes expanded, reordered once)."""
     N, K = pm.N, pm.K
+    dst = effective_layout(dst, N, K)
     nib = nibbles(pm.packed, pm.bits, N * K)
     if pm.ordered and int4pack_ordered(N, K, 4, dst):
         if pm.layout == dst or {pm.layout, dst} <= set(ROW_MAJOR):
             return nib
+        if dst == "r64i":  # through r64 (a view, or the C pass from torch's orders), interleaved by one copy
+            return interleave(nibbles_in(pm, "r64"), N, K, 32)
+        if pm.layout == "r64i" and dst in ROW_MAJOR:
+            return deinterleave(nib, N, K, 32)
         so = native.lib() if dst in ROW_MAJOR and pm.layout in TORCH_LAYOUTS else None
         if so is not None:  # torch's orders -> r64 in one C pass (the torch slabs below take ~20× longer)
             out = torch.zeros(N * K // 2, dtype=torch.uint8)
@@ -249,11 +283,14 @@ class PackedMatrix:
     row-major otherwise; 8-bit codes as int8 q − 128) and scales_and_zeros sz bf16 [G, N, 2]."""
 
     packed: torch.Tensor  # uint8 [packed_nbytes(N*K, bits)]
-    sz: torch.Tensor  # bf16 [G, N, 2]; [N/4, G, 4, 2] when tiled (layout r64t)
+    sz: torch.Tensor  # bf16 [G, N, 2]; [N/4, G, 4, 2] when tiled (layouts r64t, r64i)
     bits: int
     N: int
     K: int
     layout: str = LEGACY_LAYOUT
+
+    def __post_init__(self):
+        self.layout = effective_layout(self.layout, self.N, self.K)
 
     @property
     def tiled(self) -> bool:
@@ -284,7 +321,7 @@ class PackedMatrix:
     @classmethod
     def from_quantized(cls, q: Quantized, layout: str = LEGACY_LAYOUT) -> PackedMatrix:
         N, K = q.codes.shape
-        c, sz = q.codes, q.sz
+        c, sz, layout = q.codes, q.sz, effective_layout(layout, N, K)
         if int4pack_ordered(N, K, q.bits, layout):
             c = int4pack_order(c, layout)
             if tiles_meta(layout, N):
@@ -336,10 +373,16 @@ class PackedMatrix:
     def _ordered_rows(self, nib: torch.Tensor):
         """rows_of(r, n) for the int4pack order: unpack + un-permute in one strided pass per nibble half."""
         N, K, B = self.N, self.K, LAYOUTS[self.layout]
+        if self.layout == "r64i":  # a range of whole tiles is a byte range, de-interleaved
+            def rows_r64i(r: int, n: int) -> torch.Tensor:
+                b = deinterleave(nib[r * K // 2:(r + n) * K // 2], n, K, 32)
+                return int4pack_unorder(torch.stack([b & 15, b >> 4], -1).view(-1), n, K, "r64")
+
+            return rows_r64i
         if self.layout in ROW_MAJOR:  # row-major: a row range is a byte range
             def rows_r64(r: int, n: int) -> torch.Tensor:
                 b = nib[r * K // 2:(r + n) * K // 2]
-                return int4pack_unorder(torch.stack([b & 15, b >> 4], -1).view(-1), n, K, NATIVE_LAYOUT)
+                return int4pack_unorder(torch.stack([b & 15, b >> 4], -1).view(-1), n, K, "r64")
 
             return rows_r64
         full = N // B * B
@@ -447,17 +490,18 @@ class NativeQ4Linear(DequantLinear):
 
     kind = "native4"
 
-    def __init__(self, pm: PackedMatrix, dense_rows: int | None = None):
+    def __init__(self, pm: PackedMatrix, dense_rows: int | None = None, layout: str = NATIVE_LAYOUT):
+        """layout: the order the kernel reads (r64i, or r64 / r64t: scripts/native_q4_bench.py compares them)."""
         self.dense_rows = DENSE_ROWS["native4"] if dense_rows is None else dense_rows
         self.lib = native.lib()
-        nib, sz = in_order(pm, NATIVE_LAYOUT)
+        nib, sz = in_order(pm, layout)
         self.w, self.sz = nib, sz
-        super().__init__(PackedMatrix(nib, sz, 4, pm.N, pm.K, NATIVE_LAYOUT))
+        super().__init__(PackedMatrix(nib, sz, 4, pm.N, pm.K, layout))
         self.N, self.call = pm.N, self.lib.q4_call  # the call's fixed arguments, bound once
         # meta strides (bf16 elements): per group sg, per row sn, per four-row tile st
         sg, st = (8, 8 * self.pm.groups) if self.pm.tiled else (2 * pm.N, 8)
         self.args = ctypes.byref(native.Matrix(nib.data_ptr(), sz.data_ptr(), sg, 2, st, pm.N, pm.K,
-                                               self.pm.group_size))
+                                               self.pm.group_size, int(self.pm.layout == "r64i")))
 
     def __call__(self, x):  # [M, K] -> [M, N]
         M = x.shape[0]
@@ -494,9 +538,11 @@ def in_order(pm: PackedMatrix, dst: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(nibbles, sz) a b <= 4 kernel keeps for pm in order `dst`: views of the stored bytes when they are in
     that order already; else a new nibble stream, and sz copied out of the blob too, so the unit keeps no view
     of it."""
+    dst = effective_layout(dst, pm.N, pm.K)
     nib = nibbles_in(pm, dst)
-    if _shares(nib, pm.packed) and (dst in ROW_MAJOR or not pm.tiled):
-        return nib, pm.sz if dst in ROW_MAJOR else pm.sz.contiguous()  # the kernel reads both orders of meta
+    native_order = dst in (*ROW_MAJOR, "r64i")
+    if _shares(nib, pm.packed) and (native_order or not pm.tiled):
+        return nib, pm.sz if native_order else pm.sz.contiguous()  # the kernel reads both orders of meta
     sz = tile_meta(pm.meta()) if tiles_meta(dst, pm.N) else pm.meta().contiguous()
     if _shares(sz, pm.packed):
         sz = sz.clone()

@@ -29,14 +29,15 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("q4.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
-VERSION = 7  # q4_version() of the source this module's signatures match
+VERSION = 8  # q4_version() of the source this module's signatures match
 
 
 class Matrix(ctypes.Structure):
     """q4.c's q4_matrix: a unit's fixed arguments (pointers into tensors the unit keeps alive)."""
 
     _fields_ = [("w", ctypes.c_void_p), ("sz", ctypes.c_void_p), ("sg", ctypes.c_long), ("sn", ctypes.c_long),
-                ("st", ctypes.c_long), ("N", ctypes.c_int), ("K", ctypes.c_int), ("gs", ctypes.c_int)]
+                ("st", ctypes.c_long), ("N", ctypes.c_int), ("K", ctypes.c_int), ("gs", ctypes.c_int),
+                ("il", ctypes.c_int)]
 
 
 def enabled() -> bool:
@@ -82,7 +83,7 @@ def _load(cc: str) -> ctypes.CDLL | None:
         log.debug("native q4: unavailable (%s); torch's int4 kernel is used", e)
         return None
     vp, i, l = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
-    so.q4_mm.argtypes = [vp, vp, i, i, i, i, i, vp, vp, l, l, l, i]
+    so.q4_mm.argtypes = [vp, vp, i, i, i, i, i, vp, vp, l, l, l, i, i]
     so.q4_mm.restype = i
     so.q4_call.argtypes = [vp, vp, i, i, vp, i]
     so.q4_call.restype = i

@@ -7,7 +7,9 @@
  * (K ≡ 32 mod 64) holds codes j and j + 16 in its byte j. Scales and offsets sz: bf16 (s, m) pairs; those of
  * the four-row tile t (rows 4t .. 4t + 3) for group g at sz[t·st + g·sg] (sn = 2: the four pairs adjacent).
  * kernels.py passes [N/4, G, 4, 2] (layout r64t: st = 8G, sg = 8, the tile's meta one stream) or torch's
- * [G, N, 2] (r64: st = 8, sg = 2N; rows past the last tile at sz[n·sn]).
+ * [G, N, 2] (r64: st = 8, sg = 2N; rows past the last tile at sz[n·sn]). Layout r64i (il = 1): the codes of
+ * each tile of four rows interleaved by 32-byte chunk, chunk c of the tile's row r at 128·c + 32·r, so a tile
+ * is one sequential stream (N % 4 == 0, K % 64 == 0).
  * Activations: each row of x is quantized once per call to int8 per group (scale amax/127, round to nearest),
  * shared by all N rows (x̂ = dx·xq). Per group:
  *   y += s·dx·Σ q·xq   (maddubs: unsigned codes × signed int8, int16 sums of ≤ 8 blocks stay below 2^15)
@@ -166,25 +168,38 @@ static inline __attribute__((always_inline)) void dot_rows(const uint8_t *w, con
  * their (s, m) pairs of one group are one 16-byte load (sz rows adjacent: sn = 2), so the per-group scale work
  * is vector work shared by four rows instead of scalar work per row. For M > 1 it runs once per activation
  * row while the four rows' codes (2·K bytes) stay in L1/L2. */
-/* Rows this far ahead are prefetched while a tile runs (two tiles: the hardware prefetcher does not follow four
- * interleaved 2 KiB row streams well; +30-60 % at Mixtral's widths, scripts/native_q4_bench.py). */
+/* Prefetching ahead of the tile: row-major tiles (r64, r64t) fetch each row 8 rows (two tiles) ahead, as the
+ * hardware prefetcher does not follow four interleaved row streams well; interleaved tiles (r64i: chunk c of
+ * row r at 128·c + 32·r) are one sequential stream, fetched Q4_IL_AHEAD bytes ahead (2 KiB measured best). */
+#ifndef Q4_AHEAD
 #define Q4_AHEAD 8
+#endif
+#ifndef Q4_IL_AHEAD
+#define Q4_IL_AHEAD 2048
+#endif
 #define Q4_PREFETCH(c)                                                                                             \
     if (!((c)&1)) {                                                                                                \
-        _mm_prefetch((const char *)(w0 + Q4_AHEAD * rb + 32 * (c)), _MM_HINT_T0);                                  \
-        _mm_prefetch((const char *)(w1 + Q4_AHEAD * rb + 32 * (c)), _MM_HINT_T0);                                  \
-        _mm_prefetch((const char *)(w2 + Q4_AHEAD * rb + 32 * (c)), _MM_HINT_T0);                                  \
-        _mm_prefetch((const char *)(w3 + Q4_AHEAD * rb + 32 * (c)), _MM_HINT_T0);                                  \
+        if (il) {                                                                                                  \
+            const char *p = (const char *)(w + Q4_IL_AHEAD + 128 * (size_t)(c));                                   \
+            _mm_prefetch(p, _MM_HINT_T0), _mm_prefetch(p + 64, _MM_HINT_T0);                                       \
+            _mm_prefetch(p + 128, _MM_HINT_T0), _mm_prefetch(p + 192, _MM_HINT_T0);                                \
+        } else {                                                                                                   \
+            _mm_prefetch((const char *)(w0 + Q4_AHEAD * rb + 32 * (c)), _MM_HINT_T0);                              \
+            _mm_prefetch((const char *)(w1 + Q4_AHEAD * rb + 32 * (c)), _MM_HINT_T0);                              \
+            _mm_prefetch((const char *)(w2 + Q4_AHEAD * rb + 32 * (c)), _MM_HINT_T0);                              \
+            _mm_prefetch((const char *)(w3 + Q4_AHEAD * rb + 32 * (c)), _MM_HINT_T0);                              \
+        }                                                                                                          \
     }
 static inline __attribute__((always_inline)) void dot4_m1(const uint8_t *w, size_t rb, const uint16_t *sz, long sg,
                                                           int K, int gs, const int8_t *xq, const float *dx,
-                                                          const float *xs, int G, float *out) {
+                                                          const float *xs, int G, float *out, const int il) {
     const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
     const __m128i hi16 = _mm_set1_epi32((int)0xffff0000u);
     const __m128 eight = _mm_set1_ps(8.f);
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     __m128 macc = _mm_setzero_ps();
-    const uint8_t *w0 = w, *w1 = w + rb, *w2 = w + 2 * rb, *w3 = w + 3 * rb;
+    const size_t rs = il ? 32 : rb, cs = il ? 128 : 32; /* row, chunk strides (bytes) */
+    const uint8_t *w0 = w, *w1 = w + rs, *w2 = w + 2 * rs, *w3 = w + 3 * rs;
 #define Q4_META(g)                                                                                                 \
     __m128i u = _mm_loadu_si128((const __m128i *)(sz + (size_t)(g) * sg));                                         \
     __m128 s = _mm_castsi128_ps(_mm_slli_epi32(u, 16)), m = _mm_castsi128_ps(_mm_and_si128(u, hi16));              \
@@ -201,7 +216,7 @@ static inline __attribute__((always_inline)) void dot4_m1(const uint8_t *w, size
             __m256i l[4], h[4];
             const uint8_t *ws[4] = {w0, w1, w2, w3};
             for (int r = 0; r < 4; r++) {
-                __m256i v = _mm256_loadu_si256((const __m256i *)(ws[r] + 32 * c));
+                __m256i v = _mm256_loadu_si256((const __m256i *)(ws[r] + cs * c));
                 l[r] = _mm256_maddubs_epi16(_mm256_and_si256(v, m4), x0);
                 h[r] = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), x1);
             }
@@ -214,7 +229,7 @@ static inline __attribute__((always_inline)) void dot4_m1(const uint8_t *w, size
                 Q4_ACC(a0, h[0], 0x00) Q4_ACC(a1, h[1], 0x55) Q4_ACC(a2, h[2], 0xaa) Q4_ACC(a3, h[3], 0xff)
             }
         }
-        if (K % 64) {
+        if (K % 64) { /* (row-major tiles only: r64i has K % 64 == 0) */
             const int c = K / 64;
             const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + 64 * c));
             const __m128i m4h = _mm_set1_epi8(0x0f);
@@ -238,7 +253,7 @@ static inline __attribute__((always_inline)) void dot4_m1(const uint8_t *w, size
                 const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + 64 * c + 32));
 #define Q4_ROW(t, wr)                                                                                              \
     {                                                                                                              \
-        __m256i v = _mm256_loadu_si256((const __m256i *)(wr + 32 * c));                                            \
+        __m256i v = _mm256_loadu_si256((const __m256i *)(wr + cs * c));                                            \
         t = _mm256_add_epi16(t, _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v, m4), x0),                \
                                                  _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), \
                                                                       x1)));                                       \
@@ -275,14 +290,14 @@ typedef struct {
     const uint8_t *w;
     const uint16_t *sz;
     long sg, sn, st;
-    int N, K, gs;
+    int N, K, gs, il; /* il: tiles of 4 rows interleaved by 32-byte chunk (r64i; N % 4 == 0, K % 64 == 0) */
 } q4_matrix;
 
 int q4_mm(const void *x, void *y, int xdt, int M, int N, int K, int gs, const uint8_t *w, const uint16_t *sz,
-          long sg, long sn, long st, int nthreads);
+          long sg, long sn, long st, int il, int nthreads);
 
 int q4_call(const void *x, void *y, int xdt, int M, const q4_matrix *m, int nthreads) {
-    return q4_mm(x, y, xdt, M, m->N, m->K, m->gs, m->w, m->sz, m->sg, m->sn, m->st, nthreads);
+    return q4_mm(x, y, xdt, M, m->N, m->K, m->gs, m->w, m->sz, m->sg, m->sn, m->st, m->il, nthreads);
 }
 
 /* Nibble orders -> r64 (kernels.LAYOUTS): torch's int4pack orders are blocks of B rows stored k-major, byte
@@ -318,13 +333,14 @@ int q4_to_r64(const uint8_t *src, uint8_t *dst, int N, int K, int B, int pairs, 
     return 0;
 }
 
-int q4_version(void) { return 7; }
+int q4_version(void) { return 8; }
 
 /* The rows of y [M, N] = xq·W^T (activations quantized already) that this thread's share of the work units
  * gives (an orphaned `omp for`: inside a parallel region the units are split over its threads, outside it one
  * thread runs them all). y is of dtype ydt. */
 static void mm_quantized(const int8_t *xq, const float *dx, const float *xs, int M, int N, int K, int gs,
-                         const uint8_t *w, const uint16_t *sz, long sg, long sn, long st, void *y, int ydt) {
+                         const uint8_t *w, const uint16_t *sz, long sg, long sn, long st, int il, void *y,
+                         int ydt) {
     const int G = K / gs;
     const size_t rb = (size_t)K / 2;
     const int tiles = sn == 2 ? N / 4 : 0; /* four weight rows at a time (per activation row, the four rows'
@@ -335,8 +351,12 @@ static void mm_quantized(const int8_t *xq, const float *dx, const float *xs, int
         if (t < tiles) {
             for (int i = 0; i < M; i++) {
                 float r[4];
-                dot4_m1(w + rb * 4 * t, rb, sz + st * (size_t)t, sg, K, gs, xq + (size_t)i * K, dx + (size_t)i * G,
-                        xs + (size_t)i * G, G, r);
+                if (il)
+                    dot4_m1(w + rb * 4 * t, rb, sz + st * (size_t)t, sg, K, gs, xq + (size_t)i * K,
+                            dx + (size_t)i * G, xs + (size_t)i * G, G, r, 1);
+                else
+                    dot4_m1(w + rb * 4 * t, rb, sz + st * (size_t)t, sg, K, gs, xq + (size_t)i * K,
+                            dx + (size_t)i * G, xs + (size_t)i * G, G, r, 0);
                 for (int j = 0; j < 4; j++) store_y(y, ydt, (size_t)i * N + 4 * (size_t)t + j, r[j]);
             }
             continue;
@@ -364,8 +384,8 @@ static int shape_ok(int K, int gs) { return !(K % 32 || gs % 32 || K % gs || gs 
 /* y [M, N] = x [M, K] @ W^T; x and y of dtype xdt (Q4_F32, Q4_BF16, Q4_F16). Returns 0; -1 for a shape it
  * refuses, -2 when out of memory. */
 int q4_mm(const void *x, void *y, int xdt, int M, int N, int K, int gs, const uint8_t *w, const uint16_t *sz,
-          long sg, long sn, long st, int nthreads) {
-    if (!shape_ok(K, gs) || M < 1) return -1;
+          long sg, long sn, long st, int il, int nthreads) {
+    if (!shape_ok(K, gs) || M < 1 || (il && (N % 4 || K % 64 || sn != 2))) return -1;
     const int G = K / gs;
     int8_t *xq = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
     float *dx = malloc(sizeof(float) * 2 * (size_t)M * G);
@@ -383,7 +403,7 @@ int q4_mm(const void *x, void *y, int xdt, int M, int N, int K, int gs, const ui
      * descheduled second thread stalls the call for a whole time slice) */
     if ((size_t)N * K / 2 * (size_t)M < Q4_PARALLEL_BYTES) nthreads = 1;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
-    mm_quantized(xq, dx, xs, M, N, K, gs, w, sz, sg, sn, st, y, xdt);
+    mm_quantized(xq, dx, xs, M, N, K, gs, w, sz, sg, sn, st, il, y, xdt);
     free(xq);
     free(dx);
     return 0;
@@ -397,6 +417,7 @@ int q4_mm(const void *x, void *y, int xdt, int M, int N, int K, int gs, const ui
 int q4_expert(const void *x, void *y, int xdt, int M, const q4_matrix *gu, const q4_matrix *dn, int nthreads) {
     const int D = gu->K, I2 = gu->N, I = I2 / 2;
     if (!shape_ok(D, gu->gs) || !shape_ok(I, dn->gs) || I2 % 2 || dn->K != I || dn->N != D || M < 1) return -1;
+    if ((gu->il && (I2 % 4 || D % 64 || gu->sn != 2)) || (dn->il && (D % 4 || I % 64 || dn->sn != 2))) return -1;
     const int G1 = D / gu->gs, G2 = I / dn->gs;
     int8_t *xq = aligned_alloc(64, ((size_t)M * D + 63) / 64 * 64);
     int8_t *hq = aligned_alloc(64, ((size_t)M * I + 63) / 64 * 64);
@@ -414,7 +435,7 @@ int q4_expert(const void *x, void *y, int xdt, int M, const q4_matrix *gu, const
     if ((size_t)3 * I * D / 2 * (size_t)M < Q4_PARALLEL_BYTES) nthreads = 1;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-        mm_quantized(xq, dx, xs, M, I2, D, gu->gs, gu->w, gu->sz, gu->sg, gu->sn, gu->st, h, Q4_F32);
+        mm_quantized(xq, dx, xs, M, I2, D, gu->gs, gu->w, gu->sz, gu->sg, gu->sn, gu->st, gu->il, h, Q4_F32);
         /* (the implicit barrier of the omp for: every row of h is written) */
 #pragma omp for schedule(static)
         for (int i = 0; i < M; i++) {
@@ -425,7 +446,7 @@ int q4_expert(const void *x, void *y, int xdt, int M, const q4_matrix *gu, const
             }
             quantize_row(r, Q4_F32, I, dn->gs, hq + (size_t)i * I, dh + (size_t)i * G2, hs + (size_t)i * G2);
         }
-        mm_quantized(hq, dh, hs, M, D, I, dn->gs, dn->w, dn->sz, dn->sg, dn->sn, dn->st, y, xdt);
+        mm_quantized(hq, dh, hs, M, D, I, dn->gs, dn->w, dn->sz, dn->sg, dn->sn, dn->st, dn->il, y, xdt);
     }
     free(xq), free(hq), free(h), free(dx);
     return 0;
