@@ -14,8 +14,9 @@ process's CPU time: what a call costs without the time it sat descheduled on a b
 are interleaved call by call (the machine is shared and noisy), so the ratios torch/native of one row are
 measured under the same load. --overhead adds a 32×64 matrix: the fixed cost per call (ctypes, activation
 rounding, allocation).
---half: 16-bit weights (float16 and bfloat16), torch's F.linear against the native GEMV (q4.c's h16_mm, what
-models.base.linear runs for a few rows), GB/s of 16-bit weight bytes.
+--half: 16-bit weights (float16 and bfloat16), models.base.linear without the native kernel (F.linear, or its
+fp32 upcast for 4+ rows of a CPU without half GEMMs) against the native GEMV (q4.c's h16_mm, what it runs up to
+NATIVE_ROWS rows), GB/s of 16-bit weight bytes.
 --experts: whole 4-bit SwiGLU experts (D×I: gate_up [2I, D], down [D, I]) as the engine decodes them, the
 fused native call (q4.c's q4_expert, one parallel region) against the same unit unfused (two kernel calls and
 the torch ops between), interleaved the same way.
@@ -121,9 +122,15 @@ def experts(shapes: list[tuple[int, int]], rows: list[int], threads: list[int], 
 
 
 def half(shapes, rows, threads, reps: int, cold: int) -> int:
-    import torch.nn.functional as F
-
+    from moe_offload.models import base
     from moe_offload.models.base import native_gemv
+
+    def torch_path(x, w):  # what models.base.linear runs without the native kernel: F.linear, or fp32 upcast
+        saved, base.NATIVE_ROWS = base.NATIVE_ROWS, 0
+        try:
+            return base.linear(x, w)
+        finally:
+            base.NATIVE_ROWS = saved
 
     g = torch.Generator().manual_seed(0)
     print(f"{'N x K':>12} {'dtype':>8} {'M':>3} {'thr':>3} {'torch GB/s':>10} {'native GB/s':>11} {'speed-up':>8}")
@@ -132,10 +139,13 @@ def half(shapes, rows, threads, reps: int, cold: int) -> int:
             copies = max(1, (cold << 20) // (2 * N * K)) if cold else 1
             ws = [(torch.randn(N, K, generator=g) * 0.02).to(dt) for _ in range(copies)]
             for M in rows:
+                if M > base.NATIVE_ROWS:
+                    print(f"{N:>6}x{K:<5} {str(dt)[6:]:>8} {M:>3}: past NATIVE_ROWS ({base.NATIVE_ROWS}): torch's path")
+                    continue
                 x = torch.randn(M, K, generator=g).to(dt)
                 for t in threads:
                     torch.set_num_threads(t)
-                    med, _ = bench({"torch": lambda: [F.linear(x, w) for w in ws],
+                    med, _ = bench({"torch": lambda: [torch_path(x, w) for w in ws],
                                     "native": lambda: [native_gemv(x, w) for w in ws]}, reps)
                     gb = {k: 2 * N * K * copies / v / 1e9 for k, v in med.items()}
                     print(f"{N:>6}x{K:<5} {str(dt)[6:]:>8} {M:>3} {t:>3} {gb['torch']:>10.2f} {gb['native']:>11.2f} "

@@ -77,7 +77,8 @@ UPCAST_BLOCK = 1 << 20  # weights converted at a time: 4 MiB of fp32 stay in cac
 
 HALF_CODES = {torch.float16: 0, torch.bfloat16: 1}  # q4.c's h16_mm weight kinds
 X_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # its activation dtypes
-NATIVE_ROWS = 4  # rows up to which a 16-bit GEMV runs natively (decode, a few concurrent requests)
+NATIVE_ROWS = 16  # rows up to which 16-bit weights run natively: it streams them once for all rows; past
+# ~16-32 rows the fp32 GEMM of `upcast` wins (scripts/native_q4_bench.py --half; docs/bench/kernels/)
 
 
 def native_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
@@ -103,9 +104,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     """F.linear; a many-row 16-bit GEMM on CPU computes in fp32 and rounds once to x's dtype (`upcast`),
     converting w [N, K] a block of rows at a time; a few rows over 16-bit weights run the native GEMV
     (`native_gemv`: torch's half GEMV streams ~0.6 of the RAM bandwidth on AVX2)."""
+    y = native_gemv(x, w) if b is None else None
+    if y is not None:
+        return y
     if not upcast(x):
-        y = native_gemv(x, w) if b is None else None
-        return F.linear(x, w, b) if y is None else y
+        return F.linear(x, w, b)
     xf = x.float()
     N, K = w.shape
     step = max(1, UPCAST_BLOCK // K)
