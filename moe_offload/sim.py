@@ -304,7 +304,8 @@ def simulate(trace: Trace, hw: HardwareProfile, *, memory: int | None = None, ho
              policy: str = "lru", expert_bits: int | None = None, group_size: int = 64, context: int = 0,
              warmup: int = 0, cpu_misses: bool = False, backbone_bytes: int | None = None,
              kv_bytes_per_token: int | None = None, embed_bytes: int = 0, stored_bytes: int | None = None,
-             computed_bytes_each: int | None = None, prime: np.ndarray | None = None) -> SimResult:
+             computed_bytes_each: int | None = None, prime: np.ndarray | None = None,
+             preload: bool = False) -> SimResult:
     """Replay `trace` on `hw` and apply the time model (docs/simulator.md).
 
     memory: device bytes for weights (backbone + expert cache), default the device's usable bytes minus the
@@ -319,6 +320,8 @@ def simulate(trace: Trace, hw: HardwareProfile, *, memory: int | None = None, ho
     computes it, where the engine's exact figures are known (default: costmodel.quant_bytes).
     prime: token rows [P, L, K] (the trace's layers) replayed into the cache before the trace, uncounted: the
     routing a run did before the recorded one (its prefill), so the replay starts as warm as the run did.
+    preload: every expert read into the cache first (the engine's --preload, which `auto` does when the budget
+    holds them all), before `prime`.
     """
     if policy != "opt" and policy not in POLICIES:
         raise UsageError(f"unknown cache policy {policy!r}; choose one of: {', '.join([*POLICIES, 'opt'])}")
@@ -365,6 +368,12 @@ def simulate(trace: Trace, hw: HardwareProfile, *, memory: int | None = None, ho
     if cpu_misses and cpu_device:
         raise UsageError("--cpu-misses is for GPU machines; on a CPU-only machine every expert is computed on the CPU")
 
+    if preload:  # rows that use every expert of every layer once, ahead of any other priming
+        _, L, K = trace.experts.shape
+        every = np.arange(-(-trace.n_experts // K) * K).reshape(-1, 1, K) % trace.n_experts
+        every = np.broadcast_to(every, (every.shape[0], L, K))
+        prime = every if prime is None else np.concatenate(
+            [every, np.asarray(prime, dtype=np.int64).reshape(-1, L, K)])
     if prime is not None:
         prime = np.asarray(prime, dtype=np.int64).reshape(-1, *trace.experts.shape[1:])
         prime = Trace(experts=prime, n_experts=trace.n_experts, expert_bytes=trace.expert_bytes,

@@ -153,7 +153,8 @@ def prime_rows(trace, warm: str):
 
 
 def predict_round(trace, fig: dict, *, memory: int, policy: str, bits: int, stored: int, resident: int,
-                  backbone: int, embed: int, warmup: int, prefetch: bool = False, warm: str = "trace") -> dict:
+                  backbone: int, embed: int, warmup: int, prefetch: bool = False, warm: str = "trace",
+                  preload: bool = False) -> dict:
     """sim.simulate of one recorded round with the figures of `run_figures`."""
     from moe_offload.hardware import HardwareProfile
     from moe_offload.sim import simulate
@@ -167,7 +168,7 @@ def predict_round(trace, fig: dict, *, memory: int, policy: str, bits: int, stor
     trace = replace(trace, expert_params=3 * D * I)
     r = simulate(trace, hw, memory=memory, policy=policy, expert_bits=bits if bits < 16 else None,
                  backbone_bytes=backbone, embed_bytes=embed, warmup=warmup, stored_bytes=stored,
-                 computed_bytes_each=resident, prime=prime_rows(trace, warm))
+                 computed_bytes_each=resident, prime=prime_rows(trace, warm), preload=preload)
     T = r.tokens
     return {"tok_s": r.tok_s_overlap if prefetch else r.tok_s_serial, "hit_rate": r.hit_rate,
             "ms_experts": 1e3 * r.t_experts / T, "ms_backbone_overhead": 1e3 * (r.t_device - r.t_experts) / T,
@@ -239,10 +240,11 @@ def validate(folder: Path, threads: int | None, probe: bool, cache: dict, withou
         fig, embed = ablate({**run_figures(limits, now, scale, s.get("cpu_cores")), "dims": (D, I)}, limits,
                             z["embed"], without)
         prefetch = (row.get("info") or {}).get("prefetch", "none") not in ("none", None)
+        preload = bool((row.get("info") or {}).get("preloaded_experts"))  # the engine read every expert at load
         preds = [predict_round(tr, fig, memory=row["memory"], policy=row.get("policy") or "lru", bits=bits,
                                stored=stored, resident=resident, backbone=z["backbone"],
                                embed=embed, warmup=int(tr.meta.get("warmup_tokens") or 0), prefetch=prefetch,
-                               warm="none" if "warm" in without else "trace")
+                               warm="none" if "warm" in without else "trace", preload=preload)
                  for tr in trs]
         pred = {k: statistics.median(p[k] for p in preds) for k in preds[0]}
         measured = s["decode_tok_s"]["median"]

@@ -213,3 +213,15 @@ def test_a_trace_with_the_prefills_routing_is_not_primed_again():
     assert v.prime_rows(tr, "trace") is None
     assert v.prime_rows(Trace(experts=TOKENS, n_experts=4, expert_bytes=100), "trace").shape == (4, 2, 1)
     assert v.prime_rows(Trace(experts=TOKENS, n_experts=4, expert_bytes=100), "none") is None
+
+
+def test_a_preloaded_replay_misses_nothing_when_every_expert_fits():
+    """The engine's --preload reads every expert at load (auto: when the budget holds them all); the replay of
+    such a run starts with every expert resident, so a first use is a hit, as it was in the run."""
+    tr = Trace(experts=TOKENS, n_experts=4, expert_bytes=100, backbone_bytes=50)
+    cold = simulate(tr, CPU, memory=850, policy="lru")
+    pre = simulate(tr, CPU, memory=850, policy="lru", preload=True)
+    assert (cold.hits, cold.misses) == (4, 4) and (pre.hits, pre.misses, pre.tokens) == (8, 0, 4)
+    assert pre.t_disk == 0 and pre.tok_s_serial > cold.tok_s_serial
+    tight = simulate(tr, CPU, memory=250, policy="lru", preload=True)  # 2 of 8 fit: the preload is evicted
+    assert tight.misses > 0
