@@ -231,6 +231,12 @@ def test_a_fused_expert_is_one_native_call_computing_down_silu_gate_times_up(D, 
     dense = torch.nn.functional.linear
     ref = dense(torch.nn.functional.silu(dense(big, Wgu[:I])) * dense(big, Wgu[I:]), Wd)
     assert rel(unit(big), ref) < 1e-5  # past dense_rows: the unfused dequantise + dense path
+    from moe_offload.quant.codec import FUSED_ROWS
+
+    mid = torch.randn(FUSED_ROWS + 1, D, generator=gen(4))  # past FUSED_ROWS: matrix by matrix, native
+    assert FUSED_ROWS < unit.gate_up.dense_rows
+    h = unit.gate_up(mid)
+    assert torch.equal(unit(mid), unit.down(torch.nn.functional.silu(h[:, :I]) * h[:, I:]))
     gelu = codec.decode(codec.encode(gate, up, down), ExpertShape(D, I, act="gelu"), torch.float32)
     assert not gelu.fused
 

@@ -99,6 +99,10 @@ def glu_of(act: str | ExpertShape) -> Callable[[torch.Tensor, torch.Tensor], tor
     return lambda g, u: fn(g) * u
 
 
+FUSED_ROWS = 192  # rows up to which an expert runs as one native call: its fp32 intermediate [M, 2I] is the
+# call's transient (22 MB at Mixtral's I = 14336); more rows go matrix by matrix
+
+
 class QuantExpert:
     """y = down(glu(gate x, up x)) over quantized linears (each x [n, K] -> [n, N] in x's dtype), plus the
     biases when the expert has them (gate_up_bias [2I], down_bias [D], fp32)."""
@@ -126,7 +130,7 @@ class QuantExpert:
         return self.gate_up.kind, self.down.kind
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [n, D] -> [n, D]
-        if self.fused and 0 < x.shape[0] <= self.gate_up.dense_rows:
+        if self.fused and 0 < x.shape[0] <= min(FUSED_ROWS, self.gate_up.dense_rows):
             return fused_expert(self.gate_up, self.down, x)
         gu = self.gate_up(x)
         if self.gate_up_bias is not None:

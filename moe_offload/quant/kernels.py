@@ -46,8 +46,10 @@ from .pack import nibbles, pack, unpack
 
 INT4_GROUPS = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 # Above this many rows, dequantise once + dense GEMM beats the kernel (the crossovers of the run above:
-# int4 between M=64 and 256, int8 between 64 and 256 but nearer 64).
-DENSE_ROWS = {"int4pack": 192, "int8pack": 96, "native4": 192}
+# int4 between M=64 and 256, int8 between 64 and 256 but nearer 64). The native kernel still beats
+# dequantise + fp32 GEMM at 1024 rows (108 against 130 ms at 4096x2048, 2 threads:
+# docs/bench/kernels/native-vs-dequant-rows.txt, `python -m moe_offload.quant.bench --bits 4 --rows ...`).
+DENSE_ROWS = {"int4pack": 192, "int8pack": 96, "native4": 1024}
 
 
 # ---- the int4pack nibble orders -------------------------------------------------------------------------
