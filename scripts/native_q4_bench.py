@@ -199,7 +199,8 @@ def main(argv=None) -> int:
           f"{'native GB/s':>11} {'speed-up':>8} {'torch cpu':>9} {'native cpu':>9} {'cpu ×':>8}", flush=True)
     for N, K in shapes:
         q = quantize(torch.randn(N, K, generator=g), 4, a.group, 16, "rtn")
-        def make(kind):
+
+        def make(kind, q=q):
             if kind == "torch":
                 return Int4Linear(PackedMatrix.from_quantized(q, host_layout()), dense_rows=max(rows))
             pm = PackedMatrix.from_quantized(q, kind)
