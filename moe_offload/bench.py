@@ -331,7 +331,6 @@ def child_us(spec: dict) -> dict:
     log = RouteLog()  # the experts of every call: the prompt's prefill, then one per decoded token
     attach(engine.model, log)
     cache = getattr(engine, "expert_cache", None)
-    n = spec["new_tokens"]
     runs = []
     for ids in spec["prompts"]:
         io0, mark0 = _read_bytes(), len(log.calls)

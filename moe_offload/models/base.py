@@ -75,8 +75,6 @@ UPCAST_BLOCK = 1 << 20  # weights converted at a time: 4 MiB of fp32 stay in cac
 # than converting a whole 14336x4096 matrix first, scripts/upcast_bench.py) and bound the transient
 
 
-HALF_CODES = {torch.float16: 0, torch.bfloat16: 1}  # q4.c's h16_mm weight kinds
-X_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # its activation dtypes
 NATIVE_ROWS = 16  # rows up to which 16-bit weights run natively: it streams them once for all rows; past
 # ~16-32 rows the fp32 GEMM of `upcast` wins (scripts/native_q4_bench.py --half; docs/bench/kernels/)
 
@@ -84,18 +82,19 @@ NATIVE_ROWS = 16  # rows up to which 16-bit weights run natively: it streams the
 def native_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     """y = x w^T through the native 16-bit kernel (quant/native: h16_mm) for a few rows of x on a CPU with it,
     fp32 accumulation, rounded once to x's dtype; None where it does not apply (the caller uses torch)."""
-    if (w.dtype not in HALF_CODES or x.dtype not in X_CODES or w.device.type != "cpu" or x.device.type != "cpu"
-            or x.numel() > NATIVE_ROWS * x.shape[-1] or not w.is_contiguous() or x.shape[-1] != w.shape[1]):
-        return None
     from ..quant import native
 
+    if (w.dtype not in native.HALF_WEIGHTS or x.dtype not in native.DTYPES or w.device.type != "cpu"
+            or x.device.type != "cpu" or x.numel() > NATIVE_ROWS * x.shape[-1] or not w.is_contiguous()
+            or x.shape[-1] != w.shape[1]):
+        return None
     so = native.lib()
     if so is None:
         return None
-    xc = x.reshape(-1, w.shape[1]).contiguous()
+    xc, code = native.activations(x.reshape(-1, w.shape[1]))
     y = xc.new_empty(xc.shape[0], w.shape[0])
-    if so.h16_mm(xc.data_ptr(), y.data_ptr(), X_CODES[x.dtype], xc.shape[0], w.shape[0], w.shape[1], w.data_ptr(),
-                 HALF_CODES[w.dtype], torch.get_num_threads()):
+    if so.h16_mm(xc.data_ptr(), y.data_ptr(), code, xc.shape[0], w.shape[0], w.shape[1], w.data_ptr(),
+                 native.HALF_WEIGHTS[w.dtype], torch.get_num_threads()):
         return None
     return y.view(*x.shape[:-1], w.shape[0])
 

@@ -479,9 +479,6 @@ class Int4Linear(DequantLinear):
         return mm(x.to(torch.bfloat16), self.w, self.pm.group_size, self.sz).to(x.dtype)
 
 
-NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # q4.c's Q4_F32, Q4_BF16, Q4_F16
-
-
 class NativeQ4Linear(DequantLinear):
     """The native AVX2 kernel (quant/native/q4.c) for b <= 4, over nibbles in its row-major order "r64": 4-bit
     codes stored in that order are a view of the stored bytes; other orders and 2/3-bit codes become one new
@@ -510,10 +507,9 @@ class NativeQ4Linear(DequantLinear):
         if M > self.dense_rows or M == 0:
             return super().__call__(x)
         dt = x.dtype
-        code = NATIVE_DTYPES.get(dt)
-        xc = x.contiguous() if code is not None else x.float().contiguous()
+        xc, code = native.activations(x)
         y = xc.new_empty(M, self.N)
-        rc = self.call(xc.data_ptr(), y.data_ptr(), code or 0, M, self.args, torch.get_num_threads())
+        rc = self.call(xc.data_ptr(), y.data_ptr(), code, M, self.args, torch.get_num_threads())
         if rc:
             pm = self.pm
             raise RuntimeError(f"native q4 kernel refused {pm.N}x{pm.K} g{pm.group_size} (code {rc})")
@@ -525,10 +521,9 @@ def fused_expert(gate_up: NativeQ4Linear, down: NativeQ4Linear, x: torch.Tensor)
     region for the three steps instead of two kernel calls and the Python ops between them (decode at Qwen3's
     128 small experts runs 64 experts a token). The intermediate stays fp32 inside the call."""
     dt = x.dtype
-    code = NATIVE_DTYPES.get(dt)
-    xc = x.contiguous() if code is not None else x.float().contiguous()
+    xc, code = native.activations(x)
     y = xc.new_empty(x.shape[0], down.N)
-    rc = gate_up.lib.q4_expert(xc.data_ptr(), y.data_ptr(), code or 0, x.shape[0], gate_up.args, down.args,
+    rc = gate_up.lib.q4_expert(xc.data_ptr(), y.data_ptr(), code, x.shape[0], gate_up.args, down.args,
                                torch.get_num_threads())
     if rc:
         raise RuntimeError(f"native q4 kernel refused the expert {gate_up.N}x{gate_up.K} / {down.N}x{down.K} "

@@ -23,6 +23,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+
 from ...cpuinfo import capabilities, parse_cpuinfo
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,17 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("q4.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 VERSION = 8  # q4_version() of the source this module's signatures match
+
+
+# q4.c's activation dtypes (Q4_F32, Q4_BF16, Q4_F16) and h16_mm's weight kinds
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+HALF_WEIGHTS = {torch.float16: 0, torch.bfloat16: 1}
+
+
+def activations(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x as the kernels take it: contiguous, in a dtype they read (other dtypes as fp32), and its code."""
+    code = DTYPES.get(x.dtype)
+    return (x.contiguous(), code) if code is not None else (x.float().contiguous(), 0)
 
 
 class Matrix(ctypes.Structure):
