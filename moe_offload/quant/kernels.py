@@ -67,13 +67,15 @@ DENSE_ROWS = {"int4pack": 192, "int8pack": 96, "native4": 1024}
 #                     N, K % 32 == 0.
 #   "r64t"            r64's nibbles, and the bf16 meta in tiles of 4 rows, [N/4, G, 4, 2] instead of [G, N, 2]
 #                     (when N % 4 == 0): the kernel's four-row tile reads its meta as one stream, not one
-#                     16-byte load per group 2N·2 bytes apart (a page apart at Mixtral's 14336 rows; 1.3-1.6x
-#                     faster there, scripts/native_q4_bench.py). PackedMatrix.sz is then 4-D; `meta()` gives
+#                     16-byte load per group 2N·2 bytes apart (a page apart at Mixtral's 14336 rows; 1.22-1.28x
+#                     there at one thread, docs/bench/kernels/native-r64t-vs-r64.txt). PackedMatrix.sz is then
+#                     4-D; `meta()` gives
 #                     the [G, n, 2] view every other reader wants.
 #   "r64i"            r64t's meta, and the nibbles of each tile of 4 rows interleaved by 32-byte chunk (chunk c
 #                     of the tile's row r at 128·c + 32·r): the kernel's tile reads one sequential stream instead
-#                     of four rows K/2 bytes apart, which a core's prefetchers follow (1.1-1.8x on cold weights
-#                     at Qwen3's and Mixtral's widths, scripts/native_q4_bench.py --cold). Needs N % 4 == 0 and
+#                     of four rows K/2 bytes apart, which a core's prefetchers follow (cold weights, one thread:
+#                     1.25-1.52x at Qwen3's widths and Mixtral's gate_up, 1.00x at its down;
+#                     docs/bench/kernels/native-r64i-vs-r64t-cold.txt). Needs N % 4 == 0 and
 #                     K % 64 == 0; a matrix of another shape is held in r64t (`effective_layout`).
 LAYOUTS = {"b64": 64, "b32": 32, "p32": 32, "r64": 64, "r64t": 64, "r64i": 64}
 TORCH_LAYOUTS = ("b64", "b32", "p32")

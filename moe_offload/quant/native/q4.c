@@ -170,7 +170,7 @@ static inline __attribute__((always_inline)) void dot_rows(const uint8_t *w, con
  * row while the four rows' codes (2·K bytes) stay in L1/L2. */
 /* Prefetching ahead of the tile: row-major tiles (r64, r64t) fetch each row 8 rows (two tiles) ahead, as the
  * hardware prefetcher does not follow four interleaved row streams well; interleaved tiles (r64i: chunk c of
- * row r at 128·c + 32·r) are one sequential stream, fetched Q4_IL_AHEAD bytes ahead (2 KiB measured best). */
+ * row r at 128·c + 32·r) are one sequential stream, fetched Q4_IL_AHEAD bytes ahead. */
 #ifndef Q4_AHEAD
 #define Q4_AHEAD 8
 #endif
