@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import accumulate
+from operator import itemgetter
 from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
@@ -144,15 +145,17 @@ class DenseCodec:
         return DenseExpert(w[: 2 * I * D].view(2 * I, D), w[2 * I * D:].view(D, I), shape.act)
 
 
-Fetch = Callable[[list[int]], Iterable[tuple[int, Callable]]]
+Group = list[tuple[int, Callable]]  # (expert, unit) pairs ready together
+Fetch = Callable[[list[int]], Iterable[Group]]  # needed experts -> their units, group by group as ready
 
 
 def moe_dispatch(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                  fetch: Fetch) -> torch.Tensor:
     """Compute every needed expert once on all its tokens; sum in ascending expert order.
 
-    `fetch(experts)` yields (expert, unit) in any order (a cache yields hits first, misses as they land);
-    the sum order is fixed, so offloaded and resident runs give identical numbers. One host sync per call.
+    `fetch(experts)` yields groups of (expert, unit) in any order (a cache yields its hits as one group, then
+    each miss as it lands); the sum order is fixed, so offloaded and resident runs give identical numbers. One
+    host sync per call.
     """
     if hidden.shape[0] == 1:
         return _dispatch_one(hidden, top_k_index, top_k_weights, fetch)
@@ -164,10 +167,11 @@ def moe_dispatch(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights:
     needed, offs = needed.tolist(), [0, *accumulate(counts.tolist())]
     span = {e: slice(offs[i], offs[i + 1]) for i, e in enumerate(needed)}
     parts = {}
-    for e, unit in fetch(needed):
-        s = span[e]
-        tok = tok_sorted[s]  # a token picks an expert at most once
-        parts[e] = (tok, unit(hidden[tok]) * w_sorted[s, None])
+    for group in fetch(needed):
+        for e, unit in group:
+            s = span[e]
+            tok = tok_sorted[s]  # a token picks an expert at most once
+            parts[e] = (tok, unit(hidden[tok]) * w_sorted[s, None])
     out = torch.zeros_like(hidden)
     for e in needed:
         tok, y = parts[e]
@@ -177,15 +181,37 @@ def moe_dispatch(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights:
 
 def _dispatch_one(hidden, top_k_index, top_k_weights, fetch: Fetch) -> torch.Tensor:
     """`moe_dispatch` for one token (decode): hidden [1, D], top_k_index / top_k_weights [1, A]. The same
-    numbers (each expert's output × its weight, cast, summed in ascending expert order) without grouping."""
+    numbers (each expert's output × its weight, cast, summed in ascending expert order) without grouping. A
+    group of units that can run together (`run_group`: the native 4-bit experts) is one call; the whole
+    token's experts in one group (every one a hit) come back summed in that order."""
     slot = {e: i for i, e in enumerate(top_k_index[0].tolist())}
     needed = sorted(slot)
-    parts = {e: unit(hidden) * top_k_weights[:, slot[e], None] for e, unit in fetch(needed)}
-    out = None
-    for e in needed:
+    parts, out = {}, None
+    for group in fetch(needed):
+        group = sorted(group, key=itemgetter(0))
+        whole = len(group) == len(needed)
+        ys = _run_group(hidden, group, top_k_weights, slot, whole)
+        if ys is None:
+            parts.update((e, unit(hidden) * top_k_weights[:, slot[e], None]) for e, unit in group)
+        elif whole:
+            out = ys
+        else:
+            parts.update((e, ys[i:i + 1]) for i, (e, _) in enumerate(group))
+    for e in needed if out is None else ():
         y = parts[e].to(hidden.dtype)
         out = y if out is None else out + y
     return out
+
+
+def _run_group(hidden, group: Group, top_k_weights, slot: dict, whole: bool) -> torch.Tensor | None:
+    """A group (ascending experts) through its units' `run_group` in one call: the weighted sum [1, D] when
+    `whole`, else each expert's weighted output [len(group), D]; None where the units have no such call or
+    it refuses them."""
+    run = getattr(group[0][1], "run_group", None) if len(group) > 1 else None
+    if run is None:
+        return None
+    w = top_k_weights[0].tolist()  # exact: fp32 and 16-bit values are doubles exactly
+    return run(hidden, [u for _, u in group], [w[slot[e]] for e, _ in group], each=not whole)
 
 
 class LocalExperts:
@@ -194,8 +220,8 @@ class LocalExperts:
     def __init__(self, units: list[Callable]):
         self.units = units
 
-    def _fetch(self, needed: list[int]) -> Iterator[tuple[int, Callable]]:
-        return ((e, self.units[e]) for e in needed)
+    def _fetch(self, needed: list[int]) -> Iterator[Group]:
+        yield [(e, self.units[e]) for e in needed]
 
     def __call__(self, hidden, top_k_index, top_k_weights):
         return moe_dispatch(hidden, top_k_index, top_k_weights, self._fetch)

@@ -6,6 +6,8 @@ one matrix at a time, at Mixtral-8x7B's and Qwen3-30B-A3B's expert widths.
     PYTHONPATH=. python scripts/native_q4_bench.py --errors [--shapes ...] [--rows 16]
     PYTHONPATH=. python scripts/native_q4_bench.py --experts [--experts-shapes 2048x768,4096x14336]
         [--rows 1,4] [--threads 1,2]
+    PYTHONPATH=. python scripts/native_q4_bench.py --layer [--layer-shapes 2048x768x128x8,4096x14336x8x2]
+        [--threads 1,2]
     PYTHONPATH=. python scripts/native_q4_bench.py --half [--shapes ...] [--cold 256] [--threads 1,2]
 
 Per shape (N×K, 4-bit codes, bf16 activations as the engine's compute dtype), rows M and threads: the median
@@ -21,6 +23,9 @@ NATIVE_ROWS rows), GB/s of 16-bit weight bytes.
 fused native call (q4.c's q4_expert, one parallel region) against the same unit unfused (two kernel calls and
 the torch ops between), interleaved the same way.
 The matrices are random (RTN, bf16 meta): the kernels' speed does not depend on the values.
+--layer: one decode token through a MoE layer's experts (D×I×E×A: E resident, A routed per token, a fresh
+route each call), expert by expert as the dispatch ran them against one native call for the token's experts
+(q4.c's q4_moe).
 --errors: instead of timings, each system's output error against the fp32 reference x @ W_deq^T (W_deq the
 dequantised fp32 weights: what both kernels approximate) over --rows rows of Gaussian and of heavy-tailed
 (Student-t, 3 dof) activations: relative Frobenius error, and the largest |error| over the reference's RMS.
@@ -121,6 +126,46 @@ def experts(shapes: list[tuple[int, int]], rows: list[int], threads: list[int], 
     return 0
 
 
+def layer(specs: list[tuple[int, ...]], threads: list[int], group: int, reps: int) -> int:
+    """One decode token through a layer's A of E resident 4-bit experts (D x I x E x A), as the engine's
+    dispatch runs it: expert by expert (each a fused call, weighted, summed in torch) against one native call
+    for the A experts (q4.c's q4_moe). Each call routes to a fresh random A of the E experts, so at Qwen3's
+    E = 128 the weights come from RAM as in decode. GB/s of the A experts' 4-bit bytes."""
+    from moe_offload.experts import ExpertShape, LocalExperts
+    from moe_offload.quant.codec import HQQCodec, QuantExpert, expert_spec
+
+    g = torch.Generator().manual_seed(0)
+    run_group = QuantExpert.run_group
+    print(f"{'D x I x E x A':>18} {'thr':>3} {'per-expert ms':>13} {'one call ms':>11} {'per-expert GB/s':>15} "
+          f"{'one call GB/s':>13} {'speed-up':>8}", flush=True)
+    for D, I, E, A in specs:
+        codec = HQQCodec({**expert_spec(4, group, "rtn"), "layout": NATIVE_LAYOUT})
+        units = []
+        for _ in range(E):
+            w = [torch.randn(n, k, generator=g) * 0.02 for n, k in ((I, D), (I, D), (D, I))]
+            units.append(codec.decode(codec.encode(*w), ExpertShape(D, I), torch.bfloat16))
+        experts_ = LocalExperts(units)
+        x = torch.randn(1, D, generator=g).to(torch.bfloat16)
+        routes = [torch.randperm(E, generator=g)[:A][None] for _ in range(64)]
+        w = torch.softmax(torch.randn(1, A, generator=g), -1).to(torch.bfloat16)
+        turn = iter(range(1 << 30))
+
+        def call(grouped: bool):
+            QuantExpert.run_group = staticmethod(run_group if grouped else lambda *a, **k: None)
+            return experts_(x, routes[next(turn) % len(routes)], w)
+
+        nbytes = A * 3 * I * D / 2
+        for t in threads:
+            torch.set_num_threads(t)
+            med, _ = bench({"per-expert": lambda: call(False), "one call": lambda: call(True)}, reps)
+            gb = {k: nbytes / v / 1e9 for k, v in med.items()}
+            print(f"{D:>5}x{I}x{E}x{A:<4} {t:>3} {1e3 * med['per-expert']:>13.3f} {1e3 * med['one call']:>11.3f} "
+                  f"{gb['per-expert']:>15.2f} {gb['one call']:>13.2f} {med['per-expert'] / med['one call']:>7.2f}x",
+                  flush=True)
+    QuantExpert.run_group = staticmethod(run_group)
+    return 0
+
+
 def half(shapes, rows, threads, reps: int, cold: int) -> int:
     from moe_offload.models import base
     from moe_offload.models.base import native_gemv
@@ -173,6 +218,8 @@ def main(argv=None) -> int:
                     help="cycle each system over copies of the matrix filling MIB MiB, so every call reads its "
                          "weights from RAM, not cache (decode's case)")
     ap.add_argument("--experts-shapes", default="2048x768,4096x14336")
+    ap.add_argument("--layer", action="store_true")
+    ap.add_argument("--layer-shapes", default="2048x768x128x8,4096x14336x8x2", help="D x I x E x A, comma-separated")
     a = ap.parse_args(argv)
     if not native_available() or host_layout() is None:
         print("needs both the native kernel (a C compiler, AVX2+FMA) and torch's int4pack kernel",
@@ -184,6 +231,8 @@ def main(argv=None) -> int:
     if a.experts:
         return experts(shape_list(a.experts_shapes), [int(r) for r in a.rows.split(",")],
                        [int(t) for t in a.threads.split(",")], a.group, a.reps)
+    if a.layer:
+        return layer(shape_list(a.layer_shapes), [int(t) for t in a.threads.split(",")], a.group, a.reps)
     if a.errors:
         return errors(shape_list(a.shapes), int(a.rows.split(",")[-1]), a.group)
     shapes = shape_list(a.shapes) + ([(32, 64)] if a.overhead else [])

@@ -38,17 +38,21 @@ def label_native_calls() -> None:
 
     from moe_offload.quant import codec, kernels
 
-    fused, call = codec.fused_expert, kernels.NativeQ4Linear.__call__
+    fused, moe, call = codec.fused_expert, codec.fused_moe, kernels.NativeQ4Linear.__call__
 
     def fused_expert(gate_up, down, x):
         with record_function("native q4 expert"):
             return fused(gate_up, down, x)
 
+    def fused_moe(experts, x, weights, each=False):
+        with record_function("native q4 experts (one call a layer)"):
+            return moe(experts, x, weights, each)
+
     def linear(self, x):
         with record_function("native q4 linear"):
             return call(self, x)
 
-    codec.fused_expert, kernels.NativeQ4Linear.__call__ = fused_expert, linear
+    codec.fused_expert, codec.fused_moe, kernels.NativeQ4Linear.__call__ = fused_expert, fused_moe, linear
 
 
 def group(name: str) -> str:

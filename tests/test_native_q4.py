@@ -241,6 +241,73 @@ def test_a_fused_expert_is_one_native_call_computing_down_silu_gate_times_up(D, 
     assert not gelu.fused
 
 
+@needs_native
+@pytest.mark.parametrize("dtype,wdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                          (torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
+def test_one_token_through_a_layers_4bit_experts_is_one_native_call_equal_to_the_per_expert_sum(dtype, wdtype):
+    """Decode through a layer's resident 4-bit experts: one native call (q4.c's q4_moe) for the token's A
+    experts, their outputs weighted and summed in ascending expert order with each step rounded as torch
+    rounds it, so the token's output equals the per-expert calls + torch's sum bit for bit (any dtype of the
+    routing weights, any thread count). A group that is part of the token's experts (hits, while misses load)
+    comes back per expert, weighted; a group the kernel cannot take (another group size) runs expert by expert."""
+    from moe_offload.experts import LocalExperts, moe_dispatch
+    from moe_offload.quant import kernels
+    from moe_offload.quant.codec import QuantExpert, expert_spec
+
+    D, I, E, A = 256, 256, 6, 4
+    gn = gen(7)
+    codec = HQQCodec({**expert_spec(4, 64, "rtn"), "layout": NATIVE_LAYOUT})
+    units = [codec.decode(codec.encode(*(torch.randn(*s, generator=gn) * 0.05 for s in ((I, D), (I, D), (D, I)))),
+                          ExpertShape(D, I), dtype) for _ in range(E)]
+    assert all(type(u) is QuantExpert and u.fused for u in units)
+    calls = []
+    real = kernels.native.lib().q4_moe
+
+    class Counting:  # the ctypes function, counted
+        def __getattr__(self, name):
+            return getattr(native.lib(), name)
+
+        @staticmethod
+        def q4_moe(*a):
+            calls.append(a[3])
+            return real(*a)
+
+    for u in units:
+        u.gate_up.lib = Counting()
+    x = torch.randn(1, D, generator=gn).to(dtype)
+    idx = torch.tensor([[4, 1, 5, 2]])
+    w = torch.softmax(torch.randn(1, A, generator=gn), -1).to(wdtype)
+
+    def one_by_one(needed):
+        return ([(e, units[e])] for e in reversed(needed))
+
+    want = moe_dispatch(x, idx, w, one_by_one)  # per-expert calls, torch's weighted sum
+    assert not calls
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            outs.append(LocalExperts(units)(x, idx, w))
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [A, A] and all(o.dtype == dtype and torch.equal(o, want) for o in outs)
+
+    def hits_then_misses(needed):  # a cache's order: hits as one group, then each miss
+        yield [(e, units[e]) for e in needed[:3]]
+        yield [(needed[3], units[needed[3]])]
+
+    assert torch.equal(moe_dispatch(x, idx, w, hits_then_misses), want) and calls[-1] == 3
+    odd = codec.decode(codec.encode(*(torch.randn(*s, generator=gn) for s in ((I, D), (I, D), (D, I)))),
+                       ExpertShape(D, I), dtype)
+    mixed = HQQCodec({**expert_spec(4, 128, "rtn"), "layout": NATIVE_LAYOUT})
+    units[5] = mixed.decode(mixed.encode(*odd.gate_up.pm.dequantize().chunk(2), odd.down.pm.dequantize()),
+                            ExpertShape(D, I), dtype)
+    n = len(calls)
+    y = LocalExperts(units)(x, idx, w)  # group sizes differ: the kernel refuses, the experts run one by one
+    assert calls[n:] == [A] and torch.equal(y, moe_dispatch(x, idx, w, one_by_one))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_dequantised_prefill_gemms_of_16bit_rows_run_in_fp32_on_a_cpu_without_half_gemms(dtype, monkeypatch):
     """Past dense_rows a quantized matrix (a 4-bit attention projection or lm_head, an expert's prefill rows)

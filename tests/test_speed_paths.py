@@ -34,7 +34,7 @@ def test_one_token_dispatch_equals_the_grouped_dispatch(dtype, wdtype):
     w = w.to(wdtype)
 
     def fetch(needed):  # a cache yields in its own order; the sum order must not depend on it
-        return ((e, units[e]) for e in reversed(needed))
+        return ([(e, units[e])] for e in reversed(needed))
 
     grouped = moe_dispatch(hidden, idx, w, fetch)
     one = torch.cat([moe_dispatch(hidden[i:i + 1], idx[i:i + 1], w[i:i + 1], fetch) for i in range(N)])

@@ -516,7 +516,7 @@ def test_prefetch_stages_without_evicting_and_is_used_or_cancelled(stores):
         p.handle.result(5)
     assert cache.cancel_prefetch(staged[1:]) == 1 and cache.stage_used == cache.foot[staged[0]].load
     # the staged expert is used when its layer asks for it
-    units = dict(cache.fetch(staged[0][0], [staged[0][1]]))
+    units = dict(p for group in cache.fetch(staged[0][0], [staged[0][1]]) for p in group)
     assert staged[0][1] in units and cache.prefetch_used == 1 and staged[0] in cache.resident
     assert cache.stage_used == 0 and cache.cache_used <= cache.capacity
     tokens, stats = greedy(engine)

@@ -50,6 +50,7 @@ from .kernels import (
     PackedMatrix,
     compute_layout,
     fused_expert,
+    fused_moe,
     tiles_meta,
     make_linear,
     write_layout,
@@ -128,6 +129,14 @@ class QuantExpert:
     @property
     def kinds(self) -> tuple[str, str]:
         return self.gate_up.kind, self.down.kind
+
+    @staticmethod
+    def run_group(x: torch.Tensor, units: list, weights: list[float], each: bool) -> torch.Tensor | None:
+        """One token through several experts in one native call (kernels.fused_moe; experts._dispatch_one
+        calls it with a group in ascending expert order); None unless every unit is a fused 4-bit expert."""
+        if not all(type(u) is QuantExpert and u.fused for u in units):
+            return None
+        return fused_moe([(u.gate_up, u.down) for u in units], x, weights, each)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [n, D] -> [n, D]
         if self.fused and 0 < x.shape[0] <= min(FUSED_ROWS, self.gate_up.dense_rows):

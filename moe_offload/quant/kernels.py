@@ -501,8 +501,9 @@ class NativeQ4Linear(DequantLinear):
         self.N, self.call = pm.N, self.lib.q4_call  # the call's fixed arguments, bound once
         # meta strides (bf16 elements): per group sg, per row sn, per four-row tile st
         sg, st = (8, 8 * self.pm.groups) if self.pm.tiled else (2 * pm.N, 8)
-        self.args = ctypes.byref(native.Matrix(nib.data_ptr(), sz.data_ptr(), sg, 2, st, pm.N, pm.K,
-                                               self.pm.group_size, int(self.pm.layout == "r64i")))
+        self.matrix = native.Matrix(nib.data_ptr(), sz.data_ptr(), sg, 2, st, pm.N, pm.K, self.pm.group_size,
+                                    int(self.pm.layout == "r64i"))
+        self.args, self.addr = ctypes.byref(self.matrix), ctypes.addressof(self.matrix)
 
     def __call__(self, x):  # [M, K] -> [M, N]
         M = x.shape[0]
@@ -531,6 +532,31 @@ def fused_expert(gate_up: NativeQ4Linear, down: NativeQ4Linear, x: torch.Tensor)
         raise RuntimeError(f"native q4 kernel refused the expert {gate_up.N}x{gate_up.K} / {down.N}x{down.K} "
                            f"(code {rc})")
     return y if y.dtype is dt else y.to(dt)
+
+
+def fused_moe(experts: list[tuple[NativeQ4Linear, NativeQ4Linear]], x: torch.Tensor, weights: list[float],
+              each: bool = False) -> torch.Tensor | None:
+    """One token through a layer's 4-bit SwiGLU experts in one native call (q4.c's q4_moe): x [1, D], experts
+    (gate_up, down) in ascending expert order, weights the fp32 values torch would multiply each output by.
+    -> [1, D], the weighted outputs summed in that order with every step rounded to x's dtype, as
+    experts._dispatch_one sums them (bit for bit); each=True: [A, D], each expert's weighted output. None when
+    the kernel refuses the group (shapes, group sizes, x's dtype): the caller runs the experts one by one."""
+    code = native.DTYPES.get(x.dtype)
+    if code is None or x.shape[0] != 1:
+        return None
+    A = len(experts)
+    xc = x.contiguous()
+    y = xc.new_empty(A if each else 1, x.shape[-1])
+    gate_up = experts[0][0]
+    gus = (ctypes.c_void_p * A)(*(g.addr for g, _ in experts))
+    dns = (ctypes.c_void_p * A)(*(d.addr for _, d in experts))
+    rc = gate_up.lib.q4_moe(xc.data_ptr(), y.data_ptr(), code, A, gus, dns, (ctypes.c_float * A)(*weights),
+                            int(each), torch.get_num_threads())
+    if rc == -1:
+        return None
+    if rc:
+        raise RuntimeError(f"native q4 kernel failed on {A} experts {gate_up.N}x{gate_up.K} (code {rc})")
+    return y
 
 
 def in_order(pm: PackedMatrix, dst: str) -> tuple[torch.Tensor, torch.Tensor]:

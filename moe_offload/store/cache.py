@@ -323,8 +323,9 @@ class ExpertCache:
         self.prev_layer = layer
         return self.step
 
-    def fetch(self, layer: int, needed: list[int]) -> Iterator[tuple[int, Callable]]:
-        """(expert, unit) for every needed expert of `layer`: hits first, then misses as they land."""
+    def fetch(self, layer: int, needed: list[int]) -> Iterator[list[tuple[int, Callable]]]:
+        """(expert, unit) for every needed expert of `layer`, in groups ready together (experts.Fetch): the
+        hits as one group, the 2-bit stand-ins as one, then each miss as it lands."""
         step = self._tick(layer)
         self._reap()
         pinned = {(layer, e) for e in needed}
@@ -367,12 +368,12 @@ class ExpertCache:
         transient = 0
         try:
             self._issue(todo, pinned, ours, landed)
-            for k in ready:
-                yield k[1], self.resident[k]
-                pinned.discard(k)
+            if ready:
+                yield [(k[1], self.resident[k]) for k in ready]
+                pinned.difference_update(ready)
                 self._issue(todo, pinned, ours, landed)
-            for k in low:
-                yield k[1], self.router.stand_in(k)
+            if low:
+                yield [(k[1], self.router.stand_in(k)) for k in low]
             while ours or todo:
                 if not ours:
                     self._wait_for_room(layer, todo[0])
@@ -383,7 +384,7 @@ class ExpertCache:
                 self.stall += time.perf_counter() - t0
                 ours.discard(k)
                 unit, transient = self._land(k, pinned, step)
-                yield k[1], unit
+                yield [(k[1], unit)]
                 pinned.discard(k)
                 self.cache_used -= transient
                 transient = 0
@@ -510,8 +511,8 @@ class ExpertCache:
         instead of missing on each expert's first use. Counters start from zero afterwards. -> experts read."""
         n = 0
         for layer in sorted({k[0] for k in self.entries}):
-            for _ in self.fetch(layer, sorted(e for (la, e) in self.entries if la == layer)):
-                n += 1
+            for group in self.fetch(layer, sorted(e for (la, e) in self.entries if la == layer)):
+                n += len(group)
         self.stats(reset=True)
         return n
 

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("q4.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
-VERSION = 8  # q4_version() of the source this module's signatures match
+VERSION = 9  # q4_version() of the source this module's signatures match
 
 
 # q4.c's activation dtypes (Q4_F32, Q4_BF16, Q4_F16) and h16_mm's weight kinds
@@ -102,6 +102,8 @@ def _load(cc: str) -> ctypes.CDLL | None:
     so.q4_call.restype = i
     so.q4_expert.argtypes = [vp, vp, i, i, vp, vp, i]
     so.q4_expert.restype = i
+    so.q4_moe.argtypes = [vp, vp, i, i, vp, vp, vp, i, i]
+    so.q4_moe.restype = i
     so.h16_mm.argtypes = [vp, vp, i, i, i, i, vp, i, i]
     so.h16_mm.restype = i
     so.q4_to_r64.argtypes = [vp, vp, i, i, i, i, i]

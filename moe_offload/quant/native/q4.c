@@ -333,7 +333,7 @@ int q4_to_r64(const uint8_t *src, uint8_t *dst, int N, int K, int B, int pairs, 
     return 0;
 }
 
-int q4_version(void) { return 8; }
+int q4_version(void) { return 9; }
 
 /* The rows of y [M, N] = xq·W^T (activations quantized already) that this thread's share of the work units
  * gives (an orphaned `omp for`: inside a parallel region the units are split over its threads, outside it one
@@ -447,6 +447,111 @@ int q4_expert(const void *x, void *y, int xdt, int M, const q4_matrix *gu, const
             quantize_row(r, Q4_F32, I, dn->gs, hq + (size_t)i * I, dh + (size_t)i * G2, hs + (size_t)i * G2);
         }
         mm_quantized(hq, dh, hs, M, D, I, dn->gs, dn->w, dn->sz, dn->sg, dn->sn, dn->st, dn->il, y, xdt);
+    }
+    free(xq), free(hq), free(h), free(dx);
+    return 0;
+}
+
+/* ---- one token through a MoE layer's experts in one call -------------------------------------------------
+ * A SwiGLU experts (each q4_expert's arithmetic: fp32 intermediate, rounded to int8 per group of down's), their
+ * outputs weighted and summed as the dispatch does it in torch, each step rounded to xdt:
+ *   y_e = rnd(down_e(·)),  p_e = rnd(y_e · w_e),  y = p_0, then y = rnd(y + p_e) for e = 1 .. A−1
+ * (the caller passes the experts in ascending expert order and w_e as the fp32 value torch multiplies by), so
+ * the result equals the per-expert calls and the Python sum bit for bit. each != 0: y [A, D] holds every p_e
+ * instead (the caller sums them with experts it got elsewhere). One parallel region: the A gate_up products
+ * split over the threads as one list of four-row tiles, then SiLU·up per expert, then down by tiles of D, each
+ * tile summing its experts in order. Needs four-row tiles (N % 4 == 0, meta sn = 2) and one group size per
+ * matrix kind; returns -1 for anything else (the caller takes the per-expert path), -2 when out of memory. */
+static inline float rnd(int dt, float v) {
+    if (dt == Q4_BF16) return bf2f(f2bf(v));
+    if (dt == Q4_F16) return _cvtsh_ss(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT));
+    return v;
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off"))) /* a product then a sum, each rounded: never one FMA */
+#endif
+static void weigh4(const float *r, float w, int dt, float *p) {
+    for (int j = 0; j < 4; j++) {
+        const float y = rnd(dt, r[j]);
+        const float q = y * w;
+        p[j] = rnd(dt, q);
+    }
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+static void add4(float *acc, const float *p, int dt) {
+    for (int j = 0; j < 4; j++) {
+        const float s = acc[j] + p[j];
+        acc[j] = rnd(dt, s);
+    }
+}
+
+static inline void tile4(const q4_matrix *m, int t, const int8_t *xq, const float *dx, const float *xs, float *r) {
+    const size_t rb = (size_t)m->K / 2;
+    if (m->il)
+        dot4_m1(m->w + rb * 4 * t, rb, m->sz + m->st * (size_t)t, m->sg, m->K, m->gs, xq, dx, xs, m->K / m->gs, r,
+                1);
+    else
+        dot4_m1(m->w + rb * 4 * t, rb, m->sz + m->st * (size_t)t, m->sg, m->K, m->gs, xq, dx, xs, m->K / m->gs, r,
+                0);
+}
+
+static int moe_ok(const q4_matrix *m, int N, int K, int gs) {
+    return m->N == N && m->K == K && m->gs == gs && m->sn == 2 && N % 4 == 0 && (!m->il || K % 64 == 0);
+}
+
+int q4_moe(const void *x, void *y, int xdt, int A, const q4_matrix *const *gu, const q4_matrix *const *dn,
+           const float *wt, int each, int nthreads) {
+    if (A < 1) return -1;
+    const int D = gu[0]->K, I2 = gu[0]->N, I = I2 / 2, gs1 = gu[0]->gs, gs2 = dn[0]->gs;
+    if (I2 % 8 || !shape_ok(D, gs1) || !shape_ok(I, gs2)) return -1;
+    for (int e = 0; e < A; e++)
+        if (!moe_ok(gu[e], I2, D, gs1) || !moe_ok(dn[e], D, I, gs2)) return -1;
+    const int G1 = D / gs1, G2 = I / gs2, T1 = I2 / 4, T2 = D / 4;
+    int8_t *xq = aligned_alloc(64, ((size_t)D + 63) / 64 * 64);
+    int8_t *hq = aligned_alloc(64, ((size_t)A * I + 63) / 64 * 64);
+    float *h = malloc(sizeof(float) * (size_t)A * I2);
+    float *dx = malloc(sizeof(float) * 2 * ((size_t)G1 + (size_t)A * G2));
+    if (!xq || !hq || !h || !dx) {
+        free(xq), free(hq), free(h), free(dx);
+        return -2;
+    }
+    float *xs = dx + G1, *dh = xs + G1, *hs = dh + (size_t)A * G2;
+    quantize_row(x, xdt, D, gs1, xq, dx, xs);
+    if ((size_t)A * 3 * I * D / 2 < Q4_PARALLEL_BYTES) nthreads = 1;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+#pragma omp for schedule(static)
+        for (int u = 0; u < A * T1; u++)
+            tile4(gu[u / T1], u % T1, xq, dx, xs, h + (size_t)(u / T1) * I2 + 4 * (size_t)(u % T1));
+#pragma omp for schedule(static)
+        for (int e = 0; e < A; e++) {
+            float *r = h + (size_t)e * I2;
+            for (int j = 0; j < I; j++) {
+                const float g = r[j];
+                r[j] = g / (1.f + expf(-g)) * r[I + j];
+            }
+            quantize_row(r, Q4_F32, I, gs2, hq + (size_t)e * I, dh + (size_t)e * G2, hs + (size_t)e * G2);
+        }
+#pragma omp for schedule(static)
+        for (int t = 0; t < T2; t++) {
+            float acc[4], r[4], p[4];
+            for (int e = 0; e < A; e++) {
+                tile4(dn[e], t, hq + (size_t)e * I, dh + (size_t)e * G2, hs + (size_t)e * G2, r);
+                weigh4(r, wt[e], xdt, p);
+                if (each)
+                    for (int j = 0; j < 4; j++) store_y(y, xdt, (size_t)e * D + 4 * (size_t)t + j, p[j]);
+                else if (e == 0)
+                    memcpy(acc, p, sizeof acc);
+                else
+                    add4(acc, p, xdt);
+            }
+            if (!each)
+                for (int j = 0; j < 4; j++) store_y(y, xdt, 4 * (size_t)t + j, acc[j]);
+        }
     }
     free(xq), free(hq), free(h), free(dx);
     return 0;
