@@ -41,7 +41,7 @@ from .models import family_table, get_module
 from .progress import Progress
 from .quant.kernels import write_layout
 from .store.folders import check_out, store_dir
-from .utils import DTYPE_NAMES, drop_page_cache
+from .utils import DTYPE_NAMES, drop_page_cache, reuse_freed_memory
 
 # each family's GGUF table (models/<model_type>.py), and the views of it this module and gguf_export read
 GGUF: dict[str, dict] = family_table("GGUF")
@@ -538,7 +538,7 @@ def convert_gguf(path: str | os.PathLike | GGUFModel, out_dir: str | os.PathLike
         if progress is None:
             progress = Progress(f"convert {g.path.name}", unit="experts", quiet=quiet)
         progress.start(len(moe_layers) * E)
-        with open(tmp / EXPERTS, "wb") as f:
+        with open(tmp / EXPERTS, "wb") as f, reuse_freed_memory():
             for layer in moe_layers:
                 codec, types = codecs[layer]
                 for e in range(E):

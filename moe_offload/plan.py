@@ -16,6 +16,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 from .costmodel import BITS, cpu_compute_bits, miss_cost
 from .errors import MoeError, UsageError
@@ -331,24 +332,34 @@ def quantize_rate(hidden: int, intermediate: int, bits: int = 4, quantizer: str 
     """bf16 expert bytes/s that `quantize` encodes here: a slice of one expert (gate, up [i, hidden] and down
     [hidden, i], i <= intermediate, a multiple of 64, sized from a first small encode to take about `budget_s`
     and hold at most `max_bytes` of bf16 weights; the faster of two encodes where time allows)
-    encoded by the store's codec with `quantizer` (what `moe-offload quantize` runs per expert; the low-rank
-    correction off). Returns {rate, rows, seconds, bytes}."""
+    encoded by the store's codec with `quantizer` and error-checked, as `moe-offload quantize` runs each expert
+    (the low-rank correction off; its allocator setting too). Returns {rate, rows, seconds, bytes}."""
     import time
 
     import torch
 
     from .quant.codec import HQQCodec, expert_spec
 
+    from .experts import ExpertShape
+    from .quant.writer import _Encoder
+    from .utils import reuse_freed_memory
+
     codec = HQQCodec(expert_spec(bits, group_size, quantizer))
     gen = torch.Generator().manual_seed(0)
 
-    def encode(i: int) -> float:
+    def encode(i: int) -> float:  # as `quantize` encodes an expert: the codec, then its error check, with the
+        # heap reused (quant.writer); the first call warms the heap
         gate, up = (torch.randn(i, hidden, generator=gen).mul_(0.02).to(torch.bfloat16) for _ in range(2))
         down = torch.randn(hidden, i, generator=gen).mul_(0.02).to(torch.bfloat16)
         t0 = time.perf_counter()
-        codec.encode(gate, up, down)
+        _Encoder(codec, None, ExpertShape(hidden, i), []).encode(gate, up, down)
         return time.perf_counter() - t0
 
+    with reuse_freed_memory():
+        return _probe(encode, hidden, intermediate, budget_s, max_bytes)
+
+
+def _probe(encode: Callable[[int], float], hidden: int, intermediate: int, budget_s: float, max_bytes: int) -> dict:
     step = 64
     first = min(intermediate, step)
     t = encode(first)  # also warms the code paths

@@ -68,7 +68,7 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike, *, expert_bits: i
     from ..progress import Progress
     from ..store.folders import check_out
     from ..store.format import convert
-    from ..utils import parse_dtype, parse_size
+    from ..utils import parse_dtype, parse_size, reuse_freed_memory
     from .backbone import attention_view, chain, head_view
     from .codec import DEFAULT_GROUP
 
@@ -140,7 +140,7 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike, *, expert_bits: i
                "budget": budget,
                "calibration_tokens": calib_tokens if calib else 0,
                "plan_error": plan_error if expert_bits == "mixed" else None}
-    with Progress("quantize", unit="experts", quiet=quiet) as bar:
+    with Progress("quantize", unit="experts", quiet=quiet) as bar, reuse_freed_memory():
         store = convert(hf, out, parse_dtype(dtype), overwrite=overwrite, codec=pick, backbone_view=view,
                         extra={"quantization": summary}, progress=bar)
     if stats:
