@@ -31,6 +31,18 @@ def store_bits(store) -> int:
     return max(bits)  # mixed precision: plan for the widest
 
 
+def store_backbone_bits(store) -> int:
+    """The precision of the store's backbone linears as the planner counts them (plan.BACKBONE_BITS): the
+    fewest bits of its attention and lm_head (`quantize --attn-bits / --head-bits`, a GGUF conversion's 8-bit
+    backbone), 16 when they are unquantized."""
+    m = store.manifest
+    q = m.get("quantization") or {}
+    bits = [int(q.get(k) or 16) for k in ("attn_bits", "head_bits")]
+    if (m.get("source") or {}).get("backbone_8bit"):
+        bits.append(8)
+    return min(bits)
+
+
 def backbone_bytes(store, dtype) -> int:
     """Bytes open_offloaded will count for the backbone: floating tensors in the compute dtype (fp32 for the
     family's fp32 keys), others as stored, a tied lm_head counted again (it is in the state dict twice)."""
@@ -98,17 +110,20 @@ def plan_options(a: argparse.Namespace, log=lambda m: print(m, file=sys.stderr))
     hw = get_profile(getattr(a, "hardware", None) or THIS_MACHINE)
     rec = plan_for(path, hw)  # PlanRefused: the planner's refusal, one line
     store = open_store(path) if is_store(path) else store_for(path, parse_dtype(a.dtype))
-    have = store_bits(store)
-    if rec["expert_bits"] != have:
-        want = rec["expert_bits"]
+    have, bb = store_bits(store), store_backbone_bits(store)
+    want, want_bb = rec["expert_bits"], rec["backbone_bits"]
+    if (want, want_bb) != (have, bb):  # the plan's counts hold for the precisions it assumed: plan again at the store's
         src = "HF_FOLDER" if is_store(path) else path  # quantize reads the Hugging Face folder
-        log(f"moe-offload: the plan runs the experts at {want}-bit, this store holds {have}-bit: quantize "
-            f"first (moe-offload quantize --model {src} --expert-bits {want} --out {path.name}-{want}bit) "
-            f"and run that; going on with the store as it is")
+        backbone = f" --attn-bits {want_bb} --head-bits {want_bb}" if want_bb != bb else ""
+        log(f"moe-offload: the plan runs the experts at {want}-bit with the backbone's linears at {want_bb}-bit, "
+            f"this store holds {have}-bit experts and a {bb}-bit backbone: quantize first (moe-offload quantize "
+            f"--model {src} --expert-bits {want}{backbone} --out {path.name}-{want}bit) and run that; going on "
+            f"with the store as it is")
         try:
-            rec = plan_for(path, hw, expert_bits=have)
+            rec = plan_for(path, hw, expert_bits=have, backbone_bits=bb)
         except PlanRefused as e:
-            raise MoeError(f"{e} (at the store's {have}-bit; quantized to {want}-bit it would fit)") from None
+            raise MoeError(f"{e} (at the store's {have}-bit experts and {bb}-bit backbone; quantized as the plan "
+                           f"says it would fit)") from None
     device = pick_device(a.device)
     dt = parse_dtype(a.dtype) or store.dtype
     sizes = model_sizes(read_model_config(path)[0])

@@ -29,7 +29,7 @@ from .sim import (GB, GPU_RESERVE, PROFILES, THIS_MACHINE, HardwareProfile, SimR
 from .store.policies import POLICIES
 from .utils import parse_size
 
-BACKBONE_BITS = (16, 8, 4)  # attention, dense MLPs and shared experts; embeddings, norms, routers stay 16-bit
+BACKBONE_BITS = (16, 8, 4)  # attention, dense MLPs, shared experts, lm_head; embeddings, norms, routers stay 16-bit
 
 
 # ---- sizes from config.json: models/sizes.py (ModelSizes, model_sizes) ------------------------------------
@@ -157,12 +157,16 @@ def _gb(n: float) -> str:
 def make_plan(sizes: ModelSizes, hw: HardwareProfile, *, model: str = "model", context: int = 4096,
               expert_bits: int | None = None, min_bits: int = 2, group_size: int = 64, policy: str = "lru",
               trace: Trace | None = None, trace_tokens: int = 256, warmup: int = 64, zipf_s: float = 0.8,
-              seed: int = 0, predict: bool = True, footprint=None, embed_bytes: int = 0) -> Plan:
+              seed: int = 0, predict: bool = True, footprint=None, embed_bytes: int = 0,
+              backbone_bits: int | None = None) -> Plan:
     """Plan `sizes` on `hw`; raises PlanRefused (a MoeError carrying the plan) when it cannot run.
 
     footprint(bits) -> (stored, resident) | None: one expert's bytes as the engine stores and holds it at
     `bits` (`engine_expert_bytes`); None or a None answer: the arithmetic of costmodel.quant_bytes.
-    embed_bytes: the embedding table's bytes in the backbone (held, not streamed per token)."""
+    embed_bytes: the embedding table's bytes in the backbone (held, not streamed per token).
+    backbone_bits: the backbone's precision as given (a store's); None: the planner picks it."""
+    if backbone_bits is not None and backbone_bits not in BACKBONE_BITS:
+        raise UsageError(f"backbone bits must be one of {', '.join(map(str, BACKBONE_BITS))}, got {backbone_bits}")
     if context < 0:
         raise UsageError(f"--context must be >= 0 tokens, got {context}")
     if expert_bits is not None and expert_bits not in BITS:
@@ -185,32 +189,49 @@ def make_plan(sizes: ModelSizes, hw: HardwareProfile, *, model: str = "model", c
 
     # the backbone, the KV cache and one layer's top-k experts (pinned while the layer runs) live on the device
     working = sizes.top_k * sizes.expert_bytes(res_bits(min(candidates)), group_size)
-    for bb in BACKBONE_BITS:
-        if sizes.backbone_bytes(bb, group_size) + kv + working <= dev:
-            break
-    else:
-        bb4 = sizes.backbone_bytes(4, group_size)
+    allowed = [backbone_bits] if backbone_bits is not None else list(BACKBONE_BITS)
+    able = [bb for bb in allowed if sizes.backbone_bytes(bb, group_size) + kv + working <= dev]
+    if not able:
+        bb4 = sizes.backbone_bytes(min(allowed), group_size)
         plan.feasible = False
-        plan.reason = (f"{model} cannot run here: the device must hold the backbone ({_gb(bb4)} even at 4-bit) + KV "
-                       f"cache ({_gb(kv)} for {context} tokens) + one layer's {sizes.top_k} experts ({_gb(working)}) "
-                       f"= {_gb(bb4 + kv + working)}, but has {dev_txt}")
+        plan.reason = (f"{model} cannot run here: the device must hold the backbone ({_gb(bb4)} even at "
+                       f"{min(allowed)}-bit) + KV cache ({_gb(kv)} for {context} tokens) + one layer's "
+                       f"{sizes.top_k} experts ({_gb(working)}) = {_gb(bb4 + kv + working)}, but has {dev_txt}")
         raise PlanRefused(plan)
-    plan.backbone_bits, plan.backbone_bytes = bb, sizes.backbone_bytes(bb, group_size)
-    dev_free = dev - plan.backbone_bytes - kv
 
     N = sizes.n_routed
-    for b in BITS:
-        stored, resident = sizes.expert_bytes(b, group_size), sizes.expert_bytes(res_bits(b), group_size)
-        exact = footprint(b) if footprint is not None else None
-        if exact is not None:
-            stored, resident = exact
-        n_dev = min(N, dev_free // resident)
-        n_host = min(N - n_dev, host // stored)
-        plan.rows.append(Row(b, stored, resident, N * stored, n_dev, n_host, N - n_dev - n_host))
+
+    def rows(bb: int) -> list[Row]:
+        dev_free = dev - sizes.backbone_bytes(bb, group_size) - kv
+        out = []
+        for b in BITS:
+            stored, resident = sizes.expert_bytes(b, group_size), sizes.expert_bytes(res_bits(b), group_size)
+            exact = footprint(b) if footprint is not None else None
+            if exact is not None:
+                stored, resident = exact
+            n_dev = min(N, dev_free // resident)
+            n_host = min(N - n_dev, host // stored)
+            out.append(Row(b, stored, resident, N * stored, n_dev, n_host, N - n_dev - n_host))
+        return out
+
+    # quantize first, offload only what still does not fit: the experts at the most bits that fit whole with
+    # the backbone at some allowed precision (the most bits that lets them); where none fits, the backbone at
+    # its fewest, its bytes going to the expert cache. The experts are ~95 % of an MoE's weights: their
+    # precision comes first
+    table = {bb: rows(bb) for bb in able}
+    fits = {bb: [r.bits for r in table[bb] if r.bits in candidates and r.where != "disk"] for bb in able}
+    best = max((max(f), bb) for bb, f in fits.items() if f) if any(fits.values()) else None
+    bb = best[1] if best else able[-1]
+    plan.backbone_bits, plan.backbone_bytes = bb, sizes.backbone_bytes(bb, group_size)
+    plan.rows = table[bb]
     by_bits = {r.bits: r for r in plan.rows}
-    fitting = [b for b in candidates if by_bits[b].where != "disk"]
-    if fitting:
-        plan.expert_bits = fitting[0]
+    if bb != able[0]:
+        plan.notes.append(f"the backbone's linears (attention, dense MLPs, shared experts, lm_head) at {bb}-bit "
+                          f"({_gb(plan.backbone_bytes)} against {_gb(sizes.backbone_bytes(able[0], group_size))} "
+                          f"at {able[0]}-bit) leave that room to the experts: quantize with --attn-bits {bb} "
+                          f"--head-bits {bb}")
+    if best:
+        plan.expert_bits = best[0]
     elif hw.has_disk:
         plan.expert_bits = min(candidates)
         plan.notes.append(f"no allowed precision fits in device + host: experts stream from disk at "
@@ -274,7 +295,7 @@ def format_plan(p: Plan) -> str:
         f"({s.active_params / B:.2f} B); routed experts {s.routed_params / B:.2f} B ({s.expert_params:,} each), "
         f"backbone {s.backbone_params / B:.2f} B",
         "backbone: " + ", ".join(f"{b}-bit {_gb(s.backbone_bytes(b, p.group_size))}" for b in BACKBONE_BITS)
-        + f" (embeddings, norms, routers stay 16-bit: {_gb(2 * s.backbone_fixed)})",
+        + f" (embeddings, norms, routers stay 16-bit: {_gb(2 * (s.backbone_fixed - s.head_params))})",
         f"KV cache ({s.kv_kind}, 16-bit): {s.kv_bytes_per_token:,} B/token = {1000 * s.kv_bytes_per_token / 1e6:.1f} MB "
         f"per 1k tokens; {_gb(p.kv_bytes)} at --context {p.context}",
         f"hardware: {hw.name}: {hw.description}",
@@ -315,7 +336,7 @@ def format_plan(p: Plan) -> str:
     if p.quantize:
         q = p.quantize
         out.append(f"quantize here (moe-offload quantize --expert-bits {q['bits']} --quantizer {q['quantizer']}): "
-                   f"at least ~{q['seconds'] / 60:.0f} min for {q['expert_bytes'] / GB:.1f} GB of bf16 expert weights at "
+                   f"about {q['seconds'] / 60:.0f} min for {q['expert_bytes'] / GB:.1f} GB of bf16 expert weights at "
                    f"{q['rate'] / 1e6:.1f} MB/s, + {q['read_seconds'] / 60:.1f} min reading them at "
                    f"{q['read_bw'] / GB:.2f} GB/s")
         out.append(f"  basis: {q['basis']}")
@@ -556,7 +577,8 @@ def run(a) -> int:
             "basis": (f"{a.quantizer} encoded one {D} x {probe['rows']} slice of an expert "
                       f"({probe['bytes'] / 1e6:.1f} MB of bf16 weights, gate, up and down) at {plan.expert_bits}-bit "
                       f"g{a.group_size} in {probe['seconds']:.2f} s on {torch.get_num_threads()} threads, scaled by "
-                      f"the model's {sizes.n_routed} experts' bytes; the codec's compute only: whole "
-                      "`quantize` runs of Mixtral-8x7B's widths took 2-2.8x a 2-thread probe's time (docs/simulator.md)")}
+                      f"the model's {sizes.n_routed} experts' bytes: the codec and its error check as `quantize` "
+                      "runs them (its heap reused), the store's writes aside (docs/simulator.md compares it with "
+                      "whole runs)")}
     print(json.dumps(plan.to_dict()) if a.json else format_plan(plan))
     return 0

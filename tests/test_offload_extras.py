@@ -20,7 +20,7 @@ from moe_offload.cli import main as cli_main
 from moe_offload.codecs import make_codec
 from moe_offload.costmodel import crossover_tokens, miss_cost
 from moe_offload.errors import MoeError, UsageError
-from moe_offload.plan import model_sizes
+from moe_offload.plan import model_sizes, plan_for
 from moe_offload.runtime.load import load
 from moe_offload.sim import PROFILES, HardwareProfile
 from moe_offload.store import lowbit, misses
@@ -273,6 +273,36 @@ def test_auto_carries_a_partial_plan_over_in_the_stores_bytes(store, reference, 
     backbone = load(store, dtype="float32").info["backbone_bytes"]
     assert stats["cache_capacity_bytes"] == 5 * span(store)  # the plan's 5 experts, at the store's bytes
     assert stats["resident_weight_bytes"] <= backbone + 5 * span(store)
+
+
+def test_auto_plans_again_at_the_stores_backbone_when_the_plan_wants_it_quantized(store, monkeypatch):
+    """A machine where every 16-bit expert fits beside a 4-bit backbone but not beside a 16-bit one: the plan
+    holds the backbone at 4 bits (quantize first); the store's backbone is 16-bit, so a hint names the quantize
+    flags and the budget is planned again with the store's 16-bit backbone (5 experts, not all 8)."""
+    from moe_offload.autoconf import plan_options, store_backbone_bits
+
+    sizes = model_sizes(open_store(store).config)
+    kv = sizes.kv_bytes_per_token * 4096
+    assert store_backbone_bits(open_store(store)) == 16
+    fit = sizes.backbone_bytes(4) + kv + 8 * sizes.expert_bytes(16) + 100
+    assert fit < sizes.backbone_bytes(16) + kv + 8 * sizes.expert_bytes(16)
+    box = HardwareProfile(name="tiny-box", description="test", device="cpu", device_bytes=fit, host_bytes=0,
+                          link_bw=0.0, host_bw=1e10, disk_bw=1e9, device_bw=1e10, cpu_bw=1e10, cpu_flops=1e10,
+                          device_flops=1e10, link_latency_s=0.0)
+    monkeypatch.setitem(PROFILES, "tiny-box", box)
+    want = plan_for(store, box)
+    assert (want["expert_bits"], want["backbone_bits"]) == (16, 4)
+    a = argparse.Namespace(model=str(store), device="cpu", dtype="float32", memory=None, host_memory=None,
+                           cache_policy=None, prefetch=None, prefetch_depth=None, prefetch_experts=None,
+                           cpu_misses=None, miss_fallback=None, fallback_threshold=None, verify_reads=None,
+                           hardware="tiny-box", auto=True)
+    said = []
+    v = plan_options(a, log=said.append)
+    hint, line = said
+    assert "--attn-bits 4 --head-bits 4" in hint and "backbone 16-bit" in line
+    n = (fit - sizes.backbone_bytes(16) - kv) // sizes.expert_bytes(16)
+    assert 0 < n < 8 and f"{n} of 8 experts" in line
+    assert v["memory"] <= load(store, dtype="float32").info["backbone_bytes"] + n * span(store) + (1 << 20)
 
 
 def test_auto_returns_a_config_and_leaves_the_flags_alone(store):

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 
 from moe_offload.cli import main
+from moe_offload.costmodel import quant_bytes
 from moe_offload.plan import (PlanRefused, engine_expert_bytes, known_configs, make_plan, model_sizes,
                               quantize_rate, quantize_seconds, read_model_config, resolve_hardware)
 from moe_offload.sim import PROFILES
@@ -47,14 +48,21 @@ def test_full_mixtral_on_16gib_cpu_streams_4_bit_experts_by_hand():
                   trace_tokens=16, warmup=4)
     usable = 16 * GiB - 2 * GiB
     kv = 131_072 * 4096  # 32 layers x 2 x 8 KV heads x 128 x 2 bytes per token
-    backbone = 2 * 1_605_636_096  # 16-bit: it fits
+    # the 4-bit experts do not fit whole even beside a 4-bit backbone, so the backbone is held at 4 bits
+    # (attention and lm_head; embeddings, norms, routers 16-bit) and its bytes go to the expert cache
+    D, L, V = 4096, 32, 32000
+    attn, fixed = D * D + 2 * D * 1024 + D * D, L * (8 * D + 2 * D) + D + 2 * V * D
+    assert 2 * (L * attn + fixed) == 2 * 1_605_636_096  # at 16 bits
+    backbone = quant_bytes(L * attn, 4) + quant_bytes(V * D, 4) + 2 * (fixed - V * D)
+    assert backbone == 1_093_476_352
     dev_free = usable - backbone - kv
-    assert dev_free == 11_284_242_432
-    assert p.feasible and p.expert_bits == 4 and p.backbone_bits == 16
+    assert dev_free == 13_402_038_272
+    assert p.feasible and p.expert_bits == 4 and p.backbone_bits == 4
+    assert any("--attn-bits 4 --head-bits 4" in n for n in p.notes)
     r = p.row
     assert (r.expert_bytes, r.resident_bytes) == MIXTRAL_4BIT
-    assert r.on_device == dev_free // 104_939_520 == 107 and r.on_disk == 256 - 107
-    assert p.memory == backbone + 107 * 104_939_520
+    assert r.on_device == dev_free // 104_939_520 == 127 and r.on_disk == 256 - 127
+    assert p.memory == backbone + 127 * 104_939_520
     assert any("stream from disk at 4-bit" in n for n in p.notes)
     # the time model, by hand from the replay's counts
     q = p.prediction
@@ -74,8 +82,8 @@ def test_the_engines_footprint_holds_fewer_experts_than_the_formula():
     s = model_sizes(read_model_config("mixtral-8x7b")[0])
     formula = make_plan(s, CPU16, min_bits=4, predict=False)
     exact = make_plan(s, CPU16, min_bits=4, predict=False, footprint=mixtral_footprint)
-    assert formula.row.resident_bytes == 99_090_432 and formula.row.on_device == 113
-    assert exact.row.on_device == 107  # a footprint of 1.12x the stored bytes (8-bit meta): 6 fewer experts fit
+    assert formula.row.resident_bytes == 99_090_432 and formula.row.on_device == 135
+    assert exact.row.on_device == 127  # a footprint of 1.12x the stored bytes (8-bit meta): 8 fewer experts fit
 
 
 def test_engine_expert_bytes_from_the_codec():
@@ -88,13 +96,13 @@ def test_engine_expert_bytes_from_the_codec():
 def test_full_qwen3_on_16gib_cpu_and_its_384_expert_calls_per_token():
     s = model_sizes(read_model_config("qwen3-30b-a3b")[0])
     p = make_plan(s, CPU16, model="qwen3-30b-a3b", min_bits=4, trace_tokens=8, warmup=2)
-    assert p.expert_bits == 4 and p.backbone_bits == 16 and p.row.on_disk > 0
+    assert p.expert_bits == 4 and p.backbone_bits == 4 and p.row.on_disk > 0
     assert p.prediction.accesses == 8 * 48 * 8  # 384 expert calls per token, each costs expert_call_s
     assert p.prediction.t_experts == pytest.approx(8 * 384 * 0.05)
 
 
 def test_refused_with_numbers_when_ram_is_below_the_backbone():
-    for name, bb4 in (("mixtral-8x7b", "1.3 GB"), ("qwen3-30b-a3b", "1.8 GB")):
+    for name, bb4 in (("mixtral-8x7b", "1.1 GB"), ("qwen3-30b-a3b", "1.3 GB")):  # lm_head at 4 bits too
         hw = resolve_hardware(CPU16, ram=3 * GiB)
         with pytest.raises(PlanRefused) as e:
             make_plan(model_sizes(read_model_config(name)[0]), hw, model=name)
@@ -151,3 +159,21 @@ def test_streamed_precision_by_predicted_decode():
     # with decoding free, the fewer bytes read win and the plan is kept
     same = best_streamed(p, s, kw, [4, 3, 2], lambda b: CPU16)
     assert same.expert_bits == 2 and same.notes[-1].endswith("-> 2-bit")
+
+
+def test_quantize_first_a_4_bit_backbone_lets_every_4_bit_expert_fit():
+    """Mixtral-8x7B on a CPU with room for its 4-bit experts beside a 4-bit backbone (attention and lm_head),
+    not beside a 16-bit one: the plan quantizes the backbone rather than stream experts from disk; with room
+    for the 16-bit backbone as well it keeps that."""
+    s = model_sizes(read_model_config("mixtral-8x7b")[0])
+    kv = s.kv_bytes_per_token * 4096
+    experts = 256 * s.expert_bytes(4)
+    tight = s.backbone_bytes(4) + kv + experts + 10**8
+    assert tight < s.backbone_bytes(16) + kv + experts
+    hw = replace(CPU16, device_bytes=tight, device_reserve=0)
+    p = make_plan(s, hw, min_bits=4, predict=False)
+    assert (p.expert_bits, p.backbone_bits, p.row.on_disk) == (4, 4, 0)
+    assert any("--attn-bits 4 --head-bits 4" in n for n in p.notes)
+    roomy = replace(hw, device_bytes=s.backbone_bytes(16) + kv + experts + 10**8)
+    p = make_plan(s, roomy, min_bits=4, predict=False)
+    assert (p.expert_bits, p.backbone_bits, p.row.on_disk) == (4, 16, 0) and not p.notes

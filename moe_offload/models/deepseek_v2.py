@@ -300,4 +300,5 @@ def config_sizes(cfg: dict) -> ModelSizes:
     return ModelSizes(model_type=cfg["model_type"], n_layers=L, moe_layers=moe_layers, n_experts=E,
                       top_k=cfg["num_experts_per_tok"], expert_params=3 * D * I, backbone_linear=lin,
                       backbone_fixed=fix, kv_bytes_per_token=L * (R + Dr) * KV_BYTES, kv_kind="mla",
-                      embed_params=V * D, fp32_params=n_moe * score_bias)
+                      embed_params=V * D, fp32_params=n_moe * score_bias,
+                      head_params=0 if cfg.get("tie_word_embeddings") else V * D)

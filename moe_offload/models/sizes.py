@@ -19,7 +19,8 @@ KV_BYTES = 2  # the planner's KV cache: bf16/fp16
 @dataclass(frozen=True)
 class ModelSizes:
     """Parameter counts of one model. `backbone_linear` is what a backbone quantizer touches (attention,
-    dense MLPs, shared experts); `backbone_fixed` stays 16-bit (embeddings, lm_head, norms, routers, biases)."""
+    dense MLPs, shared experts); `backbone_fixed` the rest (embeddings, lm_head, norms, routers, biases), of
+    which `head_params` is an untied lm_head, which `quantize --head-bits` quantizes too (0 when tied)."""
 
     model_type: str
     n_layers: int  # decoder layers (MTP / next-token-prediction layers are not counted: decode does not run them)
@@ -33,6 +34,7 @@ class ModelSizes:
     kv_kind: str  # "gqa" (2 x kv_heads x head_dim per layer) or "mla" (kv_lora_rank + rope dim per layer)
     embed_params: int  # the embedding table (of which a token reads one row)
     fp32_params: int  # backbone weights the family keeps in fp32 whatever the dtype (its fp32_keys)
+    head_params: int = 0  # an untied lm_head (part of backbone_fixed)
 
     @property
     def n_routed(self) -> int:
@@ -60,7 +62,12 @@ class ModelSizes:
         return quant_bytes(self.expert_params, bits, group_size)
 
     def backbone_bytes(self, bits: int, group_size: int = 64) -> int:
-        return quant_bytes(self.backbone_linear, bits, group_size) + 2 * self.backbone_fixed
+        """The backbone with its linears at `bits` (`quantize --attn-bits B --head-bits B`: attention, dense
+        MLPs, shared experts and an untied lm_head); embeddings, norms and routers 16-bit."""
+        if bits >= 16:
+            return 2 * (self.backbone_linear + self.backbone_fixed)
+        return (quant_bytes(self.backbone_linear, bits, group_size) + quant_bytes(self.head_params, bits, group_size)
+                + 2 * (self.backbone_fixed - self.head_params))
 
     def resident_backbone_bytes(self, dtype: torch.dtype) -> int:
         """The backbone as the engine holds it unquantized in `dtype`: the family's fp32 keys in fp32."""
@@ -88,7 +95,7 @@ def model_sizes(cfg: dict) -> ModelSizes:
         routers |= {id(p) for p in moe.router_linear().parameters()}
         if moe.shared_expert_gate is not None:
             routers |= {id(p) for p in moe.shared_expert_gate.parameters()}
-    lin = fix = embed = fp32 = 0
+    lin = fix = embed = fp32 = head = 0
     seen = set()
     for name, p in model.state_dict(keep_vars=True).items():  # parameters and persistent buffers (router biases)
         if id(p) in seen:
@@ -99,6 +106,7 @@ def model_sizes(cfg: dict) -> ModelSizes:
         else:
             lin += p.numel()
         embed += p.numel() if "embed_tokens" in name else 0
+        head += p.numel() if name.startswith("lm_head") and p.ndim == 2 else 0
         fp32 += p.numel() if name.endswith(model.fp32_keys) else 0
     s = model.expert_shape
     expert = 3 * s.hidden * s.intermediate + (2 * s.intermediate + s.hidden if s.bias else 0)
@@ -106,4 +114,4 @@ def model_sizes(cfg: dict) -> ModelSizes:
                       moe_layers=tuple(i for i, _ in blocks), n_experts=model.n_experts, top_k=model.top_k,
                       expert_params=expert, backbone_linear=lin, backbone_fixed=fix,
                       kv_bytes_per_token=model.kv_bytes_per_token(torch.bfloat16), kv_kind=model.kv_kind,
-                      embed_params=embed, fp32_params=fp32)
+                      embed_params=embed, fp32_params=fp32, head_params=head)
