@@ -195,6 +195,11 @@ GOALS = [  # (budget kind, peer, what, target); peer "llamacpp": the GGUF type a
 
 
 SAME_PRECISION = {16: "llamacpp-f16", 4: "llamacpp-q4_0"}  # our expert bits -> llama.cpp at those bits
+# --llamacpp-repack: llama.cpp's default copies its quantized weights at load into its CPU kernels' layout
+# (anonymous memory, so below its file size it is OOM-killed); without it (llama.cpp's --no-repack) the weights
+# stay pages of the mmap'd file, which the kernel can drop and read again: how llama.cpp runs a model larger
+# than the memory it is given
+REPACK = {"on": (True,), "off": (False,), "both": (True, False)}
 
 
 def goal_rows(rows: list[dict], limits: dict) -> list[dict]:
@@ -219,10 +224,11 @@ def goal_rows(rows: list[dict], limits: dict) -> list[dict]:
                     continue
                 other = lim.get("tok_s")
             else:
-                if peer == "llamacpp":
-                    peer = SAME_PRECISION.get(bits)
-                other = next((r["summary"]["decode_tok_s"]["median"] for r in rows
-                              if r["label"] == label and r["config"] == peer and r.get("ok")), None)
+                names = [peer]
+                if peer == "llamacpp":  # llama.cpp's default run, else the one without its CPU repack
+                    names = [SAME_PRECISION.get(bits), f"{SAME_PRECISION.get(bits)}-norepack"]
+                other = next((r["summary"]["decode_tok_s"]["median"] for n in names for r in rows
+                              if r["label"] == label and r["config"] == n and r.get("ok")), None)
             v = ratio(mine, other)
             out.append({"budget": label, "us": us["config"], "goal": what, "target": target, "measured": v,
                         "met": None if v is None else v >= target})
@@ -415,6 +421,25 @@ def llama_last_logits(llm):
     return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
 
 
+def no_repack() -> None:
+    """llama.cpp's --no-repack in llama-cpp-python, which has no argument for it: model params with
+    use_extra_bufts off (the weights stay in the mmap'd file instead of being copied into the CPU_REPACK
+    buffer)."""
+    from llama_cpp import llama_cpp as api
+
+    default = api.llama_model_default_params
+    if getattr(default, "no_repack", False):
+        return
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    params.no_repack = True
+    api.llama_model_default_params = params
+
+
 def child_llamacpp(spec: dict) -> dict:
     import numpy as np
     from llama_cpp import Llama
@@ -422,6 +447,8 @@ def child_llamacpp(spec: dict) -> dict:
     n = spec["new_tokens"]
     ctx = max(len(p) for p in spec["prompts"]) + n + 8
     t0 = time.perf_counter()
+    if not spec.get("repack", True):
+        no_repack()
     llm = Llama(model_path=spec["model"], n_ctx=ctx, n_batch=512, n_threads=spec["threads"],
                 n_threads_batch=spec["threads"], n_gpu_layers=0, use_mmap=True, use_mlock=False, verbose=False)
     load_s = time.perf_counter() - t0
@@ -936,8 +963,11 @@ def configs_for(a, prep: dict, pct: float | None, memory: int, prompts, tag: str
     if "llamacpp" in a.peers:
         for t in a.llamacpp_types:
             g = prep["gguf"].get(t)
-            spec = {**base, "system": "llamacpp", "model": str(g) if g else None, "gguf_type": t}
-            out.append(Config("llamacpp", f"llamacpp-{t}", spec, [g] if g else []))
+            for repack in REPACK[getattr(a, "llamacpp_repack", "on")]:
+                spec = {**base, "system": "llamacpp", "model": str(g) if g else None, "gguf_type": t,
+                        **({} if repack else {"repack": False})}
+                out.append(Config("llamacpp", f"llamacpp-{t}" + ("" if repack else "-norepack"), spec,
+                                  [g] if g else []))
     return out
 
 
@@ -1496,6 +1526,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma list of {', '.join(PEERS)} (or 'none')")
     p.add_argument("--hf-impls", default=",".join(HF_IMPLS), help="transformers experts implementations")
     p.add_argument("--llamacpp-types", default=",".join(LLAMACPP_TYPES), help="GGUF types for llama.cpp")
+    p.add_argument("--llamacpp-repack", default="on", choices=list(REPACK),
+                   help="on: llama.cpp as it runs by default (its CPU repack of quantized weights, anonymous "
+                        "memory); off: its --no-repack (weights stay in the mmap'd file: it runs below the file's "
+                        "size, rows named llamacpp-TYPE-norepack); both")
     p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length")
     p.add_argument("--new-tokens", type=int, default=64, help="decoded tokens after the first (prefill) token")
     p.add_argument("--repeat", type=int, default=3, help="measured generations (prompts) per configuration")

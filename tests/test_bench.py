@@ -118,6 +118,25 @@ def test_goal_rows_for_a_4_bit_store_compare_with_q4_0_and_skip_the_float16_limi
     assert len(g) == 5
 
 
+def test_llamacpp_without_its_repack_is_a_row_of_its_own_and_the_goal_falls_back_to_it():
+    """Below its file's size llama.cpp's default run is OOM-killed (its CPU repack copies the weights into
+    anonymous memory); --llamacpp-repack off|both adds llama.cpp with --no-repack (weights stay in the mmap'd
+    file), and a budget whose default run failed takes the ratio against that one."""
+    import argparse
+
+    a = argparse.Namespace(us_bits=[], cache_policy=[], prefetch=[], peers=["llamacpp"], llamacpp_types=["q4_0"],
+                           llamacpp_repack="both", embed_rows="resident", dtype="float16", threads=2,
+                           new_tokens=4)
+    prep = {"gguf": {"q4_0": "/x/model-q4_0.gguf"}}
+    cfgs = bench.configs_for(a, prep, 50.0, 1 << 30, [[1, 2]], "t")
+    assert [c.config for c in cfgs] == ["llamacpp-q4_0", "llamacpp-q4_0-norepack"]
+    assert "repack" not in cfgs[0].spec and cfgs[1].spec["repack"] is False
+    q4 = dict(_row("50 %", 50, "us-lru-q4", 9.0), expert_bits=4)
+    rows = [q4, _row("50 %", 50, "llamacpp-q4_0", 0.0, ok=False), _row("50 %", 50, "llamacpp-q4_0-norepack", 1.5)]
+    g = {(r["us"], r["goal"]): r for r in goal_rows(rows, {})}
+    assert g[("us-lru-q4", "decode tok/s ÷ llama.cpp (same precision)")]["measured"] == pytest.approx(6.0)
+
+
 def _measured(label, pct, config, samples, bits=16, hits=None):
     """A row as run_bench leaves it: repeated decode samples summarized, per-run cache counters (ours)."""
     runs = [{"decode_tok_s": v} for v in samples]
