@@ -63,3 +63,23 @@ def test_ram_and_gemv_probes_give_best_and_median():
         assert set(r) == {"best", "median"} and r["best"] >= r["median"] > 0
     bw, flops = hardware._cpu_gemv(MiB, "float32")
     assert bw > 0 and flops > 0
+
+
+def test_expert_read_probe_reads_whole_experts_of_the_store_as_a_miss_does(tmp_path):
+    """The bench's disk figure for the simulator: the store's own experts read whole through its DiskTier
+    (O_DIRECT where it can), a few in flight, as the loader reads a miss; the disk's speed on a virtual disk
+    depends on the request's size, so a temp file read in 8 MiB pieces is not that figure."""
+    from moe_offload.hardware import measure_expert_reads
+    from moe_offload.store.format import convert, open_store
+    from moe_offload.store import tiers
+    from tests.tiny import make_checkpoint
+
+    store = open_store(convert(make_checkpoint(tmp_path / "hf"), tmp_path / "store").path)
+    seen = []
+    real = tiers.DiskTier.read
+    tiers.DiskTier.read = lambda self, e, buf=None: seen.append(e.key) or real(self, e, buf)
+    try:
+        bw = measure_expert_reads(store, workers=2, nbytes=1 << 30)
+    finally:
+        tiers.DiskTier.read = real
+    assert bw > 0 and sorted(seen) == sorted(store.entries)  # 1 GiB asked: every expert of the tiny store, once
