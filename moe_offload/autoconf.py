@@ -75,7 +75,7 @@ def offload_options(values: Mapping) -> dict:
     """The offload keywords of runtime.load.load from the flags' values (an argparse namespace's `vars`)."""
     kw = {"host_memory": values.get("host_memory"), "cache_policy": values.get("cache_policy")}
     for name in ("prefetch", "prefetch_depth", "prefetch_experts", "cpu_misses", "miss_fallback",
-                 "fallback_threshold", "verify_reads", "embed_rows", "preload"):
+                 "fallback_threshold", "verify_reads", "embed_rows", "preload", "disk_reads"):
         if values.get(name) is not None:
             kw[name] = values[name]
     if values.get("hardware") not in (None, "this-machine") and kw.get("cpu_misses", "off") != "off":

@@ -328,6 +328,8 @@ def child_us(spec: dict) -> dict:
         offload["prefetch"] = spec["prefetch"]
     if spec.get("embed_rows"):
         offload["embed_rows"] = spec["embed_rows"]
+    if spec.get("disk_reads"):
+        offload["disk_reads"] = spec["disk_reads"]
     n = spec["new_tokens"]
     ctx = max(len(p) for p in spec["prompts"]) + n + 1  # the run's context (llama.cpp's -c): a budget that
     # holds every expert and this context's KV cache reads them all at load (--preload auto)
@@ -950,7 +952,11 @@ def configs_for(a, prep: dict, pct: float | None, memory: int, prompts, tag: str
                 name = f"us-{policy}" + (f"-q{bits}" if bits != 16 else "") + (f"+prefetch-{pf}" if pf else "")
                 if rows != "resident":  # resident rows keep their spec and name as before the flag
                     spec["embed_rows"], name = rows, name + f"+embed-rows-{rows}"
-                out.append(Config("us", name, spec, [store]))
+                for reads in getattr(a, "us_disk_reads", ["direct"]):
+                    if reads == "direct":  # the default keeps its spec and name
+                        out.append(Config("us", name, spec, [store]))
+                    else:
+                        out.append(Config("us", f"{name}+{reads}", {**spec, "disk_reads": reads}, [store]))
     if "hf" in a.peers:
         for impl in a.hf_impls:
             spec = {**base, "system": "hf", "model": str(prep["hf"]), "impl": impl}
@@ -1102,7 +1108,9 @@ def markdown(res: dict) -> str:
              f"{lim['gemv_bw_median'] / GB:.1f}), cold disk read {lim['disk_read_bw'] / GB:.2f} GB/s (best of: "
              + ", ".join(f"{k} {v / GB:.2f}" for k, v in lim.get("disk_read_bw_by_method", {}).items()) + ")"
              + (f"; the loader's own reads of whole experts {lim['disk_loader_bw'] / GB:.2f} GB/s"
-                if lim.get("disk_loader_bw") else "") + ".", "",
+                if lim.get("disk_loader_bw") else "")
+             + (f" (buffered {lim['disk_loader_bw_buffered'] / GB:.2f})" if lim.get("disk_loader_bw_buffered")
+                else "") + ".", "",
              "| budget | system | prefill tok/s | decode tok/s median [min, max] | us ÷ this | hit rate | "
              "disk MB/token | disk GB/s | stall ms/token | CPU cores | peak RSS / cgroup MiB | same tokens | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -1355,7 +1363,9 @@ def run_bench(a) -> dict:
     from .store.format import open_store
 
     probe_store = open_store(prep["store"] if probe_bits == 16 else prep["quantized"][probe_bits])
-    probes["disk_loader_bw"] = measure_expert_reads(probe_store, nbytes=(32 if a.quick else 512) * MiB)
+    for reads in ("direct", *(r for r in a.us_disk_reads if r != "direct")):
+        key = "disk_loader_bw" + ("" if reads == "direct" else f"_{reads}")
+        probes[key] = measure_expert_reads(probe_store, nbytes=(32 if a.quick else 512) * MiB, reads=reads)
     disk_method = max(disk, key=disk.get)
     disk_bw = disk[disk_method]
     context = a.prompt_tokens + a.new_tokens / 2
@@ -1534,6 +1544,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma list of {', '.join(PEERS)} (or 'none')")
     p.add_argument("--hf-impls", default=",".join(HF_IMPLS), help="transformers experts implementations")
     p.add_argument("--llamacpp-types", default=",".join(LLAMACPP_TYPES), help="GGUF types for llama.cpp")
+    p.add_argument("--us-disk-reads", default="direct",
+                   help="comma-separated: how our rows read missed experts (generate --disk-reads): direct, "
+                        "buffered (rows named +buffered)")
     p.add_argument("--llamacpp-repack", default="on", choices=list(REPACK),
                    help="on: llama.cpp as it runs by default (its CPU repack of quantized weights, anonymous "
                         "memory); off: its --no-repack (weights stay in the mmap'd file: it runs below the file's "
@@ -1584,6 +1597,7 @@ def run(a) -> int:
     a.peers = [] if a.peers.strip() in ("", "none") else _csv(a.peers, PEERS, "--peers")
     a.hf_impls = _csv(a.hf_impls, None, "--hf-impls")
     a.llamacpp_types = _csv(a.llamacpp_types, None, "--llamacpp-types")
+    a.us_disk_reads = _csv(a.us_disk_reads, ("direct", "buffered"), "--us-disk-reads")
     a.cache_policy = _csv(a.cache_policy, None, "--cache-policy")
     a.prefetch = _csv(a.prefetch or "none", ("none", "lookahead", "shadow", "auto"), "--prefetch")
     a.us_bits = [int(b) for b in _csv(a.us_bits, ("16", "4"), "--us-bits")]

@@ -63,7 +63,8 @@ def cpu_share_factor(now_cores: float | None, row_cores: float | None) -> float 
     return now_cores / row_cores
 
 
-def run_figures(limits: dict, now: dict | None, scale: str = "gemv", row_cores: float | None = None) -> dict:
+def run_figures(limits: dict, now: dict | None, scale: str = "gemv", row_cores: float | None = None,
+                reads: str = "direct") -> dict:
     """The time model's figures for one run: recorded ones from `limits`, the rest from probes taken `now`
     and carried over to the run. scale "cpu-share": every probed time x now_cores / row_cores and the GEMV
     rate (the backbone's) the same way (cpu_share_factor; compute is CPU work, the row got `row_cores`
@@ -89,7 +90,9 @@ def run_figures(limits: dict, now: dict | None, scale: str = "gemv", row_cores: 
             out[key], basis[key] = None, "missing"
     by_method = limits.get("disk_read_bw_by_method") or {}
     in_flight = next((v for k, v in by_method.items() if k.startswith("O_DIRECT") and "in flight" in k), None)
-    if limits.get("disk_loader_bw") is not None:
+    if reads != "direct" and limits.get(f"disk_loader_bw_{reads}") is not None:  # the row read its misses so
+        out["disk_bw"], basis["disk_bw"] = limits[f"disk_loader_bw_{reads}"], f"run, {reads}"
+    elif limits.get("disk_loader_bw") is not None:
         out["disk_bw"], basis["disk_bw"] = limits["disk_loader_bw"], "run"
     elif in_flight:  # the loader keeps several reads in flight (its workers): the run's probe of that
         out["disk_bw"], basis["disk_bw"] = in_flight, "run, reads in flight"
@@ -237,7 +240,8 @@ def validate(folder: Path, threads: int | None, probe: bool, cache: dict, withou
                 cache[key] = probe_now(config, bits, dtype, th, stored)
             now = cache[key]
         s = row["summary"]
-        fig, embed = ablate({**run_figures(limits, now, scale, s.get("cpu_cores")), "dims": (D, I)}, limits,
+        reads = (row.get("info") or {}).get("disk_reads") or "direct"
+        fig, embed = ablate({**run_figures(limits, now, scale, s.get("cpu_cores"), reads), "dims": (D, I)}, limits,
                             z["embed"], without)
         prefetch = (row.get("info") or {}).get("prefetch", "none") not in ("none", None)
         preload = bool((row.get("info") or {}).get("preloaded_experts"))  # the engine read every expert at load

@@ -533,3 +533,42 @@ def test_verify_reads_option_reaches_the_disk_tier(stores):
     code, out, err = cli("generate", "--model", str(store), "--memory", "100MiB", "--verify-reads", "always",
                          "--prompt-ids", "1,5,9,20", "--max-new-tokens", "2")
     assert code == 0, err
+
+
+def test_buffered_disk_reads_give_the_same_tokens_and_leave_no_pages_in_the_cache(tmp_path):
+    """--disk-reads buffered: misses read through the page cache with the kernel's readahead, each read's
+    pages (and what readahead fetched past them) dropped right after, so the weights do not stay in the page
+    cache; the tokens are those of O_DIRECT reads."""
+    import shutil
+    import subprocess
+
+    from moe_offload.store.tiers import DiskTier
+    from moe_offload.utils import drop_page_cache
+
+    hf = tiny.make_checkpoint(tmp_path / "hf", "mixtral_gqa")
+    store = convert(hf, tmp_path / "store").path
+    one = open_store(store)
+    memory = int(load(store, dtype="float32").info["backbone_bytes"]) + 3 * max(e.span for e in one.entries.values())
+    runs = {}
+    for reads in ("direct", "buffered"):
+        engine = load(store, dtype="float32", memory=memory, disk_reads=reads)
+        assert engine.info["disk_reads"] == reads
+        r = engine.generate(prompt_ids=[1, 2, 3, 4, 5], max_new_tokens=6, ignore_eos=True)
+        assert r.stats["expert_misses"] > 0 and r.stats["disk_reads"] == reads
+        runs[reads] = r.token_ids
+    assert runs["direct"] == runs["buffered"]
+    with pytest.raises(UsageError, match="--disk-reads"):
+        load(store, dtype="float32", memory=memory, disk_reads="mmap")
+    if shutil.which("fincore") is None:
+        return
+    path = one.experts_path
+    drop_page_cache(path, sync=True)
+    disk = DiskTier(path, reads="buffered")
+    try:
+        for e in one.entries.values():
+            disk.read(e)
+    finally:
+        disk.close()
+    res = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and int(res.stdout.split()[0]) == 0

@@ -36,6 +36,7 @@ from ..store.rows import KEY as EMBED_KEY
 from ..store.rows import MODES as EMBED_MODES
 from ..store.rows import choose as choose_embed_rows
 from ..store.rows import why_resident
+from ..store.tiers import DISK_READS
 from ..store.tiers import HostTier
 from ..utils import Share, drop_page_cache, parse_dtype, parse_memory, parse_size, pick_device
 from .engine import (DEFAULT_MODEL, Engine, _eos_ids, attach_local_experts, build_model, check_ctx_size,
@@ -45,7 +46,7 @@ from .tokenizer import Tokenizer
 DEFAULT_POLICY = "lru"
 VERIFY = ("first", "always")
 OPTIONS = ("host_memory", "cache_policy", "prefetch", "prefetch_depth", "prefetch_experts", "cpu_misses",
-           "miss_fallback", "fallback_threshold", "hardware", "verify_reads", "embed_rows", "preload")
+           "miss_fallback", "fallback_threshold", "hardware", "verify_reads", "embed_rows", "preload", "disk_reads")
 PRELOAD = ("auto", "on", "off")
 
 
@@ -67,6 +68,7 @@ class OffloadConfig:
     verify_reads: str = "first"
     embed_rows: str = "resident"  # the embedding table held, or its rows read from the store (store/rows.py)
     preload: str = "off"  # read every expert at load: on, off, or auto (when the budget holds them all)
+    disk_reads: str = "direct"  # how a miss reads experts.bin (store.tiers.DiskTier): direct or buffered
 
     @classmethod
     def parse(cls, device: torch.device, memory=None, **options) -> OffloadConfig:
@@ -105,8 +107,11 @@ class OffloadConfig:
         preload = o["preload"] or "off"  # (the command line's default is auto)
         if preload not in PRELOAD:
             raise UsageError(f"--preload must be one of {', '.join(PRELOAD)}, got {preload!r}")
+        disk_reads = o["disk_reads"] or "direct"
+        if disk_reads not in DISK_READS:
+            raise UsageError(f"--disk-reads must be one of {', '.join(DISK_READS)}, got {disk_reads!r}")
         return cls(memory, host, policy, prefetch, depth, o["prefetch_experts"], cpu_misses, fallback,
-                   threshold, o["hardware"], verify, embed_rows, preload)
+                   threshold, o["hardware"], verify, embed_rows, preload, disk_reads)
 
 
 def check_misses(cpu_misses: str | None, miss_fallback: str | None,
@@ -254,7 +259,7 @@ def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, 
 
     cache = ExpertCache(store, device, dt, capacity, c.cache_policy, base_bytes=fixed, host=host,
                         staging_bytes=staging, verify=c.verify_reads, kv_in_budget=memory is not None,
-                        prefetcher=prefetcher, router=router, foot=foot)
+                        prefetcher=prefetcher, router=router, foot=foot, disk_reads=c.disk_reads)
     for layer, moe in model.moe_blocks():
         moe.experts = OffloadedExperts(cache, layer)
     full_kv = model.kv_bytes_per_token(dt) * (ctx_size or model.max_len)  # a whole context's KV cache
@@ -263,7 +268,8 @@ def open_offloaded(path: Path, device: torch.device, dtype: torch.dtype | None, 
     info = {"format": "store", "store": str(store.path), "model_type": store.model_type,
             "expert_bytes": store.expert_bytes, "backbone_bytes": backbone, "memory": memory,
             "cache_capacity_bytes": capacity, "cache_policy": c.cache_policy, "host_memory": c.host_memory,
-            "disk_direct_io": cache.disk.direct, "prefetch": c.prefetch, "staging_bytes": cache.staging_bytes,
+            "disk_direct_io": cache.disk.direct, "disk_reads": cache.disk.reads, "prefetch": c.prefetch,
+            "staging_bytes": cache.staging_bytes,
             "embed_rows": "disk" if rows else "resident", "preloaded_experts": preloaded}
     info.update(cpu_misses=c.cpu_misses, miss_fallback=c.miss_fallback, **misses.describe(router),
                 **numa_info)

@@ -120,7 +120,7 @@ class ExpertCache:
     def __init__(self, store: Store, device: torch.device, dtype: torch.dtype, capacity: int,
                  policy: str = "lru", base_bytes: int = 0, host: HostTier | None = None, workers: int = 2,
                  staging_bytes: int = 0, verify: str = "first", kv_in_budget: bool = False,
-                 prefetcher=None, router=None, foot: dict[Key, Footprint] | None = None):
+                 prefetcher=None, router=None, foot: dict[Key, Footprint] | None = None, disk_reads: str = "direct"):
         """host: the pinned RAM tier (CUDA) or None. prefetcher (prefetch.runtime.Prefetcher) and router
         (misses.MissRouter): the route hooks, told each layer's routing before it fetches (OffloadedExperts).
         staging_bytes: kept for staged prefetches. foot: `footprints(store, device, dtype)` if known."""
@@ -139,7 +139,7 @@ class ExpertCache:
         self.codec = {k: codecs.setdefault(json.dumps(e.codec, sort_keys=True), make_codec(e.codec))
                       for k, e in self.entries.items()}
         cuda = device.type == "cuda"
-        self.disk = DiskTier(store.experts_path, pinned=cuda, verify=verify)
+        self.disk = DiskTier(store.experts_path, pinned=cuda, verify=verify, reads=disk_reads)
         self.buffers = BufferPool() if not cuda and BufferPool.usable() else None  # CPU: reuse read buffers
         self.host = host
         self.copier = CopyStream(device) if cuda else None
@@ -532,7 +532,7 @@ class ExpertCache:
             "cache_policy": self.policy_name,
             "cache_capacity_bytes": self.full_capacity,  # before KV caches took their share
             "evictions": self.evictions,
-            "disk_direct_io": self.disk.direct,
+            "disk_direct_io": self.disk.direct, "disk_reads": self.disk.reads,
         }
         if self.buffers is not None:
             s.update(read_buffers_allocated=self.buffers.allocated, read_buffers_reused=self.buffers.reused)
