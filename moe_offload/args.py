@@ -104,8 +104,8 @@ def add_model_args(p: argparse.ArgumentParser, chat_template: bool = False) -> N
                         "every read (~6 ms of CPU per 22 MB)")
     p.add_argument("--disk-reads", default=None, choices=["direct", "buffered"],
                    help="how a missed expert is read: direct (O_DIRECT, no page cache; default) or buffered "
-                        "(the kernel's readahead, each read's pages dropped right after: faster on some "
-                        "virtual disks, docs/benchmarks.md)")
+                        "(the kernel's readahead, each read's pages dropped right after; slower end to end "
+                        "on this project's machines, docs/benchmarks.md)")
     p.add_argument("--embed-rows", default=None, choices=["resident", "auto", "disk"],
                    help="disk: read the embedding rows a token needs from the store instead of holding the "
                         "table; auto: so when a --memory size is given and the table is over 5%% of it "

@@ -252,13 +252,11 @@ def measure_disk(directory, nbytes: int, chunk: int = 8 * MiB, streams: int = 4)
 
 def measure_expert_reads(store, workers: int = 2, nbytes: int = 512 * MiB, reads: str = "direct") -> float:
     """Bytes/s of the engine's own miss reads from `store` (a store.format.Store): whole experts' spans read
-    through its DiskTier (`reads`: O_DIRECT where the filesystem takes it, or buffered and dropped after), each into a
-    fresh page-aligned buffer, `workers` reads in flight as the loader's workers keep them. The disk's speed
-    depends on the request's size (on this project's virtio disk 8 MiB O_DIRECT reads ran at 0.8-0.9 GB/s while
-    the loader read 94 MB experts at 2.1-2.6 GB/s, docs/simulator.md), so the probe reads what a miss reads.
-    Experts spread over experts.bin, at least `workers`, about `nbytes` in all, each read into one of
-    `workers` page-aligned buffers faulted in beforehand and reused, as the cache reuses its read buffers (a
-    read into fresh memory also pays its page faults: 0.9 GB/s against the loader's 1.5-2.7 in one run here);
+    through its DiskTier (`reads`: O_DIRECT where the filesystem takes it, or buffered and dropped after),
+    `workers` reads in flight as the loader's workers keep them, each into one of `workers` page-aligned
+    buffers faulted in beforehand and reused, as the cache reuses its read buffers. A disk's speed depends on
+    the request's size and kind, so the probe reads what a miss reads: experts spread over experts.bin, at
+    least `workers`, about `nbytes` in all;
     their checksums are not recomputed (a run verifies an expert on its first read only)."""
     import queue
     from concurrent.futures import ThreadPoolExecutor

@@ -115,9 +115,10 @@ class DiskTier:
     reads "direct": O_DIRECT where the filesystem takes it (no page cache at all), else buffered as below.
     "buffered": page-cache reads with the kernel's readahead, each read's pages (and READAHEAD_DROP bytes past
     it) dropped right after it (POSIX_FADV_DONTNEED), so the weights do not stay in the page cache; while a
-    read is in flight its pages are there too. On this project's virtual disk buffered reads of Mixtral-width
-    4-bit experts (94 MB) ran 2-2.2x faster than O_DIRECT ones (docs/benchmarks.md); at Qwen3's 2.7 MB experts
-    they did not."""
+    read is in flight its pages are there too. On this project's virtual disk a probe read Mixtral-width 4-bit
+    experts (94 MB) buffered at ~2x the O_DIRECT rate, yet decoding under a budget ran 0.75-0.82x as fast with
+    buffered reads (the copy out of the page cache takes CPU the experts need, and readahead reads past the
+    expert): direct stays the default (docs/benchmarks.md)."""
 
     def __init__(self, path: str | os.PathLike, pinned: bool = False, verify: str = "first", reads: str = "direct"):
         if verify not in ("first", "always"):
