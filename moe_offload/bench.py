@@ -1359,7 +1359,7 @@ def run_bench(a) -> dict:
     probe_bits = min(a.us_bits)  # our rows' lowest precision (a resident 4-bit run has no q4 budgets)
     probes = {**model_probes(prep["config"], probe_bits, a.dtype), "probe_bits": probe_bits}
     # the disk as a miss reads it: whole experts of that store, the loader's workers in flight
-    from .hardware import measure_expert_reads
+    from .store.tiers import measure_expert_reads
     from .store.format import open_store
 
     probe_store = open_store(prep["store"] if probe_bits == 16 else prep["quantized"][probe_bits])

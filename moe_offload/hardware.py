@@ -250,49 +250,6 @@ def measure_disk(directory, nbytes: int, chunk: int = 8 * MiB, streams: int = 4)
     return out
 
 
-def measure_expert_reads(store, workers: int = 2, nbytes: int = 512 * MiB, reads: str = "direct") -> float:
-    """Bytes/s of the engine's own miss reads from `store` (a store.format.Store): whole experts' spans read
-    through its DiskTier (`reads`: O_DIRECT where the filesystem takes it, or buffered and dropped after),
-    `workers` reads in flight as the loader's workers keep them, each into one of `workers` page-aligned
-    buffers faulted in beforehand and reused, as the cache reuses its read buffers. A disk's speed depends on
-    the request's size and kind, so the probe reads what a miss reads: experts spread over experts.bin, at
-    least `workers`, about `nbytes` in all;
-    their checksums are not recomputed (a run verifies an expert on its first read only)."""
-    import queue
-    from concurrent.futures import ThreadPoolExecutor
-
-    from .store.tiers import DiskTier, aligned_buffer
-
-    entries = sorted(store.entries.values(), key=lambda e: e.offset)
-    span = max(e.span for e in entries)
-    n = max(1, min(len(entries), max(workers, nbytes // span)))
-    pick = [entries[i * len(entries) // n] for i in range(n)]
-    bufs: queue.SimpleQueue = queue.SimpleQueue()
-    for _ in range(workers):
-        b = aligned_buffer(span)
-        b.fill_(1)  # its pages faulted in, as a reused buffer's are
-        bufs.put(b)
-
-    def read(e) -> int:
-        b = bufs.get()
-        try:
-            return disk.read(e, b[:e.span]).numel()
-        finally:
-            bufs.put(b)
-
-    disk = DiskTier(store.experts_path, reads=reads)
-    try:
-        disk.verified.update(e.key for e in pick)
-        if not disk.direct:
-            drop_page_cache(store.experts_path, sync=True)
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(workers) as ex:
-            done = sum(ex.map(read, pick))
-        return done / (time.perf_counter() - t0)
-    finally:
-        disk.close()
-
-
 def measure_ram_read(threads: int | None, nbytes: int = 512 * MiB, repeat: int = 9) -> dict:
     """RAM read bytes/s of torch sums over an fp32 buffer far larger than the caches: {best, median} of
     `repeat`. `threads`: torch's thread count to set first (None: as it is)."""

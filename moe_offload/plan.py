@@ -362,18 +362,20 @@ def quantize_rate(hidden: int, intermediate: int, bits: int = 4, quantizer: str 
     from .quant.codec import HQQCodec, expert_spec
 
     from .experts import ExpertShape
-    from .quant.writer import _Encoder
+    from .quant.codec import expert_error
     from .utils import reuse_freed_memory
 
     codec = HQQCodec(expert_spec(bits, group_size, quantizer))
     gen = torch.Generator().manual_seed(0)
 
-    def encode(i: int) -> float:  # as `quantize` encodes an expert: the codec, then its error check, with the
-        # heap reused (quant.writer); the first call warms the heap
+    def encode(i: int) -> float:  # as `quantize` encodes an expert (quant.writer._Encoder): the codec, then its
+        # error check, with the heap reused; the first call warms the heap
         gate, up = (torch.randn(i, hidden, generator=gen).mul_(0.02).to(torch.bfloat16) for _ in range(2))
         down = torch.randn(hidden, i, generator=gen).mul_(0.02).to(torch.bfloat16)
+        shape = ExpertShape(hidden, i)
         t0 = time.perf_counter()
-        _Encoder(codec, None, ExpertShape(hidden, i), []).encode(gate, up, down)
+        blob = codec.encode(gate, up, down, x=None, act=shape, act_aware=False)
+        expert_error(gate, up, down, codec, blob, None, shape, biases={})
         return time.perf_counter() - t0
 
     with reuse_freed_memory():

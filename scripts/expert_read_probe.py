@@ -1,5 +1,5 @@
 """The disk as a miss reads it, two ways, alternating: whole experts of a store through its DiskTier, `workers`
-in flight, into reused page-aligned buffers faulted in beforehand (hardware.measure_expert_reads, what the bench
+in flight, into reused page-aligned buffers faulted in beforehand (store.tiers.measure_expert_reads, what the bench
 records as disk_loader_bw) and into a fresh buffer per read (its page faults inside the read), plus the bench's
 temp-file probes (hardware.measure_disk). GB/s per round.
 
@@ -12,7 +12,8 @@ import argparse
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from moe_offload.hardware import measure_disk, measure_expert_reads
+from moe_offload.hardware import measure_disk
+from moe_offload.store.tiers import measure_expert_reads
 from moe_offload.store.format import open_store
 from moe_offload.store.tiers import DiskTier
 

@@ -69,7 +69,7 @@ def test_expert_read_probe_reads_whole_experts_of_the_store_as_a_miss_does(tmp_p
     """The bench's disk figure for the simulator: the store's own experts read whole through its DiskTier
     (O_DIRECT where it can), a few in flight, as the loader reads a miss; the disk's speed on a virtual disk
     depends on the request's size, so a temp file read in 8 MiB pieces is not that figure."""
-    from moe_offload.hardware import measure_expert_reads
+    from moe_offload.store.tiers import measure_expert_reads
     from moe_offload.store.format import convert, open_store
     from moe_offload.store import tiers
     from tests.tiny import make_checkpoint

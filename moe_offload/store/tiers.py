@@ -238,3 +238,46 @@ class HostTier:
             self.policy.on_insert(key, n, step)
             self.policy.on_access(key, step)
 
+
+def measure_expert_reads(store, workers: int = 2, nbytes: int = 512 << 20, reads: str = "direct") -> float:
+    """Bytes/s of the engine's own miss reads from `store` (a store.format.Store): whole experts' spans read
+    through its DiskTier (`reads`: O_DIRECT where the filesystem takes it, or buffered and dropped after),
+    `workers` reads in flight as the loader's workers keep them, each into one of `workers` page-aligned
+    buffers faulted in beforehand and reused, as the cache reuses its read buffers. A disk's speed depends on
+    the request's size and kind, so the probe reads what a miss reads: experts spread over experts.bin, at
+    least `workers`, about `nbytes` in all;
+    their checksums are not recomputed (a run verifies an expert on its first read only)."""
+    import queue
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..utils import drop_page_cache
+
+    entries = sorted(store.entries.values(), key=lambda e: e.offset)
+    span = max(e.span for e in entries)
+    n = max(1, min(len(entries), max(workers, nbytes // span)))
+    pick = [entries[i * len(entries) // n] for i in range(n)]
+    bufs: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(workers):
+        b = aligned_buffer(span)
+        b.fill_(1)  # its pages faulted in, as a reused buffer's are
+        bufs.put(b)
+
+    def read(e) -> int:
+        b = bufs.get()
+        try:
+            return disk.read(e, b[:e.span]).numel()
+        finally:
+            bufs.put(b)
+
+    disk = DiskTier(store.experts_path, reads=reads)
+    try:
+        disk.verified.update(e.key for e in pick)
+        if not disk.direct:
+            drop_page_cache(store.experts_path, sync=True)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(workers) as ex:
+            done = sum(ex.map(read, pick))
+        return done / (time.perf_counter() - t0)
+    finally:
+        disk.close()
