@@ -9,7 +9,6 @@ a bench's cgroup (budget + 512 MiB, page cache counted) does to the process.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
