@@ -16,7 +16,6 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 from .costmodel import BITS, cpu_compute_bits, miss_cost
 from .errors import MoeError, UsageError
@@ -359,44 +358,35 @@ def quantize_rate(hidden: int, intermediate: int, bits: int = 4, quantizer: str 
 
     import torch
 
-    from .quant.codec import HQQCodec, expert_spec
-
     from .experts import ExpertShape
-    from .quant.codec import expert_error
+    from .quant.codec import HQQCodec, encode_checked, expert_spec
     from .utils import reuse_freed_memory
 
     codec = HQQCodec(expert_spec(bits, group_size, quantizer))
     gen = torch.Generator().manual_seed(0)
 
-    def encode(i: int) -> float:  # as `quantize` encodes an expert (quant.writer._Encoder): the codec, then its
-        # error check, with the heap reused; the first call warms the heap
+    def encode(i: int) -> float:  # as `quantize` encodes an expert: encode_checked, with the heap reused
         gate, up = (torch.randn(i, hidden, generator=gen).mul_(0.02).to(torch.bfloat16) for _ in range(2))
         down = torch.randn(hidden, i, generator=gen).mul_(0.02).to(torch.bfloat16)
-        shape = ExpertShape(hidden, i)
         t0 = time.perf_counter()
-        blob = codec.encode(gate, up, down, x=None, act=shape, act_aware=False)
-        expert_error(gate, up, down, codec, blob, None, shape, biases={})
+        encode_checked(codec, gate, up, down, act=ExpertShape(hidden, i))
         return time.perf_counter() - t0
 
-    with reuse_freed_memory():
-        return _probe(encode, hidden, intermediate, budget_s, max_bytes)
-
-
-def _probe(encode: Callable[[int], float], hidden: int, intermediate: int, budget_s: float, max_bytes: int) -> dict:
     step = 64
-    first = min(intermediate, step)
-    t = encode(first)  # also warms the code paths
-    per_row = t / first
-    cap = max(step, max_bytes // (6 * hidden) // step * step)
-    rows = min(intermediate, cap, max(step, int(budget_s / max(per_row, 1e-9)) // step * step))
-    if rows > first:
-        t = encode(rows)
-        if t < 1.5 * budget_s:  # best of two: a shared machine's worst moments left out
-            t = min(t, encode(rows))
-    else:
-        rows = first
-        if t < budget_s:
-            t = min(t, encode(first))
+    with reuse_freed_memory():
+        first = min(intermediate, step)
+        t = encode(first)  # also warms the code paths and the heap
+        per_row = t / first
+        cap = max(step, max_bytes // (6 * hidden) // step * step)
+        rows = min(intermediate, cap, max(step, int(budget_s / max(per_row, 1e-9)) // step * step))
+        if rows > first:
+            t = encode(rows)
+            if t < 1.5 * budget_s:  # best of two: a shared machine's worst moments left out
+                t = min(t, encode(rows))
+        else:
+            rows = first
+            if t < budget_s:
+                t = min(t, encode(first))
     nbytes = 3 * hidden * rows * 2
     return {"rate": nbytes / t, "rows": rows, "seconds": t, "bytes": nbytes}
 

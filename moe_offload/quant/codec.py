@@ -368,6 +368,15 @@ class HQQCodec:
         return W[0], W[1]
 
 
+def encode_checked(codec: HQQCodec, gate, up, down, x: torch.Tensor | None = None,
+                   act: str | ExpertShape = "silu", act_aware: bool = False,
+                   **biases) -> tuple[torch.Tensor, float]:
+    """One expert as `quantize` writes it: its blob, and the error of that blob (`expert_error`, on the
+    calibration rows x where given). -> (blob, error)"""
+    blob = codec.encode(gate, up, down, x=x, act=act, act_aware=act_aware, **biases)
+    return blob, expert_error(gate, up, down, codec, blob, x, act, biases=biases)
+
+
 def expert_error(gate, up, down, codec: HQQCodec, blob: torch.Tensor | None = None,
                  x: torch.Tensor | None = None, act: str | ExpertShape = "silu",
                  w: torch.Tensor | None = None, act_aware: bool = False, biases: dict | None = None) -> float:

@@ -43,10 +43,10 @@ class _Encoder:
         self.spec = codec.spec
 
     def encode(self, gate, up, down, **biases):
-        from .codec import expert_error
+        from .codec import encode_checked
 
-        blob = self.codec.encode(gate, up, down, x=self.x, act=self.shape, act_aware=self.act_aware, **biases)
-        self.log.append(expert_error(gate, up, down, self.codec, blob, self.x, self.shape, biases=biases))
+        blob, error = encode_checked(self.codec, gate, up, down, self.x, self.shape, self.act_aware, **biases)
+        self.log.append(error)
         return blob
 
 
