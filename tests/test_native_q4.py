@@ -406,7 +406,7 @@ def test_native_16bit_gemv_is_the_fp32_dot_product_rounded_once(wdt, xdt):
 @needs_native
 @pytest.mark.parametrize("wdt", [torch.float16, torch.bfloat16])
 def test_router_logits_over_16bit_weights_use_them_as_stored(wdt, monkeypatch):
-    """A decode token's router (models.base.router_linear: MoE, granitemoe) reads its 16-bit weight through the
+    """A decode token's router (models.base.router_logits_fp32: MoE, granitemoe) reads its 16-bit weight through the
     native GEMV in fp32 instead of copying the weight to fp32 on every call; many rows, fp32 weights or a bias
     (gpt-oss) keep F.linear on the fp32 copy. The logits are fp32 either way and agree to fp32 summation."""
     from moe_offload.models import base
@@ -416,13 +416,13 @@ def test_router_logits_over_16bit_weights_use_them_as_stored(wdt, monkeypatch):
     monkeypatch.setattr(base, "native_gemv", lambda x, w: calls.append(tuple(x.shape)) or real(x, w))
     w = torch.randn(64, 256, generator=gen(5)).to(wdt)
     h = torch.randn(1, 256, generator=gen(6)).to(wdt)
-    y = base.router_linear(h, w)
+    y = base.router_logits_fp32(h, w)
     ref = torch.nn.functional.linear(h.float(), w.float())
     assert calls == [(1, 256)] and y.dtype == torch.float32
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     many = torch.randn(base.NATIVE_ROWS + 1, 256, generator=gen(7)).to(wdt)
-    assert torch.equal(base.router_linear(many, w), torch.nn.functional.linear(many.float(), w.float()))
+    assert torch.equal(base.router_logits_fp32(many, w), torch.nn.functional.linear(many.float(), w.float()))
     b = torch.randn(64, generator=gen(8))
     n = len(calls)
-    assert torch.equal(base.router_linear(h, w, b), torch.nn.functional.linear(h.float(), w.float(), b))
-    assert torch.equal(base.router_linear(h.float(), w.float()), ref) and len(calls) == n  # fp32 / bias: torch
+    assert torch.equal(base.router_logits_fp32(h, w, b), torch.nn.functional.linear(h.float(), w.float(), b))
+    assert torch.equal(base.router_logits_fp32(h.float(), w.float()), ref) and len(calls) == n  # fp32 / bias: torch

@@ -122,10 +122,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     return y
 
 
-def router_linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """Router logits in fp32: h [N, D] (any dtype) @ w^T (+ b), w's values exact in fp32. A few rows over 16-bit
-    weights run the native GEMV on the weights as stored (`native_gemv`, fp32 accumulation) instead of copying
-    w to fp32 on every call (a decode token did that once per MoE layer: 1 MB at Qwen3's 128 x 2048)."""
+def router_logits_fp32(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """Router logits in fp32: h [N, D] (any dtype) @ w^T (+ b), w's values exact in fp32. A few rows over
+    16-bit weights run the native GEMV on the weights as stored (`native_gemv`, fp32 accumulation) instead
+    of copying w to fp32 on every call (a decode token did that once per MoE layer: 1 MB at Qwen3's
+    128 x 2048)."""
     hf = h.float()
     y = native_gemv(hf, w) if b is None and w.dtype != torch.float32 else None
     if y is not None:
@@ -429,7 +430,7 @@ class MoE(nn.Module):
         self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if shared_gate else None
 
     def router_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return router_linear(h, self.gate.weight)  # [N, E] fp32
+        return router_logits_fp32(h, self.gate.weight)  # [N, E] fp32
 
     def router_linear(self) -> nn.Linear:
         """The router's linear layer (weight [E, D]), whatever the family's checkpoint calls it."""

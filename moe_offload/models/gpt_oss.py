@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import MoeError
 from ..experts import ExpertShape
 from .base import (Attention, BaseModelArgs, CausalLM, DecoderLayer, MoE, RMSNorm, apply_rope, attention_mask,
-                   rope_tables, router_linear)
+                   rope_tables, router_logits_fp32)
 from .gguf_keys import gguf_special_ids, gguf_yarn
 from .layouts import (dequantize_mxfp4, even, even_cols_t, mxfp4_even_rows, mxfp4_odd_rows, odd, odd_cols_t,
                       transposed, whole)
@@ -155,7 +155,7 @@ class GptOssMoE(MoE):
         self.router = Router(args.hidden_size, args.num_local_experts, bias=True)
 
     def router_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return router_linear(h, self.router.weight, self.router.bias)  # [N, E] fp32
+        return router_logits_fp32(h, self.router.weight, self.router.bias)  # [N, E] fp32
 
     def router_linear(self) -> nn.Linear:
         return self.router

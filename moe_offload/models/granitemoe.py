@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..experts import ExpertShape
-from .base import Attention, BaseModelArgs, CausalLM, DecoderLayer, MoE, rope_tables, router_linear
+from .base import Attention, BaseModelArgs, CausalLM, DecoderLayer, MoE, rope_tables, router_logits_fp32
 from .layouts import first_half, second_half, whole
 from .routing import topk_softmax
 
@@ -73,7 +73,7 @@ class GraniteMoE(MoE):
         self.router = Router(dim, n_experts)
 
     def router_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return router_linear(h, self.router.layer.weight)  # [N, E] fp32
+        return router_logits_fp32(h, self.router.layer.weight)  # [N, E] fp32
 
     def router_linear(self) -> nn.Linear:
         return self.router.layer
