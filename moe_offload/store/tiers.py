@@ -114,11 +114,11 @@ class DiskTier:
 
     reads "direct": O_DIRECT where the filesystem takes it (no page cache at all), else buffered as below.
     "buffered": page-cache reads with the kernel's readahead, each read's pages (and READAHEAD_DROP bytes past
-    it) dropped right after it (POSIX_FADV_DONTNEED), so the weights do not stay in the page cache; while a
-    read is in flight its pages are there too. On this project's virtual disk a probe read Mixtral-width 4-bit
-    experts (94 MB) buffered at ~2x the O_DIRECT rate, yet decoding under a budget ran 0.75-0.82x as fast with
-    buffered reads (the copy out of the page cache takes CPU the experts need, and readahead reads past the
-    expert): direct stays the default (docs/benchmarks.md)."""
+    it, which readahead may have fetched) dropped right after it (POSIX_FADV_DONTNEED), so the weights do not
+    stay in the page cache; while a read is in flight its pages are there too. On this project's virtual disk
+    a probe read Mixtral-width 4-bit experts (94 MB) buffered at ~2x the O_DIRECT rate, yet decoding under a
+    budget ran 0.75-0.82x as fast with buffered reads (the copy out of the page cache takes CPU the experts
+    need, and readahead reads past the expert): direct stays the default (docs/benchmarks.md)."""
 
     def __init__(self, path: str | os.PathLike, pinned: bool = False, verify: str = "first", reads: str = "direct"):
         if verify not in ("first", "always"):
@@ -162,8 +162,7 @@ class DiskTier:
                                f"{e.offset + done} of {e.offset + e.span} (file truncated?)")
             done += n
         if not self.direct:  # its pages, and what readahead fetched past them
-            os.posix_fadvise(self.fd, e.offset, e.span + (READAHEAD_DROP if self.reads == "buffered" else 0),
-                             os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(self.fd, e.offset, e.span + READAHEAD_DROP, os.POSIX_FADV_DONTNEED)
         self.check_unchanged()
         if self.verify == "first" and e.key in self.verified:
             return buf
