@@ -182,12 +182,12 @@ def reuse_freed_memory():
     """Inside: glibc serves every allocation from its heap and keeps what is freed, so the expert-sized
     temporaries of quantizing (hundreds of MB each, many per expert) reuse pages instead of each being a new
     mmap whose every 4 KiB page faults in zeroed and is unmapped again on free. At Mixtral's widths that page
-    work was most of `quantize` (a 4-bit RTN expert: 5.3 s wall, 6.8 s system time, 2.4 M page faults
-    against 1.7-1.9 s and ~0 faults with the heap reused; scripts/quant_heap.py). The price: nothing freed
-    goes back to the system while inside, and a freed block is not always reused (torch aligns big blocks
-    to 2 MiB, so a slightly smaller free block can be skipped): the heap can grow past the old peak (quantize
-    of the Mixtral-wide model: 4.4 GB peak RSS against 3.4). On leaving, glibc's defaults come back and the heap
-    is trimmed. A no-op without glibc's mallopt."""
+    work was most of `quantize` (a 4-bit RTN expert, 2 threads: 4.4-4.8 s wall, 5.6-6.4 s system time,
+    2.4 M page faults, against 1.2 s and no faults from the second expert on with the heap reused;
+    scripts/quant_heap.py, docs/bench/quantize-heap/). The price: nothing freed goes back to the system while
+    inside, and a freed block is not always reused (whether it is depends on the heap's layout), so the heap
+    can grow past the old peak (quantize of the Mixtral-wide model: 4.4 GB peak RSS against 3.4). On leaving,
+    glibc's defaults come back and the heap is trimmed. A no-op without glibc's mallopt."""
     libc = _libc()
     ok = libc is not None and hasattr(libc, "mallopt") and libc.mallopt(M_MMAP_MAX, 0) == 1
     if ok:

@@ -44,8 +44,8 @@ def test_reuse_freed_memory_keeps_big_blocks_in_the_heap_and_restores_glibc_afte
     RTN expert's time was that system time (scripts/quant_heap.py: 2.4 M faults an expert, none once the heap
     is reused). Inside reuse_freed_memory every allocation comes from the heap (M_MMAP_MAX 0) and nothing is
     trimmed (M_TRIM_THRESHOLD -1); on leaving, even by an exception, glibc's defaults come back and the heap is
-    trimmed. (Whether one given block is reused depends on the heap's layout, e.g. torch's 2 MiB-aligned big
-    blocks, so the page faults themselves are measured by the script, not asserted here.)"""
+    trimmed. (Whether one given block is reused depends on the heap's layout, so the page faults themselves are
+    measured by the script, not asserted here.)"""
     from moe_offload import utils
 
     calls = []
