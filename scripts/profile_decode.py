@@ -79,6 +79,36 @@ def report(prof, tokens: int, wall: float, label: str, top: int) -> None:
     print(events.table(sort_by="count", row_limit=top))
 
 
+def ops_by_line(engine, ids: list[int], tokens: int, top: int) -> None:
+    """Count the torch ops of `tokens` decode steps by the innermost moe_offload frame that issued them."""
+    import sys
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: Counter = Counter()
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            f = sys._getframe(1)
+            while f is not None and "moe_offload" not in f.f_code.co_filename:
+                f = f.f_back
+            where = f"{f.f_code.co_filename.rsplit('moe_offload/', 1)[-1]}:{f.f_lineno}" if f else "?"
+            counts[(where, func.__name__)] += 1
+            return func(*args, **(kwargs or {}))
+
+    it = engine.stream_generate(prompt_ids=ids, max_new_tokens=tokens + 1, ignore_eos=True, temperature=0.0)
+    next(it)
+    with Count():
+        for _ in it:
+            pass
+    total = sum(counts.values())
+    print(f"\n## decode ops by calling line: {total / tokens:.0f} dispatched ops/token (views included)\n")
+    print("| ops / token | line | op |\n|---|---|---|")
+    for (where, op), n in counts.most_common(top):
+        print(f"| {n / tokens:.1f} | {where} | {op} |")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("store")
@@ -89,6 +119,9 @@ def main() -> int:
     p.add_argument("--dtype", default="float16")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--preload", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--by-line", type=int, default=0, metavar="N",
+                   help="also count a decode token's torch ops by the moe_offload source line that called them "
+                        "(the N busiest lines; no timing)")
     a = p.parse_args()
     from moe_offload.runtime.load import load
     from moe_offload.utils import parse_size
@@ -114,6 +147,8 @@ def main() -> int:
             last = r
         dec = time.perf_counter() - t0
     report(prof, a.new_tokens, dec, "decode", a.top)
+    if a.by_line:
+        ops_by_line(engine, ids, a.new_tokens, a.by_line)
     if last is not None:
         s = last.stats
         print(f"\nengine stats: decode {s.get('decode_tokens_per_s', 0):.2f} tok/s, hits {s.get('expert_hits')}, "

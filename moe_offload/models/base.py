@@ -151,11 +151,18 @@ class RMSNorm(nn.Module):
         self.eps, self.weight_in_fp32 = eps, weight_in_fp32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight_in_fp32:
-            return (self.weight * xf).to(x.dtype)
-        return self.weight * xf.to(x.dtype)
+            xf = x.float()
+            return (self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps))).to(x.dtype)
+        y = native_rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps) if y is None else y
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm: statistics in fp32, cast back to x's dtype, then the weight."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
 
 
 def rope_table(head_dim: int, max_pos: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,8 +233,97 @@ def rope_tables(args, dim: int, max_pos: int) -> tuple[torch.Tensor, torch.Tenso
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x [B, H, T, Hd]; cos/sin [T, Hd] already in x's dtype
+    y = native_rope(x, cos, sin)
+    return rope_torch(x, cos, sin) if y is None else y
+
+
+def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# ---- the same two ops in one native call each (quant/native/q4.c: rms_norm, rope), rounded as torch rounds ------
+# A decode token at Qwen3-30B-A3B's widths runs 33 RMSNorms and 16 RoPEs: ~9 and ~6 torch ops each, ~70 and ~35 us
+# a call on this CPU (scripts/profile_decode.py --by-line). The native calls repeat torch's arithmetic step by
+# step, the mean of squares summed in the order of torch's own reduction; they are used for a (op, dtype, width)
+# only after matching torch bit for bit on random rows in this process (`glue_exact`), so tokens cannot move.
+
+GLUE_MAX = 32768  # elements: torch reduces a tensor below its grain size on one thread, in the order copied
+GLUE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # q4.c's dtype codes (native.DTYPES)
+TORCH_LANES = {"AVX2": 8, "DEFAULT": 8, "AVX512": 16}  # fp32 lanes of torch's Vectorized<float> per capability
+
+
+@functools.cache
+def glue_lanes() -> int | None:
+    try:
+        return TORCH_LANES.get(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_glue_lib = None  # the native library once resolved (False: none)
+
+
+def _glue_call(op: str, x: torch.Tensor, *args) -> torch.Tensor | None:
+    global _glue_lib
+    if _glue_lib is None:
+        from ..quant import native
+
+        _glue_lib = (native.lib() if glue_lanes() else None) or False
+    if not _glue_lib:
+        return None
+    y = torch.empty_like(x)
+    code = GLUE_DTYPES[x.dtype]
+    if op == "rms":
+        w, eps = args
+        D = x.shape[-1]
+        rc = _glue_lib.rms_norm(x.data_ptr(), y.data_ptr(), code, x.numel() // D, D, w.data_ptr(), eps,
+                                glue_lanes())
+    else:
+        cos, sin = args
+        T, Hd = cos.shape
+        rc = _glue_lib.rope(x.data_ptr(), y.data_ptr(), code, x.numel() // Hd, T, Hd, cos.data_ptr(),
+                            sin.data_ptr())
+    return y if rc == 0 else None
+
+
+@functools.cache
+def glue_exact(op: str, dtype: torch.dtype, width: int) -> bool:
+    """Does the native `op` ("rms" or "rope") give torch's bits for rows of `width` in `dtype` (and in fp32, where
+    a different summation order shows in nearly every element)? Random rows spanning 12 decades."""
+    g = torch.Generator().manual_seed(width)
+    for dt in dict.fromkeys((torch.float32, dtype)):
+        x = (torch.randn(16, width, generator=g) * 10 ** (torch.rand(16, 1, generator=g) * 12 - 6)).to(dt)
+        if op == "rms":
+            w = (torch.rand(width, generator=g) * 2).to(dt)
+            want, got = rms_norm(x, w, 1e-6), _glue_call(op, x, w, 1e-6)
+        else:
+            cos, sin = (torch.randn(4, width, generator=g).to(dt) for _ in range(2))
+            x = x.view(4, 4, width)
+            want, got = rope_torch(x, cos, sin), _glue_call(op, x, cos, sin)
+        if got is None or not torch.equal(got.view(torch.uint8), want.contiguous().view(torch.uint8)):
+            return False
+    return True
+
+
+def _glue_ok(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    return (x.is_cpu and x.dtype in GLUE_DTYPES and x.numel() < GLUE_MAX and x.is_contiguous()
+            and all(t.dtype == x.dtype and t.is_cpu and t.is_contiguous() for t in others))
+
+
+def native_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """`rms_norm` in one native call, or None where it does not apply (the caller runs torch's ops)."""
+    if not _glue_ok(x, w) or w.shape != x.shape[-1:] or not glue_exact("rms", x.dtype, x.shape[-1]):
+        return None
+    return _glue_call("rms", x, w, eps)
+
+
+def native_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """`rope_torch` in one native call for x [.., T, Hd] contiguous (a decode token's q and k), or None."""
+    if (not _glue_ok(x, cos, sin) or x.dim() < 2 or cos.shape != x.shape[-2:] or sin.shape != cos.shape
+            or not glue_exact("rope", x.dtype, x.shape[-1])):
+        return None
+    return _glue_call("rope", x, cos, sin)
 
 
 class SeqCache(nn.Module):

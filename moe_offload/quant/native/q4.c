@@ -333,7 +333,7 @@ int q4_to_r64(const uint8_t *src, uint8_t *dst, int N, int K, int B, int pairs, 
     return 0;
 }
 
-int q4_version(void) { return 9; }
+int q4_version(void) { return 10; }
 
 /* The rows of y [M, N] = xq·W^T (activations quantized already) that this thread's share of the work units
  * gives (an orphaned `omp for`: inside a parallel region the units are split over its threads, outside it one
@@ -622,5 +622,153 @@ int h16_mm(const void *x, void *y, int xdt, int M, int N, int K, const uint16_t 
         }
     }
     free(xf);
+    return 0;
+}
+
+/* ---- exact glue: RMSNorm and RoPE rounded as torch's eager ops round them (models/base.py: native_glue) ---------
+ * A decode token runs 33 RMSNorms and 16 RoPEs at Qwen3-30B-A3B's widths, ~9 and ~6 torch ops each, ~70 and ~35 us
+ * a call on this CPU for a few KB of work. These do the same arithmetic in one call. Every step is one IEEE fp32
+ * operation rounded as torch rounds it (16-bit results of a 16-bit op: the fp32 result rounded to nearest even);
+ * the one reduction, the mean of squares, sums in the order of torch's contiguous inner sum (SumKernel.cpp):
+ * vectors of `lanes` floats, four interleaved accumulators each pushed up a four-level cascade every 16 vectors,
+ * the leftover vectors into the first, the four summed in order, then the tail elements, then the lanes in order.
+ * models/base.py compares each (dtype, width) with torch bit for bit before it uses them, and keeps torch's ops
+ * where they differ. Contraction is off: an FMA would round once where torch rounds twice. */
+
+static int ceil_log2(long x) { /* torch's utils::CeilLog2 */
+    if (x <= 2) return 1;
+    int b = 0;
+    for (unsigned long v = (unsigned long)(x - 1); v; v >>= 1) b++;
+    return b;
+}
+
+static inline float load1(const void *x, int dt, size_t i) {
+    if (dt == Q4_BF16) return bf2f(((const uint16_t *)x)[i]);
+    if (dt == Q4_F16) return _cvtsh_ss(((const uint16_t *)x)[i]);
+    return ((const float *)x)[i];
+}
+
+/* 8 fp32 values rounded to dt and back (round to nearest even; a NaN stays a NaN, as f2bf) */
+static inline __m256i bf16_bits8(__m256 v) { /* the rounded bf16 in each lane's high half */
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
+    const __m256i nan = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
+    const __m256 isnan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    return _mm256_and_si256(_mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(nan), isnan)),
+                            _mm256_set1_epi32((int)0xffff0000u));
+}
+
+static inline __m256 rnd8(__m256 v, int dt) {
+    if (dt == Q4_BF16) return _mm256_castsi256_ps(bf16_bits8(v));
+    if (dt == Q4_F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    return v;
+}
+
+static inline void store8(void *y, int dt, size_t i, __m256 v) {
+    if (dt == Q4_F32) {
+        _mm256_storeu_ps((float *)y + i, v);
+    } else if (dt == Q4_F16) {
+        _mm_storeu_si128((__m128i *)((uint16_t *)y + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    } else {
+        const __m256i h = _mm256_srli_epi32(bf16_bits8(v), 16);
+        _mm_storeu_si128((__m128i *)((uint16_t *)y + i),
+                         _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+    }
+}
+
+/* Σ x[i]² of one row (x of dtype dt) in torch's order for `lanes` = 8·H fp32 lanes (H 256-bit halves a vector) */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+static float torch_sumsq(const void *x, int dt, size_t o, int n, int H) {
+    enum { LEVELS = 4, ILP = 4 };
+    const int lanes = 8 * H;
+    __m256 acc[LEVELS][ILP][2];
+    for (int j = 0; j < LEVELS; j++)
+        for (int k = 0; k < ILP; k++) acc[j][k][0] = acc[j][k][1] = _mm256_setzero_ps();
+    const long nv = n / lanes, rows = nv / ILP;
+    int lp = ceil_log2(rows) / LEVELS;
+    if (lp < 4) lp = 4;
+    const long step = 1L << lp, mask = step - 1;
+#define SQ(at) ({ const __m256 f_ = load8(x, dt, o + (size_t)(at)); _mm256_mul_ps(f_, f_); })
+    long i = 0;
+    for (; i + step <= rows;) {
+        for (long j = 0; j < step; j++, i++)
+            for (int k = 0; k < ILP; k++)
+                for (int h = 0; h < H; h++) acc[0][k][h] = _mm256_add_ps(acc[0][k][h], SQ((i * ILP + k) * lanes + 8 * h));
+        for (int j = 1; j < LEVELS; j++) {
+            for (int k = 0; k < ILP; k++)
+                for (int h = 0; h < H; h++)
+                    acc[j][k][h] = _mm256_add_ps(acc[j][k][h], acc[j - 1][k][h]), acc[j - 1][k][h] = _mm256_setzero_ps();
+            if (i & (mask << (j * lp))) break;
+        }
+    }
+    for (; i < rows; i++)
+        for (int k = 0; k < ILP; k++)
+            for (int h = 0; h < H; h++) acc[0][k][h] = _mm256_add_ps(acc[0][k][h], SQ((i * ILP + k) * lanes + 8 * h));
+    for (int j = 1; j < LEVELS; j++)
+        for (int k = 0; k < ILP; k++)
+            for (int h = 0; h < H; h++) acc[0][k][h] = _mm256_add_ps(acc[0][k][h], acc[j][k][h]);
+    for (long t = rows * ILP; t < nv; t++)
+        for (int h = 0; h < H; h++) acc[0][0][h] = _mm256_add_ps(acc[0][0][h], SQ(t * lanes + 8 * h));
+    for (int k = 1; k < ILP; k++)
+        for (int h = 0; h < H; h++) acc[0][0][h] = _mm256_add_ps(acc[0][0][h], acc[0][k][h]);
+#undef SQ
+    float s = 0.0f, part[16];
+    for (long t = nv * lanes; t < n; t++) {
+        const float f = load1(x, dt, o + (size_t)t);
+        s += f * f;
+    }
+    for (int h = 0; h < H; h++) _mm256_storeu_ps(part + 8 * h, acc[0][0][h]);
+    for (int l = 0; l < lanes; l++) s += part[l];
+    return s;
+}
+
+/* y [M, D] = w · rnd(x · rsqrt(Σx²/D + eps)), x, w, y of dtype dt (transformers' RMSNorm: statistics in fp32,
+ * cast back, then the weight); lanes: torch's fp32 vector width (8 AVX2, 16 AVX-512). */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+int rms_norm(const void *x, void *y, int dt, int M, int D, const void *w, float eps, int lanes) {
+    if (M < 1 || D < lanes || (lanes != 8 && lanes != 16)) return -1;
+    const int D8 = D / 8 * 8;
+    for (int m = 0; m < M; m++) {
+        const size_t o = (size_t)m * D;
+        const float r = 1.0f / sqrtf(torch_sumsq(x, dt, o, D, lanes / 8) / (float)D + eps);
+        const __m256 rv = _mm256_set1_ps(r);
+        for (int i = 0; i < D8; i += 8)
+            store8(y, dt, o + i, _mm256_mul_ps(load8(w, dt, i), rnd8(_mm256_mul_ps(load8(x, dt, o + i), rv), dt)));
+        for (int i = D8; i < D; i++) store_y(y, dt, o + i, load1(w, dt, i) * rnd(dt, load1(x, dt, o + i) * r));
+    }
+    return 0;
+}
+
+/* RoPE of R rows of Hd (row r at position r % T of cos/sin [T, Hd], all of dtype dt):
+ * y = rnd(rnd(x·cos) + rnd(rot(x)·sin)), rot(x) = [−x2, x1] (base.apply_rope, op for op) */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+int rope(const void *x, void *y, int dt, int R, int T, int Hd, const void *cos, const void *sin) {
+    if (R < 1 || T < 1 || Hd < 2 || Hd % 2) return -1;
+    const int h = Hd / 2, h8 = h / 8 * 8;
+    const __m256 neg = _mm256_set1_ps(-0.0f);
+    for (int r = 0; r < R; r++) {
+        const size_t o = (size_t)r * Hd, c = (size_t)(r % T) * Hd;
+        for (int i = 0; i < h8; i += 8) {
+            const __m256 x1 = load8(x, dt, o + i), x2 = load8(x, dt, o + h + i);
+            const __m256 a1 = rnd8(_mm256_mul_ps(x1, load8(cos, dt, c + i)), dt);
+            const __m256 b1 = rnd8(_mm256_mul_ps(_mm256_xor_ps(x2, neg), load8(sin, dt, c + i)), dt);
+            const __m256 a2 = rnd8(_mm256_mul_ps(x2, load8(cos, dt, c + h + i)), dt);
+            const __m256 b2 = rnd8(_mm256_mul_ps(x1, load8(sin, dt, c + h + i)), dt);
+            store8(y, dt, o + i, _mm256_add_ps(a1, b1));
+            store8(y, dt, o + h + i, _mm256_add_ps(a2, b2));
+        }
+        for (int i = h8; i < h; i++) {
+            const float x1 = load1(x, dt, o + i), x2 = load1(x, dt, o + h + i);
+            store_y(y, dt, o + i, rnd(dt, x1 * load1(cos, dt, c + i)) + rnd(dt, -x2 * load1(sin, dt, c + i)));
+            store_y(y, dt, o + h + i, rnd(dt, x2 * load1(cos, dt, c + h + i)) + rnd(dt, x1 * load1(sin, dt, c + h + i)));
+        }
+    }
     return 0;
 }

@@ -1,0 +1,85 @@
+"""The native RMSNorm and RoPE (models/base.py: native_rms_norm, native_rope) give torch's bits, are used only
+where they were checked, and step aside for what they do not cover."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_offload.models import base
+from moe_offload.quant.kernels import native_available
+
+needs_native = pytest.mark.skipif(not native_available() or base.glue_lanes() is None,
+                                  reason="no C compiler / AVX2+FMA here, or an unknown torch CPU capability")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def rows(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g) * 10 ** (torch.rand(*shape[:-1], 1, generator=g) * 8 - 4)
+    return x.to(dtype)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 2048), (1, 1, 32, 128), (3, 4096), (2, 200), (1, 1, 7168), (5, 36)])
+def test_rms_norm_bits(dtype, shape):
+    x = rows(shape, dtype)
+    w = (torch.rand(shape[-1]) * 2).to(dtype)
+    got = base.native_rms_norm(x, w, 1e-6)
+    assert got is not None
+    assert torch.equal(got.view(torch.uint8), base.rms_norm(x, w, 1e-6).view(torch.uint8))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 32, 1, 128), (1, 4, 1, 128), (2, 8, 3, 64), (1, 2, 1, 36)])
+def test_rope_bits(dtype, shape):
+    x = rows(shape, dtype)
+    cos, sin = rows(shape[-2:], dtype, 1), rows(shape[-2:], dtype, 2)
+    got = base.native_rope(x, cos, sin)
+    assert got is not None
+    assert torch.equal(got.view(torch.uint8), base.rope_torch(x, cos, sin).view(torch.uint8))
+
+
+@needs_native
+def test_modules_take_the_native_path_with_the_same_bits(monkeypatch):
+    norm = base.RMSNorm(2048, 1e-5).to(torch.bfloat16)
+    norm.weight.data = torch.rand(2048).to(torch.bfloat16)
+    x = rows((1, 1, 2048), torch.bfloat16)
+    calls = []
+    real = base._glue_call
+    monkeypatch.setattr(base, "_glue_call", lambda op, *a: calls.append(op) or real(op, *a))
+    assert torch.equal(norm(x), base.rms_norm(x, norm.weight, 1e-5))
+    q = rows((1, 8, 1, 64), torch.bfloat16)
+    cos, sin = rows((1, 64), torch.bfloat16, 1), rows((1, 64), torch.bfloat16, 2)
+    assert torch.equal(base.apply_rope(q, cos, sin), base.rope_torch(q, cos, sin))
+    assert calls == ["rms", "rope"]
+
+
+@needs_native
+def test_a_wrong_summation_order_is_caught(monkeypatch):
+    """With the vector width of another CPU the sums come out in another order: the check must refuse it."""
+    monkeypatch.setattr(base, "glue_lanes", lambda: 16 if base.TORCH_LANES["AVX2"] == 8 else 8)
+    base.glue_exact.cache_clear()
+    try:
+        assert not base.glue_exact("rms", torch.float32, 2048)
+        assert not base.glue_exact("rms", torch.bfloat16, 128)
+        assert base.glue_exact("rope", torch.bfloat16, 128)  # no reduction: any width gives the same bits
+    finally:
+        base.glue_exact.cache_clear()
+
+
+def test_what_the_native_calls_do_not_cover_runs_torch():
+    w = torch.rand(64)
+    assert base.native_rms_norm(torch.randn(4, 64).t().contiguous().t(), w, 1e-6) is None  # not contiguous
+    assert base.native_rms_norm(torch.randn(4, 64), w.double(), 1e-6) is None  # weight of another dtype
+    assert base.native_rms_norm(torch.randn(600, 64), w, 1e-6) is None  # past torch's serial reduction
+    x = torch.randn(1, 2, 3, 16).transpose(1, 2)  # prefill's q: a strided view
+    assert base.native_rope(x, torch.randn(2, 16), torch.randn(2, 16)) is None
+    gpt_oss_norm = base.RMSNorm(64, 1e-6, weight_in_fp32=True).to(torch.bfloat16)
+    gpt_oss_norm.weight.data = gpt_oss_norm.weight.data.float()
+    x = torch.randn(2, 64).to(torch.bfloat16)
+    xf = x.float()
+    want = (gpt_oss_norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6))).to(x.dtype)
+    assert torch.equal(gpt_oss_norm(x), want)
