@@ -83,3 +83,51 @@ def test_what_the_native_calls_do_not_cover_runs_torch():
     xf = x.float()
     want = (gpt_oss_norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6))).to(x.dtype)
     assert torch.equal(gpt_oss_norm(x), want)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("H,K,Hd,S", [(32, 4, 128, 64), (32, 8, 128, 300), (8, 8, 64, 5), (6, 3, 16, 40),
+                                      (16, 2, 32, 1)])
+def test_native_one_query_attention_matches_torch(dtype, H, K, Hd, S):
+    g = torch.Generator().manual_seed(S)
+    cache_k, cache_v = (torch.randn(1, K, S + 17, Hd, generator=g).to(dtype) for _ in range(2))  # spare capacity
+    q = torch.randn(1, H, 1, Hd, generator=g).to(dtype)
+    k, v = cache_k[:, :, :S], cache_v[:, :, :S]
+    got = base.native_attend_one(q, k, v, None, None)
+    assert got is not None and got.dtype == dtype and got.shape == q.shape
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
+    torch_err = (base.attend_one(q, k, v, None, None).float() - ref).abs().max()
+    assert (got.float() - ref).abs().max() <= 2 * torch_err + 1e-6  # as close as torch's own 16-bit path
+    if S > 1:  # (one key: softmax is 1 whatever the scale)
+        assert not torch.equal(base.native_attend_one(q, k, v, 0.5 * Hd ** -0.5, None), got)
+
+
+@needs_native
+def test_decode_attention_takes_the_native_call(monkeypatch):
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6)
+    attn = base.Attention(args, qk_norm="head").to(torch.bfloat16)
+    cache = base.KVCache(1, 2, 32, 16, torch.bfloat16, "cpu")
+    cos, sin = (t[:12].to(torch.bfloat16) for t in base.rope_table(16, 32, 10000.0))
+    x = torch.randn(1, 12, 64).to(torch.bfloat16)
+    attn.attend(x[:, :11], cos[:11], sin[:11], cache, 0, base.attention_mask(0, 11, None, "cpu"))
+    calls = []
+    real = base.native_attend_one
+    monkeypatch.setattr(base, "native_attend_one", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(base, "ONE_QUERY_WORK_HALF", 0)
+    y = attn.attend(x[:, 11:], cos[11:], sin[11:], cache, 11, None)
+    monkeypatch.setattr(base, "native_attend_one", lambda *a: None)  # torch's path, same cache state
+    want = attn.attend(x[:, 11:], cos[11:], sin[11:], cache, 11, None)
+    assert calls == [1]
+    assert torch.allclose(y.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_native_attention_leaves_what_it_does_not_cover():
+    q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 5, 16)
+    assert base.native_attend_one(q, k, k, None, None) is None  # fp32: tokens checked against transformers
+    qb, kb = q.to(torch.bfloat16), k.to(torch.bfloat16)
+    assert base.native_attend_one(qb, kb, kb, None, torch.ones(1, 5, dtype=torch.bool)) is None  # a mask
+    assert base.native_attend_one(qb.expand(2, -1, -1, -1), kb.expand(2, -1, -1, -1), kb.expand(2, -1, -1, -1),
+                                  None, None) is None  # a batch of sequences

@@ -270,7 +270,7 @@ def _glue_call(op: str, x: torch.Tensor, *args) -> torch.Tensor | None:
         from ..quant import native
 
         _glue_lib = (native.lib() if glue_lanes() else None) or False
-    if not _glue_lib:
+    if not _glue_lib or op == "none":
         return None
     y = torch.empty_like(x)
     code = GLUE_DTYPES[x.dtype]
@@ -361,10 +361,10 @@ class KVCache(SeqCache):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = pos + k.shape[2]
-        self.k[:, :, pos:end] = k
-        self.v[:, :, pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        T = k.shape[2]
+        self.k.narrow(2, pos, T).copy_(k)  # narrow: ~half the cost of slice assignment per call
+        self.v.narrow(2, pos, T).copy_(v)
+        return self.k.narrow(2, 0, pos + T), self.v.narrow(2, 0, pos + T)
 
 
 @dataclass(frozen=True)
@@ -454,7 +454,9 @@ class Attention(SeqAttention):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = cache.update(pos, k, v)  # [B, K, pos+T, Hd]
         if T == 1 and one_query_pays(q, k):
-            y = attend_one(q, k, v, self.scale, mask)
+            y = native_attend_one(q, k, v, self.scale, mask)
+            if y is None:
+                y = attend_one(q, k, v, self.scale, mask)
         else:
             if mask is None:
                 mask = attention_mask(pos, T, None, x.device)
@@ -489,6 +491,27 @@ def attend_one(q, k, v, scale: float | None, mask: torch.Tensor | None) -> torch
         s = s.masked_fill(~mask, float("-inf"))
     y = torch.matmul(torch.softmax(s, dim=-1), v.float())  # [B, K, H/K, Hd]
     return y.reshape(B, H, 1, Hd).to(q.dtype)
+
+
+def native_attend_one(q, k, v, scale: float | None, mask) -> torch.Tensor | None:
+    """`attend_one` in one native call (q4.c: attend1) over a 16-bit cache as stored: q [1, H, 1, Hd] contiguous,
+    k, v [1, K, S, Hd] views of the cache (rows of Hd, any capacity); None where it does not apply. Not bit-equal
+    to attend_one (its sums run in another order; neither is transformers' bits at 16 bits), so fp32 models,
+    whose tokens are checked against transformers, keep torch's path."""
+    if (q.dtype not in (torch.bfloat16, torch.float16) or not q.is_cpu or q.shape[0] != 1 or mask is not None
+            or k.dtype != q.dtype or v.dtype != q.dtype or not q.is_contiguous() or k.stride() != v.stride()
+            or k.stride(-1) != 1 or k.stride(-2) != q.shape[-1] or k.shape != v.shape):
+        return None
+    global _glue_lib
+    if _glue_lib is None:
+        _glue_call("none", q)
+    if not _glue_lib:
+        return None
+    H, Hd, K, S = q.shape[1], q.shape[-1], k.shape[1], k.shape[2]
+    y = torch.empty_like(q)
+    rc = _glue_lib.attend1(q.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(), GLUE_DTYPES[q.dtype], H, K, S,
+                           Hd, k.stride(1), Hd ** -0.5 if scale is None else scale, torch.get_num_threads())
+    return y if rc == 0 else None
 
 
 class MLP(nn.Module):

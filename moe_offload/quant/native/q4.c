@@ -17,6 +17,9 @@
  * Threads: the N rows are split over `nthreads` (OpenMP; the process's libgomp, torch's own when loaded).
  */
 #include <immintrin.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -333,7 +336,7 @@ int q4_to_r64(const uint8_t *src, uint8_t *dst, int N, int K, int B, int pairs, 
     return 0;
 }
 
-int q4_version(void) { return 10; }
+int q4_version(void) { return 11; }
 
 /* The rows of y [M, N] = xq·W^T (activations quantized already) that this thread's share of the work units
  * gives (an orphaned `omp for`: inside a parallel region the units are split over its threads, outside it one
@@ -770,5 +773,106 @@ int rope(const void *x, void *y, int dt, int R, int T, int Hd, const void *cos, 
             store_y(y, dt, o + h + i, rnd(dt, x2 * load1(cos, dt, c + h + i)) + rnd(dt, x1 * load1(sin, dt, c + h + i)));
         }
     }
+    return 0;
+}
+
+/* ---- one query's attention over a 16-bit KV cache (models/base.py: native_attend_one) -------------------------
+ * q [H, Hd], k and v [K, ld] per kv head (key t at t·Hd; ld = the cache's capacity × Hd), S keys, y [H, Hd]: query
+ * head h reads kv head h / (H/K). Scores, softmax and the weighted sum in fp32, rounded once to dt. The cache is
+ * read as stored, 8 values a load: the torch path (attend_one) converts the whole cache to fp32 first, every
+ * call, and runs ~10 small ops. Kv heads split over the threads. */
+
+static inline __m256 exp8(__m256 x) { /* e^x, |rel err| < 2e-7: 2^n · p(r), r = x − n·ln2 in [−ln2/2, ln2/2] */
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+#define ATT_MAX_HD 512
+
+static inline __m256 hsum8(const __m256 *a) { /* lane j = the sum of a[j]'s 8 lanes */
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* NB (1, 4 or 8) query heads h0.. of one kv head: scores [S][8] (head-minor: one vector a key), softmax, values.
+ * dt and NB are constants at each call site, so the loops unroll and the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void att_block(const float *qb, const uint16_t *kg, const uint16_t *vg,
+                                                            void *y, int h0, int S, int Hd, float scale, float *sb,
+                                                            const int dt, const int NB) {
+    const int V8 = Hd / 8;
+    __m256 mx = _mm256_set1_ps(-INFINITY);
+    const __m256 sv = _mm256_set1_ps(scale);
+    for (int t = 0; t < S; t++) {
+        __m256 a[8];
+        for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+        for (int c = 0; c < V8; c++) {
+            const __m256 kv = load8(kg, dt, (size_t)t * Hd + 8 * c);
+            for (int j = 0; j < NB; j++) a[j] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(qb + (size_t)j * Hd + 8 * c), a[j]);
+        }
+        const __m256 st = _mm256_mul_ps(hsum8(a), sv);
+        _mm256_store_ps(sb + 8 * (size_t)t, st);
+        mx = _mm256_max_ps(mx, st);
+    }
+    __m256 sum = _mm256_setzero_ps();
+    for (int t = 0; t < S; t++) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_load_ps(sb + 8 * (size_t)t), mx));
+        _mm256_store_ps(sb + 8 * (size_t)t, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    float inv[8];
+    _mm256_storeu_ps(inv, _mm256_div_ps(_mm256_set1_ps(1.0f), sum));
+    for (int c = 0; c < V8; c++) {
+        __m256 a[8];
+        for (int j = 0; j < NB; j++) a[j] = _mm256_setzero_ps();
+        for (int t = 0; t < S; t++) {
+            const __m256 vv = load8(vg, dt, (size_t)t * Hd + 8 * c);
+            for (int j = 0; j < NB; j++) a[j] = _mm256_fmadd_ps(_mm256_broadcast_ss(sb + 8 * (size_t)t + j), vv, a[j]);
+        }
+        for (int j = 0; j < NB; j++) store8(y, dt, (size_t)(h0 + j) * Hd + 8 * c, _mm256_mul_ps(a[j], _mm256_set1_ps(inv[j])));
+    }
+}
+
+int attend1(const void *q, const void *k, const void *v, void *y, int dt, int H, int K, int S, int Hd, long ld,
+            float scale, int nthreads) {
+    if (K < 1 || H % K || Hd % 8 || Hd > ATT_MAX_HD || S < 1 || dt == Q4_F32) return -1;
+    const int G = H / K, NB = G % 8 == 0 ? 8 : G % 4 == 0 ? 4 : 1, blocks = G / NB;
+    float *qf = aligned_alloc(32, sizeof(float) * ((size_t)H * Hd + (size_t)nthreads * 8 * S + 8));
+    if (!qf) return -2;
+    for (size_t i = 0; i < (size_t)H * Hd; i++) qf[i] = load1(q, dt, i);
+    if ((size_t)H * S * Hd < (1u << 16)) nthreads = 1;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    for (int u = 0; u < K * blocks; u++) {
+        const int g = u / blocks, h0 = g * G + (u % blocks) * NB;
+        const uint16_t *kg = (const uint16_t *)k + (size_t)g * ld, *vg = (const uint16_t *)v + (size_t)g * ld;
+#ifdef _OPENMP
+        float *sb = qf + (size_t)H * Hd + (size_t)omp_get_thread_num() * 8 * S;
+#else
+        float *sb = qf + (size_t)H * Hd;
+#endif
+        const float *qb = qf + (size_t)h0 * Hd;
+        if (dt == Q4_BF16) {
+            if (NB == 8) att_block(qb, kg, vg, y, h0, S, Hd, scale, sb, Q4_BF16, 8);
+            else if (NB == 4) att_block(qb, kg, vg, y, h0, S, Hd, scale, sb, Q4_BF16, 4);
+            else att_block(qb, kg, vg, y, h0, S, Hd, scale, sb, Q4_BF16, 1);
+        } else {
+            if (NB == 8) att_block(qb, kg, vg, y, h0, S, Hd, scale, sb, Q4_F16, 8);
+            else if (NB == 4) att_block(qb, kg, vg, y, h0, S, Hd, scale, sb, Q4_F16, 4);
+            else att_block(qb, kg, vg, y, h0, S, Hd, scale, sb, Q4_F16, 1);
+        }
+    }
+    free(qf);
     return 0;
 }
