@@ -63,3 +63,13 @@ def test_wheel_in_a_fresh_venv_runs_the_bundled_model(tmp_path, child_env):
     assert Path(where).resolve().is_relative_to(venv.resolve())  # the wheel's copy, not the repo's
     assert Path(path).resolve().is_relative_to(venv.resolve()) and n == "3"
     assert not os.listdir(elsewhere)  # nothing written to the caller's directory
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (Path(__file__).parents[1] / ".git").exists(),
+                    reason="not a git checkout")
+def test_a_venv_symlink_is_ignored_too():
+    """`.venv` as a symlink (a worktree sharing the main checkout's venv) was committed once: the pattern `.venv/`
+    matches directories only, and checking out that commit replaced the real venv with the link."""
+    root = Path(__file__).parents[1]
+    r = subprocess.run(["git", "check-ignore", "-q", "--no-index", ".venv"], cwd=root)
+    assert r.returncode == 0
