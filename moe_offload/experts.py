@@ -14,8 +14,9 @@ from operator import itemgetter
 from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
+import torch.nn.functional as F
 
-from .models.base import ACTIVATIONS, linear
+from .models.base import ACTIVATIONS, linear, native_moe16
 from .utils import DTYPE_NAMES, DTYPES
 
 
@@ -59,6 +60,14 @@ class DenseExpert:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [n, D] -> [n, D]
         g, u = linear(x, self.gate_up).chunk(2, dim=-1)
         return linear(self.act(g) * u, self.down)
+
+    @staticmethod
+    def run_group(x: torch.Tensor, units: list["DenseExpert"], weights: list[float], each: bool):
+        """A decode token through several 16-bit SiLU experts in one native call, with their one-by-one bits
+        (models.base.native_moe16); None where it does not apply (_dispatch_one then runs them one by one)."""
+        if any(u.act is not F.silu for u in units):
+            return None
+        return native_moe16(x, [u.gate_up for u in units], [u.down for u in units], weights, each)
 
 
 def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:

@@ -131,3 +131,46 @@ def test_native_attention_leaves_what_it_does_not_cover():
     assert base.native_attend_one(qb, kb, kb, None, torch.ones(1, 5, dtype=torch.bool)) is None  # a mask
     assert base.native_attend_one(qb.expand(2, -1, -1, -1), kb.expand(2, -1, -1, -1), kb.expand(2, -1, -1, -1),
                                   None, None) is None  # a batch of sequences
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("x_dtype", ("same", torch.float32))
+@pytest.mark.parametrize("D,I,A", [(64, 40, 3), (128, 96, 8), (32, 17, 2)])
+def test_16bit_experts_in_one_call_give_the_one_by_one_bits(dtype, x_dtype, D, I, A):
+    """experts._dispatch_one over 16-bit DenseExperts: a group (a cache's hits) through native_moe16 and the same
+    experts one by one (misses: the native GEMV, torch's SiLU and products) sum to the same bits, so a token does
+    not depend on what was cached."""
+    from moe_offload.experts import DenseExpert, _dispatch_one
+
+    xdt = dtype if x_dtype == "same" else x_dtype
+    g = torch.Generator().manual_seed(D + I + A)
+    units = [DenseExpert((torch.randn(2 * I, D, generator=g) * 0.1).to(dtype),
+                         (torch.randn(D, I, generator=g) * 0.1).to(dtype)) for _ in range(A)]
+    x = (torch.randn(1, D, generator=g) * 3).to(xdt)
+    w = torch.rand(1, A, generator=g).to(xdt)
+    idx = torch.randperm(A, generator=g).view(1, A)
+    assert base.silu_exact(xdt, I)
+    calls = []
+    real = base.native_moe16
+    base_fn = lambda *a: calls.append(1) or real(*a)  # noqa: E731
+    import moe_offload.experts as experts_mod
+    try:
+        experts_mod.native_moe16 = base_fn
+        grouped = _dispatch_one(x, idx, w, lambda need: iter([[(e, units[e]) for e in need]]))
+        one_by_one = _dispatch_one(x, idx, w, lambda need: ([(e, units[e])] for e in need))
+        split = _dispatch_one(x, idx, w, lambda need: iter([[(e, units[e]) for e in need[:2]],
+                                                            *[[(e, units[e])] for e in need[2:]]]))
+    finally:
+        experts_mod.native_moe16 = real
+    assert calls and torch.equal(grouped.view(torch.uint8), one_by_one.view(torch.uint8))
+    assert torch.equal(split.view(torch.uint8), one_by_one.view(torch.uint8))
+
+
+def test_16bit_group_leaves_other_activations_to_torch():
+    from moe_offload.experts import DenseExpert
+
+    units = [DenseExpert(torch.randn(8, 4).half(), torch.randn(4, 4).half(), act="gelu") for _ in range(2)]
+    assert DenseExpert.run_group(torch.randn(1, 4).half(), units, [0.5, 0.5], False) is None
+    fp32 = [DenseExpert(torch.randn(8, 4), torch.randn(4, 4)) for _ in range(2)]
+    assert DenseExpert.run_group(torch.randn(1, 4), fp32, [0.5, 0.5], False) is None  # fp32 weights: torch

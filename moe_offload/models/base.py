@@ -6,6 +6,7 @@ E routed experts, A active experts per token, I expert intermediate size, V voca
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 from dataclasses import dataclass, fields
@@ -120,6 +121,53 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
         wf[:n].copy_(w[r:r + n])
         y[..., r:r + n] = F.linear(xf, wf[:n], None if b is None else b[r:r + n].float())
     return y
+
+
+@functools.cache
+def silu_exact(dtype: torch.dtype, n: int) -> bool:
+    """Does q4.c's SiLU (silu_rows: Sleef's expf as torch's vector code runs it, libm's on the tail) give F.silu's
+    bits for n values of `dtype`? Random values over the range where SiLU bends, and far out on both sides."""
+    lib = _glue_library()
+    if not lib or dtype not in GLUE_DTYPES:
+        return False
+    g = torch.Generator().manual_seed(n)
+    for scale in (0.3, 3.0, 30.0):
+        x = (torch.randn(4, n, generator=g) * scale).to(dtype)
+        for row in x:
+            y = torch.empty_like(row)
+            if lib.silu_rows(row.data_ptr(), y.data_ptr(), GLUE_DTYPES[dtype], n) or not torch.equal(
+                    y.view(torch.uint8), F.silu(row).view(torch.uint8)):
+                return False
+    return True
+
+
+def native_moe16(x: torch.Tensor, gate_ups: list[torch.Tensor], downs: list[torch.Tensor], weights: list[float],
+                 each: bool) -> torch.Tensor | None:
+    """A decode token x [1, D] through A SwiGLU experts with 16-bit weights (gate_up [2I, D], down [D, I]) in one
+    native call (q4.c: h16_moe): the weighted outputs summed in the order given, or each one ([A, D]) — the bits
+    of running them one by one (experts.DenseExpert: the native GEMV, torch's SiLU and products) and summing as
+    experts._dispatch_one does. None where it does not apply."""
+    w0 = gate_ups[0]
+    if (x.shape[0] != 1 or not x.is_cpu or x.dtype not in GLUE_DTYPES or w0.dtype not in (torch.bfloat16, torch.float16)
+            or x.numel() > NATIVE_ROWS * x.shape[-1]):
+        return None
+    I2, D = w0.shape
+    I = I2 // 2
+    for gu, dn in zip(gate_ups, downs):
+        if (gu.dtype != w0.dtype or dn.dtype != w0.dtype or gu.shape != w0.shape or dn.shape != (D, I)
+                or not gu.is_contiguous() or not dn.is_contiguous() or not gu.is_cpu):
+            return None
+    lib = _glue_library()
+    if not lib or x.shape[-1] != D or not silu_exact(x.dtype, I):
+        return None
+    A = len(gate_ups)
+    xc = x.contiguous()
+    y = xc.new_empty(A if each else 1, D)
+    ptrs = ctypes.c_void_p * A
+    rc = lib.h16_moe(xc.data_ptr(), y.data_ptr(), GLUE_DTYPES[x.dtype], A, ptrs(*(g.data_ptr() for g in gate_ups)),
+                     ptrs(*(d.data_ptr() for d in downs)), int(w0.dtype == torch.bfloat16), D, I,
+                     (ctypes.c_float * A)(*weights), int(each), torch.get_num_threads())
+    return y if rc == 0 else None
 
 
 def router_logits_fp32(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -264,13 +312,18 @@ def glue_lanes() -> int | None:
 _glue_lib = None  # the native library once resolved (False: none)
 
 
-def _glue_call(op: str, x: torch.Tensor, *args) -> torch.Tensor | None:
+def _glue_library():
+    """q4.c's library for the exact glue (None: no native code, or a torch CPU capability it does not know)."""
     global _glue_lib
     if _glue_lib is None:
         from ..quant import native
 
         _glue_lib = (native.lib() if glue_lanes() else None) or False
-    if not _glue_lib or op == "none":
+    return _glue_lib or None
+
+
+def _glue_call(op: str, x: torch.Tensor, *args) -> torch.Tensor | None:
+    if _glue_library() is None:
         return None
     y = torch.empty_like(x)
     code = GLUE_DTYPES[x.dtype]
@@ -502,14 +555,12 @@ def native_attend_one(q, k, v, scale: float | None, mask) -> torch.Tensor | None
             or k.dtype != q.dtype or v.dtype != q.dtype or not q.is_contiguous() or k.stride() != v.stride()
             or k.stride(-1) != 1 or k.stride(-2) != q.shape[-1] or k.shape != v.shape):
         return None
-    global _glue_lib
-    if _glue_lib is None:
-        _glue_call("none", q)
-    if not _glue_lib:
+    lib = _glue_library()
+    if lib is None:
         return None
     H, Hd, K, S = q.shape[1], q.shape[-1], k.shape[1], k.shape[2]
     y = torch.empty_like(q)
-    rc = _glue_lib.attend1(q.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(), GLUE_DTYPES[q.dtype], H, K, S,
+    rc = lib.attend1(q.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(), GLUE_DTYPES[q.dtype], H, K, S,
                            Hd, k.stride(1), Hd ** -0.5 if scale is None else scale, torch.get_num_threads())
     return y if rc == 0 else None
 

@@ -336,7 +336,7 @@ int q4_to_r64(const uint8_t *src, uint8_t *dst, int N, int K, int B, int pairs, 
     return 0;
 }
 
-int q4_version(void) { return 11; }
+int q4_version(void) { return 12; }
 
 /* The rows of y [M, N] = xq·W^T (activations quantized already) that this thread's share of the work units
  * gives (an orphaned `omp for`: inside a parallel region the units are split over its threads, outside it one
@@ -574,6 +574,33 @@ static inline __m256 load8w(const uint16_t *w, int bf) {
 
 static inline float w1(uint16_t h, int bf) { return bf ? bf2f(h) : _cvtsh_ss(h); }
 
+/* Four rows w0.. (row stride rb elements) · one fp32 row xr: the tile's four fp32 dot products (8 lanes of FMAs,
+ * then the lanes, then the K mod 8 tail). h16_mm and h16_moe share it, so their outputs are the same bits. */
+static inline __attribute__((always_inline)) void h16_tile4(const uint16_t *w0, size_t rb, int K, const float *xr,
+                                                            int bf, int ahead, float *r) {
+    const uint16_t *w1p = w0 + rb, *w2 = w1p + rb, *w3 = w2 + rb;
+    const int K8 = K / 8 * 8;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int k = 0; k < K8; k += 8) {
+        if (ahead && !(k & 31)) { /* a 64-byte line of each row, 8 rows ahead */
+            _mm_prefetch((const char *)(w0 + 8 * rb + k), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w1p + 8 * rb + k), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w2 + 8 * rb + k), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w3 + 8 * rb + k), _MM_HINT_T0);
+        }
+        const __m256 xv = _mm256_loadu_ps(xr + k);
+        a0 = _mm256_fmadd_ps(load8w(w0 + k, bf), xv, a0);
+        a1 = _mm256_fmadd_ps(load8w(w1p + k, bf), xv, a1);
+        a2 = _mm256_fmadd_ps(load8w(w2 + k, bf), xv, a2);
+        a3 = _mm256_fmadd_ps(load8w(w3 + k, bf), xv, a3);
+    }
+    r[0] = hsum(a0), r[1] = hsum(a1), r[2] = hsum(a2), r[3] = hsum(a3);
+    for (int k = K8; k < K; k++) {
+        r[0] += w1(w0[k], bf) * xr[k], r[1] += w1(w1p[k], bf) * xr[k];
+        r[2] += w1(w2[k], bf) * xr[k], r[3] += w1(w3[k], bf) * xr[k];
+    }
+}
+
 int h16_mm(const void *x, void *y, int xdt, int M, int N, int K, const uint16_t *w, int bf, int nthreads) {
     if (M < 1 || K < 1) return -1;
     float *xf = aligned_alloc(64, (sizeof(float) * (size_t)M * K + 63) / 64 * 64);
@@ -583,7 +610,7 @@ int h16_mm(const void *x, void *y, int xdt, int M, int N, int K, const uint16_t 
         else xf[i] = xdt == Q4_BF16 ? bf2f(((const uint16_t *)x)[i]) : _cvtsh_ss(((const uint16_t *)x)[i]);
     }
     if ((size_t)N * K * 2 * (size_t)M < Q4_PARALLEL_BYTES) nthreads = 1;
-    const int tiles = N / 4, K8 = K / 8 * 8;
+    const int tiles = N / 4;
     const size_t rb = (size_t)K; /* elements per row */
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
     for (int t = 0; t < tiles + (N % 4 ? 1 : 0); t++) {
@@ -592,33 +619,14 @@ int h16_mm(const void *x, void *y, int xdt, int M, int N, int K, const uint16_t 
             const float *xr = xf + (size_t)i * K;
             float r[4];
             if (rows == 4) {
-                const uint16_t *w0 = w + rb * n0, *w1p = w0 + rb, *w2 = w1p + rb, *w3 = w2 + rb;
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-                for (int k = 0; k < K8; k += 8) {
-                    if (i == 0 && !(k & 31)) { /* a 64-byte line of each row, 8 rows ahead */
-                        _mm_prefetch((const char *)(w0 + 8 * rb + k), _MM_HINT_T0);
-                        _mm_prefetch((const char *)(w1p + 8 * rb + k), _MM_HINT_T0);
-                        _mm_prefetch((const char *)(w2 + 8 * rb + k), _MM_HINT_T0);
-                        _mm_prefetch((const char *)(w3 + 8 * rb + k), _MM_HINT_T0);
-                    }
-                    const __m256 xv = _mm256_loadu_ps(xr + k);
-                    a0 = _mm256_fmadd_ps(load8w(w0 + k, bf), xv, a0);
-                    a1 = _mm256_fmadd_ps(load8w(w1p + k, bf), xv, a1);
-                    a2 = _mm256_fmadd_ps(load8w(w2 + k, bf), xv, a2);
-                    a3 = _mm256_fmadd_ps(load8w(w3 + k, bf), xv, a3);
-                }
-                r[0] = hsum(a0), r[1] = hsum(a1), r[2] = hsum(a2), r[3] = hsum(a3);
-                for (int k = K8; k < K; k++) {
-                    r[0] += w1(w0[k], bf) * xr[k], r[1] += w1(w1p[k], bf) * xr[k];
-                    r[2] += w1(w2[k], bf) * xr[k], r[3] += w1(w3[k], bf) * xr[k];
-                }
+                h16_tile4(w + rb * n0, rb, K, xr, bf, i == 0, r);
             } else {
                 for (int j = 0; j < rows; j++) {
                     const uint16_t *wr = w + rb * (n0 + j);
                     __m256 a = _mm256_setzero_ps();
-                    for (int k = 0; k < K8; k += 8) a = _mm256_fmadd_ps(load8w(wr + k, bf), _mm256_loadu_ps(xr + k), a);
+                    for (int k = 0; k < K / 8 * 8; k += 8) a = _mm256_fmadd_ps(load8w(wr + k, bf), _mm256_loadu_ps(xr + k), a);
                     r[j] = hsum(a);
-                    for (int k = K8; k < K; k++) r[j] += w1(wr[k], bf) * xr[k];
+                    for (int k = K / 8 * 8; k < K; k++) r[j] += w1(wr[k], bf) * xr[k];
                 }
             }
             for (int j = 0; j < rows; j++) store_y(y, xdt, (size_t)i * N + n0 + j, r[j]);
@@ -874,5 +882,111 @@ int attend1(const void *q, const void *k, const void *v, void *y, int dt, int H,
         }
     }
     free(qf);
+    return 0;
+}
+
+/* ---- SiLU as torch computes it, and a token's 16-bit experts of a layer in one call ---------------------------
+ * F.silu on CPU: x / (1 + exp(−x)) in fp32, exp from torch's Vectorized<float> (Sleef's expf, u10, FMA build) on
+ * whole chunks of two vectors (16 fp32 values; 32 for a 16-bit tensor, two fp32 vectors each) and from libm's expf
+ * on the tail, the result rounded to the tensor's dtype. models/base.py checks this against torch bit for bit
+ * before anything uses it. */
+
+static inline __m256 sleef_expf8(__m256 d) {
+    const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(d, _mm256_set1_ps(1.442695040888963407359924681001892137f)));
+    const __m256 qf = _mm256_cvtepi32_ps(q);
+    __m256 s = _mm256_fmadd_ps(qf, _mm256_set1_ps(-0.693145751953125f), d);
+    s = _mm256_fmadd_ps(qf, _mm256_set1_ps(-1.428606765330187045e-06f), s);
+    __m256 u = _mm256_set1_ps(0.000198527617612853646278381f);
+    u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(0.00139304355252534151077271f));
+    u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(0.00833336077630519866943359f));
+    u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(0.0416664853692054748535156f));
+    u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(0.166666671633720397949219f));
+    u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(0.5f));
+    u = _mm256_add_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(_mm256_mul_ps(s, s), u, s));
+    const __m256i q1 = _mm256_srai_epi32(q, 1), q2 = _mm256_sub_epi32(q, q1); /* u · 2^q in two steps */
+    u = _mm256_mul_ps(_mm256_mul_ps(u, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(q1, _mm256_set1_epi32(127)), 23))),
+                      _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(q2, _mm256_set1_epi32(127)), 23)));
+    u = _mm256_andnot_ps(_mm256_cmp_ps(d, _mm256_set1_ps(-104.0f), _CMP_LT_OQ), u);
+    return _mm256_blendv_ps(u, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(_mm256_set1_ps(100.0f), d, _CMP_LT_OQ));
+}
+
+/* a[i] = rnd(silu(g[i])) for fp32 values g (those of a dt tensor): torch's chunks and tail for dtype dt */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+static void silu_torch(const float *g, float *a, int n, int dt) {
+    const int chunk = dt == Q4_F32 ? 16 : 32, whole = n / chunk * chunk;
+    const __m256 one = _mm256_set1_ps(1.0f), neg = _mm256_set1_ps(-0.0f);
+    for (int i = 0; i < whole; i += 8) {
+        const __m256 v = _mm256_loadu_ps(g + i);
+        _mm256_storeu_ps(a + i, rnd8(_mm256_div_ps(v, _mm256_add_ps(one, sleef_expf8(_mm256_xor_ps(v, neg)))), dt));
+    }
+    for (int i = whole; i < n; i++) a[i] = rnd(dt, g[i] / (1.0f + expf(-g[i])));
+}
+
+int silu_rows(const void *x, void *y, int dt, int n) { /* for the check against torch: y = F.silu(x) */
+    float *f = malloc(sizeof(float) * 2 * (size_t)(n > 0 ? n : 1));
+    if (!f) return -2;
+    for (int i = 0; i < n; i++) f[i] = load1(x, dt, i);
+    silu_torch(f, f + n, n, dt);
+    for (int i = 0; i < n; i++) store_y(y, dt, i, f[n + i]);
+    free(f);
+    return 0;
+}
+
+/* y [1, D] = Σ_e rnd(rnd(down_e(rnd(rnd(silu(g_e)) · u_e))) · wt[e]) in ascending e, each sum rounded to xdt, with
+ * [g_e | u_e] = rnd(gate_up_e x): the numbers experts._dispatch_one gets from DenseExpert units one by one (each
+ * GEMV h16_mm's, each elementwise op torch's), in one parallel region: the A gate_up products as one tile list,
+ * the SiLU·up per expert, then down by tiles of D summing the experts in order. each=1: y [A, D], each expert's
+ * weighted output. gate_up_e [2I, D], down_e [D, I], 16-bit (bf: bfloat16, else float16), rows contiguous. */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+int h16_moe(const void *x, void *y, int xdt, int A, const uint16_t *const *gu, const uint16_t *const *dn, int bf,
+            int D, int I, const float *wt, int each, int nthreads) {
+    if (A < 1 || D < 4 || I < 2 || D % 4 || (2 * I) % 4) return -1;
+    const int I2 = 2 * I, T1 = I2 / 4, T2 = D / 4;
+    float *xf = aligned_alloc(64, sizeof(float) * (((size_t)D + (size_t)A * (I2 + I) + 15) / 16 * 16));
+    if (!xf) return -2;
+    float *h = xf + D, *m = h + (size_t)A * I2;
+    for (int i = 0; i < D; i++) xf[i] = load1(x, xdt, i);
+    if ((size_t)A * 3 * I * D * 2 < Q4_PARALLEL_BYTES) nthreads = 1;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+#pragma omp for schedule(static)
+        for (int u = 0; u < A * T1; u++) {
+            const int e = u / T1, t = u % T1;
+            float r[4];
+            h16_tile4(gu[e] + (size_t)D * 4 * t, (size_t)D, D, xf, bf, 1, r);
+            for (int j = 0; j < 4; j++) h[(size_t)e * I2 + 4 * t + j] = rnd(xdt, r[j]);
+        }
+#pragma omp for schedule(static)
+        for (int e = 0; e < A; e++) {
+            const float *g = h + (size_t)e * I2, *up = g + I;
+            float *me = m + (size_t)e * I;
+            silu_torch(g, me, I, xdt);
+            for (int j = 0; j < I; j++) {
+                const float p = me[j] * up[j];
+                me[j] = rnd(xdt, p);
+            }
+        }
+#pragma omp for schedule(static)
+        for (int t = 0; t < T2; t++) {
+            float acc[4], r[4], p[4];
+            for (int e = 0; e < A; e++) {
+                h16_tile4(dn[e] + (size_t)I * 4 * t, (size_t)I, I, m + (size_t)e * I, bf, 1, r);
+                weigh4(r, wt[e], xdt, p);
+                if (each)
+                    for (int j = 0; j < 4; j++) store_y(y, xdt, (size_t)e * D + 4 * (size_t)t + j, p[j]);
+                else if (e == 0)
+                    memcpy(acc, p, sizeof acc);
+                else
+                    add4(acc, p, xdt);
+            }
+            if (!each)
+                for (int j = 0; j < 4; j++) store_y(y, xdt, 4 * (size_t)t + j, acc[j]);
+        }
+    }
+    free(xf);
     return 0;
 }
