@@ -508,6 +508,7 @@ def test_quantized_store_offloaded_gives_the_same_tokens_as_resident(tiny_checkp
     prompt = [3, 17, 42, 9, 77, 5]
     resident = load(store.path, dtype=dtype)
     assert isinstance(resident.model.model.layers[0].self_attn.q_proj, QuantLinear)
+    assert resident.model.model.layers[0].self_attn.q_proj._lin is not None  # its kernel built at load
     ref = resident.generate(prompt_ids=prompt, max_new_tokens=12, ignore_eos=True).token_ids
     memory = _min_memory(store, dtype)
     offloaded = load(store.path, dtype=dtype, memory=memory)

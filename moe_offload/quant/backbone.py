@@ -65,6 +65,11 @@ class QuantLinear(nn.Module):
         y = lin(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
+    def prepare(self) -> None:
+        """Build the kernel now (at load) rather than on the first forward."""
+        if self._lin is None:
+            self._lin = self._build()
+
     def _build(self):
         """The kernel for qweight. A 4-bit kernel that reads another nibble order (the native one's r64; the
         file holds b64) makes one new stream: it becomes qweight, so the module holds one copy, not two."""
