@@ -325,13 +325,15 @@ def _cuda_figures(nbytes: int) -> tuple[float, float, float]:
 
 def _toy_config(config: dict) -> dict:
     """The same architecture at toy widths: every layer, head, expert and routing rule kept; hidden 16 per
-    head (or 256 where the head size is set on its own), intermediate sizes 64, vocabulary 512."""
+    head (16 in all where the head size is set on its own), intermediate sizes 64, vocabulary 512."""
     toy = dict(config)
     for k, v in config.items():
         if k.endswith("intermediate_size") and isinstance(v, int) and v > 0:
             toy[k] = 64
     heads = config.get("num_attention_heads") or 1
-    toy["hidden_size"] = 256 if config.get("head_dim") else 16 * heads
+    toy["hidden_size"] = 16 if config.get("head_dim") else 16 * heads  # a set head size keeps its width and the
+    # attention its ops and paths; hidden 256 there made Qwen3-30B-A3B's q and o projections 2 MiB each, and
+    # streaming them was half the "overhead" measured (docs/simulator.md)
     toy["vocab_size"] = 512
     return toy
 

@@ -197,3 +197,14 @@ def test_disk_measurement_is_positive(tmp_path):
     bw, method = measure_disk_read(str(tmp_path), nbytes=4 << 20, chunk=(1 << 20) + 100, streams=2)
     assert bw > 0 and method.endswith("1.0 MiB reads x2 in flight")  # rounded up to whole pages
     assert not list(tmp_path.iterdir())  # the temp file is gone
+
+
+def test_toy_of_a_model_with_a_set_head_size_keeps_its_projections_small():
+    """The overhead probe times the toy's ops, not its weights: Qwen3-30B-A3B's toy (head_dim 128, 32 heads) had
+    hidden 256, so q and o were 256 x 4096 (2 MiB each at 16 bits) and streaming them was half the "overhead"."""
+    from moe_offload.models.known import QWEN3_30B_A3B
+    from moe_offload.sim import _toy_config
+
+    toy = _toy_config(QWEN3_30B_A3B)
+    assert toy["head_dim"] == 128 and toy["num_attention_heads"] == 32 and toy["num_key_value_heads"] == 4
+    assert toy["hidden_size"] * toy["num_attention_heads"] * toy["head_dim"] <= 1 << 16
