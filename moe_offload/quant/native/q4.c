@@ -492,6 +492,19 @@ static void add4(float *acc, const float *p, int dt) {
     }
 }
 
+/* Expert e's four outputs r of down's tile t (rows 4t..): weighed by w, then stored as its own ([A, D], each) or
+ * summed into acc in expert order, each step rounded to xdt (q4_moe and h16_moe: experts._dispatch_one's numbers) */
+static inline void fold4(const float *r, int e, float w, int xdt, int each, void *y, int D, int t, float *acc) {
+    float p[4];
+    weigh4(r, w, xdt, p);
+    if (each)
+        for (int j = 0; j < 4; j++) store_y(y, xdt, (size_t)e * D + 4 * (size_t)t + j, p[j]);
+    else if (e == 0)
+        memcpy(acc, p, sizeof p);
+    else
+        add4(acc, p, xdt);
+}
+
 static inline void tile4(const q4_matrix *m, int t, const int8_t *xq, const float *dx, const float *xs, float *r) {
     const size_t rb = (size_t)m->K / 2;
     if (m->il)
@@ -541,16 +554,10 @@ int q4_moe(const void *x, void *y, int xdt, int A, const q4_matrix *const *gu, c
         }
 #pragma omp for schedule(static)
         for (int t = 0; t < T2; t++) {
-            float acc[4], r[4], p[4];
+            float acc[4], r[4];
             for (int e = 0; e < A; e++) {
                 tile4(dn[e], t, hq + (size_t)e * I, dh + (size_t)e * G2, hs + (size_t)e * G2, r);
-                weigh4(r, wt[e], xdt, p);
-                if (each)
-                    for (int j = 0; j < 4; j++) store_y(y, xdt, (size_t)e * D + 4 * (size_t)t + j, p[j]);
-                else if (e == 0)
-                    memcpy(acc, p, sizeof acc);
-                else
-                    add4(acc, p, xdt);
+                fold4(r, e, wt[e], xdt, each, y, D, t, acc);
             }
             if (!each)
                 for (int j = 0; j < 4; j++) store_y(y, xdt, 4 * (size_t)t + j, acc[j]);
@@ -972,16 +979,10 @@ int h16_moe(const void *x, void *y, int xdt, int A, const uint16_t *const *gu, c
         }
 #pragma omp for schedule(static)
         for (int t = 0; t < T2; t++) {
-            float acc[4], r[4], p[4];
+            float acc[4], r[4];
             for (int e = 0; e < A; e++) {
                 h16_tile4(dn[e] + (size_t)I * 4 * t, (size_t)I, I, m + (size_t)e * I, bf, 1, r);
-                weigh4(r, wt[e], xdt, p);
-                if (each)
-                    for (int j = 0; j < 4; j++) store_y(y, xdt, (size_t)e * D + 4 * (size_t)t + j, p[j]);
-                else if (e == 0)
-                    memcpy(acc, p, sizeof acc);
-                else
-                    add4(acc, p, xdt);
+                fold4(r, e, wt[e], xdt, each, y, D, t, acc);
             }
             if (!each)
                 for (int j = 0; j < 4; j++) store_y(y, xdt, 4 * (size_t)t + j, acc[j]);
