@@ -174,3 +174,14 @@ def test_16bit_group_leaves_other_activations_to_torch():
     assert DenseExpert.run_group(torch.randn(1, 4).half(), units, [0.5, 0.5], False) is None
     fp32 = [DenseExpert(torch.randn(8, 4), torch.randn(4, 4)) for _ in range(2)]
     assert DenseExpert.run_group(torch.randn(1, 4), fp32, [0.5, 0.5], False) is None  # fp32 weights: torch
+
+
+@needs_native
+def test_moe_offload_native_0_turns_the_glue_off_too(monkeypatch):
+    """MOE_OFFLOAD_NATIVE=0 means no native code (quant/native), also after the glue found the library once."""
+    x, w = rows((1, 64), torch.float32), torch.rand(64)
+    assert base.native_rms_norm(x, w, 1e-6) is not None
+    monkeypatch.setenv("MOE_OFFLOAD_NATIVE", "0")
+    assert base.native_rms_norm(x, w, 1e-6) is None
+    q = rows((1, 4, 1, 16), torch.bfloat16)
+    assert base.native_attend_one(q, q[:, :2], q[:, :2], None, None) is None

@@ -291,8 +291,8 @@ def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # ---- the same two ops in one native call each (quant/native/q4.c: rms_norm, rope), rounded as torch rounds ------
-# A decode token at Qwen3-30B-A3B's widths runs 33 RMSNorms and 16 RoPEs: ~9 and ~6 torch ops each, ~70 and ~35 us
-# a call on this CPU (scripts/profile_decode.py --by-line). The native calls repeat torch's arithmetic step by
+# A decode token at Qwen3-30B-A3B's widths runs 33 RMSNorms and 16 RoPEs: ~9 and ~6 torch ops each, 57-73 and
+# 29-37 us a call on this CPU (scripts/decode_sections.py, docs/bench/qwen3-30b-a3b-L8-q4bb4-decode-sections-1543.txt). The native calls repeat torch's arithmetic step by
 # step, the mean of squares summed in the order of torch's own reduction; they are used for a (op, dtype, width)
 # only after matching torch bit for bit on random rows in this process (`glue_exact`), so tokens cannot move.
 
@@ -310,16 +310,18 @@ def glue_lanes() -> int | None:
 
 
 _glue_lib = None  # the native library once resolved (False: none)
+_native = None  # quant.native, imported on first use
 
 
 def _glue_library():
-    """q4.c's library for the exact glue (None: no native code, or a torch CPU capability it does not know)."""
-    global _glue_lib
+    """q4.c's library for the exact glue (None: no native code, MOE_OFFLOAD_NATIVE=0, or a torch CPU capability
+    it does not know)."""
+    global _glue_lib, _native
     if _glue_lib is None:
         from ..quant import native
 
-        _glue_lib = (native.lib() if glue_lanes() else None) or False
-    return _glue_lib or None
+        _native, _glue_lib = native, (native.lib() if glue_lanes() else None) or False
+    return _glue_lib if _glue_lib and _native.enabled() else None
 
 
 def _glue_call(op: str, x: torch.Tensor, *args) -> torch.Tensor | None:
