@@ -185,3 +185,10 @@ def test_moe_offload_native_0_turns_the_glue_off_too(monkeypatch):
     assert base.native_rms_norm(x, w, 1e-6) is None
     q = rows((1, 4, 1, 16), torch.bfloat16)
     assert base.native_attend_one(q, q[:, :2], q[:, :2], None, None) is None
+
+
+def test_glue_dtype_codes_are_the_kernels():
+    """base.GLUE_DTYPES repeats quant.native.DTYPES (base cannot import quant at module level: quant imports it)."""
+    from moe_offload.quant import native
+
+    assert base.GLUE_DTYPES == native.DTYPES

@@ -155,7 +155,7 @@ def native_moe16(x: torch.Tensor, gate_ups: list[torch.Tensor], downs: list[torc
     I = I2 // 2
     for gu, dn in zip(gate_ups, downs):
         if (gu.dtype != w0.dtype or dn.dtype != w0.dtype or gu.shape != w0.shape or dn.shape != (D, I)
-                or not gu.is_contiguous() or not dn.is_contiguous() or not gu.is_cpu):
+                or not gu.is_contiguous() or not dn.is_contiguous() or not gu.is_cpu or not dn.is_cpu):
             return None
     lib = _glue_library()
     if not lib or x.shape[-1] != D or not silu_exact(x.dtype, I):
@@ -200,17 +200,20 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_in_fp32:
-            xf = x.float()
-            return (self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps))).to(x.dtype)
+            return (self.weight * rms_normed(x, self.eps)).to(x.dtype)
         y = native_rms_norm(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps) if y is None else y
 
 
+def rms_normed(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) in fp32: the statistics of every RMSNorm."""
+    xf = x.float()
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' RMSNorm: statistics in fp32, cast back to x's dtype, then the weight."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return w * xf.to(x.dtype)
+    return w * rms_normed(x, eps).to(x.dtype)
 
 
 def rope_table(head_dim: int, max_pos: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,9 +295,10 @@ def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # ---- the same two ops in one native call each (quant/native/q4.c: rms_norm, rope), rounded as torch rounds ------
 # A decode token at Qwen3-30B-A3B's widths runs 33 RMSNorms and 16 RoPEs: ~9 and ~6 torch ops each, 57-73 and
-# 29-37 us a call on this CPU (scripts/decode_sections.py, docs/bench/qwen3-30b-a3b-L8-q4bb4-decode-sections-1543.txt). The native calls repeat torch's arithmetic step by
-# step, the mean of squares summed in the order of torch's own reduction; they are used for a (op, dtype, width)
-# only after matching torch bit for bit on random rows in this process (`glue_exact`), so tokens cannot move.
+# 29-37 us a call on this CPU (scripts/decode_sections.py, docs/bench/qwen3-30b-a3b-L8-q4bb4-decode-sections-1543.txt).
+# The native calls repeat torch's arithmetic step by step, the mean of squares summed in the order of torch's own
+# reduction; they are used for a (op, dtype, width) only after matching torch bit for bit on random rows in this
+# process (`glue_exact`), so tokens cannot move.
 
 GLUE_MAX = 32768  # elements: torch reduces a tensor below its grain size on one thread, in the order copied
 GLUE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # q4.c's dtype codes (native.DTYPES)
@@ -562,8 +566,8 @@ def native_attend_one(q, k, v, scale: float | None, mask) -> torch.Tensor | None
         return None
     H, Hd, K, S = q.shape[1], q.shape[-1], k.shape[1], k.shape[2]
     y = torch.empty_like(q)
-    rc = lib.attend1(q.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(), GLUE_DTYPES[q.dtype], H, K, S,
-                           Hd, k.stride(1), Hd ** -0.5 if scale is None else scale, torch.get_num_threads())
+    rc = lib.attend1(q.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(), GLUE_DTYPES[q.dtype], H, K, S, Hd,
+                     k.stride(1), Hd ** -0.5 if scale is None else scale, torch.get_num_threads())
     return y if rc == 0 else None
 
 

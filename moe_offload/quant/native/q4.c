@@ -59,6 +59,13 @@ static inline __m256 load8(const void *x, int dt, size_t i) {
     return _mm256_loadu_ps((const float *)x + i);
 }
 
+/* one activation as fp32 from x of dtype dt */
+static inline float load1(const void *x, int dt, size_t i) {
+    if (dt == Q4_BF16) return bf2f(((const uint16_t *)x)[i]);
+    if (dt == Q4_F16) return _cvtsh_ss(((const uint16_t *)x)[i]);
+    return ((const float *)x)[i];
+}
+
 /* one row x [K] (fp32, bf16 or fp16) -> xq [K] int8, dx [G] scales, xs [G] = dx·Σ xq: the offset term uses the same
  * rounded x as the codes' term, so the error is Σ W·(x̂ − x) (W centred), not Σ q·s·(x̂ − x) (W − m0, large) */
 static void quantize_row(const void *x, int dt, int K, int gs, int8_t *xq, float *dx, float *xs) {
@@ -612,10 +619,7 @@ int h16_mm(const void *x, void *y, int xdt, int M, int N, int K, const uint16_t 
     if (M < 1 || K < 1) return -1;
     float *xf = aligned_alloc(64, (sizeof(float) * (size_t)M * K + 63) / 64 * 64);
     if (!xf) return -2;
-    for (size_t i = 0; i < (size_t)M * K; i++) {
-        if (xdt == Q4_F32) xf[i] = ((const float *)x)[i];
-        else xf[i] = xdt == Q4_BF16 ? bf2f(((const uint16_t *)x)[i]) : _cvtsh_ss(((const uint16_t *)x)[i]);
-    }
+    for (size_t i = 0; i < (size_t)M * K; i++) xf[i] = load1(x, xdt, i);
     if ((size_t)N * K * 2 * (size_t)M < Q4_PARALLEL_BYTES) nthreads = 1;
     const int tiles = N / 4;
     const size_t rb = (size_t)K; /* elements per row */
@@ -658,12 +662,6 @@ static int ceil_log2(long x) { /* torch's utils::CeilLog2 */
     int b = 0;
     for (unsigned long v = (unsigned long)(x - 1); v; v >>= 1) b++;
     return b;
-}
-
-static inline float load1(const void *x, int dt, size_t i) {
-    if (dt == Q4_BF16) return bf2f(((const uint16_t *)x)[i]);
-    if (dt == Q4_F16) return _cvtsh_ss(((const uint16_t *)x)[i]);
-    return ((const float *)x)[i];
 }
 
 /* 8 fp32 values rounded to dt and back (round to nearest even; a NaN stays a NaN, as f2bf) */
