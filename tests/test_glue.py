@@ -60,7 +60,7 @@ def test_modules_take_the_native_path_with_the_same_bits(monkeypatch):
 @needs_native
 def test_a_wrong_summation_order_is_caught(monkeypatch):
     """With the vector width of another CPU the sums come out in another order: the check must refuse it."""
-    monkeypatch.setattr(base, "glue_lanes", lambda: 16 if base.TORCH_LANES["AVX2"] == 8 else 8)
+    monkeypatch.setattr(base, "_lanes", 16 if base.glue_lanes() == 8 else 8)
     base.glue_exact.cache_clear()
     try:
         assert not base.glue_exact("rms", torch.float32, 2048)
@@ -68,6 +68,31 @@ def test_a_wrong_summation_order_is_caught(monkeypatch):
         assert base.glue_exact("rope", torch.bfloat16, 128)  # no reduction: any width gives the same bits
     finally:
         base.glue_exact.cache_clear()
+
+
+@needs_native
+def test_the_summation_width_is_found_not_assumed(monkeypatch):
+    """glue_lanes() is the width whose order gives torch's bits here (torch's AVX-512 build sums in 8 lanes); with
+    no width that does, the glue is off and torch's ops run."""
+    assert base.glue_lanes() in base.LANES
+    monkeypatch.setattr(base, "LANES", (16 if base.glue_lanes() == 8 else 8,))
+    monkeypatch.setattr(base, "_glue_lib", None)
+    monkeypatch.setattr(base, "_lanes", base._lanes)  # restored after the test, as _glue_lib
+    base.glue_exact.cache_clear()
+    try:
+        assert base.glue_lanes() is None
+        x = rows((1, 1, 2048), torch.float32)
+        assert base.native_rms_norm(x, torch.rand(2048), 1e-6) is None
+    finally:
+        base.glue_exact.cache_clear()
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_gives_torchs_bits_at_widths_whose_tail_depends_on_the_vector_width(dtype):
+    """n = 16..47 puts values in torch's scalar tail at one width and in its vector loop at the other."""
+    for n in (8, 16, 17, 24, 40, 47, 768):
+        assert base.silu_exact(dtype, n) in base.LANES, n
 
 
 def test_what_the_native_calls_do_not_cover_runs_torch():

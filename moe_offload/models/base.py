@@ -124,21 +124,26 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
 
 
 @functools.cache
-def silu_exact(dtype: torch.dtype, n: int) -> bool:
-    """Does q4.c's SiLU (silu_rows: Sleef's expf as torch's vector code runs it, libm's on the tail) give F.silu's
-    bits for n values of `dtype`? Random values over the range where SiLU bends, and far out on both sides."""
+def silu_exact(dtype: torch.dtype, n: int) -> int | None:
+    """The fp32 width (of LANES) at which q4.c's SiLU (silu_rows: Sleef's expf as torch's vector code runs it,
+    libm's on the tail) gives F.silu's bits for n values of `dtype`, or None. Random values over the range where
+    SiLU bends, and far out on both sides. Tried, not assumed: torch's activations run at AVX-512's 16 lanes
+    where its sum runs at 8, and the width moves which values take the tail."""
     lib = _glue_library()
     if not lib or dtype not in GLUE_DTYPES:
-        return False
+        return None
     g = torch.Generator().manual_seed(n)
-    for scale in (0.3, 3.0, 30.0):
-        x = (torch.randn(4, n, generator=g) * scale).to(dtype)
-        for row in x:
-            y = torch.empty_like(row)
-            if lib.silu_rows(row.data_ptr(), y.data_ptr(), GLUE_DTYPES[dtype], n) or not torch.equal(
-                    y.view(torch.uint8), F.silu(row).view(torch.uint8)):
-                return False
-    return True
+    x = [(torch.randn(4, n, generator=g) * scale).to(dtype) for scale in (0.3, 3.0, 30.0)]
+    for lanes in LANES:
+        if all(_silu_same(lib, row, lanes) for rows in x for row in rows):
+            return lanes
+    return None
+
+
+def _silu_same(lib, row: torch.Tensor, lanes: int) -> bool:
+    y = torch.empty_like(row)
+    return (lib.silu_rows(row.data_ptr(), y.data_ptr(), GLUE_DTYPES[row.dtype], row.numel(), lanes) == 0
+            and torch.equal(y.view(torch.uint8), F.silu(row).view(torch.uint8)))
 
 
 def native_moe16(x: torch.Tensor, gate_ups: list[torch.Tensor], downs: list[torch.Tensor], weights: list[float],
@@ -158,7 +163,8 @@ def native_moe16(x: torch.Tensor, gate_ups: list[torch.Tensor], downs: list[torc
                 or not gu.is_contiguous() or not dn.is_contiguous() or not gu.is_cpu or not dn.is_cpu):
             return None
     lib = _glue_library()
-    if not lib or x.shape[-1] != D or not silu_exact(x.dtype, I):
+    lanes = silu_exact(x.dtype, I) if lib and x.shape[-1] == D else None
+    if not lanes:
         return None
     A = len(gate_ups)
     xc = x.contiguous()
@@ -166,7 +172,7 @@ def native_moe16(x: torch.Tensor, gate_ups: list[torch.Tensor], downs: list[torc
     ptrs = ctypes.c_void_p * A
     rc = lib.h16_moe(xc.data_ptr(), y.data_ptr(), GLUE_DTYPES[x.dtype], A, ptrs(*(g.data_ptr() for g in gate_ups)),
                      ptrs(*(d.data_ptr() for d in downs)), int(w0.dtype == torch.bfloat16), D, I,
-                     (ctypes.c_float * A)(*weights), int(each), torch.get_num_threads())
+                     (ctypes.c_float * A)(*weights), int(each), lanes, torch.get_num_threads())
     return y if rc == 0 else None
 
 
@@ -302,29 +308,46 @@ def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 GLUE_MAX = 32768  # elements: torch reduces a tensor below its grain size on one thread, in the order copied
 GLUE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # q4.c's dtype codes (native.DTYPES)
-TORCH_LANES = {"AVX2": 8, "DEFAULT": 8, "AVX512": 16}  # fp32 lanes of torch's Vectorized<float> per capability
+LANES = (8, 16)  # fp32 vector widths torch's sum may run in (AVX2, AVX-512)
 
 
-@functools.cache
 def glue_lanes() -> int | None:
-    try:
-        return TORCH_LANES.get(torch.backends.cpu.get_cpu_capability())
-    except (AttributeError, RuntimeError):
-        return None
+    """The fp32 vector width in whose order torch sums a row on this machine, found by trying each of LANES
+    against torch's own mean of squares (None: neither matches, or no native library). Not read off the CPU
+    capability: torch 2.13 registers its sum kernel without an AVX-512 variant, so an AVX-512 machine sums in
+    8 lanes too (seen on a Xeon with AVX-512, 2026-12-04)."""
+    return _lanes if _glue_library() is not None else None
 
 
 _glue_lib = None  # the native library once resolved (False: none)
 _native = None  # quant.native, imported on first use
+_lanes = None  # glue_lanes(), found when the library is resolved
+
+
+def _calibrate(lib) -> int | None:
+    # a row's sum comes out the same in either order about 3 times in 4: 64 rows, magnitudes spread per element
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4096 + 37, generator=g) * 10 ** (torch.rand(64, 4096 + 37, generator=g) * 3)
+    w = torch.rand(x.shape[-1], generator=g) * 2
+    want = rms_norm(x, w, 1e-6)
+    for lanes in LANES:
+        y = torch.empty_like(x)
+        if (lib.rms_norm(x.data_ptr(), y.data_ptr(), GLUE_DTYPES[x.dtype], x.shape[0], x.shape[1], w.data_ptr(),
+                         1e-6, lanes) == 0 and torch.equal(y.view(torch.int32), want.view(torch.int32))):
+            return lanes
+    return None
 
 
 def _glue_library():
-    """q4.c's library for the exact glue (None: no native code, MOE_OFFLOAD_NATIVE=0, or a torch CPU capability
-    it does not know)."""
-    global _glue_lib, _native
+    """q4.c's library for the exact glue (None: no native code, MOE_OFFLOAD_NATIVE=0, or no summation order of
+    LANES gives torch's bits here)."""
+    global _glue_lib, _native, _lanes
     if _glue_lib is None:
         from ..quant import native
 
-        _native, _glue_lib = native, (native.lib() if glue_lanes() else None) or False
+        lib = native.lib()
+        _lanes = _calibrate(lib) if lib is not None else None
+        _native, _glue_lib = native, (lib if _lanes else None) or False
     return _glue_lib if _glue_lib and _native.enabled() else None
 
 
@@ -337,7 +360,7 @@ def _glue_call(op: str, x: torch.Tensor, *args) -> torch.Tensor | None:
         w, eps = args
         D = x.shape[-1]
         rc = _glue_lib.rms_norm(x.data_ptr(), y.data_ptr(), code, x.numel() // D, D, w.data_ptr(), eps,
-                                glue_lanes())
+                                _lanes)
     else:
         cos, sin = args
         T, Hd = cos.shape
@@ -352,13 +375,13 @@ def glue_exact(op: str, dtype: torch.dtype, width: int) -> bool:
     a different summation order shows in nearly every element)? Random rows spanning 12 decades."""
     g = torch.Generator().manual_seed(width)
     for dt in dict.fromkeys((torch.float32, dtype)):
-        x = (torch.randn(16, width, generator=g) * 10 ** (torch.rand(16, 1, generator=g) * 12 - 6)).to(dt)
+        x = (torch.randn(64, width, generator=g) * 10 ** (torch.rand(64, 1, generator=g) * 12 - 6)).to(dt)
         if op == "rms":
             w = (torch.rand(width, generator=g) * 2).to(dt)
             want, got = rms_norm(x, w, 1e-6), _glue_call(op, x, w, 1e-6)
         else:
             cos, sin = (torch.randn(4, width, generator=g).to(dt) for _ in range(2))
-            x = x.view(4, 4, width)
+            x = x.view(16, 4, width)
             want, got = rope_torch(x, cos, sin), _glue_call(op, x, cos, sin)
         if got is None or not torch.equal(got.view(torch.uint8), want.contiguous().view(torch.uint8)):
             return False

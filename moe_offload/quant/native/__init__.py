@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("q4.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
-VERSION = 12  # q4_version() of the source this module's signatures match
+VERSION = 13  # q4_version() of the source this module's signatures match
 
 
 # q4.c's activation dtypes (Q4_F32, Q4_BF16, Q4_F16) and h16_mm's weight kinds
@@ -114,9 +114,9 @@ def _load(cc: str) -> ctypes.CDLL | None:
     so.rope.restype = i
     so.attend1.argtypes = [vp, vp, vp, vp, i, i, i, i, i, l, ctypes.c_float, i]
     so.attend1.restype = i
-    so.silu_rows.argtypes = [vp, vp, i, i]
+    so.silu_rows.argtypes = [vp, vp, i, i, i]
     so.silu_rows.restype = i
-    so.h16_moe.argtypes = [vp, vp, i, i, vp, vp, i, i, i, vp, i, i]
+    so.h16_moe.argtypes = [vp, vp, i, i, vp, vp, i, i, i, vp, i, i, i]
     so.h16_moe.restype = i
     return so
 

@@ -343,7 +343,7 @@ int q4_to_r64(const uint8_t *src, uint8_t *dst, int N, int K, int B, int pairs, 
     return 0;
 }
 
-int q4_version(void) { return 12; }
+int q4_version(void) { return 13; }
 
 /* The rows of y [M, N] = xq·W^T (activations quantized already) that this thread's share of the work units
  * gives (an orphaned `omp for`: inside a parallel region the units are split over its threads, outside it one
@@ -742,7 +742,8 @@ static float torch_sumsq(const void *x, int dt, size_t o, int n, int H) {
 }
 
 /* y [M, D] = w · rnd(x · rsqrt(Σx²/D + eps)), x, w, y of dtype dt (transformers' RMSNorm: statistics in fp32,
- * cast back, then the weight); lanes: torch's fp32 vector width (8 AVX2, 16 AVX-512). */
+ * cast back, then the weight); lanes: the fp32 vector width of torch's sum here (8 or 16: models/base.py tries
+ * both against torch). */
 #if defined(__GNUC__) && !defined(__clang__)
 __attribute__((optimize("fp-contract=off")))
 #endif
@@ -892,9 +893,10 @@ int attend1(const void *q, const void *k, const void *v, void *y, int dt, int H,
 
 /* ---- SiLU as torch computes it, and a token's 16-bit experts of a layer in one call ---------------------------
  * F.silu on CPU: x / (1 + exp(−x)) in fp32, exp from torch's Vectorized<float> (Sleef's expf, u10, FMA build) on
- * whole chunks of two vectors (16 fp32 values; 32 for a 16-bit tensor, two fp32 vectors each) and from libm's expf
- * on the tail, the result rounded to the tensor's dtype. models/base.py checks this against torch bit for bit
- * before anything uses it. */
+ * whole chunks of two vectors (2·lanes fp32 values; 4·lanes for a 16-bit tensor, two fp32 vectors each) and from
+ * libm's expf on the tail, the result rounded to the tensor's dtype; lanes: the fp32 width of torch's activation
+ * kernels here (8 AVX2, 16 AVX-512). Sleef's expf gives the same bits per lane at either width, so only the
+ * chunks move. models/base.py finds lanes by checking this against torch bit for bit before anything uses it. */
 
 static inline __m256 sleef_expf8(__m256 d) {
     const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(d, _mm256_set1_ps(1.442695040888963407359924681001892137f)));
@@ -919,8 +921,8 @@ static inline __m256 sleef_expf8(__m256 d) {
 #if defined(__GNUC__) && !defined(__clang__)
 __attribute__((optimize("fp-contract=off")))
 #endif
-static void silu_torch(const float *g, float *a, int n, int dt) {
-    const int chunk = dt == Q4_F32 ? 16 : 32, whole = n / chunk * chunk;
+static void silu_torch(const float *g, float *a, int n, int dt, int lanes) {
+    const int chunk = (dt == Q4_F32 ? 2 : 4) * lanes, whole = n / chunk * chunk;
     const __m256 one = _mm256_set1_ps(1.0f), neg = _mm256_set1_ps(-0.0f);
     for (int i = 0; i < whole; i += 8) {
         const __m256 v = _mm256_loadu_ps(g + i);
@@ -929,11 +931,12 @@ static void silu_torch(const float *g, float *a, int n, int dt) {
     for (int i = whole; i < n; i++) a[i] = rnd(dt, g[i] / (1.0f + expf(-g[i])));
 }
 
-int silu_rows(const void *x, void *y, int dt, int n) { /* for the check against torch: y = F.silu(x) */
+int silu_rows(const void *x, void *y, int dt, int n, int lanes) { /* for the check against torch: y = F.silu(x) */
+    if (lanes != 8 && lanes != 16) return -1;
     float *f = malloc(sizeof(float) * 2 * (size_t)(n > 0 ? n : 1));
     if (!f) return -2;
     for (int i = 0; i < n; i++) f[i] = load1(x, dt, i);
-    silu_torch(f, f + n, n, dt);
+    silu_torch(f, f + n, n, dt, lanes);
     for (int i = 0; i < n; i++) store_y(y, dt, i, f[n + i]);
     free(f);
     return 0;
@@ -943,13 +946,14 @@ int silu_rows(const void *x, void *y, int dt, int n) { /* for the check against 
  * [g_e | u_e] = rnd(gate_up_e x): the numbers experts._dispatch_one gets from DenseExpert units one by one (each
  * GEMV h16_mm's, each elementwise op torch's), in one parallel region: the A gate_up products as one tile list,
  * the SiLU·up per expert, then down by tiles of D summing the experts in order. each=1: y [A, D], each expert's
- * weighted output. gate_up_e [2I, D], down_e [D, I], 16-bit (bf: bfloat16, else float16), rows contiguous. */
+ * weighted output. gate_up_e [2I, D], down_e [D, I], 16-bit (bf: bfloat16, else float16), rows contiguous; lanes:
+ * silu_rows'. */
 #if defined(__GNUC__) && !defined(__clang__)
 __attribute__((optimize("fp-contract=off")))
 #endif
 int h16_moe(const void *x, void *y, int xdt, int A, const uint16_t *const *gu, const uint16_t *const *dn, int bf,
-            int D, int I, const float *wt, int each, int nthreads) {
-    if (A < 1 || D < 4 || I < 2 || D % 4 || (2 * I) % 4) return -1;
+            int D, int I, const float *wt, int each, int lanes, int nthreads) {
+    if (A < 1 || D < 4 || I < 2 || D % 4 || (2 * I) % 4 || (lanes != 8 && lanes != 16)) return -1;
     const int I2 = 2 * I, T1 = I2 / 4, T2 = D / 4;
     float *xf = aligned_alloc(64, sizeof(float) * (((size_t)D + (size_t)A * (I2 + I) + 15) / 16 * 16));
     if (!xf) return -2;
@@ -969,7 +973,7 @@ int h16_moe(const void *x, void *y, int xdt, int A, const uint16_t *const *gu, c
         for (int e = 0; e < A; e++) {
             const float *g = h + (size_t)e * I2, *up = g + I;
             float *me = m + (size_t)e * I;
-            silu_torch(g, me, I, xdt);
+            silu_torch(g, me, I, xdt, lanes);
             for (int j = 0; j < I; j++) {
                 const float p = me[j] * up[j];
                 me[j] = rnd(xdt, p);
