@@ -18,6 +18,7 @@ FLAGS = {
     "f16c": ("f16c",),
     "avx512f": ("avx512f",),
     "avx512bw": ("avx512bw",),
+    "avx512vl": ("avx512vl",),
     "avx512_bf16": ("avx512_bf16",),
     "avx512_vnni": ("avx512_vnni", "avx512vnni"),
     "avx_vnni": ("avx_vnni",),

@@ -9,6 +9,7 @@ one matrix at a time, at Mixtral-8x7B's and Qwen3-30B-A3B's expert widths.
     PYTHONPATH=. python scripts/native_q4_bench.py --layer [--layer-shapes 2048x768x128x8,4096x14336x8x2]
         [--threads 1,2]
     PYTHONPATH=. python scripts/native_q4_bench.py --half [--shapes ...] [--cold 256] [--threads 1,2]
+    PYTHONPATH=. python scripts/native_q4_bench.py --layer --isa [--layer-shapes ...] [--threads 1,2]
 
 Per shape (N×K, 4-bit codes, bf16 activations as the engine's compute dtype), rows M and threads: the median
 ms per call of each system and GB/s of 4-bit code bytes (N·K/2 / time), and the median CPU ms per call (the
@@ -26,6 +27,8 @@ The matrices are random (RTN, bf16 meta): the kernels' speed does not depend on 
 --layer: one decode token through a MoE layer's experts (D×I×E×A: E resident, A routed per token, a fresh
 route each call), expert by expert as the dispatch ran them against one native call for the token's experts
 (q4.c's q4_moe).
+--layer --isa: the same one-call token (q4_moe) through two builds of q4.c, AVX2 only against this CPU's additions
+(native.isa_flags(): VNNI's one-instruction int8 dot), interleaved call by call; the outputs must be the same bits.
 --errors: instead of timings, each system's output error against the fp32 reference x @ W_deq^T (W_deq the
 dequantised fp32 weights: what both kernels approximate) over --rows rows of Gaussian and of heavy-tailed
 (Student-t, 3 dof) activations: relative Frobenius error, and the largest |error| over the reference's RMS.
@@ -126,7 +129,7 @@ def experts(shapes: list[tuple[int, int]], rows: list[int], threads: list[int], 
     return 0
 
 
-def layer(specs: list[tuple[int, ...]], threads: list[int], group: int, reps: int) -> int:
+def layer(specs: list[tuple[int, ...]], threads: list[int], group: int, reps: int, isa: bool = False) -> int:
     """One decode token through a layer's A of E resident 4-bit experts (D x I x E x A), as the engine's
     dispatch runs it: expert by expert (each a fused call, weighted, summed in torch) against one native call
     for the A experts (q4.c's q4_moe). Each call routes to a fresh random A of the E experts, so at Qwen3's
@@ -134,10 +137,19 @@ def layer(specs: list[tuple[int, ...]], threads: list[int], group: int, reps: in
     from moe_offload.experts import ExpertShape, LocalExperts
     from moe_offload.quant.codec import HQQCodec, QuantExpert, expert_spec
 
+    from moe_offload.quant import native
+
     g = torch.Generator().manual_seed(0)
     run_group = QuantExpert.run_group
-    print(f"{'D x I x E x A':>18} {'thr':>3} {'per-expert ms':>13} {'one call ms':>11} {'per-expert GB/s':>15} "
-          f"{'one call GB/s':>13} {'speed-up':>8}", flush=True)
+    names = ("avx2", "+" + ",".join(f.removeprefix("-m") for f in native.isa_flags())) if isa else (
+        "per-expert", "one call")
+    if isa:
+        libs = {names[0]: native._load("cc", ()), names[1]: native._load("cc", native.isa_flags())}
+        if not native.isa_flags() or None in libs.values():
+            print("this CPU adds nothing to the AVX2 build (or a build failed)", file=sys.stderr)
+            return 2
+    print(f"{'D x I x E x A':>18} {'thr':>3} {names[0] + ' ms':>13} {names[1] + ' ms':>13} {names[0] + ' GB/s':>15} "
+          f"{names[1] + ' GB/s':>15} {'speed-up':>8}", flush=True)
     for D, I, E, A in specs:
         codec = HQQCodec({**expert_spec(4, group, "rtn"), "layout": NATIVE_LAYOUT})
         units = []
@@ -154,14 +166,31 @@ def layer(specs: list[tuple[int, ...]], threads: list[int], group: int, reps: in
             QuantExpert.run_group = staticmethod(run_group if grouped else lambda *a, **k: None)
             return experts_(x, routes[next(turn) % len(routes)], w)
 
+        def call_with(lib):  # every unit's gate_up carries the library q4_moe is called through
+            for u in units:
+                u.gate_up.lib = lib
+            return experts_(x, routes[next(turn) % len(routes)], w)
+
+        if isa:
+            fns = {k: (lambda lib=lib: call_with(lib)) for k, lib in libs.items()}
+            outs = []
+            for lib in libs.values():
+                turn = iter(range(1 << 30))  # the same route for both
+                outs.append(call_with(lib))
+            if not torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16)):
+                print(f"{D}x{I}x{E}x{A}: the two builds give different bits", file=sys.stderr)
+                return 1
+            turn = iter(range(1 << 30))
+        else:
+            fns = {names[0]: lambda: call(False), names[1]: lambda: call(True)}
         nbytes = A * 3 * I * D / 2
         for t in threads:
             torch.set_num_threads(t)
-            med, _ = bench({"per-expert": lambda: call(False), "one call": lambda: call(True)}, reps)
+            med, _ = bench(fns, reps)
             gb = {k: nbytes / v / 1e9 for k, v in med.items()}
-            print(f"{D:>5}x{I}x{E}x{A:<4} {t:>3} {1e3 * med['per-expert']:>13.3f} {1e3 * med['one call']:>11.3f} "
-                  f"{gb['per-expert']:>15.2f} {gb['one call']:>13.2f} {med['per-expert'] / med['one call']:>7.2f}x",
-                  flush=True)
+            a, b = names
+            print(f"{D:>5}x{I}x{E}x{A:<4} {t:>3} {1e3 * med[a]:>13.3f} {1e3 * med[b]:>13.3f} "
+                  f"{gb[a]:>15.2f} {gb[b]:>15.2f} {med[a] / med[b]:>7.2f}x", flush=True)
     QuantExpert.run_group = staticmethod(run_group)
     return 0
 
@@ -219,6 +248,7 @@ def main(argv=None) -> int:
                          "weights from RAM, not cache (decode's case)")
     ap.add_argument("--experts-shapes", default="2048x768,4096x14336")
     ap.add_argument("--layer", action="store_true")
+    ap.add_argument("--isa", action="store_true", help="with --layer: the AVX2 build against this CPU's additions")
     ap.add_argument("--layer-shapes", default="2048x768x128x8,4096x14336x8x2", help="D x I x E x A, comma-separated")
     a = ap.parse_args(argv)
     if not native_available() or host_layout() is None:
@@ -232,7 +262,7 @@ def main(argv=None) -> int:
         return experts(shape_list(a.experts_shapes), [int(r) for r in a.rows.split(",")],
                        [int(t) for t in a.threads.split(",")], a.group, a.reps)
     if a.layer:
-        return layer(shape_list(a.layer_shapes), [int(t) for t in a.threads.split(",")], a.group, a.reps)
+        return layer(shape_list(a.layer_shapes), [int(t) for t in a.threads.split(",")], a.group, a.reps, a.isa)
     if a.errors:
         return errors(shape_list(a.shapes), int(a.rows.split(",")[-1]), a.group)
     shapes = shape_list(a.shapes) + ([(32, 64)] if a.overhead else [])

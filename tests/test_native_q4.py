@@ -16,7 +16,7 @@ import torch
 
 from moe_offload.experts import ExpertShape
 from moe_offload.quant import hqq, native
-from moe_offload.quant.codec import HQQCodec
+from moe_offload.quant.codec import HQQCodec, expert_spec
 from moe_offload.quant.kernels import (
     LAYOUTS,
     NATIVE_LAYOUT,
@@ -426,3 +426,41 @@ def test_router_logits_over_16bit_weights_use_them_as_stored(wdt, monkeypatch):
     n = len(calls)
     assert torch.equal(base.router_logits_fp32(h, w, b), torch.nn.functional.linear(h.float(), w.float(), b))
     assert torch.equal(base.router_logits_fp32(h.float(), w.float()), ref) and len(calls) == n  # fp32 / bias: torch
+
+
+@needs_native
+@pytest.mark.parametrize("g", [32, 64, 128])
+def test_the_vnni_build_gives_the_avx2_builds_bits(g, monkeypatch):
+    """Where the CPU has VNNI (native.isa_flags()), q4.c is built with it: one instruction for the int8 dot's
+    int32 sums, the same integers as AVX2's maddubs + madd, so the same bits for matrices (four-row tiles, their
+    tail rows, K ≡ 32 mod 64) and for a layer's experts in one call. Elsewhere both builds are the AVX2 one."""
+    flags = native.isa_flags()
+    monkeypatch.setenv("MOE_OFFLOAD_NATIVE_VNNI", "0")
+    assert native.isa_flags() == ()
+    monkeypatch.delenv("MOE_OFFLOAD_NATIVE_VNNI")
+    cc = "cc"
+    base_lib, isa_lib = native._load(cc, ()), native._load(cc, flags)
+    assert base_lib.q4_vnni() == 0 and isa_lib.q4_vnni() == int(bool(flags))
+    for N, K in [(100, 512), (64, 256 + 32 * (g == 32))]:
+        q = hqq.quantize(torch.randn(N, K, generator=gen(N + g)), 4, g)
+        lin = make_linear(PackedMatrix.from_quantized(q, NATIVE_LAYOUT), dense_rows=8)
+        for M in (1, 3):
+            x = torch.randn(M, K, generator=gen(M)).to(torch.bfloat16)
+            outs = []
+            for lib in (base_lib, isa_lib):
+                lin.call = lib.q4_call
+                outs.append(lin(x))
+            assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16)), (N, K, M)
+    from moe_offload.quant.kernels import fused_moe
+
+    codec = HQQCodec({**expert_spec(4, g, "rtn"), "layout": NATIVE_LAYOUT})
+    D, I = 256, 128
+    units = [codec.decode(codec.encode(*(torch.randn(n, k, generator=gen(e + n)) * 0.05
+                                        for n, k in ((I, D), (I, D), (D, I)))), ExpertShape(D, I), torch.bfloat16)
+             for e in range(3)]
+    x = torch.randn(1, D, generator=gen(9)).to(torch.bfloat16)
+    outs = []
+    for lib in (base_lib, isa_lib):
+        units[0].gate_up.lib = lib
+        outs.append(fused_moe([(u.gate_up, u.down) for u in units], x, [0.5, 0.3, 0.2]))
+    assert outs[0] is not None and torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))

@@ -187,6 +187,26 @@ static inline __attribute__((always_inline)) void dot_rows(const uint8_t *w, con
 #ifndef Q4_IL_AHEAD
 #define Q4_IL_AHEAD 2048
 #endif
+/* Σ of unsigned codes × signed int8 activations: with VNNI (AVX-VNNI or AVX-512 VNNI + VL, native/__init__.py adds
+ * the flag where the CPU has it) one instruction gives int32 sums of four adjacent products; without, maddubs gives
+ * int16 sums of two (≤ 8 blocks of them summed stay below 2^15) and madd widens them once per group. The integers
+ * are the same, so both builds give the same bits. */
+#if defined(__AVXVNNI__)
+#define Q4_VNNI 1
+#define Q4_DOT(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define Q4_VNNI 1
+#define Q4_DOT(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+#else
+#define Q4_VNNI 0
+#define Q4_DOT(acc, u, s) _mm256_add_epi16(acc, _mm256_maddubs_epi16(u, s))
+#endif
+#if Q4_VNNI
+#define Q4_WIDEN(a) (a)
+#else
+#define Q4_WIDEN(a) _mm256_madd_epi16(a, ones)
+#endif
+
 #define Q4_PREFETCH(c)                                                                                             \
     if (!((c)&1)) {                                                                                                \
         if (il) {                                                                                                  \
@@ -216,7 +236,7 @@ static inline __attribute__((always_inline)) void dot4_m1(const uint8_t *w, size
     __m128 sd = _mm_mul_ps(s, _mm_set1_ps(dx[g]));                                                                 \
     macc = _mm_fmadd_ps(_mm_fnmadd_ps(eight, s, m), _mm_set1_ps(xs[g]), macc);
 #define Q4_ACC(a, i, lane)                                                                                         \
-    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(i, ones)),                                            \
+    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(Q4_WIDEN(i)),                                                           \
                         _mm256_broadcastss_ps(_mm_shuffle_ps(sd, sd, lane)), a);
     if (gs == 32) {
         for (int c = 0; c < K / 64; c++) {
@@ -227,8 +247,8 @@ static inline __attribute__((always_inline)) void dot4_m1(const uint8_t *w, size
             const uint8_t *ws[4] = {w0, w1, w2, w3};
             for (int r = 0; r < 4; r++) {
                 __m256i v = _mm256_loadu_si256((const __m256i *)(ws[r] + cs * c));
-                l[r] = _mm256_maddubs_epi16(_mm256_and_si256(v, m4), x0);
-                h[r] = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), x1);
+                l[r] = Q4_DOT(_mm256_setzero_si256(), _mm256_and_si256(v, m4), x0);
+                h[r] = Q4_DOT(_mm256_setzero_si256(), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), x1);
             }
             {
                 Q4_META(2 * c)
@@ -248,7 +268,7 @@ static inline __attribute__((always_inline)) void dot4_m1(const uint8_t *w, size
             for (int r = 0; r < 4; r++) {
                 __m128i v = _mm_loadu_si128((const __m128i *)(ws[r] + 32 * c));
                 __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m4h), _mm_and_si128(v, m4h));
-                l[r] = _mm256_maddubs_epi16(q, x0);
+                l[r] = Q4_DOT(_mm256_setzero_si256(), q, x0);
             }
             Q4_META(2 * c)
             Q4_ACC(a0, l[0], 0x00) Q4_ACC(a1, l[1], 0x55) Q4_ACC(a2, l[2], 0xaa) Q4_ACC(a3, l[3], 0xff)
@@ -264,9 +284,7 @@ static inline __attribute__((always_inline)) void dot4_m1(const uint8_t *w, size
 #define Q4_ROW(t, wr)                                                                                              \
     {                                                                                                              \
         __m256i v = _mm256_loadu_si256((const __m256i *)(wr + cs * c));                                            \
-        t = _mm256_add_epi16(t, _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v, m4), x0),                \
-                                                 _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), \
-                                                                      x1)));                                       \
+        t = Q4_DOT(Q4_DOT(t, _mm256_and_si256(v, m4), x0), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), x1);     \
     }
                 Q4_ROW(t0, w0) Q4_ROW(t1, w1) Q4_ROW(t2, w2) Q4_ROW(t3, w3)
 #undef Q4_ROW
@@ -344,6 +362,8 @@ int q4_to_r64(const uint8_t *src, uint8_t *dst, int N, int K, int B, int pairs, 
 }
 
 int q4_version(void) { return 13; }
+
+int q4_vnni(void) { return Q4_VNNI; }
 
 /* The rows of y [M, N] = xq·W^T (activations quantized already) that this thread's share of the work units
  * gives (an orphaned `omp for`: inside a parallel region the units are split over its threads, outside it one
