@@ -239,10 +239,10 @@ def main(argv=None) -> int:
     ap.add_argument("--errors", action="store_true")
     ap.add_argument("--experts", action="store_true")
     ap.add_argument("--half", action="store_true")
-    ap.add_argument("--baseline", choices=["torch", "r64", "r64t"], default="torch",
+    ap.add_argument("--baseline", choices=["torch", "r64", "r64t", "avx2"], default="torch",
                     help="what the native kernel (this machine's layout, r64i) is compared with: torch's int4pack, "
                          "or the native kernel over r64 (row-major tiles, meta [G, N, 2]) or r64t (row-major "
-                         "tiles, meta in tiles)")
+                         "tiles, meta in tiles), or avx2: over r64i, built without this CPU's additions (VNNI)")
     ap.add_argument("--cold", type=int, default=0, metavar="MIB",
                     help="cycle each system over copies of the matrix filling MIB MiB, so every call reads its "
                          "weights from RAM, not cache (decode's case)")
@@ -282,9 +282,15 @@ def main(argv=None) -> int:
         def make(kind, q=q):
             if kind == "torch":
                 return Int4Linear(PackedMatrix.from_quantized(q, host_layout()), dense_rows=max(rows))
-            pm = PackedMatrix.from_quantized(q, kind)
-            return NativeQ4Linear(PackedMatrix(pm.packed.clone(), pm.sz.clone(), 4, N, K, pm.layout),
-                                  dense_rows=max(rows), layout=kind)
+            layout = NATIVE_LAYOUT if kind == "avx2" else kind
+            pm = PackedMatrix.from_quantized(q, layout)
+            lin = NativeQ4Linear(PackedMatrix(pm.packed.clone(), pm.sz.clone(), 4, N, K, pm.layout),
+                                 dense_rows=max(rows), layout=layout)
+            if kind == "avx2":  # the same kernel built without this CPU's additions (native.isa_flags())
+                from moe_offload.quant import native
+
+                lin.call = native._load("cc", ()).q4_call
+            return lin
 
         copies = max(1, (a.cold << 20) // (N * K // 2)) if a.cold else 1
         # (the column says torch; with --baseline r64 / r64t it is the native kernel over that layout)
