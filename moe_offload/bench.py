@@ -472,7 +472,9 @@ def child_llamacpp(spec: dict) -> dict:
                      "decode_disk_read_bytes": _delta(io1, io2)})
     import llama_cpp
 
-    return {"load_s": load_s, "runs": runs, "info": {"llama_cpp_python": getattr(llama_cpp, "__version__", "?")}}
+    system = llama_cpp.llama_print_system_info()
+    return {"load_s": load_s, "runs": runs, "info": {"llama_cpp_python": getattr(llama_cpp, "__version__", "?"),
+                                                     "system_info": system.decode(errors="replace").strip()}}
 
 
 CHILDREN = {"us": child_us, "hf": child_hf, "accelerate": child_hf, "llamacpp": child_llamacpp}
@@ -1084,6 +1086,16 @@ def _f(v, fmt="{:.2f}", none="-"):
     return none if v is None else fmt.format(v)
 
 
+def peer_builds(rows: list[dict]) -> list[str]:
+    """results.md's line on the llama.cpp build the peer rows ran (its CPU features: which kernels it had), once."""
+    for r in rows:
+        info = r.get("info") or {}
+        if info.get("system_info"):
+            return [f"llama.cpp: llama-cpp-python {info.get('llama_cpp_python', '?')}, built with: "
+                    f"{info['system_info']}", ""]
+    return []
+
+
 def markdown(res: dict) -> str:
     from .cpuinfo import describe
 
@@ -1096,6 +1108,7 @@ def markdown(res: dict) -> str:
              f"generation)", "",
              f"Command: `{res['command']}`", "",
              *([f"CPU: {describe(res['machine'])}.", ""] if res.get("machine") else []),
+             *peer_builds(res["rows"]),
              *([f"Budgets prefixed q4 are the 4-bit model's bytes: its backbone "
                 f"{res['sizes_q']['4']['backbone'] / MiB:.1f} MiB + that % of its 4-bit experts "
                 f"({res['sizes_q']['4']['experts'] / MiB:.1f} MiB); the others, as before, the 16-bit model's.", ""]

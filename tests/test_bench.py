@@ -471,3 +471,15 @@ def test_the_16bit_sizes_read_from_a_quantized_store_count_a_16bit_backbone(tiny
     full = count(st.config).resident_backbone_bytes(getattr(torch, dtype))
     assert bench.model_sizes(out, dtype, as_stored=False).backbone == full
     assert bench.model_sizes(out, dtype).backbone < full
+
+
+def test_results_name_the_llamacpp_build_the_peer_rows_ran():
+    """A llama.cpp built with AMX and one without run different kernels (the AMX build crashed on this project's
+    Xeon): results.md says which build the peer rows were, from what the child recorded."""
+    ours = _measured("100 %", 100.0, "us-lru", [9.0])
+    assert bench.peer_builds([ours]) == []
+    peer = {**_measured("100 %", 100.0, "llamacpp-q4_0", [5.0]),
+            "info": {"llama_cpp_python": "0.3.36", "system_info": "CPU : AVX2 = 1 | AVX512 = 1 | AMX_INT8 = 1 |"}}
+    line = bench.peer_builds([ours, peer, peer])
+    assert line == ["llama.cpp: llama-cpp-python 0.3.36, built with: CPU : AVX2 = 1 | AVX512 = 1 | AMX_INT8 = 1 |",
+                    ""]
