@@ -2,12 +2,14 @@
 figures are real wall time of the unprofiled engine (plus ~1 us of wrapper per call), not sampled.
 
     PYTHONPATH=. python scripts/decode_sections.py STORE [--threads 2] [--prompt-tokens 32] [--new-tokens 64]
-        [--runs 4] [--preload on]
+        [--runs 4] [--preload on] [--memory 8GiB]
 
 Runs one warm-up generation, then `--runs` prompts of `--prompt-tokens` each decoding `--new-tokens` tokens; prints
 each run's decode tok/s, then for the last run ms per token, calls per token and us per call of every section.
 Sections nest (attention and MoE contain the 4-bit linears, norms, RoPE, the one-query attention and the router),
 so their times do not add up to the total. With two trees side by side (PYTHONPATH=OLD, then NEW) it is an A/B.
+--memory: the engine under that budget (the expert cache's path, as `generate --memory` and the bench run it;
+its lookups are the "expert cache fetch" section); unset: every expert resident, no cache.
 """
 
 from __future__ import annotations
@@ -45,11 +47,13 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--runs", type=int, default=4)
     p.add_argument("--preload", default="on", choices=["auto", "on", "off"])
+    p.add_argument("--memory", default=None)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     import moe_offload.models.base as B
     from moe_offload.quant import codec, kernels
     from moe_offload.runtime.load import load
+    from moe_offload.store import cache
 
     wrap(B.CausalLM, "forward", "total (model forward)")
     wrap(B.CausalLM, "head", "lm_head + final norm")
@@ -63,7 +67,9 @@ def main() -> int:
     wrap(B, "native_attend_one", "one-query attention, native")
     wrap(B, "attend_one", "one-query attention, torch")
     wrap(B.KVCache, "update", "KV cache write")
-    engine = load(a.store, device="cpu", preload=a.preload)
+    wrap(cache.ExpertCache, "fetch", "expert cache fetch (generator setup)")
+    wrap(cache.OffloadedExperts, "__call__", "experts behind the cache (all of it)")
+    engine = load(a.store, device="cpu", preload=a.preload, memory=a.memory)
     n = a.new_tokens
     engine.generate(prompt_ids=list(range(3, 3 + a.prompt_tokens)), max_new_tokens=n + 1, ignore_eos=True,
                     temperature=0.0)
