@@ -10,6 +10,7 @@ one matrix at a time, at Mixtral-8x7B's and Qwen3-30B-A3B's expert widths.
         [--threads 1,2]
     PYTHONPATH=. python scripts/native_q4_bench.py --half [--shapes ...] [--cold 256] [--threads 1,2]
     PYTHONPATH=. python scripts/native_q4_bench.py --layer --isa [--layer-shapes ...] [--threads 1,2]
+    PYTHONPATH=. python scripts/native_q4_bench.py --dequant [--shapes ...] [--threads 1,2]
 
 Per shape (N×K, 4-bit codes, bf16 activations as the engine's compute dtype), rows M and threads: the median
 ms per call of each system and GB/s of 4-bit code bytes (N·K/2 / time), and the median CPU ms per call (the
@@ -29,6 +30,8 @@ route each call), expert by expert as the dispatch ran them against one native c
 (q4.c's q4_moe).
 --layer --isa: the same one-call token (q4_moe) through two builds of q4.c, AVX2 only against this CPU's additions
 (native.isa_flags(): VNNI's one-instruction int8 dot), interleaved call by call; the outputs must be the same bits.
+--dequant: PackedMatrix.dequantize to bf16 (what prefill's dense path does per chunk of rows) by q4.c's q4_dequant
+against the torch ops it replaces, interleaved; GB/s of bf16 weights written.
 --errors: instead of timings, each system's output error against the fp32 reference x @ W_deq^T (W_deq the
 dequantised fp32 weights: what both kernels approximate) over --rows rows of Gaussian and of heavy-tailed
 (Student-t, 3 dof) activations: relative Frobenius error, and the largest |error| over the reference's RMS.
@@ -195,6 +198,25 @@ def layer(specs: list[tuple[int, ...]], threads: list[int], group: int, reps: in
     return 0
 
 
+def dequant(shapes, threads, group: int, reps: int) -> int:
+    g = torch.Generator().manual_seed(0)
+    print(f"{'N x K':>12} {'thr':>3} {'torch ms':>9} {'native ms':>9} {'torch GB/s':>10} {'native GB/s':>11} "
+          f"{'speed-up':>8}", flush=True)
+    for N, K in shapes:
+        pm = PackedMatrix.from_quantized(quantize(torch.randn(N, K, generator=g), 4, group, 16, "rtn"), NATIVE_LAYOUT)
+        ops = PackedMatrix(pm.packed, pm.sz, 4, N, K, pm.layout)
+        ops._dequantize_native = lambda out, start: False  # the torch path
+        assert pm._dequantize_native(torch.empty(1, K, dtype=torch.bfloat16), 0), "q4_dequant refused the matrix"
+        for t in threads:
+            torch.set_num_threads(t)
+            med, _ = bench({"torch": lambda: ops.dequantize(torch.bfloat16),
+                            "native": lambda: pm.dequantize(torch.bfloat16)}, reps)
+            gb = {k: 2 * N * K / v / 1e9 for k, v in med.items()}
+            print(f"{N:>6}x{K:<5} {t:>3} {1e3 * med['torch']:>9.2f} {1e3 * med['native']:>9.2f} {gb['torch']:>10.2f} "
+                  f"{gb['native']:>11.2f} {med['torch'] / med['native']:>7.2f}x", flush=True)
+    return 0
+
+
 def half(shapes, rows, threads, reps: int, cold: int) -> int:
     from moe_offload.models import base
     from moe_offload.models.base import native_gemv
@@ -248,6 +270,7 @@ def main(argv=None) -> int:
                          "weights from RAM, not cache (decode's case)")
     ap.add_argument("--experts-shapes", default="2048x768,4096x14336")
     ap.add_argument("--layer", action="store_true")
+    ap.add_argument("--dequant", action="store_true")
     ap.add_argument("--isa", action="store_true", help="with --layer: the AVX2 build against this CPU's additions")
     ap.add_argument("--layer-shapes", default="2048x768x128x8,4096x14336x8x2", help="D x I x E x A, comma-separated")
     a = ap.parse_args(argv)
@@ -261,6 +284,8 @@ def main(argv=None) -> int:
     if a.experts:
         return experts(shape_list(a.experts_shapes), [int(r) for r in a.rows.split(",")],
                        [int(t) for t in a.threads.split(",")], a.group, a.reps)
+    if a.dequant:
+        return dequant(shape_list(a.shapes), [int(t) for t in a.threads.split(",")], a.group, a.reps)
     if a.layer:
         return layer(shape_list(a.layer_shapes), [int(t) for t in a.threads.split(",")], a.group, a.reps, a.isa)
     if a.errors:

@@ -464,3 +464,49 @@ def test_the_vnni_build_gives_the_avx2_builds_bits(g, monkeypatch):
         units[0].gate_up.lib = lib
         outs.append(fused_moe([(u.gate_up, u.down) for u in units], x, [0.5, 0.3, 0.2]))
     assert outs[0] is not None and torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))
+
+
+@needs_native
+@pytest.mark.parametrize("layout", ["r64", "r64t", "r64i"])
+@pytest.mark.parametrize("N,K,g", [(64, 256, 64), (100, 512, 32), (37, 96, 32), (40, 96, 32), (96, 256, 128)])
+def test_dequantise_natively_gives_the_torch_paths_bits(N, K, g, layout, monkeypatch):
+    """PackedMatrix.dequantize by q4.c (q4_dequant: one pass, prefill's dequantise + dense GEMM) and by the torch
+    ops (q·s, then + m0, in fp32, rounded once) give the same bits in every dtype, whole or a row range, in every
+    row-major layout (tiles, their tail rows, K ≡ 32 mod 64)."""
+    q = hqq.quantize(torch.randn(N, K, generator=gen(N + K + g)), 4, g)
+    pm = PackedMatrix.from_quantized(q, layout)
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        assert pm._dequantize_native(torch.empty(2, K, dtype=dt), 0)  # the native path applies here
+        native_w = pm.dequantize(dt)
+        part = torch.empty(5, K, dtype=dt)
+        pm.dequantize(dt, out=part, start=3)
+        with monkeypatch.context() as m:
+            m.setattr(PackedMatrix, "_dequantize_native", lambda self, out, start: False)
+            torch_w = pm.dequantize(dt)
+        bits = torch.int32 if dt == torch.float32 else torch.int16
+        assert torch.equal(native_w.view(bits), torch_w.view(bits)), dt
+        assert torch.equal(part.view(bits), torch_w[3:8].view(bits))
+    assert torch.equal(pm.dequantize(torch.float32), q.dequantize())
+
+
+@needs_native
+def test_bf16_rows_past_the_amx_crossover_take_dequantise_and_the_dense_gemm(monkeypatch):
+    """On a CPU with AMX-BF16 torch's bf16 GEMM is ~6x its fp32 one, so bf16 activations leave the native kernel
+    past AMX_ROWS rows (elsewhere past DENSE_ROWS); a dense_rows given explicitly still decides."""
+    from moe_offload.quant import kernels
+
+    for flags, want in ((frozenset({"avx2", "amx_bf16"}), kernels.AMX_ROWS), (frozenset({"avx2"}), 1024)):
+        monkeypatch.setattr(kernels, "cpu_flags", lambda flags=flags: flags)
+        assert kernels.native_rows(torch.bfloat16) == want
+        assert kernels.native_rows(torch.float16) == kernels.native_rows(torch.float32) == 1024
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
+    q = hqq.quantize(torch.randn(96, 256, generator=gen(7)), 4, 64)
+    pm = PackedMatrix.from_quantized(q, NATIVE_LAYOUT)
+    lin, forced = make_linear(pm), make_linear(pm, dense_rows=1024)
+    dense = make_linear(pm, "dense")
+    for M in (kernels.AMX_ROWS, kernels.AMX_ROWS + 1):
+        x = torch.randn(M, 256, generator=gen(M)).to(torch.bfloat16)
+        assert torch.equal(lin(x), dense(x)) == (M > kernels.AMX_ROWS)  # the kernel rounds x to int8: differs
+        assert not torch.equal(forced(x), dense(x))
+    x = torch.randn(40, 256, generator=gen(1))  # fp32 rows keep the kernel
+    assert not torch.equal(lin(x), dense(x))

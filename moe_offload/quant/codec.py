@@ -139,7 +139,7 @@ class QuantExpert:
         return fused_moe([(u.gate_up, u.down) for u in units], x, weights, each)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [n, D] -> [n, D]
-        if self.fused and 0 < x.shape[0] <= min(FUSED_ROWS, self.gate_up.dense_rows):
+        if self.fused and 0 < x.shape[0] <= min(FUSED_ROWS, self.gate_up.rows(x.dtype)):
             return fused_expert(self.gate_up, self.down, x)
         gu = self.gate_up(x)
         if self.gate_up_bias is not None:

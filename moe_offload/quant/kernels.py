@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..models.base import UPCAST_BLOCK, upcast
+from ..models.base import UPCAST_BLOCK, cpu_flags, upcast
 from . import native
 from .hqq import Quantized, affine_, centre
 from .pack import nibbles, pack, unpack
@@ -50,6 +50,17 @@ INT4_GROUPS = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 # dequantise + fp32 GEMM at 1024 rows (108 against 130 ms at 4096x2048, 2 threads:
 # docs/bench/kernels/native-vs-dequant-rows.txt, `python -m moe_offload.quant.bench --bits 4 --rows ...`).
 DENSE_ROWS = {"int4pack": 192, "int8pack": 96, "native4": 1024}
+# On a CPU with AMX-BF16, torch's bf16 GEMM runs on the tiles (4096x2048 at 512 rows in 6.5 ms at two threads,
+# 1.3 TFLOP/s, on the Xeon of 2026-12-04), so for bf16 activations q4.c's dequantisation + that GEMM overtakes the
+# native kernel near 32 rows: 16-40 over Qwen3's and Mixtral's expert and attention shapes at two threads
+# (docs/bench/kernels/native-vs-dequant-rows-amx.txt: `python -m moe_offload.quant.bench --n N --k K --threads 2
+# --rows 8,16,32,64,128,256,512 --bits 4`); at 512 rows 5.9 against 43.7 ms at 4096x2048.
+AMX_ROWS = 32
+
+
+def native_rows(dtype: torch.dtype) -> int:
+    """Rows of `dtype` activations up to which the native 4-bit kernel beats dequantise + dense GEMM here."""
+    return AMX_ROWS if dtype is torch.bfloat16 and "amx_bf16" in cpu_flags() else DENSE_ROWS["native4"]
 
 
 # ---- the int4pack nibble orders -------------------------------------------------------------------------
@@ -354,6 +365,8 @@ class PackedMatrix:
         G = self.groups
         if out is None:
             out, start = torch.empty(N, K, dtype=dtype, device=dev), 0
+        if self._dequantize_native(out, start):
+            return out
         end = start + out.shape[0]
         sz = self.meta(start, end)
         s = sz[..., 0].t().float()[..., None]  # [n, G, 1] for rows start .. end
@@ -373,6 +386,24 @@ class PackedMatrix:
             affine_(f, s[r - start:r - start + n], m0[r - start:r - start + n])
             out[r - start:r - start + n].copy_(f.view(n, K))
         return out
+
+    def _dequantize_native(self, out: torch.Tensor, start: int) -> bool:
+        """Rows start .. start + len(out) into out by q4.c's q4_dequant (the same numbers in one pass) where it
+        applies: 4-bit codes in a row-major order of its own (r64, r64t, r64i), bf16 meta, on CPU. False: the
+        torch path runs."""
+        code = native.DTYPES.get(out.dtype)
+        if (self.bits != 4 or self.layout not in (*ROW_MAJOR, NATIVE_LAYOUT) or not self.ordered or code is None
+                or self.packed.device.type != "cpu" or self.sz.dtype != torch.bfloat16 or not out.is_contiguous()
+                or not self.packed.is_contiguous() or not self.sz.is_contiguous() or out.shape[-1:] != (self.K,)):
+            return False
+        so = native.lib()
+        if so is None:
+            return False
+        sg, st = (8, 8 * self.groups) if self.tiled else (2 * self.N, 8)
+        m = native.Matrix(self.packed.data_ptr(), self.sz.data_ptr(), sg, 2, st, self.N, self.K, self.group_size,
+                          int(self.layout == "r64i"))
+        return so.q4_dequant(ctypes.byref(m), start, out.shape[0], out.data_ptr(), code,
+                             torch.get_num_threads()) == 0
 
     def _ordered_rows(self, nib: torch.Tensor):
         """rows_of(r, n) for the int4pack order: unpack + un-permute in one strided pass per nibble half."""
@@ -494,6 +525,7 @@ class NativeQ4Linear(DequantLinear):
     def __init__(self, pm: PackedMatrix, dense_rows: int | None = None, layout: str = NATIVE_LAYOUT):
         """layout: the order the kernel reads (r64i, or r64 / r64t: scripts/native_q4_bench.py compares them)."""
         self.dense_rows = DENSE_ROWS["native4"] if dense_rows is None else dense_rows
+        self.by_machine = dense_rows is None  # rows(): this CPU's crossover for the activations' dtype
         self.lib = native.lib()
         nib, sz = in_order(pm, layout)
         self.w, self.sz = nib, sz
@@ -505,9 +537,14 @@ class NativeQ4Linear(DequantLinear):
                                     int(self.pm.layout == "r64i"))
         self.args, self.addr = ctypes.byref(self.matrix), ctypes.addressof(self.matrix)
 
+    def rows(self, dtype: torch.dtype) -> int:
+        """Rows up to which a call runs the kernel (more: dequantise + dense GEMM): the dense_rows given, else this
+        CPU's crossover for `dtype` (native_rows)."""
+        return native_rows(dtype) if self.by_machine else self.dense_rows
+
     def __call__(self, x):  # [M, K] -> [M, N]
         M = x.shape[0]
-        if M > self.dense_rows or M == 0:
+        if M > self.rows(x.dtype) or M == 0:
             return super().__call__(x)
         dt = x.dtype
         xc, code = native.activations(x)
@@ -624,7 +661,7 @@ def make_linear(pm: PackedMatrix, kernel: str = "auto", dense_rows: int | None =
     """A callable for `pm` (already on its device). kernel: auto | dense. dense_rows: see DENSE_ROWS."""
     k = kernel_for(pm, pm.packed.device) if kernel == "auto" else kernel
     if k == "native4":
-        return NativeQ4Linear(pm, dense_rows or DENSE_ROWS[k])
+        return NativeQ4Linear(pm, dense_rows)
     if k == "int4pack":
         return Int4Linear(pm, dense_rows or DENSE_ROWS[k])
     if k == "int8pack":

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("q4.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
-VERSION = 13  # q4_version() of the source this module's signatures match
+VERSION = 14  # q4_version() of the source this module's signatures match
 
 
 # q4.c's activation dtypes (Q4_F32, Q4_BF16, Q4_F16) and h16_mm's weight kinds
@@ -141,6 +141,8 @@ def _load(cc: str, extra: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     so.h16_moe.argtypes = [vp, vp, i, i, vp, vp, i, i, i, vp, i, i, i]
     so.h16_moe.restype = i
     so.q4_vnni.restype = i
+    so.q4_dequant.argtypes = [vp, i, i, vp, i, i]
+    so.q4_dequant.restype = i
     return so
 
 

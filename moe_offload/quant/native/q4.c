@@ -361,7 +361,7 @@ int q4_to_r64(const uint8_t *src, uint8_t *dst, int N, int K, int B, int pairs, 
     return 0;
 }
 
-int q4_version(void) { return 13; }
+int q4_version(void) { return 14; }
 
 int q4_vnni(void) { return Q4_VNNI; }
 
@@ -1011,5 +1011,53 @@ int h16_moe(const void *x, void *y, int xdt, int A, const uint16_t *const *gu, c
         }
     }
     free(xf);
+    return 0;
+}
+
+/* ---- 4-bit rows back to 16-bit or fp32 weights (prefill: dequantise, then a dense GEMM) ------------------------
+ * Rows r0 .. r0 + n of a q4_matrix's W (layouts r64, r64t, r64i) into out [n, K] of dtype odt:
+ *   W[r, k] = q·s + m0,  m0 = m − 8·s   (a product, then a sum, each rounded in fp32 as hqq.affine_ does them),
+ * rounded once to odt: kernels.PackedMatrix.dequantize's numbers, in one pass over the codes instead of five torch
+ * ops per 64 rows. Rows split over nthreads. Returns 0; -1 for a shape or range it refuses. */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+int q4_dequant(const q4_matrix *m, int r0, int n, void *out, int odt, int nthreads) {
+    const int K = m->K, gs = m->gs;
+    if (!shape_ok(K, gs) || r0 < 0 || n < 0 || r0 + n > m->N || (m->il && (m->N % 4 || K % 64)) || m->sn != 2)
+        return -1;
+    const size_t rb = (size_t)K / 2, esz = odt == Q4_F32 ? 4 : 2;
+    if ((size_t)n * rb < Q4_PARALLEL_BYTES) nthreads = 1;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    for (int i = 0; i < n; i++) {
+        const __m256i m4 = _mm256_set1_epi8(0x0f);
+        const int r = r0 + i, t = r / 4, j = r % 4;
+        const uint8_t *w = m->il ? m->w + (size_t)t * 4 * rb + 32 * (size_t)j : m->w + (size_t)r * rb;
+        const size_t cs = m->il ? 128 : 32; /* bytes from one 64-code chunk of the row to the next */
+        const uint16_t *sz = m->sz + (size_t)t * m->st + 2 * (size_t)j;
+        char *o = (char *)out + esz * (size_t)i * K;
+        uint8_t q[64];
+        for (int c = 0; c * 64 < K; c++) {
+            const int span = K - 64 * c < 64 ? 32 : 64; /* a last chunk of 32 codes: byte b holds b and b + 16 */
+            if (span == 64) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(w + cs * c));
+                _mm256_storeu_si256((__m256i *)q, _mm256_and_si256(v, m4));
+                _mm256_storeu_si256((__m256i *)(q + 32), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+            } else {
+                const __m128i v = _mm_loadu_si128((const __m128i *)(w + cs * c)), m4h = _mm_set1_epi8(0x0f);
+                _mm_storeu_si128((__m128i *)q, _mm_and_si128(v, m4h));
+                _mm_storeu_si128((__m128i *)(q + 16), _mm_and_si128(_mm_srli_epi16(v, 4), m4h));
+            }
+            for (int h = 0; h < span; h += 32) { /* 32 codes share a group (gs is 32 or a multiple of 64) */
+                const long g = (64L * c + h) / gs;
+                const float s = bf2f(sz[g * m->sg]), m0 = bf2f(sz[g * m->sg + 1]) - 8.f * s;
+                const __m256 vs = _mm256_set1_ps(s), vm = _mm256_set1_ps(m0);
+                for (int e = h; e < h + 32; e += 8) {
+                    const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + e))));
+                    store8(o, odt, 64 * (size_t)c + e, _mm256_add_ps(_mm256_mul_ps(f, vs), vm));
+                }
+            }
+        }
+    }
     return 0;
 }
