@@ -483,3 +483,17 @@ def test_results_name_the_llamacpp_build_the_peer_rows_ran():
     line = bench.peer_builds([ours, peer, peer])
     assert line == ["llama.cpp: llama-cpp-python 0.3.36, built with: CPU : AVX2 = 1 | AVX512 = 1 | AMX_INT8 = 1 |",
                     ""]
+
+
+def test_peers_run_with_libgomps_default_wait_and_ours_choose_their_own(monkeypatch):
+    """Our import chose an OpenMP wait (MOE_OFFLOAD_OMP_WAIT names it): a peer's child gets libgomp's default spin,
+    as its users run it, and ours drops it to choose again; a wait the caller set reaches both unchanged."""
+    monkeypatch.setenv("MOE_OFFLOAD_OMP_WAIT", "OMP_WAIT_POLICY")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    peer, us = bench.child_env(2, "llamacpp"), bench.child_env(2, "us")
+    assert peer["GOMP_SPINCOUNT"] == "300000" and "OMP_WAIT_POLICY" not in peer
+    assert "OMP_WAIT_POLICY" not in us and "GOMP_SPINCOUNT" not in us
+    assert "MOE_OFFLOAD_OMP_WAIT" not in peer and "MOE_OFFLOAD_OMP_WAIT" not in us and us["OMP_NUM_THREADS"] == "2"
+    monkeypatch.delenv("MOE_OFFLOAD_OMP_WAIT")  # the caller's own setting
+    assert bench.child_env(2, "llamacpp")["OMP_WAIT_POLICY"] == bench.child_env(2, "us")["OMP_WAIT_POLICY"] == "PASSIVE"
