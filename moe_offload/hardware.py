@@ -271,18 +271,22 @@ def _gemv_weights(dtype: str, rows: int, cols: int, total: int) -> list:
 
 
 def _matmul_times(ws: list, m: int, repeat: int) -> list[float]:
-    """Seconds of each of `repeat` passes of x [m, cols] times every W [rows, cols] of `ws`."""
-    import torch.nn.functional as F
+    """Seconds of each of `repeat` passes of x [m, cols] times every W [rows, cols] of `ws`, through the engine's
+    own linear (models.base.linear: the native 16-bit GEMV for a few rows where q4.c loads, an fp32 GEMM for many
+    16-bit rows on a CPU without half GEMMs), so the probe times what decode and prefill run there. torch's
+    F.linear alone read float16 weights at 11.3 GB/s on the Xeon of 2026-12-04 against 21.7 for bfloat16 (the
+    bench's probes of 17:35 and 17:44), a rate the engine's float16 decode does not run at."""
+    from .models.base import linear
 
     x = ws[0].new_full((m, ws[0].shape[1]), 0.5)
-    return _timings(lambda: [F.linear(x, w) for w in ws], repeat)
+    return _timings(lambda: [linear(x, w) for w in ws], repeat)
 
 
 def measure_gemv(threads: int | None, dtype: str, rows: int, cols: int, total: int = 384 * MiB,
                  repeat: int = 5) -> dict:
     """Weight bytes/s of decode GEMVs (x [1, cols] times W [rows, cols]) at `dtype` over distinct matrices
-    totalling `total` bytes (_gemv_weights): what torch's kernel reaches here, the practical ceiling below the
-    RAM bandwidth. {best, median} of `repeat`; `threads` as in measure_ram_read."""
+    totalling `total` bytes (_gemv_weights): what the engine's GEMV reaches here (_matmul_times), the practical
+    ceiling below the RAM bandwidth. {best, median} of `repeat`; `threads` as in measure_ram_read."""
     import torch
 
     if threads is not None:
@@ -496,8 +500,8 @@ def measure_this_machine(disk_dir: str | None = None, ram_bytes: int = 256 << 20
     k = _GEMV_K
     disk_bw, method = measure_disk_read(disk_dir, disk_bytes, read_bytes, read_streams)
     src = (f"measured {time.strftime('%Y-%m-%d %H:%M')} with {torch.get_num_threads()} threads: RAM read = torch sum "
-           f"over {ram_bytes >> 20} MiB; CPU GEMV = {dtype} F.linear 1x{k} over {gemv_bytes >> 20} MiB; CPU FLOP/s = "
-           f"{dtype} 64x{k} GEMM; disk = cold read of a {disk_bytes >> 20} MiB temp file ({method})")
+           f"over {ram_bytes >> 20} MiB; CPU GEMV = {dtype} 1x{k} over {gemv_bytes >> 20} MiB, the engine's linear; "
+           f"CPU FLOP/s = {dtype} 64x{k} GEMM, the same; disk = cold read of a {disk_bytes >> 20} MiB temp file ({method})")
     common = dict(name=THIS_MACHINE, host_bw=host_bw, disk_bw=disk_bw, cpu_bw=cpu_bw, cpu_flops=cpu_flops)
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.device("cuda"))

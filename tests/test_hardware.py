@@ -83,3 +83,19 @@ def test_expert_read_probe_reads_whole_experts_of_the_store_as_a_miss_does(tmp_p
     finally:
         tiers.DiskTier.read = real
     assert bw > 0 and sorted(seen) == sorted(store.entries)  # 1 GiB asked: every expert of the tiny store, once
+
+
+def test_the_gemv_probe_times_the_engines_own_linear(monkeypatch):
+    """The probe runs models.base.linear (the native 16-bit GEMV, the fp32 GEMM of many half rows where the CPU
+    has no half GEMMs), not torch's F.linear alone: on an AVX-512 Xeon F.linear read float16 at half bfloat16's
+    rate, a rate the engine's float16 decode does not run at."""
+    from moe_offload.models import base
+
+    calls = []
+    real = base.linear
+    monkeypatch.setattr(base, "linear", lambda x, w, b=None: calls.append((x.shape[0], w.dtype)) or real(x, w, b))
+    gemv = measure_gemv(None, "float16", 64, 256, total=MiB, repeat=2)
+    assert gemv["best"] > 0 and calls and {c for c in calls} == {(1, torch.float16)}
+    calls.clear()
+    hardware._cpu_gemv(MiB, "bfloat16")
+    assert {m for m, _ in calls} == {1, 64}
