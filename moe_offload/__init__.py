@@ -5,11 +5,12 @@ import os
 
 def omp_wait(environ, others_running: int, cpus: int) -> dict[str, str]:
     """The OpenMP wait setting to add to `environ` (none where the user set one): sleep at once
-    (OMP_WAIT_POLICY=PASSIVE) when other tasks want the CPU as this process starts (our threads default to every
-    core, so any would share one with them), else spin 10000 pauses first (GOMP_SPINCOUNT). libgomp's default spin (300000 pauses: milliseconds) made decode 5-15x slower on a 2-core
-    machine shared with other jobs (212 vs 38 tok/s on the bundled model, 2026-11-23); sleeping at once costs a
-    wake-up in each of a decode token's ~50 parallel regions, 10-15 % of a Qwen3 token on a quiet machine
-    (docs/perf.md, "OpenMP's wait", where both were measured)."""
+    (OMP_WAIT_POLICY=PASSIVE) when other tasks want the CPU as this process starts (our threads default to
+    every core, so any would share one with them), else spin 10000 pauses first (GOMP_SPINCOUNT). libgomp's
+    default spin (300000 pauses: milliseconds) made decode 5-15x slower on a 2-core machine shared with other
+    jobs (212 vs 38 tok/s on the bundled model, 2026-11-23); sleeping at once costs a wake-up in each of a
+    decode token's ~50 parallel regions, 10-15 % of a Qwen3 token on a quiet machine (docs/perf.md, "OpenMP's
+    wait", where both were measured)."""
     if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
         return {}
     return {"OMP_WAIT_POLICY": "PASSIVE"} if others_running >= 1 or cpus < 2 else {"GOMP_SPINCOUNT": "10000"}

@@ -665,13 +665,16 @@ def _tail(path: Path, n: int = 3) -> str:
     return " | ".join(lines[-n:])[-400:]
 
 
+LIBGOMP_SPIN = 300000  # libgomp's spin before sleeping when neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT is set
+
+
 def child_env(threads: int | None = None, system: str = "us") -> dict:
     """Environment of every child: offline, this moe_offload first on the path; the caller's directory stays
     the working directory (every path in a spec is absolute, see absolute_paths). OpenMP's wait: our rows choose
     their own (moe_offload/__init__.py); a peer runs with what its users get, libgomp's default spin (set
     explicitly, as its `GOMP_SPINCOUNT`, since the child imports moe_offload too), unless the caller set one.
-    Until 2026-12-04 every peer inherited our OMP_WAIT_POLICY=PASSIVE (llama.cpp's Q4_0 decoded 20.6 under it
-    against 26.1 tok/s with a spin, Qwen3's widths on the Xeon: docs/benchmarks.md)."""
+    Until 2026-12-04 every peer inherited our OMP_WAIT_POLICY=PASSIVE (llama.cpp's Q4_0 decoded 20.6 tok/s under it
+    against 25.2 with libgomp's default, Qwen3's widths on the Xeon: docs/benchmarks.md)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(PKG_PARENT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     ours = env.pop("MOE_OFFLOAD_OMP_WAIT", None)
@@ -683,8 +686,6 @@ def child_env(threads: int | None = None, system: str = "us") -> dict:
         env["OMP_NUM_THREADS"] = str(threads)
     return env
 
-
-LIBGOMP_SPIN = 300000  # libgomp's spin before sleeping when neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT is set
 
 
 def absolute_paths(a) -> None:

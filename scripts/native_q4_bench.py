@@ -147,7 +147,7 @@ def layer(specs: list[tuple[int, ...]], threads: list[int], group: int, reps: in
     names = ("avx2", "+" + ",".join(f.removeprefix("-m") for f in native.isa_flags())) if isa else (
         "per-expert", "one call")
     if isa:
-        libs = {names[0]: native._load("cc", ()), names[1]: native._load("cc", native.isa_flags())}
+        libs = {names[0]: native.lib(()), names[1]: native.lib()}
         if not native.isa_flags() or None in libs.values():
             print("this CPU adds nothing to the AVX2 build (or a build failed)", file=sys.stderr)
             return 2
@@ -314,7 +314,7 @@ def main(argv=None) -> int:
             if kind == "avx2":  # the same kernel built without this CPU's additions (native.isa_flags())
                 from moe_offload.quant import native
 
-                lin.call = native._load("cc", ()).q4_call
+                lin.call = native.lib(()).q4_call
             return lin
 
         copies = max(1, (a.cold << 20) // (N * K // 2)) if a.cold else 1

@@ -438,8 +438,7 @@ def test_the_vnni_build_gives_the_avx2_builds_bits(g, monkeypatch):
     monkeypatch.setenv("MOE_OFFLOAD_NATIVE_VNNI", "0")
     assert native.isa_flags() == ()
     monkeypatch.delenv("MOE_OFFLOAD_NATIVE_VNNI")
-    cc = "cc"
-    base_lib, isa_lib = native._load(cc, ()), native._load(cc, flags)
+    base_lib, isa_lib = native.lib(()), native.lib()
     assert base_lib.q4_vnni() == 0 and isa_lib.q4_vnni() == int(bool(flags))
     for N, K in [(100, 512), (64, 256 + 32 * (g == 32))]:
         q = hqq.quantize(torch.randn(N, K, generator=gen(N + g)), 4, g)

@@ -324,6 +324,15 @@ _native = None  # quant.native, imported on first use
 _lanes = None  # glue_lanes(), found when the library is resolved
 
 
+def rms_native(lib, x: torch.Tensor, w: torch.Tensor, eps: float, lanes: int) -> torch.Tensor | None:
+    """q4.c's rms_norm over the rows of x (contiguous, a GLUE_DTYPES dtype; w of x's dtype) summing in the order
+    of `lanes` fp32 lanes; None where it refuses."""
+    y = torch.empty_like(x)
+    D = x.shape[-1]
+    rc = lib.rms_norm(x.data_ptr(), y.data_ptr(), GLUE_DTYPES[x.dtype], x.numel() // D, D, w.data_ptr(), eps, lanes)
+    return y if rc == 0 else None
+
+
 def _calibrate(lib) -> int | None:
     # a wrong order shows in only 10-25 of 64 random rows (scripts/glue_order_rows.py): 64 rows, magnitudes
     # spread per element
@@ -332,9 +341,8 @@ def _calibrate(lib) -> int | None:
     w = torch.rand(x.shape[-1], generator=g) * 2
     want = rms_norm(x, w, 1e-6)
     for lanes in LANES:
-        y = torch.empty_like(x)
-        if (lib.rms_norm(x.data_ptr(), y.data_ptr(), GLUE_DTYPES[x.dtype], x.shape[0], x.shape[1], w.data_ptr(),
-                         1e-6, lanes) == 0 and torch.equal(y.view(torch.int32), want.view(torch.int32))):
+        y = rms_native(lib, x, w, 1e-6, lanes)
+        if y is not None and torch.equal(y.view(torch.int32), want.view(torch.int32)):
             return lanes
     return None
 
@@ -355,18 +363,14 @@ def _glue_library():
 def _glue_call(op: str, x: torch.Tensor, *args) -> torch.Tensor | None:
     if _glue_library() is None:
         return None
-    y = torch.empty_like(x)
-    code = GLUE_DTYPES[x.dtype]
     if op == "rms":
         w, eps = args
-        D = x.shape[-1]
-        rc = _glue_lib.rms_norm(x.data_ptr(), y.data_ptr(), code, x.numel() // D, D, w.data_ptr(), eps,
-                                _lanes)
-    else:
-        cos, sin = args
-        T, Hd = cos.shape
-        rc = _glue_lib.rope(x.data_ptr(), y.data_ptr(), code, x.numel() // Hd, T, Hd, cos.data_ptr(),
-                            sin.data_ptr())
+        return rms_native(_glue_lib, x, w, eps, _lanes)
+    y = torch.empty_like(x)
+    cos, sin = args
+    T, Hd = cos.shape
+    rc = _glue_lib.rope(x.data_ptr(), y.data_ptr(), GLUE_DTYPES[x.dtype], x.numel() // Hd, T, Hd, cos.data_ptr(),
+                        sin.data_ptr())
     return y if rc == 0 else None
 
 

@@ -399,11 +399,15 @@ class PackedMatrix:
         so = native.lib()
         if so is None:
             return False
-        sg, st = (8, 8 * self.groups) if self.tiled else (2 * self.N, 8)
-        m = native.Matrix(self.packed.data_ptr(), self.sz.data_ptr(), sg, 2, st, self.N, self.K, self.group_size,
-                          int(self.layout == "r64i"))
-        return so.q4_dequant(ctypes.byref(m), start, out.shape[0], out.data_ptr(), code,
+        return so.q4_dequant(ctypes.byref(self.native_matrix()), start, out.shape[0], out.data_ptr(), code,
                              torch.get_num_threads()) == 0
+
+    def native_matrix(self) -> native.Matrix:
+        """q4.c's q4_matrix over these tensors (which must outlive it): the codes in r64 / r64t / r64i, the bf16
+        meta with its strides (bf16 elements): per group sg, per row sn, per four-row tile st."""
+        sg, st = (8, 8 * self.groups) if self.tiled else (2 * self.N, 8)
+        return native.Matrix(self.packed.data_ptr(), self.sz.data_ptr(), sg, 2, st, self.N, self.K, self.group_size,
+                             int(self.layout == "r64i"))
 
     def _ordered_rows(self, nib: torch.Tensor):
         """rows_of(r, n) for the int4pack order: unpack + un-permute in one strided pass per nibble half."""
@@ -517,7 +521,7 @@ class NativeQ4Linear(DequantLinear):
     codes stored in that order are a view of the stored bytes; other orders and 2/3-bit codes become one new
     r64 stream that replaces them (as in Int4Linear). The activations are rounded to int8 per group inside
     the kernel (as llama.cpp's Q8 activations): outputs differ from the fp32 dequantised reference by that
-    rounding, ~0.6 % relative on Gaussian data (tests/test_native_q4.py). Prefill rows (> dense_rows) take
+    rounding, ~0.6 % relative on Gaussian data (tests/test_native_q4.py). Prefill rows (past rows(dtype)) take
     the dequantise + dense path."""
 
     kind = "native4"
@@ -531,10 +535,7 @@ class NativeQ4Linear(DequantLinear):
         self.w, self.sz = nib, sz
         super().__init__(PackedMatrix(nib, sz, 4, pm.N, pm.K, layout))
         self.N, self.call = pm.N, self.lib.q4_call  # the call's fixed arguments, bound once
-        # meta strides (bf16 elements): per group sg, per row sn, per four-row tile st
-        sg, st = (8, 8 * self.pm.groups) if self.pm.tiled else (2 * pm.N, 8)
-        self.matrix = native.Matrix(nib.data_ptr(), sz.data_ptr(), sg, 2, st, pm.N, pm.K, self.pm.group_size,
-                                    int(self.pm.layout == "r64i"))
+        self.matrix = self.pm.native_matrix()
         self.args, self.addr = ctypes.byref(self.matrix), ctypes.addressof(self.matrix)
 
     def rows(self, dtype: torch.dtype) -> int:

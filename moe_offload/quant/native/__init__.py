@@ -59,11 +59,12 @@ def enabled() -> bool:
     return os.environ.get("MOE_OFFLOAD_NATIVE", "1") != "0"
 
 
-def lib() -> ctypes.CDLL | None:
-    """The kernel library, or None (see the module doc). Cheap after the first call per compiler."""
+def lib(extra: tuple[str, ...] | None = None) -> ctypes.CDLL | None:
+    """The kernel library, or None (see the module doc). Cheap after the first call per compiler. extra: the
+    flags added to the AVX2 build (default isa_flags(); () is the AVX2 build, which the benches compare with)."""
     if not enabled():
         return None
-    return _load(os.environ.get("CC", "cc"), isa_flags())
+    return _load(os.environ.get("CC", "cc"), isa_flags() if extra is None else extra)
 
 
 def cache_dir() -> Path:
