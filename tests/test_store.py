@@ -524,6 +524,28 @@ def test_prefetch_stages_without_evicting_and_is_used_or_cancelled(stores):
     assert cache.cancel_prefetch() == 0 and not cache.pending
 
 
+def test_a_fetch_of_hits_only_is_one_list_with_the_same_counts_and_recency(stores):
+    """Every needed expert resident (a warm decode token): fetch returns the one group as a list, without the
+    miss machinery's generator, and counts the hits and tells the policy as the generator does."""
+    _, store = stores["mixtral_gqa"]
+    engine = load(store, memory=10**9)
+    greedy(engine)  # warm
+    cache = engine.expert_cache
+    layer = min(la for la, _ in cache.resident)
+    have = sorted(e for la, e in cache.resident if la == layer)[:2]
+    hits, order = cache.hits, cache.policy.order[layer]
+    got = cache.fetch(layer, have[::-1])
+    assert isinstance(got, list) and [[e for e, _ in g] for g in got] == [have[::-1]]
+    assert all(u is cache.resident[(layer, e)] for e, u in got[0])
+    assert cache.hits == hits + 2 and list(order)[-2:] == [(layer, e) for e in have[::-1]]
+    small = load(store, memory=engine.info["backbone_bytes"] + 3 * max(e.span for e in open_store(store).entries.values()))
+    greedy(small)  # a cache of three experts: some of every layer miss
+    c = small.expert_cache
+    missing = next(k for k in c.entries if k not in c.resident)
+    got = c.fetch(*missing[:1], [missing[1]])
+    assert not isinstance(got, list) and [[e for e, _ in g] for g in got] == [[missing[1]]]
+
+
 def test_verify_reads_option_reaches_the_disk_tier(stores):
     _, store = stores["mixtral_gqa"]
     assert load(store, memory=10**9).expert_cache.disk.verify == "first"

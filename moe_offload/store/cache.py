@@ -25,7 +25,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -323,9 +323,23 @@ class ExpertCache:
         self.prev_layer = layer
         return self.step
 
-    def fetch(self, layer: int, needed: list[int]) -> Iterator[list[tuple[int, Callable]]]:
+    def fetch(self, layer: int, needed: list[int]) -> Iterable[list[tuple[int, Callable]]]:
         """(expert, unit) for every needed expert of `layer`, in groups ready together (experts.Fetch): the
-        hits as one group, the 2-bit stand-ins as one, then each miss as it lands."""
+        hits as one group, the 2-bit stand-ins as one, then each miss as it lands. Every one a hit (the
+        common case of a decode token once the cache is warm): that one group as a list, without the
+        generator's bookkeeping for misses (the same counts and policy updates)."""
+        resident = self.resident
+        keys = [(layer, e) for e in needed]
+        if self.pending or not all(k in resident for k in keys):
+            return self._fetch(layer, needed)
+        step = self._tick(layer)
+        self.hits += len(keys)
+        on_access = self.policy.on_access
+        for k in keys:
+            on_access(k, step)
+        return [[(k[1], resident[k]) for k in keys]]
+
+    def _fetch(self, layer: int, needed: list[int]) -> Iterator[list[tuple[int, Callable]]]:
         step = self._tick(layer)
         self._reap()
         pinned = {(layer, e) for e in needed}
