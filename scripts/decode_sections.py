@@ -50,8 +50,10 @@ def main() -> int:
     p.add_argument("--memory", default=None)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    import moe_offload.experts as X
     import moe_offload.models.base as B
-    from moe_offload.quant import codec, kernels
+    import moe_offload.runtime.engine as R
+    from moe_offload.quant import backbone, codec, kernels
     from moe_offload.runtime.load import load
     from moe_offload.store import cache
 
@@ -69,7 +71,13 @@ def main() -> int:
     wrap(B.KVCache, "update", "KV cache write")
     wrap(cache.ExpertCache, "fetch", "expert cache fetch (generator setup)")
     wrap(cache.OffloadedExperts, "__call__", "experts behind the cache (all of it)")
+    wrap(X, "_dispatch_one", "expert dispatch, one token (all of it)")
+    wrap(backbone.QuantLinear, "forward", "4-bit linear module (wrapper + kernel)")
+    wrap(B.DecoderLayer, "forward", "decoder layer (all of it)")
+    wrap(R, "sample", "sampling")
     engine = load(a.store, device="cpu", preload=a.preload, memory=a.memory)
+    for _, moe in engine.model.moe_blocks():  # a block's route is its own partial of a routing function
+        wrap(moe, "route", "routing (softmax, top-k, renormalisation)")
     n = a.new_tokens
     engine.generate(prompt_ids=list(range(3, 3 + a.prompt_tokens)), max_new_tokens=n + 1, ignore_eos=True,
                     temperature=0.0)
