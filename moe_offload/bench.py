@@ -365,7 +365,18 @@ def child_us(spec: dict) -> dict:
             run["resident_weight_bytes"] = s["resident_weight_bytes"]
         runs.append(run)
     info = {k: v for k, v in engine.info.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    info["omp_wait"] = omp_wait_setting(os.environ)
     return {"load_s": load_s, "runs": runs, "info": info}
+
+
+def omp_wait_setting(environ) -> str:
+    """How this process's OpenMP threads wait between parallel regions, as results.md names it: the variable
+    moe_offload set at import (its per-process choice) or the user's, else libgomp's default."""
+    for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        if k in environ:
+            who = "chosen at import" if environ.get("MOE_OFFLOAD_OMP_WAIT") == k else "the user's"
+            return f"{k}={environ[k]} ({who})"
+    return "libgomp's default"
 
 
 def _hf_runs(model, spec: dict) -> list[dict]:
@@ -1205,6 +1216,10 @@ def markdown(res: dict) -> str:
     notes = {r.get("cgroup_note") for r in res["rows"] if r.get("cgroup_note")}
     lines += [f"Memory limits (cgroup v1, page cache counted): {', '.join(f'{x} MiB' for x in limited) or 'none'}"
               + (f"; {'; '.join(sorted(notes))}" if notes else "") + "."]
+    waits = sorted({(rnd.get("info") or {}).get("omp_wait") for r in res["rows"] if r.get("system") == "us"
+                    for rnd in r.get("rounds") or ()} - {None})  # each round a process of its own choice
+    if waits:
+        lines += ["", f"OpenMP wait of our runs: {'; '.join(waits)}."]
     lines += ["", f"Load average at the start {res['load_avg_start']}, at the end {res['load_avg_end']}."]
     return "\n".join(lines) + "\n"
 

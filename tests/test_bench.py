@@ -377,6 +377,10 @@ def test_bench_quick_smoke(tiny_checkpoint, tmp_path, child_env):
     kv = s["kv_per_token"] * bench.kv_tokens(res["prompt_tokens"], res["new_tokens"] + 1)  # the run's KV cache
     assert kv > 0 and res["budgets"][1]["memory"] == s["backbone"] + s["experts"] // 2 + kv
     assert set(res["replay"]) >= {"lru", "opt"}
+    # how our children's OpenMP threads waited (each chooses at import): recorded, and named in results.md
+    waits = {rnd["info"]["omp_wait"] for r in res["rows"] if r["system"] == "us" for rnd in r["rounds"]}
+    assert waits and all(w.startswith(("OMP_WAIT_POLICY=", "GOMP_SPINCOUNT=", "libgomp")) for w in waits), waits
+    assert "OpenMP wait of our runs: " in (out / "results.md").read_text()
     # everything fits: no policy evicts, only first uses miss, so every policy equals the optimum
     assert {d["100.0"] for d in res["replay"].values()} == {res["replay"]["opt"]["100.0"]}
     assert (out / "trace.npz").is_file() and (out / "results.md").is_file()
@@ -497,3 +501,10 @@ def test_peers_run_with_libgomps_default_wait_and_ours_choose_their_own(monkeypa
     assert "MOE_OFFLOAD_OMP_WAIT" not in peer and "MOE_OFFLOAD_OMP_WAIT" not in us and us["OMP_NUM_THREADS"] == "2"
     monkeypatch.delenv("MOE_OFFLOAD_OMP_WAIT")  # the caller's own setting
     assert bench.child_env(2, "llamacpp")["OMP_WAIT_POLICY"] == bench.child_env(2, "us")["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_results_say_how_our_openmp_threads_waited():
+    assert bench.omp_wait_setting({"GOMP_SPINCOUNT": "10000", "MOE_OFFLOAD_OMP_WAIT": "GOMP_SPINCOUNT"}) == \
+        "GOMP_SPINCOUNT=10000 (chosen at import)"
+    assert bench.omp_wait_setting({"OMP_WAIT_POLICY": "ACTIVE"}) == "OMP_WAIT_POLICY=ACTIVE (the user's)"
+    assert bench.omp_wait_setting({}) == "libgomp's default"
