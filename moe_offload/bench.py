@@ -1106,6 +1106,12 @@ def simulate_cli(trace_path: Path, memory: int, policy: str, warm: int, dtype: s
 # ---- report ------------------------------------------------------------------------------------------
 
 
+def touched_by_bits(lim: dict) -> dict[int, float]:
+    """{bits: bytes a decode token touches} of the budgets counted in another store than the 16-bit one."""
+    return {L["bits"]: L["touched_bytes_per_token"] for L in lim.get("per_budget", {}).values()
+            if L.get("bits", 16) != 16 and "touched_bytes_per_token" in L}
+
+
 def _f(v, fmt="{:.2f}", none="-"):
     return none if v is None else fmt.format(v)
 
@@ -1139,7 +1145,8 @@ def markdown(res: dict) -> str:
                if any(b.get("bits", 16) == 4 for b in res.get("budgets", [])) else []),
              f"Backbone {s['backbone'] / MiB:.1f} MiB, experts {s['experts'] / MiB:.1f} MiB "
              f"({s['moe_layers']} layers x {s['n_experts']} x {s['expert'] / MiB:.2f} MiB, top-{s['top_k']}); "
-             f"one decode token touches {lim['touched_bytes_per_token'] / MiB:.1f} MiB. "
+             f"one decode token touches {lim['touched_bytes_per_token'] / MiB:.1f} MiB"
+             + "".join(f" ({b}-bit: {t / MiB:.1f} MiB)" for b, t in touched_by_bits(lim).items()) + ". "
              f"RAM read {lim['ram_read_bw'] / GB:.1f} GB/s (best; median {lim['ram_read_bw_median'] / GB:.1f}), "
              f"{res['dtype']} GEMV {lim['gemv_bw'] / GB:.1f} GB/s of weights (best; median "
              f"{lim['gemv_bw_median'] / GB:.1f}), cold disk read {lim['disk_read_bw'] / GB:.2f} GB/s (best of: "
@@ -1181,8 +1188,8 @@ def markdown(res: dict) -> str:
                      f"{L['tok_s']:.2f} | {L['tok_s_serial']:.2f} | {_f(L.get('kernel_tok_s'))} | {_f(L.get('us_tok_s'))} | "
                      f"{_f(ratio(L.get('us_tok_s'), L['tok_s']), '{:.2f}')} |")
     if res.get("goals"):
-        lines += ["", "Goals (llama.cpp at our precision: F16 for our float16 store, Q4_0 for our 4-bit one; the "
-                      "limits are for the float16 bytes):", "",
+        lines += ["", "Goals (llama.cpp at our precision: F16 for our float16 store, Q4_0 for our 4-bit one; each "
+                      "limit counts the bytes of the store its budget is a share of, the Limits table's):", "",
                   "| budget | us | goal | target | measured | met |", "|---|---|---|---|---|---|"]
         for g in res["goals"]:
             met = "n/a" if g["met"] is None else ("yes" if g["met"] else "**no**")
@@ -1514,6 +1521,7 @@ def run_bench(a) -> dict:
         L = decode_limit(sz.touched_per_token(context), miss_bytes_per_token(sz, h), ram_bw, disk_bw)
         K = decode_limit(sz.touched_per_token(context), miss_bytes_per_token(sz, h), gemv["best"], disk_bw)
         L.update(pct=pct, memory=memory, bits=bits, hit_rate=h, miss_bytes_per_token=miss_bytes_per_token(sz, h),
+                 touched_bytes_per_token=sz.touched_per_token(context),
                  kernel_tok_s=K["tok_s"],
                  us_tok_s=us["summary"]["decode_tok_s"]["median"] if us else None)
         limits["per_budget"][label] = L

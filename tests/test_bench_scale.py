@@ -227,3 +227,7 @@ def test_bench_quick_q4_budgets(tiny_checkpoint, tmp_path, child_env):
     assert res["quantize"]["4"]["bf16_expert_bytes_per_s"] > 0
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| q4 50 % | us-lru-q4 |" in md and "CPU: " in md and "Budgets prefixed q4" in md
+    # the limits of q4 budgets count the 4-bit store's bytes, and results.md says so (it said "float16 bytes")
+    touched4 = res["limits"]["per_budget"]["q4 100 %"]["touched_bytes_per_token"]
+    assert touched4 < res["limits"]["touched_bytes_per_token"] and f"(4-bit: {touched4 / 2**20:.1f} MiB)" in md
+    assert "float16 bytes" not in md
