@@ -69,7 +69,7 @@ def main() -> int:
     wrap(B, "native_attend_one", "one-query attention, native")
     wrap(B, "attend_one", "one-query attention, torch")
     wrap(B.KVCache, "update", "KV cache write")
-    wrap(cache.ExpertCache, "fetch", "expert cache fetch (generator setup)")
+    wrap(cache.ExpertCache, "fetch", "expert cache fetch (all hits: the lookups; else the generator's setup)")
     wrap(cache.OffloadedExperts, "__call__", "experts behind the cache (all of it)")
     wrap(X, "_dispatch_one", "expert dispatch, one token (all of it)")
     wrap(backbone.QuantLinear, "forward", "4-bit linear module (wrapper + kernel)")
