@@ -39,6 +39,25 @@ def wrap(owner, name: str, key: str | None = None) -> None:
     setattr(owner, name, timed)
 
 
+STALLED = [0.0]  # the caches' stall seconds from before their counters were last zeroed
+
+
+def _stall(engine) -> float:
+    """Seconds the expert caches' fetches have waited for reads so far (0 with every expert resident)."""
+    caches = {id(c): c for _, m in engine.model.moe_blocks() if (c := getattr(m.experts, "cache", None))}
+    return STALLED[0] + sum(c.stall for c in caches.values())
+
+
+def _keep_stall(cache_cls) -> None:
+    zero = cache_cls._zero
+
+    def kept(self):
+        STALLED[0] += getattr(self, "stall", 0.0)
+        zero(self)
+
+    cache_cls._zero = kept
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("store")
@@ -70,6 +89,10 @@ def main() -> int:
     wrap(B, "attend_one", "one-query attention, torch")
     wrap(B.KVCache, "update", "KV cache write")
     wrap(cache.ExpertCache, "fetch", "expert cache fetch (all hits: the lookups; else the generator's setup)")
+    _keep_stall(cache.ExpertCache)
+    wrap(cache.ExpertCache, "_issue", "misses: starting their reads (buffers, submit)")
+    wrap(cache.ExpertCache, "_land", "misses: a read joins the cache (unit, trim, policy)")
+    wrap(codec, "fused_expert", "one expert alone (a miss as it lands)")
     wrap(cache.OffloadedExperts, "__call__", "experts behind the cache (all of it)")
     wrap(X, "_dispatch_one", "expert dispatch, one token (all of it)")
     wrap(backbone.QuantLinear, "forward", "4-bit linear module (wrapper + kernel)")
@@ -86,11 +109,15 @@ def main() -> int:
         it = engine.stream_generate(prompt_ids=ids, max_new_tokens=n + 1, ignore_eos=True, temperature=0.0)
         next(it)  # the prefill and first token, outside the sections
         T.clear(), N.clear()
+        stall0 = _stall(engine)
         t0 = time.perf_counter()
         for _ in it:
             pass
         dt = time.perf_counter() - t0
-        print(f"run {i + 1}: decode {n / dt:.2f} tok/s ({1e3 * dt / n:.2f} ms/token)", flush=True)
+        T["misses: waiting for reads (the cache's stall)"], N["misses: waiting for reads (the cache's stall)"] = _stall(engine) - stall0, n
+        stall = T["misses: waiting for reads (the cache's stall)"]
+        print(f"run {i + 1}: decode {n / dt:.2f} tok/s ({1e3 * dt / n:.2f} ms/token"
+              + (f", {1e3 * stall / n:.2f} of them waiting for reads)" if stall else ")"), flush=True)
     print(f"\nlast run, per decoded token ({a.threads} threads, prompt {a.prompt_tokens}, {n} tokens):")
     print("| section | ms / token | calls / token | us / call |\n|---|---|---|---|")
     for k in sorted(T, key=lambda k: -T[k]):
