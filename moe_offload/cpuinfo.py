@@ -3,6 +3,7 @@ and torch's own dispatch level. A bottom-layer module: no moe_offload imports (b
 
     capabilities(flags) -> {"avx2": True, "avx512f": False, ...}   # pure, from a flags set
     machine_info()      -> {"model_name", "flags": {...}, "torch_cpu_capability", "isa", ...}
+    last_level_cache_bytes() -> the largest data cache cpu0 sees (sysfs), 0 when unknown
 """
 
 from __future__ import annotations
@@ -88,6 +89,27 @@ def machine_info(cpuinfo_path: str | os.PathLike = "/proc/cpuinfo") -> dict:
     return {"model_name": parsed["model_name"] or platform.processor() or None, "machine": machine,
             "logical_cpus": os.cpu_count(), "flags": caps, "isa": best_isa(caps, machine),
             "torch_cpu_capability": torch_cpu_capability()}
+
+
+def parse_cache_size(text: str) -> int:
+    """Bytes of a sysfs cache `size` ("491520K", "32M", "512"); 0 for anything else."""
+    text = text.strip()
+    unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+    digits = text[:-1] if unit > 1 else text
+    return int(digits) * unit if digits.isdigit() else 0
+
+
+def last_level_cache_bytes(root: str | os.PathLike = "/sys/devices/system/cpu/cpu0/cache") -> int:
+    """The largest data or unified cache of cpu0 (its last level, usually L3), from sysfs; 0 when unknown. A probe
+    that must read from RAM, not cache, cycles through more bytes than this (hardware.cold_bytes)."""
+    best = 0
+    for d in Path(root).glob("index*"):
+        try:
+            if (d / "type").read_text().strip() in ("Data", "Unified"):
+                best = max(best, parse_cache_size((d / "size").read_text()))
+        except OSError:
+            continue
+    return best
 
 
 def describe(info: dict) -> str:

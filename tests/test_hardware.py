@@ -99,3 +99,40 @@ def test_the_gemv_probe_times_the_engines_own_linear(monkeypatch):
     calls.clear()
     hardware._cpu_gemv(MiB, "bfloat16")
     assert {m for m, _ in calls} == {1, 64}
+
+
+def test_the_expert_call_probe_cycles_past_the_last_level_cache(tmp_path, monkeypatch):
+    # this project's Xeon shows cpu0 a 480 MiB L3: a fixed 96 MiB of experts stayed in it, and the probe timed a
+    # Qwen3-width 4-bit expert call at 0.08-0.09 ms where decode pays 0.13-0.14 (docs/benchmarks.md)
+    from moe_offload import cpuinfo
+
+    for i, (level_type, size) in enumerate([("Data", "48K"), ("Instruction", "64K"), ("Unified", "2048K"),
+                                            ("Unified", "491520K")]):
+        d = tmp_path / f"index{i}"
+        d.mkdir()
+        (d / "type").write_text(level_type + "\n")
+        (d / "size").write_text(size + "\n")
+    assert cpuinfo.last_level_cache_bytes(tmp_path) == 480 * MiB
+    assert cpuinfo.last_level_cache_bytes(tmp_path / "absent") == 0
+    assert [cpuinfo.parse_cache_size(t) for t in ("32M", "512", "1G", "x", "")] == [32 * MiB, 512, 1 << 30, 0, 0]
+    assert hardware.cold_bytes(96 * MiB, llc=480 * MiB) == 960 * MiB
+    assert hardware.cold_bytes(96 * MiB, llc=32 * MiB) == 96 * MiB  # a laptop's L3: the floor already clears it
+    assert hardware.cold_bytes(96 * MiB, llc=4096 * MiB) == hardware.COLD_CAP
+    assert hardware.cold_bytes(96 * MiB, llc=0) == 96 * MiB
+
+    seen = []
+    real = hardware.expert_units
+
+    def spy(hidden, intermediate, bits=16, dtype="float16", n=2, device="cpu"):
+        seen.append(n)
+        return real(hidden, intermediate, bits, dtype, n, device)
+
+    monkeypatch.setattr(hardware, "expert_units", spy)
+    monkeypatch.setattr(cpuinfo, "last_level_cache_bytes", lambda root=None: 8 * MiB)
+    one = 3 * 64 * 128 * 2  # a 16-bit 64 x 128 expert: 48 KiB
+    hardware.expert_call_seconds(64, 128, 16, "float16", repeat=1, max_units=10_000)
+    assert 1 + seen[1] == -(-96 * MiB // one)  # the 96 MiB floor clears an 8 MiB cache
+    seen.clear()
+    monkeypatch.setattr(cpuinfo, "last_level_cache_bytes", lambda root=None: 64 * MiB)
+    hardware.expert_call_seconds(64, 128, 16, "float16", repeat=1, max_units=10_000)
+    assert 1 + seen[1] == -(-128 * MiB // one)  # twice a 64 MiB cache
