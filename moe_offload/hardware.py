@@ -394,13 +394,13 @@ def expert_gemv_bw(hidden: int, intermediate: int, dtype: str = "bfloat16", tota
                    device: str = "cpu") -> float:
     """Weight bytes/s of expert calls at M = 1, the engine's own unit (`DenseExpert`: gate_up [2I, D], then
     down [D, I]), cycling through enough experts to read `total` bytes from memory, not cache (on CUDA at
-    least 1 GiB: past any L2); best of 5 passes."""
+    least 1 GiB: past any L2; on the CPU past twice its last-level cache, `cold_bytes`); best of 5 passes."""
     import torch
 
     from .experts import DenseExpert
 
     dt, dev = getattr(torch, dtype), torch.device(device)
-    total = max(total, 1 << 30) if dev.type == "cuda" else total
+    total = max(total, 1 << 30) if dev.type == "cuda" else cold_bytes(total)
     one = 3 * hidden * intermediate * dt.itemsize
     n = max(2, -(-total // one))
     units = [DenseExpert(torch.full((2 * intermediate, hidden), 0.01, dtype=dt, device=dev),
