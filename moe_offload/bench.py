@@ -698,7 +698,6 @@ def child_env(threads: int | None = None, system: str = "us") -> dict:
     return env
 
 
-
 def absolute_paths(a) -> None:
     """--model, --cache-dir and --out as absolute paths: a relative one means the caller's directory, in
     every child too (a transformers peer given a relative path that does not exist looks it up on the Hub)."""

@@ -9,7 +9,8 @@ each run's decode tok/s, then for the last run ms per token, calls per token and
 Sections nest (attention and MoE contain the 4-bit linears, norms, RoPE, the one-query attention and the router),
 so their times do not add up to the total. With two trees side by side (PYTHONPATH=OLD, then NEW) it is an A/B.
 --memory: the engine under that budget (the expert cache's path, as `generate --memory` and the bench run it;
-its lookups are the "expert cache fetch" section); unset: every expert resident, no cache.
+its lookups are the "expert cache fetch" section, its misses the "misses: ..." ones, waiting for reads
+included, which each run's line also prints); unset: every expert resident, no cache.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def wrap(owner, name: str, key: str | None = None) -> None:
 
 
 STALLED = [0.0]  # the caches' stall seconds from before their counters were last zeroed
+WAIT = "misses: waiting for reads (the cache's stall)"
 
 
 def _stall(engine) -> float:
@@ -114,8 +116,8 @@ def main() -> int:
         for _ in it:
             pass
         dt = time.perf_counter() - t0
-        T["misses: waiting for reads (the cache's stall)"], N["misses: waiting for reads (the cache's stall)"] = _stall(engine) - stall0, n
-        stall = T["misses: waiting for reads (the cache's stall)"]
+        stall = T[WAIT] = _stall(engine) - stall0
+        N[WAIT] = n
         print(f"run {i + 1}: decode {n / dt:.2f} tok/s ({1e3 * dt / n:.2f} ms/token"
               + (f", {1e3 * stall / n:.2f} of them waiting for reads)" if stall else ")"), flush=True)
     print(f"\nlast run, per decoded token ({a.threads} threads, prompt {a.prompt_tokens}, {n} tokens):")
